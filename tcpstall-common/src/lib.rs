@@ -1,0 +1,350 @@
+//! Types shared by the tcpstall kernel programs (`tcpstall-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]` with fixed-width fields and no implicit
+//! padding, so the same bytes mean the same thing on both sides. Map and program
+//! names are `pub const`s used by both sides.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Ring buffer carrying [`Event`]s from the kernel to the agent.
+pub const EVENTS_MAP: &str = "TCPSTALL_EVENTS";
+/// Array map (one entry) holding the [`KernelLayout`] the agent resolved from BTF.
+pub const LAYOUT_MAP: &str = "TCPSTALL_LAYOUT";
+/// Per-CPU array of `u64` counters indexed by the [`stat`] constants.
+pub const STATS_MAP: &str = "TCPSTALL_STATS";
+
+/// Default ring buffer size (bytes, power of two, multiple of the page size).
+pub const DEFAULT_RINGBUF_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Program names (the Rust function names in `tcpstall-ebpf`).
+pub mod program {
+    /// `tp_btf/tcp_retransmit_skb` reading its `err` argument (6.17+): failed
+    /// attempts are counted in `stat::RETRANSMIT_FAILED`, not reported.
+    pub const RETRANSMIT_BTF_ERR: &str = "tcpstall_retransmit_btf_err";
+    /// `tp_btf/tcp_retransmit_skb` (kernels whose tracepoint has no `err`).
+    pub const RETRANSMIT_BTF: &str = "tcpstall_retransmit_btf";
+    /// `tp_btf/inet_sock_set_state`
+    pub const STATE_BTF: &str = "tcpstall_state_btf";
+    /// `tp_btf/inet_sk_error_report`
+    pub const ERROR_REPORT_BTF: &str = "tcpstall_error_report_btf";
+    /// fentry on `tcp_write_timer_handler`
+    pub const WRITE_TIMER_FENTRY: &str = "tcpstall_write_timer_fentry";
+    /// kprobe on `tcp_write_timer_handler`
+    pub const WRITE_TIMER_KPROBE: &str = "tcpstall_write_timer_kprobe";
+    /// `tp_btf/timer_expire_entry`, filtered to `tcp_write_timer`
+    pub const WRITE_TIMER_TIMER_TP: &str = "tcpstall_write_timer_tp";
+    /// cgroup `sock_ops` (RTO_CB / STATE_CB)
+    pub const SOCK_OPS: &str = "tcpstall_sock_ops";
+}
+
+/// Event kinds ([`Event::kind`]).
+pub mod kind {
+    /// `tcp:tcp_retransmit_skb`: one retransmitted segment (fast, TLP or RTO).
+    pub const RETRANSMIT: u32 = 1;
+    /// The write timer expired for a socket with an RTO or zero-window probe
+    /// pending (snapshot taken before the kernel handles the expiry).
+    pub const WRITE_TIMER: u32 = 2;
+    /// `sock:inet_sock_set_state`.
+    pub const STATE: u32 = 3;
+    /// `sock:inet_sk_error_report` (the kernel's error verdict, 110 = ETIMEDOUT).
+    pub const ERROR_REPORT: u32 = 4;
+}
+
+/// Which mechanism produced an event ([`Event::source`]).
+pub mod source {
+    pub const TP_BTF: u32 = 1;
+    pub const FENTRY: u32 = 2;
+    pub const KPROBE: u32 = 3;
+    pub const TIMER_TP: u32 = 4;
+    pub const SOCK_OPS: u32 = 5;
+}
+
+/// Bits of [`Event::flags`].
+pub mod flag {
+    /// `SOCK_DEAD`: orphaned socket (tcp_orphan_retries semantics).
+    pub const SOCK_DEAD: u32 = 1 << 0;
+    /// `tp->tcp_usec_ts`: `retrans_stamp` counts microseconds (6.7+).
+    pub const USEC_TS: u32 = 1 << 1;
+    /// `retries2` / `orphan_retries` were read from the socket's `struct net`.
+    pub const NETNS_SYSCTLS: u32 = 1 << 2;
+    /// The socket fields (`retransmits`, `rto`, `retrans_stamp`, ...) were read
+    /// from `struct sock`; unset for sock_ops events, which carry only what the
+    /// sock_ops context offers.
+    pub const SOCK_FIELDS: u32 = 1 << 3;
+    /// sock_ops RTO_CB: the kernel's own verdict that the retry limit is reached.
+    pub const RTO_EXPIRED: u32 = 1 << 4;
+}
+
+/// `icsk_pending` values (include/net/inet_connection_sock.h).
+pub mod pending {
+    pub const RETRANS: u32 = 1;
+    pub const DACK: u32 = 2;
+    pub const PROBE0: u32 = 3;
+    pub const LOSS_PROBE: u32 = 5;
+    pub const REO_TIMEOUT: u32 = 6;
+}
+
+/// Indices of the per-CPU counters in [`STATS_MAP`].
+pub mod stat {
+    /// Events that did not fit in the ring buffer.
+    pub const RINGBUF_DROPPED: u32 = 0;
+    /// Kernel reads (`bpf_probe_read_kernel`) that failed; the event was sent
+    /// with the field zeroed.
+    pub const READ_ERRORS: u32 = 1;
+    /// Write-timer expiries skipped because no RTO / zero-window probe was due
+    /// (tail loss probe, reorder timer, stale timer).
+    pub const TIMER_NOT_DUE: u32 = 2;
+    /// Events submitted to the ring buffer.
+    pub const SUBMITTED: u32 = 3;
+    /// Retransmission attempts that failed (6.17+ tracepoint `err != 0`).
+    pub const RETRANSMIT_FAILED: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// One event from the kernel. Fields that the producing mechanism cannot see
+/// are zero; [`Event::flags`] says which groups are valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// `bpf_jiffies64()` at the same instant.
+    pub jiffies: u64,
+    /// Socket cookie; 0 when the kernel has not assigned one yet (kprobe and
+    /// timer paths read it, they cannot create it).
+    pub cookie: u64,
+    /// Kernel address of `struct sock` (correlation only; reused quickly).
+    pub skaddr: u64,
+    /// Write timer expiry in jiffies (RTO or zero-window probe).
+    pub timer_expires: u64,
+    /// One of [`kind`].
+    pub kind: u32,
+    /// One of [`source`].
+    pub source: u32,
+    /// Bits from [`flag`].
+    pub flags: u32,
+    /// Network namespace inode number (0 if unknown).
+    pub netns: u32,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u32,
+    /// TCP state when the event fired (for STATE events: the new state).
+    pub state: u32,
+    /// STATE events: the previous state.
+    pub old_state: u32,
+    /// Local, remote port (host byte order).
+    pub sport: u16,
+    pub dport: u16,
+    /// Local and remote address; IPv4 in the first 4 bytes (network order).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// `icsk_retransmits`, `icsk_backoff`, `icsk_probes_out`, `icsk_pending`.
+    pub retransmits: u32,
+    pub backoff: u32,
+    pub probes_out: u32,
+    pub pending: u32,
+    /// `icsk_rto` in jiffies.
+    pub rto_jiffies: u32,
+    /// `icsk_rto_max` in jiffies (6.15+, else 0).
+    pub rto_max_jiffies: u32,
+    /// `icsk_user_timeout` (TCP_USER_TIMEOUT) in ms, 0 = off.
+    pub user_timeout_ms: u32,
+    /// `tp->retrans_stamp` (ms of tcp_time_stamp, us with [`flag::USEC_TS`]).
+    pub retrans_stamp: u32,
+    pub snd_una: u32,
+    pub snd_nxt: u32,
+    pub snd_wnd: u32,
+    pub packets_out: u32,
+    pub retrans_out: u32,
+    pub total_retrans: u32,
+    /// `tp->lsndtime`, `tp->rcv_tstamp` (jiffies, 32 bit).
+    pub lsndtime: u32,
+    pub rcv_tstamp: u32,
+    /// The socket's netns `tcp_retries2`, `tcp_orphan_retries`, `tcp_rto_max_ms`
+    /// (the last 0 where the kernel has no such sysctl).
+    pub retries2: u32,
+    pub orphan_retries: u32,
+    pub netns_rto_max_ms: u32,
+    /// `sk_err`, `sk_err_soft` (ERROR_REPORT events; positive errno).
+    pub sk_err: u32,
+    pub sk_err_soft: u32,
+    /// Keeps the size a multiple of 8 without implicit padding.
+    pub reserved: u32,
+}
+
+pub const EVENT_SIZE: usize = 192;
+const _: () = assert!(size_of::<Event>() == EVENT_SIZE);
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            jiffies: 0,
+            cookie: 0,
+            skaddr: 0,
+            timer_expires: 0,
+            kind: 0,
+            source: 0,
+            flags: 0,
+            netns: 0,
+            family: 0,
+            state: 0,
+            old_state: 0,
+            sport: 0,
+            dport: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            retransmits: 0,
+            backoff: 0,
+            probes_out: 0,
+            pending: 0,
+            rto_jiffies: 0,
+            rto_max_jiffies: 0,
+            user_timeout_ms: 0,
+            retrans_stamp: 0,
+            snd_una: 0,
+            snd_nxt: 0,
+            snd_wnd: 0,
+            packets_out: 0,
+            retrans_out: 0,
+            total_retrans: 0,
+            lsndtime: 0,
+            rcv_tstamp: 0,
+            retries2: 0,
+            orphan_retries: 0,
+            netns_rto_max_ms: 0,
+            sk_err: 0,
+            sk_err_soft: 0,
+            reserved: 0,
+        }
+    }
+}
+
+/// Where one kernel field lives, as resolved from BTF by the agent.
+/// `size == 0` means "not present in this kernel": the program reads 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FieldSpec {
+    /// Byte offset from the base object (see [`field`] for the base of each).
+    pub offset: u32,
+    /// Bytes to read: 1, 2, 4, 8 or 16; 0 = absent.
+    pub size: u16,
+    /// For bitfields: shift right by this many bits after reading ...
+    pub bit_shift: u8,
+    /// ... and keep this many bits (0 = not a bitfield).
+    pub bit_len: u8,
+}
+const _: () = assert!(size_of::<FieldSpec>() == 8);
+
+impl FieldSpec {
+    pub const ABSENT: Self = Self {
+        offset: 0,
+        size: 0,
+        bit_shift: 0,
+        bit_len: 0,
+    };
+    pub const fn is_present(&self) -> bool {
+        self.size != 0
+    }
+}
+
+/// Indices into [`KernelLayout::fields`]. Unless noted, offsets are from the
+/// start of `struct sock` (which begins `inet_connection_sock` and `tcp_sock`).
+pub mod field {
+    pub const SKC_FAMILY: usize = 0;
+    pub const SKC_STATE: usize = 1;
+    pub const SKC_DADDR: usize = 2;
+    pub const SKC_RCV_SADDR: usize = 3;
+    pub const SKC_DPORT: usize = 4;
+    pub const SKC_NUM: usize = 5;
+    pub const SKC_V6_DADDR: usize = 6;
+    pub const SKC_V6_RCV_SADDR: usize = 7;
+    pub const SKC_COOKIE: usize = 8;
+    /// Pointer to `struct net` (`__sk_common.skc_net.net`).
+    pub const SKC_NET: usize = 9;
+    /// From the start of `struct net`.
+    pub const NET_NS_INUM: usize = 10;
+    /// From the start of `struct net`.
+    pub const NET_TCP_RETRIES2: usize = 11;
+    /// From the start of `struct net`.
+    pub const NET_TCP_ORPHAN_RETRIES: usize = 12;
+    /// From the start of `struct net` (6.15+).
+    pub const NET_TCP_RTO_MAX_MS: usize = 13;
+    pub const SK_FLAGS: usize = 14;
+    pub const SK_ERR: usize = 15;
+    pub const SK_ERR_SOFT: usize = 16;
+    pub const ICSK_RETRANSMITS: usize = 17;
+    pub const ICSK_BACKOFF: usize = 18;
+    pub const ICSK_PROBES_OUT: usize = 19;
+    pub const ICSK_PENDING: usize = 20;
+    pub const ICSK_RTO: usize = 21;
+    pub const ICSK_RTO_MAX: usize = 22;
+    pub const ICSK_USER_TIMEOUT: usize = 23;
+    /// Expiry (jiffies) of the retransmit/probe timer.
+    pub const ICSK_TIMER_EXPIRES: usize = 24;
+    pub const TP_RETRANS_STAMP: usize = 25;
+    pub const TP_USEC_TS: usize = 26;
+    pub const TP_SND_UNA: usize = 27;
+    pub const TP_SND_NXT: usize = 28;
+    pub const TP_SND_WND: usize = 29;
+    pub const TP_PACKETS_OUT: usize = 30;
+    pub const TP_RETRANS_OUT: usize = 31;
+    pub const TP_TOTAL_RETRANS: usize = 32;
+    pub const TP_LSNDTIME: usize = 33;
+    pub const TP_RCV_TSTAMP: usize = 34;
+    /// Offset of the write timer's `struct timer_list` inside `struct sock`.
+    pub const WRITE_TIMER: usize = 35;
+    /// From the start of `struct timer_list`: the `function` pointer.
+    pub const TIMER_FUNCTION: usize = 36;
+    /// `sk_protocol` (IPPROTO_TCP = 6); optional: hooks then trust their caller.
+    pub const SK_PROTOCOL: usize = 37;
+    /// `inet_sock.inet_sport` (network order): the local port, still set after
+    /// the kernel released the port (`skc_num` reads 0 in the final CLOSE).
+    pub const INET_SPORT: usize = 38;
+    pub const COUNT: usize = 39;
+}
+
+/// Bits of [`KernelLayout::flags`].
+pub mod layout_flag {
+    /// The agent filled in the layout (programs do nothing until it is set).
+    pub const READY: u32 = 1 << 0;
+    /// `bpf_jiffies64()` is callable (5.5+); informational.
+    pub const HAVE_JIFFIES64: u32 = 1 << 1;
+}
+
+/// Everything the programs need to know about the running kernel, written by
+/// the agent into [`LAYOUT_MAP`] before any program is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub fields: [FieldSpec; field::COUNT],
+    /// Address of `tcp_write_timer` (from /proc/kallsyms), for the timer path.
+    pub tcp_write_timer_addr: u64,
+    /// Bits from [`layout_flag`].
+    pub flags: u32,
+    /// The kernel's HZ (informational for the programs).
+    pub hz: u32,
+}
+
+pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 16;
+const _: () = assert!(size_of::<KernelLayout>() == KERNEL_LAYOUT_SIZE);
+
+impl KernelLayout {
+    pub const fn zeroed() -> Self {
+        Self {
+            fields: [FieldSpec::ABSENT; field::COUNT],
+            tcp_write_timer_addr: 0,
+            flags: 0,
+            hz: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both types are `repr(C)`, contain only integers and arrays of
+    // integers, have no padding (asserted by size above) and every bit pattern
+    // is a valid value.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+}

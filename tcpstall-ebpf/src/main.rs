@@ -1,0 +1,474 @@
+//! tcpstall kernel programs.
+//!
+//! Every program is a thin wrapper around a `try_*` function returning
+//! `Result`. Kernel struct fields are read at offsets the agent resolved from the
+//! running kernel's BTF (`TCPSTALL_LAYOUT`); Rust eBPF has no CO-RE. Events go
+//! to one ring buffer; an event that does not fit is counted in
+//! `TCPSTALL_STATS[RINGBUF_DROPPED]`, never silently lost.
+//!
+//! Which of the write-timer programs runs is decided by the agent at start-up
+//! (fentry > kprobe > timer_expire_entry tp_btf > sock_ops): exactly one of them
+//! is attached.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, bpf_sock_ops,
+    },
+    helpers::{bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, fentry, kprobe, map, sock_ops},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, SockOpsContext},
+};
+use tcpstall_common::{
+    DEFAULT_RINGBUF_BYTES, Event, FieldSpec, KernelLayout, field, flag, kind, layout_flag, pending,
+    source, stat,
+};
+
+#[map(name = "TCPSTALL_EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
+
+#[map(name = "TCPSTALL_LAYOUT")]
+static LAYOUT: Array<KernelLayout> = Array::with_max_entries(1, 0);
+
+#[map(name = "TCPSTALL_STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const TCP_CLOSE: u32 = 7;
+const TCP_LISTEN: u32 = 10;
+const SOCK_DEAD_BIT: u64 = 1 << 0;
+const IPPROTO_TCP: u32 = 6;
+
+/// Program failed before an event could be sent (nothing to report).
+struct Skip;
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot owned by this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn layout() -> Result<&'static KernelLayout, Skip> {
+    match LAYOUT.get(0) {
+        Some(l) if l.flags & layout_flag::READY != 0 => Ok(l),
+        _ => Err(Skip),
+    }
+}
+
+/// Read a field of up to 8 bytes at `base + spec.offset` (0 when the kernel
+/// lacks the field or the read faults; faults are counted).
+#[inline(always)]
+fn read(base: u64, spec: &FieldSpec) -> u64 {
+    let size = spec.size as u64;
+    if size == 0 || base == 0 {
+        return 0;
+    }
+    let addr = base.wrapping_add(spec.offset as u64) as *const u64;
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    let raw = match unsafe { bpf_probe_read_kernel(addr) } {
+        Ok(v) => v,
+        Err(_) => {
+            bump(stat::READ_ERRORS);
+            return 0;
+        }
+    };
+    // Keep the low `size` bytes (little endian), branch-free for the verifier.
+    let drop = 64u64.saturating_sub(size.min(8) * 8);
+    let value = (raw << drop) >> drop;
+    if spec.bit_len == 0 {
+        value
+    } else {
+        (value >> spec.bit_shift) & (u64::MAX >> (64 - spec.bit_len as u64))
+    }
+}
+
+#[inline(always)]
+fn read16(base: u64, spec: &FieldSpec, out: &mut [u8; 16]) {
+    if spec.size != 16 || base == 0 {
+        return;
+    }
+    let addr = base.wrapping_add(spec.offset as u64) as *const [u8; 16];
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    match unsafe { bpf_probe_read_kernel(addr) } {
+        Ok(v) => *out = v,
+        Err(_) => bump(stat::READ_ERRORS),
+    }
+}
+
+/// Argument `n` of a BTF-typed program as a plain number. The verifier keeps
+/// the type of a trusted pointer and refuses variable-offset arithmetic on it,
+/// so pointers used with BTF-resolved offsets are re-read from the context.
+#[inline(always)]
+fn arg_scalar(ctx: *mut core::ffi::c_void, n: usize) -> u64 {
+    // SAFETY: tracing contexts are arrays of u64 arguments.
+    unsafe { bpf_probe_read_kernel((ctx as *const u64).wrapping_add(n)) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn now() -> (u64, u64) {
+    // SAFETY: helpers without arguments.
+    unsafe { (bpf_ktime_get_ns(), bpf_jiffies64()) }
+}
+
+/// Fill every socket-derived field of `ev` from `struct sock` at `sk`.
+#[inline(always)]
+fn fill_from_sock(ev: &mut Event, l: &KernelLayout, sk: u64) {
+    let f = &l.fields;
+    ev.skaddr = sk;
+    if ev.cookie == 0 {
+        ev.cookie = read(sk, &f[field::SKC_COOKIE]);
+    }
+    let family = read(sk, &f[field::SKC_FAMILY]) as u32;
+    ev.family = family;
+    ev.state = read(sk, &f[field::SKC_STATE]) as u32;
+    ev.sport = read(sk, &f[field::SKC_NUM]) as u16;
+    if ev.sport == 0 {
+        // Released already (the final CLOSE): inet_sport still holds it.
+        ev.sport = u16::from_be(read(sk, &f[field::INET_SPORT]) as u16);
+    }
+    ev.dport = u16::from_be(read(sk, &f[field::SKC_DPORT]) as u16);
+    if family == AF_INET6 {
+        read16(sk, &f[field::SKC_V6_RCV_SADDR], &mut ev.saddr);
+        read16(sk, &f[field::SKC_V6_DADDR], &mut ev.daddr);
+    } else {
+        ev.saddr[..4].copy_from_slice(&(read(sk, &f[field::SKC_RCV_SADDR]) as u32).to_ne_bytes());
+        ev.daddr[..4].copy_from_slice(&(read(sk, &f[field::SKC_DADDR]) as u32).to_ne_bytes());
+    }
+
+    let net = read(sk, &f[field::SKC_NET]);
+    if net != 0 {
+        ev.netns = read(net, &f[field::NET_NS_INUM]) as u32;
+        ev.retries2 = read(net, &f[field::NET_TCP_RETRIES2]) as u32;
+        ev.orphan_retries = read(net, &f[field::NET_TCP_ORPHAN_RETRIES]) as u32;
+        ev.netns_rto_max_ms = read(net, &f[field::NET_TCP_RTO_MAX_MS]) as u32;
+        ev.flags |= flag::NETNS_SYSCTLS;
+    }
+
+    if read(sk, &f[field::SK_FLAGS]) & SOCK_DEAD_BIT != 0 {
+        ev.flags |= flag::SOCK_DEAD;
+    }
+    ev.retransmits = read(sk, &f[field::ICSK_RETRANSMITS]) as u32;
+    ev.backoff = read(sk, &f[field::ICSK_BACKOFF]) as u32;
+    ev.probes_out = read(sk, &f[field::ICSK_PROBES_OUT]) as u32;
+    ev.pending = read(sk, &f[field::ICSK_PENDING]) as u32;
+    ev.rto_jiffies = read(sk, &f[field::ICSK_RTO]) as u32;
+    ev.rto_max_jiffies = read(sk, &f[field::ICSK_RTO_MAX]) as u32;
+    ev.user_timeout_ms = read(sk, &f[field::ICSK_USER_TIMEOUT]) as u32;
+    ev.timer_expires = read(sk, &f[field::ICSK_TIMER_EXPIRES]);
+    ev.retrans_stamp = read(sk, &f[field::TP_RETRANS_STAMP]) as u32;
+    if read(sk, &f[field::TP_USEC_TS]) != 0 {
+        ev.flags |= flag::USEC_TS;
+    }
+    ev.snd_una = read(sk, &f[field::TP_SND_UNA]) as u32;
+    ev.snd_nxt = read(sk, &f[field::TP_SND_NXT]) as u32;
+    ev.snd_wnd = read(sk, &f[field::TP_SND_WND]) as u32;
+    ev.packets_out = read(sk, &f[field::TP_PACKETS_OUT]) as u32;
+    ev.retrans_out = read(sk, &f[field::TP_RETRANS_OUT]) as u32;
+    ev.total_retrans = read(sk, &f[field::TP_TOTAL_RETRANS]) as u32;
+    ev.lsndtime = read(sk, &f[field::TP_LSNDTIME]) as u32;
+    ev.rcv_tstamp = read(sk, &f[field::TP_RCV_TSTAMP]) as u32;
+    ev.sk_err = read(sk, &f[field::SK_ERR]) as u32;
+    ev.sk_err_soft = read(sk, &f[field::SK_ERR_SOFT]) as u32;
+    ev.flags |= flag::SOCK_FIELDS;
+}
+
+/// Reserve, fill and submit one event; count it as dropped when the ring
+/// buffer is full.
+#[inline(always)]
+fn emit(fill: impl FnOnce(&mut Event)) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            let ev = entry.write(Event::zeroed());
+            fill(ev);
+            entry.submit(0);
+            bump(stat::SUBMITTED);
+        }
+        None => bump(stat::RINGBUF_DROPPED),
+    }
+}
+
+#[inline(always)]
+fn is_tcp(l: &KernelLayout, sk: u64) -> bool {
+    let f = &l.fields[field::SK_PROTOCOL];
+    // Kernels where the protocol cannot be read: trust the hook.
+    !f.is_present() || read(sk, f) as u32 == IPPROTO_TCP
+}
+
+// ---------------------------------------------------------------------------
+// tcp:tcp_retransmit_skb (tp_btf): every retransmitted segment.
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcpstall_retransmit_btf(ctx: BtfTracePointContext) -> i32 {
+    match try_retransmit_btf(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+/// 6.17+: the tracepoint also fires for failed attempts; its third argument
+/// (`err`) tells them apart. Loading fails on kernels without that argument,
+/// and the agent falls back to the program above.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcpstall_retransmit_btf_err(ctx: BtfTracePointContext) -> i32 {
+    let err: i32 = ctx.arg(2);
+    if err != 0 {
+        bump(stat::RETRANSMIT_FAILED);
+        return 0;
+    }
+    match try_retransmit_btf(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+/// The socket (argument 0) of a BTF tracepoint: the typed pointer for helpers
+/// and the same address as a number for BTF-offset reads.
+#[inline(always)]
+fn tp_sock(ctx: &BtfTracePointContext) -> (*mut core::ffi::c_void, u64) {
+    (ctx.arg(0), arg_scalar(ctx.as_ptr(), 0))
+}
+
+/// Emit one socket event of `kind` from a BTF tracepoint; `finish` adds what
+/// is specific to the hook.
+#[inline(always)]
+fn sock_event(
+    l: &KernelLayout,
+    sk_ptr: *mut core::ffi::c_void,
+    sk: u64,
+    event_kind: u32,
+    finish: impl FnOnce(&mut Event),
+) -> Result<(), Skip> {
+    let (ts, jiffies) = now();
+    // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
+    let cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
+    emit(|ev| {
+        ev.ts_ns = ts;
+        ev.jiffies = jiffies;
+        ev.kind = event_kind;
+        ev.source = source::TP_BTF;
+        ev.cookie = cookie;
+        fill_from_sock(ev, l, sk);
+        finish(ev);
+    });
+    Ok(())
+}
+
+#[inline(always)]
+fn try_retransmit_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let (sk_ptr, sk) = tp_sock(ctx);
+    sock_event(l, sk_ptr, sk, kind::RETRANSMIT, |_| {})
+}
+
+// ---------------------------------------------------------------------------
+// sock:inet_sock_set_state (tp_btf): every TCP state change.
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tcpstall_state_btf(ctx: BtfTracePointContext) -> i32 {
+    match try_state_btf(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+fn try_state_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let (sk_ptr, sk) = tp_sock(ctx);
+    if !is_tcp(l, sk) {
+        return Err(Skip);
+    }
+    let old_state: i32 = ctx.arg(1);
+    let new_state: i32 = ctx.arg(2);
+    sock_event(l, sk_ptr, sk, kind::STATE, |ev| {
+        ev.old_state = old_state as u32;
+        ev.state = new_state as u32;
+    })
+}
+
+// ---------------------------------------------------------------------------
+// sock:inet_sk_error_report (tp_btf): the kernel's error verdict.
+
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn tcpstall_error_report_btf(ctx: BtfTracePointContext) -> i32 {
+    match try_error_report_btf(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+fn try_error_report_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let (sk_ptr, sk) = tp_sock(ctx);
+    if !is_tcp(l, sk) {
+        return Err(Skip);
+    }
+    sock_event(l, sk_ptr, sk, kind::ERROR_REPORT, |_| {})
+}
+
+// ---------------------------------------------------------------------------
+// The write timer (RTO and zero-window probe). One of four mechanisms.
+
+/// Shared by the fentry, kprobe and timer-tracepoint paths: `sk` is the socket
+/// whose write timer is expiring now, before the kernel handles it.
+#[inline(always)]
+fn write_timer_event(l: &KernelLayout, sk: u64, src: u32, cookie: u64) -> Result<(), Skip> {
+    let f = &l.fields;
+    let pend = read(sk, &f[field::ICSK_PENDING]) as u32;
+    let state = read(sk, &f[field::SKC_STATE]) as u32;
+    if (pend != pending::RETRANS && pend != pending::PROBE0)
+        || state == TCP_CLOSE
+        || state == TCP_LISTEN
+    {
+        bump(stat::TIMER_NOT_DUE);
+        return Err(Skip);
+    }
+    let (ts, jiffies) = now();
+    let expires = read(sk, &f[field::ICSK_TIMER_EXPIRES]);
+    // The handler re-arms and returns when the timer fired early.
+    if f[field::ICSK_TIMER_EXPIRES].is_present() && (expires.wrapping_sub(jiffies) as i64) > 0 {
+        bump(stat::TIMER_NOT_DUE);
+        return Err(Skip);
+    }
+    emit(|ev| {
+        ev.ts_ns = ts;
+        ev.jiffies = jiffies;
+        ev.kind = kind::WRITE_TIMER;
+        ev.source = src;
+        ev.cookie = cookie;
+        fill_from_sock(ev, l, sk);
+    });
+    Ok(())
+}
+
+#[fentry(function = "tcp_write_timer_handler")]
+pub fn tcpstall_write_timer_fentry(ctx: FEntryContext) -> i32 {
+    match try_write_timer_fentry(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+fn try_write_timer_fentry(ctx: &FEntryContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
+    let sk = arg_scalar(ctx.as_ptr(), 0);
+    // SAFETY: `sk_ptr` is the traced function's `struct sock *` (a BTF pointer).
+    let cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
+    write_timer_event(l, sk, source::FENTRY, cookie)
+}
+
+#[kprobe]
+pub fn tcpstall_write_timer_kprobe(ctx: ProbeContext) -> u32 {
+    match try_write_timer_kprobe(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+fn try_write_timer_kprobe(ctx: &ProbeContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let sk: u64 = ctx.arg(0).ok_or(Skip)?;
+    write_timer_event(l, sk, source::KPROBE, 0)
+}
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn tcpstall_write_timer_tp(ctx: BtfTracePointContext) -> i32 {
+    match try_write_timer_tp(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+fn try_write_timer_tp(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let timer = arg_scalar(ctx.as_ptr(), 0);
+    // Every timer in the system passes here: filter on the callback first.
+    let function = read(timer, &l.fields[field::TIMER_FUNCTION]);
+    if function == 0 || function != l.tcp_write_timer_addr {
+        return Err(Skip);
+    }
+    let sk = timer.wrapping_sub(l.fields[field::WRITE_TIMER].offset as u64);
+    write_timer_event(l, sk, source::TIMER_TP, 0)
+}
+
+/// cgroup sock_ops: RTO_CB for sockets established after attach (no
+/// zero-window probe callback exists). Every context field is read with
+/// `read_volatile`: LLVM may otherwise merge two u32 reads into one 8-byte
+/// read, which the verifier rejects.
+#[sock_ops]
+pub fn tcpstall_sock_ops(ctx: SockOpsContext) -> u32 {
+    match try_sock_ops(&ctx) {
+        Ok(()) | Err(Skip) => 1,
+    }
+}
+
+#[inline(always)]
+fn ops_field(v: &u32) -> u32 {
+    // SAFETY: `v` points into the sock_ops context.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
+    let ops: &bpf_sock_ops = unsafe { &*ctx.ops };
+    let op = ops_field(&ops.op);
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let flags = ops_field(&ops.bpf_sock_ops_cb_flags);
+        let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_RTO_CB_FLAG) as i32);
+        return Ok(());
+    }
+    if op != BPF_SOCK_OPS_RTO_CB {
+        return Err(Skip);
+    }
+    let (ts, jiffies) = now();
+    // SAFETY: sock_ops programs may ask for the cookie of their socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the args union is valid for RTO_CB.
+    let args = unsafe { &ops.__bindgen_anon_1.args };
+    let family = ops_field(&ops.family);
+    emit(|ev| {
+        ev.ts_ns = ts;
+        ev.jiffies = jiffies;
+        ev.kind = kind::WRITE_TIMER;
+        ev.source = source::SOCK_OPS;
+        ev.cookie = cookie;
+        ev.family = family;
+        ev.state = ops_field(&ops.state);
+        ev.sport = ops_field(&ops.local_port) as u16;
+        ev.dport = u16::from_be((ops_field(&ops.remote_port) >> 16) as u16);
+        if family == AF_INET6 {
+            for i in 0..4 {
+                let s = ops_field(&ops.local_ip6[i]).to_ne_bytes();
+                let d = ops_field(&ops.remote_ip6[i]).to_ne_bytes();
+                ev.saddr[i * 4..i * 4 + 4].copy_from_slice(&s);
+                ev.daddr[i * 4..i * 4 + 4].copy_from_slice(&d);
+            }
+        } else if family == AF_INET {
+            ev.saddr[..4].copy_from_slice(&ops_field(&ops.local_ip4).to_ne_bytes());
+            ev.daddr[..4].copy_from_slice(&ops_field(&ops.remote_ip4).to_ne_bytes());
+        }
+        ev.pending = pending::RETRANS;
+        ev.retransmits = ops_field(&args[0]);
+        ev.rto_jiffies = ops_field(&args[1]);
+        if ops_field(&args[2]) != 0 {
+            ev.flags |= flag::RTO_EXPIRED;
+        }
+        ev.snd_una = ops_field(&ops.snd_una);
+        ev.snd_nxt = ops_field(&ops.snd_nxt);
+        ev.packets_out = ops_field(&ops.packets_out);
+        ev.retrans_out = ops_field(&ops.retrans_out);
+        ev.total_retrans = ops_field(&ops.total_retrans);
+    });
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program with a reachable panic path.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,584 @@
+//! Harness for the privileged scenario tests: network namespaces joined by
+//! veth pairs, nftables blackholes, sockets created inside a namespace, and the
+//! real agent as a child process. Every resource is owned by a guard that
+//! removes it on drop, also when a test fails.
+//!
+//! Prerequisites are checked loudly: a missing one fails the test with a line
+//! naming it and the fix; nothing is skipped.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Fail (never skip) when a prerequisite is missing.
+pub fn require(cond: bool, what: &str, fix: &str) {
+    assert!(cond, "prerequisite missing: {what}. Fix: {fix}");
+}
+
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    require(
+        euid == 0,
+        "root (BPF, network namespaces)",
+        "run as root via `cargo xtask test`",
+    );
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn require_tools() {
+    require_root();
+    require(have("ip"), "the `ip` command", "apt-get install iproute2");
+    require(have("nft"), "the `nft` command", "apt-get install nftables");
+}
+
+/// Run a command, panicking with its stderr on failure.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{cmd}`: {e}"));
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Like [`sh`] but ignores failure (cleanup paths).
+pub fn sh_quiet(cmd: &str) {
+    let _ = Command::new("sh")
+        .args(["-c", cmd])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A network namespace, deleted (with every process still in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        // A leftover from a crashed earlier run must not break this one.
+        sh_quiet(&format!(
+            "ip netns pids {name} 2>/dev/null | xargs -r kill -9; ip netns del {name}"
+        ));
+        sh(&format!("ip netns add {name}"));
+        let ns = Netns {
+            name: name.to_owned(),
+        };
+        ns.exec("ip link set lo up");
+        ns
+    }
+
+    /// Run a shell command inside the namespace.
+    pub fn exec(&self, cmd: &str) -> String {
+        sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            cmd.replace('\'', "'\\''")
+        ))
+    }
+
+    /// Set a per-namespace sysctl (never the host's), e.g. `net.ipv4.tcp_retries2`.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.exec(&format!("echo {value} > {path}"));
+        let got = self.exec(&format!("cat {path}"));
+        assert_eq!(
+            got.trim(),
+            value,
+            "sysctl {key} in netns {} did not stick",
+            self.name
+        );
+    }
+
+    /// The namespace's inode number (what the agent reports as `netns`).
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("netns file")
+            .ino()
+    }
+
+    /// Run `f` on a thread that has entered this namespace; sockets created
+    /// there stay in the namespace.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: valid fd; only this thread changes namespace.
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+
+    /// Block all TCP traffic from `peer` arriving in this namespace.
+    pub fn blackhole_from(&self, peer: Ipv4Addr) -> Blackhole<'_> {
+        self.exec("nft add table inet tcpstall_test");
+        self.exec(
+            "nft add chain inet tcpstall_test input { type filter hook input priority 0 \\; policy accept \\; }",
+        );
+        self.exec(&format!(
+            "nft add rule inet tcpstall_test input ip saddr {peer} drop"
+        ));
+        Blackhole { ns: self }
+    }
+
+    /// Drop `percent` % of incoming TCP packets at random.
+    pub fn random_loss(&self, percent: u32) {
+        self.exec("nft add table inet tcpstall_loss");
+        self.exec(
+            "nft add chain inet tcpstall_loss input { type filter hook input priority 0 \\; policy accept \\; }",
+        );
+        self.exec(&format!(
+            "nft add rule inet tcpstall_loss input \"meta l4proto tcp numgen random mod 100 < {percent} drop\""
+        ));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        sh_quiet(&format!(
+            "ip netns pids {0} 2>/dev/null | xargs -r kill -9; ip netns del {0}",
+            self.name
+        ));
+    }
+}
+
+/// An nftables drop rule; removed on drop.
+pub struct Blackhole<'a> {
+    ns: &'a Netns,
+}
+
+impl Drop for Blackhole<'_> {
+    fn drop(&mut self) {
+        sh_quiet(&format!(
+            "ip netns exec {} nft delete table inet tcpstall_test",
+            self.ns.name
+        ));
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a` has 10.{net}.{sub}.1, `b` .2.
+pub struct Link {
+    pub a: Netns,
+    pub b: Netns,
+    pub a_ip: Ipv4Addr,
+    pub b_ip: Ipv4Addr,
+}
+
+impl Link {
+    /// `tag` must be unique per test (names are limited to 15 characters).
+    pub fn new(tag: &str, subnet: u8) -> Self {
+        let a = Netns::new(&format!("tsa-{tag}"));
+        let b = Netns::new(&format!("tsb-{tag}"));
+        let (a_ip, b_ip) = veth(
+            &a,
+            &b,
+            tag,
+            Ipv4Addr::new(10, 201, subnet, 1),
+            Ipv4Addr::new(10, 201, subnet, 2),
+        );
+        // The veth goes away with its namespaces.
+        Link { a, b, a_ip, b_ip }
+    }
+}
+
+/// A listener in a namespace whose accepted connections are handled by `on_conn`.
+pub fn listen_in(ns: &Netns, addr: SocketAddr) -> TcpListener {
+    ns.run_in(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")))
+}
+
+pub fn connect_in(ns: &Netns, addr: SocketAddr) -> TcpStream {
+    ns.run_in(move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+    })
+}
+
+/// Set TCP_USER_TIMEOUT (ms) on a socket.
+pub fn set_user_timeout(s: &TcpStream, ms: u32) {
+    let v: libc::c_int = ms as libc::c_int;
+    // SAFETY: valid fd and option buffer.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setsockopt TCP_USER_TIMEOUT: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Path of the agent binary under test (`cargo xtask test` sets it).
+pub fn agent_path() -> PathBuf {
+    let p = std::env::var_os("TCPSTALL_AGENT").map(PathBuf::from);
+    require(
+        p.as_ref().is_some_and(|p| p.exists()),
+        "TCPSTALL_AGENT (path of a built tcpstall binary)",
+        "run the tests through `cargo xtask test`",
+    );
+    p.expect("checked")
+}
+
+/// The running agent; SIGTERM + wait on drop (SIGKILL after 10 s).
+pub struct Agent {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<Value>>>,
+    pub listen: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Start `tcpstall run` with JSON logs and `--log-events` plus `extra` args,
+    /// and wait until it reports that it is running.
+    pub fn start(listen_port: u16, extra: &[&str]) -> Self {
+        let listen: SocketAddr = format!("127.0.0.1:{listen_port}").parse().expect("addr");
+        let mut child = Command::new(agent_path())
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--log-events",
+                "--listen",
+                &listen.to_string(),
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tcpstall");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout");
+        let sink = lines.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => sink.lock().expect("lock").push(v),
+                    Err(_) => eprintln!("agent (non-JSON): {line}"),
+                }
+            }
+        });
+        let err = child.stderr.take().expect("stderr");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let esink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("agent stderr: {line}");
+                esink.lock().expect("lock").push_str(&(line + "\n"));
+            }
+        });
+        let mut agent = Agent {
+            child: Some(child),
+            lines,
+            listen,
+            stderr,
+        };
+        agent.wait_log(Duration::from_secs(60), "agent start", |v| {
+            v["message"] == "tcpstall running"
+        });
+        agent
+    }
+
+    /// Every JSON log line so far.
+    pub fn logs(&self) -> Vec<Value> {
+        self.lines.lock().expect("lock").clone()
+    }
+
+    /// Kernel events logged so far (`--log-events`).
+    pub fn events(&self) -> Vec<Value> {
+        self.logs()
+            .into_iter()
+            .filter(|v| v["message"] == "event")
+            .collect()
+    }
+
+    /// Wait until a log line satisfies `pred`, failing with context on timeout
+    /// or when the agent exits.
+    pub fn wait_log(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.lines.lock().expect("lock").iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "agent exited ({status}) while waiting for {what}; stderr:\n{}",
+                    self.stderr.lock().expect("lock")
+                );
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GET a path from the agent's HTTP server.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.listen, path)
+    }
+
+    /// Stop with SIGTERM and return the final log lines (the shutdown summary);
+    /// fails when the agent does not exit cleanly within 10 s.
+    pub fn stop(&mut self) -> Vec<Value> {
+        if let Some(child) = self.child.take() {
+            match terminate(child) {
+                Ok(status) => assert!(status.success(), "agent exited with {status} after SIGTERM"),
+                Err(()) => panic!("agent did not stop within 10 s of SIGTERM"),
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        self.logs()
+    }
+}
+
+/// SIGTERM, wait up to 10 s, then SIGKILL (`Err`).
+fn terminate(mut child: Child) -> Result<std::process::ExitStatus, ()> {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Ok(status);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(())
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = terminate(child);
+        }
+    }
+}
+
+/// Minimal HTTP/1.1 GET over loopback (no client dependency needed).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read response");
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Field accessors for event JSON lines.
+pub fn ev_str<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("")
+}
+
+pub fn ev_u64(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the kernel's event timestamps and of
+/// the agent's `predicted_timeout_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Join two existing namespaces with a veth pair on 10.202.{subnet}.0/24;
+/// returns (a's address, b's address). The veth dies with its namespaces.
+pub fn veth_between(a: &Netns, b: &Netns, tag: &str, subnet: u8) -> (Ipv4Addr, Ipv4Addr) {
+    veth(
+        a,
+        b,
+        tag,
+        Ipv4Addr::new(10, 202, subnet, 1),
+        Ipv4Addr::new(10, 202, subnet, 2),
+    )
+}
+
+/// A veth pair `va-{tag}` (in `a`, `a_ip`/24) <-> `vb-{tag}` (in `b`, `b_ip`/24).
+fn veth(a: &Netns, b: &Netns, tag: &str, a_ip: Ipv4Addr, b_ip: Ipv4Addr) -> (Ipv4Addr, Ipv4Addr) {
+    sh(&format!(
+        "ip link add va-{tag} netns {} type veth peer name vb-{tag} netns {}",
+        a.name, b.name
+    ));
+    a.exec(&format!(
+        "ip addr add {a_ip}/24 dev va-{tag} && ip link set va-{tag} up"
+    ));
+    b.exec(&format!(
+        "ip addr add {b_ip}/24 dev vb-{tag} && ip link set vb-{tag} up"
+    ));
+    (a_ip, b_ip)
+}
+
+impl Agent {
+    /// Currently stalled flows from `GET /api/v1/stalls`.
+    pub fn stalls(&self) -> Vec<Value> {
+        let (status, body) = self.http_get("/api/v1/stalls");
+        assert_eq!(status, 200, "GET /api/v1/stalls: {body}");
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("stalls JSON: {e}: {body}"));
+        v["stalls"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The stall entry of one flow, if it is stalled now.
+    pub fn stall_of(&self, local: SocketAddr, remote: SocketAddr) -> Option<Value> {
+        self.stalls().into_iter().find(|s| {
+            ev_str(s, "local") == local.to_string() && ev_str(s, "remote") == remote.to_string()
+        })
+    }
+
+    /// The /metrics text.
+    pub fn metrics(&self) -> String {
+        let (status, body) = self.http_get("/metrics");
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        body
+    }
+}
+
+/// Sum of the samples of metric `name` whose labels include every `(k, v)`
+/// in `labels` (Prometheus text or OpenMetrics exposition). None if absent.
+pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in exposition.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        let ok = labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+        if ok && let Ok(x) = value.parse::<f64>() {
+            *found.get_or_insert(0.0) += x;
+        }
+    }
+    found
+}
+
+/// An established connection from `link.a` to a server in `link.b` that reads
+/// and discards everything (S1/S2 building block).
+pub struct Conn {
+    pub client: TcpStream,
+    pub local: SocketAddr,
+    pub server: SocketAddr,
+}
+
+impl Conn {
+    /// Connect to a fresh reading server on `port` in `link.b`, optionally set
+    /// TCP_USER_TIMEOUT, and exchange a first acknowledged write.
+    pub fn establish(link: &Link, port: u16, user_timeout_ms: Option<u32>) -> Conn {
+        let server = SocketAddr::from((link.b_ip, port));
+        let listener = listen_in(&link.b, server);
+        thread::spawn(move || {
+            if let Ok((mut s, _)) = listener.accept() {
+                // Longer than any horizon a test waits for: the server must not
+                // close first (its FIN is not blackholed and would end the stall).
+                s.set_read_timeout(Some(Duration::from_secs(300))).ok();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut client = connect_in(&link.a, server);
+        if let Some(ms) = user_timeout_ms {
+            set_user_timeout(&client, ms);
+        }
+        let local = client.local_addr().expect("local addr");
+        std::io::Write::write_all(&mut client, b"hello").expect("first write");
+        thread::sleep(Duration::from_millis(300));
+        Conn {
+            client,
+            local,
+            server,
+        }
+    }
+
+    /// Write unacknowledged data (the peer must be blackholed by now) and
+    /// wait on a thread for the kernel to kill the socket. Returns the write
+    /// instant and the thread, which yields (death instant, errno).
+    pub fn write_and_await_death(
+        mut self,
+        wait: Duration,
+    ) -> (u64, thread::JoinHandle<(u64, Option<i32>)>) {
+        let t_write = monotonic_ns();
+        std::io::Write::write_all(&mut self.client, &[b'x'; 1000])
+            .expect("write into the blackhole");
+        let reader = thread::spawn(move || {
+            self.client.set_read_timeout(Some(wait)).expect("timeout");
+            let mut buf = [0u8; 16];
+            let err = std::io::Read::read(&mut self.client, &mut buf).expect_err("read must fail");
+            (monotonic_ns(), err.raw_os_error())
+        });
+        (t_write, reader)
+    }
+}

@@ -1,0 +1,492 @@
+//! End-to-end with a real Prometheus (issue 4): the real agent, Debian's
+//! `prometheus` scraping it every second with the repository's alert rules
+//! (deploy/prometheus/tcpstall-rules.yaml), and scenario S1 (blackholed peer,
+//! tcp_retries2 = 5 in the client namespace: the kernel kills the socket about
+//! 13 s after the write). Asserted through Prometheus' HTTP API: the per-flow
+//! series appears and `TCPStallNearTimeout` fires for that flow before the
+//! socket dies; afterwards the timeout is counted and the alert resolves.
+//!
+//! Privileged (root, namespaces, BPF); run with `--test-threads=1`. Missing
+//! tools fail the test, naming the package. `PROMETHEUS` overrides the
+//! binary.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tcpstall_tests::*;
+
+/// Ports of this file (scenarios.rs uses 199xx below 19950).
+const AGENT_PORT: u16 = 19950;
+const PROMETHEUS_PORT: u16 = 19951;
+
+/// The `prometheus` binary: `$PROMETHEUS`, else from PATH.
+fn require_prometheus() -> PathBuf {
+    let explicit = std::env::var_os("PROMETHEUS").map(PathBuf::from);
+    let found = explicit.or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("prometheus"))
+                .find(|p| p.is_file())
+        })
+    });
+    require(
+        found.as_ref().is_some_and(|p| p.is_file()),
+        "the `prometheus` server binary (Debian package `prometheus`)",
+        "apt-get install prometheus (or set PROMETHEUS=/path/to/prometheus)",
+    );
+    found.expect("checked")
+}
+
+/// Percent-encodes a query parameter value.
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// GET over HTTP/1.0: Prometheus (Go) answers HTTP/1.1 requests larger than
+/// 2 KiB with chunked transfer encoding, which the harness' minimal client
+/// does not decode; an HTTP/1.0 request gets a plain body up to EOF.
+fn http10_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .map_err(|e| format!("read {path}: {e}"))?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A Prometheus server on loopback with its own config and TSDB in a temp
+/// directory; killed and removed on drop (its log is printed when the test
+/// failed).
+struct Prometheus {
+    child: Option<Child>,
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Prometheus {
+    fn start(binary: &Path, port: u16, target: SocketAddr, rules: &Path) -> Self {
+        let dir = std::env::temp_dir().join(format!("tcpstall-prom-e2e-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("data")).expect("prometheus temp dir");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {rules}\n\
+             scrape_configs:\n  - job_name: tcpstall\n    honor_labels: true\n    \
+             static_configs:\n      - targets: ['{target}']\n",
+            rules = rules.display()
+        );
+        let config_path = dir.join("prometheus.yml");
+        fs::write(&config_path, config).expect("write prometheus.yml");
+        let log = fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        Prometheus {
+            child: Some(child),
+            dir,
+            addr,
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    fn assert_alive(&mut self) {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            panic!("prometheus exited ({status}); log:\n{}", self.log());
+        }
+    }
+
+    /// GET a JSON API path; `data` of a successful answer.
+    fn api(&mut self, path: &str) -> Value {
+        self.assert_alive();
+        let (status, body) =
+            http10_get(self.addr, path).unwrap_or_else(|e| panic!("prometheus {path}: {e}"));
+        let v: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("prometheus {path}: {e}: {status} {body}"));
+        assert_eq!(v["status"], "success", "prometheus {path}: {status} {body}");
+        v["data"].clone()
+    }
+
+    /// Instant query: the result vector.
+    fn query(&mut self, promql: &str) -> Vec<Value> {
+        let data = self.api(&format!("/api/v1/query?query={}", urlencode(promql)));
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn alerts(&mut self) -> Vec<Value> {
+        self.api("/api/v1/alerts")["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_alive();
+            if let Ok((200, _)) = http10_get(self.addr, "/-/ready") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the agent target was scraped successfully, failing with
+    /// the scrape error otherwise.
+    fn wait_target_up(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let up = self.query("up{job=\"tcpstall\"}");
+            if up.iter().any(|s| s["value"][1] == "1") {
+                return;
+            }
+            if Instant::now() > deadline {
+                let targets = self.api("/api/v1/targets");
+                panic!("the tcpstall target never came up: {targets:#}");
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM first (clean TSDB close), SIGKILL if it lingers.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- prometheus log (last lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rules_file() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus/tcpstall-rules.yaml")
+        .canonicalize()
+        .expect("deploy/prometheus/tcpstall-rules.yaml");
+    assert!(p.is_file(), "{}", p.display());
+    p
+}
+
+fn secs_since(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64()
+}
+
+/// What was seen of the stalled flow, and when (CLOCK_MONOTONIC ns).
+#[derive(Default)]
+struct Seen {
+    series: Option<(u64, Value)>,
+    pending: Option<u64>,
+    firing: Option<(u64, Value)>,
+    agent_metrics: Option<(u64, f64)>,
+    agent_stall: Option<(u64, Value)>,
+}
+
+#[test]
+fn prometheus_fires_near_timeout_before_the_socket_dies() {
+    require_tools();
+    let prometheus_bin = require_prometheus();
+    let rules = rules_file();
+    let t_start = Instant::now();
+
+    let link = Link::new("pe2e", 40);
+    link.a.sysctl("net.ipv4.tcp_retries2", "5");
+    let mut agent = Agent::start(AGENT_PORT, &["--near-horizon-secs", "60"]);
+    let mut prom = Prometheus::start(&prometheus_bin, PROMETHEUS_PORT, agent.listen, &rules);
+    prom.wait_ready(Duration::from_secs(30));
+    prom.wait_target_up(Duration::from_secs(30));
+    // The rules loaded and evaluate (TCPStallNearTimeout is in the flows group).
+    let groups = prom.api("/api/v1/rules");
+    let rule_names: Vec<String> = groups["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        rule_names.iter().any(|n| n == "TCPStallNearTimeout"),
+        "rules not loaded: {rule_names:?}"
+    );
+    eprintln!(
+        "TIMING prometheus ready and scraping the agent after {:.1} s",
+        secs_since(t_start)
+    );
+
+    // S1: a connection, then a blackhole, then unacked data.
+    let conn = Conn::establish(&link, 8080, None);
+    let (local, server_addr) = (conn.local, conn.server);
+    let near_alert_for_flow = |alerts: &[Value]| {
+        alerts
+            .iter()
+            .find(|a| {
+                a["labels"]["alertname"] == "TCPStallNearTimeout"
+                    && a["labels"]["local"] == local.to_string()
+                    && a["labels"]["remote"] == server_addr.to_string()
+            })
+            .cloned()
+    };
+    assert!(
+        near_alert_for_flow(&prom.alerts()).is_none(),
+        "a healthy flow must not alert"
+    );
+
+    let blackhole = link.b.blackhole_from(link.a_ip);
+    let (t_write, reader) = conn.write_and_await_death(Duration::from_secs(120));
+
+    let series_query =
+        format!("tcpstall_socket_seconds_to_timeout{{local=\"{local}\",remote=\"{server_addr}\"}}");
+    let mut seen = Seen::default();
+    let flow_labels = [
+        ("local", local.to_string()),
+        ("remote", server_addr.to_string()),
+    ];
+    while !reader.is_finished() {
+        let now = monotonic_ns();
+        if seen.series.is_none()
+            && let Some(s) = prom.query(&series_query).into_iter().next()
+        {
+            seen.series = Some((now, s));
+        }
+        if let Some(a) = near_alert_for_flow(&prom.alerts()) {
+            if seen.pending.is_none() {
+                seen.pending = Some(now);
+            }
+            if seen.firing.is_none() && a["state"] == "firing" {
+                seen.firing = Some((now, a));
+            }
+        }
+        if seen.agent_metrics.is_none() {
+            let labels: Vec<(&str, &str)> =
+                flow_labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let text = agent.metrics();
+            if let Some(v) = metric_sum(&text, "tcpstall_socket_seconds_to_timeout", &labels) {
+                seen.agent_metrics = Some((now, v));
+                // Debugging aid: keep the exposition seen during the stall.
+                if let Some(path) = std::env::var_os("TCPSTALL_E2E_METRICS_DUMP") {
+                    let _ = fs::write(path, &text);
+                }
+            }
+        }
+        if seen.agent_stall.is_none()
+            && let Some(v) = agent.stall_of(local, server_addr)
+        {
+            seen.agent_stall = Some((now, v));
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let (died_ns, errno) = reader.join().expect("reader thread");
+    assert_eq!(
+        errno,
+        Some(libc::ETIMEDOUT),
+        "the kernel must kill the socket with ETIMEDOUT"
+    );
+    let after_write = |t: u64| (t.saturating_sub(t_write)) as f64 / 1e9;
+    let died_s = after_write(died_ns);
+    eprintln!("TIMING socket died (ETIMEDOUT) {died_s:.2} s after the write");
+    assert!(
+        (10.0..20.0).contains(&died_s),
+        "tcp_retries2=5 should kill the socket after ~13 s, took {died_s:.2} s"
+    );
+
+    // The agent's own /metrics showed the flow during the stall.
+    let (t_metrics, value) = seen
+        .agent_metrics
+        .expect("the agent's /metrics never showed the flow's tcpstall_socket_seconds_to_timeout");
+    eprintln!(
+        "TIMING agent /metrics showed the flow {:.2} s after the write (seconds_to_timeout {value:.2})",
+        after_write(t_metrics)
+    );
+    assert!(t_metrics < died_ns);
+    let (t_stall, stall) = seen
+        .agent_stall
+        .expect("/api/v1/stalls never listed the flow");
+    assert!(t_stall < died_ns);
+    assert_eq!(ev_str(&stall, "class"), "retransmit", "{stall}");
+    assert_eq!(
+        ev_str(&stall, "boundary_source"),
+        "tcp_retries2=5",
+        "{stall}"
+    );
+    assert!(
+        ev_str(&stall, "predicted_timeout_at").ends_with('Z'),
+        "wall-clock prediction: {stall}"
+    );
+
+    // Prometheus stored the per-flow series with the full label contract.
+    let (t_series, series) = seen
+        .series
+        .expect("Prometheus never had tcpstall_socket_seconds_to_timeout for the flow");
+    eprintln!(
+        "TIMING series in Prometheus {:.2} s after the write: {}",
+        after_write(t_series),
+        series["metric"]
+    );
+    assert!(t_series < died_ns, "series only after the death");
+    let m = &series["metric"];
+    assert_eq!(m["job"], "tcpstall");
+    assert_eq!(m["class"], "retransmit");
+    assert_eq!(m["netns"], link.a.inode().to_string());
+    let v: f64 = series["value"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("sample value");
+    assert!(v < 60.0 && v > -5.0, "seconds_to_timeout {v}");
+
+    // The page fired before the socket died.
+    let (t_firing, alert) = seen
+        .firing
+        .expect("TCPStallNearTimeout never reached state firing for the flow");
+    eprintln!(
+        "TIMING TCPStallNearTimeout pending at {:.2} s, firing at {:.2} s after the write: {} / {}",
+        after_write(seen.pending.unwrap_or(t_firing)),
+        after_write(t_firing),
+        alert["annotations"]["summary"],
+        alert["labels"]
+    );
+    assert!(
+        t_firing < died_ns,
+        "TCPStallNearTimeout fired only {:.2} s after the death",
+        (t_firing - died_ns) as f64 / 1e9
+    );
+    assert_eq!(alert["labels"]["severity"], "page");
+    let summary = ev_str(&alert["annotations"], "summary");
+    assert!(
+        summary.contains(&local.to_string()) && summary.contains(&server_addr.to_string()),
+        "summary names the flow: {summary}"
+    );
+    assert!(
+        ev_str(&alert["annotations"], "runbook_url").ends_with("#tcpstallneartimeout"),
+        "{alert}"
+    );
+
+    // Afterwards: the timeout is counted, the flow's series and the alert go.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let timeouts = loop {
+        let r = prom.query("sum(tcpstall_timeouts_total{job=\"tcpstall\"})");
+        let v = r
+            .first()
+            .and_then(|s| s["value"][1].as_str())
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if v >= 1.0 {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tcpstall_timeouts_total never reached 1 in Prometheus"
+        );
+        thread::sleep(Duration::from_millis(250));
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !prom.query(&series_query).is_empty() || near_alert_for_flow(&prom.alerts()).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the flow's series / alert outlived the socket by 15 s"
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "TIMING timeouts_total={timeouts} seen, series and alert resolved {:.2} s after the death",
+        (monotonic_ns() - died_ns) as f64 / 1e9
+    );
+    let m = agent.metrics();
+    assert!(
+        metric_sum(
+            &m,
+            "tcpstall_stall_duration_seconds_count",
+            &[("outcome", "timed_out")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "the stall's duration is recorded as timed_out"
+    );
+    assert!(
+        metric_sum(&m, "tcpstall_timeout_prediction_error_seconds_count", &[]).unwrap_or(0.0)
+            >= 1.0,
+        "the prediction error is recorded"
+    );
+
+    // Stop the agent while Prometheus still holds its keep-alive scrape
+    // connection: graceful shutdown must not wait for it.
+    drop(blackhole);
+    let t_stop = Instant::now();
+    let logs = agent.stop();
+    eprintln!(
+        "TIMING agent stopped {:.2} s after SIGTERM",
+        secs_since(t_stop)
+    );
+    drop(prom);
+    let summary = logs
+        .iter()
+        .find(|v| v["message"] == "tcpstall stopped")
+        .expect("shutdown summary");
+    assert_eq!(summary["dropped"], 0, "ring buffer drops: {summary}");
+    eprintln!("TIMING whole test {:.1} s", secs_since(t_start));
+}

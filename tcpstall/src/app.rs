@@ -1,0 +1,433 @@
+//! `tcpstall run`: loader -> reader -> engine -> metrics and HTTP server,
+//! until SIGINT/SIGTERM.
+//!
+//! One task owns the ring buffer: it decodes every batch, counts events,
+//! feeds them to the engine (behind a mutex, locked once per batch) and folds
+//! the engine's observations into the metrics; once a second it advances the
+//! engine's clock and reads the kernel-side counters. The HTTP server (its
+//! own tasks) only takes the engine lock to compute a view.
+//!
+//! Shutdown (SIGTERM/SIGINT): `/readyz` turns 503, the server stops accepting
+//! and finishes in-flight requests, the ring buffer is drained, the
+//! `tcpstall stopped` summary is logged, and dropping the loader detaches
+//! every probe.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    config::Settings,
+    engine::{Engine, EngineConfig, Observation},
+    event::{DecodeError, SockEvent},
+    kernel,
+    loader::{self, KernelStats, LoaderOptions, StatsReader},
+    metrics::{Metrics, MetricsConfig},
+    pods::PodResolver,
+    reader::Reader,
+    server::{self, AgentState},
+};
+
+/// How often the engine's clock advances and kernel counters are read.
+const TICK: Duration = Duration::from_secs(1);
+/// How long /proc-derived pod identities are reused before a rescan.
+const POD_REFRESH: Duration = Duration::from_secs(30);
+/// Time allowed for in-flight HTTP requests at shutdown.
+const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound on the final ring-buffer drain at shutdown.
+const FINAL_DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// The final drain ends once the ring stays empty this long.
+const FINAL_DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+fn log_plan(plan: &loader::Plan) {
+    for p in &plan.probes {
+        let failed: Vec<String> = p
+            .attempts
+            .iter()
+            .filter_map(|a| {
+                a.error
+                    .as_ref()
+                    .map(|e| format!("{}: {e}", a.mechanism.as_str()))
+            })
+            .collect();
+        match p.chosen {
+            Some(m) => info!(
+                probe = p.probe,
+                mechanism = m.as_str(),
+                not_used = %failed.join("; "),
+                "probe attached"
+            ),
+            None => warn!(probe = p.probe, why = %failed.join("; "), "probe not attached"),
+        }
+    }
+}
+
+/// Log one event as a structured line (`--log-events`).
+pub fn log_event(e: &SockEvent) {
+    let s = e.sock.as_ref();
+    let n = e.netns_sysctls.as_ref();
+    info!(
+        target: "tcpstall::event",
+        kind = e.kind.as_str(),
+        mechanism = e.mechanism.as_str(),
+        ts_ns = e.ts_ns,
+        cookie = e.cookie,
+        netns = e.netns,
+        local = %e.local,
+        remote = %e.remote,
+        state = e.state.as_str(),
+        old_state = e.old_state.as_str(),
+        retransmits = e.retransmits,
+        backoff = s.map(|s| s.backoff),
+        pending = s.map(|s| s.pending),
+        probes_out = s.map(|s| s.probes_out),
+        rto_jiffies = e.rto_jiffies,
+        user_timeout_ms = s.map(|s| s.user_timeout_ms),
+        retrans_stamp = s.map(|s| s.retrans_stamp),
+        snd_una = e.snd_una,
+        snd_wnd = s.map(|s| s.snd_wnd),
+        packets_out = e.packets_out,
+        retrans_out = e.retrans_out,
+        timer_expires = s.map(|s| s.timer_expires),
+        jiffies = e.jiffies,
+        tcp_retries2 = n.map(|n| n.tcp_retries2),
+        sk_err = e.sk_err,
+        orphan = e.orphan,
+        "event"
+    );
+}
+
+/// The engine settings for `tcpstall run`. `hz`: the kernel's CONFIG_HZ when
+/// the loader found it (else the engine calibrates from events).
+pub fn engine_config(s: &Settings, hz: Option<u32>) -> EngineConfig {
+    let d = EngineConfig::default();
+    EngineConfig {
+        hz,
+        max_flows: s.max_flows,
+        min_rto_streak: s.min_rto_streak,
+        zero_window_after: s.zero_window_after,
+        close_wait_after: s.close_wait_after,
+        near_horizon_secs: s.near_horizon.as_secs_f64(),
+        near_horizon_fraction: s.near_horizon_fraction,
+        top_remotes: s.top_k_remotes,
+        max_remotes: d.max_remotes.max(s.top_k_remotes),
+        ..d
+    }
+}
+
+/// Logs the engine facts worth a line each (stall start and end, timeouts).
+fn log_observation(o: &Observation) {
+    match *o {
+        Observation::StallStarted {
+            class,
+            cookie,
+            remote,
+        } => info!(class = class.as_str(), cookie, remote = %remote, "stall started"),
+        Observation::StreakEnded {
+            remote,
+            outcome,
+            duration_s,
+            rtos,
+            stalled: true,
+        } => info!(
+            remote = %remote,
+            outcome = outcome.as_str(),
+            duration_s,
+            rtos,
+            "retransmission stall ended"
+        ),
+        Observation::Timeout {
+            cookie,
+            remote,
+            evidence,
+            prediction_error_s,
+            lead_time_s,
+            boundary_s,
+            boundary_source,
+            ..
+        } => info!(
+            cookie,
+            remote = %remote,
+            evidence = evidence.as_str(),
+            prediction_error_s,
+            lead_time_s,
+            boundary_s,
+            boundary_source = boundary_source.map(|b| b.to_string()),
+            "socket timed out (ETIMEDOUT)"
+        ),
+        Observation::FlowEvicted {
+            remote,
+            active: true,
+        } => debug!(remote = %remote, "flow table full: evicted an active flow"),
+        _ => {}
+    }
+}
+
+/// The event loop's state between batches.
+struct Pipeline {
+    state: Arc<AgentState>,
+    log_events: bool,
+    observations: Vec<Observation>,
+    events: Vec<SockEvent>,
+    decode_errors: u64,
+    last_stats: KernelStats,
+}
+
+impl Pipeline {
+    /// Counts, logs and ingests one decoded batch; empties `batch`.
+    fn ingest(&mut self, batch: &mut Vec<Result<SockEvent, DecodeError>>) {
+        let metrics = &self.state.metrics;
+        for item in batch.drain(..) {
+            match item {
+                Ok(ev) => {
+                    metrics.event(ev.kind);
+                    if self.log_events {
+                        log_event(&ev);
+                    }
+                    self.events.push(ev);
+                }
+                Err(e) => {
+                    self.decode_errors += 1;
+                    metrics.decode_error();
+                    error!(error = %e, total = self.decode_errors, "malformed event from the kernel");
+                }
+            }
+        }
+        {
+            let mut engine = self.state.engine();
+            for ev in &self.events {
+                engine.ingest(ev);
+            }
+            self.observations.extend(engine.drain_observations());
+        }
+        self.events.clear();
+        self.apply_observations();
+        self.state.health.drained(kernel::monotonic_ns());
+    }
+
+    fn apply_observations(&mut self) {
+        for o in self.observations.drain(..) {
+            self.state.metrics.observe(&o);
+            log_observation(&o);
+        }
+    }
+
+    /// Advances the engine to `now` and reads the kernel counters.
+    fn tick(&mut self, stats: &StatsReader) {
+        let now = kernel::monotonic_ns();
+        {
+            let mut engine = self.state.engine();
+            engine.tick(now);
+            self.observations.extend(engine.drain_observations());
+        }
+        self.apply_observations();
+        self.read_kernel_stats(stats);
+        self.state.health.drained(now);
+    }
+
+    fn read_kernel_stats(&mut self, stats: &StatsReader) {
+        match stats.read() {
+            Ok(s) => {
+                let dropped = s
+                    .ringbuf_dropped
+                    .saturating_sub(self.last_stats.ringbuf_dropped);
+                if dropped > 0 {
+                    self.state.metrics.ringbuf_dropped(dropped);
+                    warn!(
+                        dropped,
+                        total = s.ringbuf_dropped,
+                        "ring buffer full: events dropped (raise --ringbuf-bytes)"
+                    );
+                }
+                self.last_stats = s;
+            }
+            Err(e) => error!(error = %e, "reading kernel counters failed"),
+        }
+    }
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let opts = LoaderOptions {
+        ringbuf_bytes: settings.ringbuf_bytes,
+        force_write_timer: settings.mechanism,
+        cgroup: settings.cgroup.clone(),
+        btf_path: settings.btf.clone(),
+        try_all: false,
+    };
+    let mut loaded = loader::load(&opts).context("loading probes")?;
+    log_plan(&loaded.plan);
+    let ring = loaded.take_events()?;
+    let stats = loaded.take_stats()?;
+    let mut reader = Reader::new(ring).context("watching the ring buffer")?;
+
+    let engine =
+        Engine::new(engine_config(&settings, loaded.plan.hz)).context("invalid engine settings")?;
+    let metrics = Metrics::new(
+        &MetricsConfig {
+            max_remote_labels: settings.max_remote_labels,
+            top_k_flows: settings.top_k_flows,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            kernel: loaded.plan.kernel.clone(),
+        },
+        &loaded.plan.probes,
+    );
+    let pods = PodResolver::new(&settings.proc_root, POD_REFRESH);
+    let state = Arc::new(AgentState::new(engine, metrics, pods, loaded.plan.clone()));
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", settings.listen))?;
+    let listen = listener.local_addr().unwrap_or(settings.listen);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut server = tokio::spawn(server::serve(listener, state.clone(), async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    }));
+    let mut server_done = false;
+
+    let mut pipeline = Pipeline {
+        state: state.clone(),
+        log_events: settings.log_events,
+        observations: Vec::with_capacity(1024),
+        events: Vec::with_capacity(1024),
+        decode_errors: 0,
+        last_stats: KernelStats::default(),
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch: Vec<Result<SockEvent, DecodeError>> = Vec::with_capacity(1024);
+    let (hz, hz_source) = state.engine().hz();
+    info!(
+        listen = %listen,
+        kernel = %loaded.plan.kernel,
+        hz,
+        hz_source = hz_source.as_str(),
+        "tcpstall running"
+    );
+    let mut failure: Option<anyhow::Error> = None;
+    let mut reader_failed = false;
+    loop {
+        tokio::select! {
+            r = reader.read_batch(&mut batch) => {
+                if let Err(e) = r {
+                    error!(error = %e, "reading the ring buffer failed; stopping");
+                    failure = Some(anyhow::Error::new(e).context("reading the ring buffer"));
+                    reader_failed = true;
+                    break;
+                }
+                pipeline.ingest(&mut batch);
+            }
+            _ = tick.tick() => pipeline.tick(&stats),
+            r = &mut server, if !server_done => {
+                server_done = true;
+                let e = match r {
+                    Ok(Ok(())) => anyhow::anyhow!("the HTTP server stopped unexpectedly"),
+                    Ok(Err(e)) => anyhow::Error::new(e).context("the HTTP server failed"),
+                    Err(e) => anyhow::Error::new(e).context("the HTTP server task failed"),
+                };
+                error!(error = %format!("{e:#}"), "stopping");
+                failure = Some(e);
+                break;
+            }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+        }
+    }
+
+    // 1. Stop serving: /readyz says so at once, then in-flight requests finish.
+    state.health.set_stopping();
+    let _ = stop_tx.send(true);
+    if !server_done {
+        match tokio::time::timeout(SERVER_STOP_TIMEOUT, &mut server).await {
+            Ok(Ok(Ok(()))) => debug!("HTTP server stopped"),
+            Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server failed while stopping"),
+            Ok(Err(e)) => warn!(error = %e, "HTTP server task failed while stopping"),
+            Err(_) => {
+                warn!(
+                    timeout_s = SERVER_STOP_TIMEOUT.as_secs(),
+                    "HTTP requests still running at shutdown; aborting them"
+                );
+                server.abort();
+            }
+        }
+    }
+
+    // 2. Drain what is already in the ring so nothing submitted is lost.
+    if !reader_failed {
+        let t0 = Instant::now();
+        while t0.elapsed() < FINAL_DRAIN_LIMIT {
+            match tokio::time::timeout(FINAL_DRAIN_QUIET, reader.read_batch(&mut batch)).await {
+                Ok(Ok(())) => pipeline.ingest(&mut batch),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "reading the ring buffer at shutdown failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    pipeline.tick(&stats);
+
+    // 3. The summary (its fields are part of the test contract).
+    let stats_final = stats.read().unwrap_or(pipeline.last_stats);
+    info!(
+        submitted = stats_final.submitted,
+        dropped = stats_final.ringbuf_dropped,
+        read_errors = stats_final.read_errors,
+        "tcpstall stopped"
+    );
+
+    // 4. Detach every probe.
+    drop(reader);
+    drop(loaded);
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_config_from_settings() {
+        let s = Settings::default();
+        let c = engine_config(&s, Some(250));
+        assert_eq!(c.hz, Some(250));
+        assert_eq!(c.max_flows, 65_536);
+        assert_eq!(c.min_rto_streak, 2);
+        assert_eq!(c.near_horizon_secs, 60.0);
+        assert_eq!(c.top_remotes, 100);
+        c.validate().expect("defaults are valid");
+        assert!(Engine::new(c).is_ok());
+
+        let s = Settings {
+            near_horizon: Duration::from_millis(1_500),
+            top_k_remotes: 50_000,
+            zero_window_after: Duration::from_secs(3),
+            close_wait_after: Duration::from_secs(2),
+            max_flows: 10,
+            min_rto_streak: 3,
+            near_horizon_fraction: 0.25,
+            ..Settings::default()
+        };
+        let c = engine_config(&s, None);
+        assert_eq!(c.hz, None);
+        assert_eq!(c.near_horizon_secs, 1.5);
+        assert_eq!(c.top_remotes, 50_000);
+        assert!(c.max_remotes >= c.top_remotes);
+        assert_eq!(c.zero_window_after, Duration::from_secs(3));
+        assert_eq!(c.close_wait_after, Duration::from_secs(2));
+        assert_eq!((c.max_flows, c.min_rto_streak), (10, 3));
+        assert_eq!(c.near_horizon_fraction, 0.25);
+        c.validate().expect("valid");
+    }
+}

@@ -1,0 +1,447 @@
+//! Command line (clap) and optional TOML config file. Precedence: flag >
+//! environment variable > config file > built-in default.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::event::Mechanism;
+
+const ABOUT: &str = "Finds stuck TCP connections before they hurt anyone.
+
+tcpstall watches every TCP socket on the node through eBPF (retransmissions,
+RTO and zero-window probe timers, state changes, the kernel's ETIMEDOUT
+verdicts), recognises stalls (retransmission streaks, zero-window stalls,
+CLOSE_WAIT leaks), predicts the instant the kernel will kill a retransmitting
+socket with ETIMEDOUT (tcp_retries2 / TCP_USER_TIMEOUT), and exports all of it
+as Prometheus metrics and a JSON API.";
+
+#[derive(Debug, Parser)]
+#[command(name = "tcpstall", version, about = ABOUT, long_about = ABOUT)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the probes and watch TCP sockets (needs root or CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN).
+    Run(Box<RunArgs>),
+    /// Print, for the running kernel, which mechanism each probe would use and why
+    /// the better ones fail, the kernel fields found in BTF, and missing privileges.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The write-timer mechanisms a user can force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForceMechanism {
+    Fentry,
+    Kprobe,
+    TimerTracepoint,
+    SockOps,
+}
+
+impl From<ForceMechanism> for Mechanism {
+    fn from(m: ForceMechanism) -> Self {
+        match m {
+            ForceMechanism::Fentry => Mechanism::Fentry,
+            ForceMechanism::Kprobe => Mechanism::Kprobe,
+            ForceMechanism::TimerTracepoint => Mechanism::TimerTracepoint,
+            ForceMechanism::SockOps => Mechanism::SockOps,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// Log format.
+    #[arg(long, value_enum, env = "TCPSTALL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tcpstall=debug`.
+    #[arg(long, env = "TCPSTALL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Read kernel BTF from this file instead of /sys/kernel/btf/vmlinux.
+    #[arg(long, value_name = "FILE")]
+    pub btf: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// TOML config file; keys are the long flag names with `_` for `-`
+    /// (e.g. `listen = "127.0.0.1:9977"`, `near_horizon_secs = 30`).
+    #[arg(long, short = 'c', value_name = "FILE", env = "TCPSTALL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address for /metrics, /healthz, /readyz and /api/v1/stalls [default: 0.0.0.0:9977].
+    #[arg(long, value_name = "ADDR:PORT", env = "TCPSTALL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Log every kernel event as a structured line (verbose; for debugging).
+    #[arg(long)]
+    pub log_events: bool,
+    /// Ring buffer size in bytes (power of two) [default: 4194304].
+    #[arg(long, value_name = "BYTES")]
+    pub ringbuf_bytes: Option<u32>,
+    /// Force the RTO/zero-window timer mechanism instead of the best that works.
+    #[arg(long, value_enum)]
+    pub mechanism: Option<ForceMechanism>,
+    /// cgroup2 directory for the sock_ops fallback [default: the cgroup2 root].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+    /// Maximum flows tracked; the least recently seen is evicted (counted) [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<usize>,
+    /// Consecutive RTOs without ACK progress that make a `retransmit` stall [default: 2].
+    #[arg(long, value_name = "N")]
+    pub min_rto_streak: Option<u32>,
+    /// A stall is "near horizon" when ETIMEDOUT is predicted within this many seconds [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub near_horizon_secs: Option<f64>,
+    /// ... or when this fraction of the timeout budget is consumed [default: 0.5].
+    #[arg(long, value_name = "FRACTION")]
+    pub near_horizon_fraction: Option<f64>,
+    /// Zero-window (persist) time before a `zero_window` stall is reported [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub zero_window_after: Option<f64>,
+    /// CLOSE_WAIT time before a `close_wait` stall is reported [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub close_wait_after: Option<f64>,
+    /// Stalled flows exported with per-flow metric series (most urgent first) [default: 50].
+    #[arg(long, value_name = "N")]
+    pub top_k_flows: Option<usize>,
+    /// Remote endpoints in the per-remote aggregation; the rest are summed [default: 100].
+    #[arg(long, value_name = "N")]
+    pub top_k_remotes: Option<usize>,
+    /// Distinct `remote` label values on counters before using `other` [default: 100].
+    #[arg(long, value_name = "N")]
+    pub max_remote_labels: Option<usize>,
+    /// Root of the host's /proc, for pod identity (in a container: /host/proc) [default: /proc].
+    #[arg(long, value_name = "DIR", env = "TCPSTALL_PROC")]
+    pub proc_root: Option<PathBuf>,
+}
+
+/// The config file: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub log_events: Option<bool>,
+    pub ringbuf_bytes: Option<u32>,
+    pub mechanism: Option<ForceMechanism>,
+    pub cgroup: Option<PathBuf>,
+    pub btf: Option<PathBuf>,
+    pub max_flows: Option<usize>,
+    pub min_rto_streak: Option<u32>,
+    pub near_horizon_secs: Option<f64>,
+    pub near_horizon_fraction: Option<f64>,
+    pub zero_window_after: Option<f64>,
+    pub close_wait_after: Option<f64>,
+    pub top_k_flows: Option<usize>,
+    pub top_k_remotes: Option<usize>,
+    pub max_remote_labels: Option<usize>,
+    pub proc_root: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {key} {value}: {why}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// The resolved settings for `tcpstall run`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub log_events: bool,
+    pub ringbuf_bytes: u32,
+    pub mechanism: Option<Mechanism>,
+    pub cgroup: Option<PathBuf>,
+    pub btf: Option<PathBuf>,
+    pub max_flows: usize,
+    pub min_rto_streak: u32,
+    pub near_horizon: Duration,
+    pub near_horizon_fraction: f64,
+    pub zero_window_after: Duration,
+    pub close_wait_after: Duration,
+    pub top_k_flows: usize,
+    pub top_k_remotes: usize,
+    pub max_remote_labels: usize,
+    pub proc_root: PathBuf,
+}
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9977";
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from_str(DEFAULT_LISTEN).expect("valid default"),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            log_events: false,
+            ringbuf_bytes: tcpstall_common::DEFAULT_RINGBUF_BYTES,
+            mechanism: None,
+            cgroup: None,
+            btf: None,
+            max_flows: 65_536,
+            min_rto_streak: 2,
+            near_horizon: Duration::from_secs(60),
+            near_horizon_fraction: 0.5,
+            zero_window_after: Duration::from_secs(5),
+            close_wait_after: Duration::from_secs(60),
+            top_k_flows: 50,
+            top_k_remotes: 100,
+            max_remote_labels: 100,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+        path: path.to_owned(),
+        err,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.message().to_owned()
+            + &e.span()
+                .map(|s| format!(" (at byte {})", s.start))
+                .unwrap_or_default(),
+    })
+}
+
+fn secs(key: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && (0.0..1e9).contains(&v) {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            value: v.to_string(),
+            why: "expected a number of seconds >= 0",
+        })
+    }
+}
+
+fn positive(key: &'static str, v: usize) -> Result<usize, ConfigError> {
+    if v == 0 {
+        Err(ConfigError::Invalid {
+            key,
+            value: v.to_string(),
+            why: "must be at least 1",
+        })
+    } else {
+        Ok(v)
+    }
+}
+
+impl Settings {
+    pub fn resolve(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    pub fn merge(a: &RunArgs, f: FileConfig) -> Result<Self, ConfigError> {
+        let d = Settings::default();
+        let listen = match (a.listen, f.listen) {
+            (Some(l), _) => l,
+            (None, Some(s)) => SocketAddr::from_str(&s).map_err(|_| ConfigError::Invalid {
+                key: "listen",
+                value: s.clone(),
+                why: "expected ADDR:PORT, e.g. 127.0.0.1:9977",
+            })?,
+            (None, None) => d.listen,
+        };
+        let ringbuf_bytes = a
+            .ringbuf_bytes
+            .or(f.ringbuf_bytes)
+            .unwrap_or(d.ringbuf_bytes);
+        if !ringbuf_bytes.is_power_of_two() || ringbuf_bytes < 4096 {
+            return Err(ConfigError::Invalid {
+                key: "ringbuf_bytes",
+                value: ringbuf_bytes.to_string(),
+                why: "must be a power of two >= 4096",
+            });
+        }
+        let fraction = a
+            .near_horizon_fraction
+            .or(f.near_horizon_fraction)
+            .unwrap_or(d.near_horizon_fraction);
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "near_horizon_fraction",
+                value: fraction.to_string(),
+                why: "must be in (0, 1]",
+            });
+        }
+        let min_rto_streak = a
+            .min_rto_streak
+            .or(f.min_rto_streak)
+            .unwrap_or(d.min_rto_streak);
+        if min_rto_streak == 0 {
+            return Err(ConfigError::Invalid {
+                key: "min_rto_streak",
+                value: "0".into(),
+                why: "must be at least 1",
+            });
+        }
+        Ok(Settings {
+            listen,
+            log_format: a.common.log_format.or(f.log_format).unwrap_or(d.log_format),
+            log_level: a
+                .common
+                .log_level
+                .clone()
+                .or(f.log_level)
+                .unwrap_or(d.log_level),
+            log_events: a.log_events || f.log_events.unwrap_or(false),
+            ringbuf_bytes,
+            mechanism: a.mechanism.or(f.mechanism).map(Into::into),
+            cgroup: a.cgroup.clone().or(f.cgroup),
+            btf: a.common.btf.clone().or(f.btf),
+            max_flows: positive(
+                "max_flows",
+                a.max_flows.or(f.max_flows).unwrap_or(d.max_flows),
+            )?,
+            min_rto_streak,
+            near_horizon: secs(
+                "near_horizon_secs",
+                a.near_horizon_secs.or(f.near_horizon_secs).unwrap_or(60.0),
+            )?,
+            near_horizon_fraction: fraction,
+            zero_window_after: secs(
+                "zero_window_after",
+                a.zero_window_after.or(f.zero_window_after).unwrap_or(5.0),
+            )?,
+            close_wait_after: secs(
+                "close_wait_after",
+                a.close_wait_after.or(f.close_wait_after).unwrap_or(60.0),
+            )?,
+            top_k_flows: positive(
+                "top_k_flows",
+                a.top_k_flows.or(f.top_k_flows).unwrap_or(d.top_k_flows),
+            )?,
+            top_k_remotes: positive(
+                "top_k_remotes",
+                a.top_k_remotes
+                    .or(f.top_k_remotes)
+                    .unwrap_or(d.top_k_remotes),
+            )?,
+            max_remote_labels: positive(
+                "max_remote_labels",
+                a.max_remote_labels
+                    .or(f.max_remote_labels)
+                    .unwrap_or(d.max_remote_labels),
+            )?,
+            proc_root: a.proc_root.clone().or(f.proc_root).unwrap_or(d.proc_root),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> RunArgs {
+        let mut v = vec!["tcpstall", "run"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Run(r) => *r,
+            Command::Doctor(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Settings::merge(&parse(&[]), FileConfig::default()).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:9977".parse().unwrap());
+        assert_eq!(s.max_flows, 65_536);
+        assert_eq!(s.min_rto_streak, 2);
+        assert_eq!(s.near_horizon, Duration::from_secs(60));
+        assert_eq!(s.top_k_flows, 50);
+    }
+
+    #[test]
+    fn flag_beats_file() {
+        let file: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:1\"\nmax_flows = 10\n").unwrap();
+        let s = Settings::merge(&parse(&["--listen", "127.0.0.1:2"]), file).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:2".parse().unwrap());
+        assert_eq!(s.max_flows, 10);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(toml::from_str::<FileConfig>("bogus = 1\n").is_err());
+        let bad = |args: &[&str]| {
+            Settings::merge(&parse(args), FileConfig::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad(&["--ringbuf-bytes", "1000"]).contains("power of two"));
+        assert!(bad(&["--near-horizon-fraction", "0"]).contains("(0, 1]"));
+        assert!(bad(&["--max-flows", "0"]).contains("at least 1"));
+        assert!(bad(&["--near-horizon-secs=-1"]).contains("seconds"));
+        let file: FileConfig = toml::from_str("listen = \"nope\"\n").unwrap();
+        assert!(
+            Settings::merge(&parse(&[]), file)
+                .unwrap_err()
+                .to_string()
+                .contains("ADDR:PORT")
+        );
+        assert!(Cli::try_parse_from(["tcpstall", "run", "--listen", "x"]).is_err());
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("tcpstall-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, "max_flows = \"many\"\n").unwrap();
+        let e = load_file(&p).unwrap_err().to_string();
+        assert!(e.contains("bad.toml"), "{e}");
+        let e = load_file(&dir.join("missing.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

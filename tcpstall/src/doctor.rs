@@ -1,0 +1,99 @@
+//! `tcpstall doctor`: what this kernel offers, from real load/attach attempts.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+
+use crate::{
+    config::DoctorArgs,
+    kernel::{self, Privileges},
+    loader::{self, LoaderOptions, Plan},
+};
+
+/// Render the plan for people.
+pub fn render(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "kernel {}", plan.kernel);
+    match (plan.hz, &plan.hz_source) {
+        (Some(hz), Some(src)) => {
+            let _ = writeln!(out, "HZ {hz} (from {src})");
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "HZ unknown (no kernel config readable): calibrated from event timestamps at run time"
+            );
+        }
+    }
+    let _ = writeln!(out, "\nprobes:");
+    for p in &plan.probes {
+        let chosen = p.chosen.map(|m| m.as_str()).unwrap_or("NONE");
+        let _ = writeln!(
+            out,
+            "  {:<13} -> {:<16} {}",
+            p.probe,
+            chosen,
+            if p.required {
+                "(required)"
+            } else {
+                "(optional)"
+            }
+        );
+        for a in &p.attempts {
+            let verdict = match &a.error {
+                None => "attached".to_owned(),
+                Some(e) => e.clone(),
+            };
+            let _ = writeln!(
+                out,
+                "      {:<16} {:<52} {:<28} {}",
+                a.mechanism.as_str(),
+                a.target,
+                a.program,
+                verdict
+            );
+        }
+    }
+    let _ = writeln!(out, "\nkernel fields (from BTF):\n{}", plan.fields);
+    out
+}
+
+pub fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
+    let privs = Privileges::current();
+    let missing = privs.missing();
+    if !privs.euid_root && !missing.is_empty() {
+        anyhow::bail!(
+            "doctor must load probes to test them: missing {} (run as root, e.g. `sudo tcpstall doctor`)",
+            missing.join(", ")
+        );
+    }
+    let opts = LoaderOptions {
+        btf_path: args.common.btf.clone(),
+        try_all: true,
+        ..LoaderOptions::default()
+    };
+    let loaded = loader::load(&opts).context("loading probes")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&loaded.plan)?);
+    } else {
+        print!("{}", render(&loaded.plan));
+        println!(
+            "\nprivileges: {}",
+            if privs.euid_root {
+                "root".to_owned()
+            } else {
+                "capabilities OK".to_owned()
+            }
+        );
+        println!(
+            "kprobe PMU: {}",
+            if kernel::has_kprobe_pmu() {
+                "present"
+            } else {
+                "absent"
+            }
+        );
+    }
+    // Dropping `loaded` detaches every probe.
+    Ok(())
+}

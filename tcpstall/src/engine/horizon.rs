@@ -1,0 +1,953 @@
+//! The horizon predictor: when will the kernel kill a retransmitting socket?
+//!
+//! Pure functions, no state, following `shared/design/kernel-tcp-timeouts.md`:
+//!
+//! - the boundary is `icsk_user_timeout ?: T(N, 200 ms, rto_max)` where
+//!   `T = tcp_model_timeout`, `N = tcp_retries2` of the socket's netns, or the
+//!   `tcp_orphan_retries` rule for orphaned (`SOCK_DEAD`) sockets;
+//! - the kernel checks it only at an RTO expiry, before that expiry's
+//!   retransmission, and only when `icsk_retransmits > 0`: the socket dies at
+//!   the first RTO expiry with `now - retrans_stamp >= boundary`;
+//! - after each expiry the RTO doubles (capped at `rto_max`), and with a user
+//!   timeout the next expiry is clamped to `retrans_stamp + UTO`
+//!   (`tcp_clamp_rto_to_user_timeout`);
+//! - optionally, the timer wheel's rounding of each expiry is modelled
+//!   (`calc_wheel_index`: timers fire at the next bucket boundary of their
+//!   level, never early), which is where most of the "lateness" of a real
+//!   ETIMEDOUT comes from.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+use crate::event::NetnsSysctls;
+
+/// `TCP_RTO_MIN`: the base of `tcp_model_timeout` from ESTABLISHED on.
+pub const TCP_RTO_MIN_MS: u64 = 200;
+/// `TCP_TIMEOUT_INIT`: the base in SYN_SENT / SYN_RECV.
+pub const TCP_TIMEOUT_INIT_MS: u64 = 1_000;
+/// `TCP_RTO_MAX` (the default `rto_max`).
+pub const TCP_RTO_MAX_MS: u64 = 120_000;
+pub const NSEC_PER_MSEC: u64 = 1_000_000;
+pub const NSEC_PER_SEC: u64 = 1_000_000_000;
+
+/// Steps walked one by one before switching to a closed form (only reachable
+/// with a huge user timeout: `tcp_retries2` is at most 255).
+const MAX_EXACT_STEPS: u32 = 4_096;
+
+/// `tcp_model_timeout(sk, n, base)` in milliseconds:
+///
+/// ```text
+/// K = ilog2(max / base)
+/// T = n <= K ? (2^(n+1) - 1) * base : (2^(K+1) - 1) * base + (n - K) * max
+/// ```
+pub fn model_timeout_ms(n: u32, base_ms: u64, max_ms: u64) -> u64 {
+    let base = u128::from(base_ms.max(1));
+    let max = u128::from(max_ms);
+    let ratio = max / base;
+    let k = if ratio == 0 { 0 } else { ratio.ilog2() };
+    let t = if n <= k {
+        ((2u128 << n) - 1) * base
+    } else {
+        ((2u128 << k) - 1) * base + u128::from(n - k) * max
+    };
+    u64::try_from(t).unwrap_or(u64::MAX)
+}
+
+/// `msecs_to_jiffies` (rounds up, as the kernel does).
+pub fn msecs_to_jiffies(ms: u64, hz: u32) -> u64 {
+    (u128::from(ms) * u128::from(hz)).div_ceil(1_000) as u64
+}
+
+/// `jiffies_to_msecs` (rounds up, as the kernel does for HZ not dividing 1000).
+pub fn jiffies_to_msecs(j: u64, hz: u32) -> u64 {
+    let hz = u128::from(hz.max(1));
+    (u128::from(j) * 1_000).div_ceil(hz) as u64
+}
+
+/// Jiffies to nanoseconds (exact for every HZ dividing 10^9).
+pub fn jiffies_to_ns(j: u64, hz: u32) -> u64 {
+    let hz = u128::from(hz.max(1));
+    u64::try_from(u128::from(j) * u128::from(NSEC_PER_SEC) / hz).unwrap_or(u64::MAX)
+}
+
+/// Reconstructs the CLOCK_MONOTONIC instant (ns) of a `retrans_stamp`, a
+/// wrapping u32 of milliseconds (microseconds when `usec`) of the same clock,
+/// from an event time taken after it. A stamp "in the future" (clock noise)
+/// maps to the event time.
+pub fn stamp_to_ns(stamp: u32, usec: bool, ts_ns: u64) -> u64 {
+    let unit = if usec { 1_000 } else { NSEC_PER_MSEC };
+    let now_units = ts_ns / unit;
+    let age = (now_units as u32).wrapping_sub(stamp);
+    if age > i32::MAX as u32 {
+        return ts_ns;
+    }
+    now_units.saturating_sub(u64::from(age)) * unit
+}
+
+/// Where the death boundary comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BoundarySource {
+    /// `T(tcp_retries2 = N)` of the socket's netns.
+    Retries2(u32),
+    /// `TCP_USER_TIMEOUT` replaces the retries rule.
+    UserTimeout,
+    /// Orphaned socket: `T(N)` with N the effective `tcp_orphan_retries`
+    /// (a configured 0 means 8 while the RTO is below its maximum).
+    OrphanRetries(u32),
+}
+
+impl BoundarySource {
+    /// The kind without the number: a bounded metric label value.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Retries2(_) => "tcp_retries2",
+            Self::UserTimeout => "user_timeout",
+            Self::OrphanRetries(_) => "tcp_orphan_retries",
+        }
+    }
+}
+
+impl fmt::Display for BoundarySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Retries2(n) => write!(f, "tcp_retries2={n}"),
+            Self::UserTimeout => f.write_str("user_timeout"),
+            Self::OrphanRetries(n) => write!(f, "tcp_orphan_retries={n}"),
+        }
+    }
+}
+
+impl Serialize for BoundarySource {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Which rule `retransmits_timed_out()` applies to a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BoundaryRule {
+    /// `icsk_user_timeout` (ms, non-zero).
+    UserTimeout { ms: u32 },
+    /// `tcp_retries2` of the socket's netns.
+    Retries2 { n: u32 },
+    /// `SOCK_DEAD`: `tcp_orphan_retries` of the netns (as configured).
+    Orphan { configured: u32 },
+}
+
+/// A boundary evaluated at one RTO expiry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Boundary {
+    pub ms: u64,
+    pub source: BoundarySource,
+}
+
+impl BoundaryRule {
+    /// The rule for a socket: the user timeout wins over everything, then
+    /// the orphan rule, then `tcp_retries2`. None when the netns sysctls
+    /// are unknown and no user timeout is set.
+    pub fn select(
+        user_timeout_ms: u32,
+        orphan: bool,
+        sysctls: Option<NetnsSysctls>,
+    ) -> Option<Self> {
+        if user_timeout_ms != 0 {
+            return Some(Self::UserTimeout {
+                ms: user_timeout_ms,
+            });
+        }
+        let s = sysctls?;
+        Some(if orphan {
+            Self::Orphan {
+                configured: s.tcp_orphan_retries,
+            }
+        } else {
+            Self::Retries2 { n: s.tcp_retries2 }
+        })
+    }
+
+    /// The boundary at an expiry where `icsk_rto` (before doubling) is
+    /// `rto_ms`; `base_ms` is 200 ms (established) or 1 s (SYN states).
+    pub fn at(self, rto_ms: u64, rto_max_ms: u64, base_ms: u64) -> Boundary {
+        match self {
+            Self::UserTimeout { ms } => Boundary {
+                ms: u64::from(ms),
+                source: BoundarySource::UserTimeout,
+            },
+            Self::Retries2 { n } => Boundary {
+                ms: model_timeout_ms(n, base_ms, rto_max_ms),
+                source: BoundarySource::Retries2(n),
+            },
+            Self::Orphan { configured } => {
+                let n = effective_orphan_retries(configured, rto_ms < rto_max_ms);
+                Boundary {
+                    ms: model_timeout_ms(n, base_ms, rto_max_ms),
+                    source: BoundarySource::OrphanRetries(n),
+                }
+            }
+        }
+    }
+}
+
+/// `tcp_orphan_retries()`: 0 means 8 while the socket is "alive"
+/// (`icsk_rto < rto_max`). (The `sk_err_soft && !alive` => 0 case needs a
+/// field the events do not carry.)
+pub fn effective_orphan_retries(configured: u32, alive: bool) -> u32 {
+    if configured == 0 && alive {
+        8
+    } else {
+        configured
+    }
+}
+
+/// The socket's `rto_max` in jiffies: `icsk_rto_max` when the kernel has it,
+/// else the netns `tcp_rto_max_ms`, else `TCP_RTO_MAX`.
+pub fn rto_max_jiffies(icsk_rto_max: u32, netns_rto_max_ms: Option<u32>, hz: u32) -> u64 {
+    if icsk_rto_max != 0 {
+        u64::from(icsk_rto_max)
+    } else if let Some(ms) = netns_rto_max_ms.filter(|&ms| ms != 0) {
+        msecs_to_jiffies(u64::from(ms), hz)
+    } else {
+        msecs_to_jiffies(TCP_RTO_MAX_MS, hz)
+    }
+}
+
+/// `LVL_START(n)` of the timer wheel (`LVL_CLK_SHIFT` 3, `LVL_BITS` 6).
+const fn lvl_start(n: u32) -> u64 {
+    63 << ((n - 1) * 3)
+}
+
+/// The jiffy at which a timer armed for `expires` while the wheel's clock is
+/// at `clk` actually fires: `calc_wheel_index()` puts it in the bucket of
+/// the level chosen by `expires - clk` and rounds up to the next bucket
+/// boundary (`((expires >> shift) + 1) << shift`), so a timer never fires
+/// early and fires up to one level granularity late.
+pub fn timer_wheel_fire(expires: u64, clk: u64, hz: u32) -> u64 {
+    if expires < clk {
+        return clk;
+    }
+    let depth: u32 = if hz > 100 { 9 } else { 8 };
+    let delta = expires - clk;
+    let mut lvl = 0;
+    while lvl + 1 < depth && delta >= lvl_start(lvl + 1) {
+        lvl += 1;
+    }
+    let shift = 3 * lvl;
+    ((expires >> shift).saturating_add(1)) << shift
+}
+
+/// The state at one RTO expiry (the write timer fired with
+/// `icsk_pending == ICSK_TIME_RETRANS`), as seen before the kernel handled
+/// it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RtoWalk {
+    /// The episode start: `retrans_stamp` as a monotonic instant (for the
+    /// first RTO of an episode without earlier retransmission: `at_ns`).
+    pub start_ns: u64,
+    /// This expiry (monotonic ns).
+    pub at_ns: u64,
+    /// `jiffies` at this expiry (0 = unknown: no timer wheel modelling).
+    pub at_jiffies: u64,
+    /// `icsk_retransmits` at this expiry (before the increment).
+    pub retransmits: u32,
+    /// `icsk_rto` at this expiry (before doubling), jiffies.
+    pub rto_jiffies: u32,
+    /// `rto_max` in jiffies (see [`rto_max_jiffies`]).
+    pub rto_max_jiffies: u64,
+    pub hz: u32,
+    pub rule: BoundaryRule,
+    /// 200 ms, or 1 s in SYN states.
+    pub base_ms: u64,
+    /// Round each future expiry up like the kernel's timer wheel.
+    pub timer_wheel: bool,
+}
+
+/// The predicted ETIMEDOUT.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Death {
+    /// The RTO expiry at which `tcp_write_timeout()` kills the socket.
+    pub at_ns: u64,
+    /// Further expiries before that one (0: this expiry kills).
+    pub expiries_after: u32,
+    /// The boundary at the fatal expiry.
+    pub boundary: Boundary,
+}
+
+/// Walks the RTO expiries from the current one and returns the first one at
+/// which the kernel declares the socket dead. None without a usable RTO.
+pub fn predict_rto_death(w: &RtoWalk) -> Option<Death> {
+    if w.rto_jiffies == 0 || w.hz == 0 {
+        return None;
+    }
+    let hz = w.hz;
+    let max_j = w.rto_max_jiffies.max(1);
+    let max_ms = jiffies_to_msecs(max_j, hz);
+    let wheel = w.timer_wheel && w.at_jiffies != 0;
+
+    let mut t = w.at_ns;
+    let mut j = w.at_jiffies;
+    let mut rto = u64::from(w.rto_jiffies);
+    let mut retransmits = u64::from(w.retransmits);
+    let mut step: u32 = 0;
+    loop {
+        let rto_ms = jiffies_to_msecs(rto, hz);
+        let boundary = w.rule.at(rto_ms, max_ms, w.base_ms);
+        let deadline = w
+            .start_ns
+            .saturating_add(boundary.ms.saturating_mul(NSEC_PER_MSEC));
+        if deadline == u64::MAX {
+            return None;
+        }
+        // retransmits_timed_out(): never while icsk_retransmits == 0.
+        if retransmits > 0 && t >= deadline {
+            return Some(Death {
+                at_ns: t,
+                expiries_after: step,
+                boundary,
+            });
+        }
+        // The expiry retransmits, backs off and re-arms the timer.
+        rto = (rto * 2).min(max_j);
+        let mut interval = rto;
+        if let BoundaryRule::UserTimeout { ms } = w.rule {
+            let elapsed_ms = t.saturating_sub(w.start_ns) / NSEC_PER_MSEC;
+            let remaining = i128::from(ms) - i128::from(elapsed_ms);
+            interval = if remaining <= 0 {
+                1
+            } else {
+                rto.min(msecs_to_jiffies(remaining as u64, hz))
+            };
+        }
+        let dt = if wheel {
+            timer_wheel_fire(j.saturating_add(interval), j, hz)
+                .saturating_sub(j)
+                .max(1)
+        } else {
+            interval
+        };
+        // Closed form for the (rare) very long tail at rto_max: skip whole
+        // steps while far from the deadline (no clamp can apply there).
+        if step >= MAX_EXACT_STEPS && rto == max_j {
+            let dt_ns = jiffies_to_ns(dt, hz).max(1);
+            if t.saturating_add(2 * dt_ns) < deadline {
+                let k = (deadline - t) / dt_ns - 1;
+                t += k * dt_ns;
+                j = j.saturating_add(k.saturating_mul(dt));
+                retransmits += k;
+                step = step.saturating_add(u32::try_from(k).unwrap_or(u32::MAX));
+                continue;
+            }
+        }
+        t = t.saturating_add(jiffies_to_ns(dt, hz));
+        j = j.saturating_add(dt);
+        retransmits += 1;
+        step = step.saturating_add(1);
+    }
+}
+
+/// The zero-window (persist) probe interval after a probe sent with
+/// `icsk_backoff == backoff` (before the increment): `tcp_probe0_when()`,
+/// `max(rto, 200 ms) << min(backoff + 1, ilog2(max / 200 ms) + 1)`, capped.
+pub fn persist_next_interval_ms(rto_ms: u64, backoff: u32, rto_max_ms: u64) -> u64 {
+    let base = rto_ms.max(TCP_RTO_MIN_MS);
+    let cap_shift = (TCP_RTO_MAX_MS / TCP_RTO_MIN_MS).ilog2() + 1;
+    let shift = backoff.saturating_add(1).min(cap_shift);
+    (base << shift).min(rto_max_ms.max(1))
+}
+
+/// Zero window with a user timeout: `tcp_probe_timer()` aborts at the first
+/// probe expiry with `now - icsk_probes_tstamp >= UTO`, and
+/// `tcp_clamp_probe0_to_user_timeout()` arms that expiry at exactly
+/// `first_probe + UTO`. Without a user timeout a live peer keeps the sender
+/// in persist forever: no prediction.
+pub fn predict_persist_death(
+    first_probe_ns: u64,
+    current_probe_ns: u64,
+    user_timeout_ms: u32,
+) -> Option<u64> {
+    if user_timeout_ms == 0 {
+        return None;
+    }
+    let deadline = first_probe_ns.saturating_add(u64::from(user_timeout_ms) * NSEC_PER_MSEC);
+    Some(deadline.max(current_probe_ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HZ: u32 = 250;
+
+    fn secs(ms: u64) -> f64 {
+        ms as f64 / 1_000.0
+    }
+
+    #[test]
+    fn design_note_table() {
+        let t = |n| secs(model_timeout_ms(n, TCP_RTO_MIN_MS, TCP_RTO_MAX_MS));
+        assert_eq!(t(15), 924.6);
+        assert_eq!(t(8), 102.2);
+        assert_eq!(t(5), 12.6);
+        assert_eq!(t(3), 3.0);
+        // K = ilog2(600) = 9: the linear part starts after N = 9.
+        assert_eq!(t(9), 204.6);
+        assert_eq!(t(10), 204.6 + 120.0);
+        assert_eq!(t(0), 0.2);
+    }
+
+    #[test]
+    fn rto_max_other_than_120s() {
+        // 60 s: K = ilog2(300) = 8.
+        assert_eq!(model_timeout_ms(15, 200, 60_000), 511 * 200 + 7 * 60_000);
+        assert_eq!(model_timeout_ms(8, 200, 60_000), 102_200);
+        assert_eq!(model_timeout_ms(5, 200, 60_000), 12_600);
+        // 5 s: K = ilog2(25) = 4.
+        assert_eq!(model_timeout_ms(15, 200, 5_000), 31 * 200 + 11 * 5_000);
+        assert_eq!(model_timeout_ms(4, 200, 5_000), 6_200);
+        assert_eq!(model_timeout_ms(5, 200, 5_000), 6_200 + 5_000);
+        // Degenerate max below base: K = 0.
+        assert_eq!(model_timeout_ms(3, 200, 100), 200 + 3 * 100);
+    }
+
+    #[test]
+    fn syn_base_one_second() {
+        // SYN states: base TCP_TIMEOUT_INIT, K = ilog2(120) = 6.
+        assert_eq!(
+            model_timeout_ms(6, TCP_TIMEOUT_INIT_MS, TCP_RTO_MAX_MS),
+            127_000
+        );
+        assert_eq!(
+            model_timeout_ms(5, TCP_TIMEOUT_INIT_MS, TCP_RTO_MAX_MS),
+            63_000
+        );
+        assert_eq!(
+            model_timeout_ms(8, TCP_TIMEOUT_INIT_MS, TCP_RTO_MAX_MS),
+            127_000 + 2 * 120_000
+        );
+    }
+
+    #[test]
+    fn rule_selection_and_sources() {
+        let s = NetnsSysctls {
+            tcp_retries2: 5,
+            tcp_orphan_retries: 0,
+            tcp_rto_max_ms: None,
+        };
+        assert_eq!(
+            BoundaryRule::select(0, false, Some(s)),
+            Some(BoundaryRule::Retries2 { n: 5 })
+        );
+        assert_eq!(
+            BoundaryRule::select(4000, false, Some(s)),
+            Some(BoundaryRule::UserTimeout { ms: 4000 })
+        );
+        assert_eq!(
+            BoundaryRule::select(4000, true, None),
+            Some(BoundaryRule::UserTimeout { ms: 4000 })
+        );
+        assert_eq!(
+            BoundaryRule::select(0, true, Some(s)),
+            Some(BoundaryRule::Orphan { configured: 0 })
+        );
+        assert_eq!(BoundaryRule::select(0, false, None), None);
+
+        let b = BoundaryRule::Retries2 { n: 5 }.at(200, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
+        assert_eq!(b.ms, 12_600);
+        assert_eq!(b.source.to_string(), "tcp_retries2=5");
+        assert_eq!(b.source.kind(), "tcp_retries2");
+        let b = BoundaryRule::UserTimeout { ms: 9000 }.at(200, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
+        assert_eq!(
+            (b.ms, b.source.to_string()),
+            (9000, "user_timeout".to_string())
+        );
+        assert_eq!(
+            serde_json::to_string(&BoundarySource::OrphanRetries(8)).unwrap(),
+            "\"tcp_orphan_retries=8\""
+        );
+    }
+
+    #[test]
+    fn orphan_semantics() {
+        let rule = BoundaryRule::Orphan { configured: 0 };
+        // Alive (rto below max): 0 means 8.
+        let b = rule.at(3_200, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
+        assert_eq!(
+            (b.ms, b.source),
+            (102_200, BoundarySource::OrphanRetries(8))
+        );
+        // RTO at its maximum: 0 really is 0 -> T = 200 ms.
+        let b = rule.at(TCP_RTO_MAX_MS, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
+        assert_eq!((b.ms, b.source), (200, BoundarySource::OrphanRetries(0)));
+        // A configured value is used as is.
+        let b = BoundaryRule::Orphan { configured: 3 }.at(200, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
+        assert_eq!((b.ms, b.source), (3_000, BoundarySource::OrphanRetries(3)));
+        assert_eq!(effective_orphan_retries(0, true), 8);
+        assert_eq!(effective_orphan_retries(0, false), 0);
+        assert_eq!(effective_orphan_retries(2, true), 2);
+    }
+
+    #[test]
+    fn rto_max_selection() {
+        assert_eq!(rto_max_jiffies(15_000, Some(5_000), 250), 15_000);
+        assert_eq!(rto_max_jiffies(0, Some(5_000), 250), 1_250);
+        assert_eq!(rto_max_jiffies(0, None, 250), 30_000);
+        assert_eq!(rto_max_jiffies(0, None, 1000), 120_000);
+        assert_eq!(rto_max_jiffies(0, Some(0), 100), 12_000);
+    }
+
+    #[test]
+    fn conversions() {
+        assert_eq!(msecs_to_jiffies(204, 250), 51);
+        assert_eq!(msecs_to_jiffies(1, 250), 1);
+        assert_eq!(msecs_to_jiffies(0, 250), 0);
+        assert_eq!(jiffies_to_msecs(51, 250), 204);
+        assert_eq!(jiffies_to_msecs(1, 300), 4);
+        assert_eq!(jiffies_to_ns(51, 250), 204_000_000);
+        assert_eq!(jiffies_to_ns(1, 300), 3_333_333);
+    }
+
+    #[test]
+    fn stamp_reconstruction_and_wrap() {
+        let ts = 5_000_123_456_789u64; // 5000 s
+        let stamp = (ts / NSEC_PER_MSEC - 1_500) as u32;
+        assert_eq!(
+            stamp_to_ns(stamp, false, ts),
+            (ts / NSEC_PER_MSEC - 1_500) * NSEC_PER_MSEC
+        );
+        // The u32 of milliseconds wraps every 49.7 days.
+        let ts = (1u64 << 32) * NSEC_PER_MSEC + 700 * NSEC_PER_MSEC;
+        let start_ms = (1u64 << 32) - 300; // before the wrap
+        let stamp = start_ms as u32;
+        assert_eq!(stamp, u32::MAX - 299);
+        assert_eq!(stamp_to_ns(stamp, false, ts), start_ms * NSEC_PER_MSEC);
+        // Microsecond stamps wrap every 71.6 minutes.
+        let ts = 3 * (1u64 << 32) * 1_000 + 5_000_000;
+        let start_us = 3 * (1u64 << 32) - 2_000_000;
+        assert_eq!(stamp_to_ns(start_us as u32, true, ts), start_us * 1_000);
+        // A stamp slightly in the future (noise) is clamped to the event.
+        let ts = 10 * NSEC_PER_SEC;
+        assert_eq!(stamp_to_ns(10_002, false, ts), ts);
+    }
+
+    #[test]
+    fn timer_wheel_rounding() {
+        // Level 0: one jiffy late.
+        assert_eq!(timer_wheel_fire(1_051, 1_000, 250), 1_052);
+        // Level 1 (63..504 jiffies ahead): granularity 8.
+        assert_eq!(timer_wheel_fire(1_102, 1_000, 250), 1_104);
+        assert_eq!(timer_wheel_fire(1_104, 1_000, 250), 1_112);
+        // Level 2 (504..4032): granularity 64.
+        assert_eq!(timer_wheel_fire(1_000 + 816, 1_000, 250), 1_856);
+        // A 120 s timer at HZ=1000 is in level 4 (granularity 4096 jiffies).
+        let fire = timer_wheel_fire(1_000_000 + 120_000, 1_000_000, 1000);
+        assert_eq!(fire % 4096, 0);
+        assert!(fire > 1_120_000 && fire <= 1_120_000 + 4096);
+        // Already expired: fires at the wheel's clock.
+        assert_eq!(timer_wheel_fire(5, 10, 250), 10);
+    }
+
+    #[test]
+    fn persist_intervals() {
+        assert_eq!(persist_next_interval_ms(204, 0, TCP_RTO_MAX_MS), 408);
+        assert_eq!(persist_next_interval_ms(100, 0, TCP_RTO_MAX_MS), 400);
+        assert_eq!(persist_next_interval_ms(204, 5, TCP_RTO_MAX_MS), 204 << 6);
+        assert_eq!(
+            persist_next_interval_ms(204, 20, TCP_RTO_MAX_MS),
+            TCP_RTO_MAX_MS
+        );
+        assert_eq!(persist_next_interval_ms(200, 7, 60_000), 51_200);
+        assert_eq!(persist_next_interval_ms(200, 9, 60_000), 60_000);
+    }
+
+    #[test]
+    fn persist_prediction_only_with_user_timeout() {
+        assert_eq!(predict_persist_death(1_000, 5_000, 0), None);
+        let s = NSEC_PER_SEC;
+        assert_eq!(predict_persist_death(s, 3 * s, 10_000), Some(11 * s));
+        // Past the deadline: this probe kills.
+        assert_eq!(predict_persist_death(s, 12 * s, 10_000), Some(12 * s));
+    }
+
+    fn walk(start_ns: u64, at_ns: u64, retransmits: u32, rto: u32, rule: BoundaryRule) -> RtoWalk {
+        RtoWalk {
+            start_ns,
+            at_ns,
+            at_jiffies: 0,
+            retransmits,
+            rto_jiffies: rto,
+            rto_max_jiffies: 30_000,
+            hz: HZ,
+            rule,
+            base_ms: TCP_RTO_MIN_MS,
+            timer_wheel: false,
+        }
+    }
+
+    const MS: u64 = NSEC_PER_MSEC;
+
+    #[test]
+    fn walk_without_wheel_retries2_5() {
+        // First RTO at 204 ms after the first retransmission (t = 0), rto 51.
+        // Expiries: 0.204, 0.612, 1.428, 3.060, 6.324, 12.852 (>= 12.6).
+        let start = 1_000 * NSEC_PER_SEC;
+        let w = walk(
+            start,
+            start + 204 * MS,
+            1,
+            51,
+            BoundaryRule::Retries2 { n: 5 },
+        );
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.at_ns - start, 12_852 * MS);
+        assert_eq!(d.expiries_after, 5);
+        assert_eq!(d.boundary.source, BoundarySource::Retries2(5));
+        // The same from a later expiry.
+        let w = walk(
+            start,
+            start + 3_060 * MS,
+            4,
+            408,
+            BoundaryRule::Retries2 { n: 5 },
+        );
+        assert_eq!(predict_rto_death(&w).unwrap().at_ns - start, 12_852 * MS);
+    }
+
+    #[test]
+    fn first_rto_with_zero_retransmits_cannot_kill() {
+        // UTO already exceeded, but icsk_retransmits == 0 at this expiry:
+        // the socket survives it and dies at the next one (clamped to 1
+        // jiffy since the user timeout has passed).
+        let start = 50 * NSEC_PER_SEC;
+        let w = walk(
+            start,
+            start + 5_000 * MS,
+            0,
+            51,
+            BoundaryRule::UserTimeout { ms: 1_000 },
+        );
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.expiries_after, 1);
+        assert_eq!(d.at_ns, start + 5_000 * MS + 4 * MS);
+        let w = walk(
+            start,
+            start + 5_000 * MS,
+            1,
+            51,
+            BoundaryRule::UserTimeout { ms: 1_000 },
+        );
+        assert_eq!(predict_rto_death(&w).unwrap().at_ns, start + 5_000 * MS);
+    }
+
+    #[test]
+    fn user_timeout_shorter_than_retries2() {
+        // UTO 4000 ms with rto 51 jiffies: expiries 0.204, 0.612, 1.428,
+        // 3.060; the next (6.324) is clamped to exactly start + 4.000.
+        let start = 10 * NSEC_PER_SEC;
+        let w = walk(
+            start,
+            start + 204 * MS,
+            0,
+            51,
+            BoundaryRule::UserTimeout { ms: 4_000 },
+        );
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.at_ns - start, 4_000 * MS);
+        assert_eq!(d.boundary.source, BoundarySource::UserTimeout);
+        assert_eq!(d.expiries_after, 4);
+        // And shorter than retries2 = 15 by far.
+        let r = predict_rto_death(&walk(
+            start,
+            start + 204 * MS,
+            0,
+            51,
+            BoundaryRule::Retries2 { n: 15 },
+        ))
+        .unwrap();
+        assert!(r.at_ns > d.at_ns);
+    }
+
+    #[test]
+    fn user_timeout_longer_than_retries2() {
+        // UTO 200 s > T(5) = 12.6 s: the socket lives until 200 s, with the
+        // last expiry clamped to exactly start + 200 s.
+        let start = 10 * NSEC_PER_SEC;
+        let w = walk(
+            start,
+            start + 204 * MS,
+            0,
+            51,
+            BoundaryRule::UserTimeout { ms: 200_000 },
+        );
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.at_ns - start, 200_000 * MS);
+        let r = predict_rto_death(&walk(
+            start,
+            start + 204 * MS,
+            0,
+            51,
+            BoundaryRule::Retries2 { n: 5 },
+        ))
+        .unwrap();
+        assert!(d.at_ns > r.at_ns);
+    }
+
+    #[test]
+    fn user_timeout_reached_exactly_by_an_unclamped_expiry() {
+        // UTO 3060 ms hits an expiry exactly: no extra step.
+        let start = 10 * NSEC_PER_SEC;
+        let w = walk(
+            start,
+            start + 204 * MS,
+            0,
+            51,
+            BoundaryRule::UserTimeout { ms: 3_060 },
+        );
+        assert_eq!(predict_rto_death(&w).unwrap().at_ns - start, 3_060 * MS);
+    }
+
+    #[test]
+    fn retries2_15_and_rto_max() {
+        // From a 200 ms RTO: expiries at 0.2 * (2^k - 1) s up to rto_max,
+        // then every 120 s. T = 924.6 s; the fatal expiry is the first at or
+        // after it.
+        let start = 100 * NSEC_PER_SEC;
+        let mut w = walk(
+            start,
+            start + 200 * MS,
+            0,
+            50,
+            BoundaryRule::Retries2 { n: 15 },
+        );
+        let d = predict_rto_death(&w).unwrap();
+        // Expiries from the first retransmission at t=0 (rto 200 ms at the
+        // first expiry): 0.2, 0.6, 1.4, ..., 102.2, 204.6, 324.6, ... 924.6.
+        assert_eq!(d.at_ns - start, 924_600 * MS);
+        // rto_max 60 s (icsk_rto_max = 15000 jiffies): T = 522.2 s.
+        w.rto_max_jiffies = 15_000;
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.boundary.ms, 522_200);
+        assert_eq!(d.at_ns - start, 522_200 * MS);
+        // rto_max 5 s: T = 61.2 s; expiries 0.2..6.2 then every 5 s.
+        w.rto_max_jiffies = 1_250;
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.boundary.ms, 61_200);
+        assert_eq!(d.at_ns - start, 61_200 * MS);
+    }
+
+    #[test]
+    fn orphan_walk() {
+        // Orphan, tcp_orphan_retries = 0, rto 200 ms: N = 8 while alive,
+        // T = 102.2 s; the expiry at 102.2 s has rto 51.2 s < max: dies
+        // there (elapsed measured from the first retransmission).
+        let start = 100 * NSEC_PER_SEC;
+        let w = walk(
+            start,
+            start + 200 * MS,
+            0,
+            50,
+            BoundaryRule::Orphan { configured: 0 },
+        );
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.at_ns - start, 102_200 * MS);
+        assert_eq!(d.boundary.source, BoundarySource::OrphanRetries(8));
+        // With the RTO already at rto_max (not alive): 0 retries, 200 ms.
+        let w = walk(
+            start,
+            start + 400_000 * MS,
+            3,
+            30_000,
+            BoundaryRule::Orphan { configured: 0 },
+        );
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!((d.at_ns - start, d.expiries_after), (400_000 * MS, 0));
+        assert_eq!(d.boundary.source, BoundarySource::OrphanRetries(0));
+    }
+
+    #[test]
+    fn s1_tlp_first_with_timer_wheel_lands_near_observed() {
+        // Seen here: HZ=250, retries2=5, blackholed peer: ETIMEDOUT 13.35 s
+        // after the first send; the first retransmission is a TLP about
+        // 200 ms after the send (retrans_stamp), then RTOs with rto 51 ->
+        // 1632 jiffies; the first RTO has icsk_retransmits == 0.
+        let hz = 250;
+        let j_send: u64 = 4_295_000_123; // arbitrary absolute jiffies
+        let ts_send = 700 * NSEC_PER_SEC;
+        let to_ns = |j: u64| ts_send + jiffies_to_ns(j - j_send, hz);
+        // TLP armed for 200 ms (50 jiffies), fires one jiffy late.
+        let j_tlp = timer_wheel_fire(j_send + 50, j_send, hz);
+        // The RTO armed after the TLP: rto 51 jiffies.
+        let j_rto1 = timer_wheel_fire(j_tlp + 51, j_tlp, hz);
+        let w = RtoWalk {
+            start_ns: to_ns(j_tlp) / NSEC_PER_MSEC * NSEC_PER_MSEC,
+            at_ns: to_ns(j_rto1),
+            at_jiffies: j_rto1,
+            retransmits: 0,
+            rto_jiffies: 51,
+            rto_max_jiffies: 30_000,
+            hz,
+            rule: BoundaryRule::Retries2 { n: 5 },
+            base_ms: TCP_RTO_MIN_MS,
+            timer_wheel: true,
+        };
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.expiries_after, 5);
+        let from_send = (d.at_ns - ts_send) as f64 / 1e9;
+        assert!(
+            (from_send - 13.35).abs() < 0.3,
+            "predicted {from_send} s after the send"
+        );
+        // Without the wheel the prediction is the nominal 13.05 s.
+        let nominal = predict_rto_death(&RtoWalk {
+            timer_wheel: false,
+            ..w
+        })
+        .unwrap();
+        let nominal_s = (nominal.at_ns - ts_send) as f64 / 1e9;
+        assert!((nominal_s - 13.06).abs() < 0.02, "{nominal_s}");
+        assert!(d.at_ns > nominal.at_ns);
+    }
+
+    #[test]
+    fn huge_user_timeout_terminates() {
+        let start = 0;
+        let w = walk(
+            start,
+            200 * MS,
+            0,
+            50,
+            BoundaryRule::UserTimeout { ms: u32::MAX },
+        );
+        let d = predict_rto_death(&w).unwrap();
+        // Clamped to start + UTO, rounded up to a whole jiffy (4 ms).
+        assert_eq!(d.at_ns, (u64::from(u32::MAX) + 1) * MS);
+        let mut w2 = w;
+        w2.at_jiffies = 1 << 33;
+        w2.timer_wheel = true;
+        let d2 = predict_rto_death(&w2).unwrap();
+        assert!(d2.at_ns >= u64::from(u32::MAX) * MS);
+    }
+
+    #[test]
+    fn no_rto_no_prediction() {
+        assert_eq!(
+            predict_rto_death(&walk(0, 1, 1, 0, BoundaryRule::Retries2 { n: 5 })),
+            None
+        );
+    }
+
+    /// Independent, step-by-step simulation of the kernel (no closed form).
+    fn naive(w: &RtoWalk) -> (u64, u64) {
+        let max_ms = jiffies_to_msecs(w.rto_max_jiffies, w.hz);
+        let (mut t, mut j, mut rto, mut r) = (
+            w.at_ns,
+            w.at_jiffies,
+            u64::from(w.rto_jiffies),
+            w.retransmits,
+        );
+        let mut prev = 0;
+        loop {
+            let b = w.rule.at(jiffies_to_msecs(rto, w.hz), max_ms, w.base_ms);
+            if r > 0 && t >= w.start_ns + b.ms * MS {
+                return (t, prev);
+            }
+            prev = t;
+            rto = (rto * 2).min(w.rto_max_jiffies);
+            let mut iv = rto;
+            if let BoundaryRule::UserTimeout { ms } = w.rule {
+                let el = (t - w.start_ns) / MS;
+                iv = if u64::from(ms) <= el {
+                    1
+                } else {
+                    rto.min(msecs_to_jiffies(u64::from(ms) - el, w.hz))
+                };
+            }
+            let dt = if w.timer_wheel {
+                timer_wheel_fire(j + iv, j, w.hz) - j
+            } else {
+                iv
+            };
+            t += jiffies_to_ns(dt, w.hz);
+            j += dt;
+            r += 1;
+        }
+    }
+
+    fn arb_rule() -> impl Strategy<Value = BoundaryRule> {
+        prop_oneof![
+            (0u32..20).prop_map(|n| BoundaryRule::Retries2 { n }),
+            (1u32..1_000_000).prop_map(|ms| BoundaryRule::UserTimeout { ms }),
+            (0u32..10).prop_map(|configured| BoundaryRule::Orphan { configured }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn prop_model_timeout_monotonic(n in 0u32..300, max_s in 1u64..600) {
+            let max = max_s * 1000;
+            prop_assert!(model_timeout_ms(n + 1, 200, max) > model_timeout_ms(n, 200, max));
+            let k = (max / 200).max(1).ilog2();
+            if n <= k {
+                prop_assert_eq!(model_timeout_ms(n, 200, max), ((1u64 << (n + 1)) - 1) * 200);
+            } else {
+                prop_assert_eq!(model_timeout_ms(n + 1, 200, max) - model_timeout_ms(n, 200, max), max);
+            }
+        }
+
+        #[test]
+        fn prop_death_is_first_expiry_past_boundary(
+            rule in arb_rule(),
+            hz in prop::sample::select(vec![100u32, 250, 300, 1000]),
+            rto_ms in 200u64..3_000,
+            retransmits in 0u32..4,
+            elapsed_ms in 0u64..5_000,
+            max_s in prop::sample::select(vec![5u64, 60, 120]),
+            wheel in any::<bool>(),
+            j0 in 1u64..(1 << 40),
+        ) {
+            let start = 1_000 * NSEC_PER_SEC;
+            let w = RtoWalk {
+                start_ns: start,
+                at_ns: start + elapsed_ms * MS,
+                at_jiffies: j0,
+                retransmits,
+                rto_jiffies: msecs_to_jiffies(rto_ms, hz) as u32,
+                rto_max_jiffies: max_s * u64::from(hz),
+                hz,
+                rule,
+                base_ms: TCP_RTO_MIN_MS,
+                timer_wheel: wheel,
+            };
+            let d = predict_rto_death(&w).unwrap();
+            let (expect, prev) = naive(&w);
+            prop_assert_eq!(d.at_ns, expect);
+            // At or after the boundary, and the previous expiry was before it
+            // (or could not kill).
+            let b = rule.at(jiffies_to_msecs(u64::from(w.rto_jiffies), hz), max_s * 1000, TCP_RTO_MIN_MS);
+            if !matches!(rule, BoundaryRule::Orphan { .. }) {
+                prop_assert!(d.at_ns >= start + b.ms * MS);
+                if d.expiries_after > 0 && (retransmits > 0 || d.expiries_after > 1) {
+                    prop_assert!(prev < start + b.ms * MS);
+                }
+            }
+            if let BoundaryRule::UserTimeout { ms } = rule {
+                // The clamp makes the fatal expiry land within one wheel
+                // granule (or a jiffy) of start + UTO, unless an earlier
+                // expiry was already past it.
+                if d.expiries_after > 0 && elapsed_ms < u64::from(ms) {
+                    let late = d.at_ns - (start + u64::from(ms) * MS);
+                    let slack = if wheel { 4096 + 2 } else { 2 };
+                    prop_assert!(late <= jiffies_to_ns(slack, hz), "late {}", late);
+                }
+            }
+        }
+
+        #[test]
+        fn prop_stamp_roundtrip(start_ms in 0u64..(1u64 << 43), age_ms in 0u64..(1u64 << 31)) {
+            let ts = (start_ms + age_ms) * MS + 123_456;
+            prop_assert_eq!(stamp_to_ns(start_ms as u32, false, ts), start_ms * MS);
+        }
+    }
+}

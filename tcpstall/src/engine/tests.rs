@@ -1,0 +1,1853 @@
+//! Engine-level tests: event sequences as the kernel produces them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::horizon::{jiffies_to_ns, msecs_to_jiffies, timer_wheel_fire};
+use super::*;
+use crate::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState};
+
+const HZ: u32 = 250;
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000_000_000;
+/// Monotonic base of the tests (an hour of uptime).
+const T0: u64 = 3_600 * S;
+
+/// jiffies consistent with the boot offset for HZ at monotonic `ts`.
+fn jiffies_at(hz: u32, ts: u64) -> u64 {
+    let j = u128::from(ts) * u128::from(hz) / u128::from(S);
+    ((1u64 << 32) - 300 * u64::from(hz)).wrapping_add(j as u64)
+}
+
+fn ts_of_jiffies(hz: u32, j: u64) -> u64 {
+    let j0 = (1u64 << 32) - 300 * u64::from(hz);
+    jiffies_to_ns(j - j0, hz)
+}
+
+fn sysctls(retries2: u32) -> NetnsSysctls {
+    NetnsSysctls {
+        tcp_retries2: retries2,
+        tcp_orphan_retries: 0,
+        tcp_rto_max_ms: None,
+    }
+}
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        hz: Some(HZ),
+        ..EngineConfig::default()
+    }
+}
+
+fn engine() -> Engine {
+    Engine::new(cfg()).unwrap()
+}
+
+/// One simulated socket.
+#[derive(Clone, Copy)]
+struct Sock {
+    cookie: u64,
+    skaddr: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+    netns: u32,
+    sysctls: Option<NetnsSysctls>,
+    uto: u32,
+    orphan: bool,
+    hz: u32,
+    mechanism: Mechanism,
+}
+
+impl Sock {
+    fn new(cookie: u64) -> Self {
+        Self {
+            cookie,
+            skaddr: 0xffff_8880_0000_0000 + cookie * 0x1000,
+            local: SocketAddr::from(([10, 0, 0, 1], 40_000 + (cookie % 20_000) as u16)),
+            remote: SocketAddr::from(([10, 0, 0, 2], 8080)),
+            netns: 4_026_532_000,
+            sysctls: Some(sysctls(5)),
+            uto: 0,
+            orphan: false,
+            hz: HZ,
+            mechanism: Mechanism::TpBtf,
+        }
+    }
+
+    fn to(mut self, remote: &str) -> Self {
+        self.remote = remote.parse().unwrap();
+        self
+    }
+
+    fn base(&self, kind: EventKind, ts: u64) -> SockEvent {
+        SockEvent {
+            kind,
+            mechanism: self.mechanism,
+            ts_ns: ts,
+            jiffies: jiffies_at(self.hz, ts),
+            cookie: self.cookie,
+            skaddr: self.skaddr,
+            netns: self.netns,
+            local: self.local,
+            remote: self.remote,
+            state: TcpState::Established,
+            old_state: TcpState::Established,
+            sock: None,
+            retransmits: 0,
+            rto_jiffies: 0,
+            snd_una: 1_000,
+            packets_out: 1,
+            retrans_out: 0,
+            total_retrans: 0,
+            netns_sysctls: self.sysctls,
+            orphan: self.orphan,
+            rto_expired_verdict: false,
+            sk_err: 0,
+            sk_err_soft: 0,
+        }
+    }
+
+    fn fields(&self, pending: u32, stamp: u32, backoff: u32, ts: u64) -> SockFields {
+        SockFields {
+            backoff,
+            probes_out: 0,
+            pending,
+            rto_max_jiffies: 0,
+            user_timeout_ms: self.uto,
+            retrans_stamp: stamp,
+            usec_ts: false,
+            snd_nxt: 2_000,
+            snd_wnd: 65_535,
+            lsndtime: 0,
+            rcv_tstamp: 0,
+            timer_expires: jiffies_at(self.hz, ts).saturating_sub(1),
+        }
+    }
+
+    /// `tcp_retransmit_skb`: `pending` 5 = loss probe, 1 = fast retransmit,
+    /// 0 = sent by an RTO expiry.
+    #[allow(clippy::too_many_arguments)]
+    fn retransmit(
+        &self,
+        ts: u64,
+        pending: u32,
+        retransmits: u32,
+        stamp: u32,
+        rto: u32,
+        snd_una: u32,
+        backoff: u32,
+    ) -> SockEvent {
+        let mut e = self.base(EventKind::Retransmit, ts);
+        e.sock = Some(self.fields(pending, stamp, backoff, ts));
+        e.retransmits = retransmits;
+        e.rto_jiffies = rto;
+        e.snd_una = snd_una;
+        e
+    }
+
+    /// Write timer expiry with an RTO pending.
+    fn rto(&self, ts: u64, retransmits: u32, stamp: u32, rto: u32, snd_una: u32) -> SockEvent {
+        let mut e = self.base(EventKind::WriteTimer, ts);
+        e.sock = Some(self.fields(1, stamp, retransmits, ts));
+        e.retransmits = retransmits;
+        e.rto_jiffies = rto;
+        e.snd_una = snd_una;
+        e
+    }
+
+    /// Zero-window probe timer expiry.
+    fn probe(&self, ts: u64, backoff: u32, probes_out: u32) -> SockEvent {
+        let mut e = self.base(EventKind::WriteTimer, ts);
+        let mut f = self.fields(3, 0, backoff, ts);
+        f.snd_wnd = 0;
+        f.probes_out = probes_out;
+        e.sock = Some(f);
+        e.packets_out = 0;
+        e.rto_jiffies = 51;
+        e
+    }
+
+    fn state(&self, ts: u64, old: TcpState, new: TcpState) -> SockEvent {
+        let mut e = self.base(EventKind::State, ts);
+        e.old_state = old;
+        e.state = new;
+        e.netns_sysctls = None;
+        e
+    }
+
+    fn close(&self, ts: u64) -> SockEvent {
+        self.state(ts, TcpState::Established, TcpState::Close)
+    }
+
+    fn error(&self, ts: u64, errno: u32) -> SockEvent {
+        let mut e = self.base(EventKind::ErrorReport, ts);
+        e.sk_err = errno;
+        e.state = TcpState::Close;
+        e.netns_sysctls = None;
+        e
+    }
+}
+
+fn ms_stamp(ts: u64) -> u32 {
+    (ts / MS) as u32
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Order {
+    /// 6.10+: tcp_done() (CLOSE) before sk_error_report().
+    CloseFirst,
+    /// Older: error report, then CLOSE.
+    ErrorFirst,
+}
+
+/// Kernel-faithful blackhole: the first send at `send_ts`, optionally a
+/// loss probe, then RTOs with exponential backoff and timer-wheel rounding
+/// until `tcp_write_timeout()` kills the socket. Returns the events and the
+/// death instant.
+struct Blackhole {
+    sock: Sock,
+    send_ts: u64,
+    tlp: bool,
+    rto0: u32,
+    rto_max: u64,
+    /// 6.7+: icsk_retransmits incremented before the RTO's retransmission.
+    incremented_before: bool,
+    order: Order,
+    /// Emit the write-timer events (else only retransmissions).
+    timer_events: bool,
+}
+
+impl Blackhole {
+    fn new(sock: Sock, send_ts: u64) -> Self {
+        Self {
+            sock,
+            send_ts,
+            tlp: true,
+            rto0: 51,
+            rto_max: 120 * u64::from(sock.hz),
+            incremented_before: true,
+            order: Order::CloseFirst,
+            timer_events: true,
+        }
+    }
+
+    fn boundary_ms(&self, rto_j: u64) -> u64 {
+        let hz = self.sock.hz;
+        let max_ms = horizon::jiffies_to_msecs(self.rto_max, hz);
+        let rule =
+            BoundaryRule::select(self.sock.uto, self.sock.orphan, self.sock.sysctls).unwrap();
+        rule.at(horizon::jiffies_to_msecs(rto_j, hz), max_ms, 200)
+            .ms
+    }
+
+    fn run(&self) -> (Vec<SockEvent>, u64) {
+        let s = self.sock;
+        let hz = s.hz;
+        let mut out = Vec::new();
+        let mut j = jiffies_at(hz, self.send_ts);
+        let mut stamp: Option<u64> = None;
+        let (mut r, mut backoff, mut rto) = (0u32, 0u32, u64::from(self.rto0));
+        let mut next = if self.tlp {
+            let jt = timer_wheel_fire(j + u64::from(hz) / 5, j, hz);
+            let ts = ts_of_jiffies(hz, jt);
+            out.push(s.retransmit(ts, 5, 0, 0, rto as u32, 1_000, 0));
+            stamp = Some(ts / MS);
+            j = jt;
+            timer_wheel_fire(j + rto, j, hz)
+        } else {
+            timer_wheel_fire(j + rto, j, hz)
+        };
+        loop {
+            j = next;
+            let ts = ts_of_jiffies(hz, j);
+            if self.timer_events {
+                let mut e = s.rto(ts, r, stamp.unwrap_or(0) as u32, rto as u32, 1_000);
+                e.jiffies = j;
+                e.sock.as_mut().unwrap().backoff = backoff;
+                out.push(e);
+            }
+            let elapsed = stamp.map_or(0, |st| ts / MS - st);
+            if r > 0 && elapsed >= self.boundary_ms(rto) {
+                let death = ts + 20_000;
+                match self.order {
+                    Order::CloseFirst => {
+                        out.push(s.close(death));
+                        if !s.orphan {
+                            out.push(s.error(death + 1_000, 110));
+                        }
+                    }
+                    Order::ErrorFirst => {
+                        if !s.orphan {
+                            out.push(s.error(death, 110));
+                        }
+                        out.push(s.close(death + 1_000));
+                    }
+                }
+                let actual = if s.orphan || self.order == Order::ErrorFirst {
+                    death
+                } else {
+                    death + 1_000
+                };
+                return (out, actual);
+            }
+            if self.incremented_before {
+                r += 1;
+            }
+            let mut e = s.retransmit(
+                ts + 5_000,
+                0,
+                r,
+                stamp.unwrap_or(0) as u32,
+                rto as u32,
+                1_000,
+                backoff,
+            );
+            e.jiffies = j;
+            out.push(e);
+            if !self.incremented_before {
+                r += 1;
+            }
+            let st = *stamp.get_or_insert(ts / MS);
+            backoff += 1;
+            rto = (rto * 2).min(self.rto_max);
+            let mut interval = rto;
+            if s.uto != 0 {
+                let el = ts / MS - st;
+                interval = if u64::from(s.uto) <= el {
+                    1
+                } else {
+                    rto.min(msecs_to_jiffies(u64::from(s.uto) - el, hz))
+                };
+            }
+            next = timer_wheel_fire(j + interval, j, hz);
+        }
+    }
+}
+
+fn drain(e: &mut Engine) -> Vec<Observation> {
+    e.drain_observations().collect()
+}
+
+fn timeouts(obs: &[Observation]) -> Vec<Observation> {
+    obs.iter()
+        .filter(|o| matches!(o, Observation::Timeout { .. }))
+        .copied()
+        .collect()
+}
+
+fn streak_ends(obs: &[Observation]) -> Vec<(StreakOutcome, u32, bool)> {
+    obs.iter()
+        .filter_map(|o| match o {
+            Observation::StreakEnded {
+                outcome,
+                rtos,
+                stalled,
+                ..
+            } => Some((*outcome, *rtos, *stalled)),
+            _ => None,
+        })
+        .collect()
+}
+
+// ----- configuration ------------------------------------------------------
+
+#[test]
+fn config_defaults_and_validation() {
+    let d = EngineConfig::default();
+    assert_eq!(d.max_flows, 65_536);
+    assert_eq!(d.min_rto_streak, 2);
+    assert_eq!(d.zero_window_after, Duration::from_secs(5));
+    assert_eq!(d.close_wait_after, Duration::from_secs(60));
+    assert_eq!(d.near_horizon_secs, 60.0);
+    assert_eq!(d.near_horizon_fraction, 0.5);
+    assert_eq!(d.top_remotes, 100);
+    assert!(d.validate().is_ok());
+    let bad = |f: fn(&mut EngineConfig)| {
+        let mut c = EngineConfig::default();
+        f(&mut c);
+        Engine::new(c).unwrap_err()
+    };
+    assert_eq!(bad(|c| c.max_flows = 0), ConfigError::MaxFlows);
+    assert_eq!(bad(|c| c.hz = Some(0)), ConfigError::Hz(0));
+    assert_eq!(bad(|c| c.min_rto_streak = 0), ConfigError::MinRtoStreak);
+    assert_eq!(
+        bad(|c| c.near_horizon_fraction = 0.0),
+        ConfigError::NearHorizonFraction(0.0)
+    );
+    assert_eq!(
+        bad(|c| c.near_horizon_fraction = 1.5),
+        ConfigError::NearHorizonFraction(1.5)
+    );
+    assert!(matches!(
+        bad(|c| c.near_horizon_fraction = f64::NAN),
+        ConfigError::NearHorizonFraction(_)
+    ));
+    assert_eq!(
+        bad(|c| c.near_horizon_secs = -1.0),
+        ConfigError::NearHorizonSecs(-1.0)
+    );
+    assert_eq!(bad(|c| c.top_remotes = 0), ConfigError::TopRemotes);
+    assert_eq!(
+        bad(|c| c.max_remotes = 10),
+        ConfigError::MaxRemotes {
+            max_remotes: 10,
+            top_remotes: 100
+        }
+    );
+    assert_eq!(
+        bad(|c| c.stale_grace_factor = -0.1),
+        ConfigError::StaleGraceFactor(-0.1)
+    );
+    assert_eq!(bad(|c| c.recently_closed = 0), ConfigError::RecentlyClosed);
+    assert_eq!(
+        bad(|c| c.max_observations = 0),
+        ConfigError::MaxObservations
+    );
+    let c = EngineConfig {
+        near_horizon_fraction: 1.0,
+        ..EngineConfig::default()
+    };
+    assert!(c.validate().is_ok());
+    assert!(bad(|c| c.max_flows = 0).to_string().contains("max_flows"));
+}
+
+// ----- S1: blackholed peer ------------------------------------------------
+
+fn run_s1(bh: &Blackhole, mut e: Engine) -> (Engine, Vec<Observation>, u64, Vec<(u64, StallView)>) {
+    let (events, death) = bh.run();
+    let mut obs = Vec::new();
+    let mut views = Vec::new();
+    for ev in &events {
+        e.ingest(ev);
+        let now = ev.ts_ns + 1_000;
+        e.tick(now);
+        obs.extend(drain(&mut e));
+        if let Some(v) = e.stalls(now).into_iter().next() {
+            views.push((now, v));
+        }
+    }
+    e.tick(death + 10 * S);
+    obs.extend(drain(&mut e));
+    (e, obs, death, views)
+}
+
+#[test]
+fn s1_blackhole_retries2_5_tlp_first() {
+    let sock = Sock::new(1);
+    let bh = Blackhole::new(sock, T0);
+    let (e, obs, death, views) = run_s1(&bh, engine());
+    // Death ~13.35 s after the send, as observed on the real machine.
+    let after_send = (death - T0) as f64 / 1e9;
+    assert!((after_send - 13.35).abs() < 0.3, "{after_send}");
+    // Classified at the second RTO (icsk_retransmits 1 at its expiry).
+    let first = &views[0].1;
+    assert_eq!(first.class, StallClass::Retransmit);
+    assert_eq!(first.rto_streak, 2);
+    assert_eq!(first.boundary_source, Some(BoundarySource::Retries2(5)));
+    assert_eq!(first.boundary_s, Some(12.6));
+    assert!(
+        first.near_horizon,
+        "12.6 s boundary: within 60 s from the start"
+    );
+    let predicted = first.predicted_timeout_ns.unwrap();
+    // The prediction at the first stall is already exact (same model).
+    assert!(
+        (predicted as f64 - death as f64).abs() / 1e9 < 0.01,
+        "{predicted} vs {death}"
+    );
+    // Every view before the death agrees and counts down.
+    for (now, v) in &views {
+        assert_eq!(v.predicted_timeout_ns, Some(predicted));
+        let left = v.seconds_to_timeout.unwrap();
+        assert!((left - (predicted as f64 - *now as f64) / 1e9).abs() < 1e-6);
+        assert_eq!(v.remote, sock.remote);
+        assert_eq!(v.state, TcpState::Established);
+        assert_eq!(v.netns, sock.netns);
+    }
+    // Unacked age is measured from the loss probe (retrans_stamp).
+    let (now, v) = views.last().unwrap();
+    // Just before the death the socket looks like `ss` showed it on the
+    // real machine: rto:6528 backoff:5, 5 retransmits.
+    assert_eq!((v.rto_ms, v.backoff, v.retransmits), (6_528, 5, 5));
+    let tlp_ts = bh.run().0[0].ts_ns;
+    assert!((v.unacked_age_s.unwrap() - (*now - tlp_ts / MS * MS) as f64 / 1e9).abs() < 1e-6);
+    // One timeout, matched to its prediction.
+    let t = timeouts(&obs);
+    assert_eq!(t.len(), 1);
+    let Observation::Timeout {
+        evidence,
+        prediction_error_s,
+        first_prediction_error_s,
+        lead_time_s,
+        boundary_source,
+        cookie,
+        ..
+    } = t[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(evidence, TimeoutEvidence::Etimedout);
+    // Predictable from the first RTO on (0.4 s after the send): the warning
+    // came ~12.9 s ahead, and was already right.
+    assert!(first_prediction_error_s.unwrap().abs() < 0.001);
+    let lead = lead_time_s.unwrap();
+    assert!((12.5..13.2).contains(&lead), "{lead}");
+    assert_eq!(cookie, 1);
+    assert_eq!(boundary_source, Some(BoundarySource::Retries2(5)));
+    assert!(
+        prediction_error_s.unwrap().abs() < 0.001,
+        "{prediction_error_s:?}"
+    );
+    // The streak: TLP + 5 RTOs before death, 6 expiries, ended timed out once.
+    assert_eq!(streak_ends(&obs), vec![(StreakOutcome::TimedOut, 6, true)]);
+    let rto_obs = obs
+        .iter()
+        .filter(|o| matches!(o, Observation::RtoExpiry { .. }))
+        .count();
+    assert_eq!(rto_obs, 6);
+    let retx = obs
+        .iter()
+        .filter(|o| matches!(o, Observation::Retransmit { .. }))
+        .count();
+    assert_eq!(retx, 6);
+    let st = e.stats();
+    assert_eq!(
+        (st.timeouts, st.timeouts_predicted, st.flows_tracked),
+        (1, 1, 0)
+    );
+    assert_eq!(st.streaks_started, 1);
+    assert_eq!(st.streaks_timed_out, 1);
+    assert_eq!(st.stalls_started, 1);
+    assert!(e.stalls(death + S).is_empty());
+}
+
+#[test]
+fn s1_error_report_before_close_and_after_close() {
+    for order in [Order::CloseFirst, Order::ErrorFirst] {
+        for incremented_before in [true, false] {
+            let mut bh = Blackhole::new(Sock::new(7), T0);
+            bh.order = order;
+            bh.incremented_before = incremented_before;
+            let (e, obs, death, _) = run_s1(&bh, engine());
+            let t = timeouts(&obs);
+            assert_eq!(t.len(), 1, "{order:?}");
+            let Observation::Timeout {
+                actual_ns,
+                prediction_error_s,
+                evidence,
+                ..
+            } = t[0]
+            else {
+                unreachable!()
+            };
+            assert_eq!(actual_ns, death);
+            assert_eq!(evidence, TimeoutEvidence::Etimedout);
+            assert!(prediction_error_s.unwrap().abs() < 0.001);
+            assert_eq!(
+                streak_ends(&obs),
+                vec![(StreakOutcome::TimedOut, 6, true)],
+                "{order:?}"
+            );
+            assert_eq!(e.flows_tracked(), 0);
+            assert_eq!(e.stats().timeouts_unmatched, 0);
+        }
+    }
+}
+
+#[test]
+fn s1_retries2_table_accuracy() {
+    // Predicted vs actual death for several retries2 values, HZ 250 and
+    // 1000, with and without a loss probe first.
+    for hz in [250, 1000] {
+        for retries2 in [3, 5, 8, 15] {
+            for tlp in [true, false] {
+                let mut sock = Sock::new(u64::from(retries2) * 10 + u64::from(tlp));
+                sock.hz = hz;
+                sock.sysctls = Some(sysctls(retries2));
+                let mut bh = Blackhole::new(sock, T0);
+                bh.tlp = tlp;
+                bh.rto0 = hz / 5 + 1;
+                let e = Engine::new(EngineConfig {
+                    hz: Some(hz),
+                    ..EngineConfig::default()
+                })
+                .unwrap();
+                let (_, obs, death, views) = run_s1(&bh, e);
+                let t = timeouts(&obs);
+                let Observation::Timeout {
+                    prediction_error_s, ..
+                } = t[0]
+                else {
+                    unreachable!()
+                };
+                assert!(
+                    prediction_error_s.unwrap().abs() < 0.001,
+                    "hz {hz} retries2 {retries2}"
+                );
+                // Near horizon raised before death.
+                assert!(views.iter().any(|(now, v)| v.near_horizon && *now < death));
+                // The boundary is T(retries2).
+                let b = views[0].1.boundary_s.unwrap();
+                let expect = horizon::model_timeout_ms(retries2, 200, 120_000) as f64 / 1e3;
+                assert!((b - expect).abs() < 1e-9);
+            }
+        }
+    }
+}
+
+#[test]
+fn s1_without_timer_events_uses_rto_retransmissions() {
+    // No write-timer hook for this socket: the RTO-driven retransmissions
+    // (icsk_pending 0) anchor the prediction, for both kernel orders.
+    for incremented_before in [true, false] {
+        let mut bh = Blackhole::new(Sock::new(3), T0);
+        bh.timer_events = false;
+        bh.incremented_before = incremented_before;
+        let (_, obs, _, views) = run_s1(&bh, engine());
+        // Classified at the second RTO at the latest, never at the first.
+        assert_eq!(
+            views[0].1.rto_streak, 2,
+            "incremented_before {incremented_before}"
+        );
+        let t = timeouts(&obs);
+        assert_eq!(t.len(), 1);
+        let Observation::Timeout {
+            prediction_error_s, ..
+        } = t[0]
+        else {
+            unreachable!()
+        };
+        // Anchored 5 us after each expiry: still exact to well under 1 ms.
+        assert!(prediction_error_s.unwrap().abs() < 0.001);
+    }
+}
+
+#[test]
+fn s2_user_timeout_shorter_and_longer() {
+    for (uto, retries2) in [(4_000u32, 15u32), (30_000, 5)] {
+        let mut sock = Sock::new(u64::from(uto));
+        sock.uto = uto;
+        sock.sysctls = Some(sysctls(retries2));
+        let bh = Blackhole::new(sock, T0);
+        let (_, obs, death, views) = run_s1(&bh, engine());
+        let v = &views[0].1;
+        assert_eq!(v.boundary_source, Some(BoundarySource::UserTimeout));
+        assert_eq!(v.boundary_s, Some(f64::from(uto) / 1e3));
+        assert_eq!(v.user_timeout_ms, Some(uto));
+        // The last RTO is clamped to retrans_stamp + UTO (then rounded up
+        // by the timer wheel: at most 64 jiffies here).
+        let start = bh.run().0[0].ts_ns / MS * MS;
+        let late = (death - start) as f64 / 1e9 - f64::from(uto) / 1e3;
+        assert!((0.0..0.26).contains(&late), "{late}");
+        let Observation::Timeout {
+            prediction_error_s, ..
+        } = timeouts(&obs)[0]
+        else {
+            unreachable!()
+        };
+        assert!(prediction_error_s.unwrap().abs() < 0.001);
+    }
+}
+
+#[test]
+fn rto_max_below_default() {
+    // icsk_rto_max 5 s (6.15+), retries2 15: T = 61.2 s.
+    let sock = Sock::new(9);
+    let mut e = engine();
+    let st = ms_stamp(T0);
+    let mut ev = sock.rto(T0 + 200 * MS, 1, st, 100, 1_000);
+    ev.netns_sysctls = Some(sysctls(15));
+    ev.sock.as_mut().unwrap().rto_max_jiffies = 1_250;
+    e.ingest(&ev);
+    let v = e.stalls(T0 + 300 * MS);
+    assert_eq!(v[0].boundary_s, Some(61.2));
+    // Netns tcp_rto_max_ms 60 s when the socket field is absent.
+    let mut e = engine();
+    ev.sock.as_mut().unwrap().rto_max_jiffies = 0;
+    ev.netns_sysctls = Some(NetnsSysctls {
+        tcp_retries2: 15,
+        tcp_orphan_retries: 0,
+        tcp_rto_max_ms: Some(60_000),
+    });
+    e.ingest(&ev);
+    assert_eq!(e.stalls(T0 + 300 * MS)[0].boundary_s, Some(522.2));
+}
+
+// ----- streak transitions -------------------------------------------------
+
+#[test]
+fn tlp_and_fast_retransmit_that_recover_are_not_stalls() {
+    let s = Sock::new(11);
+    let mut e = engine();
+    // TLP, then a fast retransmit in the same episode, then ACK progress
+    // shows in the next episode's first retransmission.
+    e.ingest(&s.retransmit(T0, 5, 0, 0, 51, 1_000, 0));
+    e.ingest(&s.retransmit(T0 + 30 * MS, 1, 0, ms_stamp(T0), 51, 1_000, 0));
+    assert!(e.stalls(T0 + 40 * MS).is_empty());
+    assert_eq!(e.stalled_counts(T0 + 40 * MS), StalledCounts::default());
+    e.ingest(&s.retransmit(T0 + 2 * S, 1, 0, 0, 51, 9_000, 0));
+    let obs = drain(&mut e);
+    assert_eq!(
+        streak_ends(&obs),
+        vec![(StreakOutcome::Recovered, 0, false)]
+    );
+    assert_eq!(
+        obs.iter()
+            .filter(|o| matches!(o, Observation::Retransmit { rto: false, .. }))
+            .count(),
+        3
+    );
+    // The second episode goes stale: recovered in tick.
+    e.tick(T0 + 2 * S + 204 * MS + S);
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+    e.tick(T0 + 5 * S);
+    assert_eq!(
+        streak_ends(&drain(&mut e)),
+        vec![(StreakOutcome::Recovered, 0, false)]
+    );
+    assert_eq!(e.stats().stalls_started, 0);
+    assert_eq!(e.stats().streaks_recovered, 2);
+}
+
+#[test]
+fn one_rto_is_not_a_stall_two_are() {
+    let s = Sock::new(12);
+    let mut e = engine();
+    let st = ms_stamp(T0);
+    e.ingest(&s.retransmit(T0, 5, 0, 0, 51, 1_000, 0));
+    e.ingest(&s.rto(T0 + 204 * MS, 0, st, 51, 1_000));
+    e.ingest(&s.retransmit(T0 + 204 * MS + 10_000, 0, 1, st, 51, 1_000, 0));
+    assert!(e.stalls(T0 + 300 * MS).is_empty());
+    e.ingest(&s.rto(T0 + 612 * MS, 1, st, 102, 1_000));
+    let v = e.stalls(T0 + 700 * MS);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].class, StallClass::Retransmit);
+    assert_eq!(v[0].class.as_str(), "retransmit");
+    assert_eq!(v[0].rto_streak, 2);
+    // As the kernel left it after the expiry (what `ss` shows).
+    assert_eq!(v[0].retransmits, 2);
+    assert_eq!(v[0].backoff, 2);
+    assert_eq!(v[0].rto_ms, 816);
+    assert_eq!(v[0].since_ns, st as u64 * MS);
+    let obs = drain(&mut e);
+    assert!(obs.contains(&Observation::StallStarted {
+        class: StallClass::Retransmit,
+        cookie: 12,
+        remote: s.remote
+    }));
+    // min_rto_streak 3: not yet.
+    let mut e3 = Engine::new(EngineConfig {
+        min_rto_streak: 3,
+        ..cfg()
+    })
+    .unwrap();
+    e3.ingest(&s.rto(T0 + 612 * MS, 1, st, 102, 1_000));
+    assert!(e3.stalls(T0 + 700 * MS).is_empty());
+    e3.ingest(&s.rto(T0 + 1_428 * MS, 2, st, 204, 1_000));
+    assert_eq!(e3.stalls(T0 + 1_500 * MS).len(), 1);
+}
+
+#[test]
+fn ack_progress_ends_the_streak() {
+    let s = Sock::new(13);
+    let st = ms_stamp(T0);
+    // snd_una moved.
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+    assert_eq!(e.stalls(T0 + 700 * MS).len(), 1);
+    e.ingest(&s.retransmit(T0 + 800 * MS, 1, 0, st, 102, 5_000, 2));
+    let ends = streak_ends(&drain(&mut e));
+    assert_eq!(ends, vec![(StreakOutcome::Recovered, 3, true)]);
+    assert!(e.stalls(T0 + 900 * MS).is_empty());
+    // icsk_retransmits reset to 0 at a later expiry (same snd_una read).
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+    e.ingest(&s.rto(T0 + 3 * S, 0, st, 51, 1_000));
+    assert_eq!(
+        streak_ends(&drain(&mut e)),
+        vec![(StreakOutcome::Recovered, 3, true)]
+    );
+    // A new streak within the same episode: starts now, but the horizon
+    // still counts from retrans_stamp (the kernel keeps it).
+    let v = e.stalls(T0 + 3 * S + MS);
+    assert!(v.is_empty(), "one RTO in the new streak");
+    e.ingest(&s.rto(T0 + 3_408 * MS, 1, st, 102, 1_000));
+    let v = e.stalls(T0 + 3_500 * MS);
+    assert_eq!(v[0].since_ns, T0 + 3 * S);
+    assert!((v[0].unacked_age_s.unwrap() - 3.5).abs() < 0.01);
+    // retrans_stamp replaced: a new episode.
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+    e.ingest(&s.retransmit(T0 + 10 * S, 1, 0, 0, 51, 1_000, 0));
+    assert_eq!(
+        streak_ends(&drain(&mut e)),
+        vec![(StreakOutcome::Recovered, 3, true)]
+    );
+}
+
+#[test]
+fn staleness_recovers_in_tick() {
+    let s = Sock::new(14);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+    // Next expiry due 816 ms later; grace 1 s + 408 ms.
+    let due = T0 + 612 * MS + 816 * MS;
+    let grace = S + 408 * MS;
+    e.tick(due + grace - MS);
+    assert_eq!(e.stalls(due + grace - MS).len(), 1);
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+    // The view already treats it as over before tick runs.
+    assert!(e.stalls(due + grace + MS).is_empty());
+    e.tick(due + grace + MS);
+    assert_eq!(
+        streak_ends(&drain(&mut e)),
+        vec![(StreakOutcome::Recovered, 3, true)]
+    );
+    let st = e.stats();
+    assert_eq!((st.flows_tracked, st.flows_active), (1, 0));
+}
+
+#[test]
+fn fin_wait2_and_time_wait_end_the_streak() {
+    let s = Sock::new(15);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.state(T0 + 300 * MS, TcpState::FinWait1, TcpState::FinWait2));
+    assert_eq!(
+        streak_ends(&drain(&mut e)),
+        vec![(StreakOutcome::Recovered, 2, true)]
+    );
+    // A plain close with a streak: settled as closed after close_settle.
+    e.ingest(&s.rto(T0 + 2 * S, 1, ms_stamp(T0 + S), 51, 1_000));
+    e.ingest(&s.close(T0 + 3 * S));
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+    e.tick(T0 + 3 * S + S);
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+    e.tick(T0 + 5 * S);
+    assert_eq!(
+        streak_ends(&drain(&mut e)),
+        vec![(StreakOutcome::Closed, 2, true)]
+    );
+    assert_eq!(e.flows_tracked(), 0);
+}
+
+#[test]
+fn non_timeout_error_after_close_settles_as_closed() {
+    let s = Sock::new(16);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.close(T0 + S));
+    e.ingest(&s.error(T0 + S + 1_000, 104)); // ECONNRESET
+    let obs = drain(&mut e);
+    assert_eq!(streak_ends(&obs), vec![(StreakOutcome::Closed, 2, true)]);
+    assert!(timeouts(&obs).is_empty());
+    e.tick(T0 + 10 * S);
+    assert!(drain(&mut e).is_empty());
+}
+
+#[test]
+fn soft_error_at_fatal_expiry_counts_as_timeout() {
+    let mut s = Sock::new(17);
+    s.sysctls = Some(sysctls(3));
+    let mut bh = Blackhole::new(s, T0);
+    bh.order = Order::ErrorFirst;
+    let (mut events, _) = bh.run();
+    for ev in &mut events {
+        if ev.kind == EventKind::ErrorReport {
+            ev.sk_err = 113; // EHOSTUNREACH from an earlier ICMP
+        }
+    }
+    let mut e = engine();
+    for ev in &events {
+        e.ingest(ev);
+    }
+    let obs = drain(&mut e);
+    let t = timeouts(&obs);
+    assert_eq!(t.len(), 1);
+    let Observation::Timeout { evidence, .. } = t[0] else {
+        unreachable!()
+    };
+    assert_eq!(evidence, TimeoutEvidence::SoftError { errno: 113 });
+    assert_eq!(evidence.as_str(), "soft_error");
+}
+
+#[test]
+fn orphan_dies_without_error_report() {
+    let mut s = Sock::new(18);
+    s.orphan = true;
+    s.sysctls = Some(NetnsSysctls {
+        tcp_retries2: 15,
+        tcp_orphan_retries: 3,
+        tcp_rto_max_ms: None,
+    });
+    let bh = Blackhole::new(s, T0);
+    let (e, obs, death, views) = run_s1(&bh, engine());
+    assert_eq!(
+        views[0].1.boundary_source,
+        Some(BoundarySource::OrphanRetries(3))
+    );
+    assert!(views[0].1.orphan);
+    let t = timeouts(&obs);
+    assert_eq!(t.len(), 1);
+    let Observation::Timeout {
+        evidence,
+        actual_ns,
+        prediction_error_s,
+        ..
+    } = t[0]
+    else {
+        unreachable!()
+    };
+    assert_eq!(evidence, TimeoutEvidence::Verdict);
+    assert_eq!(actual_ns, death);
+    assert!(prediction_error_s.unwrap().abs() < 0.001);
+    // T(3) = 3.0 s: dies at the fourth RTO (3.06 s after the loss probe).
+    assert_eq!(streak_ends(&obs), vec![(StreakOutcome::TimedOut, 4, true)]);
+    assert_eq!(e.stats().timeouts, 1);
+}
+
+#[test]
+fn unmatched_etimedout_is_counted() {
+    let mut e = engine();
+    let s = Sock::new(19);
+    e.ingest(&s.error(T0, 110));
+    e.ingest(&s.error(T0, 111)); // not a timeout, unknown socket: nothing
+    let obs = drain(&mut e);
+    assert_eq!(timeouts(&obs).len(), 1);
+    let Observation::Timeout { predicted_ns, .. } = timeouts(&obs)[0] else {
+        unreachable!()
+    };
+    assert_eq!(predicted_ns, None);
+    assert_eq!(e.stats().timeouts_unmatched, 1);
+    assert_eq!(e.flows_tracked(), 0);
+}
+
+#[test]
+fn duplicate_timer_reports_and_sock_ops_verdict() {
+    let s = Sock::new(20);
+    let mut ops = s;
+    ops.mechanism = Mechanism::SockOps;
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    // The sock_ops RTO_CB for the same expiry: no socket fields.
+    let mut dup = ops.base(EventKind::WriteTimer, T0 + 204 * MS + 3_000);
+    dup.retransmits = 1;
+    dup.rto_jiffies = 51;
+    e.ingest(&dup);
+    assert_eq!(e.stats().timer_events_duplicate, 1);
+    let rtos = drain(&mut e)
+        .iter()
+        .filter(|o| matches!(o, Observation::RtoExpiry { .. }))
+        .count();
+    assert_eq!(rtos, 1);
+    // A later sock_ops-only expiry with the kernel's "expired" verdict,
+    // then the close (orphan-like: no error report): a timeout.
+    let mut fatal = ops.base(EventKind::WriteTimer, T0 + 3 * S);
+    fatal.retransmits = 2;
+    fatal.rto_jiffies = 102;
+    fatal.rto_expired_verdict = true;
+    fatal.netns_sysctls = None;
+    e.ingest(&fatal);
+    e.ingest(&s.close(T0 + 3 * S + 1_000));
+    e.tick(T0 + 10 * S);
+    let obs = drain(&mut e);
+    let t = timeouts(&obs);
+    assert_eq!(t.len(), 1);
+    let Observation::Timeout { evidence, .. } = t[0] else {
+        unreachable!()
+    };
+    assert_eq!(evidence, TimeoutEvidence::Verdict);
+}
+
+#[test]
+fn sock_ops_only_events_use_earlier_fields_and_netns_cache() {
+    let s = Sock::new(21);
+    let mut ops = s;
+    ops.mechanism = Mechanism::SockOps;
+    ops.sysctls = None;
+    let mut e = engine();
+    // The netns sysctls are known from another socket of the netns.
+    let other = Sock::new(99);
+    e.ingest(&other.retransmit(T0 - S, 1, 0, 0, 51, 1, 0));
+    // A loss probe with the socket fields, then sock_ops RTO callbacks.
+    let tlp = s.retransmit(T0, 5, 0, 0, 51, 1_000, 0);
+    let mut tlp = tlp;
+    tlp.netns_sysctls = None;
+    e.ingest(&tlp);
+    for (i, (t, rto)) in [(204u64, 51u32), (612, 102), (1_428, 204)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut ev = ops.base(EventKind::WriteTimer, T0 + t * MS);
+        ev.retransmits = i as u32;
+        ev.rto_jiffies = rto;
+        e.ingest(&ev);
+    }
+    let v = e.stalls(T0 + 1_500 * MS);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].rto_streak, 3);
+    assert_eq!(v[0].boundary_source, Some(BoundarySource::Retries2(5)));
+    // Started at the loss probe: 12.6 s boundary, expiries 3.06, 6.33, 12.86 s.
+    let death = v[0].predicted_timeout_ns.unwrap();
+    assert!((death - T0) as f64 / 1e9 > 12.6 && ((death - T0) as f64 / 1e9) < 13.2);
+}
+
+#[test]
+fn syn_sent_and_window_shrink_get_no_prediction() {
+    let s = Sock::new(22);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    let mut a = s.rto(T0 + S, 1, st, 250, 1_000);
+    a.state = TcpState::SynSent;
+    let mut b = s.rto(T0 + 3 * S, 2, st, 500, 1_000);
+    b.state = TcpState::SynSent;
+    e.ingest(&a);
+    e.ingest(&b);
+    let v = e.stalls(T0 + 3 * S + MS);
+    assert_eq!(v[0].class, StallClass::Retransmit);
+    assert_eq!(v[0].predicted_timeout_ns, None);
+    assert!(!v[0].near_horizon);
+    // Zero window with data in flight: tcp_rtx_probe0_timed_out applies.
+    let s = Sock::new(23);
+    let mut e = engine();
+    for (i, t) in [204u64, 612].into_iter().enumerate() {
+        let mut ev = s.rto(T0 + t * MS, i as u32 + 1, st, 51 << i, 1_000);
+        ev.sock.as_mut().unwrap().snd_wnd = 0;
+        e.ingest(&ev);
+    }
+    let v = e.stalls(T0 + S);
+    assert_eq!(v[0].class, StallClass::Retransmit);
+    assert_eq!(v[0].predicted_timeout_ns, None);
+}
+
+#[test]
+fn unknown_sysctls_without_user_timeout_give_no_prediction() {
+    let mut s = Sock::new(24);
+    s.sysctls = None;
+    s.netns = 0;
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    let v = e.stalls(T0 + 300 * MS);
+    assert_eq!(v[0].boundary_source, None);
+    s.uto = 5_000;
+    e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+    let v = e.stalls(T0 + 700 * MS);
+    assert_eq!(v[0].boundary_source, Some(BoundarySource::UserTimeout));
+    // Clamped to retrans_stamp + 5 s, then rounded up by the timer wheel
+    // (a 485-jiffy timer: level 1, 8-jiffy granularity).
+    let late = v[0].predicted_timeout_ns.unwrap() - (u64::from(st) * MS + 5 * S);
+    assert!(late <= 32 * MS, "{late}");
+}
+
+#[test]
+fn retrans_stamp_u32_wrap() {
+    // The millisecond clock wraps (49.7 days of uptime) between the first
+    // retransmission and the expiries.
+    let wrap_ns = (1u64 << 32) * MS;
+    let t_first = wrap_ns - 300 * MS;
+    let s = Sock::new(25);
+    let stamp = ms_stamp(t_first);
+    assert!(stamp > u32::MAX - 400);
+    let mut e = engine();
+    e.ingest(&s.rto(t_first + 204 * MS, 1, stamp, 51, 1_000));
+    e.ingest(&s.rto(t_first + 612 * MS, 2, stamp, 102, 1_000));
+    let now = t_first + 700 * MS;
+    let v = e.stalls(now);
+    assert!((v[0].unacked_age_s.unwrap() - 0.7).abs() < 1e-6);
+    assert_eq!(v[0].since_ns, t_first / MS * MS);
+    let death = v[0].predicted_timeout_ns.unwrap();
+    // Expiries 0.204, 0.612, 1.428, 3.06, 6.324, 12.852 s (+ wheel).
+    let d = (death - t_first) as f64 / 1e9;
+    assert!((12.85..13.2).contains(&d), "{d}");
+}
+
+#[test]
+fn usec_retrans_stamp() {
+    let s = Sock::new(26);
+    let mut e = engine();
+    let first = T0 + 123_456;
+    let stamp_us = (first / 1_000) as u32;
+    let mut ev = s.rto(first + 204 * MS, 1, stamp_us, 51, 1_000);
+    ev.sock.as_mut().unwrap().usec_ts = true;
+    e.ingest(&ev);
+    let v = e.stalls(first + 300 * MS);
+    assert!((v[0].unacked_age_s.unwrap() - 0.3).abs() < 1e-5);
+}
+
+// ----- identity -----------------------------------------------------------
+
+#[test]
+fn cookie_zero_resolved_through_skaddr() {
+    let s = Sock::new(30);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.retransmit(T0, 5, 0, 0, 51, 1_000, 0));
+    // The timer path could not read a cookie.
+    let mut anon = s;
+    anon.cookie = 0;
+    e.ingest(&anon.rto(T0 + 204 * MS, 0, st, 51, 1_000));
+    e.ingest(&anon.rto(T0 + 612 * MS, 1, st, 102, 1_000));
+    assert_eq!(e.flows_tracked(), 1);
+    let v = e.stalls(T0 + 700 * MS);
+    assert_eq!((v[0].cookie, v[0].rto_streak), (30, 2));
+    // After the close the mapping is gone: a cookie-less event for that
+    // address is a new (provisional) flow.
+    e.ingest(&s.close(T0 + S));
+    let mut other = anon;
+    other.remote = "10.9.9.9:443".parse().unwrap();
+    e.ingest(&other.rto(T0 + 2 * S, 0, 0, 51, 1));
+    assert_eq!(e.flows_tracked(), 1);
+    assert_eq!(e.stalls(T0 + 2 * S).len(), 0);
+}
+
+#[test]
+fn provisional_flow_merged_when_cookie_appears() {
+    let s = Sock::new(31);
+    let mut anon = s;
+    anon.cookie = 0;
+    let st = ms_stamp(T0 + 204 * MS);
+    let mut e = engine();
+    // S3: an idle connection established before the agent started; the
+    // first event is the first RTO, without a cookie.
+    e.ingest(&anon.rto(T0 + 204 * MS, 0, 0, 51, 1_000));
+    assert_eq!(e.flows_tracked(), 1);
+    // Its retransmission via tp_btf creates the cookie.
+    e.ingest(&s.retransmit(T0 + 204 * MS + 5_000, 0, 1, 0, 51, 1_000, 0));
+    assert_eq!(e.flows_tracked(), 1);
+    assert_eq!(e.stats().provisional_merges, 1);
+    e.ingest(&anon.rto(T0 + 612 * MS, 1, st, 102, 1_000));
+    let v = e.stalls(T0 + 700 * MS);
+    assert_eq!(v.len(), 1);
+    assert_eq!((v[0].cookie, v[0].rto_streak), (31, 2));
+    assert_eq!(v[0].since_ns, T0 + 204 * MS);
+    assert_eq!(e.stats().streaks_started, 1);
+}
+
+#[test]
+fn provisional_merge_into_existing_cookie_flow() {
+    let s = Sock::new(32);
+    let mut anon = s;
+    anon.cookie = 0;
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&anon.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    // A CLOSE_WAIT state change with the cookie but no address (created the
+    // cookie flow without the mapping).
+    let mut cw = s.state(T0 + 300 * MS, TcpState::Established, TcpState::CloseWait);
+    cw.skaddr = 0;
+    e.ingest(&cw);
+    assert_eq!(e.flows_tracked(), 2);
+    e.ingest(&s.retransmit(T0 + 400 * MS, 1, 1, st, 102, 1_000, 1));
+    assert_eq!(e.flows_tracked(), 1);
+    let v = e.stalls(T0 + 500 * MS);
+    assert_eq!(v[0].rto_streak, 2);
+}
+
+#[test]
+fn reused_skaddr_closes_the_old_flow() {
+    let a = Sock::new(33);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&a.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    // The CLOSE was lost; a new socket at the same address.
+    let mut b = Sock::new(34);
+    b.skaddr = a.skaddr;
+    e.ingest(&b.retransmit(T0 + 5 * S, 5, 0, 0, 51, 1, 0));
+    assert_eq!(e.flows_tracked(), 1);
+    assert_eq!(e.stats().skaddr_reuses, 1);
+    assert_eq!(
+        streak_ends(&drain(&mut e)),
+        vec![(StreakOutcome::Closed, 2, true)]
+    );
+    // Cookie-less events for that address now go to the new socket.
+    let mut anon = b;
+    anon.cookie = 0;
+    e.ingest(&anon.rto(T0 + 5_204 * MS, 0, ms_stamp(T0 + 5 * S), 51, 1));
+    assert_eq!(e.flows_tracked(), 1);
+    // A cookie-less event from a different peer at that address: the
+    // mapping is stale (reuse without any cookie event): new flow.
+    let mut c = anon;
+    c.remote = "10.7.7.7:1".parse().unwrap();
+    e.ingest(&c.rto(T0 + 9 * S, 0, 0, 51, 1));
+    assert_eq!(e.flows_tracked(), 1);
+    assert_eq!(e.stats().skaddr_reuses, 2);
+}
+
+#[test]
+fn unattributable_events_are_counted() {
+    let mut s = Sock::new(0);
+    s.skaddr = 0;
+    let mut e = engine();
+    e.ingest(&s.rto(T0, 1, 1, 51, 1));
+    assert_eq!(e.stats().events_unattributed, 1);
+    assert_eq!(e.flows_tracked(), 0);
+}
+
+#[test]
+fn ports_kept_when_close_reads_zero() {
+    let s = Sock::new(35);
+    let mut e = engine();
+    e.ingest(&s.state(T0, TcpState::Established, TcpState::CloseWait));
+    let mut ev = s.state(T0 + S, TcpState::CloseWait, TcpState::CloseWait);
+    ev.local = SocketAddr::new(s.local.ip(), 0);
+    e.ingest(&ev);
+    let v = e.stalls(T0 + 61 * S);
+    assert_eq!(v[0].local, s.local);
+}
+
+// ----- bounds -------------------------------------------------------------
+
+#[test]
+fn eviction_is_counted_and_spares_stalled_flows() {
+    let mut e = Engine::new(EngineConfig {
+        max_flows: 3,
+        ..cfg()
+    })
+    .unwrap();
+    let st = ms_stamp(T0);
+    // A stalled flow with a long RTO and a CLOSE_WAIT flow first (least
+    // recently used)...
+    let stalled = Sock::new(40);
+    e.ingest(&stalled.rto(T0 + 204 * MS, 1, st, 15_000, 1_000));
+    let cw = Sock::new(39);
+    e.ingest(&cw.state(T0 + 250 * MS, TcpState::Established, TcpState::CloseWait));
+    // ... then short healthy loss episodes churn through the table.
+    for i in 0..6u64 {
+        let s = Sock::new(41 + i);
+        e.ingest(&s.retransmit(T0 + 300 * MS + i * S, 1, 0, 0, 51, 1, 0));
+        e.tick(T0 + 300 * MS + i * S + 3 * S); // recovered -> idle
+    }
+    let st_ = e.stats();
+    assert_eq!(st_.flows_tracked, 3);
+    assert_eq!(st_.flows_evicted, 5);
+    let evicted: Vec<_> = drain(&mut e)
+        .into_iter()
+        .filter(|o| matches!(o, Observation::FlowEvicted { .. }))
+        .collect();
+    assert_eq!(evicted.len(), 5);
+    assert!(
+        evicted
+            .iter()
+            .all(|o| matches!(o, Observation::FlowEvicted { active: false, .. }))
+    );
+    // The active flows were kept over the idle ones.
+    assert!(e.flows.get(&flow::FlowKey::Cookie(40)).is_some());
+    assert!(e.flows.get(&flow::FlowKey::Cookie(39)).is_some());
+    assert_eq!(e.stalls(T0 + 9 * S).len(), 1);
+    // With only active flows, the least recently used active one goes.
+    let mut e = Engine::new(EngineConfig {
+        max_flows: 1,
+        ..cfg()
+    })
+    .unwrap();
+    e.ingest(&stalled.rto(T0 + 204 * MS, 1, st, 15_000, 1_000));
+    e.ingest(&cw.state(T0 + 250 * MS, TcpState::Established, TcpState::CloseWait));
+    assert_eq!(e.stats().streaks_evicted, 1);
+    assert!(drain(&mut e).contains(&Observation::FlowEvicted {
+        remote: stalled.remote,
+        active: true
+    }));
+}
+
+#[test]
+fn observations_are_bounded() {
+    let mut e = Engine::new(EngineConfig {
+        max_observations: 5,
+        ..cfg()
+    })
+    .unwrap();
+    let s = Sock::new(50);
+    for i in 0..10 {
+        e.ingest(&s.retransmit(T0 + i * MS, 1, 0, ms_stamp(T0), 51, 1_000, 0));
+    }
+    assert_eq!(e.stats().observations_pending, 5);
+    assert_eq!(e.stats().observations_dropped, 5);
+    assert_eq!(drain(&mut e).len(), 5);
+    assert_eq!(e.stats().observations_pending, 0);
+}
+
+// ----- zero window, close wait ---------------------------------------------
+
+#[test]
+fn zero_window_threshold_probes_and_end() {
+    let s = Sock::new(60);
+    let mut e = engine();
+    // Probes with growing backoff: 0.2, 0.6, 1.4, 3.0, 6.2, 12.6 s.
+    let mut t = T0;
+    let mut times = Vec::new();
+    for b in 0..6u32 {
+        t += (200 * MS) << b;
+        times.push(t);
+        e.ingest(&s.probe(t, b, 0));
+        e.tick(t + MS);
+    }
+    let first = times[0];
+    // Not before 5 s of persist.
+    let v = e.stalls(first + 4 * S);
+    assert!(v.is_empty());
+    let now = times[5] + MS;
+    let v = e.stalls(now);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].class, StallClass::ZeroWindow);
+    assert_eq!(v[0].class.as_str(), "zero_window");
+    assert_eq!(v[0].zero_window_probes, Some(6));
+    assert_eq!(v[0].zero_window_unanswered, Some(0));
+    assert!((v[0].zero_window_s.unwrap() - (now - first) as f64 / 1e9).abs() < 1e-9);
+    assert_eq!(
+        v[0].predicted_timeout_ns, None,
+        "no ETIMEDOUT for a live peer"
+    );
+    assert!(!v[0].near_horizon);
+    assert_eq!(e.near_timeout_count(now), 0);
+    let obs = drain(&mut e);
+    assert_eq!(
+        obs.iter()
+            .filter(|o| matches!(o, Observation::ZeroWindowProbe { .. }))
+            .count(),
+        6
+    );
+    assert_eq!(
+        obs.iter()
+            .filter(|o| matches!(
+                o,
+                Observation::StallStarted {
+                    class: StallClass::ZeroWindow,
+                    ..
+                }
+            ))
+            .count(),
+        1
+    );
+    // The next probe is due max(rto, 200 ms) << 6 = 13.056 s later
+    // (backoff 5 -> 6): grace 1 s + 6.528 s.
+    let end = times[5] + 13_056 * MS + 7_528 * MS;
+    e.tick(end - 100 * MS);
+    assert_eq!(e.stalls(end - 100 * MS).len(), 1);
+    e.tick(end + 100 * MS);
+    assert!(e.stalls(end + 100 * MS).is_empty());
+    let obs = drain(&mut e);
+    assert!(
+        obs.iter()
+            .any(|o| matches!(o, Observation::ZeroWindowEnded { probes: 6, .. }))
+    );
+}
+
+#[test]
+fn zero_window_ends_on_close_and_on_retransmission() {
+    let s = Sock::new(61);
+    let mut e = engine();
+    e.ingest(&s.probe(T0, 0, 0));
+    e.ingest(&s.close(T0 + S));
+    assert!(
+        drain(&mut e)
+            .iter()
+            .any(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
+    );
+    let mut e = engine();
+    e.ingest(&s.probe(T0, 0, 0));
+    e.ingest(&s.retransmit(T0 + S, 1, 0, 0, 51, 1_000, 0));
+    assert!(
+        drain(&mut e)
+            .iter()
+            .any(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
+    );
+    // A probe for a small but open window is not a zero-window episode.
+    let mut e = engine();
+    let mut p = s.probe(T0, 0, 0);
+    p.sock.as_mut().unwrap().snd_wnd = 100;
+    e.ingest(&p);
+    assert!(e.stalls(T0 + 10 * S).is_empty());
+}
+
+#[test]
+fn zero_window_with_user_timeout_is_predicted() {
+    let mut s = Sock::new(62);
+    s.uto = 10_000;
+    let mut e = engine();
+    e.ingest(&s.probe(T0, 0, 0));
+    e.ingest(&s.probe(T0 + 6 * S, 5, 0));
+    let v = e.stalls(T0 + 6 * S + MS);
+    assert_eq!(v[0].class, StallClass::ZeroWindow);
+    assert_eq!(v[0].predicted_timeout_ns, Some(T0 + 10 * S));
+    assert_eq!(v[0].boundary_source, Some(BoundarySource::UserTimeout));
+    assert!(v[0].near_horizon);
+    // The kernel kills it at the clamped probe: an ETIMEDOUT error report.
+    e.ingest(&s.probe(T0 + 10 * S, 6, 0));
+    e.ingest(&s.error(T0 + 10 * S + 1_000, 110));
+    let obs = drain(&mut e);
+    let Observation::Timeout {
+        prediction_error_s, ..
+    } = timeouts(&obs)[0]
+    else {
+        unreachable!()
+    };
+    assert!(prediction_error_s.unwrap().abs() < 0.001);
+}
+
+#[test]
+fn close_wait_threshold_and_end() {
+    let s = Sock::new(70);
+    let mut e = engine();
+    e.ingest(&s.state(T0, TcpState::Established, TcpState::CloseWait));
+    assert!(e.stalls(T0 + 59 * S).is_empty());
+    e.tick(T0 + 59 * S);
+    assert!(drain(&mut e).is_empty());
+    let v = e.stalls(T0 + 61 * S);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].class, StallClass::CloseWait);
+    assert_eq!(v[0].class.as_str(), "close_wait");
+    assert_eq!(v[0].state, TcpState::CloseWait);
+    assert_eq!(v[0].close_wait_age_s, Some(61.0));
+    assert_eq!(v[0].since_ns, T0);
+    e.tick(T0 + 61 * S);
+    e.tick(T0 + 62 * S);
+    let obs = drain(&mut e);
+    assert_eq!(obs.len(), 1, "announced once: {obs:?}");
+    // The application closes: LAST_ACK, then CLOSE.
+    e.ingest(&s.state(T0 + 100 * S, TcpState::CloseWait, TcpState::LastAck));
+    assert!(e.stalls(T0 + 101 * S).is_empty());
+    e.ingest(&s.state(T0 + 101 * S, TcpState::LastAck, TcpState::Close));
+    assert_eq!(e.flows_tracked(), 0);
+    // State changes of healthy sockets do not create flows.
+    e.ingest(&s.state(T0, TcpState::SynSent, TcpState::Established));
+    assert_eq!(e.flows_tracked(), 0);
+}
+
+// ----- views, remotes, gauges -----------------------------------------------
+
+#[test]
+fn stalls_sorted_most_urgent_first() {
+    let mut e = engine();
+    let now = T0 + 100 * S;
+    // A close_wait flow (no prediction), stalled longest.
+    let cw = Sock::new(80);
+    e.ingest(&cw.state(T0, TcpState::Established, TcpState::CloseWait));
+    // Two retransmit stalls: retries2 15 (far) and 3 (near).
+    for (cookie, retries2) in [(81u64, 15u32), (82, 3)] {
+        let mut s = Sock::new(cookie);
+        s.sysctls = Some(sysctls(retries2));
+        let t = now - 800 * MS;
+        let st = ms_stamp(t);
+        e.ingest(&s.rto(t + 204 * MS, 1, st, 51, 1));
+        e.ingest(&s.rto(t + 612 * MS, 2, st, 102, 1));
+    }
+    // A zero-window flow (no prediction), stalled less long than close_wait.
+    let zw = Sock::new(83);
+    e.ingest(&zw.probe(now - 10 * S, 0, 0));
+    e.ingest(&zw.probe(now - 2 * S, 6, 0));
+    let v = e.stalls(now);
+    let order: Vec<u64> = v.iter().map(|v| v.cookie).collect();
+    assert_eq!(order, vec![82, 81, 80, 83]);
+    let g = e.gauges(now);
+    assert_eq!(
+        g.stalled,
+        StalledCounts {
+            retransmit: 2,
+            zero_window: 1,
+            close_wait: 1
+        }
+    );
+    assert_eq!(g.near_timeout, 1);
+    assert_eq!(g.flows_tracked, 4);
+    assert_eq!(e.near_timeout_count(now), 1);
+    assert_eq!(e.stalled_counts(now).total(), 4);
+    assert_eq!(
+        e.stalled_counts(now).iter().collect::<Vec<_>>(),
+        vec![
+            (StallClass::Retransmit, 2),
+            (StallClass::ZeroWindow, 1),
+            (StallClass::CloseWait, 1)
+        ]
+    );
+}
+
+#[test]
+fn near_horizon_by_fraction_and_by_seconds() {
+    // retries2 15 (924.6 s): far away at first...
+    let mut s = Sock::new(90);
+    s.sysctls = Some(sysctls(15));
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1));
+    e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1));
+    let v = e.stalls(T0 + S);
+    assert!(!v[0].near_horizon);
+    assert!(v[0].horizon_fraction.unwrap() < 0.01);
+    // ... past half the boundary (an expiry at 444.6 s keeps it current).
+    e.ingest(&s.rto(T0 + 444_600 * MS, 10, st, 30_000, 1));
+    let v = e.stalls(T0 + 470 * S);
+    assert!(v[0].horizon_fraction.unwrap() >= 0.5);
+    assert!(v[0].near_horizon);
+    // Fraction threshold 1.0 and 10 s: not near at 470 s (death 924.6 s).
+    let mut e2 = Engine::new(EngineConfig {
+        near_horizon_fraction: 1.0,
+        near_horizon_secs: 10.0,
+        timer_wheel: false,
+        ..cfg()
+    })
+    .unwrap();
+    e2.ingest(&s.rto(T0 + 444_600 * MS, 10, st, 30_000, 1));
+    assert!(!e2.stalls(T0 + 470 * S)[0].near_horizon);
+    // Expiries every 120 s: 564.6, 684.6, 804.6, then 924.6 kills.
+    e2.ingest(&s.rto(T0 + 804_600 * MS, 13, st, 30_000, 1));
+    assert!(!e2.stalls(T0 + 900 * S)[0].near_horizon);
+    let v = e2.stalls(T0 + 920 * S);
+    assert!(v[0].near_horizon);
+    assert!((v[0].seconds_to_timeout.unwrap() - 4.6).abs() < 0.1);
+}
+
+#[test]
+fn remotes_top_k_with_other_bucket() {
+    let mut e = Engine::new(EngineConfig {
+        top_remotes: 2,
+        ..cfg()
+    })
+    .unwrap();
+    // S6: four backends; one blackholed (two stalled flows), the others with
+    // some recovered loss.
+    let bad = "10.1.0.4:8080";
+    for (i, remote) in ["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"]
+        .iter()
+        .enumerate()
+    {
+        for k in 0..=i as u64 {
+            let s = Sock::new(100 + i as u64 * 10 + k).to(remote);
+            e.ingest(&s.retransmit(T0 + k * S, 1, 0, 0, 51, 1_000 + k as u32, 0));
+        }
+    }
+    for c in [200u64, 201] {
+        let s = Sock::new(c).to(bad);
+        let st = ms_stamp(T0);
+        e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1));
+        e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1));
+    }
+    let r = e.remotes(T0 + S);
+    assert_eq!(r.top.len(), 2);
+    assert_eq!(r.top[0].remote, bad.parse::<SocketAddr>().unwrap());
+    assert_eq!(r.top[0].live.stalled_flows, 2);
+    assert_eq!(r.top[0].live.stalled.retransmit, 2);
+    assert_eq!(r.top[0].counters.rto_expiries, 4);
+    assert_eq!(r.top[0].counters.streaks, 2);
+    assert_eq!(r.top[0].counters.stalls, 2);
+    // Then the backend with most retransmits (3).
+    assert_eq!(
+        r.top[1].remote,
+        "10.1.0.3:8080".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(r.top[1].live.stalled_flows, 0);
+    assert_eq!(r.other.remotes, 2);
+    assert_eq!(r.other.counters.retransmits, 3);
+    assert_eq!(r.other.live.stalled_flows, 0);
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["top"][0]["remote"], bad);
+    assert_eq!(json["top"][0]["stalled_flows"], 2);
+    assert_eq!(json["other"]["remotes"], 2);
+}
+
+#[test]
+fn stall_view_json() {
+    let s = Sock::new(110);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1));
+    let v = e.stalls(T0 + 300 * MS);
+    let j = serde_json::to_value(&v[0]).unwrap();
+    assert_eq!(j["class"], "retransmit");
+    assert_eq!(j["boundary_source"], "tcp_retries2=5");
+    assert_eq!(j["state"], "ESTABLISHED");
+    assert_eq!(j["remote"], "10.0.0.2:8080");
+    assert_eq!(j["near_horizon"], true);
+    assert!(j["predicted_timeout_ns"].is_u64());
+    let o = serde_json::to_value(Observation::StreakEnded {
+        remote: s.remote,
+        outcome: StreakOutcome::TimedOut,
+        duration_s: 1.0,
+        rtos: 2,
+        stalled: true,
+    })
+    .unwrap();
+    assert_eq!(o["type"], "streak_ended");
+    assert_eq!(o["outcome"], "timed_out");
+    assert_eq!(StreakOutcome::TimedOut.as_str(), "timed_out");
+    assert_eq!(
+        serde_json::to_value(e.stats()).unwrap()["hz_source"],
+        "configured"
+    );
+}
+
+// ----- HZ --------------------------------------------------------------------
+
+#[test]
+fn hz_calibrated_from_events_and_used_for_predictions() {
+    let mut e = Engine::new(EngineConfig::default()).unwrap();
+    assert_eq!(e.hz(), (hz::DEFAULT_HZ, HzSource::Default));
+    let mut s = Sock::new(120);
+    s.hz = 1000;
+    // Early after boot (no boot-offset estimate): events with HZ=1000 jiffies.
+    let t0 = 60 * S;
+    for i in 0..8u64 {
+        let mut ev = s.retransmit(t0 + i * 2_500 * MS, 1, 0, 0, 201, 1_000 + i as u32, 0);
+        ev.jiffies = 5_000_000 + (t0 + i * 2_500 * MS) / MS;
+        e.ingest(&ev);
+    }
+    assert_eq!(e.hz(), (1000, HzSource::Calibrated));
+    let st = ms_stamp(t0 + 30 * S);
+    let mut ev = s.rto(t0 + 30 * S + 204 * MS, 1, st, 204, 1);
+    ev.jiffies = 5_000_000 + (t0 + 30 * S + 204 * MS) / MS;
+    e.ingest(&ev);
+    let v = e.stalls(t0 + 30 * S + 300 * MS);
+    assert_eq!(v[0].rto_ms, 408);
+    let d = (v[0].predicted_timeout_ns.unwrap() - (t0 + 30 * S)) as f64 / 1e9;
+    assert!((12.6..13.5).contains(&d), "{d}");
+    // From the boot offset with an hour of uptime: immediately.
+    let mut e = Engine::new(EngineConfig::default()).unwrap();
+    e.ingest(&Sock::new(121).retransmit(T0, 1, 0, 0, 51, 1, 0));
+    assert_eq!(e.hz(), (250, HzSource::BootOffset));
+}
+
+#[test]
+fn engine_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Engine>();
+    check::<StallView>();
+    check::<Observation>();
+}
+
+#[test]
+fn a_wrong_death_verdict_does_not_hide_a_live_flow() {
+    // The sysctls said retries2 = 3 but the socket keeps retransmitting
+    // (e.g. the value changed): the verdict at 3.06 s said "dead", no close
+    // came; after the settle time it counts as a timeout by verdict, and the
+    // next RTO brings the flow back.
+    let mut s = Sock::new(130);
+    s.sysctls = Some(sysctls(3));
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 1_428 * MS, 2, st, 204, 1));
+    e.ingest(&s.rto(T0 + 3_060 * MS, 3, st, 408, 1));
+    assert_eq!(e.stalls(T0 + 3_100 * MS).len(), 1, "dying, still shown");
+    e.tick(T0 + 6 * S);
+    let obs = drain(&mut e);
+    let Observation::Timeout { evidence, .. } = timeouts(&obs)[0] else {
+        unreachable!()
+    };
+    assert_eq!(evidence, TimeoutEvidence::Verdict);
+    assert!(e.stalls(T0 + 6 * S).is_empty());
+    e.ingest(&s.rto(T0 + 6_324 * MS, 4, st, 816, 1));
+    let v = e.stalls(T0 + 6_400 * MS);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].rto_streak, 5);
+}
+
+#[test]
+fn predictions_follow_a_hz_change() {
+    // Default HZ (250) in use while the events come from a HZ=1000 kernel
+    // early after boot; once calibrated, open predictions are recomputed.
+    let mut e = Engine::new(EngineConfig::default()).unwrap();
+    let mut s = Sock::new(131);
+    s.hz = 1000;
+    let jif = |ts: u64| 9_000_000 + ts / MS;
+    let t0 = 60 * S;
+    let st = ms_stamp(t0);
+    for (i, t) in [204u64, 612].into_iter().enumerate() {
+        let mut ev = s.rto(t0 + t * MS, i as u32 + 1, st, 204 << i, 1);
+        ev.jiffies = jif(t0 + t * MS);
+        e.ingest(&ev);
+    }
+    assert_eq!(e.hz(), (250, HzSource::Default));
+    let wrong = e.stalls(t0 + 700 * MS)[0].rto_ms;
+    assert_eq!(wrong, 3_264, "816 jiffies read at HZ 250");
+    // Unrelated traffic calibrates HZ.
+    let other = Sock::new(132);
+    for i in 0..8u64 {
+        let t = t0 + 700 * MS + i * 2_100 * MS;
+        let mut ev = other.retransmit(t, 1, 0, 0, 200, i as u32, 0);
+        ev.jiffies = jif(t);
+        e.ingest(&ev);
+    }
+    assert_eq!(e.hz().0, 1000);
+    let v = e.stalls(t0 + 700 * MS);
+    assert_eq!(v[0].rto_ms, 816);
+    let d = (v[0].predicted_timeout_ns.unwrap() - u64::from(st) * MS) as f64 / 1e9;
+    // Expiries 0.204, 0.612, then 1.428, 3.06, 6.324, 12.852 (+ wheel).
+    assert!((12.85..13.3).contains(&d), "{d}");
+}
+
+#[test]
+fn unread_fields_are_not_progress() {
+    let s = Sock::new(140);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+    // A failed snd_una read (0), then a sock_ops retransmission callback
+    // (no icsk_retransmits in its context, reads 0): the streak goes on.
+    let mut ev = s.rto(T0 + 1_428 * MS, 3, st, 204, 0);
+    ev.snd_una = 0;
+    e.ingest(&ev);
+    let mut ops = s;
+    ops.mechanism = Mechanism::SockOps;
+    let mut r = ops.base(EventKind::Retransmit, T0 + 1_430 * MS);
+    r.snd_una = 1_000;
+    e.ingest(&r);
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+    let v = e.stalls(T0 + 1_500 * MS);
+    assert_eq!((v[0].rto_streak, v[0].retransmits), (4, 4));
+}
+
+// ----- properties -----------------------------------------------------------
+
+fn arb_event() -> impl Strategy<Value = (u8, u64, u32, u32, u32, u32, u64)> {
+    (
+        0u8..8,
+        1u64..6,
+        0u32..4,
+        0u32..3,
+        0u32..3,
+        1u32..200,
+        0u64..3_000,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, cases: 200, ..ProptestConfig::default() })]
+
+    /// Arbitrary event soup: no panic, bounded table, sorted views,
+    /// consistent streak accounting.
+    #[test]
+    fn prop_engine_invariants(events in prop::collection::vec(arb_event(), 1..200), max_flows in 1usize..5) {
+        let mut e = Engine::new(EngineConfig { max_flows, ..cfg() }).unwrap();
+        let mut t = T0;
+        for (kind, cookie, retransmits, pending, stamp_age, rto, dt) in events {
+            t += dt * MS;
+            let mut s = Sock::new(cookie);
+            if cookie == 5 { s.cookie = 0; }
+            let stamp = if stamp_age == 0 { 0 } else { ms_stamp(t - u64::from(stamp_age) * 500 * MS) };
+            let ev = match kind {
+                0 => s.retransmit(t, [0, 1, 5][pending as usize], retransmits, stamp, rto, 1_000, 0),
+                1 | 2 => s.rto(t, retransmits, stamp, rto, 1_000 + u32::from(pending == 2)),
+                3 => s.probe(t, retransmits, pending),
+                4 => s.state(t, TcpState::Established, [TcpState::CloseWait, TcpState::Close, TcpState::FinWait2][pending as usize]),
+                5 => s.error(t, [110, 104, 113][pending as usize]),
+                6 => { let mut x = s; x.mechanism = Mechanism::SockOps; let mut ev = x.base(EventKind::WriteTimer, t); ev.retransmits = retransmits; ev.rto_jiffies = rto; ev.rto_expired_verdict = pending == 1; ev }
+                _ => { e.tick(t); continue; }
+            };
+            e.ingest(&ev);
+            prop_assert!(e.flows_tracked() <= max_flows);
+            let v = e.stalls(t);
+            for w in v.windows(2) {
+                let a = w[0].seconds_to_timeout.unwrap_or(f64::INFINITY);
+                let b = w[1].seconds_to_timeout.unwrap_or(f64::INFINITY);
+                prop_assert!(a <= b);
+            }
+            let g = e.gauges(t);
+            prop_assert_eq!(g.stalled.total(), v.len());
+        }
+        e.tick(t + 10_000 * S);
+        let st = e.stats();
+        let ended = st.streaks_recovered + st.streaks_timed_out + st.streaks_closed + st.streaks_evicted;
+        // Every started streak ended exactly once (all are stale by now,
+        // pending closes settled) -- evicted ones included.
+        prop_assert_eq!(st.streaks_started, ended);
+        prop_assert!(e.stalls(t + 10_000 * S).iter().all(|v| v.class == StallClass::CloseWait));
+    }
+
+    /// Any blackhole (HZ, retries2, UTO, loss probe or not, kernel order):
+    /// the prediction made at the stall matches the kernel's death.
+    #[test]
+    fn prop_blackhole_prediction_exact(
+        hz in prop::sample::select(vec![100u32, 250, 300, 1000]),
+        retries2 in 2u32..9,
+        uto in prop::option::of(1_000u32..60_000),
+        tlp in any::<bool>(),
+        incremented_before in any::<bool>(),
+        close_first in any::<bool>(),
+        start_ms in 0u64..100_000,
+    ) {
+        let mut s = Sock::new(1);
+        s.hz = hz;
+        s.sysctls = Some(sysctls(retries2));
+        s.uto = uto.unwrap_or(0);
+        let mut bh = Blackhole::new(s, T0 + start_ms * MS);
+        bh.tlp = tlp;
+        bh.rto0 = (hz / 5).max(1);
+        bh.incremented_before = incremented_before;
+        bh.order = if close_first { Order::CloseFirst } else { Order::ErrorFirst };
+        let e = Engine::new(EngineConfig { hz: Some(hz), ..EngineConfig::default() }).unwrap();
+        let (_, obs, _, views) = run_s1(&bh, e);
+        let t = timeouts(&obs);
+        prop_assert_eq!(t.len(), 1);
+        // A death at the first or second RTO has no earlier prediction.
+        if let Observation::Timeout { prediction_error_s: Some(err), .. } = t[0] {
+            prop_assert!(err.abs() < 0.001, "error {}", err);
+        }
+        prop_assert!(views.iter().all(|(_, v)| v.class == StallClass::Retransmit));
+        prop_assert_eq!(streak_ends(&obs).len(), 1);
+    }
+
+    /// Arbitrary field values (what a buggy probe or a new kernel layout
+    /// could send): never a panic, bounds kept.
+    #[test]
+    fn prop_garbage_fields_never_panic(
+        evs in prop::collection::vec(
+            (
+                0u8..4,
+                any::<u64>(),
+                any::<u64>(),
+                0u64..4,
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                (any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>(), any::<bool>(), any::<bool>()),
+                prop::option::of((any::<u32>(), any::<u32>(), prop::option::of(any::<u32>()))),
+            ),
+            1..40,
+        ),
+        hz in prop::option::of(1u32..2_000),
+        wheel in any::<bool>(),
+    ) {
+        let mut e = Engine::new(EngineConfig { hz, timer_wheel: wheel, max_flows: 4, ..EngineConfig::default() }).unwrap();
+        let mut last = 0;
+        for (kind, ts, jiffies, cookie, retransmits, rto, stamp, (pending, backoff, rto_max, expires, usec, orphan), sys) in evs {
+            let mut s = Sock::new(cookie);
+            s.orphan = orphan;
+            s.sysctls = sys.map(|(r, o, m)| NetnsSysctls { tcp_retries2: r, tcp_orphan_retries: o, tcp_rto_max_ms: m });
+            let kind = [EventKind::Retransmit, EventKind::WriteTimer, EventKind::State, EventKind::ErrorReport][kind as usize];
+            let mut ev = s.base(kind, ts);
+            ev.jiffies = jiffies;
+            ev.retransmits = retransmits;
+            ev.rto_jiffies = rto;
+            ev.state = TcpState::from_raw(pending % 14);
+            ev.sk_err = pending % 120;
+            let mut f = s.fields(pending % 7, stamp, backoff, ts);
+            f.rto_max_jiffies = rto_max;
+            f.timer_expires = expires;
+            f.usec_ts = usec;
+            f.snd_wnd = backoff % 3;
+            f.user_timeout_ms = stamp % 7 * 1_000;
+            ev.sock = (backoff % 5 != 0).then_some(f);
+            e.ingest(&ev);
+            last = ts;
+            e.tick(ts.wrapping_add(rto.into()));
+            prop_assert!(e.flows_tracked() <= 4);
+            let _ = e.stalls(ts);
+            let _ = e.remotes(ts);
+            let _ = e.gauges(ts);
+        }
+        e.tick(last.saturating_add(u64::MAX / 2));
+        e.tick(u64::MAX);
+        let _ = e.stalls(u64::MAX);
+        let _: Vec<_> = e.drain_observations().collect();
+    }
+}

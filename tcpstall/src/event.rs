@@ -1,0 +1,390 @@
+//! Owned, validated events decoded from the raw ring-buffer records.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::Serialize;
+use tcpstall_common::{self as common, EVENT_SIZE, flag, kind, source};
+
+/// Why a ring-buffer record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error(
+        "record is {0} bytes, expected {EVENT_SIZE}: agent and kernel programs are from different builds"
+    )]
+    Size(usize),
+    #[error("unknown event kind {0}")]
+    Kind(u32),
+    #[error("unknown event source {0}")]
+    Source(u32),
+    #[error("unknown address family {0}")]
+    Family(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Retransmit,
+    WriteTimer,
+    State,
+    ErrorReport,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] = [
+        EventKind::Retransmit,
+        EventKind::WriteTimer,
+        EventKind::State,
+        EventKind::ErrorReport,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Retransmit => "retransmit",
+            EventKind::WriteTimer => "write_timer",
+            EventKind::State => "state",
+            EventKind::ErrorReport => "error_report",
+        }
+    }
+}
+
+/// The mechanism that produced an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    TpBtf,
+    Fentry,
+    Kprobe,
+    TimerTracepoint,
+    SockOps,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::TpBtf => "tp_btf",
+            Mechanism::Fentry => "fentry",
+            Mechanism::Kprobe => "kprobe",
+            Mechanism::TimerTracepoint => "timer_tracepoint",
+            Mechanism::SockOps => "sock_ops",
+        }
+    }
+}
+
+/// TCP states as numbered by the kernel (include/net/tcp_states.h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    BoundInactive,
+    Unknown(u32),
+}
+
+impl TcpState {
+    pub fn from_raw(v: u32) -> Self {
+        match v {
+            1 => Self::Established,
+            2 => Self::SynSent,
+            3 => Self::SynRecv,
+            4 => Self::FinWait1,
+            5 => Self::FinWait2,
+            6 => Self::TimeWait,
+            7 => Self::Close,
+            8 => Self::CloseWait,
+            9 => Self::LastAck,
+            10 => Self::Listen,
+            11 => Self::Closing,
+            12 => Self::NewSynRecv,
+            13 => Self::BoundInactive,
+            other => Self::Unknown(other),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Established => "ESTABLISHED",
+            Self::SynSent => "SYN_SENT",
+            Self::SynRecv => "SYN_RECV",
+            Self::FinWait1 => "FIN_WAIT1",
+            Self::FinWait2 => "FIN_WAIT2",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
+            Self::CloseWait => "CLOSE_WAIT",
+            Self::LastAck => "LAST_ACK",
+            Self::Listen => "LISTEN",
+            Self::Closing => "CLOSING",
+            Self::NewSynRecv => "NEW_SYN_RECV",
+            Self::BoundInactive => "BOUND_INACTIVE",
+            Self::Unknown(_) => "UNKNOWN",
+        }
+    }
+}
+
+/// A decoded kernel event. Times are CLOCK_MONOTONIC nanoseconds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SockEvent {
+    pub kind: EventKind,
+    pub mechanism: Mechanism,
+    pub ts_ns: u64,
+    pub jiffies: u64,
+    /// Socket cookie (0 = not assigned yet; see `skaddr`).
+    pub cookie: u64,
+    pub skaddr: u64,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: TcpState,
+    /// For `State` events.
+    pub old_state: TcpState,
+    /// Fields read from `struct sock` (None for sock_ops-only events).
+    pub sock: Option<SockFields>,
+    /// Fields every mechanism provides.
+    pub retransmits: u32,
+    pub rto_jiffies: u32,
+    pub snd_una: u32,
+    pub packets_out: u32,
+    pub retrans_out: u32,
+    pub total_retrans: u32,
+    /// The socket's netns sysctls (None when they could not be read).
+    pub netns_sysctls: Option<NetnsSysctls>,
+    /// Orphaned socket (SOCK_DEAD).
+    pub orphan: bool,
+    /// sock_ops RTO_CB: the kernel's verdict that the limit is reached.
+    pub rto_expired_verdict: bool,
+    /// ERROR_REPORT: `sk_err`, `sk_err_soft` (positive errno).
+    pub sk_err: u32,
+    pub sk_err_soft: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct SockFields {
+    pub backoff: u32,
+    pub probes_out: u32,
+    /// `icsk_pending` (see `tcpstall_common::pending`).
+    pub pending: u32,
+    pub rto_max_jiffies: u32,
+    pub user_timeout_ms: u32,
+    pub retrans_stamp: u32,
+    /// `retrans_stamp` counts microseconds.
+    pub usec_ts: bool,
+    pub snd_nxt: u32,
+    pub snd_wnd: u32,
+    pub lsndtime: u32,
+    pub rcv_tstamp: u32,
+    /// Write timer expiry (jiffies, 64 bit).
+    pub timer_expires: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct NetnsSysctls {
+    pub tcp_retries2: u32,
+    pub tcp_orphan_retries: u32,
+    /// `tcp_rto_max_ms` (6.15+); None where the kernel has no such sysctl.
+    pub tcp_rto_max_ms: Option<u32>,
+}
+
+/// The kernel's ETIMEDOUT errno.
+pub const ETIMEDOUT: u32 = 110;
+
+fn addr(family: u32, raw: &[u8; 16], port: u16) -> Result<SocketAddr, DecodeError> {
+    let ip = match family {
+        2 => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+        10 => {
+            let v6 = Ipv6Addr::from(*raw);
+            // v4-mapped addresses are shown as IPv4.
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        other => return Err(DecodeError::Family(other)),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+impl SockEvent {
+    /// Decode one ring-buffer record. Never panics on malformed input.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() != EVENT_SIZE {
+            return Err(DecodeError::Size(bytes.len()));
+        }
+        // SAFETY: the length matches and `Event` is plain old data (every bit
+        // pattern valid); `read_unaligned` copes with any alignment.
+        let raw: common::Event =
+            unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<common::Event>()) };
+        Self::from_raw(&raw)
+    }
+
+    pub fn from_raw(raw: &common::Event) -> Result<Self, DecodeError> {
+        let kind = match raw.kind {
+            kind::RETRANSMIT => EventKind::Retransmit,
+            kind::WRITE_TIMER => EventKind::WriteTimer,
+            kind::STATE => EventKind::State,
+            kind::ERROR_REPORT => EventKind::ErrorReport,
+            other => return Err(DecodeError::Kind(other)),
+        };
+        let mechanism = match raw.source {
+            source::TP_BTF => Mechanism::TpBtf,
+            source::FENTRY => Mechanism::Fentry,
+            source::KPROBE => Mechanism::Kprobe,
+            source::TIMER_TP => Mechanism::TimerTracepoint,
+            source::SOCK_OPS => Mechanism::SockOps,
+            other => return Err(DecodeError::Source(other)),
+        };
+        let local = addr(raw.family, &raw.saddr, raw.sport)?;
+        let remote = addr(raw.family, &raw.daddr, raw.dport)?;
+        let sock = (raw.flags & flag::SOCK_FIELDS != 0).then_some(SockFields {
+            backoff: raw.backoff,
+            probes_out: raw.probes_out,
+            pending: raw.pending,
+            rto_max_jiffies: raw.rto_max_jiffies,
+            user_timeout_ms: raw.user_timeout_ms,
+            retrans_stamp: raw.retrans_stamp,
+            usec_ts: raw.flags & flag::USEC_TS != 0,
+            snd_nxt: raw.snd_nxt,
+            snd_wnd: raw.snd_wnd,
+            lsndtime: raw.lsndtime,
+            rcv_tstamp: raw.rcv_tstamp,
+            timer_expires: raw.timer_expires,
+        });
+        let netns_sysctls = (raw.flags & flag::NETNS_SYSCTLS != 0).then_some(NetnsSysctls {
+            tcp_retries2: raw.retries2,
+            tcp_orphan_retries: raw.orphan_retries,
+            tcp_rto_max_ms: (raw.netns_rto_max_ms != 0).then_some(raw.netns_rto_max_ms),
+        });
+        Ok(SockEvent {
+            kind,
+            mechanism,
+            ts_ns: raw.ts_ns,
+            jiffies: raw.jiffies,
+            cookie: raw.cookie,
+            skaddr: raw.skaddr,
+            netns: raw.netns,
+            local,
+            remote,
+            state: TcpState::from_raw(raw.state),
+            old_state: TcpState::from_raw(raw.old_state),
+            sock,
+            retransmits: raw.retransmits,
+            rto_jiffies: raw.rto_jiffies,
+            snd_una: raw.snd_una,
+            packets_out: raw.packets_out,
+            retrans_out: raw.retrans_out,
+            total_retrans: raw.total_retrans,
+            netns_sysctls,
+            orphan: raw.flags & flag::SOCK_DEAD != 0,
+            rto_expired_verdict: raw.flags & flag::RTO_EXPIRED != 0,
+            sk_err: raw.sk_err,
+            sk_err_soft: raw.sk_err_soft,
+        })
+    }
+
+    /// The kernel said ETIMEDOUT for this socket.
+    pub fn is_etimedout(&self) -> bool {
+        self.kind == EventKind::ErrorReport && self.sk_err == ETIMEDOUT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcpstall_common::Event;
+
+    fn bytes_of(ev: &Event) -> Vec<u8> {
+        // SAFETY: Event is POD without padding.
+        unsafe {
+            std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), EVENT_SIZE).to_vec()
+        }
+    }
+
+    fn sample() -> Event {
+        let mut ev = Event::zeroed();
+        ev.kind = kind::RETRANSMIT;
+        ev.source = source::TP_BTF;
+        ev.family = 2;
+        ev.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        ev.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        ev.sport = 40000;
+        ev.dport = 8080;
+        ev.state = 1;
+        ev.flags = flag::SOCK_FIELDS | flag::NETNS_SYSCTLS;
+        ev.retries2 = 5;
+        ev.backoff = 3;
+        ev
+    }
+
+    #[test]
+    fn decodes_ipv4_retransmit() {
+        let ev = SockEvent::decode(&bytes_of(&sample())).unwrap();
+        assert_eq!(ev.kind, EventKind::Retransmit);
+        assert_eq!(ev.local, "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(ev.remote, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(ev.state, TcpState::Established);
+        assert_eq!(ev.sock.unwrap().backoff, 3);
+        assert_eq!(ev.netns_sysctls.unwrap().tcp_retries2, 5);
+        assert_eq!(ev.netns_sysctls.unwrap().tcp_rto_max_ms, None);
+    }
+
+    #[test]
+    fn decodes_v4_mapped_ipv6_as_ipv4_and_plain_ipv6() {
+        let mut raw = sample();
+        raw.family = 10;
+        raw.saddr = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
+        raw.daddr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
+        assert_eq!(ev.local.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(ev.remote.ip(), "fd00::2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn missing_groups_are_none() {
+        let mut raw = sample();
+        raw.flags = 0;
+        let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
+        assert!(ev.sock.is_none());
+        assert!(ev.netns_sysctls.is_none());
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        let good = bytes_of(&sample());
+        assert_eq!(SockEvent::decode(&good[..100]), Err(DecodeError::Size(100)));
+        assert_eq!(SockEvent::decode(&[]), Err(DecodeError::Size(0)));
+        let mut raw = sample();
+        raw.kind = 99;
+        assert_eq!(
+            SockEvent::decode(&bytes_of(&raw)),
+            Err(DecodeError::Kind(99))
+        );
+        let mut raw = sample();
+        raw.source = 0;
+        assert_eq!(
+            SockEvent::decode(&bytes_of(&raw)),
+            Err(DecodeError::Source(0))
+        );
+        let mut raw = sample();
+        raw.family = 7;
+        assert_eq!(
+            SockEvent::decode(&bytes_of(&raw)),
+            Err(DecodeError::Family(7))
+        );
+    }
+
+    #[test]
+    fn etimedout_detection() {
+        let mut raw = sample();
+        raw.kind = kind::ERROR_REPORT;
+        raw.sk_err = 110;
+        assert!(SockEvent::decode(&bytes_of(&raw)).unwrap().is_etimedout());
+        raw.sk_err = 113;
+        assert!(!SockEvent::decode(&bytes_of(&raw)).unwrap().is_etimedout());
+    }
+}

@@ -1,0 +1,32 @@
+//! tcpstall: finds stuck TCP connections before they hurt anyone.
+//!
+//! Module map (one job each):
+//! - [`btf`]: reads kernel BTF (type information) to find struct field offsets.
+//! - [`layout`]: the declarative table of kernel fields the programs read,
+//!   resolved from BTF into a [`tcpstall_common::KernelLayout`].
+//! - [`probes`]: the declarative table of probes and their fallback mechanisms.
+//! - [`kernel`]: facts about the running kernel (HZ, kallsyms, privileges).
+//! - [`loader`]: the only place touching `aya::Ebpf` (load, attach, fallbacks).
+//! - [`reader`]: ring buffer -> owned [`event::SockEvent`]s.
+//! - [`event`]: decoding raw records.
+//! - [`engine`]: pure stall state machine and horizon predictor (no I/O).
+//! - [`config`]: command line and config file.
+//! - [`pods`]: network namespace -> pod identity from /proc.
+//! - [`metrics`]: the Prometheus metric contract (prometheus-client registry).
+//! - [`server`]: the HTTP server: /metrics, /healthz, /readyz, /api/v1/*.
+//! - [`app`]: `tcpstall run`: wires loader, reader, engine and server together.
+//! - [`doctor`]: `tcpstall doctor`: the probe plan for this kernel.
+pub mod app;
+pub mod btf;
+pub mod config;
+pub mod doctor;
+pub mod engine;
+pub mod event;
+pub mod kernel;
+pub mod layout;
+pub mod loader;
+pub mod metrics;
+pub mod pods;
+pub mod probes;
+pub mod reader;
+pub mod server;

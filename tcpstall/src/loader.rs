@@ -1,0 +1,509 @@
+//! The only module touching `aya::Ebpf`: feature detection, loading,
+//! attaching with fallbacks (walking [`crate::probes::PROBES`]), and handing
+//! out the maps the reader needs.
+
+use std::{error::Error as StdError, fmt::Write as _, fs::File, path::PathBuf};
+
+use aya::{
+    Btf as AyaBtf, Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, FEntry, KProbe, SockOps, links::CgroupAttachMode},
+};
+use tcpstall_common::{EVENTS_MAP, KernelLayout, LAYOUT_MAP, STATS_MAP, layout_flag, stat};
+
+use crate::{
+    btf::Btf,
+    event::Mechanism,
+    kernel::{self, HzSource, Privileges},
+    layout,
+    probes::{Attach, Candidate, PROBES, ProbeSpec},
+};
+
+/// The eBPF object built by `build.rs` (empty when built with AYA_BUILD_SKIP=1).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstall"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "insufficient privileges: missing {missing}; run as root or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or CAP_SYS_ADMIN)"
+    )]
+    Privileges { missing: String },
+    #[error(
+        "this tcpstall binary was built without its kernel programs (AYA_BUILD_SKIP): rebuild with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error(
+        "cannot read kernel BTF from {path}: {reason}; tcpstall needs a kernel with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    Btf { path: String, reason: String },
+    #[error("{0}")]
+    Layout(String),
+    #[error("loading the eBPF object failed: {0}")]
+    Object(String),
+    #[error("{0}")]
+    Map(String),
+    #[error(
+        "required probe `{probe}` could not be attached on kernel {kernel} (run `tcpstall doctor` for details): {attempts}"
+    )]
+    RequiredProbe {
+        probe: &'static str,
+        kernel: String,
+        attempts: String,
+    },
+    #[error("--mechanism {0} is not a candidate for the write_timer probe")]
+    BadForce(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct LoaderOptions {
+    /// Ring buffer size in bytes (power of two, >= page size).
+    pub ringbuf_bytes: u32,
+    /// Force the write-timer mechanism (skip the better ones). For tests and
+    /// for working around a misbehaving hook.
+    pub force_write_timer: Option<Mechanism>,
+    /// cgroup2 directory for sock_ops (default: the cgroup2 root).
+    pub cgroup: Option<PathBuf>,
+    /// Read BTF from this file instead of /sys/kernel/btf/vmlinux.
+    pub btf_path: Option<PathBuf>,
+    /// Try every candidate (doctor): report all outcomes, keep the first that
+    /// works attached.
+    pub try_all: bool,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        Self {
+            ringbuf_bytes: tcpstall_common::DEFAULT_RINGBUF_BYTES,
+            force_write_timer: None,
+            cgroup: None,
+            btf_path: None,
+            try_all: false,
+        }
+    }
+}
+
+/// One attempt to load and attach a candidate.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Attempt {
+    pub mechanism: Mechanism,
+    pub target: String,
+    /// The program in the eBPF object.
+    pub program: &'static str,
+    /// `None` = attached; `Some(reason)` = failed or skipped.
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProbeStatus {
+    pub probe: &'static str,
+    pub required: bool,
+    pub chosen: Option<Mechanism>,
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Plan {
+    pub kernel: String,
+    pub hz: Option<u32>,
+    pub hz_source: Option<String>,
+    pub probes: Vec<ProbeStatus>,
+    /// Human-readable BTF field resolution report.
+    pub fields: String,
+}
+
+impl Plan {
+    pub fn chosen(&self, probe: &str) -> Option<Mechanism> {
+        self.probes
+            .iter()
+            .find(|p| p.probe == probe)
+            .and_then(|p| p.chosen)
+    }
+}
+
+/// Loaded and attached programs. Dropping it detaches everything.
+pub struct Loaded {
+    ebpf: Ebpf,
+    pub plan: Plan,
+}
+
+/// Per-CPU kernel-side counters, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub ringbuf_dropped: u64,
+    pub read_errors: u64,
+    pub timer_not_due: u64,
+    pub submitted: u64,
+    /// Failed retransmission attempts (6.17+), not reported as retransmits.
+    pub retransmit_failed: u64,
+}
+
+pub struct StatsReader(PerCpuArray<MapData, u64>);
+
+impl StatsReader {
+    pub fn read(&self) -> Result<KernelStats, aya::maps::MapError> {
+        let sum =
+            |i: u32| -> Result<u64, aya::maps::MapError> { Ok(self.0.get(&i, 0)?.iter().sum()) };
+        Ok(KernelStats {
+            ringbuf_dropped: sum(stat::RINGBUF_DROPPED)?,
+            read_errors: sum(stat::READ_ERRORS)?,
+            timer_not_due: sum(stat::TIMER_NOT_DUE)?,
+            submitted: sum(stat::SUBMITTED)?,
+            retransmit_failed: sum(stat::RETRANSMIT_FAILED)?,
+        })
+    }
+}
+
+fn chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    if s.contains("Verifier output:") {
+        tracing::debug!("full verifier output: {s}");
+    }
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            let _ = write!(s, ": {msg}");
+        }
+        cur = c.source();
+    }
+    // Verifier logs are long; doctor shows the first line.
+    if let Some(i) = s.find("Verifier output:") {
+        let rest = s[i + 16..].trim();
+        // The verifier's reason is its last line before the statistics.
+        let first = rest
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| {
+                !l.is_empty()
+                    && !l.starts_with("processed ")
+                    && !l.starts_with("verification time")
+                    && !l.starts_with("stack depth")
+                    && !l.starts_with("-- END PROG LOAD LOG --")
+            })
+            .unwrap_or("")
+            .to_owned();
+        s.truncate(i);
+        if first.is_empty() {
+            s.push_str("(empty verifier log)");
+        } else {
+            let _ = write!(s, "verifier: {first}");
+        }
+    }
+    s.trim().to_owned()
+}
+
+fn raise_memlock() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer. Failure is fine: 5.11+ accounts BPF memory to the
+    // memory cgroup instead.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+    if ret != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on 5.11+ kernels)");
+    }
+}
+
+/// Load the programs and attach the best available mechanism for each probe.
+pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
+    let privs = Privileges::current();
+    if !privs.euid_root && !privs.missing().is_empty() {
+        return Err(LoadError::Privileges {
+            missing: privs.missing().join(", "),
+        });
+    }
+    if EBPF_OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    if !opts.ringbuf_bytes.is_power_of_two() || opts.ringbuf_bytes < 4096 {
+        return Err(LoadError::Map(format!(
+            "ring buffer size {} is not a power of two >= 4096",
+            opts.ringbuf_bytes
+        )));
+    }
+    raise_memlock();
+    let kernel_release = kernel::release();
+    let btf_path = opts
+        .btf_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/sys/kernel/btf/vmlinux"));
+    let btf_err = |reason: String| LoadError::Btf {
+        path: btf_path.display().to_string(),
+        reason,
+    };
+    let our_btf = Btf::from_file(&btf_path).map_err(|e| btf_err(e.to_string()))?;
+    let resolved =
+        layout::resolve(&our_btf, &kernel_release).map_err(|e| LoadError::Layout(e.to_string()))?;
+    let aya_btf = AyaBtf::parse_file(&btf_path, aya::Endianness::default())
+        .map_err(|e| btf_err(chain(&e)))?;
+
+    let hz = kernel::hz();
+    let mut kl: KernelLayout = resolved.layout();
+    kl.hz = hz.map(|(h, _)| h).unwrap_or(0);
+    kl.flags |= layout_flag::READY | layout_flag::HAVE_JIFFIES64;
+    let timer_addr = kernel::kallsyms_lookup("tcp_write_timer");
+    if let Ok(addr) = timer_addr {
+        kl.tcp_write_timer_addr = addr;
+    }
+
+    let mut ebpf = EbpfLoader::new()
+        .btf(Some(&aya_btf))
+        .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
+        .load(EBPF_OBJECT)
+        .map_err(|e| LoadError::Object(chain(&e)))?;
+    {
+        let map = ebpf
+            .map_mut(LAYOUT_MAP)
+            .ok_or_else(|| LoadError::Map(format!("map {LAYOUT_MAP} missing from the object")))?;
+        let mut arr: Array<&mut MapData, KernelLayout> =
+            Array::try_from(map).map_err(|e| LoadError::Map(chain(&e)))?;
+        arr.set(0, kl, 0).map_err(|e| LoadError::Map(chain(&e)))?;
+    }
+
+    if let Some(forced) = opts.force_write_timer {
+        let spec = crate::probes::probe(crate::probes::WRITE_TIMER).expect("write_timer probe");
+        if !spec
+            .candidates
+            .iter()
+            .any(|c| c.attach.mechanism() == forced)
+        {
+            return Err(LoadError::BadForce(forced.as_str().to_owned()));
+        }
+    }
+
+    let env = AttachEnv {
+        btf: &aya_btf,
+        layout: &kl,
+        timer_addr: timer_addr.map_err(|e| e.to_string()),
+        cgroup: opts.cgroup.clone().or_else(kernel::cgroup2_root),
+    };
+    let mut statuses = Vec::new();
+    for spec in PROBES {
+        let status = attach_probe(&mut ebpf, spec, &env, opts);
+        if spec.required && status.chosen.is_none() {
+            let attempts = status
+                .attempts
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{}: {}",
+                        a.mechanism.as_str(),
+                        a.error.as_deref().unwrap_or("ok")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(LoadError::RequiredProbe {
+                probe: spec.name,
+                kernel: kernel_release,
+                attempts,
+            });
+        }
+        statuses.push(status);
+    }
+
+    let plan = Plan {
+        kernel: kernel_release,
+        hz: hz.map(|(h, _)| h),
+        hz_source: hz.map(|(_, s)| match s {
+            HzSource::ProcConfigGz => "/proc/config.gz".to_owned(),
+            HzSource::BootConfig => "/boot/config".to_owned(),
+        }),
+        probes: statuses,
+        fields: resolved.to_string(),
+    };
+    Ok(Loaded { ebpf, plan })
+}
+
+struct AttachEnv<'a> {
+    btf: &'a AyaBtf,
+    layout: &'a KernelLayout,
+    timer_addr: Result<u64, String>,
+    cgroup: Option<PathBuf>,
+}
+
+fn attach_probe(
+    ebpf: &mut Ebpf,
+    spec: &'static ProbeSpec,
+    env: &AttachEnv<'_>,
+    opts: &LoaderOptions,
+) -> ProbeStatus {
+    let mut status = ProbeStatus {
+        probe: spec.name,
+        required: spec.required,
+        chosen: None,
+        attempts: Vec::new(),
+    };
+    let forced = if spec.name == crate::probes::WRITE_TIMER {
+        opts.force_write_timer
+    } else {
+        None
+    };
+    for cand in spec.candidates {
+        let mechanism = cand.attach.mechanism();
+        let target = cand.attach.target();
+        let error = if let Some(f) = forced.filter(|f| *f != mechanism) {
+            Some(format!("skipped: --mechanism {} forced", f.as_str()))
+        } else if status.chosen.is_some() && !opts.try_all {
+            Some("not tried: a preferred mechanism is attached".to_owned())
+        } else if let Some(missing) = missing_fields(cand, env.layout) {
+            Some(format!("kernel BTF lacks {missing}"))
+        } else {
+            match try_attach(ebpf, cand, env) {
+                Ok(()) if status.chosen.is_none() => {
+                    status.chosen = Some(mechanism);
+                    None
+                }
+                Ok(()) => {
+                    // Works, but a preferred one is attached: detach again.
+                    unload(ebpf, cand.program);
+                    Some("works (not used: a preferred mechanism is attached)".to_owned())
+                }
+                Err(e) => Some(e),
+            }
+        };
+        status.attempts.push(Attempt {
+            mechanism,
+            target,
+            program: cand.program,
+            error,
+        });
+    }
+    status
+}
+
+fn missing_fields(cand: &Candidate, l: &KernelLayout) -> Option<String> {
+    let missing: Vec<_> = cand
+        .fields
+        .iter()
+        .filter(|&&f| !l.fields[f].is_present())
+        .map(|&f| layout::field_name(f))
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+fn unload(ebpf: &mut Ebpf, program: &str) {
+    let Some(p) = ebpf.program_mut(program) else {
+        return;
+    };
+    if p.fd().is_err() {
+        return; // never loaded
+    }
+    let r = match p {
+        aya::programs::Program::BtfTracePoint(p) => p.unload(),
+        aya::programs::Program::FEntry(p) => p.unload(),
+        aya::programs::Program::KProbe(p) => p.unload(),
+        aya::programs::Program::SockOps(p) => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(e) = r {
+        tracing::warn!(program, error = %chain(&e), "unloading program failed");
+    }
+}
+
+fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(cand.program)
+        .ok_or_else(|| format!("program {} missing from the eBPF object", cand.program))?;
+    let result = match cand.attach {
+        Attach::TpBtf { tracepoint } => {
+            let p: &mut BtfTracePoint = prog.try_into().map_err(|e| chain(&e))?;
+            p.load(tracepoint, env.btf)
+                .map_err(|e| format!("load: {}", chain(&e)))
+                .and_then(|()| {
+                    p.attach()
+                        .map(drop)
+                        .map_err(|e| format!("attach: {}", chain(&e)))
+                })
+        }
+        Attach::TimerTracepoint { callback } => {
+            let addr = env
+                .timer_addr
+                .as_ref()
+                .map_err(|e| format!("{callback}: {e}"))?;
+            if *addr == 0 {
+                return Err(format!("{callback} address unknown"));
+            }
+            let p: &mut BtfTracePoint = prog.try_into().map_err(|e| chain(&e))?;
+            p.load("timer_expire_entry", env.btf)
+                .map_err(|e| format!("load: {}", chain(&e)))
+                .and_then(|()| {
+                    p.attach()
+                        .map(drop)
+                        .map_err(|e| format!("attach: {}", chain(&e)))
+                })
+        }
+        Attach::Fentry { function } => {
+            let p: &mut FEntry = prog.try_into().map_err(|e| chain(&e))?;
+            p.load(function, env.btf)
+                .map_err(|e| format!("load: {}", chain(&e)))
+                .and_then(|()| {
+                    p.attach()
+                        .map(drop)
+                        .map_err(|e| format!("attach: {}", chain(&e)))
+                })
+        }
+        Attach::Kprobe { function } => {
+            let p: &mut KProbe = prog.try_into().map_err(|e| chain(&e))?;
+            let pmu = kernel::has_kprobe_pmu();
+            p.load()
+                .map_err(|e| format!("load: {}", chain(&e)))
+                .and_then(|()| {
+                    p.attach(function, 0).map(drop).map_err(|e| {
+                        let why = chain(&e);
+                        if pmu {
+                            format!("attach: {why}")
+                        } else {
+                            format!("attach: {why} (no kprobe PMU: /sys/bus/event_source/devices/kprobe missing, CONFIG_KPROBES unset)")
+                        }
+                    })
+                })
+        }
+        Attach::SockOps => {
+            let dir = env.cgroup.as_ref().ok_or_else(|| {
+                "no cgroup2 mount found (mount -t cgroup2 none /sys/fs/cgroup)".to_owned()
+            })?;
+            let f = File::open(dir).map_err(|e| format!("open {}: {e}", dir.display()))?;
+            let p: &mut SockOps = prog.try_into().map_err(|e| chain(&e))?;
+            p.load()
+                .map_err(|e| format!("load: {}", chain(&e)))
+                .and_then(|()| {
+                    // On 5.7+ aya attaches with bpf_link_create, whose cgroup
+                    // links always coexist with other programs (multi
+                    // semantics) and which rejects BPF_F_ALLOW_MULTI: pass 0.
+                    p.attach(&f, CgroupAttachMode::Single)
+                        .map(drop)
+                        .map_err(|e| format!("attach to {}: {}", dir.display(), chain(&e)))
+                })
+        }
+    };
+    if result.is_err() {
+        // Leave nothing half-loaded behind.
+        unload(ebpf, cand.program);
+    }
+    result
+}
+
+impl Loaded {
+    /// The event ring buffer (can be taken once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or_else(|| LoadError::Map(format!("map {EVENTS_MAP} missing or already taken")))?;
+        RingBuf::try_from(map).map_err(|e| LoadError::Map(chain(&e)))
+    }
+
+    /// The kernel-side counters (can be taken once).
+    pub fn take_stats(&mut self) -> Result<StatsReader, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(STATS_MAP)
+            .ok_or_else(|| LoadError::Map(format!("map {STATS_MAP} missing or already taken")))?;
+        PerCpuArray::try_from(map)
+            .map(StatsReader)
+            .map_err(|e| LoadError::Map(chain(&e)))
+    }
+}

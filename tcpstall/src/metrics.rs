@@ -1,0 +1,1238 @@
+//! The Prometheus metric contract (deploy/README.md, issue 4), on a
+//! `prometheus-client` registry.
+//!
+//! Cumulative metrics (counters, histograms) are fed as things happen: kernel
+//! events by kind, decode errors, ring-buffer drops, and the engine's
+//! [`Observation`]s. Live metrics (stalled sockets per class, near-timeout
+//! count, flow table size and the per-flow series of the top-K most urgent
+//! stalled flows) are replaced wholesale right before each encoding by
+//! [`Metrics::render`]: the per-flow families are cleared and re-filled, so a
+//! flow that left the top-K set (recovered, closed, outranked) loses its
+//! series at the next scrape.
+//!
+//! Cardinality is bounded by construction:
+//! - `remote` label: the first `max_remote_labels` distinct remote endpoints
+//!   seen get their own value, every later one is counted under `other`;
+//! - per-flow series: at most `top_k_flows` flows, three gauges each;
+//! - every other label has a closed value set (class, outcome, kind, probe x
+//!   mechanism, one build).
+//!
+//! Exposition: OpenMetrics text (what `prometheus-client` encodes), or the
+//! classic Prometheus text format 0.0.4 derived from it by
+//! [`openmetrics_to_prometheus_text`].
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{
+    engine::{Gauges, Observation, StallClass, StallView, StreakOutcome},
+    event::EventKind,
+    loader::ProbeStatus,
+    pods::PodIdentity,
+};
+
+/// Upper bounds (seconds) of `tcpstall_stall_duration_seconds`: a streak that
+/// reached the `retransmit` class lasts from about a second (TCP_USER_TIMEOUT,
+/// low tcp_retries2) to the default 924.6 s boundary and beyond.
+pub const STALL_DURATION_BUCKETS: [f64; 14] = [
+    0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0,
+];
+
+/// Upper bounds (seconds) of `tcpstall_timeout_prediction_error_seconds`
+/// (absolute error of the last prediction before the kernel's ETIMEDOUT).
+pub const PREDICTION_ERROR_BUCKETS: [f64; 11] =
+    [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0];
+
+/// The `remote` label value of every remote beyond `max_remote_labels`.
+pub const OTHER_REMOTE: &str = "other";
+
+/// Content type of the OpenMetrics exposition.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the classic Prometheus text exposition.
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("encoding the metrics failed")]
+    Encode(#[from] std::fmt::Error),
+}
+
+/// Exposition format of [`Metrics::render`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    /// Prometheus text format 0.0.4.
+    PrometheusText,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
+            Format::PrometheusText => PROMETHEUS_TEXT_CONTENT_TYPE,
+        }
+    }
+}
+
+/// Bounds and identity of the agent's metrics.
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    /// Distinct `remote` label values before `other`.
+    pub max_remote_labels: usize,
+    /// Stalled flows with per-flow series.
+    pub top_k_flows: usize,
+    /// `tcpstall_build_info{version}`.
+    pub version: String,
+    /// `tcpstall_build_info{kernel}`.
+    pub kernel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RemoteLabels {
+    remote: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    probe: String,
+    mechanism: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    kernel: String,
+}
+
+/// Labels of the per-flow series (the alert rules' contract).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub class: &'static str,
+    pub local: String,
+    pub remote: String,
+    /// Network namespace inode.
+    pub netns: String,
+    /// Empty when the owning pod is unknown.
+    pub pod: String,
+    pub namespace: String,
+    pub container: String,
+}
+
+impl FlowLabels {
+    pub fn of(view: &StallView, pod: Option<&PodIdentity>) -> Self {
+        Self {
+            class: view.class.as_str(),
+            local: view.local.to_string(),
+            remote: view.remote.to_string(),
+            netns: view.netns.to_string(),
+            pod: pod.map(|p| p.pod.clone()).unwrap_or_default(),
+            namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
+            container: pod.map(|p| p.container.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn stall_duration_histogram() -> Histogram {
+    Histogram::new(STALL_DURATION_BUCKETS)
+}
+
+/// The counters of one `remote` label value.
+#[derive(Clone, Debug)]
+struct RemoteCounters {
+    retransmits: Counter,
+    rto_expirations: Counter,
+}
+
+/// First-seen bounded `remote` label values.
+#[derive(Debug)]
+struct RemoteLabeler {
+    max: usize,
+    known: HashMap<SocketAddr, RemoteCounters>,
+    other: Option<RemoteCounters>,
+}
+
+/// Live values for [`Metrics::render`], computed from the engine at `now`.
+#[derive(Clone, Debug, Default)]
+pub struct LiveView {
+    pub gauges: Gauges,
+    /// The most urgent stalled flows first (as [`crate::engine::Engine::stalls`]
+    /// returns them), with the owning pod when known. Only the first
+    /// `top_k_flows` are exported.
+    pub top: Vec<(StallView, Option<PodIdentity>)>,
+}
+
+/// Every tcpstall metric and its registry.
+pub struct Metrics {
+    registry: Registry,
+    top_k_flows: usize,
+    retransmits: Family<RemoteLabels, Counter>,
+    rto_expirations: Family<RemoteLabels, Counter>,
+    remotes: Mutex<RemoteLabeler>,
+    timeouts: Counter,
+    stalled_sockets: Family<ClassLabels, Gauge>,
+    sockets_near_timeout: Gauge,
+    stall_duration_by_outcome: [Histogram; 3],
+    prediction_error: Histogram,
+    socket_seconds_to_timeout: Family<FlowLabels, FloatGauge>,
+    socket_unacked_age: Family<FlowLabels, FloatGauge>,
+    socket_stall_seconds: Family<FlowLabels, FloatGauge>,
+    events_by_kind: [Counter; 4],
+    ringbuf_dropped: Counter,
+    decode_errors: Counter,
+    flows_tracked: Gauge,
+    flow_evictions: Counter,
+    /// Serialises "replace the live values, then encode" between scrapes.
+    render_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("top_k_flows", &self.top_k_flows)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Metric state stays consistent even if a holder panicked.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn kind_index(kind: EventKind) -> usize {
+    match kind {
+        EventKind::Retransmit => 0,
+        EventKind::WriteTimer => 1,
+        EventKind::State => 2,
+        EventKind::ErrorReport => 3,
+    }
+}
+
+fn outcome_index(o: StreakOutcome) -> usize {
+    match o {
+        StreakOutcome::Recovered => 0,
+        StreakOutcome::TimedOut => 1,
+        StreakOutcome::Closed => 2,
+    }
+}
+
+impl Metrics {
+    /// Builds the registry. `probes`: the loader's plan (one
+    /// `tcpstall_probe_attached` series per probe and mechanism tried).
+    pub fn new(cfg: &MetricsConfig, probes: &[ProbeStatus]) -> Self {
+        let mut registry = Registry::default();
+
+        let retransmits = Family::<RemoteLabels, Counter>::default();
+        registry.register(
+            "tcpstall_retransmits",
+            "TCP segments retransmitted (fast retransmit, loss probe or RTO), by remote endpoint ip:port; the first max_remote_labels remotes seen get their own label value, later ones are counted under the value other",
+            retransmits.clone(),
+        );
+        let rto_expirations = Family::<RemoteLabels, Counter>::default();
+        registry.register(
+            "tcpstall_rto_expirations",
+            "Retransmission timer (RTO) expiries, by remote endpoint ip:port (bounded as tcpstall_retransmits_total)",
+            rto_expirations.clone(),
+        );
+        let timeouts = Counter::default();
+        registry.register(
+            "tcpstall_timeouts",
+            "Sockets the kernel killed on their write timeout (ETIMEDOUT after retransmissions or zero-window probes went unanswered)",
+            timeouts.clone(),
+        );
+        let stalled_sockets = Family::<ClassLabels, Gauge>::default();
+        registry.register(
+            "tcpstall_stalled_sockets",
+            "Sockets stalled now, by class: retransmit (consecutive RTOs without ACK progress), zero_window (peer window closed), close_wait (peer closed, application did not); every stalled socket counts once under its primary class",
+            stalled_sockets.clone(),
+        );
+        for c in StallClass::ALL {
+            stalled_sockets
+                .get_or_create(&ClassLabels { class: c.as_str() })
+                .set(0);
+        }
+        let sockets_near_timeout = Gauge::default();
+        registry.register(
+            "tcpstall_sockets_near_timeout",
+            "Stalled sockets whose predicted ETIMEDOUT is within --near-horizon-secs or that have consumed --near-horizon-fraction of their timeout budget",
+            sockets_near_timeout.clone(),
+        );
+        let stall_duration: HistogramFamily<OutcomeLabels> =
+            Family::new_with_constructor(stall_duration_histogram);
+        registry.register(
+            "tcpstall_stall_duration_seconds",
+            "Duration of retransmission stalls (streaks that reached the retransmit class) in seconds, by how they ended: recovered, timed_out, closed",
+            stall_duration.clone(),
+        );
+        let stall_duration_by_outcome = StreakOutcome::ALL.map(|o| {
+            stall_duration.get_or_create_owned(&OutcomeLabels {
+                outcome: o.as_str(),
+            })
+        });
+        let prediction_error = Histogram::new(PREDICTION_ERROR_BUCKETS);
+        registry.register(
+            "tcpstall_timeout_prediction_error_seconds",
+            "Absolute difference in seconds between the kernel's actual ETIMEDOUT and the last prediction made before it",
+            prediction_error.clone(),
+        );
+        let socket_seconds_to_timeout = Family::<FlowLabels, FloatGauge>::default();
+        registry.register(
+            "tcpstall_socket_seconds_to_timeout",
+            "Seconds until the kernel is predicted to kill this socket with ETIMEDOUT (negative when overdue); only for the top-K most urgent stalled flows with a prediction",
+            socket_seconds_to_timeout.clone(),
+        );
+        let socket_unacked_age = Family::<FlowLabels, FloatGauge>::default();
+        registry.register(
+            "tcpstall_socket_unacked_age_seconds",
+            "Seconds since the first unacknowledged retransmission of this socket (now - retrans_stamp, the kernel's clock for the timeout); only for the top-K most urgent stalled flows",
+            socket_unacked_age.clone(),
+        );
+        let socket_stall_seconds = Family::<FlowLabels, FloatGauge>::default();
+        registry.register(
+            "tcpstall_socket_stall_seconds",
+            "Seconds this socket has been stalled in its class; only for the top-K most urgent stalled flows",
+            socket_stall_seconds.clone(),
+        );
+        let events = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "tcpstall_events",
+            "Kernel events received from the ring buffer, by kind: retransmit, write_timer, state, error_report",
+            events.clone(),
+        );
+        let events_by_kind =
+            EventKind::ALL.map(|k| events.get_or_create_owned(&KindLabels { kind: k.as_str() }));
+        let ringbuf_dropped = Counter::default();
+        registry.register(
+            "tcpstall_ringbuf_dropped_events",
+            "Kernel events lost because the ring buffer was full (raise --ringbuf-bytes)",
+            ringbuf_dropped.clone(),
+        );
+        let decode_errors = Counter::default();
+        registry.register(
+            "tcpstall_decode_errors",
+            "Ring-buffer records that could not be decoded (agent and kernel programs from different builds)",
+            decode_errors.clone(),
+        );
+        let probe_attached = Family::<ProbeLabels, Gauge>::default();
+        registry.register(
+            "tcpstall_probe_attached",
+            "1 for the attach mechanism in use for each probe, 0 for the other mechanisms tried",
+            probe_attached.clone(),
+        );
+        for p in probes {
+            let mut mechanisms: BTreeSet<&'static str> = BTreeSet::new();
+            for a in &p.attempts {
+                mechanisms.insert(a.mechanism.as_str());
+            }
+            if let Some(m) = p.chosen {
+                mechanisms.insert(m.as_str());
+            }
+            for m in mechanisms {
+                let v = i64::from(p.chosen.is_some_and(|c| c.as_str() == m));
+                probe_attached
+                    .get_or_create(&ProbeLabels {
+                        probe: p.probe.to_owned(),
+                        mechanism: m.to_owned(),
+                    })
+                    .set(v);
+            }
+        }
+        let flows_tracked = Gauge::default();
+        registry.register(
+            "tcpstall_flows_tracked",
+            "Flows in the agent's flow table (bounded by --max-flows)",
+            flows_tracked.clone(),
+        );
+        let flow_evictions = Counter::default();
+        registry.register(
+            "tcpstall_flow_evictions",
+            "Flows dropped from the full flow table (least recently used first)",
+            flow_evictions.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "tcpstall_build_info",
+            "Always 1; the agent version and the kernel release it runs on",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&BuildLabels {
+                version: cfg.version.clone(),
+                kernel: cfg.kernel.clone(),
+            })
+            .set(1);
+
+        Self {
+            registry,
+            top_k_flows: cfg.top_k_flows,
+            retransmits,
+            rto_expirations,
+            remotes: Mutex::new(RemoteLabeler {
+                max: cfg.max_remote_labels,
+                known: HashMap::new(),
+                other: None,
+            }),
+            timeouts,
+            stalled_sockets,
+            sockets_near_timeout,
+            stall_duration_by_outcome,
+            prediction_error,
+            socket_seconds_to_timeout,
+            socket_unacked_age,
+            socket_stall_seconds,
+            events_by_kind,
+            ringbuf_dropped,
+            decode_errors,
+            flows_tracked,
+            flow_evictions,
+            render_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn top_k_flows(&self) -> usize {
+        self.top_k_flows
+    }
+
+    /// One decoded kernel event.
+    pub fn event(&self, kind: EventKind) {
+        self.events_by_kind[kind_index(kind)].inc();
+    }
+
+    /// One undecodable ring-buffer record.
+    pub fn decode_error(&self) {
+        self.decode_errors.inc();
+    }
+
+    /// `n` more events lost to a full ring buffer.
+    pub fn ringbuf_dropped(&self, n: u64) {
+        if n > 0 {
+            self.ringbuf_dropped.inc_by(n);
+        }
+    }
+
+    /// The counters of `remote`'s label value (its own, or `other`).
+    fn remote_counters(&self, remote: SocketAddr) -> RemoteCounters {
+        let mut r = lock(&self.remotes);
+        if let Some(c) = r.known.get(&remote) {
+            return c.clone();
+        }
+        if r.known.len() < r.max {
+            let labels = RemoteLabels {
+                remote: remote.to_string(),
+            };
+            let c = RemoteCounters {
+                retransmits: self.retransmits.get_or_create_owned(&labels),
+                rto_expirations: self.rto_expirations.get_or_create_owned(&labels),
+            };
+            r.known.insert(remote, c.clone());
+            return c;
+        }
+        r.other
+            .get_or_insert_with(|| {
+                let labels = RemoteLabels {
+                    remote: OTHER_REMOTE.to_owned(),
+                };
+                RemoteCounters {
+                    retransmits: self.retransmits.get_or_create_owned(&labels),
+                    rto_expirations: self.rto_expirations.get_or_create_owned(&labels),
+                }
+            })
+            .clone()
+    }
+
+    /// Folds one engine observation into the cumulative metrics.
+    pub fn observe(&self, o: &Observation) {
+        match *o {
+            Observation::Retransmit { remote, .. } => {
+                self.remote_counters(remote).retransmits.inc();
+            }
+            Observation::RtoExpiry { remote, .. } => {
+                self.remote_counters(remote).rto_expirations.inc();
+            }
+            Observation::StreakEnded {
+                outcome,
+                duration_s,
+                stalled: true,
+                ..
+            } => {
+                self.stall_duration_by_outcome[outcome_index(outcome)].observe(duration_s);
+            }
+            Observation::Timeout {
+                prediction_error_s, ..
+            } => {
+                self.timeouts.inc();
+                if let Some(e) = prediction_error_s
+                    && e.is_finite()
+                {
+                    self.prediction_error.observe(e.abs());
+                }
+            }
+            Observation::FlowEvicted { .. } => {
+                self.flow_evictions.inc();
+            }
+            Observation::StreakEnded { stalled: false, .. }
+            | Observation::ZeroWindowProbe { .. }
+            | Observation::StallStarted { .. }
+            | Observation::ZeroWindowEnded { .. } => {}
+        }
+    }
+
+    /// Replaces the live gauges and the per-flow series.
+    fn set_live(&self, live: &LiveView) {
+        let g = &live.gauges;
+        for (c, n) in g.stalled.iter() {
+            self.stalled_sockets
+                .get_or_create(&ClassLabels { class: c.as_str() })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.sockets_near_timeout
+            .set(i64::try_from(g.near_timeout).unwrap_or(i64::MAX));
+        self.flows_tracked
+            .set(i64::try_from(g.flows_tracked).unwrap_or(i64::MAX));
+
+        self.socket_seconds_to_timeout.clear();
+        self.socket_unacked_age.clear();
+        self.socket_stall_seconds.clear();
+        for (view, pod) in live.top.iter().take(self.top_k_flows) {
+            let labels = FlowLabels::of(view, pod.as_ref());
+            if let Some(s) = view.seconds_to_timeout.filter(|s| s.is_finite()) {
+                self.socket_seconds_to_timeout.get_or_create(&labels).set(s);
+            }
+            if let Some(a) = view.unacked_age_s.filter(|a| a.is_finite()) {
+                self.socket_unacked_age.get_or_create(&labels).set(a);
+            }
+            self.socket_stall_seconds
+                .get_or_create(&labels)
+                .set(view.stalled_for_s);
+        }
+    }
+
+    /// Replaces the live values with `live` and encodes every metric.
+    pub fn render(&self, live: &LiveView, format: Format) -> Result<String, MetricsError> {
+        let _guard = lock(&self.render_lock);
+        self.set_live(live);
+        let mut out = String::with_capacity(16 * 1024);
+        encode(&mut out, &self.registry)?;
+        Ok(match format {
+            Format::OpenMetrics => out,
+            Format::PrometheusText => openmetrics_to_prometheus_text(&out),
+        })
+    }
+
+    /// Current value of `tcpstall_decode_errors_total` (for the shutdown log).
+    pub fn decode_errors(&self) -> u64 {
+        self.decode_errors.get()
+    }
+
+    /// Current value of `tcpstall_ringbuf_dropped_events_total`.
+    pub fn ringbuf_dropped_total(&self) -> u64 {
+        self.ringbuf_dropped.get()
+    }
+}
+
+/// Converts `prometheus-client`'s OpenMetrics text into the classic
+/// Prometheus text format (version 0.0.4):
+/// - `# EOF` and `# UNIT` lines are dropped;
+/// - counter families are announced under their sample name (`# TYPE
+///   x_total counter`; OpenMetrics names the family `x`);
+/// - `_created` samples of counters and histograms are dropped (none are
+///   emitted today);
+/// - types without a classic equivalent: `info`/`stateset` become `gauge`,
+///   `gaugehistogram` `histogram`, `unknown` `untyped`;
+/// - exemplars (` # {...}` after a sample) are stripped.
+///
+/// Label values and numbers are written the same way in both formats. HELP
+/// texts contain no backslash, quote or newline, so their escaping agrees.
+pub fn openmetrics_to_prometheus_text(om: &str) -> String {
+    let mut types: HashMap<&str, &str> = HashMap::new();
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, ty)) = rest.split_once(' ')
+        {
+            types.insert(name, ty);
+        }
+    }
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = classic_family_name(name, types.get(name).copied());
+            let _ = writeln!(out, "# HELP {name} {help}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, ty) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let classic_ty = match ty {
+                "counter" | "gauge" | "histogram" | "summary" => ty,
+                "gaugehistogram" => "histogram",
+                "info" | "stateset" => "gauge",
+                _ => "untyped",
+            };
+            let _ = writeln!(
+                out,
+                "# TYPE {} {classic_ty}",
+                classic_family_name(name, Some(ty))
+            );
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        // A sample: strip an exemplar, drop `_created`.
+        let sample = match line.find(" # ") {
+            Some(i) => &line[..i],
+            None => line,
+        };
+        let name_end = sample.find(['{', ' ']).unwrap_or(sample.len());
+        if let Some(base) = sample[..name_end].strip_suffix("_created")
+            && matches!(
+                types.get(base).copied(),
+                Some("counter" | "histogram" | "summary" | "gaugehistogram")
+            )
+        {
+            continue;
+        }
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
+}
+
+fn classic_family_name(name: &str, ty: Option<&str>) -> String {
+    match ty {
+        Some("counter") => format!("{name}_total"),
+        Some("info") => format!("{name}_info"),
+        _ => name.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{BoundarySource, FlowHistory, StalledCounts, TimeoutEvidence};
+    use crate::event::{Mechanism, TcpState};
+    use crate::loader::Attempt;
+
+    fn cfg(max_remote_labels: usize, top_k_flows: usize) -> MetricsConfig {
+        MetricsConfig {
+            max_remote_labels,
+            top_k_flows,
+            version: "0.1.0".into(),
+            kernel: "6.1.0-test".into(),
+        }
+    }
+
+    fn plan() -> Vec<ProbeStatus> {
+        let attempt = |m: Mechanism, error: Option<&str>| Attempt {
+            mechanism: m,
+            target: "t".into(),
+            program: "p",
+            error: error.map(str::to_owned),
+        };
+        vec![
+            ProbeStatus {
+                probe: "retransmit",
+                required: true,
+                chosen: Some(Mechanism::TpBtf),
+                // Two tp_btf variants: one series.
+                attempts: vec![
+                    attempt(Mechanism::TpBtf, None),
+                    attempt(Mechanism::TpBtf, Some("not tried")),
+                ],
+            },
+            ProbeStatus {
+                probe: "write_timer",
+                required: true,
+                chosen: Some(Mechanism::TimerTracepoint),
+                attempts: vec![
+                    attempt(Mechanism::Fentry, Some("load failed")),
+                    attempt(Mechanism::Kprobe, Some("no PMU")),
+                    attempt(Mechanism::TimerTracepoint, None),
+                    attempt(Mechanism::SockOps, Some("not tried")),
+                ],
+            },
+            ProbeStatus {
+                probe: "error_report",
+                required: false,
+                chosen: None,
+                attempts: vec![attempt(Mechanism::TpBtf, Some("missing"))],
+            },
+        ]
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn view(class: StallClass, local: &str, remote: &str, to: Option<f64>) -> StallView {
+        StallView {
+            class,
+            since_ns: 1_000,
+            stalled_for_s: 7.5,
+            cookie: 42,
+            local: addr(local),
+            remote: addr(remote),
+            netns: 4_026_532_000,
+            state: TcpState::Established,
+            retransmits: 4,
+            rto_streak: 5,
+            backoff: 4,
+            rto_ms: 3_200,
+            packets_out: 1,
+            total_retrans: 5,
+            unacked_age_s: to.map(|_| 6.25),
+            boundary_s: to.map(|_| 12.6),
+            boundary_source: to.map(|_| BoundarySource::Retries2(5)),
+            predicted_timeout_ns: to.map(|_| 99),
+            seconds_to_timeout: to,
+            horizon_fraction: None,
+            near_horizon: to.is_some(),
+            zero_window_probes: None,
+            zero_window_unanswered: None,
+            zero_window_s: None,
+            close_wait_age_s: None,
+            orphan: false,
+            user_timeout_ms: None,
+            last_event_age_s: 0.5,
+            history: FlowHistory::default(),
+        }
+    }
+
+    /// Value of the one sample line starting with `series` (exact name and
+    /// labels as encoded).
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn lines_of<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.split(['{', ' ']).next() == Some(name))
+            .collect()
+    }
+
+    #[test]
+    fn contract_names_types_and_help() {
+        let m = Metrics::new(&cfg(100, 50), &plan());
+        // Families without any series are not encoded at all.
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        for absent in [
+            "tcpstall_retransmits",
+            "tcpstall_rto_expirations",
+            "tcpstall_socket_seconds_to_timeout",
+        ] {
+            assert!(!text.contains(&format!("# TYPE {absent} ")), "{text}");
+        }
+        let r = addr("10.0.0.2:8080");
+        m.observe(&Observation::Retransmit {
+            remote: r,
+            rto: true,
+        });
+        m.observe(&Observation::RtoExpiry { remote: r, rtos: 1 });
+        let live = LiveView {
+            gauges: Gauges::default(),
+            top: vec![(
+                view(
+                    StallClass::Retransmit,
+                    "10.0.0.1:40000",
+                    "10.0.0.2:8080",
+                    Some(3.0),
+                ),
+                None,
+            )],
+        };
+        let text = m.render(&live, Format::OpenMetrics).unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let expected = [
+            ("tcpstall_retransmits", "counter"),
+            ("tcpstall_rto_expirations", "counter"),
+            ("tcpstall_timeouts", "counter"),
+            ("tcpstall_stalled_sockets", "gauge"),
+            ("tcpstall_sockets_near_timeout", "gauge"),
+            ("tcpstall_stall_duration_seconds", "histogram"),
+            ("tcpstall_timeout_prediction_error_seconds", "histogram"),
+            ("tcpstall_socket_seconds_to_timeout", "gauge"),
+            ("tcpstall_socket_unacked_age_seconds", "gauge"),
+            ("tcpstall_socket_stall_seconds", "gauge"),
+            ("tcpstall_events", "counter"),
+            ("tcpstall_ringbuf_dropped_events", "counter"),
+            ("tcpstall_decode_errors", "counter"),
+            ("tcpstall_probe_attached", "gauge"),
+            ("tcpstall_flows_tracked", "gauge"),
+            ("tcpstall_flow_evictions", "counter"),
+            ("tcpstall_build_info", "gauge"),
+        ];
+        let types: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+            .collect();
+        assert_eq!(types.len(), expected.len(), "{types:?}");
+        for e in expected {
+            assert!(types.contains(&e), "missing {e:?} in {types:?}");
+            let help = text
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("# HELP ")?
+                        .strip_prefix(e.0)?
+                        .strip_prefix(' ')
+                })
+                .unwrap_or_else(|| panic!("no HELP for {}", e.0));
+            assert!(help.len() > 20, "HELP of {} too short: {help}", e.0);
+            assert!(
+                !help.contains(['"', '\\']),
+                "HELP of {} needs escaping",
+                e.0
+            );
+        }
+        // Zero-valued series exist from the start for the closed label sets.
+        for c in ["retransmit", "zero_window", "close_wait"] {
+            assert_eq!(
+                sample(&text, &format!("tcpstall_stalled_sockets{{class=\"{c}\"}}")),
+                Some(0.0)
+            );
+        }
+        for k in ["retransmit", "write_timer", "state", "error_report"] {
+            assert_eq!(
+                sample(&text, &format!("tcpstall_events_total{{kind=\"{k}\"}}")),
+                Some(0.0)
+            );
+        }
+        for o in ["recovered", "timed_out", "closed"] {
+            assert_eq!(
+                sample(
+                    &text,
+                    &format!("tcpstall_stall_duration_seconds_count{{outcome=\"{o}\"}}")
+                ),
+                Some(0.0)
+            );
+        }
+        assert_eq!(sample(&text, "tcpstall_timeouts_total"), Some(0.0));
+        assert_eq!(
+            sample(&text, "tcpstall_ringbuf_dropped_events_total"),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "tcpstall_decode_errors_total"), Some(0.0));
+        assert_eq!(sample(&text, "tcpstall_flow_evictions_total"), Some(0.0));
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_build_info{version=\"0.1.0\",kernel=\"6.1.0-test\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 4);
+        assert_eq!(
+            lines_of(&text, "tcpstall_stall_duration_seconds_count").len(),
+            3
+        );
+        assert_eq!(lines_of(&text, "tcpstall_probe_attached").len(), 6);
+        assert_eq!(lines_of(&text, "tcpstall_build_info").len(), 1);
+    }
+
+    #[test]
+    fn probe_attached_one_for_chosen_zero_for_others() {
+        let m = Metrics::new(&cfg(100, 50), &plan());
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        let v = |p: &str, mech: &str| {
+            sample(
+                &text,
+                &format!("tcpstall_probe_attached{{probe=\"{p}\",mechanism=\"{mech}\"}}"),
+            )
+        };
+        assert_eq!(v("retransmit", "tp_btf"), Some(1.0));
+        assert_eq!(lines_of(&text, "tcpstall_probe_attached").len(), 6);
+        assert_eq!(v("write_timer", "timer_tracepoint"), Some(1.0));
+        assert_eq!(v("write_timer", "fentry"), Some(0.0));
+        assert_eq!(v("write_timer", "kprobe"), Some(0.0));
+        assert_eq!(v("write_timer", "sock_ops"), Some(0.0));
+        assert_eq!(v("error_report", "tp_btf"), Some(0.0));
+    }
+
+    #[test]
+    fn observations_feed_counters_and_histograms() {
+        let m = Metrics::new(&cfg(100, 50), &plan());
+        let r = addr("10.0.0.2:8080");
+        m.event(EventKind::Retransmit);
+        m.event(EventKind::Retransmit);
+        m.event(EventKind::ErrorReport);
+        m.decode_error();
+        m.ringbuf_dropped(3);
+        m.ringbuf_dropped(0);
+        for o in [
+            Observation::Retransmit {
+                remote: r,
+                rto: true,
+            },
+            Observation::Retransmit {
+                remote: r,
+                rto: false,
+            },
+            Observation::RtoExpiry { remote: r, rtos: 1 },
+            Observation::StreakEnded {
+                remote: r,
+                outcome: StreakOutcome::TimedOut,
+                duration_s: 12.9,
+                rtos: 6,
+                stalled: true,
+            },
+            // Not stalled (a recovered loss probe): not a stall duration.
+            Observation::StreakEnded {
+                remote: r,
+                outcome: StreakOutcome::Recovered,
+                duration_s: 0.2,
+                rtos: 0,
+                stalled: false,
+            },
+            Observation::Timeout {
+                cookie: 1,
+                remote: r,
+                evidence: TimeoutEvidence::Etimedout,
+                actual_ns: 10,
+                predicted_ns: Some(11),
+                prediction_error_s: Some(-0.3),
+                first_prediction_error_s: None,
+                lead_time_s: None,
+                boundary_s: Some(12.6),
+                boundary_source: Some(BoundarySource::Retries2(5)),
+            },
+            Observation::FlowEvicted {
+                remote: r,
+                active: false,
+            },
+            Observation::StallStarted {
+                class: StallClass::Retransmit,
+                cookie: 1,
+                remote: r,
+            },
+        ] {
+            m.observe(&o);
+        }
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        let lbl = "{remote=\"10.0.0.2:8080\"}";
+        assert_eq!(
+            sample(&text, &format!("tcpstall_retransmits_total{lbl}")),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, &format!("tcpstall_rto_expirations_total{lbl}")),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "tcpstall_timeouts_total"), Some(1.0));
+        assert_eq!(sample(&text, "tcpstall_flow_evictions_total"), Some(1.0));
+        assert_eq!(sample(&text, "tcpstall_decode_errors_total"), Some(1.0));
+        assert_eq!(
+            sample(&text, "tcpstall_ringbuf_dropped_events_total"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, "tcpstall_events_total{kind=\"retransmit\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "tcpstall_events_total{kind=\"error_report\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_stall_duration_seconds_count{outcome=\"timed_out\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_stall_duration_seconds_count{outcome=\"recovered\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_stall_duration_seconds_bucket{le=\"10.0\",outcome=\"timed_out\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_stall_duration_seconds_bucket{le=\"20.0\",outcome=\"timed_out\"}"
+            ),
+            Some(1.0)
+        );
+        // Absolute error.
+        assert_eq!(
+            sample(&text, "tcpstall_timeout_prediction_error_seconds_sum"),
+            Some(0.3)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_timeout_prediction_error_seconds_bucket{le=\"0.25\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_timeout_prediction_error_seconds_bucket{le=\"0.5\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(m.decode_errors(), 1);
+        assert_eq!(m.ringbuf_dropped_total(), 3);
+    }
+
+    #[test]
+    fn remote_label_is_bounded_first_seen_then_other() {
+        let m = Metrics::new(&cfg(3, 50), &plan());
+        for i in 0..10u16 {
+            let remote = SocketAddr::from(([10, 0, 0, 1 + i as u8], 9000));
+            for _ in 0..=i {
+                m.observe(&Observation::Retransmit { remote, rto: true });
+            }
+            m.observe(&Observation::RtoExpiry { remote, rtos: 1 });
+        }
+        // The first three again: still their own label.
+        m.observe(&Observation::Retransmit {
+            remote: addr("10.0.0.1:9000"),
+            rto: true,
+        });
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        let retrans = lines_of(&text, "tcpstall_retransmits_total");
+        assert_eq!(retrans.len(), 4, "{retrans:?}");
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_retransmits_total{remote=\"10.0.0.1:9000\"}"
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_retransmits_total{remote=\"10.0.0.3:9000\"}"
+            ),
+            Some(3.0)
+        );
+        // 4..=10 retransmissions of remotes 4..10.
+        assert_eq!(
+            sample(&text, "tcpstall_retransmits_total{remote=\"other\"}"),
+            Some((4..=10).sum::<u32>() as f64)
+        );
+        assert_eq!(
+            sample(&text, "tcpstall_rto_expirations_total{remote=\"other\"}"),
+            Some(7.0)
+        );
+        assert_eq!(lines_of(&text, "tcpstall_rto_expirations_total").len(), 4);
+        // IPv6 remotes are labelled in their bracketed form.
+        let m = Metrics::new(&cfg(3, 50), &plan());
+        m.observe(&Observation::RtoExpiry {
+            remote: addr("[fd00::2]:443"),
+            rtos: 1,
+        });
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        assert_eq!(
+            sample(
+                &text,
+                "tcpstall_rto_expirations_total{remote=\"[fd00::2]:443\"}"
+            ),
+            Some(1.0)
+        );
+    }
+
+    #[test]
+    fn per_flow_series_follow_the_top_k_set() {
+        let m = Metrics::new(&cfg(100, 2), &plan());
+        let pod = PodIdentity {
+            pod: "web-1".into(),
+            namespace: "shop".into(),
+            pod_uid: "uid".into(),
+            container: "0123456789ab".into(),
+        };
+        let a = view(
+            StallClass::Retransmit,
+            "10.0.0.1:40000",
+            "10.0.0.2:8080",
+            Some(3.5),
+        );
+        let b = view(
+            StallClass::Retransmit,
+            "10.0.0.1:40001",
+            "10.0.0.2:8080",
+            Some(-0.25),
+        );
+        let c = view(
+            StallClass::ZeroWindow,
+            "10.0.0.1:40002",
+            "10.0.0.3:80",
+            None,
+        );
+        let live = LiveView {
+            gauges: Gauges {
+                stalled: StalledCounts {
+                    retransmit: 2,
+                    zero_window: 1,
+                    close_wait: 0,
+                },
+                near_timeout: 2,
+                flows_tracked: 17,
+            },
+            top: vec![
+                (b.clone(), None),
+                (a.clone(), Some(pod.clone())),
+                (c.clone(), None),
+            ],
+        };
+        let text = m.render(&live, Format::OpenMetrics).unwrap();
+        let a_labels = "{class=\"retransmit\",local=\"10.0.0.1:40000\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"web-1\",namespace=\"shop\",container=\"0123456789ab\"}";
+        let b_labels = "{class=\"retransmit\",local=\"10.0.0.1:40001\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"\",namespace=\"\",container=\"\"}";
+        assert_eq!(
+            sample(
+                &text,
+                &format!("tcpstall_socket_seconds_to_timeout{a_labels}")
+            ),
+            Some(3.5)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!("tcpstall_socket_seconds_to_timeout{b_labels}")
+            ),
+            Some(-0.25)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!("tcpstall_socket_unacked_age_seconds{a_labels}")
+            ),
+            Some(6.25)
+        );
+        assert_eq!(
+            sample(&text, &format!("tcpstall_socket_stall_seconds{a_labels}")),
+            Some(7.5)
+        );
+        // K = 2: the third flow has no series.
+        assert!(!text.contains("10.0.0.1:40002"), "{text}");
+        assert_eq!(lines_of(&text, "tcpstall_socket_stall_seconds").len(), 2);
+        assert_eq!(
+            sample(&text, "tcpstall_stalled_sockets{class=\"retransmit\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "tcpstall_stalled_sockets{class=\"zero_window\"}"),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "tcpstall_sockets_near_timeout"), Some(2.0));
+        assert_eq!(sample(&text, "tcpstall_flows_tracked"), Some(17.0));
+
+        // `a` recovered, `c` moved up: a's series are gone, c (no prediction,
+        // no unacked age) has only the stall-seconds series.
+        let live = LiveView {
+            gauges: Gauges::default(),
+            top: vec![(b, None), (c, None)],
+        };
+        let text = m.render(&live, Format::OpenMetrics).unwrap();
+        assert!(!text.contains("10.0.0.1:40000"), "{text}");
+        assert_eq!(
+            lines_of(&text, "tcpstall_socket_seconds_to_timeout").len(),
+            1
+        );
+        assert_eq!(
+            lines_of(&text, "tcpstall_socket_unacked_age_seconds").len(),
+            1
+        );
+        assert_eq!(lines_of(&text, "tcpstall_socket_stall_seconds").len(), 2);
+        assert!(text.contains(
+            "tcpstall_socket_stall_seconds{class=\"zero_window\",local=\"10.0.0.1:40002\""
+        ));
+        // Nothing stalled: every per-flow series is gone (an empty family is
+        // not encoded at all).
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        assert!(lines_of(&text, "tcpstall_socket_stall_seconds").is_empty());
+        assert!(!text.contains("tcpstall_socket_"), "{text}");
+    }
+
+    #[test]
+    fn classic_text_format() {
+        let m = Metrics::new(&cfg(100, 50), &plan());
+        m.observe(&Observation::Retransmit {
+            remote: addr("10.0.0.2:8080"),
+            rto: true,
+        });
+        let text = m
+            .render(&LiveView::default(), Format::PrometheusText)
+            .unwrap();
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# UNIT"));
+        assert!(text.contains("# TYPE tcpstall_retransmits_total counter\n"));
+        assert!(text.contains("# HELP tcpstall_retransmits_total TCP segments"));
+        assert!(text.contains("# TYPE tcpstall_stalled_sockets gauge\n"));
+        assert!(text.contains("# TYPE tcpstall_stall_duration_seconds histogram\n"));
+        assert!(text.contains("tcpstall_retransmits_total{remote=\"10.0.0.2:8080\"} 1\n"));
+        assert!(text.contains(
+            "tcpstall_stall_duration_seconds_bucket{le=\"+Inf\",outcome=\"closed\"} 0\n"
+        ));
+        // Every sample's family was announced with its classic name.
+        let announced: BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+            .collect();
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap_or("");
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| announced.contains(b))
+                .unwrap_or(name);
+            assert!(announced.contains(base), "{name} not announced");
+        }
+    }
+
+    #[test]
+    fn conversion_of_other_openmetrics_constructs() {
+        let om = "# HELP a_seconds A thing.\n# TYPE a_seconds counter\n# UNIT a_seconds seconds\n\
+                  a_seconds_total 3 # {trace_id=\"x\"} 1.0\na_seconds_created 1.7e9\n\
+                  # HELP b B.\n# TYPE b info\nb_info{v=\"1\"} 1\n\
+                  # HELP c C.\n# TYPE c unknown\nc 2\n# EOF\n";
+        let t = openmetrics_to_prometheus_text(om);
+        assert_eq!(
+            t,
+            "# HELP a_seconds_total A thing.\n# TYPE a_seconds_total counter\na_seconds_total 3\n\
+             # HELP b_info B.\n# TYPE b_info gauge\nb_info{v=\"1\"} 1\n\
+             # HELP c C.\n# TYPE c untyped\nc 2\n"
+        );
+    }
+}

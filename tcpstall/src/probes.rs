@@ -1,0 +1,289 @@
+//! The declarative table of probes: what each one observes, the mechanisms
+//! that can provide it in order of preference, and the kernel fields each
+//! mechanism reads. The loader walks this table, trying each mechanism for
+//! real; `tcpstall doctor` prints it with the outcome.
+
+use tcpstall_common::{field, program};
+
+use crate::event::Mechanism;
+
+/// How a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// BTF-typed tracepoint (`tp_btf/<name>`).
+    TpBtf { tracepoint: &'static str },
+    /// BPF trampoline on a kernel function.
+    Fentry { function: &'static str },
+    /// kprobe on a kernel function (needs the kprobe PMU).
+    Kprobe { function: &'static str },
+    /// `tp_btf/timer_expire_entry`, filtered in the program to timers whose
+    /// callback is `callback` (address from /proc/kallsyms).
+    TimerTracepoint { callback: &'static str },
+    /// cgroup `sock_ops` on the cgroup2 root.
+    SockOps,
+}
+
+impl Attach {
+    pub fn mechanism(&self) -> Mechanism {
+        match self {
+            Attach::TpBtf { .. } => Mechanism::TpBtf,
+            Attach::Fentry { .. } => Mechanism::Fentry,
+            Attach::Kprobe { .. } => Mechanism::Kprobe,
+            Attach::TimerTracepoint { .. } => Mechanism::TimerTracepoint,
+            Attach::SockOps => Mechanism::SockOps,
+        }
+    }
+
+    pub fn target(&self) -> String {
+        match self {
+            Attach::TpBtf { tracepoint } => format!("tp_btf/{tracepoint}"),
+            Attach::Fentry { function } => format!("fentry/{function}"),
+            Attach::Kprobe { function } => format!("kprobe/{function}"),
+            Attach::TimerTracepoint { callback } => {
+                format!("tp_btf/timer_expire_entry [function == {callback}]")
+            }
+            Attach::SockOps => "cgroup/sock_ops (RTO_CB)".to_owned(),
+        }
+    }
+}
+
+/// One way to provide a probe.
+#[derive(Debug)]
+pub struct Candidate {
+    pub attach: Attach,
+    /// The program's name in the eBPF object.
+    pub program: &'static str,
+    /// Indices of `tcpstall_common::field` this mechanism needs; a missing one
+    /// rules the candidate out before any attach attempt.
+    pub fields: &'static [usize],
+    /// What this mechanism sees, for `doctor`.
+    pub note: &'static str,
+}
+
+/// One thing tcpstall observes.
+#[derive(Debug)]
+pub struct ProbeSpec {
+    /// Stable name, used as the `probe` metric label.
+    pub name: &'static str,
+    pub purpose: &'static str,
+    /// The agent refuses to start when a required probe has no mechanism.
+    pub required: bool,
+    /// In order of preference.
+    pub candidates: &'static [Candidate],
+}
+
+/// Fields every program that reads `struct sock` needs.
+const SOCK_FIELDS: &[usize] = &[
+    field::SKC_FAMILY,
+    field::SKC_STATE,
+    field::SKC_DADDR,
+    field::SKC_RCV_SADDR,
+    field::SKC_DPORT,
+    field::SKC_NUM,
+    field::ICSK_RETRANSMITS,
+    field::ICSK_BACKOFF,
+    field::ICSK_PENDING,
+    field::ICSK_RTO,
+    field::ICSK_USER_TIMEOUT,
+    field::TP_RETRANS_STAMP,
+    field::TP_SND_UNA,
+    field::TP_SND_WND,
+    field::TP_PACKETS_OUT,
+];
+
+const TIMER_FIELDS: &[usize] = &[
+    field::SKC_FAMILY,
+    field::SKC_STATE,
+    field::SKC_COOKIE,
+    field::ICSK_RETRANSMITS,
+    field::ICSK_BACKOFF,
+    field::ICSK_PENDING,
+    field::ICSK_RTO,
+    field::ICSK_TIMER_EXPIRES,
+    field::TP_RETRANS_STAMP,
+    field::TP_SND_UNA,
+    field::TP_SND_WND,
+    field::TP_PACKETS_OUT,
+];
+
+const TIMER_TP_FIELDS: &[usize] = &[
+    field::SKC_FAMILY,
+    field::SKC_STATE,
+    field::SKC_COOKIE,
+    field::ICSK_RETRANSMITS,
+    field::ICSK_BACKOFF,
+    field::ICSK_PENDING,
+    field::ICSK_RTO,
+    field::ICSK_TIMER_EXPIRES,
+    field::TP_RETRANS_STAMP,
+    field::TP_SND_UNA,
+    field::TP_SND_WND,
+    field::TP_PACKETS_OUT,
+    field::WRITE_TIMER,
+    field::TIMER_FUNCTION,
+];
+
+pub const RETRANSMIT: &str = "retransmit";
+pub const STATE: &str = "state";
+pub const ERROR_REPORT: &str = "error_report";
+pub const WRITE_TIMER: &str = "write_timer";
+
+/// The probe plan. Order of the write-timer fallbacks:
+/// 1. fentry: a direct call into our program from `tcp_write_timer_handler`,
+///    the cheapest hook; sees RTOs and zero-window probes of every socket.
+/// 2. kprobe: same coverage, costs an int3/ftrace trap per call.
+/// 3. timer_expire_entry: same coverage, but runs for every timer expiring on
+///    the machine and filters on the callback address.
+/// 4. sock_ops RTO_CB: only sockets established after attach, no zero-window
+///    probes, no `retrans_stamp`: the last resort.
+pub static PROBES: &[ProbeSpec] = &[
+    ProbeSpec {
+        name: RETRANSMIT,
+        purpose: "every retransmitted segment (fast retransmit, tail loss probe, RTO)",
+        required: true,
+        candidates: &[
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_retransmit_skb",
+                },
+                program: program::RETRANSMIT_BTF_ERR,
+                fields: SOCK_FIELDS,
+                note: "6.17+ tracepoint with `err`: failed attempts are counted, not reported",
+            },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_retransmit_skb",
+                },
+                program: program::RETRANSMIT_BTF,
+                fields: SOCK_FIELDS,
+                note: "typed struct sock *; socket cookie via bpf_get_socket_cookie",
+            },
+        ],
+    },
+    ProbeSpec {
+        name: STATE,
+        purpose: "TCP state changes (CLOSE_WAIT, CLOSE, ...)",
+        required: true,
+        candidates: &[Candidate {
+            attach: Attach::TpBtf {
+                tracepoint: "inet_sock_set_state",
+            },
+            program: program::STATE_BTF,
+            fields: SOCK_FIELDS,
+            note: "old and new state plus a socket snapshot",
+        }],
+    },
+    ProbeSpec {
+        name: ERROR_REPORT,
+        purpose: "the kernel's error verdict (110 = ETIMEDOUT)",
+        required: false,
+        candidates: &[Candidate {
+            attach: Attach::TpBtf {
+                tracepoint: "inet_sk_error_report",
+            },
+            program: program::ERROR_REPORT_BTF,
+            fields: &[field::SK_ERR],
+            note: "5.14+; without it a timeout is inferred from the CLOSE at the predicted instant",
+        }],
+    },
+    ProbeSpec {
+        name: WRITE_TIMER,
+        purpose: "RTO and zero-window probe timer expiries",
+        required: true,
+        candidates: &[
+            Candidate {
+                attach: Attach::Fentry {
+                    function: "tcp_write_timer_handler",
+                },
+                program: program::WRITE_TIMER_FENTRY,
+                fields: TIMER_FIELDS,
+                note: "BPF trampoline: cheapest; every socket; RTO + zero-window probes",
+            },
+            Candidate {
+                attach: Attach::Kprobe {
+                    function: "tcp_write_timer_handler",
+                },
+                program: program::WRITE_TIMER_KPROBE,
+                fields: TIMER_FIELDS,
+                note: "kprobe: every socket; RTO + zero-window probes",
+            },
+            Candidate {
+                attach: Attach::TimerTracepoint {
+                    callback: "tcp_write_timer",
+                },
+                program: program::WRITE_TIMER_TIMER_TP,
+                fields: TIMER_TP_FIELDS,
+                note: "runs for every kernel timer, filtered to tcp_write_timer; every socket; RTO + zero-window probes",
+            },
+            Candidate {
+                attach: Attach::SockOps,
+                program: program::SOCK_OPS,
+                fields: &[],
+                note: "only sockets established after attach; RTOs only (no zero-window probes)",
+            },
+        ],
+    },
+];
+
+pub fn probe(name: &str) -> Option<&'static ProbeSpec> {
+    PROBES.iter().find(|p| p.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_and_programs_are_unique() {
+        let names: HashSet<_> = PROBES.iter().map(|p| p.name).collect();
+        assert_eq!(names.len(), PROBES.len());
+        let programs: Vec<_> = PROBES
+            .iter()
+            .flat_map(|p| p.candidates.iter().map(|c| c.program))
+            .collect();
+        let unique: HashSet<_> = programs.iter().collect();
+        assert_eq!(unique.len(), programs.len());
+    }
+
+    #[test]
+    fn every_probe_has_a_candidate_and_valid_fields() {
+        for p in PROBES {
+            assert!(!p.candidates.is_empty(), "{} has no candidate", p.name);
+            for c in p.candidates {
+                for &f in c.fields {
+                    assert!(f < field::COUNT, "{}: field {f} out of range", c.program);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn write_timer_fallback_order_is_fentry_kprobe_timer_sockops() {
+        let order: Vec<_> = probe(WRITE_TIMER)
+            .unwrap()
+            .candidates
+            .iter()
+            .map(|c| c.attach.mechanism())
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                Mechanism::Fentry,
+                Mechanism::Kprobe,
+                Mechanism::TimerTracepoint,
+                Mechanism::SockOps
+            ]
+        );
+    }
+
+    #[test]
+    fn required_probes() {
+        let required: Vec<_> = PROBES
+            .iter()
+            .filter(|p| p.required)
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(required, vec![RETRANSMIT, STATE, WRITE_TIMER]);
+    }
+}

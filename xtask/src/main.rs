@@ -1,0 +1,395 @@
+//! `cargo xtask`: build, run and test automation for tcpstall.
+//!
+//! Every command first makes sure the toolchain it needs is installed (nightly
+//! `rust-src`, a bpf-linker built against nightly's own LLVM, Debian packages),
+//! so the README's two commands work on a fresh machine.
+mod setup;
+mod vm;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run and test tcpstall (installs what it needs)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces and Debian packages (idempotent).
+    Setup {
+        /// Only the Rust/eBPF toolchain (no Debian or PyPI packages).
+        #[arg(long)]
+        toolchain_only: bool,
+    },
+    /// Build the eBPF programs and the agent (release).
+    Build,
+    /// Build and run the agent as root. Arguments after `--` go to `tcpstall`
+    /// [default: run --log-events --listen 127.0.0.1:9977].
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Everything CI runs: unit tests, deploy checks, privileged scenario tests
+    /// on this kernel (root), and the kernel matrix under QEMU.
+    Test {
+        /// Run only the unit tests (no root needed).
+        #[arg(long)]
+        unit_only: bool,
+        /// Filter passed to the privileged scenario tests on this kernel.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Skip the QEMU kernel matrix (it runs by default, as in CI).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Measure the horizon predictor on this kernel: real blackholed
+    /// connections with tcp_retries2 3, 5, 8 and TCP_USER_TIMEOUT 4 s;
+    /// prints predicted vs actual ETIMEDOUT as a Markdown table.
+    Accuracy,
+    /// Criterion benchmarks (decoder, engine hot path, BTF start-up cost).
+    Bench {
+        /// Criterion arguments, e.g. a benchmark name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the scenario tests inside Debian kernels under QEMU (TCG).
+    VmTest {
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// Scenario test names (libtest filters) to run in each guest.
+        #[arg(long = "test", value_name = "FILTER", default_values = VM_TESTS)]
+        tests: Vec<String>,
+    },
+}
+
+/// Scenario tests run in every guest kernel of the matrix.
+const VM_TESTS: &[&str] = &[
+    "probe_plan",
+    "s1_blackhole_events",
+    "s1_horizon_retries2_5",
+    "s2_user_timeout",
+];
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn step(msg: &str) {
+    eprintln!("\x1b[1m==> {msg}\x1b[0m");
+}
+
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Build the agent (release) and return the binary's path.
+fn build_agent() -> anyhow::Result<PathBuf> {
+    step("building tcpstall (eBPF programs via nightly + bpf-linker, agent via stable)");
+    let t = std::time::Instant::now();
+    run_cmd(cargo().args(["build", "--release", "-p", "tcpstall"]))?;
+    let bin = workspace_root().join("target/release/tcpstall");
+    eprintln!("    built {} in {:.0?}", bin.display(), t.elapsed());
+    Ok(bin)
+}
+
+/// Build the scenario test binary and return its path.
+fn build_scenarios() -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "tcpstall-tests",
+            "--test",
+            "scenarios",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the scenario tests")?;
+    if !out.status.success() {
+        bail!("building the scenario tests failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "scenarios")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the scenario test executable")
+}
+
+fn vm_matrix(opts: &vm::VmOptions, agent: &Path, tests: &[String]) -> anyhow::Result<()> {
+    let scenarios = build_scenarios()?;
+    step(&format!(
+        "kernel matrix under QEMU: {}",
+        opts.kernels.join(", ")
+    ));
+    // --nocapture: the probe plan and per-flow traces appear in the console log.
+    let mut test_args = vec!["--test-threads=1".to_owned(), "--nocapture".to_owned()];
+    test_args.extend(tests.iter().cloned());
+    let payload = vm::GuestPayload {
+        agent: agent.to_path_buf(),
+        tests: scenarios,
+        test_args,
+        extra_env: Vec::new(),
+    };
+    let results = vm::vm_test(opts, &payload)?;
+    eprintln!(
+        "\n{:<8} {:<28} {:<6} summary",
+        "kernel", "release", "result"
+    );
+    for r in &results {
+        eprintln!(
+            "{:<8} {:<28} {:<6} boot {:>6} total {:>6.1?} log {}",
+            r.kernel,
+            r.release,
+            if r.passed { "PASS" } else { "FAIL" },
+            r.boot_time
+                .map(|b| format!("{:.1}s", b.as_secs_f64()))
+                .unwrap_or_else(|| "-".into()),
+            r.total_time,
+            r.console_log.display()
+        );
+    }
+    for r in &results {
+        eprintln!("\nprobe plan chosen on {} ({}):", r.kernel, r.release);
+        let log = std::fs::read(&r.console_log).unwrap_or_default();
+        let plan: Vec<String> = String::from_utf8_lossy(&log)
+            .lines()
+            .filter_map(|l| l.split_once("PLAN ").map(|(_, p)| p.trim_end().to_owned()))
+            .collect();
+        if plan.is_empty() {
+            eprintln!("    (no plan printed: see {})", r.console_log.display());
+        }
+        for line in plan {
+            eprintln!("    {line}");
+        }
+    }
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| r.kernel.clone())
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "scenario tests failed on kernel(s) {} (console logs under {})",
+            failed.join(", "),
+            opts.cache_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "{what} needs root (BPF programs, network namespaces): run it as root, e.g. `sudo -E cargo xtask ...`"
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup { toolchain_only } => {
+            setup::toolchain()?;
+            if !toolchain_only {
+                setup::system_packages()?;
+            }
+        }
+        Cmd::Build => {
+            setup::toolchain()?;
+            build_agent()?;
+        }
+        Cmd::Run { args } => {
+            setup::toolchain()?;
+            let bin = build_agent()?;
+            require_root("running the agent")?;
+            let args = if args.is_empty() {
+                ["run", "--log-events", "--listen", "127.0.0.1:9977"]
+                    .map(String::from)
+                    .to_vec()
+            } else {
+                args
+            };
+            step(&format!("running {} {}", bin.display(), args.join(" ")));
+            let err = std::os::unix::process::CommandExt::exec(Command::new(&bin).args(&args));
+            bail!("could not exec {}: {err}", bin.display());
+        }
+        Cmd::Test {
+            unit_only,
+            filter,
+            no_vm,
+        } => {
+            setup::toolchain()?;
+            let vm_opts = vm::VmOptions::default();
+            let mut unit = cargo();
+            unit.args([
+                "test",
+                "--release",
+                "-p",
+                "tcpstall",
+                "-p",
+                "tcpstall-common",
+                "-p",
+                "xtask",
+            ]);
+            if !unit_only {
+                require_root("`cargo xtask test` (the privileged scenario tests)")?;
+                setup::system_packages()?;
+                setup::debian_packages(vm::VM_DEBIAN_PACKAGES)?;
+                step(
+                    "extracting BTF of the matrix kernels (unit tests check the field layout on each)",
+                );
+                let btf_dir = vm::default_btf_dir();
+                vm::extract_btf(&vm_opts.kernels, &btf_dir)?;
+                unit.env("TCPSTALL_TEST_BTF_DIR", &btf_dir);
+            }
+            step("unit tests");
+            run_cmd(&mut unit)?;
+            if unit_only {
+                return Ok(());
+            }
+            let bin = build_agent()?;
+            step("deploy checks (promtool, manifests, dashboard)");
+            run_cmd(cargo().args([
+                "test",
+                "--release",
+                "-p",
+                "tcpstall-tests",
+                "--test",
+                "deploy",
+            ]))?;
+            step(
+                "privileged scenario tests on this kernel (real probes, namespaces, a real Prometheus)",
+            );
+            let mut c = cargo();
+            c.args([
+                "test",
+                "--release",
+                "-p",
+                "tcpstall-tests",
+                "--test",
+                "scenarios",
+                "--test",
+                "prometheus_e2e",
+                "--",
+                "--test-threads=1",
+            ]);
+            if let Some(f) = filter {
+                c.arg(f);
+            }
+            c.env("TCPSTALL_AGENT", &bin);
+            run_cmd(&mut c)?;
+            if !no_vm {
+                let tests: Vec<String> = VM_TESTS.iter().map(|s| s.to_string()).collect();
+                vm_matrix(&vm_opts, &bin, &tests)?;
+            }
+            step(&format!(
+                "all passed: unit tests, deploy checks, scenarios on this kernel, Prometheus end to end{}",
+                if no_vm {
+                    ""
+                } else {
+                    ", QEMU kernel matrix (6.1, 6.12)"
+                }
+            ));
+        }
+        Cmd::Accuracy => {
+            setup::toolchain()?;
+            require_root("`cargo xtask accuracy` (real connections in namespaces)")?;
+            setup::system_packages()?;
+            let agent = build_agent()?;
+            let scenarios = build_scenarios()?;
+            step(
+                "blackholed connections: tcp_retries2 = 3, 5, 8 and TCP_USER_TIMEOUT = 4000 ms (about 2.5 minutes)",
+            );
+            let out = Command::new(&scenarios)
+                .args([
+                    "--test-threads=1",
+                    "--nocapture",
+                    "s1_horizon",
+                    "s2_user_timeout",
+                ])
+                .env("TCPSTALL_AGENT", &agent)
+                .stdout(std::process::Stdio::inherit())
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .context("running the horizon scenarios")?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let rows: Vec<&str> = stderr
+                .lines()
+                .filter_map(|l| l.strip_prefix("ACCURACY "))
+                .collect();
+            println!(
+                "\nkernel {}\n",
+                std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim()
+            );
+            println!(
+                "| tcp_retries2 | TCP_USER_TIMEOUT | boundary | ETIMEDOUT after write | first prediction ahead by | its error | last prediction error | RTOs when flagged |"
+            );
+            println!("|---|---|---|---|---|---|---|---|");
+            for r in &rows {
+                println!("{r}");
+            }
+            if !out.status.success() {
+                eprintln!("{stderr}");
+                bail!("a horizon scenario failed (output above)");
+            }
+        }
+        Cmd::Bench { args } => {
+            setup::toolchain()?;
+            step("criterion benchmarks (tcpstall/benches)");
+            run_cmd(
+                cargo()
+                    .args(["bench", "-p", "tcpstall", "--bench", "hot_path", "--"])
+                    .args(&args),
+            )?;
+        }
+        Cmd::VmTest { vm, tests } => {
+            setup::toolchain()?;
+            setup::debian_packages(vm::VM_DEBIAN_PACKAGES)?;
+            let bin = build_agent()?;
+            vm_matrix(&vm, &bin, &tests)?;
+        }
+    }
+    Ok(())
+}
