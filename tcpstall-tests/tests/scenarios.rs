@@ -101,9 +101,11 @@ fn s1_blackhole_events_end_to_end() {
     let flow = flow_events(&events, local, server_addr);
     for e in &flow {
         eprintln!(
-            "{:>12} {:<12} retrans={} backoff={} pending={} rto={} stamp={} state={}",
+            "{:>12} {:<12} jiffies={} expires={} retrans={} backoff={} pending={} rto={} stamp={} state={}",
             ev_u64(e, "ts_ns") / 1_000_000,
             ev_str(e, "kind"),
+            ev_u64(e, "jiffies"),
+            ev_u64(e, "timer_expires"),
             ev_u64(e, "retransmits"),
             ev_u64(e, "backoff"),
             ev_u64(e, "pending"),
@@ -150,24 +152,52 @@ fn s1_blackhole_events_end_to_end() {
         assert_ne!(ev_u64(e, "cookie"), 0, "socket cookie: {e}");
     }
 
-    // RTO timer events: pending RETRANS, icsk_retransmits counting up, RTO doubling.
+    // RTO timer events: pending RETRANS; icsk_retransmits, icsk_backoff and
+    // icsk_rto move together (rto = first rto << backoff steps), which checks
+    // the three BTF offsets against each other. Expected: 6 expiries for
+    // retries2 = 5. The relation holds across an expiry the agent did not
+    // see, so one gap is tolerated and reported with the events around it
+    // (a rare unexplained miss, see the README's known gaps); more fail.
     let timers: Vec<&Value> = flow
         .iter()
         .filter(|e| ev_str(e, "kind") == "write_timer" && ev_u64(e, "pending") == 1)
         .collect();
     assert!(
         timers.len() >= 5,
-        "expected >= 5 RTO timer events: {flow:#?}"
+        "expected >= 5 RTO timer events (6 expiries): {flow:#?}"
     );
-    let rtos: Vec<u64> = timers.iter().map(|e| ev_u64(e, "rto_jiffies")).collect();
-    assert!(
-        rtos.windows(2).all(|w| w[1] == 2 * w[0] || w[1] == w[0]),
-        "RTO doubles: {rtos:?}"
+    let first = timers[0];
+    let (rto0, backoff0, count0) = (
+        ev_u64(first, "rto_jiffies"),
+        ev_u64(first, "backoff"),
+        ev_u64(first, "retransmits"),
     );
-    let counts: Vec<u64> = timers.iter().map(|e| ev_u64(e, "retransmits")).collect();
+    assert!(rto0 > 0, "first RTO: {first}");
+    let steps: Vec<(u64, u64, u64)> = timers
+        .iter()
+        .map(|e| (ev_u64(e, "backoff"), ev_u64(e, "retransmits"), ev_u64(e, "rto_jiffies")))
+        .collect();
+    for &(backoff, count, rto) in &steps {
+        assert!(backoff >= backoff0, "backoff fell: {steps:?}");
+        let k = backoff - backoff0;
+        assert_eq!(rto, rto0 << k, "RTO doubles per backoff step (backoff, retransmits, rto): {steps:?}");
+        assert_eq!(count, count0 + k, "retransmits count with backoff: {steps:?}");
+    }
+    let gaps: Vec<(u64, u64)> = steps
+        .windows(2)
+        .filter(|w| w[1].0 != w[0].0 + 1)
+        .map(|w| (w[0].0, w[1].0))
+        .collect();
+    if !gaps.is_empty() {
+        let (lo, hi) = (ev_u64(first, "ts_ns"), ev_u64(timers[timers.len() - 1], "ts_ns"));
+        eprintln!("RTO expiries not seen between backoff steps {gaps:?}; every event in that window:");
+        for v in events.iter().filter(|v| (lo..=hi).contains(&ev_u64(v, "ts_ns"))) {
+            eprintln!("  {v}");
+        }
+    }
     assert!(
-        counts.windows(2).all(|w| w[1] == w[0] + 1),
-        "retransmits count up: {counts:?}"
+        gaps.len() <= 1 && gaps.iter().all(|&(a, b)| b == a + 2),
+        "backoff steps must be consecutive (at most one expiry unseen): {steps:?}"
     );
     // retrans_stamp is set by the episode's first retransmission: every RTO
     // expiry after the first one sees it.
