@@ -175,13 +175,27 @@ fn s1_blackhole_events_end_to_end() {
     assert!(rto0 > 0, "first RTO: {first}");
     let steps: Vec<(u64, u64, u64)> = timers
         .iter()
-        .map(|e| (ev_u64(e, "backoff"), ev_u64(e, "retransmits"), ev_u64(e, "rto_jiffies")))
+        .map(|e| {
+            (
+                ev_u64(e, "backoff"),
+                ev_u64(e, "retransmits"),
+                ev_u64(e, "rto_jiffies"),
+            )
+        })
         .collect();
     for &(backoff, count, rto) in &steps {
         assert!(backoff >= backoff0, "backoff fell: {steps:?}");
         let k = backoff - backoff0;
-        assert_eq!(rto, rto0 << k, "RTO doubles per backoff step (backoff, retransmits, rto): {steps:?}");
-        assert_eq!(count, count0 + k, "retransmits count with backoff: {steps:?}");
+        assert_eq!(
+            rto,
+            rto0 << k,
+            "RTO doubles per backoff step (backoff, retransmits, rto): {steps:?}"
+        );
+        assert_eq!(
+            count,
+            count0 + k,
+            "retransmits count with backoff: {steps:?}"
+        );
     }
     let gaps: Vec<(u64, u64)> = steps
         .windows(2)
@@ -189,9 +203,17 @@ fn s1_blackhole_events_end_to_end() {
         .map(|w| (w[0].0, w[1].0))
         .collect();
     if !gaps.is_empty() {
-        let (lo, hi) = (ev_u64(first, "ts_ns"), ev_u64(timers[timers.len() - 1], "ts_ns"));
-        eprintln!("RTO expiries not seen between backoff steps {gaps:?}; every event in that window:");
-        for v in events.iter().filter(|v| (lo..=hi).contains(&ev_u64(v, "ts_ns"))) {
+        let (lo, hi) = (
+            ev_u64(first, "ts_ns"),
+            ev_u64(timers[timers.len() - 1], "ts_ns"),
+        );
+        eprintln!(
+            "RTO expiries not seen between backoff steps {gaps:?}; every event in that window:"
+        );
+        for v in events
+            .iter()
+            .filter(|v| (lo..=hi).contains(&ev_u64(v, "ts_ns")))
+        {
             eprintln!("  {v}");
         }
     }
