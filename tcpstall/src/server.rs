@@ -14,6 +14,10 @@
 //! after the lock is released, so the event loop is not starved by scrapes.
 //! Every request is bounded by [`REQUEST_TIMEOUT`] (503 after that), bodies
 //! by [`MAX_BODY_BYTES`] (413); unknown paths answer 404, other methods 405.
+//! Connections are HTTP/1.1 (what Prometheus and curl speak): a client gets
+//! [`HEADER_READ_TIMEOUT`] to send its request headers (slow or silent
+//! clients are dropped), and at most [`MAX_CONNECTIONS`] are served at once
+//! (further ones wait in the listen backlog).
 
 use std::{
     future::Future,
@@ -44,6 +48,10 @@ use crate::{
 
 /// Upper bound on handling one request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
 /// Largest accepted request body (every endpoint is a GET).
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
 /// `/readyz` fails when the event loop has not drained the ring buffer for
@@ -472,9 +480,81 @@ pub async fn serve(
     state: Arc<AgentState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_router(
+        listener,
+        router(state),
+        ConnLimits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// Per-connection limits of [`serve_router`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Accept loop: one HTTP/1.1 connection task per client, at most
+/// `max_connections` at once, each dropped when its request headers do not
+/// arrive within `header_read_timeout`. On `shutdown` it stops accepting,
+/// closes idle keep-alive connections and waits for requests in flight (the
+/// caller bounds that wait). Accept errors (e.g. out of file descriptors)
+/// are logged and retried, never fatal.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::{
+        rt::{TokioIo, TokioTimer},
+        server::graceful::GracefulShutdown,
+        service::TowerToHyperService,
+    };
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // never closed
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -986,5 +1066,85 @@ mod tests {
             .expect("server stops")
             .expect("join")
             .expect("serve");
+    }
+
+    /// A raw HTTP/1.1 exchange: send `request`, read until EOF or 5 s.
+    async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (String, Duration) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let t0 = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request).await.expect("send");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        (String::from_utf8_lossy(&out).into_owned(), t0.elapsed())
+    }
+
+    #[tokio::test]
+    async fn slow_clients_are_dropped_and_shutdown_closes_idle_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let limits = ConnLimits {
+            header_read_timeout: Duration::from_millis(300),
+            max_connections: 2,
+        };
+        let server = tokio::spawn(serve_router(listener, app, limits, async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
+
+        // A complete request is answered (and the connection closed on request).
+        let (resp, _) = raw_exchange(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.ends_with("ok"), "{resp}");
+
+        // Half a request line, then silence: dropped after the header timeout,
+        // well before the client's own 5 s limit.
+        let (resp, took) = raw_exchange(addr, b"GET /hea").await;
+        assert!(!resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(
+            took < Duration::from_secs(4),
+            "slow client kept for {took:?}"
+        );
+
+        // More silent clients than slots: each is dropped in turn, then a
+        // real request still gets through.
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        let (resp, _) = raw_exchange(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            resp.starts_with("HTTP/1.1 200"),
+            "after idle clients: {resp}"
+        );
+
+        // An idle keep-alive connection does not hold up shutdown.
+        let mut keep = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            keep.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("send");
+            let mut buf = [0u8; 256];
+            let n = keep.read(&mut buf).await.expect("response");
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        }
+        stop_tx.send(true).expect("stop");
+        let r = tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("server stops with an idle keep-alive connection open");
+        r.expect("task").expect("serve");
+        drop(idle);
     }
 }
