@@ -36,6 +36,9 @@ pub mod program {
     pub const WRITE_TIMER_TIMER_TP: &str = "tcpstall_write_timer_tp";
     /// cgroup `sock_ops` (RTO_CB / STATE_CB)
     pub const SOCK_OPS: &str = "tcpstall_sock_ops";
+    /// `tp_btf/tcp_probe`, filtered to segments that acknowledge new data on
+    /// a socket inside an RTO episode (`icsk_retransmits != 0`).
+    pub const ACK_BTF: &str = "tcpstall_ack_btf";
 }
 
 /// Event kinds ([`Event::kind`]).
@@ -49,6 +52,10 @@ pub mod kind {
     pub const STATE: u32 = 3;
     /// `sock:inet_sk_error_report` (the kernel's error verdict, 110 = ETIMEDOUT).
     pub const ERROR_REPORT: u32 = 4;
+    /// `tcp:tcp_probe` (before the segment is processed): the peer
+    /// acknowledged new data ([`Event::ack_seq`] after `snd_una`) while the
+    /// socket was in an RTO episode. The episode is over.
+    pub const ACK: u32 = 5;
 }
 
 /// Which mechanism produced an event ([`Event::source`]).
@@ -168,8 +175,9 @@ pub struct Event {
     /// `sk_err`, `sk_err_soft` (ERROR_REPORT events; positive errno).
     pub sk_err: u32,
     pub sk_err_soft: u32,
-    /// Keeps the size a multiple of 8 without implicit padding.
-    pub reserved: u32,
+    /// ACK events: the segment's acknowledgment number (`TCP_SKB_CB(skb)->ack_seq`);
+    /// 0 for every other kind.
+    pub ack_seq: u32,
 }
 
 pub const EVENT_SIZE: usize = 192;
@@ -215,7 +223,7 @@ impl Event {
             netns_rto_max_ms: 0,
             sk_err: 0,
             sk_err_soft: 0,
-            reserved: 0,
+            ack_seq: 0,
         }
     }
 }
@@ -301,7 +309,12 @@ pub mod field {
     /// `inet_sock.inet_sport` (network order): the local port, still set after
     /// the kernel released the port (`skc_num` reads 0 in the final CLOSE).
     pub const INET_SPORT: usize = 38;
-    pub const COUNT: usize = 39;
+    /// Offset of `cb` (the control block) inside `struct sk_buff`; offset only.
+    pub const SKB_CB: usize = 39;
+    /// From the start of `struct tcp_skb_cb` (which lives at `sk_buff.cb`):
+    /// `ack_seq`.
+    pub const TCP_SKB_CB_ACK_SEQ: usize = 40;
+    pub const COUNT: usize = 41;
 }
 
 /// Bits of [`KernelLayout::flags`].

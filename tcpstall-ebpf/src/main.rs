@@ -310,6 +310,46 @@ fn try_error_report_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
 }
 
 // ---------------------------------------------------------------------------
+// tcp:tcp_probe (tp_btf): ACK progress that ends an RTO episode.
+
+/// Runs for every segment an established socket receives (before the kernel
+/// processes it), so the filter comes first and costs one read: only sockets
+/// inside an RTO episode (`icsk_retransmits != 0`, reset by the first ACK
+/// that advances `snd_una`) go further, and only a segment acknowledging new
+/// data is reported. That is one event per recovered episode.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn tcpstall_ack_btf(ctx: BtfTracePointContext) -> i32 {
+    match try_ack_btf(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+fn try_ack_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let f = &l.fields;
+    let (sk_ptr, sk) = tp_sock(ctx);
+    if read(sk, &f[field::ICSK_RETRANSMITS]) == 0 {
+        return Err(Skip);
+    }
+    let cb = &f[field::SKB_CB];
+    let ack_field = &f[field::TCP_SKB_CB_ACK_SEQ];
+    if !cb.is_present() || !ack_field.is_present() {
+        return Err(Skip);
+    }
+    let skb = arg_scalar(ctx.as_ptr(), 1);
+    if skb == 0 {
+        return Err(Skip);
+    }
+    let ack = read(skb.wrapping_add(cb.offset as u64), ack_field) as u32;
+    let una = read(sk, &f[field::TP_SND_UNA]) as u32;
+    // after(ack, una) in sequence space.
+    if (ack.wrapping_sub(una) as i32) <= 0 {
+        return Err(Skip);
+    }
+    sock_event(l, sk_ptr, sk, kind::ACK, |ev| ev.ack_seq = ack)
+}
+
+// ---------------------------------------------------------------------------
 // The write timer (RTO and zero-window probe). One of four mechanisms.
 
 /// Shared by the fentry, kprobe and timer-tracepoint paths: `sk` is the socket

@@ -262,9 +262,11 @@ pub struct Agent {
 
 impl Agent {
     /// Start `tcpstall run` with JSON logs and `--log-events` plus `extra` args,
-    /// and wait until it reports that it is running.
-    pub fn start(listen_port: u16, extra: &[&str]) -> Self {
-        let listen: SocketAddr = format!("127.0.0.1:{listen_port}").parse().expect("addr");
+    /// and wait until it reports that it is running. It listens on an
+    /// ephemeral loopback port (no clash with anything else on the machine);
+    /// `listen` is the address it reported.
+    pub fn start(extra: &[&str]) -> Self {
+        let requested: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut child = Command::new(agent_path())
             .args([
                 "run",
@@ -272,7 +274,7 @@ impl Agent {
                 "json",
                 "--log-events",
                 "--listen",
-                &listen.to_string(),
+                &requested.to_string(),
             ])
             .args(extra)
             .stdout(Stdio::piped())
@@ -302,12 +304,16 @@ impl Agent {
         let mut agent = Agent {
             child: Some(child),
             lines,
-            listen,
+            listen: requested,
             stderr,
         };
-        agent.wait_log(Duration::from_secs(60), "agent start", |v| {
+        let running = agent.wait_log(Duration::from_secs(60), "agent start", |v| {
             v["message"] == "tcpstall running"
         });
+        agent.listen = ev_str(&running, "listen").parse().unwrap_or_else(|e| {
+            panic!("agent start line without its listen address ({e}): {running}")
+        });
+        assert_ne!(agent.listen.port(), 0, "{running}");
         agent
     }
 

@@ -24,8 +24,14 @@ use serde_json::Value;
 use tcpstall_tests::*;
 
 /// Ports of this file (scenarios.rs uses 199xx below 19950).
-const AGENT_PORT: u16 = 19950;
-const PROMETHEUS_PORT: u16 = 19951;
+/// A loopback port free right now (for Prometheus, which cannot report the
+/// port it picked for `:0`).
+fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral loopback port")
+        .port()
+}
 
 /// The `prometheus` binary: `$PROMETHEUS`, else from PATH.
 fn require_prometheus() -> PathBuf {
@@ -257,8 +263,8 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
 
     let link = Link::new("pe2e", 40);
     link.a.sysctl("net.ipv4.tcp_retries2", "5");
-    let mut agent = Agent::start(AGENT_PORT, &["--near-horizon-secs", "60"]);
-    let mut prom = Prometheus::start(&prometheus_bin, PROMETHEUS_PORT, agent.listen, &rules);
+    let mut agent = Agent::start(&["--near-horizon-secs", "60"]);
+    let mut prom = Prometheus::start(&prometheus_bin, free_loopback_port(), agent.listen, &rules);
     prom.wait_ready(Duration::from_secs(30));
     prom.wait_target_up(Duration::from_secs(30));
     // The rules loaded and evaluate (TCPStallNearTimeout is in the flows group).

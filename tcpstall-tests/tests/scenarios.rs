@@ -38,7 +38,7 @@ fn s1_blackhole_events_end_to_end() {
     require_tools();
     let link = Link::new("s1e", 11);
     link.a.sysctl("net.ipv4.tcp_retries2", "5");
-    let mut agent = Agent::start(19911, &[]);
+    let mut agent = Agent::start(&[]);
 
     let server_addr = SocketAddr::from((link.b_ip, 8080));
     let listener = listen_in(&link.b, server_addr);
@@ -256,7 +256,7 @@ fn s1_blackhole_events_end_to_end() {
 fn healthy_connection_has_no_retransmits() {
     require_tools();
     let link = Link::new("ok", 12);
-    let mut agent = Agent::start(19912, &[]);
+    let mut agent = Agent::start(&[]);
     let server_addr = SocketAddr::from((link.b_ip, 8081));
     let listener = listen_in(&link.b, server_addr);
     let server = thread::spawn(move || {
@@ -337,7 +337,6 @@ struct HorizonRun {
 fn horizon_run(
     tag: &str,
     subnet: u8,
-    port: u16,
     retries2: Option<u32>,
     user_timeout_ms: Option<u32>,
 ) -> HorizonRun {
@@ -346,7 +345,7 @@ fn horizon_run(
     if let Some(r) = retries2 {
         link.a.sysctl("net.ipv4.tcp_retries2", &r.to_string());
     }
-    let agent = Agent::start(port, &[]);
+    let agent = Agent::start(&[]);
     let conn = Conn::establish(&link, 8080, user_timeout_ms);
     let (local, server_addr) = (conn.local, conn.server);
     assert!(
@@ -457,7 +456,7 @@ fn horizon_run(
 
 #[test]
 fn s1_horizon_retries2_3() {
-    let r = horizon_run("h3", 21, 19921, Some(3), None);
+    let r = horizon_run("h3", 21, Some(3), None);
     assert_eq!(r.boundary_source, "tcp_retries2=3");
     assert!(
         (r.boundary_s - 3.0).abs() < 0.01,
@@ -468,7 +467,7 @@ fn s1_horizon_retries2_3() {
 
 #[test]
 fn s1_horizon_retries2_5() {
-    let r = horizon_run("h5", 22, 19922, Some(5), None);
+    let r = horizon_run("h5", 22, Some(5), None);
     assert_eq!(r.boundary_source, "tcp_retries2=5");
     assert!(
         (r.boundary_s - 12.6).abs() < 0.01,
@@ -480,7 +479,7 @@ fn s1_horizon_retries2_5() {
 
 #[test]
 fn s1_horizon_retries2_8() {
-    let r = horizon_run("h8", 23, 19923, Some(8), None);
+    let r = horizon_run("h8", 23, Some(8), None);
     assert_eq!(r.boundary_source, "tcp_retries2=8");
     assert!(
         (r.boundary_s - 102.2).abs() < 0.01,
@@ -492,7 +491,7 @@ fn s1_horizon_retries2_8() {
 /// S2: TCP_USER_TIMEOUT replaces tcp_retries2 (left at its default here).
 #[test]
 fn s2_user_timeout() {
-    let r = horizon_run("uto", 24, 19924, None, Some(4000));
+    let r = horizon_run("uto", 24, None, Some(4000));
     assert_eq!(r.boundary_source, "user_timeout");
     assert!(
         (r.boundary_s - 4.0).abs() < 0.01,
@@ -505,12 +504,103 @@ fn s2_user_timeout() {
     );
 }
 
+/// S1 that recovers: the peer comes back after four RTOs. The ACK probe
+/// (`tp_btf/tcp_probe`) sees the first segment acknowledging the stuck data
+/// and the stall clears at once, instead of when the next expected RTO is
+/// overdue (several seconds here, minutes at large RTOs).
+#[test]
+fn s1_recovery_clears_the_stall_at_once() {
+    require_tools();
+    let link = Link::new("rec", 13);
+    let mut agent = Agent::start(&[]);
+    let mut conn = Conn::establish(&link, 8080, None);
+    let (local, server_addr) = (conn.local, conn.server);
+    let blackhole = link.b.blackhole_from(link.a_ip);
+    conn.client
+        .write_all(&[b'x'; 1000])
+        .expect("write into the blackhole");
+
+    // Flagged as a retransmit stall, then kept blocked until the fourth RTO
+    // (backoff 3: the next expiry is 1.6 s later, so recovery by staleness
+    // would take about 3.2 s + 1 s + 1.6 s of grace).
+    agent.wait_log(Duration::from_secs(15), "the stall flagged", |v| {
+        v["message"] == "stall started" && ev_str(v, "remote") == server_addr.to_string()
+    });
+    agent.wait_log(Duration::from_secs(15), "the fourth RTO expiry", |v| {
+        v["message"] == "event"
+            && ev_str(v, "kind") == "write_timer"
+            && ev_str(v, "local") == local.to_string()
+            && ev_u64(v, "backoff") >= 3
+    });
+    let stalled = agent
+        .stall_of(local, server_addr)
+        .expect("flagged while the peer is unreachable");
+    assert_eq!(ev_str(&stalled, "class"), "retransmit", "{stalled}");
+    drop(blackhole);
+
+    // The next RTO retransmission gets through; its ACK is reported.
+    let ack = agent.wait_log(Duration::from_secs(15), "the ACK event", |v| {
+        v["message"] == "event"
+            && ev_str(v, "kind") == "ack"
+            && ev_str(v, "local") == local.to_string()
+            && ev_str(v, "remote") == server_addr.to_string()
+    });
+    let ack_ns = ev_u64(&ack, "ts_ns");
+    let (una, ack_seq) = (
+        ev_u64(&ack, "snd_una") as u32,
+        ev_u64(&ack, "ack_seq") as u32,
+    );
+    assert_eq!(
+        ack_seq.wrapping_sub(una),
+        1000,
+        "the ACK covers exactly the 1000 stuck bytes: {ack}"
+    );
+    assert!(
+        ev_u64(&ack, "retransmits") >= 4,
+        "sent during the RTO episode: {ack}"
+    );
+
+    // The stall is gone from the API within a second of that ACK.
+    let mut cleared_ns = None;
+    while monotonic_ns() < ack_ns + 3_000_000_000 {
+        if agent.stall_of(local, server_addr).is_none() {
+            cleared_ns = Some(monotonic_ns());
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let cleared_ns = cleared_ns.expect("the stall was still reported 3 s after the ACK");
+    let after_ack_ms = cleared_ns.saturating_sub(ack_ns) as f64 / 1e6;
+    assert!(
+        after_ack_ms < 1_000.0,
+        "the stall cleared {after_ack_ms:.0} ms after the ACK (staleness, not the ACK probe)"
+    );
+    let recovered = metric_sum(
+        &agent.metrics(),
+        "tcpstall_stall_duration_seconds_count",
+        &[("outcome", "recovered")],
+    )
+    .unwrap_or(0.0);
+    assert!(recovered >= 1.0, "the streak is counted as recovered");
+
+    // And the connection works again.
+    conn.client
+        .write_all(b"after")
+        .expect("write after recovery");
+    let logs = agent.stop();
+    let summary = logs
+        .iter()
+        .find(|v| v["message"] == "tcpstall stopped")
+        .expect("shutdown summary");
+    assert_eq!(summary["dropped"], 0, "ring buffer drops: {summary}");
+}
+
 /// S4: the receiver stops reading; the sender runs zero-window probes.
 #[test]
 fn s4_zero_window() {
     require_tools();
     let link = Link::new("zw", 25);
-    let agent = Agent::start(19925, &["--zero-window-after", "3"]);
+    let agent = Agent::start(&["--zero-window-after", "3"]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
     let listener = listen_in(&link.b, server_addr);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -572,7 +662,7 @@ fn s4_zero_window() {
 fn s5_close_wait() {
     require_tools();
     let link = Link::new("cw", 26);
-    let agent = Agent::start(19926, &["--close-wait-after", "2"]);
+    let agent = Agent::start(&["--close-wait-after", "2"]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
     let listener = listen_in(&link.b, server_addr);
     let server = thread::spawn(move || {
@@ -624,7 +714,7 @@ fn s6_one_bad_backend() {
             (c_ip, SocketAddr::from((b_ip, 9000)))
         })
         .collect();
-    let agent = Agent::start(19927, &[]);
+    let agent = Agent::start(&[]);
     let mut clients = Vec::new();
     for (b, (_, addr)) in backends.iter().zip(&addrs) {
         let listener = listen_in(b, *addr);
@@ -734,7 +824,7 @@ fn s6_one_bad_backend() {
 fn s7_lossy_but_healthy() {
     require_tools();
     let link = Link::new("s7", 27);
-    let agent = Agent::start(19928, &[]);
+    let agent = Agent::start(&[]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
     let listener = listen_in(&link.b, server_addr);
     let server = thread::spawn(move || {

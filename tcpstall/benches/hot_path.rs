@@ -211,6 +211,7 @@ impl Sock {
             rto_expired_verdict: false,
             sk_err: 0,
             sk_err_soft: 0,
+            ack_seq: 0,
         }
     }
 

@@ -97,6 +97,7 @@ pub fn log_event(e: &SockEvent) {
         jiffies = e.jiffies,
         tcp_retries2 = n.map(|n| n.tcp_retries2),
         sk_err = e.sk_err,
+        ack_seq = e.ack_seq,
         orphan = e.orphan,
         "event"
     );
@@ -258,6 +259,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         cgroup: settings.cgroup.clone(),
         btf_path: settings.btf.clone(),
         try_all: false,
+        disabled: if settings.no_ack_probe {
+            vec![(crate::probes::ACK, "--no-ack-probe")]
+        } else {
+            Vec::new()
+        },
     };
     let mut loaded = loader::load(&opts).context("loading probes")?;
     log_plan(&loaded.plan);

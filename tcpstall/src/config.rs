@@ -103,6 +103,11 @@ pub struct RunArgs {
     /// Log every kernel event as a structured line (verbose; for debugging).
     #[arg(long)]
     pub log_events: bool,
+    /// Do not attach the ACK probe (`tp_btf/tcp_probe`). It runs one read per
+    /// received TCP segment and clears a recovered stall at once; without it
+    /// a recovery shows when the next expected RTO is overdue.
+    #[arg(long)]
+    pub no_ack_probe: bool,
     /// Ring buffer size in bytes (power of two) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
@@ -152,6 +157,7 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub log_events: Option<bool>,
+    pub no_ack_probe: Option<bool>,
     pub ringbuf_bytes: Option<u32>,
     pub mechanism: Option<ForceMechanism>,
     pub cgroup: Option<PathBuf>,
@@ -189,6 +195,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_level: String,
     pub log_events: bool,
+    pub no_ack_probe: bool,
     pub ringbuf_bytes: u32,
     pub mechanism: Option<Mechanism>,
     pub cgroup: Option<PathBuf>,
@@ -214,6 +221,7 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             log_events: false,
+            no_ack_probe: false,
             ringbuf_bytes: tcpstall_common::DEFAULT_RINGBUF_BYTES,
             mechanism: None,
             cgroup: None,
@@ -333,6 +341,7 @@ impl Settings {
                 .or(f.log_level)
                 .unwrap_or(d.log_level),
             log_events: a.log_events || f.log_events.unwrap_or(false),
+            no_ack_probe: a.no_ack_probe || f.no_ack_probe.unwrap_or(false),
             ringbuf_bytes,
             mechanism: a.mechanism.or(f.mechanism).map(Into::into),
             cgroup: a.cgroup.clone().or(f.cgroup),

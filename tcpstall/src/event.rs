@@ -27,14 +27,17 @@ pub enum EventKind {
     WriteTimer,
     State,
     ErrorReport,
+    /// New data acknowledged during an RTO episode (`tcp:tcp_probe`).
+    Ack,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 5] = [
         EventKind::Retransmit,
         EventKind::WriteTimer,
         EventKind::State,
         EventKind::ErrorReport,
+        EventKind::Ack,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,6 +45,7 @@ impl EventKind {
             EventKind::WriteTimer => "write_timer",
             EventKind::State => "state",
             EventKind::ErrorReport => "error_report",
+            EventKind::Ack => "ack",
         }
     }
 }
@@ -162,6 +166,9 @@ pub struct SockEvent {
     /// ERROR_REPORT: `sk_err`, `sk_err_soft` (positive errno).
     pub sk_err: u32,
     pub sk_err_soft: u32,
+    /// ACK: the segment's acknowledgment number (after `snd_una`, which is
+    /// the value before the segment is processed).
+    pub ack_seq: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -229,6 +236,7 @@ impl SockEvent {
             kind::WRITE_TIMER => EventKind::WriteTimer,
             kind::STATE => EventKind::State,
             kind::ERROR_REPORT => EventKind::ErrorReport,
+            kind::ACK => EventKind::Ack,
             other => return Err(DecodeError::Kind(other)),
         };
         let mechanism = match raw.source {
@@ -284,6 +292,7 @@ impl SockEvent {
             rto_expired_verdict: raw.flags & flag::RTO_EXPIRED != 0,
             sk_err: raw.sk_err,
             sk_err_soft: raw.sk_err_soft,
+            ack_seq: raw.ack_seq,
         })
     }
 
@@ -331,6 +340,19 @@ mod tests {
         assert_eq!(ev.sock.unwrap().backoff, 3);
         assert_eq!(ev.netns_sysctls.unwrap().tcp_retries2, 5);
         assert_eq!(ev.netns_sysctls.unwrap().tcp_rto_max_ms, None);
+    }
+
+    #[test]
+    fn decodes_ack_events_with_their_ack_seq() {
+        let mut raw = sample();
+        raw.kind = kind::ACK;
+        raw.ack_seq = 0xdead_beef;
+        let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
+        assert_eq!(ev.kind, EventKind::Ack);
+        assert_eq!(ev.kind.as_str(), "ack");
+        assert_eq!(ev.ack_seq, 0xdead_beef);
+        raw.kind = 6;
+        assert!(SockEvent::decode(&bytes_of(&raw)).is_err());
     }
 
     #[test]

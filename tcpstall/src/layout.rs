@@ -25,7 +25,9 @@
 //! `inet_connection_sock` and `tcp_sock` begin with `struct sock` at offset 0
 //! (checked by [`resolve`]), so their member offsets are offsets from `sock`.
 //! [`Base::Net`] offsets are from `struct net`, [`Base::TimerList`] from
-//! `struct timer_list`.
+//! `struct timer_list`, [`Base::SkBuff`] from `struct sk_buff` and
+//! [`Base::TcpSkbCb`] from `struct tcp_skb_cb` (the TCP view of
+//! `sk_buff.cb`: the ACK probe reads `skb + SKB_CB + TCP_SKB_CB_ACK_SEQ`).
 
 use std::fmt;
 
@@ -43,6 +45,10 @@ pub enum Base {
     Net,
     /// `struct timer_list`.
     TimerList,
+    /// `struct sk_buff`.
+    SkBuff,
+    /// `struct tcp_skb_cb` (stored in `sk_buff.cb`).
+    TcpSkbCb,
 }
 
 impl Base {
@@ -51,6 +57,8 @@ impl Base {
             Self::Sock => "sock",
             Self::Net => "net",
             Self::TimerList => "timer_list",
+            Self::SkBuff => "sk_buff",
+            Self::TcpSkbCb => "tcp_skb_cb",
         }
     }
 }
@@ -121,7 +129,7 @@ const fn row(
 const REQ: bool = true;
 const OPT: bool = false;
 use Access::{Ipv6Addr, OffsetOnly, Value};
-use Base::{Net, Sock, TimerList};
+use Base::{Net, SkBuff, Sock, TcpSkbCb, TimerList};
 
 /// The field table, indexed by [`tcpstall_common::field`] constants.
 #[rustfmt::skip]
@@ -250,6 +258,12 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
     row(field::INET_SPORT, "INET_SPORT", "inet_sock.inet_sport", Sock,
         &[("inet_sock", "inet_sport")], OPT, Value,
         "local port after the kernel released it", "network byte order"),
+    row(field::SKB_CB, "SKB_CB", "sk_buff.cb", SkBuff,
+        &[("sk_buff", "cb")], OPT, OffsetOnly,
+        "see ACK progress of a stalled socket", "where tcp_skb_cb lives"),
+    row(field::TCP_SKB_CB_ACK_SEQ, "TCP_SKB_CB_ACK_SEQ", "tcp_skb_cb.ack_seq", TcpSkbCb,
+        &[("tcp_skb_cb", "ack_seq")], OPT, Value,
+        "see ACK progress of a stalled socket", ""),
 ];
 
 // Every row sits at its own index.

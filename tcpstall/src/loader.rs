@@ -68,6 +68,9 @@ pub struct LoaderOptions {
     /// Try every candidate (doctor): report all outcomes, keep the first that
     /// works attached.
     pub try_all: bool,
+    /// Optional probes not to attach (by [`ProbeSpec::name`]), with the
+    /// reason shown in the plan.
+    pub disabled: Vec<(&'static str, &'static str)>,
 }
 
 impl Default for LoaderOptions {
@@ -78,6 +81,7 @@ impl Default for LoaderOptions {
             cgroup: None,
             btf_path: None,
             try_all: false,
+            disabled: Vec::new(),
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct Attempt {
 pub struct ProbeStatus {
     pub probe: &'static str,
     pub required: bool,
+    /// Turned off by the operator (the flag that did it); no metric series.
+    pub disabled: Option<&'static str>,
     pub chosen: Option<Mechanism>,
     pub attempts: Vec<Attempt>,
 }
@@ -330,9 +336,15 @@ fn attach_probe(
     env: &AttachEnv<'_>,
     opts: &LoaderOptions,
 ) -> ProbeStatus {
+    let disabled = opts
+        .disabled
+        .iter()
+        .find(|(name, _)| *name == spec.name && !spec.required)
+        .map(|&(_, why)| why);
     let mut status = ProbeStatus {
         probe: spec.name,
         required: spec.required,
+        disabled,
         chosen: None,
         attempts: Vec::new(),
     };
@@ -344,7 +356,9 @@ fn attach_probe(
     for cand in spec.candidates {
         let mechanism = cand.attach.mechanism();
         let target = cand.attach.target();
-        let error = if let Some(f) = forced.filter(|f| *f != mechanism) {
+        let error = if let Some(why) = disabled {
+            Some(format!("disabled: {why}"))
+        } else if let Some(f) = forced.filter(|f| *f != mechanism) {
             Some(format!("skipped: --mechanism {} forced", f.as_str()))
         } else if status.chosen.is_some() && !opts.try_all {
             Some("not tried: a preferred mechanism is attached".to_owned())

@@ -205,7 +205,7 @@ pub struct Metrics {
     socket_seconds_to_timeout: Family<FlowLabels, FloatGauge>,
     socket_unacked_age: Family<FlowLabels, FloatGauge>,
     socket_stall_seconds: Family<FlowLabels, FloatGauge>,
-    events_by_kind: [Counter; 4],
+    events_by_kind: [Counter; EventKind::ALL.len()],
     ringbuf_dropped: Counter,
     decode_errors: Counter,
     flows_tracked: Gauge,
@@ -233,6 +233,7 @@ fn kind_index(kind: EventKind) -> usize {
         EventKind::WriteTimer => 1,
         EventKind::State => 2,
         EventKind::ErrorReport => 3,
+        EventKind::Ack => 4,
     }
 }
 
@@ -324,7 +325,7 @@ impl Metrics {
         let events = Family::<KindLabels, Counter>::default();
         registry.register(
             "tcpstall_events",
-            "Kernel events received from the ring buffer, by kind: retransmit, write_timer, state, error_report",
+            "Kernel events received from the ring buffer, by kind: retransmit, write_timer, state, error_report, ack",
             events.clone(),
         );
         let events_by_kind =
@@ -347,7 +348,8 @@ impl Metrics {
             "1 for the attach mechanism in use for each probe, 0 for the other mechanisms tried",
             probe_attached.clone(),
         );
-        for p in probes {
+        // A probe the operator turned off has no series: it is not "detached".
+        for p in probes.iter().filter(|p| p.disabled.is_none()) {
             let mut mechanisms: BTreeSet<&'static str> = BTreeSet::new();
             for a in &p.attempts {
                 mechanisms.insert(a.mechanism.as_str());
@@ -664,6 +666,7 @@ mod tests {
             ProbeStatus {
                 probe: "retransmit",
                 required: true,
+                disabled: None,
                 chosen: Some(Mechanism::TpBtf),
                 // Two tp_btf variants: one series.
                 attempts: vec![
@@ -674,6 +677,7 @@ mod tests {
             ProbeStatus {
                 probe: "write_timer",
                 required: true,
+                disabled: None,
                 chosen: Some(Mechanism::TimerTracepoint),
                 attempts: vec![
                     attempt(Mechanism::Fentry, Some("load failed")),
@@ -685,8 +689,17 @@ mod tests {
             ProbeStatus {
                 probe: "error_report",
                 required: false,
+                disabled: None,
                 chosen: None,
                 attempts: vec![attempt(Mechanism::TpBtf, Some("missing"))],
+            },
+            // Turned off by the operator: no series (the 6 above are all).
+            ProbeStatus {
+                probe: "ack",
+                required: false,
+                disabled: Some("--no-ack-probe"),
+                chosen: None,
+                attempts: vec![attempt(Mechanism::TpBtf, Some("disabled: --no-ack-probe"))],
             },
         ]
     }
@@ -823,7 +836,7 @@ mod tests {
                 Some(0.0)
             );
         }
-        for k in ["retransmit", "write_timer", "state", "error_report"] {
+        for k in ["retransmit", "write_timer", "state", "error_report", "ack"] {
             assert_eq!(
                 sample(&text, &format!("tcpstall_events_total{{kind=\"{k}\"}}")),
                 Some(0.0)
@@ -852,7 +865,7 @@ mod tests {
             ),
             Some(1.0)
         );
-        assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 4);
+        assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 5);
         assert_eq!(
             lines_of(&text, "tcpstall_stall_duration_seconds_count").len(),
             3

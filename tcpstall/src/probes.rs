@@ -127,6 +127,22 @@ pub const RETRANSMIT: &str = "retransmit";
 pub const STATE: &str = "state";
 pub const ERROR_REPORT: &str = "error_report";
 pub const WRITE_TIMER: &str = "write_timer";
+pub const ACK: &str = "ack";
+
+/// What the ACK probe reads: the filter, `snd_una` and the segment's
+/// `ack_seq` (through `sk_buff.cb`), plus the socket snapshot.
+const ACK_FIELDS: &[usize] = &[
+    field::SKC_FAMILY,
+    field::SKC_STATE,
+    field::SKC_DADDR,
+    field::SKC_RCV_SADDR,
+    field::SKC_DPORT,
+    field::SKC_NUM,
+    field::ICSK_RETRANSMITS,
+    field::TP_SND_UNA,
+    field::SKB_CB,
+    field::TCP_SKB_CB_ACK_SEQ,
+];
 
 /// The probe plan. Order of the write-timer fallbacks:
 /// 1. fentry: a direct call into our program from `tcp_write_timer_handler`,
@@ -222,6 +238,19 @@ pub static PROBES: &[ProbeSpec] = &[
                 note: "only sockets established after attach; RTOs only (no zero-window probes)",
             },
         ],
+    },
+    ProbeSpec {
+        name: ACK,
+        purpose: "ACK progress that ends an RTO episode (the stall clears at once)",
+        required: false,
+        candidates: &[Candidate {
+            attach: Attach::TpBtf {
+                tracepoint: "tcp_probe",
+            },
+            program: program::ACK_BTF,
+            fields: ACK_FIELDS,
+            note: "every received segment passes one read; reports only new data acked during an RTO episode; without it a recovery shows when the next RTO is overdue",
+        }],
     },
 ];
 

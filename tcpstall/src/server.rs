@@ -591,18 +591,21 @@ mod tests {
                 ProbeStatus {
                     probe: "retransmit",
                     required: true,
+                    disabled: None,
                     chosen: Some(Mechanism::TpBtf),
                     attempts: vec![ok(Mechanism::TpBtf)],
                 },
                 ProbeStatus {
                     probe: "write_timer",
                     required: true,
+                    disabled: None,
                     chosen: write_timer_attached.then_some(Mechanism::Fentry),
                     attempts: vec![ok(Mechanism::Fentry)],
                 },
                 ProbeStatus {
                     probe: "error_report",
                     required: false,
+                    disabled: None,
                     chosen: None,
                     attempts: vec![],
                 },
@@ -710,6 +713,7 @@ mod tests {
             rto_expired_verdict: false,
             sk_err: 0,
             sk_err_soft: 0,
+            ack_seq: 0,
         }
     }
 

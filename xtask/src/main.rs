@@ -79,6 +79,7 @@ const VM_TESTS: &[&str] = &[
     "s1_blackhole_events",
     "s1_horizon_retries2_5",
     "s2_user_timeout",
+    "s1_recovery",
 ];
 
 pub fn workspace_root() -> PathBuf {

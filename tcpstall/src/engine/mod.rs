@@ -419,6 +419,7 @@ impl Engine {
             EventKind::WriteTimer => st.events_write_timer += 1,
             EventKind::State => st.events_state += 1,
             EventKind::ErrorReport => st.events_error_report += 1,
+            EventKind::Ack => st.events_ack += 1,
         }
         if self.hz.observe(ev.ts_ns, ev.jiffies) {
             self.refresh_predictions();
@@ -446,6 +447,7 @@ impl Engine {
             }
             EventKind::State => self.on_state(ev),
             EventKind::ErrorReport => self.on_error_report(ev),
+            EventKind::Ack => self.on_ack(ev),
         }
     }
 
@@ -1264,6 +1266,32 @@ impl Engine {
                 Self::end_persist(f, &mut self.sink, ev.ts_ns);
             }
             _ => {}
+        }
+        self.flows.touch(slot);
+    }
+
+    /// The peer acknowledged new data while the socket was in an RTO
+    /// episode: the streak ends as recovered now, not when the next expected
+    /// expiry is overdue. (The event fires before the kernel processes the
+    /// segment: `snd_una` is the old value, `ack_seq` the new one.)
+    fn on_ack(&mut self, ev: &SockEvent) {
+        let Some(slot) = self.resolve(ev, false) else {
+            return;
+        };
+        let f = self.flows.flow_mut(slot);
+        f.last_event_ns = f.last_event_ns.max(ev.ts_ns);
+        if ev.ack_seq != 0 {
+            f.snd_una = ev.ack_seq;
+        }
+        // A segment acknowledging new data also ends any persist episode.
+        Self::end_persist(f, &mut self.sink, ev.ts_ns);
+        if f.streak.is_some_and(|st| {
+            st.snd_una_last == 0 || ev.ack_seq == 0 || seq_after(ev.ack_seq, st.snd_una_last)
+        }) {
+            f.retransmits = 0;
+            f.backoff = 0;
+            Self::end_streak(f, &mut self.sink, StreakOutcome::Recovered, ev.ts_ns);
+            self.sink.stats.acks_recovered += 1;
         }
         self.flows.touch(slot);
     }

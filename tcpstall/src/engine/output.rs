@@ -250,6 +250,9 @@ pub struct EngineStats {
     pub events_write_timer: u64,
     pub events_state: u64,
     pub events_error_report: u64,
+    pub events_ack: u64,
+    /// ACK events that ended a streak (the stall cleared at once).
+    pub acks_recovered: u64,
     /// Events with neither cookie nor socket address.
     pub events_unattributed: u64,
     /// The same RTO expiry reported twice (two mechanisms).

@@ -106,6 +106,7 @@ impl Sock {
             rto_expired_verdict: false,
             sk_err: 0,
             sk_err_soft: 0,
+            ack_seq: 0,
         }
     }
 
@@ -812,6 +813,63 @@ fn staleness_recovers_in_tick() {
     );
     let st = e.stats();
     assert_eq!((st.flows_tracked, st.flows_active), (1, 0));
+}
+
+/// `Ack` event as the kernel program emits it: the segment's `ack_seq`,
+/// with `snd_una` still the value before the segment is processed.
+fn ack(s: &Sock, ts: u64, snd_una: u32, ack_seq: u32, retransmits: u32) -> SockEvent {
+    let mut a = s.base(EventKind::Ack, ts);
+    a.snd_una = snd_una;
+    a.ack_seq = ack_seq;
+    a.retransmits = retransmits;
+    a
+}
+
+#[test]
+fn ack_progress_ends_the_streak_at_once() {
+    let s = Sock::new(17);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+    assert_eq!(e.stalls(T0 + 700 * MS).len(), 1);
+    let _ = drain(&mut e);
+
+    // A segment that acknowledges nothing new changes nothing.
+    e.ingest(&ack(&s, T0 + 800 * MS, 1_000, 1_000, 2));
+    assert_eq!(e.stalls(T0 + 800 * MS).len(), 1);
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+
+    // The peer acknowledges the data: the streak ends now, long before the
+    // next expiry would be overdue (due at 1.43 s, plus 1.4 s of grace).
+    e.ingest(&ack(&s, T0 + 900 * MS, 1_000, 2_000, 2));
+    assert!(e.stalls(T0 + 900 * MS).is_empty());
+    let obs = drain(&mut e);
+    assert_eq!(streak_ends(&obs), vec![(StreakOutcome::Recovered, 3, true)]);
+    // From the episode's first retransmission (retrans_stamp = T0) to the ACK.
+    let duration = obs.iter().find_map(|o| match o {
+        Observation::StreakEnded { duration_s, .. } => Some(*duration_s),
+        _ => None,
+    });
+    assert!(
+        duration.is_some_and(|d| (d - 0.9).abs() < 0.002),
+        "streak lasts until the ACK: {duration:?}"
+    );
+    let stats = e.stats();
+    assert_eq!((stats.events_ack, stats.acks_recovered), (2, 1));
+    // Ticking later does not end it a second time.
+    e.tick(T0 + 10 * S);
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+
+    // A later loss episode starts a new streak, flagged again.
+    let st2 = ms_stamp(T0 + 20 * S);
+    e.ingest(&s.rto(T0 + 20 * S, 1, st2, 51, 2_000));
+    e.ingest(&s.rto(T0 + 20 * S + 408 * MS, 2, st2, 102, 2_000));
+    assert_eq!(e.stalls(T0 + 20 * S + 500 * MS).len(), 1);
+
+    // An ACK of a socket the engine never saw creates nothing.
+    e.ingest(&ack(&Sock::new(99), T0 + 21 * S, 5, 10, 1));
+    assert_eq!(e.flows_tracked(), 1);
 }
 
 #[test]
