@@ -208,7 +208,8 @@ fn s1_blackhole_events_end_to_end() {
             ev_u64(timers[timers.len() - 1], "ts_ns"),
         );
         eprintln!(
-            "RTO expiries not seen between backoff steps {gaps:?}; every event in that window:"
+            "RTO expiries not seen between backoff steps {gaps:?} (kernel-skipped program runs: {}); every event in that window:",
+            summary["missed_runs"]
         );
         for v in events
             .iter()

@@ -26,7 +26,7 @@ use crate::{
     engine::{Engine, EngineConfig, Observation},
     event::{DecodeError, SockEvent},
     kernel,
-    loader::{self, KernelStats, LoaderOptions, StatsReader},
+    loader::{self, KernelStats, LoaderOptions, ProgramStatsReader, StatsReader},
     metrics::{Metrics, MetricsConfig},
     pods::PodResolver,
     reader::Reader,
@@ -177,6 +177,9 @@ struct Pipeline {
     events: Vec<SockEvent>,
     decode_errors: u64,
     last_stats: KernelStats,
+    programs: ProgramStatsReader,
+    /// Sum of the kernel's recursion misses over our programs.
+    missed_runs: u64,
 }
 
 impl Pipeline {
@@ -249,6 +252,21 @@ impl Pipeline {
             }
             Err(e) => error!(error = %e, "reading kernel counters failed"),
         }
+        match self.programs.read() {
+            Ok(samples) => {
+                self.state.metrics.program_runtime(&samples);
+                let missed: u64 = samples.iter().map(|s| s.recursion_misses).sum();
+                if missed > self.missed_runs {
+                    warn!(
+                        missed = missed - self.missed_runs,
+                        total = missed,
+                        "the kernel skipped runs of tcpstall programs (already running on that CPU): their events are lost"
+                    );
+                }
+                self.missed_runs = missed;
+            }
+            Err(e) => error!(error = %e, "reading kernel program statistics failed"),
+        }
     }
 }
 
@@ -269,6 +287,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     log_plan(&loaded.plan);
     let ring = loaded.take_events()?;
     let stats = loaded.take_stats()?;
+    let programs = loaded.program_stats(settings.program_stats)?;
     let mut reader = Reader::new(ring).context("watching the ring buffer")?;
 
     let engine =
@@ -305,6 +324,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         events: Vec::with_capacity(1024),
         decode_errors: 0,
         last_stats: KernelStats::default(),
+        programs,
+        missed_runs: 0,
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -387,10 +408,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         submitted = stats_final.submitted,
         dropped = stats_final.ringbuf_dropped,
         read_errors = stats_final.read_errors,
+        missed_runs = pipeline.missed_runs,
         "tcpstall stopped"
     );
 
     // 4. Detach every probe.
+    drop(pipeline);
     drop(reader);
     drop(loaded);
     match failure {

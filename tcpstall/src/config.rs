@@ -108,6 +108,12 @@ pub struct RunArgs {
     /// a recovery shows when the next expected RTO is overdue.
     #[arg(long)]
     pub no_ack_probe: bool,
+    /// Turn on the kernel's BPF run-time accounting while the agent runs, so
+    /// tcpstall_probe_runs_total and tcpstall_probe_run_seconds_total show
+    /// what each kernel program costs (adds two clock reads per program run,
+    /// for every BPF program on the node).
+    #[arg(long)]
+    pub program_stats: bool,
     /// Ring buffer size in bytes (power of two) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     pub ringbuf_bytes: Option<u32>,
@@ -158,6 +164,7 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     pub log_events: Option<bool>,
     pub no_ack_probe: Option<bool>,
+    pub program_stats: Option<bool>,
     pub ringbuf_bytes: Option<u32>,
     pub mechanism: Option<ForceMechanism>,
     pub cgroup: Option<PathBuf>,
@@ -196,6 +203,7 @@ pub struct Settings {
     pub log_level: String,
     pub log_events: bool,
     pub no_ack_probe: bool,
+    pub program_stats: bool,
     pub ringbuf_bytes: u32,
     pub mechanism: Option<Mechanism>,
     pub cgroup: Option<PathBuf>,
@@ -222,6 +230,7 @@ impl Default for Settings {
             log_level: "info".into(),
             log_events: false,
             no_ack_probe: false,
+            program_stats: false,
             ringbuf_bytes: tcpstall_common::DEFAULT_RINGBUF_BYTES,
             mechanism: None,
             cgroup: None,
@@ -342,6 +351,7 @@ impl Settings {
                 .unwrap_or(d.log_level),
             log_events: a.log_events || f.log_events.unwrap_or(false),
             no_ack_probe: a.no_ack_probe || f.no_ack_probe.unwrap_or(false),
+            program_stats: a.program_stats || f.program_stats.unwrap_or(false),
             ringbuf_bytes,
             mechanism: a.mechanism.or(f.mechanism).map(Into::into),
             cgroup: a.cgroup.clone().or(f.cgroup),

@@ -145,6 +145,68 @@ pub struct KernelStats {
 
 pub struct StatsReader(PerCpuArray<MapData, u64>);
 
+/// What the kernel counts for one attached program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramRuntime {
+    pub program: &'static str,
+    /// Runs and their total time: counted only while BPF run-time
+    /// statistics are on (`--program-stats` or `kernel.bpf_stats_enabled`).
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    /// Runs the kernel skipped because the program was already running on
+    /// that CPU (5.12+): the events those runs would have sent are lost.
+    pub recursion_misses: u64,
+}
+
+/// Reads [`ProgramRuntime`] for each attached program.
+pub struct ProgramStatsReader {
+    programs: Vec<(&'static str, std::os::fd::OwnedFd)>,
+    /// Keeps `BPF_ENABLE_STATS` on while held.
+    run_time: Option<std::os::fd::OwnedFd>,
+}
+
+impl ProgramStatsReader {
+    pub fn read(&self) -> std::io::Result<Vec<ProgramRuntime>> {
+        use std::os::fd::AsRawFd as _;
+        self.programs
+            .iter()
+            .map(|(program, fd)| {
+                let text =
+                    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+                Ok(parse_prog_fdinfo(program, &text))
+            })
+            .collect()
+    }
+
+    pub fn run_time_enabled(&self) -> bool {
+        self.run_time.is_some()
+    }
+}
+
+/// Parses the `run_time_ns`, `run_cnt` and `recursion_misses` lines of a BPF
+/// program's fdinfo (absent lines read 0: older kernels lack some).
+pub fn parse_prog_fdinfo(program: &'static str, text: &str) -> ProgramRuntime {
+    let mut r = ProgramRuntime {
+        program,
+        ..ProgramRuntime::default()
+    };
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<u64>() else {
+            continue;
+        };
+        match key.trim() {
+            "run_time_ns" => r.run_time_ns = v,
+            "run_cnt" => r.run_count = v,
+            "recursion_misses" => r.recursion_misses = v,
+            _ => {}
+        }
+    }
+    r
+}
+
 impl StatsReader {
     pub fn read(&self) -> Result<KernelStats, aya::maps::MapError> {
         let sum =
@@ -510,6 +572,49 @@ impl Loaded {
         RingBuf::try_from(map).map_err(|e| LoadError::Map(chain(&e)))
     }
 
+    /// Run-time statistics of every attached program, from the kernel's
+    /// `/proc/self/fdinfo` of each program fd (duplicated, so the reader
+    /// outlives borrows of `self`). With `enable_run_time`, the kernel's
+    /// run-time accounting (`BPF_ENABLE_STATS`) is switched on for as long
+    /// as the reader lives; `recursion_misses` is always counted.
+    pub fn program_stats(&self, enable_run_time: bool) -> Result<ProgramStatsReader, LoadError> {
+        use std::os::fd::AsFd as _;
+        let mut programs = Vec::new();
+        for attempt in self.plan.probes.iter().flat_map(|p| &p.attempts) {
+            if attempt.error.is_some() {
+                continue;
+            }
+            let fd = self
+                .ebpf
+                .program(attempt.program)
+                .and_then(|p| p.fd().ok())
+                .map(|fd| fd.as_fd().try_clone_to_owned())
+                .transpose()
+                .map_err(|e| {
+                    LoadError::Map(format!(
+                        "{}: duplicating the program fd: {e}",
+                        attempt.program
+                    ))
+                })?;
+            if let Some(fd) = fd {
+                programs.push((attempt.program, fd));
+            }
+        }
+        let run_time = if enable_run_time {
+            Some(
+                aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| {
+                    LoadError::Map(format!(
+                        "enabling BPF run-time statistics (--program-stats): {}",
+                        chain(&e)
+                    ))
+                })?,
+            )
+        } else {
+            None
+        };
+        Ok(ProgramStatsReader { programs, run_time })
+    }
+
     /// The kernel-side counters (can be taken once).
     pub fn take_stats(&mut self) -> Result<StatsReader, LoadError> {
         let map = self
@@ -519,5 +624,31 @@ impl Loaded {
         PerCpuArray::try_from(map)
             .map(StatsReader)
             .map_err(|e| LoadError::Map(chain(&e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_program_fdinfo() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1057\nprog_type:\t26\n\
+                    prog_jited:\t1\nprog_tag:\t5d85bdccd5ed36cc\nmemlock:\t20480\n\
+                    prog_id:\t344\nrun_time_ns:\t123456\nrun_cnt:\t789\n\
+                    recursion_misses:\t2\nverified_insns:\t1500\n";
+        let r = parse_prog_fdinfo("x", text);
+        assert_eq!(
+            r,
+            ProgramRuntime {
+                program: "x",
+                run_count: 789,
+                run_time_ns: 123_456,
+                recursion_misses: 2,
+            }
+        );
+        // Older kernels: the lines are missing, the values read 0.
+        let r = parse_prog_fdinfo("x", "pos:\t0\nprog_id:\t3\n");
+        assert_eq!((r.run_count, r.run_time_ns, r.recursion_misses), (0, 0, 0));
     }
 }

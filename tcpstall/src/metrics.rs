@@ -37,7 +37,7 @@ use prometheus_client::{
 use crate::{
     engine::{Gauges, Observation, StallClass, StallView, StreakOutcome},
     event::EventKind,
-    loader::ProbeStatus,
+    loader::{ProbeStatus, ProgramRuntime},
     pods::PodIdentity,
 };
 
@@ -159,6 +159,22 @@ impl FlowLabels {
 }
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
+}
+
+/// Kernel per-program counters: the families and the last absolute values
+/// read (the kernel counts totals; the counters advance by the difference).
+#[derive(Default)]
+struct ProgramCounters {
+    missed: Family<ProgramLabels, Counter>,
+    runs: Family<ProgramLabels, Counter>,
+    run_seconds: Family<ProgramLabels, FloatCounter>,
+    last: Mutex<HashMap<&'static str, ProgramRuntime>>,
+}
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn stall_duration_histogram() -> Histogram {
@@ -210,6 +226,7 @@ pub struct Metrics {
     decode_errors: Counter,
     flows_tracked: Gauge,
     flow_evictions: Counter,
+    programs: ProgramCounters,
     /// Serialises "replace the live values, then encode" between scrapes.
     render_lock: Mutex<()>,
 }
@@ -367,6 +384,33 @@ impl Metrics {
                     .set(v);
             }
         }
+        let programs = ProgramCounters::default();
+        registry.register(
+            "tcpstall_probe_missed_runs",
+            "Runs of an attached kernel program that the kernel skipped because the program was already running on that CPU (bpf recursion_misses); the events of those runs are lost",
+            programs.missed.clone(),
+        );
+        registry.register(
+            "tcpstall_probe_runs",
+            "Runs of each attached kernel program; counted only while BPF run-time statistics are on (tcpstall run --program-stats, or kernel.bpf_stats_enabled)",
+            programs.runs.clone(),
+        );
+        registry.register(
+            "tcpstall_probe_run_seconds",
+            "CPU time spent in each attached kernel program; counted only while BPF run-time statistics are on (tcpstall run --program-stats, or kernel.bpf_stats_enabled)",
+            programs.run_seconds.clone(),
+        );
+        for p in probes.iter().filter(|p| p.disabled.is_none()) {
+            for a in p.attempts.iter().filter(|a| a.error.is_none()) {
+                let l = ProgramLabels {
+                    program: a.program.to_owned(),
+                };
+                // Zero-valued series from the start.
+                drop(programs.missed.get_or_create(&l));
+                drop(programs.runs.get_or_create(&l));
+                drop(programs.run_seconds.get_or_create(&l));
+            }
+        }
         let flows_tracked = Gauge::default();
         registry.register(
             "tcpstall_flows_tracked",
@@ -415,6 +459,7 @@ impl Metrics {
             decode_errors,
             flows_tracked,
             flow_evictions,
+            programs,
             render_lock: Mutex::new(()),
         }
     }
@@ -434,6 +479,30 @@ impl Metrics {
     }
 
     /// `n` more events lost to a full ring buffer.
+    /// Folds the kernel's per-program totals into the counters (by the
+    /// difference from the previous reading; a total that went down, which
+    /// only a reloaded program could do, counts from zero).
+    pub fn program_runtime(&self, samples: &[ProgramRuntime]) {
+        let mut last = lock(&self.programs.last);
+        for s in samples {
+            let prev = last.get(s.program).copied().unwrap_or_default();
+            let d = |now: u64, before: u64| if now >= before { now - before } else { now };
+            let l = ProgramLabels {
+                program: s.program.to_owned(),
+            };
+            let missed = d(s.recursion_misses, prev.recursion_misses);
+            let runs = d(s.run_count, prev.run_count);
+            let ns = d(s.run_time_ns, prev.run_time_ns);
+            self.programs.missed.get_or_create(&l).inc_by(missed);
+            self.programs.runs.get_or_create(&l).inc_by(runs);
+            self.programs
+                .run_seconds
+                .get_or_create(&l)
+                .inc_by(ns as f64 / 1e9);
+            last.insert(s.program, *s);
+        }
+    }
+
     pub fn ringbuf_dropped(&self, n: u64) {
         if n > 0 {
             self.ringbuf_dropped.inc_by(n);
@@ -803,6 +872,9 @@ mod tests {
             ("tcpstall_ringbuf_dropped_events", "counter"),
             ("tcpstall_decode_errors", "counter"),
             ("tcpstall_probe_attached", "gauge"),
+            ("tcpstall_probe_missed_runs", "counter"),
+            ("tcpstall_probe_runs", "counter"),
+            ("tcpstall_probe_run_seconds", "counter"),
             ("tcpstall_flows_tracked", "gauge"),
             ("tcpstall_flow_evictions", "counter"),
             ("tcpstall_build_info", "gauge"),
@@ -891,6 +963,45 @@ mod tests {
         assert_eq!(v("write_timer", "kprobe"), Some(0.0));
         assert_eq!(v("write_timer", "sock_ops"), Some(0.0));
         assert_eq!(v("error_report", "tp_btf"), Some(0.0));
+    }
+
+    #[test]
+    fn program_runtime_advances_by_the_kernel_totals_difference() {
+        let m = Metrics::new(&cfg(100, 50), &plan());
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        // One series per attached program (the plan attaches "p" for three
+        // probes: same program name, one series), zero from the start.
+        assert_eq!(
+            sample(&text, "tcpstall_probe_missed_runs_total{program=\"p\"}"),
+            Some(0.0)
+        );
+        let at = |runs, ns, missed| ProgramRuntime {
+            program: "p",
+            run_count: runs,
+            run_time_ns: ns,
+            recursion_misses: missed,
+        };
+        m.program_runtime(&[at(10, 2_000, 1)]);
+        m.program_runtime(&[at(30, 5_000, 1)]);
+        m.program_runtime(&[at(30, 5_000, 3)]);
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        assert_eq!(
+            sample(&text, "tcpstall_probe_runs_total{program=\"p\"}"),
+            Some(30.0)
+        );
+        assert_eq!(
+            sample(&text, "tcpstall_probe_missed_runs_total{program=\"p\"}"),
+            Some(3.0)
+        );
+        let secs = sample(&text, "tcpstall_probe_run_seconds_total{program=\"p\"}").unwrap();
+        assert!((secs - 5e-6).abs() < 1e-12, "{secs}");
+        // A total that went down (program reloaded) counts from zero.
+        m.program_runtime(&[at(4, 5_000, 3)]);
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        assert_eq!(
+            sample(&text, "tcpstall_probe_runs_total{program=\"p\"}"),
+            Some(34.0)
+        );
     }
 
     #[test]

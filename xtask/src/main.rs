@@ -3,6 +3,7 @@
 //! Every command first makes sure the toolchain it needs is installed (nightly
 //! `rust-src`, a bpf-linker built against nightly's own LLVM, Debian packages),
 //! so the README's two commands work on a fresh machine.
+mod kernel_cost;
 mod setup;
 mod vm;
 
@@ -57,7 +58,9 @@ enum Cmd {
     /// connections with tcp_retries2 3, 5, 8 and TCP_USER_TIMEOUT 4 s;
     /// prints predicted vs actual ETIMEDOUT as a Markdown table.
     Accuracy,
-    /// Criterion benchmarks (decoder, engine hot path, BTF start-up cost).
+    /// Criterion benchmarks (decoder, engine hot path, BTF start-up cost),
+    /// then, as root, each kernel program's cost per run measured by the
+    /// kernel's BPF run-time statistics under a 5 s loopback bulk transfer.
     Bench {
         /// Criterion arguments, e.g. a benchmark name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -384,6 +387,15 @@ fn main() -> anyhow::Result<()> {
                     .args(["bench", "-p", "tcpstall", "--bench", "hot_path", "--"])
                     .args(&args),
             )?;
+            if is_root() {
+                let agent = build_agent()?;
+                step("kernel program cost (BPF run-time statistics, loopback load)");
+                kernel_cost::run(&agent)?;
+            } else {
+                eprintln!(
+                    "    kernel program cost not measured: it loads the probes, which needs root (sudo -E cargo xtask bench)"
+                );
+            }
         }
         Cmd::VmTest { vm, tests } => {
             setup::toolchain()?;
