@@ -180,6 +180,15 @@ fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
         "tcpstall_probe_attached",
         (Gauge, vec!["probe", "mechanism"]),
     );
+    m.insert(
+        "tcpstall_probe_missed_runs_total",
+        (Counter, vec!["program"]),
+    );
+    m.insert("tcpstall_probe_runs_total", (Counter, vec!["program"]));
+    m.insert(
+        "tcpstall_probe_run_seconds_total",
+        (Counter, vec!["program"]),
+    );
     m.insert("tcpstall_flows_tracked", (Gauge, vec![]));
     m.insert("tcpstall_flow_evictions_total", (Counter, vec![]));
     m.insert("tcpstall_build_info", (Gauge, vec!["version", "kernel"]));
@@ -191,7 +200,7 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
     match label {
         "class" => Some(&["retransmit", "zero_window", "close_wait"]),
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
-        "kind" => Some(&["retransmit", "write_timer", "state", "error_report"]),
+        "kind" => Some(&["retransmit", "write_timer", "state", "error_report", "ack"]),
         _ => None,
     }
 }
