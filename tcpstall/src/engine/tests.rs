@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::horizon::{jiffies_to_ns, msecs_to_jiffies, timer_wheel_fire};
+use super::horizon::{BoundaryRule, jiffies_to_ns, msecs_to_jiffies, timer_wheel_fire};
 use super::*;
 use crate::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState};
 
