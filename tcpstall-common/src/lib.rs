@@ -56,6 +56,9 @@ pub mod kind {
     /// acknowledged new data ([`Event::ack_seq`] after `snd_una`) while the
     /// socket was in an RTO episode. The episode is over.
     pub const ACK: u32 = 5;
+    /// A socket found by the sweep (`iter/task_file`): a snapshot taken
+    /// outside any kernel event (see [`SweepRecord`]).
+    pub const SWEEP: u32 = 6;
 }
 
 /// Which mechanism produced an event ([`Event::source`]).
@@ -65,6 +68,8 @@ pub mod source {
     pub const KPROBE: u32 = 3;
     pub const TIMER_TP: u32 = 4;
     pub const SOCK_OPS: u32 = 5;
+    /// The socket sweep (BPF iterator).
+    pub const SWEEP: u32 = 6;
 }
 
 /// Bits of [`Event::flags`].
@@ -81,6 +86,8 @@ pub mod flag {
     pub const SOCK_FIELDS: u32 = 1 << 3;
     /// sock_ops RTO_CB: the kernel's own verdict that the retry limit is reached.
     pub const RTO_EXPIRED: u32 = 1 << 4;
+    /// `SOCK_KEEPOPEN` (SO_KEEPALIVE) is set in `sk_flags`.
+    pub const KEEPOPEN: u32 = 1 << 5;
 }
 
 /// `icsk_pending` values (include/net/inet_connection_sock.h).
@@ -106,7 +113,11 @@ pub mod stat {
     pub const SUBMITTED: u32 = 3;
     /// Retransmission attempts that failed (6.17+ tracepoint `err != 0`).
     pub const RETRANSMIT_FAILED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Socket files the sweep iterator visited (any family).
+    pub const SWEEP_SOCKET_FILES: u32 = 5;
+    /// Sweep records that did not fit in the iterator's buffer.
+    pub const SWEEP_OVERFLOW: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// One event from the kernel. Fields that the producing mechanism cannot see
@@ -314,7 +325,17 @@ pub mod field {
     /// From the start of `struct tcp_skb_cb` (which lives at `sk_buff.cb`):
     /// `ack_seq`.
     pub const TCP_SKB_CB_ACK_SEQ: usize = 40;
-    pub const COUNT: usize = 41;
+    /// `tcp_sock.keepalive_time` (jiffies, 0 = the netns sysctl).
+    pub const TP_KEEPALIVE_TIME: usize = 41;
+    /// `tcp_sock.keepalive_intvl` (jiffies, 0 = the netns sysctl).
+    pub const TP_KEEPALIVE_INTVL: usize = 42;
+    /// `tcp_sock.keepalive_probes` (0 = the netns sysctl).
+    pub const TP_KEEPALIVE_PROBES: usize = 43;
+    /// From the start of `struct task_struct`: `tgid` (the process id).
+    pub const TASK_TGID: usize = 44;
+    /// From the start of `struct task_struct`: `comm` (16 bytes; offset only).
+    pub const TASK_COMM: usize = 45;
+    pub const COUNT: usize = 46;
 }
 
 /// Bits of [`KernelLayout::flags`].
@@ -353,6 +374,50 @@ impl KernelLayout {
     }
 }
 
+/// Iterator program of the socket sweep (`iter/task_file`).
+pub const SWEEP_PROGRAM: &str = "tcpstall_sweep";
+
+/// One TCP socket found by the sweep: the same snapshot as every event
+/// (`kind::SWEEP`, `source::SWEEP`) plus what only the file walk knows: the
+/// process holding it and the audit fields. Written by the iterator into its
+/// seq_file, read by the agent (not through the ring buffer: a full ring
+/// cannot lose a sweep).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SweepRecord {
+    pub event: Event,
+    /// The process (thread-group id, in the agent's pid namespace) and the
+    /// descriptor holding the socket.
+    pub pid: u32,
+    pub fd: u32,
+    /// `task->comm` (NUL padded).
+    pub comm: [u8; 16],
+    /// `keepalive_time`, `keepalive_intvl` (ms: converted by the agent from
+    /// jiffies; raw jiffies here) and `keepalive_probes`; 0 = netns default.
+    pub keepalive_time: u32,
+    pub keepalive_intvl: u32,
+    pub keepalive_probes: u32,
+    pub _reserved: u32,
+}
+
+pub const SWEEP_RECORD_SIZE: usize = EVENT_SIZE + 40;
+const _: () = assert!(size_of::<SweepRecord>() == SWEEP_RECORD_SIZE);
+
+impl SweepRecord {
+    pub const fn zeroed() -> Self {
+        Self {
+            event: Event::zeroed(),
+            pid: 0,
+            fd: 0,
+            comm: [0; 16],
+            keepalive_time: 0,
+            keepalive_intvl: 0,
+            keepalive_probes: 0,
+            _reserved: 0,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both types are `repr(C)`, contain only integers and arrays of
@@ -360,4 +425,5 @@ mod user {
     // is a valid value.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::SweepRecord {}
 }

@@ -28,6 +28,8 @@ use tcpstall_common::{
     source, stat,
 };
 
+mod sweep;
+
 #[map(name = "TCPSTALL_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
 

@@ -588,3 +588,78 @@ impl Conn {
         (t_write, reader)
     }
 }
+
+// ---------------------------------------------------------------------------
+// Socket sweep helpers (issue 8).
+
+/// Add IPv6 addresses `fd00:201:{subnet}::1` (a) / `::2` (b) to a [`Link`]'s
+/// veth pair (no duplicate address detection delay); returns them.
+pub fn link_ipv6(link: &Link, tag: &str, subnet: u8) -> (std::net::Ipv6Addr, std::net::Ipv6Addr) {
+    let a: std::net::Ipv6Addr = format!("fd00:201:{subnet}::1").parse().expect("v6");
+    let b: std::net::Ipv6Addr = format!("fd00:201:{subnet}::2").parse().expect("v6");
+    link.a
+        .exec(&format!("ip -6 addr add {a}/64 dev va-{tag} nodad"));
+    link.b
+        .exec(&format!("ip -6 addr add {b}/64 dev vb-{tag} nodad"));
+    (a, b)
+}
+
+/// Block all TCP traffic from the IPv6 `peer` arriving in `ns` (removed with
+/// the returned guard, like [`Netns::blackhole_from`]).
+pub fn blackhole6_from(ns: &Netns, peer: std::net::Ipv6Addr) -> Blackhole<'_> {
+    ns.exec("nft add table inet tcpstall_test");
+    ns.exec(
+        "nft add chain inet tcpstall_test input { type filter hook input priority 0 \\; policy accept \\; }",
+    );
+    ns.exec(&format!(
+        "nft add rule inet tcpstall_test input ip6 saddr {peer} drop"
+    ));
+    Blackhole { ns }
+}
+
+/// A server in `ns` at `addr` that accepts every connection and reads and
+/// discards everything on each (one thread per connection); runs until the
+/// namespace goes away.
+pub fn reading_server_in(ns: &Netns, addr: SocketAddr) {
+    let listener = listen_in(ns, addr);
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { break };
+            thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(300))).ok();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+impl Agent {
+    /// Poll `GET /readyz` until 200; returns the monotonic instant it turned
+    /// ready.
+    pub fn wait_ready(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.http_get("/readyz");
+            if status == 200 {
+                return monotonic_ns();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz not 200 within {timeout:?}: {status} {body}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET /api/v1/risks` as JSON.
+    pub fn risks(&self) -> Value {
+        let (status, body) = self.http_get("/api/v1/risks");
+        assert_eq!(status, 200, "GET /api/v1/risks: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("risks JSON: {e}: {body}"))
+    }
+}

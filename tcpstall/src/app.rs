@@ -31,6 +31,7 @@ use crate::{
     pods::PodResolver,
     reader::Reader,
     server::{self, AgentState},
+    sweep::{self as sweeping, PodLabels, SweepPolicy, SweepReason},
 };
 
 /// How often the engine's clock advances and kernel counters are read.
@@ -39,6 +40,10 @@ const TICK: Duration = Duration::from_secs(1);
 const POD_REFRESH: Duration = Duration::from_secs(30);
 /// Time allowed for in-flight HTTP requests at shutdown.
 const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Loss-triggered sweeps run at most this often.
+const LOSS_SWEEP_GAP: Duration = Duration::from_secs(2);
+/// Entries of `/api/v1/risks` (longest idle first).
+const RISKS_LISTED: usize = 1_000;
 /// Upper bound on the final ring-buffer drain at shutdown.
 const FINAL_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// The final drain ends once the ring stays empty this long.
@@ -180,6 +185,8 @@ struct Pipeline {
     programs: ProgramStatsReader,
     /// Sum of the kernel's recursion misses over our programs.
     missed_runs: u64,
+    /// Lost events seen since the last look (ring-buffer drops or missed runs).
+    lost_events: bool,
 }
 
 impl Pipeline {
@@ -241,6 +248,7 @@ impl Pipeline {
                     .ringbuf_dropped
                     .saturating_sub(self.last_stats.ringbuf_dropped);
                 if dropped > 0 {
+                    self.lost_events = true;
                     self.state.metrics.ringbuf_dropped(dropped);
                     warn!(
                         dropped,
@@ -257,6 +265,7 @@ impl Pipeline {
                 self.state.metrics.program_runtime(&samples);
                 let missed: u64 = samples.iter().map(|s| s.recursion_misses).sum();
                 if missed > self.missed_runs {
+                    self.lost_events = true;
                     warn!(
                         missed = missed - self.missed_runs,
                         total = missed,
@@ -267,6 +276,99 @@ impl Pipeline {
             }
             Err(e) => error!(error = %e, "reading kernel program statistics failed"),
         }
+    }
+}
+
+impl Pipeline {
+    /// One sweep: first the events already in the ring (older than the
+    /// sweep), then the snapshots, then the audit. Blocking for the
+    /// duration of the iterator read (milliseconds; see the README).
+    fn sweep(
+        &mut self,
+        loaded: &mut loader::Loaded,
+        reader: &mut Reader,
+        stats: &StatsReader,
+        batch: &mut Vec<Result<SockEvent, DecodeError>>,
+        reason: SweepReason,
+    ) {
+        reader.drain_ready(batch);
+        self.ingest(batch);
+        let t0 = Instant::now();
+        let out = match tokio::task::block_in_place(|| loaded.sweep(stats)) {
+            Ok(o) => o,
+            Err(e) => {
+                self.state.metrics.sweep.failed();
+                error!(error = %e, reason = reason.as_str(), "socket sweep failed");
+                return;
+            }
+        };
+        let (sockets, bad) = sweeping::decode_all(&out.records);
+        if bad > 0 {
+            self.decode_errors += bad as u64;
+            error!(records = bad, "malformed sweep records from the kernel");
+        }
+        if out.overflow > 0 {
+            warn!(
+                lost = out.overflow,
+                "sweep records did not fit the iterator buffer"
+            );
+        }
+        let now = kernel::monotonic_ns();
+        let (seeded_before, repaired_before, hz) = {
+            let mut engine = self.state.engine();
+            let st = engine.stats();
+            for s in &sockets {
+                if crate::engine::seed::classify_snapshot(&s.ev).is_some() {
+                    engine.ingest(&s.ev);
+                }
+            }
+            self.observations.extend(engine.drain_observations());
+            (st.sweep_seeded, st.sweep_repaired, engine.hz().0)
+        };
+        let report = crate::engine::risks::audit(&sockets, hz, now, RISKS_LISTED);
+        let mut per_pod: std::collections::HashMap<PodLabels, usize> = Default::default();
+        {
+            let t = Instant::now();
+            let mut pods = self
+                .state
+                .pods
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (&netns, &n) in &report.by_netns {
+                let id = pods.lookup(u64::from(netns), t);
+                let l = PodLabels {
+                    namespace: id.map(|p| p.namespace.clone()).unwrap_or_default(),
+                    pod: id.map(|p| p.pod.clone()).unwrap_or_default(),
+                };
+                *per_pod.entry(l).or_default() += n;
+            }
+        }
+        self.state.metrics.sweep.without_timeout(&per_pod);
+        let elapsed = t0.elapsed();
+        self.state.metrics.sweep.ran(
+            reason,
+            elapsed.as_secs_f64(),
+            out.socket_files,
+            sockets.len(),
+        );
+        let at_risk = report.total;
+        *self
+            .state
+            .risks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+        self.apply_observations();
+        let st = self.state.engine().stats();
+        info!(
+            reason = reason.as_str(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            socket_files = out.socket_files,
+            tcp_sockets = sockets.len(),
+            seeded = st.sweep_seeded - seeded_before,
+            repaired = st.sweep_repaired - repaired_before,
+            without_timeout = at_risk,
+            "socket sweep"
+        );
     }
 }
 
@@ -326,6 +428,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         last_stats: KernelStats::default(),
         programs,
         missed_runs: 0,
+        lost_events: false,
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -338,6 +441,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         hz_source = hz_source.as_str(),
         "tcpstall running"
     );
+    let mut policy = SweepPolicy::new(
+        settings.sweep_interval,
+        settings.sweep_on_loss,
+        LOSS_SWEEP_GAP,
+    );
+    match loaded.sweep_available() {
+        Ok(()) if settings.startup_sweep => {
+            // Before the first drain: /readyz turns ready only after it.
+            pipeline.sweep(
+                &mut loaded,
+                &mut reader,
+                &stats,
+                &mut batch,
+                SweepReason::Startup,
+            );
+            policy.ran(Instant::now(), SweepReason::Startup);
+        }
+        Ok(()) => policy.ran(Instant::now(), SweepReason::Startup),
+        Err(e) => {
+            warn!(error = %e, "socket sweep unavailable: stalls in progress at start-up and after lost events are only seen from their next event");
+            policy = SweepPolicy::new(None, false, LOSS_SWEEP_GAP);
+        }
+    }
     let mut failure: Option<anyhow::Error> = None;
     let mut reader_failed = false;
     loop {
@@ -351,7 +477,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 }
                 pipeline.ingest(&mut batch);
             }
-            _ = tick.tick() => pipeline.tick(&stats),
+            _ = tick.tick() => {
+                pipeline.tick(&stats);
+                if std::mem::take(&mut pipeline.lost_events) {
+                    policy.loss();
+                }
+                if let Some(reason) = policy.due(Instant::now()) {
+                    pipeline.sweep(&mut loaded, &mut reader, &stats, &mut batch, reason);
+                    policy.ran(Instant::now(), reason);
+                }
+            }
             r = &mut server, if !server_done => {
                 server_done = true;
                 let e = match r {

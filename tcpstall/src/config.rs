@@ -153,6 +153,18 @@ pub struct RunArgs {
     /// Root of the host's /proc, for pod identity (in a container: /host/proc) [default: /proc].
     #[arg(long, value_name = "DIR", env = "TCPSTALL_PROC")]
     pub proc_root: Option<PathBuf>,
+    /// Seconds between safety-net socket sweeps; 0 = sweep only at start-up
+    /// and after lost events [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub sweep_interval: Option<f64>,
+    /// Do not sweep the node's sockets at start-up (stalls in progress are
+    /// then only seen from their next kernel event).
+    #[arg(long)]
+    pub no_startup_sweep: bool,
+    /// Do not sweep after the kernel reports lost events (ring-buffer drops,
+    /// recursion misses).
+    #[arg(long)]
+    pub no_sweep_on_loss: bool,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -179,6 +191,9 @@ pub struct FileConfig {
     pub top_k_remotes: Option<usize>,
     pub max_remote_labels: Option<usize>,
     pub proc_root: Option<PathBuf>,
+    pub sweep_interval: Option<f64>,
+    pub no_startup_sweep: Option<bool>,
+    pub no_sweep_on_loss: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +233,10 @@ pub struct Settings {
     pub top_k_remotes: usize,
     pub max_remote_labels: usize,
     pub proc_root: PathBuf,
+    /// None = no periodic sweep.
+    pub sweep_interval: Option<Duration>,
+    pub startup_sweep: bool,
+    pub sweep_on_loss: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9977";
@@ -245,6 +264,9 @@ impl Default for Settings {
             top_k_remotes: 100,
             max_remote_labels: 100,
             proc_root: PathBuf::from("/proc"),
+            sweep_interval: Some(Duration::from_secs(60)),
+            startup_sweep: true,
+            sweep_on_loss: true,
         }
     }
 }
@@ -391,6 +413,15 @@ impl Settings {
                     .unwrap_or(d.max_remote_labels),
             )?,
             proc_root: a.proc_root.clone().or(f.proc_root).unwrap_or(d.proc_root),
+            sweep_interval: {
+                let v = secs(
+                    "sweep_interval",
+                    a.sweep_interval.or(f.sweep_interval).unwrap_or(60.0),
+                )?;
+                (!v.is_zero()).then_some(v)
+            },
+            startup_sweep: !(a.no_startup_sweep || f.no_startup_sweep.unwrap_or(false)),
+            sweep_on_loss: !(a.no_sweep_on_loss || f.no_sweep_on_loss.unwrap_or(false)),
         })
     }
 }

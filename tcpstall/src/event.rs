@@ -29,6 +29,9 @@ pub enum EventKind {
     ErrorReport,
     /// New data acknowledged during an RTO episode (`tcp:tcp_probe`).
     Ack,
+    /// A socket snapshot from the sweep (not a ring-buffer event; not in
+    /// [`EventKind::ALL`], which lists what the ring buffer carries).
+    Sweep,
 }
 
 impl EventKind {
@@ -46,6 +49,7 @@ impl EventKind {
             EventKind::State => "state",
             EventKind::ErrorReport => "error_report",
             EventKind::Ack => "ack",
+            EventKind::Sweep => "sweep",
         }
     }
 }
@@ -59,6 +63,8 @@ pub enum Mechanism {
     Kprobe,
     TimerTracepoint,
     SockOps,
+    /// The socket sweep (BPF iterator).
+    Sweep,
 }
 
 impl Mechanism {
@@ -69,6 +75,7 @@ impl Mechanism {
             Mechanism::Kprobe => "kprobe",
             Mechanism::TimerTracepoint => "timer_tracepoint",
             Mechanism::SockOps => "sock_ops",
+            Mechanism::Sweep => "sweep",
         }
     }
 }
@@ -237,6 +244,7 @@ impl SockEvent {
             kind::STATE => EventKind::State,
             kind::ERROR_REPORT => EventKind::ErrorReport,
             kind::ACK => EventKind::Ack,
+            kind::SWEEP => EventKind::Sweep,
             other => return Err(DecodeError::Kind(other)),
         };
         let mechanism = match raw.source {
@@ -245,6 +253,7 @@ impl SockEvent {
             source::KPROBE => Mechanism::Kprobe,
             source::TIMER_TP => Mechanism::TimerTracepoint,
             source::SOCK_OPS => Mechanism::SockOps,
+            source::SWEEP => Mechanism::Sweep,
             other => return Err(DecodeError::Source(other)),
         };
         let local = addr(raw.family, &raw.saddr, raw.sport)?;
@@ -351,7 +360,7 @@ mod tests {
         assert_eq!(ev.kind, EventKind::Ack);
         assert_eq!(ev.kind.as_str(), "ack");
         assert_eq!(ev.ack_seq, 0xdead_beef);
-        raw.kind = 6;
+        raw.kind = 7;
         assert!(SockEvent::decode(&bytes_of(&raw)).is_err());
     }
 

@@ -49,6 +49,8 @@ pub enum Base {
     SkBuff,
     /// `struct tcp_skb_cb` (stored in `sk_buff.cb`).
     TcpSkbCb,
+    /// `struct task_struct` (the sweep iterator's task).
+    Task,
 }
 
 impl Base {
@@ -59,6 +61,7 @@ impl Base {
             Self::TimerList => "timer_list",
             Self::SkBuff => "sk_buff",
             Self::TcpSkbCb => "tcp_skb_cb",
+            Self::Task => "task_struct",
         }
     }
 }
@@ -129,7 +132,7 @@ const fn row(
 const REQ: bool = true;
 const OPT: bool = false;
 use Access::{Ipv6Addr, OffsetOnly, Value};
-use Base::{Net, SkBuff, Sock, TcpSkbCb, TimerList};
+use Base::{Net, SkBuff, Sock, Task, TcpSkbCb, TimerList};
 
 /// The field table, indexed by [`tcpstall_common::field`] constants.
 #[rustfmt::skip]
@@ -264,6 +267,21 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
     row(field::TCP_SKB_CB_ACK_SEQ, "TCP_SKB_CB_ACK_SEQ", "tcp_skb_cb.ack_seq", TcpSkbCb,
         &[("tcp_skb_cb", "ack_seq")], OPT, Value,
         "see ACK progress of a stalled socket", ""),
+    row(field::TP_KEEPALIVE_TIME, "TP_KEEPALIVE_TIME", "tcp_sock.keepalive_time", Sock,
+        &[(TP, "keepalive_time")], OPT, Value,
+        "show per-socket keepalive settings (risks audit)", "jiffies, 0 = netns default"),
+    row(field::TP_KEEPALIVE_INTVL, "TP_KEEPALIVE_INTVL", "tcp_sock.keepalive_intvl", Sock,
+        &[(TP, "keepalive_intvl")], OPT, Value,
+        "show per-socket keepalive settings (risks audit)", "jiffies, 0 = netns default"),
+    row(field::TP_KEEPALIVE_PROBES, "TP_KEEPALIVE_PROBES", "tcp_sock.keepalive_probes", Sock,
+        &[(TP, "keepalive_probes")], OPT, Value,
+        "show per-socket keepalive settings (risks audit)", "0 = netns default"),
+    row(field::TASK_TGID, "TASK_TGID", "task_struct.tgid", Task,
+        &[("task_struct", "tgid")], OPT, Value,
+        "name the process holding a swept socket", "offset from struct task_struct"),
+    row(field::TASK_COMM, "TASK_COMM", "task_struct.comm", Task,
+        &[("task_struct", "comm")], OPT, OffsetOnly,
+        "name the process holding a swept socket", "16 bytes; offset only"),
 ];
 
 // Every row sits at its own index.

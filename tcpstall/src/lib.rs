@@ -14,6 +14,7 @@
 //! - [`pods`]: network namespace -> pod identity from /proc.
 //! - [`metrics`]: the Prometheus metric contract (prometheus-client registry).
 //! - [`server`]: the HTTP server: /metrics, /healthz, /readyz, /api/v1/*.
+//! - [`sweep`]: the socket sweep, agent side: records -> sockets, when to sweep.
 //! - [`app`]: `tcpstall run`: wires loader, reader, engine and server together.
 //! - [`doctor`]: `tcpstall doctor`: the probe plan for this kernel.
 pub mod app;
@@ -30,3 +31,4 @@ pub mod pods;
 pub mod probes;
 pub mod reader;
 pub mod server;
+pub mod sweep;

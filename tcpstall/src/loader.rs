@@ -7,9 +7,12 @@ use std::{error::Error as StdError, fmt::Write as _, fs::File, path::PathBuf};
 use aya::{
     Btf as AyaBtf, Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FEntry, KProbe, SockOps, links::CgroupAttachMode},
+    programs::{BtfTracePoint, FEntry, Iter, KProbe, SockOps, links::CgroupAttachMode},
 };
-use tcpstall_common::{EVENTS_MAP, KernelLayout, LAYOUT_MAP, STATS_MAP, layout_flag, stat};
+use tcpstall_common::{
+    EVENTS_MAP, KernelLayout, LAYOUT_MAP, STATS_MAP, SWEEP_PROGRAM, SWEEP_RECORD_SIZE, SweepRecord,
+    layout_flag, stat,
+};
 
 use crate::{
     btf::Btf,
@@ -130,6 +133,70 @@ impl Plan {
 pub struct Loaded {
     ebpf: Ebpf,
     pub plan: Plan,
+    /// Whether the sweep iterator loaded (`Err`: why not).
+    sweep: Result<(), String>,
+}
+
+/// Offsets in `struct socket` the sweep iterator uses as constants (the
+/// verifier needs a constant offset to keep `socket->sk` typed). Checked
+/// against the running kernel's BTF before the program is loaded.
+const SOCKET_CONSTANTS: [(&str, u32); 2] = [("sk", 24), ("type", 4)];
+
+/// One sweep's raw output.
+#[derive(Clone, Debug, Default)]
+pub struct SweepOutput {
+    /// Every TCP socket found (one record per file holding it).
+    pub records: Vec<SweepRecord>,
+    /// Socket files visited (all families).
+    pub socket_files: u64,
+    /// Records that did not fit in the iterator's buffer (lost).
+    pub overflow: u64,
+}
+
+/// Why a sweep could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("the socket sweep is unavailable on this kernel: {0}")]
+    Unavailable(String),
+    #[error("running the sweep iterator failed: {0}")]
+    Run(String),
+}
+
+/// Loads the sweep iterator (`iter/task_file` + `bpf_sock_from_file`, 5.11+).
+fn load_sweep(ebpf: &mut Ebpf, btf: &AyaBtf, ours: &Btf) -> Result<(), String> {
+    for (member, want) in SOCKET_CONSTANTS {
+        let m = ours
+            .member("socket", member)
+            .map_err(|e| format!("kernel BTF: struct socket.{member}: {e}"))?;
+        if m.offset_bits != want * 8 {
+            return Err(format!(
+                "struct socket.{member} is at byte {} on this kernel, the sweep program expects {want}",
+                m.offset_bits / 8
+            ));
+        }
+    }
+    let prog = ebpf
+        .program_mut(SWEEP_PROGRAM)
+        .ok_or_else(|| format!("program {SWEEP_PROGRAM} missing from the eBPF object"))?;
+    let p: &mut Iter = prog.try_into().map_err(|e| chain(&e))?;
+    p.load("task_file", btf).map_err(|e| {
+        format!(
+            "load iter/task_file: {} (needs kernel 5.11+ for bpf_sock_from_file)",
+            chain(&e)
+        )
+    })
+}
+
+/// Decodes the iterator's output: whole records only.
+pub fn parse_sweep_records(buf: &[u8], out: &mut Vec<SweepRecord>) -> usize {
+    let whole = buf.len() / SWEEP_RECORD_SIZE;
+    out.reserve(whole);
+    for chunk in buf.chunks_exact(SWEEP_RECORD_SIZE) {
+        // SAFETY: SweepRecord is repr(C) plain integers (every bit pattern
+        // valid); read_unaligned copes with the byte buffer's alignment.
+        out.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<SweepRecord>()) });
+    }
+    buf.len() % SWEEP_RECORD_SIZE
 }
 
 /// Per-CPU kernel-side counters, summed.
@@ -141,6 +208,9 @@ pub struct KernelStats {
     pub submitted: u64,
     /// Failed retransmission attempts (6.17+), not reported as retransmits.
     pub retransmit_failed: u64,
+    /// Socket files the sweep iterator visited; sweep records lost.
+    pub sweep_socket_files: u64,
+    pub sweep_overflow: u64,
 }
 
 pub struct StatsReader(PerCpuArray<MapData, u64>);
@@ -217,6 +287,8 @@ impl StatsReader {
             timer_not_due: sum(stat::TIMER_NOT_DUE)?,
             submitted: sum(stat::SUBMITTED)?,
             retransmit_failed: sum(stat::RETRANSMIT_FAILED)?,
+            sweep_socket_files: sum(stat::SWEEP_SOCKET_FILES)?,
+            sweep_overflow: sum(stat::SWEEP_OVERFLOW)?,
         })
     }
 }
@@ -372,6 +444,10 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         statuses.push(status);
     }
 
+    let sweep = load_sweep(&mut ebpf, &aya_btf, &our_btf);
+    if let Err(e) = &sweep {
+        tracing::warn!(error = %e, "socket sweep unavailable");
+    }
     let plan = Plan {
         kernel: kernel_release,
         hz: hz.map(|(h, _)| h),
@@ -382,7 +458,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         probes: statuses,
         fields: resolved.to_string(),
     };
-    Ok(Loaded { ebpf, plan })
+    Ok(Loaded { ebpf, plan, sweep })
 }
 
 struct AttachEnv<'a> {
@@ -563,6 +639,48 @@ fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<
 }
 
 impl Loaded {
+    /// Whether the sweep can run (`Err`: why not).
+    pub fn sweep_available(&self) -> Result<(), String> {
+        self.sweep.clone()
+    }
+
+    /// Runs the sweep iterator once over every task's open files and returns
+    /// the TCP sockets it found. Blocking (a read of the iterator's file);
+    /// `stats` gives the visited / overflow counters.
+    pub fn sweep(&mut self, stats: &StatsReader) -> Result<SweepOutput, SweepError> {
+        use std::io::Read as _;
+        if let Err(e) = &self.sweep {
+            return Err(SweepError::Unavailable(e.clone()));
+        }
+        let run = |e: &dyn StdError| SweepError::Run(chain(e));
+        let before = stats.read().map_err(|e| run(&e))?;
+        let prog = self
+            .ebpf
+            .program_mut(SWEEP_PROGRAM)
+            .ok_or_else(|| SweepError::Unavailable("program missing".to_owned()))?;
+        let p: &mut Iter = prog.try_into().map_err(|e| run(&e))?;
+        let link_id = p.attach().map_err(|e| run(&e))?;
+        let link = p.take_link(link_id).map_err(|e| run(&e))?;
+        let mut file = link.into_file().map_err(|e| run(&e))?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        file.read_to_end(&mut buf)
+            .map_err(|e| SweepError::Run(format!("reading the iterator: {e}")))?;
+        let mut out = SweepOutput::default();
+        let rest = parse_sweep_records(&buf, &mut out.records);
+        if rest != 0 {
+            return Err(SweepError::Run(format!(
+                "iterator output is {} bytes, not a multiple of {SWEEP_RECORD_SIZE}: agent and kernel programs are from different builds",
+                buf.len()
+            )));
+        }
+        let after = stats.read().map_err(|e| run(&e))?;
+        out.socket_files = after
+            .sweep_socket_files
+            .saturating_sub(before.sweep_socket_files);
+        out.overflow = after.sweep_overflow.saturating_sub(before.sweep_overflow);
+        Ok(out)
+    }
+
     /// The event ring buffer (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
         let map = self

@@ -227,6 +227,8 @@ pub struct Metrics {
     flows_tracked: Gauge,
     flow_evictions: Counter,
     programs: ProgramCounters,
+    /// The socket sweep's metrics.
+    pub sweep: crate::sweep::SweepMetrics,
     /// Serialises "replace the live values, then encode" between scrapes.
     render_lock: Mutex<()>,
 }
@@ -244,13 +246,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn kind_index(kind: EventKind) -> usize {
+fn kind_index(kind: EventKind) -> Option<usize> {
     match kind {
-        EventKind::Retransmit => 0,
-        EventKind::WriteTimer => 1,
-        EventKind::State => 2,
-        EventKind::ErrorReport => 3,
-        EventKind::Ack => 4,
+        EventKind::Retransmit => Some(0),
+        EventKind::WriteTimer => Some(1),
+        EventKind::State => Some(2),
+        EventKind::ErrorReport => Some(3),
+        EventKind::Ack => Some(4),
+        // Not a ring-buffer event: counted by the sweep metrics.
+        EventKind::Sweep => None,
     }
 }
 
@@ -436,6 +440,7 @@ impl Metrics {
             })
             .set(1);
 
+        let sweep = crate::sweep::SweepMetrics::register(&mut registry);
         Self {
             registry,
             top_k_flows: cfg.top_k_flows,
@@ -460,6 +465,7 @@ impl Metrics {
             flows_tracked,
             flow_evictions,
             programs,
+            sweep,
             render_lock: Mutex::new(()),
         }
     }
@@ -470,7 +476,9 @@ impl Metrics {
 
     /// One decoded kernel event.
     pub fn event(&self, kind: EventKind) {
-        self.events_by_kind[kind_index(kind)].inc();
+        if let Some(i) = kind_index(kind) {
+            self.events_by_kind[i].inc();
+        }
     }
 
     /// One undecodable ring-buffer record.
@@ -878,6 +886,12 @@ mod tests {
             ("tcpstall_flows_tracked", "gauge"),
             ("tcpstall_flow_evictions", "counter"),
             ("tcpstall_build_info", "gauge"),
+            ("tcpstall_sweeps", "counter"),
+            ("tcpstall_sweep_failures", "counter"),
+            ("tcpstall_sweep_duration_seconds", "histogram"),
+            ("tcpstall_sweep_sockets_visited", "counter"),
+            ("tcpstall_sweep_tcp_sockets", "gauge"),
+            ("tcpstall_sockets_without_timeout", "gauge"),
         ];
         let types: Vec<(&str, &str)> = text
             .lines()

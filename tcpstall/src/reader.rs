@@ -20,6 +20,17 @@ impl Reader {
         Ok(Self { ring })
     }
 
+    /// Decodes the records available now into `out` (appended) without
+    /// waiting; returns how many.
+    pub fn drain_ready(&mut self, out: &mut Vec<Result<SockEvent, DecodeError>>) -> usize {
+        let ring = self.ring.get_mut();
+        let before = out.len();
+        while let Some(item) = ring.next() {
+            out.push(SockEvent::decode(&item));
+        }
+        out.len() - before
+    }
+
     /// Wait for records, then decode all available ones into `out` (appended;
     /// malformed records are kept as errors so the caller can count them).
     pub async fn read_batch(

@@ -7,6 +7,7 @@
 //! | `GET /readyz` | 200 when every required probe is attached and the event loop drained the ring buffer within [`READY_STALE_AFTER`]; 503 with the reason otherwise |
 //! | `GET /api/v1/stalls` | every stalled flow, most urgent first, with pod identity and wall-clock instants |
 //! | `GET /api/v1/remotes` | per-remote aggregation (top K remotes, the rest summed) |
+//! | `GET /api/v1/risks` | the hang-forever audit of the last sweep: established sockets without SO_KEEPALIVE and TCP_USER_TIMEOUT, longest idle first, bounded |
 //! | `GET /api/v1/plan` | the probe plan: the mechanism chosen per probe and why the others were not |
 //!
 //! Requests never hold the engine lock for longer than computing a view;
@@ -144,6 +145,8 @@ pub struct AgentState {
     pub ready_stale_after: Duration,
     /// Per-request time limit.
     pub request_timeout: Duration,
+    /// The hang-forever audit of the last sweep (None: no sweep yet).
+    pub risks: Mutex<Option<crate::engine::risks::RiskReport>>,
 }
 
 impl AgentState {
@@ -157,6 +160,7 @@ impl AgentState {
             clock: kernel::monotonic_ns,
             ready_stale_after: READY_STALE_AFTER,
             request_timeout: REQUEST_TIMEOUT,
+            risks: Mutex::new(None),
         }
     }
 
@@ -423,6 +427,73 @@ async fn remotes_handler(State(state): State<Arc<AgentState>>) -> Response {
     blocking(state, remotes_json).await
 }
 
+async fn risks_handler(State(state): State<Arc<AgentState>>) -> Response {
+    blocking(state, risks_json).await
+}
+
+/// One entry of `/api/v1/risks`.
+#[derive(Serialize)]
+struct RiskDocEntry<'a> {
+    #[serde(flatten)]
+    risk: &'a crate::engine::risks::RiskEntry,
+    pod: Option<&'a str>,
+    namespace: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct RisksDoc<'a> {
+    generated_at: String,
+    /// When the audited sweep ran (None: no sweep yet).
+    swept_at: Option<String>,
+    kernel: &'a str,
+    /// Established TCP sockets in that sweep.
+    established: usize,
+    /// Established sockets without SO_KEEPALIVE and TCP_USER_TIMEOUT (all).
+    total: usize,
+    /// Listed below: the longest idle first, bounded.
+    count: usize,
+    risks: Vec<RiskDocEntry<'a>>,
+}
+
+fn risks_json(state: &AgentState) -> Response {
+    let now = (state.clock)();
+    let offset = kernel::realtime_offset_ns();
+    let report = state
+        .risks
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .unwrap_or_default();
+    let ids: Vec<Option<PodIdentity>> = {
+        let t = Instant::now();
+        let mut pods = state.pods();
+        report
+            .listed
+            .iter()
+            .map(|r| pods.lookup(u64::from(r.netns), t).cloned())
+            .collect()
+    };
+    let risks = report
+        .listed
+        .iter()
+        .zip(&ids)
+        .map(|(r, p)| RiskDocEntry {
+            risk: r,
+            pod: p.as_ref().and_then(|p| nonempty(&p.pod)),
+            namespace: p.as_ref().and_then(|p| nonempty(&p.namespace)),
+        })
+        .collect::<Vec<_>>();
+    json_response(&RisksDoc {
+        generated_at: wall(now, offset),
+        swept_at: (report.swept_at_ns != 0).then(|| wall(report.swept_at_ns, offset)),
+        kernel: &state.plan.kernel,
+        established: report.established,
+        total: report.total,
+        count: risks.len(),
+        risks,
+    })
+}
+
 async fn plan_handler(State(state): State<Arc<AgentState>>) -> Response {
     json_response(&state.plan)
 }
@@ -430,7 +501,7 @@ async fn plan_handler(State(state): State<Arc<AgentState>>) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found; endpoints: /metrics /healthz /readyz /api/v1/stalls /api/v1/remotes /api/v1/plan\n",
+        "not found; endpoints: /metrics /healthz /readyz /api/v1/stalls /api/v1/remotes /api/v1/risks /api/v1/plan\n",
     )
         .into_response()
 }
@@ -468,6 +539,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/api/v1/stalls", get(stalls_handler))
         .route("/api/v1/remotes", get(remotes_handler))
         .route("/api/v1/plan", get(plan_handler))
+        .route("/api/v1/risks", get(risks_handler))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), limits))

@@ -316,6 +316,8 @@ fn main() -> anyhow::Result<()> {
                 "scenarios",
                 "--test",
                 "prometheus_e2e",
+                "--test",
+                "sweep",
                 "--",
                 "--test-threads=1",
             ]);

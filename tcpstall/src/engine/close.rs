@@ -13,7 +13,7 @@ use super::{Engine, StreakOutcome, TimeoutEvidence, dur_ns};
 /// A closed flow remembered for a late error report / settling its streak.
 #[derive(Clone, Debug)]
 pub(super) struct Closed {
-    cookie: u64,
+    pub(super) cookie: u64,
     skaddr: u64,
     remote: SocketAddr,
     pub(super) closed_at_ns: u64,

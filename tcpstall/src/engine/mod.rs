@@ -46,6 +46,8 @@ pub mod hz;
 mod identity;
 mod output;
 mod remote;
+pub mod risks;
+pub mod seed;
 mod sink;
 mod streak;
 mod tick;
@@ -140,6 +142,7 @@ impl Engine {
             EventKind::State => st.events_state += 1,
             EventKind::ErrorReport => st.events_error_report += 1,
             EventKind::Ack => st.events_ack += 1,
+            EventKind::Sweep => st.sweep_snapshots += 1,
         }
         if self.hz.observe(ev.ts_ns, ev.jiffies) {
             self.refresh_predictions();
@@ -168,6 +171,7 @@ impl Engine {
             EventKind::State => self.on_state(ev),
             EventKind::ErrorReport => self.on_error_report(ev),
             EventKind::Ack => self.on_ack(ev),
+            EventKind::Sweep => self.on_sweep(ev),
         }
     }
 

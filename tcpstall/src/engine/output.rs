@@ -246,6 +246,14 @@ pub enum Observation {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct EngineStats {
     pub events: u64,
+    /// Sweep snapshots ingested (see [`crate::engine::seed`]).
+    pub sweep_snapshots: u64,
+    /// Flows a sweep created in a stall state (not known from events).
+    pub sweep_seeded: u64,
+    /// Known flows whose state a sweep repaired (events were lost).
+    pub sweep_repaired: u64,
+    /// Snapshots ignored: closed or timed-out flows, newer events, no cookie.
+    pub sweep_ignored: u64,
     pub events_retransmit: u64,
     pub events_write_timer: u64,
     pub events_state: u64,

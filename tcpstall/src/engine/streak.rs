@@ -19,7 +19,7 @@ pub(super) fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
-fn is_syn_state(s: TcpState) -> bool {
+pub(super) fn is_syn_state(s: TcpState) -> bool {
     matches!(
         s,
         TcpState::SynSent | TcpState::SynRecv | TcpState::NewSynRecv
@@ -182,7 +182,10 @@ impl Engine {
         if ev.kind != EventKind::State && !matches!(ev.state, TcpState::Unknown(_)) {
             f.state = ev.state;
         }
-        if matches!(ev.kind, EventKind::Retransmit | EventKind::WriteTimer) {
+        if matches!(
+            ev.kind,
+            EventKind::Retransmit | EventKind::WriteTimer | EventKind::Sweep
+        ) {
             // Still transmitting: whatever said it died (a verdict without
             // close or error report) was wrong.
             f.timed_out = false;

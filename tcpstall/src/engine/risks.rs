@@ -1,0 +1,134 @@
+//! The hang-forever audit: established TCP sockets that no kernel timer will
+//! ever end if the peer vanishes silently while the socket waits for data
+//! (no `SO_KEEPALIVE`, no `TCP_USER_TIMEOUT`). Pure: computed from one
+//! sweep's sockets.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use super::horizon;
+use crate::event::{SockEvent, TcpState};
+
+/// One socket as the sweep saw it (the event snapshot plus what only the file
+/// walk knows).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweptSocket {
+    pub ev: SockEvent,
+    /// Process holding it (thread-group id in the agent's pid namespace).
+    pub pid: u32,
+    pub fd: u32,
+    pub comm: String,
+    /// `SO_KEEPALIVE` is set.
+    pub keepalive: bool,
+    /// Per-socket keepalive settings in jiffies / probes; 0 = netns default.
+    pub keepalive_time_j: u32,
+    pub keepalive_intvl_j: u32,
+    pub keepalive_probes: u32,
+}
+
+/// A socket at risk of hanging forever.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RiskEntry {
+    pub cookie: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub netns: u32,
+    pub pid: u32,
+    pub process: String,
+    pub fd: u32,
+    /// Seconds since the socket last sent or received anything.
+    pub idle_s: f64,
+    /// Always false here (listed because of it); kept for the reader.
+    pub keepalive: bool,
+    /// Per-socket TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT, None = the
+    /// namespace default (which only applies once SO_KEEPALIVE is set).
+    pub keepalive_idle_s: Option<f64>,
+    pub keepalive_interval_s: Option<f64>,
+    pub keepalive_probes: Option<u32>,
+    /// TCP_USER_TIMEOUT in ms; 0 (always, here) = none.
+    pub user_timeout_ms: u32,
+}
+
+/// The audit of one sweep.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RiskReport {
+    /// CLOCK_MONOTONIC ns of the sweep.
+    pub swept_at_ns: u64,
+    /// Established TCP sockets seen (after de-duplication).
+    pub established: usize,
+    /// Sockets without keepalive and user timeout (all of them, even
+    /// beyond `listed`).
+    pub total: usize,
+    /// The longest idle first, at most the limit given to [`audit`].
+    pub listed: Vec<RiskEntry>,
+    /// `total` per network namespace inode.
+    pub by_netns: BTreeMap<u32, usize>,
+}
+
+/// Whether no kernel timer would end this socket if the peer vanished.
+pub fn at_risk(s: &SweptSocket) -> bool {
+    s.ev.state == TcpState::Established
+        && !s.keepalive
+        && s.ev.sock.is_some_and(|k| k.user_timeout_ms == 0)
+}
+
+fn idle_s(s: &SweptSocket, hz: u32) -> f64 {
+    let Some(k) = s.ev.sock else {
+        return 0.0;
+    };
+    let now = s.ev.jiffies as u32;
+    // The most recent of last send and last ACK received.
+    let age = |t: u32| {
+        let a = now.wrapping_sub(t);
+        if t == 0 || a > i32::MAX as u32 {
+            u32::MAX
+        } else {
+            a
+        }
+    };
+    let a = age(k.lsndtime).min(age(k.rcv_tstamp));
+    if a == u32::MAX {
+        return 0.0;
+    }
+    horizon::jiffies_to_ns(u64::from(a), hz) as f64 / 1e9
+}
+
+/// Audits one sweep's (de-duplicated) sockets; lists at most `limit`.
+pub fn audit(sockets: &[SweptSocket], hz: u32, swept_at_ns: u64, limit: usize) -> RiskReport {
+    let mut r = RiskReport {
+        swept_at_ns,
+        ..Default::default()
+    };
+    let secs = |j: u32| (j != 0).then(|| horizon::jiffies_to_ns(u64::from(j), hz) as f64 / 1e9);
+    for s in sockets {
+        if s.ev.state == TcpState::Established {
+            r.established += 1;
+        }
+        if !at_risk(s) {
+            continue;
+        }
+        r.total += 1;
+        *r.by_netns.entry(s.ev.netns).or_default() += 1;
+        r.listed.push(RiskEntry {
+            cookie: s.ev.cookie,
+            local: s.ev.local,
+            remote: s.ev.remote,
+            netns: s.ev.netns,
+            pid: s.pid,
+            process: s.comm.clone(),
+            fd: s.fd,
+            idle_s: idle_s(s, hz),
+            keepalive: s.keepalive,
+            keepalive_idle_s: secs(s.keepalive_time_j),
+            keepalive_interval_s: secs(s.keepalive_intvl_j),
+            keepalive_probes: (s.keepalive_probes != 0).then_some(s.keepalive_probes),
+            user_timeout_ms: s.ev.sock.map_or(0, |k| k.user_timeout_ms),
+        });
+    }
+    r.listed
+        .sort_by(|a, b| b.idle_s.total_cmp(&a.idle_s).then(a.cookie.cmp(&b.cookie)));
+    r.listed.truncate(limit);
+    r
+}

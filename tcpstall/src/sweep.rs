@@ -1,0 +1,302 @@
+//! The socket sweep, agent side: decoding the iterator's records into
+//! [`SweptSocket`]s (one per socket: de-duplicated by cookie, since forked
+//! processes share sockets) and deciding when the next sweep runs.
+//!
+//! When: at start-up (before `/readyz` turns ready), after the kernel
+//! reported lost events (ring-buffer drops or program recursion misses; at
+//! most once per [`SweepPolicy::min_gap`]), and every `--sweep-interval`
+//! (0 = never periodically).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use tcpstall_common::{SweepRecord, flag};
+
+use crate::engine::risks::SweptSocket;
+use crate::event::{DecodeError, SockEvent};
+
+/// Why a sweep ran (the `reason` label of `tcpstall_sweeps_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SweepReason {
+    Startup,
+    Loss,
+    Interval,
+}
+
+impl SweepReason {
+    pub const ALL: [SweepReason; 3] = [Self::Startup, Self::Loss, Self::Interval];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Startup => "startup",
+            Self::Loss => "loss",
+            Self::Interval => "interval",
+        }
+    }
+}
+
+/// Decodes one record.
+pub fn decode(rec: &SweepRecord) -> Result<SweptSocket, DecodeError> {
+    let ev = SockEvent::from_raw(&rec.event)?;
+    let end = rec
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(rec.comm.len());
+    Ok(SweptSocket {
+        ev,
+        pid: rec.pid,
+        fd: rec.fd,
+        comm: String::from_utf8_lossy(&rec.comm[..end]).into_owned(),
+        keepalive: rec.event.flags & flag::KEEPOPEN != 0,
+        keepalive_time_j: rec.keepalive_time,
+        keepalive_intvl_j: rec.keepalive_intvl,
+        keepalive_probes: rec.keepalive_probes,
+    })
+}
+
+/// Decodes and de-duplicates (first holder wins: the lowest pid walked
+/// first). Returns the sockets and the number of undecodable records.
+pub fn decode_all(records: &[SweepRecord]) -> (Vec<SweptSocket>, usize) {
+    let mut seen = HashSet::with_capacity(records.len());
+    let mut out = Vec::with_capacity(records.len());
+    let mut bad = 0;
+    for r in records {
+        match decode(r) {
+            Ok(s) => {
+                if s.ev.cookie != 0 && !seen.insert(s.ev.cookie) {
+                    continue;
+                }
+                out.push(s);
+            }
+            Err(_) => bad += 1,
+        }
+    }
+    (out, bad)
+}
+
+/// When sweeps run.
+#[derive(Clone, Debug)]
+pub struct SweepPolicy {
+    /// Periodic safety net; None = only at start-up and on loss.
+    pub interval: Option<Duration>,
+    /// Sweep after reported event loss.
+    pub on_loss: bool,
+    /// Rate limit of loss-triggered sweeps.
+    pub min_gap: Duration,
+    last: Option<Instant>,
+    loss_pending: bool,
+}
+
+impl SweepPolicy {
+    pub fn new(interval: Option<Duration>, on_loss: bool, min_gap: Duration) -> Self {
+        Self {
+            interval,
+            on_loss,
+            min_gap,
+            last: None,
+            loss_pending: false,
+        }
+    }
+
+    /// The kernel reported lost events.
+    pub fn loss(&mut self) {
+        if self.on_loss {
+            self.loss_pending = true;
+        }
+    }
+
+    /// A sweep ran at `now`.
+    pub fn ran(&mut self, now: Instant, reason: SweepReason) {
+        self.last = Some(now);
+        if reason != SweepReason::Startup || self.loss_pending {
+            self.loss_pending = false;
+        }
+    }
+
+    /// Whether a sweep is due at `now`, and why.
+    pub fn due(&self, now: Instant) -> Option<SweepReason> {
+        let since = self.last.map(|l| now.saturating_duration_since(l));
+        if self.loss_pending && since.is_none_or(|s| s >= self.min_gap) {
+            return Some(SweepReason::Loss);
+        }
+        if let Some(i) = self.interval
+            && since.is_none_or(|s| s >= i)
+        {
+            return Some(SweepReason::Interval);
+        }
+        None
+    }
+}
+
+/// Upper bounds (seconds) of `tcpstall_sweep_duration_seconds`.
+pub const SWEEP_DURATION_BUCKETS: [f64; 10] =
+    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub pod: String,
+}
+
+/// The sweep's metrics (registered by [`crate::metrics::Metrics::new`]).
+#[derive(Clone, Debug)]
+pub struct SweepMetrics {
+    sweeps: Family<ReasonLabels, Counter>,
+    failures: Counter,
+    duration: Histogram,
+    sockets_visited: Counter,
+    tcp_sockets: Gauge,
+    without_timeout: Family<PodLabels, Gauge>,
+}
+
+impl SweepMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            sweeps: Family::default(),
+            failures: Counter::default(),
+            duration: Histogram::new(SWEEP_DURATION_BUCKETS),
+            sockets_visited: Counter::default(),
+            tcp_sockets: Gauge::default(),
+            without_timeout: Family::default(),
+        };
+        registry.register(
+            "tcpstall_sweeps",
+            "Socket sweeps run, by reason: startup (before /readyz turns ready), loss (the kernel reported lost events), interval (--sweep-interval)",
+            m.sweeps.clone(),
+        );
+        for r in SweepReason::ALL {
+            drop(m.sweeps.get_or_create(&ReasonLabels { reason: r.as_str() }));
+        }
+        registry.register(
+            "tcpstall_sweep_failures",
+            "Socket sweeps that failed (see the agent log)",
+            m.failures.clone(),
+        );
+        registry.register(
+            "tcpstall_sweep_duration_seconds",
+            "Wall-clock time of one socket sweep (kernel iterator and decoding)",
+            m.duration.clone(),
+        );
+        registry.register(
+            "tcpstall_sweep_sockets_visited",
+            "Socket files the sweeps visited (every family, once per file table holding them)",
+            m.sockets_visited.clone(),
+        );
+        registry.register(
+            "tcpstall_sweep_tcp_sockets",
+            "Distinct TCP sockets found by the last sweep",
+            m.tcp_sockets.clone(),
+        );
+        registry.register(
+            "tcpstall_sockets_without_timeout",
+            "Established TCP sockets with neither SO_KEEPALIVE nor TCP_USER_TIMEOUT (they hang forever if the peer vanishes while they wait), as of the last sweep, by pod; sockets outside any pod are counted with empty namespace and pod labels",
+            m.without_timeout.clone(),
+        );
+        m.without_timeout(&HashMap::new());
+        m
+    }
+
+    pub fn ran(&self, reason: SweepReason, seconds: f64, visited: u64, tcp_sockets: usize) {
+        self.sweeps
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+        self.duration.observe(seconds);
+        self.sockets_visited.inc_by(visited);
+        self.tcp_sockets
+            .set(i64::try_from(tcp_sockets).unwrap_or(i64::MAX));
+    }
+
+    pub fn failed(&self) {
+        self.failures.inc();
+    }
+
+    /// Replaces the per-pod counts (one series per pod with at-risk
+    /// sockets, plus the non-pod series, always present).
+    pub fn without_timeout(&self, counts: &HashMap<PodLabels, usize>) {
+        self.without_timeout.clear();
+        drop(self.without_timeout.get_or_create(&PodLabels {
+            namespace: String::new(),
+            pod: String::new(),
+        }));
+        for (l, n) in counts {
+            self.without_timeout
+                .get_or_create(l)
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcpstall_common::{Event, kind, source};
+
+    fn rec(cookie: u64, pid: u32) -> SweepRecord {
+        let mut r = SweepRecord::zeroed();
+        r.event = Event {
+            kind: kind::SWEEP,
+            source: source::SWEEP,
+            family: 2,
+            cookie,
+            state: 1,
+            flags: tcpstall_common::flag::SOCK_FIELDS,
+            ..Event::zeroed()
+        };
+        r.pid = pid;
+        r.comm[..4].copy_from_slice(b"curl");
+        r
+    }
+
+    #[test]
+    fn decodes_and_dedupes_by_cookie() {
+        let mut shared = rec(7, 10);
+        shared.event.flags |= flag::KEEPOPEN;
+        let (s, bad) = decode_all(&[shared, rec(7, 11), rec(8, 12)]);
+        assert_eq!(bad, 0);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].pid, s[0].comm.as_str(), s[0].keepalive),
+            (10, "curl", true)
+        );
+        assert_eq!((s[1].ev.cookie, s[1].keepalive), (8, false));
+        let mut broken = rec(9, 1);
+        broken.event.family = 99;
+        assert_eq!(decode_all(&[broken]).1, 1);
+    }
+
+    #[test]
+    fn policy_rate_limits_loss_and_runs_interval() {
+        let t0 = Instant::now();
+        let mut p = SweepPolicy::new(Some(Duration::from_secs(60)), true, Duration::from_secs(5));
+        p.ran(t0, SweepReason::Startup);
+        assert_eq!(p.due(t0 + Duration::from_secs(1)), None);
+        p.loss();
+        assert_eq!(p.due(t0 + Duration::from_secs(1)), None, "rate limited");
+        assert_eq!(p.due(t0 + Duration::from_secs(5)), Some(SweepReason::Loss));
+        p.ran(t0 + Duration::from_secs(5), SweepReason::Loss);
+        assert_eq!(p.due(t0 + Duration::from_secs(30)), None);
+        assert_eq!(
+            p.due(t0 + Duration::from_secs(65)),
+            Some(SweepReason::Interval)
+        );
+
+        let mut off = SweepPolicy::new(None, false, Duration::from_secs(5));
+        off.ran(t0, SweepReason::Startup);
+        off.loss();
+        assert_eq!(off.due(t0 + Duration::from_secs(3600)), None);
+    }
+}
