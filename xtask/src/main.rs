@@ -5,7 +5,6 @@
 //! so the README's two commands work on a fresh machine.
 mod kernel_cost;
 mod setup;
-mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -14,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use xtask::vm;
 
 #[derive(Parser)]
 #[command(
@@ -70,19 +70,20 @@ enum Cmd {
     VmTest {
         #[command(flatten)]
         vm: vm::VmOptions,
-        /// Scenario test names (libtest filters) to run in each guest.
+        /// Scenario tests to run in each guest, by exact name.
         #[arg(long = "test", value_name = "FILTER", default_values = VM_TESTS)]
         tests: Vec<String>,
     },
 }
 
-/// Scenario tests run in every guest kernel of the matrix.
+/// Scenario tests run in every guest kernel of the matrix (exact names: each
+/// must run and pass, a name that matches nothing fails the matrix).
 const VM_TESTS: &[&str] = &[
-    "probe_plan",
-    "s1_blackhole_events",
+    "probe_plan_prefers_best_available_mechanism",
+    "s1_blackhole_events_end_to_end",
     "s1_horizon_retries2_5",
     "s2_user_timeout",
-    "s1_recovery",
+    "s1_recovery_clears_the_stall_at_once",
 ];
 
 pub fn workspace_root() -> PathBuf {
@@ -167,13 +168,16 @@ fn vm_matrix(opts: &vm::VmOptions, agent: &Path, tests: &[String]) -> anyhow::Re
         opts.kernels.join(", ")
     ));
     // --nocapture: the probe plan and per-flow traces appear in the console log.
-    let mut test_args = vec!["--test-threads=1".to_owned(), "--nocapture".to_owned()];
+    let mut test_args = ["--test-threads=1", "--nocapture", "--exact"]
+        .map(String::from)
+        .to_vec();
     test_args.extend(tests.iter().cloned());
     let payload = vm::GuestPayload {
         agent: agent.to_path_buf(),
         tests: scenarios,
         test_args,
         extra_env: Vec::new(),
+        expected_passed: Some(tests.len()),
     };
     let results = vm::vm_test(opts, &payload)?;
     eprintln!(

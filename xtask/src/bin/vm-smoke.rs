@@ -4,13 +4,10 @@
 //! cargo run -p xtask --bin vm-smoke -- --agent A --tests T [KERNEL...] [-- TEST-ARGS...]
 //! cargo run -p xtask --bin vm-smoke -- --btf-only [KERNEL...]
 
-#[allow(dead_code)]
-#[path = "../vm.rs"]
-mod vm;
-
 use anyhow::Result;
 use clap::Parser;
 use std::path::PathBuf;
+use xtask::vm;
 
 /// Run a payload (agent + tests) on Debian kernels under QEMU, or extract their BTF.
 #[derive(Parser)]
@@ -84,6 +81,7 @@ fn main() -> Result<()> {
         tests: cli.tests.clone().unwrap(),
         test_args: cli.test_args.clone(),
         extra_env,
+        expected_passed: None,
     };
     let results = vm::vm_test(&cli.vm, &payload)?;
     for r in &results {
