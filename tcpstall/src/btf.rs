@@ -199,8 +199,6 @@ pub enum BtfError {
     NoSize { id: TypeId, kind: Kind },
     #[error("offset or size of {what} overflows")]
     Overflow { what: String },
-    #[error("enum {name:?} has no value {variant:?}")]
-    EnumValueNotFound { name: String, variant: String },
 }
 
 /// A member found by [`Btf::member`].
@@ -639,12 +637,6 @@ impl Btf {
             })
     }
 
-    /// The first type named `name` of kind `kind`.
-    pub fn find_type(&self, name: &str, kind: Kind) -> Option<TypeId> {
-        self.ids_named(name)
-            .find(|&id| self.ty(id).is_ok_and(|t| t.kind == kind))
-    }
-
     /// Follows typedef/const/volatile/restrict/type_tag to the real type.
     fn skip_modifiers(&self, mut id: TypeId) -> Result<TypeId, BtfError> {
         for _ in 0..MAX_DEPTH {
@@ -854,81 +846,6 @@ impl Btf {
     pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
         let id = self.find_composite(name)?;
         Ok(self.ty(id)?.size_type)
-    }
-
-    /// Whether a BTF FUNC named `name` exists (i.e. fentry/fexit can attach).
-    pub fn has_func(&self, name: &str) -> bool {
-        self.find_type(name, Kind::Func).is_some()
-    }
-
-    /// The value of enumerator `variant` of the enum named `enum_name` (ENUM or
-    /// ENUM64, or a typedef of one). An empty `enum_name` searches every enum,
-    /// including anonymous ones (e.g. the kernel's `TCP_ESTABLISHED`).
-    /// Unsigned 64-bit values above `i64::MAX` come back wrapped (`as i64`).
-    pub fn enum_value(&self, enum_name: &str, variant: &str) -> Result<i64, BtfError> {
-        let not_found = || BtfError::EnumValueNotFound {
-            name: enum_name.into(),
-            variant: variant.into(),
-        };
-        if enum_name.is_empty() {
-            for id in 1..self.types.len() as TypeId {
-                if let Some(v) = self.enum_lookup(id, variant.as_bytes())? {
-                    return Ok(v);
-                }
-            }
-            return Err(not_found());
-        }
-        let mut any = false;
-        for id in self.ids_named(enum_name) {
-            let real = self.skip_modifiers(id)?;
-            if matches!(self.ty(real)?.kind, Kind::Enum | Kind::Enum64) {
-                any = true;
-                if let Some(v) = self.enum_lookup(real, variant.as_bytes())? {
-                    return Ok(v);
-                }
-            }
-        }
-        if any {
-            Err(not_found())
-        } else {
-            Err(BtfError::TypeNotFound {
-                what: "enum",
-                name: enum_name.into(),
-            })
-        }
-    }
-
-    fn enum_lookup(&self, id: TypeId, variant: &[u8]) -> Result<Option<i64>, BtfError> {
-        let t = *self.ty(id)?;
-        let vlen = usize::from(t.vlen);
-        match t.kind {
-            Kind::Enum => {
-                for i in 0..vlen {
-                    let e = t.extra + 8 * i;
-                    if self.str_at(self.word(e)?)? == variant {
-                        let raw = self.word(e + 4)?;
-                        // kind_flag set = unsigned enum.
-                        return Ok(Some(if t.kind_flag {
-                            i64::from(raw)
-                        } else {
-                            i64::from(raw as i32)
-                        }));
-                    }
-                }
-            }
-            Kind::Enum64 => {
-                for i in 0..vlen {
-                    let e = t.extra + 12 * i;
-                    if self.str_at(self.word(e)?)? == variant {
-                        let lo = u64::from(self.word(e + 4)?);
-                        let hi = u64::from(self.word(e + 8)?);
-                        return Ok(Some(((hi << 32) | lo) as i64));
-                    }
-                }
-            }
-            _ => {}
-        }
-        Ok(None)
     }
 }
 
@@ -1239,8 +1156,6 @@ mod tests {
         assert_eq!(btf.struct_size("sk_common").ok(), Some(96));
         assert_eq!(btf.struct_size("in6_addr").ok(), Some(16));
         assert_eq!(btf.struct_size("atomic64_t").ok(), Some(8));
-        assert_eq!(btf.find_type("sk_common", Kind::Fwd), Some(9));
-        assert!(btf.find_type("sk_common", Kind::Struct).is_some());
         assert_eq!(btf.pointer_size(), 8);
     }
 
@@ -1355,34 +1270,6 @@ mod tests {
         assert_eq!(m(&btf, "later", "i").size_bytes, 4);
         assert_eq!(m(&btf, "all", "t").size_bytes, 8);
         assert_eq!(m(&btf, "all", "e64").size_bytes, 8);
-        assert!(btf.has_func("tcp_write_timer_handler"));
-        assert!(!btf.has_func("tcp_write_timer"));
-        assert!(!btf.has_func("int"));
-        assert_eq!(btf.enum_value("color", "RED").ok(), Some(-1));
-        assert_eq!(btf.enum_value("color", "GREEN").ok(), Some(7));
-        assert_eq!(btf.enum_value("color_t", "GREEN").ok(), Some(7));
-        assert_eq!(btf.enum_value("ucolor", "BIG").ok(), Some(0xffff_ffff));
-        assert_eq!(btf.enum_value("big", "HUGE").ok(), Some(1 << 40));
-        assert_eq!(btf.enum_value("big", "MAX").ok(), Some(-1));
-        assert_eq!(btf.enum_value("", "HUGE").ok(), Some(1 << 40));
-        assert!(matches!(
-            btf.enum_value("color", "BLUE"),
-            Err(BtfError::EnumValueNotFound { .. })
-        ));
-        assert!(matches!(
-            btf.enum_value("", "BLUE"),
-            Err(BtfError::EnumValueNotFound { .. })
-        ));
-        assert!(matches!(
-            btf.enum_value("nope", "RED"),
-            Err(BtfError::TypeNotFound { what: "enum", .. })
-        ));
-        assert!(matches!(
-            btf.enum_value("int", "RED"),
-            Err(BtfError::TypeNotFound { what: "enum", .. })
-        ));
-        assert_eq!(btf.find_type("some_var", Kind::Var), Some(13));
-        assert_eq!(btf.find_type(".data", Kind::Datasec), Some(14));
     }
 
     #[test]
@@ -1820,8 +1707,6 @@ mod tests {
                         let _ = btf.member(s, p);
                         let _ = btf.struct_size(s);
                     }
-                    let _ = btf.enum_value("", "HUGE");
-                    let _ = btf.has_func("tcp_write_timer_handler");
                 }
             }
         }
@@ -1852,9 +1737,6 @@ mod tests {
         let daddr = m(&btf, "sock", "__sk_common.skc_daddr");
         assert_eq!((daddr.offset_bits, daddr.size_bytes), (0, 4));
         assert_eq!(m(&btf, "sock_common", "skc_dport").size_bytes, 2);
-        assert!(btf.has_func("tcp_write_timer_handler") || btf.has_func("tcp_retransmit_timer"));
-        assert_eq!(btf.enum_value("", "TCP_ESTABLISHED").ok(), Some(1));
-        assert_eq!(btf.enum_value("", "TCP_CLOSE").ok(), Some(7));
         assert!(btf.struct_size("tcp_sock").is_ok_and(|s| s > 1000));
         assert_eq!(btf.struct_size("timer_list").ok(), Some(40));
     }

@@ -373,11 +373,14 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         path: btf_path.display().to_string(),
         reason,
     };
-    let our_btf = Btf::from_file(&btf_path).map_err(|e| btf_err(e.to_string()))?;
+    // One read, one parse per consumer: aya's model for loading and
+    // attaching, ours for the field offsets (aya does not expose members).
+    let btf_bytes = std::fs::read(&btf_path).map_err(|e| btf_err(e.to_string()))?;
+    let aya_btf =
+        AyaBtf::parse(&btf_bytes, aya::Endianness::default()).map_err(|e| btf_err(chain(&e)))?;
+    let our_btf = Btf::from_bytes(btf_bytes).map_err(|e| btf_err(e.to_string()))?;
     let resolved =
         layout::resolve(&our_btf, &kernel_release).map_err(|e| LoadError::Layout(e.to_string()))?;
-    let aya_btf = AyaBtf::parse_file(&btf_path, aya::Endianness::default())
-        .map_err(|e| btf_err(chain(&e)))?;
 
     let hz = kernel::hz();
     let mut kl: KernelLayout = resolved.layout();
