@@ -1778,6 +1778,9 @@ fn arb_event() -> impl Strategy<Value = (u8, u64, u32, u32, u32, u32, u64)> {
     )
 }
 
+/// From this RTO expiry on, a death must have been predicted at an earlier one.
+const MIN_RTOS_PREDICTED: u32 = 2;
+
 proptest! {
     #![proptest_config(ProptestConfig { failure_persistence: None, cases: 200, ..ProptestConfig::default() })]
 
@@ -1822,7 +1825,8 @@ proptest! {
     }
 
     /// Any blackhole (HZ, retries2, UTO, loss probe or not, kernel order):
-    /// the prediction made at the stall matches the kernel's death.
+    /// the prediction made at the stall matches the kernel's death, and a
+    /// death from RTO [`MIN_RTOS_PREDICTED`] on was predicted.
     #[test]
     fn prop_blackhole_prediction_exact(
         hz in prop::sample::select(vec![100u32, 250, 300, 1000]),
@@ -1846,8 +1850,14 @@ proptest! {
         let (_, obs, _, views) = run_s1(&bh, e);
         let t = timeouts(&obs);
         prop_assert_eq!(t.len(), 1);
-        // A death at the first or second RTO has no earlier prediction.
-        if let Observation::Timeout { prediction_error_s: Some(err), .. } = t[0] {
+        // A death at the first or second RTO has no earlier prediction;
+        // any later death must have been predicted.
+        let rtos = streak_ends(&obs).first().map_or(0, |&(_, r, _)| r);
+        let Observation::Timeout { prediction_error_s, .. } = t[0] else { unreachable!() };
+        if rtos >= MIN_RTOS_PREDICTED {
+            prop_assert!(prediction_error_s.is_some(), "death at RTO {} was not predicted", rtos);
+        }
+        if let Some(err) = prediction_error_s {
             prop_assert!(err.abs() < 0.001, "error {}", err);
         }
         prop_assert!(views.iter().all(|(_, v)| v.class == StallClass::Retransmit));
