@@ -13,7 +13,7 @@
 //! every probe.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -23,14 +23,14 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Settings,
-    engine::{Engine, EngineConfig, Observation},
+    engine::{Engine, EngineConfig, Observation, StallView},
     event::{DecodeError, SockEvent},
     kernel,
-    loader::{self, KernelStats, LoaderOptions, ProgramStatsReader, StatsReader},
-    metrics::{Metrics, MetricsConfig},
-    pods::PodResolver,
+    loader::{self, KernelStats, LoaderOptions, Plan, ProgramStatsReader, StatsReader},
+    metrics::{Format, LiveView, Metrics, MetricsConfig, MetricsError},
+    pods::{PodIdentity, PodResolver},
     reader::Reader,
-    server::{self, AgentState},
+    server,
     sweep::{self as sweeping, PodLabels, SweepPolicy, SweepReason},
 };
 
@@ -171,6 +171,75 @@ fn log_observation(o: &Observation) {
             active: true,
         } => debug!(remote = %remote, "flow table full: evicted an active flow"),
         _ => {}
+    }
+}
+
+/// Everything the event loop and the server share.
+pub struct AgentState {
+    pub engine: Mutex<Engine>,
+    pub metrics: Metrics,
+    pub pods: Mutex<PodResolver>,
+    pub plan: Plan,
+    pub health: server::Health,
+    /// CLOCK_MONOTONIC ns (replaceable in tests).
+    pub clock: fn() -> u64,
+    /// How long `/readyz` tolerates no drain.
+    pub ready_stale_after: Duration,
+    /// Per-request time limit.
+    pub request_timeout: Duration,
+    /// The hang-forever audit of the last sweep (None: no sweep yet).
+    pub risks: Mutex<Option<crate::engine::risks::RiskReport>>,
+}
+
+impl AgentState {
+    pub fn new(engine: Engine, metrics: Metrics, pods: PodResolver, plan: Plan) -> Self {
+        Self {
+            engine: Mutex::new(engine),
+            metrics,
+            pods: Mutex::new(pods),
+            plan,
+            health: server::Health::default(),
+            clock: kernel::monotonic_ns,
+            ready_stale_after: server::READY_STALE_AFTER,
+            request_timeout: server::REQUEST_TIMEOUT,
+            risks: Mutex::new(None),
+        }
+    }
+
+    /// The engine, also after a panic elsewhere (its state is still usable).
+    pub fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn pods(&self) -> MutexGuard<'_, PodResolver> {
+        self.pods.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Pod identity of each view's netns (one resolver lock for all).
+    pub(crate) fn identities(&self, views: &[StallView]) -> Vec<Option<PodIdentity>> {
+        let now = Instant::now();
+        let mut pods = self.pods();
+        views
+            .iter()
+            .map(|v| pods.lookup(u64::from(v.netns), now).cloned())
+            .collect()
+    }
+
+    /// Encodes the metrics as of now (engine views under the lock, the rest
+    /// after it).
+    pub fn scrape(&self, format: Format) -> Result<String, MetricsError> {
+        let now = (self.clock)();
+        let (gauges, mut stalls) = {
+            let engine = self.engine();
+            (engine.gauges(now), engine.stalls(now))
+        };
+        stalls.truncate(self.metrics.top_k_flows());
+        let pods = self.identities(&stalls);
+        let live = LiveView {
+            gauges,
+            top: stalls.into_iter().zip(pods).collect(),
+        };
+        self.metrics.render(&live, format)
     }
 }
 

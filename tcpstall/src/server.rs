@@ -23,7 +23,7 @@
 use std::{
     future::Future,
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -31,20 +31,17 @@ use std::{
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, Request, State},
+    extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
-    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
 use serde::Serialize;
+use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::format_description};
+use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
 
 use crate::{
-    engine::{Engine, StallView},
-    kernel,
-    loader::Plan,
-    metrics::{Format, LiveView, Metrics},
-    pods::{PodIdentity, PodResolver},
+    app::AgentState, engine::StallView, kernel, loader::Plan, metrics::Format, pods::PodIdentity,
 };
 
 /// Upper bound on handling one request.
@@ -132,99 +129,18 @@ impl Health {
     }
 }
 
-/// Everything the event loop and the server share.
-pub struct AgentState {
-    pub engine: Mutex<Engine>,
-    pub metrics: Metrics,
-    pub pods: Mutex<PodResolver>,
-    pub plan: Plan,
-    pub health: Health,
-    /// CLOCK_MONOTONIC ns (replaceable in tests).
-    pub clock: fn() -> u64,
-    /// How long `/readyz` tolerates no drain.
-    pub ready_stale_after: Duration,
-    /// Per-request time limit.
-    pub request_timeout: Duration,
-    /// The hang-forever audit of the last sweep (None: no sweep yet).
-    pub risks: Mutex<Option<crate::engine::risks::RiskReport>>,
-}
+/// RFC 3339 in UTC with millisecond precision, e.g. `2024-05-01T12:00:03.250Z`.
+const RFC3339_MILLIS: &[BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 
-impl AgentState {
-    pub fn new(engine: Engine, metrics: Metrics, pods: PodResolver, plan: Plan) -> Self {
-        Self {
-            engine: Mutex::new(engine),
-            metrics,
-            pods: Mutex::new(pods),
-            plan,
-            health: Health::default(),
-            clock: kernel::monotonic_ns,
-            ready_stale_after: READY_STALE_AFTER,
-            request_timeout: REQUEST_TIMEOUT,
-            risks: Mutex::new(None),
-        }
-    }
-
-    /// The engine, also after a panic elsewhere (its state is still usable).
-    pub fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn pods(&self) -> MutexGuard<'_, PodResolver> {
-        self.pods.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Pod identity of each view's netns (one resolver lock for all).
-    fn identities(&self, views: &[StallView]) -> Vec<Option<PodIdentity>> {
-        let now = Instant::now();
-        let mut pods = self.pods();
-        views
-            .iter()
-            .map(|v| pods.lookup(u64::from(v.netns), now).cloned())
-            .collect()
-    }
-
-    /// Encodes the metrics as of now (engine views under the lock, the rest
-    /// after it).
-    pub fn scrape(&self, format: Format) -> Result<String, crate::metrics::MetricsError> {
-        let now = (self.clock)();
-        let (gauges, mut stalls) = {
-            let engine = self.engine();
-            (engine.gauges(now), engine.stalls(now))
-        };
-        stalls.truncate(self.metrics.top_k_flows());
-        let pods = self.identities(&stalls);
-        let live = LiveView {
-            gauges,
-            top: stalls.into_iter().zip(pods).collect(),
-        };
-        self.metrics.render(&live, format)
-    }
-}
-
-/// Formats a CLOCK_REALTIME instant (ns since the Unix epoch) as RFC 3339 in
-/// UTC with millisecond precision, e.g. `2024-05-01T12:00:03.250Z`.
+/// Formats a CLOCK_REALTIME instant (ns since the Unix epoch) as
+/// [`RFC3339_MILLIS`] (truncated to the millisecond).
 pub fn rfc3339(unix_ns: i128) -> String {
-    let ms = unix_ns.div_euclid(1_000_000);
-    let secs = ms.div_euclid(1_000);
-    let milli = ms.rem_euclid(1_000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i128::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
-        sod / 3_600,
-        sod / 60 % 60,
-        sod % 60
-    )
+    let ms = unix_ns.div_euclid(1_000_000) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(ms)
+        .ok()
+        .and_then(|t| t.format(RFC3339_MILLIS).ok())
+        .unwrap_or_else(|| format!("(out of range: {unix_ns} ns since 1970)"))
 }
 
 /// A CLOCK_MONOTONIC instant as RFC 3339, given `realtime - monotonic`.
@@ -506,30 +422,6 @@ async fn not_found() -> Response {
         .into_response()
 }
 
-/// Body size limit (by Content-Length; bodies are never read) and the
-/// per-request time limit.
-async fn limits(State(state): State<Arc<AgentState>>, req: Request, next: Next) -> Response {
-    let too_big = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_BODY_BYTES as u64);
-    if too_big {
-        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
-    }
-    match tokio::time::timeout(state.request_timeout, next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => {
-            tracing::warn!(
-                timeout_s = state.request_timeout.as_secs_f64(),
-                "request timed out"
-            );
-            (StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response()
-        }
-    }
-}
-
 /// The router (also used by the tests with a fake state).
 pub fn router(state: Arc<AgentState>) -> Router {
     Router::new()
@@ -541,8 +433,11 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/api/v1/plan", get(plan_handler))
         .route("/api/v1/risks", get(risks_handler))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(state.clone(), limits))
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            state.request_timeout,
+        ))
         .with_state(state)
 }
 
@@ -631,17 +526,18 @@ pub async fn serve_router(
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
+    use std::{net::SocketAddr, time::Instant};
 
     use axum::http::{Method, Request as HttpRequest};
     use tower::ServiceExt as _;
 
     use super::*;
     use crate::{
-        engine::EngineConfig,
+        engine::{Engine, EngineConfig},
         event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState},
         loader::{Attempt, ProbeStatus},
-        metrics::MetricsConfig,
+        metrics::{Metrics, MetricsConfig},
+        pods::PodResolver,
     };
 
     const HZ: u32 = 250;
@@ -1153,6 +1049,69 @@ mod tests {
         let mut out = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
         (String::from_utf8_lossy(&out).into_owned(), t0.elapsed())
+    }
+
+    /// With every connection slot taken, a new client is not served: its
+    /// request waits (in the listen backlog) until a slot frees up.
+    /// Mutation checked: without the semaphore the request is answered at once.
+    #[tokio::test]
+    async fn a_request_waits_while_the_connection_cap_is_held() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+        let limits = ConnLimits {
+            header_read_timeout: Duration::from_secs(60),
+            max_connections: 1,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_router(listener, app, limits, async move {
+            let _ = stop_rx.await;
+        }));
+
+        // The only slot: a keep-alive connection, served once (so it was
+        // accepted), then left open.
+        let mut holder = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        holder
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let mut buf = [0u8; 256];
+        let n = holder.read(&mut buf).await.expect("response");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "holder not served");
+
+        // A complete request from a second client gets no answer while the
+        // slot is held.
+        let mut waiter = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        waiter
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        let early = tokio::time::timeout(Duration::from_secs(1), waiter.read(&mut buf)).await;
+        assert!(
+            early.is_err(),
+            "answered while the only slot was held: {:?}",
+            early.map(|r| r.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()))
+        );
+
+        // Freeing the slot lets it through.
+        drop(holder);
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), waiter.read_to_end(&mut out))
+            .await
+            .expect("served once the slot is free")
+            .expect("read");
+        let resp = String::from_utf8_lossy(&out);
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+        stop_tx.send(()).expect("stop");
+        tokio::time::timeout(Duration::from_secs(3), server)
+            .await
+            .expect("server stops")
+            .expect("task")
+            .expect("serve");
     }
 
     #[tokio::test]
