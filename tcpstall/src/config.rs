@@ -1,5 +1,14 @@
 //! Command line (clap) and optional TOML config file. Precedence: flag >
 //! environment variable > config file > built-in default.
+//!
+//! Adding a setting: a flag `--foo-bar` in [`RunArgs`] with
+//! `env = "TCPSTALL_FOO_BAR"` and no default (an `Option`, or a `bool`
+//! switch), the key `foo_bar` in [`FileConfig`], its default in
+//! [`Settings::default`] (written nowhere else; the engine's come from
+//! [`EngineConfig::default`]), and one line in [`Settings::merge`]:
+//! `flag.or(file).unwrap_or(default)`. One exception to the variable names:
+//! `--proc-root` reads `TCPSTALL_PROC`. A switch is on when any source turns
+//! it on.
 
 use std::{
     net::SocketAddr,
@@ -11,7 +20,7 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::event::Mechanism;
+use crate::{engine::EngineConfig, event::Mechanism};
 
 const ABOUT: &str = "Finds stuck TCP connections before they hurt anyone.
 
@@ -76,7 +85,7 @@ pub struct CommonArgs {
     #[arg(long, env = "TCPSTALL_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// Read kernel BTF from this file instead of /sys/kernel/btf/vmlinux.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "TCPSTALL_BTF")]
     pub btf: Option<PathBuf>,
 }
 
@@ -85,7 +94,7 @@ pub struct DoctorArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     /// Print the plan as JSON.
-    #[arg(long)]
+    #[arg(long, env = "TCPSTALL_JSON")]
     pub json: bool,
 }
 
@@ -101,69 +110,69 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT", env = "TCPSTALL_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Log every kernel event as a structured line (verbose; for debugging).
-    #[arg(long)]
+    #[arg(long, env = "TCPSTALL_LOG_EVENTS")]
     pub log_events: bool,
     /// Do not attach the ACK probe (`tp_btf/tcp_probe`). It runs one read per
     /// received TCP segment and clears a recovered stall at once; without it
     /// a recovery shows when the next expected RTO is overdue.
-    #[arg(long)]
+    #[arg(long, env = "TCPSTALL_NO_ACK_PROBE")]
     pub no_ack_probe: bool,
     /// Turn on the kernel's BPF run-time accounting while the agent runs, so
     /// tcpstall_probe_runs_total and tcpstall_probe_run_seconds_total show
     /// what each kernel program costs (adds two clock reads per program run,
     /// for every BPF program on the node).
-    #[arg(long)]
+    #[arg(long, env = "TCPSTALL_PROGRAM_STATS")]
     pub program_stats: bool,
     /// Ring buffer size in bytes (power of two) [default: 4194304].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", env = "TCPSTALL_RINGBUF_BYTES")]
     pub ringbuf_bytes: Option<u32>,
     /// Force the RTO/zero-window timer mechanism instead of the best that works.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, env = "TCPSTALL_MECHANISM")]
     pub mechanism: Option<ForceMechanism>,
     /// cgroup2 directory for the sock_ops fallback [default: the cgroup2 root].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "TCPSTALL_CGROUP")]
     pub cgroup: Option<PathBuf>,
     /// Maximum flows tracked; the least recently seen is evicted (counted) [default: 65536].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "TCPSTALL_MAX_FLOWS")]
     pub max_flows: Option<usize>,
     /// Consecutive RTOs without ACK progress that make a `retransmit` stall [default: 2].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "TCPSTALL_MIN_RTO_STREAK")]
     pub min_rto_streak: Option<u32>,
     /// A stall is "near horizon" when ETIMEDOUT is predicted within this many seconds [default: 60].
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", env = "TCPSTALL_NEAR_HORIZON_SECS")]
     pub near_horizon_secs: Option<f64>,
     /// ... or when this fraction of the timeout budget is consumed [default: 0.5].
-    #[arg(long, value_name = "FRACTION")]
+    #[arg(long, value_name = "FRACTION", env = "TCPSTALL_NEAR_HORIZON_FRACTION")]
     pub near_horizon_fraction: Option<f64>,
     /// Zero-window (persist) time before a `zero_window` stall is reported [default: 5].
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", env = "TCPSTALL_ZERO_WINDOW_AFTER")]
     pub zero_window_after: Option<f64>,
     /// CLOSE_WAIT time before a `close_wait` stall is reported [default: 60].
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", env = "TCPSTALL_CLOSE_WAIT_AFTER")]
     pub close_wait_after: Option<f64>,
     /// Stalled flows exported with per-flow metric series (most urgent first) [default: 50].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "TCPSTALL_TOP_K_FLOWS")]
     pub top_k_flows: Option<usize>,
     /// Remote endpoints in the per-remote aggregation; the rest are summed [default: 100].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "TCPSTALL_TOP_K_REMOTES")]
     pub top_k_remotes: Option<usize>,
     /// Distinct `remote` label values on counters before using `other` [default: 100].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "TCPSTALL_MAX_REMOTE_LABELS")]
     pub max_remote_labels: Option<usize>,
     /// Root of the host's /proc, for pod identity (in a container: /host/proc) [default: /proc].
     #[arg(long, value_name = "DIR", env = "TCPSTALL_PROC")]
     pub proc_root: Option<PathBuf>,
     /// Seconds between safety-net socket sweeps; 0 = sweep only at start-up
     /// and after lost events [default: 60].
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", env = "TCPSTALL_SWEEP_INTERVAL")]
     pub sweep_interval: Option<f64>,
     /// Do not sweep the node's sockets at start-up (stalls in progress are
     /// then only seen from their next kernel event).
-    #[arg(long)]
+    #[arg(long, env = "TCPSTALL_NO_STARTUP_SWEEP")]
     pub no_startup_sweep: bool,
     /// Do not sweep after the kernel reports lost events (ring-buffer drops,
     /// recursion misses).
-    #[arg(long)]
+    #[arg(long, env = "TCPSTALL_NO_SWEEP_ON_LOSS")]
     pub no_sweep_on_loss: bool,
 }
 
@@ -243,6 +252,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:9977";
 
 impl Default for Settings {
     fn default() -> Self {
+        let engine = EngineConfig::default();
         Settings {
             listen: SocketAddr::from_str(DEFAULT_LISTEN).expect("valid default"),
             log_format: LogFormat::Text,
@@ -254,14 +264,14 @@ impl Default for Settings {
             mechanism: None,
             cgroup: None,
             btf: None,
-            max_flows: 65_536,
-            min_rto_streak: 2,
-            near_horizon: Duration::from_secs(60),
-            near_horizon_fraction: 0.5,
-            zero_window_after: Duration::from_secs(5),
-            close_wait_after: Duration::from_secs(60),
+            max_flows: engine.max_flows,
+            min_rto_streak: engine.min_rto_streak,
+            near_horizon: Duration::from_secs_f64(engine.near_horizon_secs),
+            near_horizon_fraction: engine.near_horizon_fraction,
+            zero_window_after: engine.zero_window_after,
+            close_wait_after: engine.close_wait_after,
             top_k_flows: 50,
-            top_k_remotes: 100,
+            top_k_remotes: engine.top_remotes,
             max_remote_labels: 100,
             proc_root: PathBuf::from("/proc"),
             sweep_interval: Some(Duration::from_secs(60)),
@@ -295,6 +305,11 @@ fn secs(key: &'static str, v: f64) -> Result<Duration, ConfigError> {
             why: "expected a number of seconds >= 0",
         })
     }
+}
+
+/// `v` as a duration when given, else `default`.
+fn secs_or(key: &'static str, v: Option<f64>, default: Duration) -> Result<Duration, ConfigError> {
+    v.map_or(Ok(default), |v| secs(key, v))
 }
 
 fn positive(key: &'static str, v: usize) -> Result<usize, ConfigError> {
@@ -371,30 +386,33 @@ impl Settings {
                 .clone()
                 .or(f.log_level)
                 .unwrap_or(d.log_level),
-            log_events: a.log_events || f.log_events.unwrap_or(false),
-            no_ack_probe: a.no_ack_probe || f.no_ack_probe.unwrap_or(false),
-            program_stats: a.program_stats || f.program_stats.unwrap_or(false),
+            log_events: a.log_events || f.log_events.unwrap_or(d.log_events),
+            no_ack_probe: a.no_ack_probe || f.no_ack_probe.unwrap_or(d.no_ack_probe),
+            program_stats: a.program_stats || f.program_stats.unwrap_or(d.program_stats),
             ringbuf_bytes,
-            mechanism: a.mechanism.or(f.mechanism).map(Into::into),
-            cgroup: a.cgroup.clone().or(f.cgroup),
-            btf: a.common.btf.clone().or(f.btf),
+            mechanism: a.mechanism.or(f.mechanism).map(Into::into).or(d.mechanism),
+            cgroup: a.cgroup.clone().or(f.cgroup).or(d.cgroup),
+            btf: a.common.btf.clone().or(f.btf).or(d.btf),
             max_flows: positive(
                 "max_flows",
                 a.max_flows.or(f.max_flows).unwrap_or(d.max_flows),
             )?,
             min_rto_streak,
-            near_horizon: secs(
+            near_horizon: secs_or(
                 "near_horizon_secs",
-                a.near_horizon_secs.or(f.near_horizon_secs).unwrap_or(60.0),
+                a.near_horizon_secs.or(f.near_horizon_secs),
+                d.near_horizon,
             )?,
             near_horizon_fraction: fraction,
-            zero_window_after: secs(
+            zero_window_after: secs_or(
                 "zero_window_after",
-                a.zero_window_after.or(f.zero_window_after).unwrap_or(5.0),
+                a.zero_window_after.or(f.zero_window_after),
+                d.zero_window_after,
             )?,
-            close_wait_after: secs(
+            close_wait_after: secs_or(
                 "close_wait_after",
-                a.close_wait_after.or(f.close_wait_after).unwrap_or(60.0),
+                a.close_wait_after.or(f.close_wait_after),
+                d.close_wait_after,
             )?,
             top_k_flows: positive(
                 "top_k_flows",
@@ -413,30 +431,100 @@ impl Settings {
                     .unwrap_or(d.max_remote_labels),
             )?,
             proc_root: a.proc_root.clone().or(f.proc_root).unwrap_or(d.proc_root),
-            sweep_interval: {
-                let v = secs(
-                    "sweep_interval",
-                    a.sweep_interval.or(f.sweep_interval).unwrap_or(60.0),
-                )?;
-                (!v.is_zero()).then_some(v)
+            sweep_interval: match a.sweep_interval.or(f.sweep_interval) {
+                Some(v) => Some(secs("sweep_interval", v)?).filter(|d| !d.is_zero()),
+                None => d.sweep_interval,
             },
-            startup_sweep: !(a.no_startup_sweep || f.no_startup_sweep.unwrap_or(false)),
-            sweep_on_loss: !(a.no_sweep_on_loss || f.no_sweep_on_loss.unwrap_or(false)),
+            startup_sweep: !(a.no_startup_sweep || f.no_startup_sweep.unwrap_or(!d.startup_sweep)),
+            sweep_on_loss: !(a.no_sweep_on_loss || f.no_sweep_on_loss.unwrap_or(!d.sweep_on_loss)),
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Mutex, MutexGuard, PoisonError};
+
     use super::*;
 
+    /// Serialises parsing with the test that sets `TCPSTALL_*` variables
+    /// (the environment is process-wide).
+    static ENV_LOCK: Mutex<()> = Mutex::new(());
+
+    fn env_lock() -> MutexGuard<'static, ()> {
+        ENV_LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn parse(args: &[&str]) -> RunArgs {
+        let _env = env_lock();
+        parse_locked(args)
+    }
+
+    fn parse_locked(args: &[&str]) -> RunArgs {
         let mut v = vec!["tcpstall", "run"];
         v.extend_from_slice(args);
         match Cli::try_parse_from(v).unwrap().command {
             Command::Run(r) => *r,
             Command::Doctor(_) => unreachable!(),
         }
+    }
+
+    /// Flag > environment > file > default, for values and switches.
+    #[test]
+    fn precedence_flag_env_file_default() {
+        let file: FileConfig = toml::from_str(
+            "max_flows = 10\nmin_rto_streak = 5\ntop_k_flows = 7\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let env = [
+            ("TCPSTALL_MAX_FLOWS", "20"),
+            ("TCPSTALL_MIN_RTO_STREAK", "6"),
+            ("TCPSTALL_LOG_EVENTS", "true"),
+        ];
+        let args = {
+            let _env = env_lock();
+            for (k, v) in env {
+                // SAFETY: every test that reads the environment holds ENV_LOCK.
+                unsafe { std::env::set_var(k, v) };
+            }
+            let args = parse_locked(&["--max-flows", "30"]);
+            for (k, _) in env {
+                // SAFETY: as above.
+                unsafe { std::env::remove_var(k) };
+            }
+            args
+        };
+        let s = Settings::merge(&args, file).unwrap();
+        let d = Settings::default();
+        assert_eq!(s.max_flows, 30, "flag beats environment and file");
+        assert_eq!(s.min_rto_streak, 6, "environment beats file");
+        assert!(s.log_events, "a switch from the environment");
+        assert_eq!(s.top_k_flows, 7, "file beats default");
+        assert_eq!(s.listen, "127.0.0.1:1".parse().unwrap());
+        assert_eq!(s.top_k_remotes, d.top_k_remotes, "default");
+        assert_eq!(s.near_horizon, d.near_horizon, "default");
+    }
+
+    /// Every flag can be set from the environment as `TCPSTALL_<FLAG>`
+    /// (the one documented exception: `--proc-root` reads `TCPSTALL_PROC`).
+    #[test]
+    fn every_flag_has_its_environment_variable() {
+        use clap::CommandFactory as _;
+        let cli = Cli::command();
+        let mut checked = 0;
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                let expected = match long {
+                    "proc-root" => "TCPSTALL_PROC".to_owned(),
+                    l => format!("TCPSTALL_{}", l.replace('-', "_").to_uppercase()),
+                };
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                assert_eq!(env.as_deref(), Some(expected.as_str()), "--{long}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 20, "only {checked} flags seen");
     }
 
     #[test]
