@@ -148,7 +148,10 @@ enum Kind {
 fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     use Kind::*;
     let mut m = BTreeMap::new();
-    m.insert("tcpstall_retransmits_total", (Counter, vec!["remote"]));
+    m.insert(
+        "tcpstall_retransmits_total",
+        (Counter, vec!["remote", "cause"]),
+    );
     m.insert("tcpstall_rto_expirations_total", (Counter, vec!["remote"]));
     m.insert("tcpstall_timeouts_total", (Counter, vec![]));
     m.insert("tcpstall_stalled_sockets", (Gauge, vec!["class"]));
@@ -201,6 +204,7 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
         "class" => Some(&["retransmit", "zero_window", "close_wait"]),
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
         "kind" => Some(&["retransmit", "write_timer", "state", "error_report", "ack"]),
+        "cause" => Some(&["rto", "tlp", "fast", "syn", "unknown"]),
         _ => None,
     }
 }

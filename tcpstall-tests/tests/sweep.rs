@@ -365,3 +365,81 @@ fn sweep_repairs_event_loss() {
     );
     drop(clients);
 }
+
+fn retransmits_by(agent: &Agent, remote: SocketAddr, cause: &str) -> f64 {
+    metric_sum(
+        &agent.metrics(),
+        "tcpstall_retransmits_total",
+        &[("remote", &remote.to_string()), ("cause", cause)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Retransmit causes forced by a blackhole after the handshake: the first
+/// retransmission is a tail loss probe (`tcp_early_retrans` 3: a probe
+/// 2 RTT after the last send, well before the 200 ms RTO), then RTOs.
+#[test]
+fn retransmit_cause_blackhole_is_tlp_then_rto() {
+    require_tools();
+    let link = Link::new("swc", 48);
+    link.a.sysctl("net.ipv4.tcp_early_retrans", "3");
+    let agent = Agent::start(&[]);
+    agent.wait_ready(Duration::from_secs(30));
+    let server = SocketAddr::new(link.b_ip.into(), 8080);
+    reading_server_in(&link.b, server);
+    let mut client = connect_in(&link.a, server);
+    let local = client.local_addr().expect("local");
+    client.write_all(b"hello").expect("write");
+    thread::sleep(Duration::from_millis(300));
+    let _blackhole = link.b.blackhole_from(link.a_ip);
+    client
+        .write_all(&[b'x'; 1000])
+        .expect("write into the blackhole");
+    // TLP, then RTOs at about 0.2, 0.6, 1.4, 3.0 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stall = loop {
+        if let Some(v) = agent.stall_of(local, server)
+            && v["retransmits_by_cause"]["rto"].as_u64().unwrap_or(0) >= 3
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no stall with three RTOs");
+        thread::sleep(Duration::from_millis(100));
+    };
+    let by = &stall["retransmits_by_cause"];
+    assert!(by["tlp"].as_u64().unwrap_or(0) >= 1, "{stall}");
+    assert_eq!(by["fast"], 0, "{stall}");
+    assert_eq!(by["syn"], 0, "{stall}");
+    assert_eq!(by["unknown"], 0, "{stall}");
+    assert!(retransmits_by(&agent, server, "rto") >= 3.0);
+    assert!(retransmits_by(&agent, server, "tlp") >= 1.0);
+    assert_eq!(retransmits_by(&agent, server, "fast"), 0.0);
+}
+
+/// A SYN to a blackholed port: every retransmission is `syn`.
+#[test]
+fn retransmit_cause_syn_to_blackholed_port() {
+    require_tools();
+    let link = Link::new("sws", 49);
+    let agent = Agent::start(&[]);
+    agent.wait_ready(Duration::from_secs(30));
+    let server = SocketAddr::new(link.b_ip.into(), 8081);
+    let _blackhole = link.b.blackhole_from(link.a_ip);
+    // SYN retransmissions after about 1 s and 3 s.
+    let r = link
+        .a
+        .run_in(move || TcpStream::connect_timeout(&server, Duration::from_millis(3_500)));
+    assert!(r.is_err(), "the SYN must go unanswered");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while retransmits_by(&agent, server, "syn") < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "SYN retransmissions not counted as syn: {}",
+            agent.metrics()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    for other in ["rto", "tlp", "fast", "unknown"] {
+        assert_eq!(retransmits_by(&agent, server, other), 0.0, "{other}");
+    }
+}

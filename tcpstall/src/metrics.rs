@@ -35,6 +35,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    engine::cause::RetransmitCause,
     engine::{Gauges, Observation, StallClass, StallView, StreakOutcome},
     event::EventKind,
     loader::{ProbeStatus, ProgramRuntime},
@@ -101,6 +102,12 @@ pub struct MetricsConfig {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RemoteLabels {
     remote: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetransmitLabels {
+    remote: String,
+    cause: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -184,7 +191,8 @@ fn stall_duration_histogram() -> Histogram {
 /// The counters of one `remote` label value.
 #[derive(Clone, Debug)]
 struct RemoteCounters {
-    retransmits: Counter,
+    /// The `remote` label value (the endpoint, or `other`).
+    label: String,
     rto_expirations: Counter,
 }
 
@@ -210,7 +218,7 @@ pub struct LiveView {
 pub struct Metrics {
     registry: Registry,
     top_k_flows: usize,
-    retransmits: Family<RemoteLabels, Counter>,
+    retransmits: Family<RetransmitLabels, Counter>,
     rto_expirations: Family<RemoteLabels, Counter>,
     remotes: Mutex<RemoteLabeler>,
     timeouts: Counter,
@@ -272,10 +280,10 @@ impl Metrics {
     pub fn new(cfg: &MetricsConfig, probes: &[ProbeStatus]) -> Self {
         let mut registry = Registry::default();
 
-        let retransmits = Family::<RemoteLabels, Counter>::default();
+        let retransmits = Family::<RetransmitLabels, Counter>::default();
         registry.register(
             "tcpstall_retransmits",
-            "TCP segments retransmitted (fast retransmit, loss probe or RTO), by remote endpoint ip:port; the first max_remote_labels remotes seen get their own label value, later ones are counted under the value other",
+            "TCP segments retransmitted, by remote endpoint ip:port and cause (rto: retransmission timeout, tlp: tail loss probe, fast: fast retransmit or recovery, syn: SYN or SYN-ACK, unknown: no socket state at the event); the first max_remote_labels remotes seen get their own label value, later ones are counted under the value other",
             retransmits.clone(),
         );
         let rto_expirations = Family::<RemoteLabels, Counter>::default();
@@ -528,8 +536,8 @@ impl Metrics {
                 remote: remote.to_string(),
             };
             let c = RemoteCounters {
-                retransmits: self.retransmits.get_or_create_owned(&labels),
                 rto_expirations: self.rto_expirations.get_or_create_owned(&labels),
+                label: labels.remote,
             };
             r.known.insert(remote, c.clone());
             return c;
@@ -540,8 +548,8 @@ impl Metrics {
                     remote: OTHER_REMOTE.to_owned(),
                 };
                 RemoteCounters {
-                    retransmits: self.retransmits.get_or_create_owned(&labels),
                     rto_expirations: self.rto_expirations.get_or_create_owned(&labels),
+                    label: labels.remote,
                 }
             })
             .clone()
@@ -550,8 +558,14 @@ impl Metrics {
     /// Folds one engine observation into the cumulative metrics.
     pub fn observe(&self, o: &Observation) {
         match *o {
-            Observation::Retransmit { remote, .. } => {
-                self.remote_counters(remote).retransmits.inc();
+            Observation::Retransmit { remote, cause, .. } => {
+                let label = self.remote_counters(remote).label;
+                self.retransmits
+                    .get_or_create(&RetransmitLabels {
+                        remote: label,
+                        cause: cause.as_str(),
+                    })
+                    .inc();
             }
             Observation::RtoExpiry { remote, .. } => {
                 self.remote_counters(remote).rto_expirations.inc();
@@ -816,6 +830,7 @@ mod tests {
             user_timeout_ms: None,
             last_event_age_s: 0.5,
             history: FlowHistory::default(),
+            retransmits_by_cause: Default::default(),
         }
     }
 
@@ -849,6 +864,7 @@ mod tests {
         m.observe(&Observation::Retransmit {
             remote: r,
             rto: true,
+            cause: RetransmitCause::Rto,
         });
         m.observe(&Observation::RtoExpiry { remote: r, rtos: 1 });
         let live = LiveView {
@@ -1032,10 +1048,12 @@ mod tests {
             Observation::Retransmit {
                 remote: r,
                 rto: true,
+                cause: RetransmitCause::Rto,
             },
             Observation::Retransmit {
                 remote: r,
                 rto: false,
+                cause: RetransmitCause::Fast,
             },
             Observation::RtoExpiry { remote: r, rtos: 1 },
             Observation::StreakEnded {
@@ -1079,10 +1097,19 @@ mod tests {
         }
         let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
         let lbl = "{remote=\"10.0.0.2:8080\"}";
-        assert_eq!(
-            sample(&text, &format!("tcpstall_retransmits_total{lbl}")),
-            Some(2.0)
-        );
+        // One per cause: the `cause` label splits them.
+        for cause in ["rto", "fast"] {
+            assert_eq!(
+                sample(
+                    &text,
+                    &format!(
+                        "tcpstall_retransmits_total{{remote=\"10.0.0.2:8080\",cause=\"{cause}\"}}"
+                    )
+                ),
+                Some(1.0),
+                "{text}"
+            );
+        }
         assert_eq!(
             sample(&text, &format!("tcpstall_rto_expirations_total{lbl}")),
             Some(1.0)
@@ -1159,7 +1186,11 @@ mod tests {
         for i in 0..10u16 {
             let remote = SocketAddr::from(([10, 0, 0, 1 + i as u8], 9000));
             for _ in 0..=i {
-                m.observe(&Observation::Retransmit { remote, rto: true });
+                m.observe(&Observation::Retransmit {
+                    remote,
+                    rto: true,
+                    cause: RetransmitCause::Rto,
+                });
             }
             m.observe(&Observation::RtoExpiry { remote, rtos: 1 });
         }
@@ -1167,6 +1198,7 @@ mod tests {
         m.observe(&Observation::Retransmit {
             remote: addr("10.0.0.1:9000"),
             rto: true,
+            cause: RetransmitCause::Rto,
         });
         let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
         let retrans = lines_of(&text, "tcpstall_retransmits_total");
@@ -1174,20 +1206,23 @@ mod tests {
         assert_eq!(
             sample(
                 &text,
-                "tcpstall_retransmits_total{remote=\"10.0.0.1:9000\"}"
+                "tcpstall_retransmits_total{remote=\"10.0.0.1:9000\",cause=\"rto\"}"
             ),
             Some(2.0)
         );
         assert_eq!(
             sample(
                 &text,
-                "tcpstall_retransmits_total{remote=\"10.0.0.3:9000\"}"
+                "tcpstall_retransmits_total{remote=\"10.0.0.3:9000\",cause=\"rto\"}"
             ),
             Some(3.0)
         );
         // 4..=10 retransmissions of remotes 4..10.
         assert_eq!(
-            sample(&text, "tcpstall_retransmits_total{remote=\"other\"}"),
+            sample(
+                &text,
+                "tcpstall_retransmits_total{remote=\"other\",cause=\"rto\"}"
+            ),
             Some((4..=10).sum::<u32>() as f64)
         );
         assert_eq!(
@@ -1329,6 +1364,7 @@ mod tests {
         m.observe(&Observation::Retransmit {
             remote: addr("10.0.0.2:8080"),
             rto: true,
+            cause: RetransmitCause::Rto,
         });
         let text = m
             .render(&LiveView::default(), Format::PrometheusText)
@@ -1339,7 +1375,9 @@ mod tests {
         assert!(text.contains("# HELP tcpstall_retransmits_total TCP segments"));
         assert!(text.contains("# TYPE tcpstall_stalled_sockets gauge\n"));
         assert!(text.contains("# TYPE tcpstall_stall_duration_seconds histogram\n"));
-        assert!(text.contains("tcpstall_retransmits_total{remote=\"10.0.0.2:8080\"} 1\n"));
+        assert!(
+            text.contains("tcpstall_retransmits_total{remote=\"10.0.0.2:8080\",cause=\"rto\"} 1\n")
+        );
         assert!(text.contains(
             "tcpstall_stall_duration_seconds_bucket{le=\"+Inf\",outcome=\"closed\"} 0\n"
         ));

@@ -159,6 +159,8 @@ pub(crate) struct Flow {
     /// Classes already announced with `StallStarted` (bit per class).
     pub announced: u8,
     pub history: History,
+    /// Retransmissions seen, by cause.
+    pub retransmits_by_cause: super::cause::CauseCounts,
 }
 
 impl Flow {
@@ -201,6 +203,7 @@ impl Flow {
             timed_out: false,
             announced: 0,
             history: History::default(),
+            retransmits_by_cause: Default::default(),
         }
     }
 

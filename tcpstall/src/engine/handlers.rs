@@ -27,12 +27,14 @@ impl Engine {
         // icsk_pending before tcp_retransmit_timer(). Loss probes run with
         // pending 5, fast retransmits with the RTO timer pending (1).
         let rto_ctx = ev.sock.is_some_and(|s| s.pending == 0);
+        let cause = super::cause::RetransmitCause::of(ev);
         let remote = {
             let f = self.flows.flow_mut(slot);
             Self::absorb(f, ev);
+            f.retransmits_by_cause.add(cause);
             f.remote
         };
-        self.sink.stats_retransmit(remote, rto_ctx, ev.ts_ns);
+        self.sink.stats_retransmit(remote, rto_ctx, cause, ev.ts_ns);
 
         // Which RTO this retransmission belongs to. Kernels before 6.7
         // increment icsk_retransmits after the retransmission, 6.7+

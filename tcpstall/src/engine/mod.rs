@@ -37,6 +37,7 @@
 //! `tick` (time), `views` (stalls, gauges, remotes), `sink` (observations and
 //! counters), `flow` (the flow table), `horizon` / `hz` (kernel timer model).
 
+pub mod cause;
 mod close;
 mod config;
 mod flow;

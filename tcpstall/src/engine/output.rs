@@ -122,6 +122,8 @@ pub struct StallView {
     /// Outcomes of this flow's streaks and zero-window episodes so far
     /// (the current ones included).
     pub history: FlowHistory,
+    /// This flow's retransmissions by cause (since the agent saw it).
+    pub retransmits_by_cause: super::cause::CauseCounts,
 }
 
 /// Per-flow counts of retransmission streaks by outcome, and zero-window
@@ -191,7 +193,11 @@ impl TimeoutEvidence {
 pub enum Observation {
     /// One retransmitted segment (`rto`: sent by an RTO expiry, as opposed
     /// to fast retransmit / loss probe; false when unknown).
-    Retransmit { remote: SocketAddr, rto: bool },
+    Retransmit {
+        remote: SocketAddr,
+        rto: bool,
+        cause: super::cause::RetransmitCause,
+    },
     /// One RTO expiry (`rtos`: consecutive ones without ACK progress,
     /// this one included).
     RtoExpiry { remote: SocketAddr, rtos: u32 },

@@ -115,9 +115,15 @@ pub(super) struct TimeoutFacts {
 }
 
 impl Sink {
-    pub(super) fn stats_retransmit(&mut self, remote: SocketAddr, rto: bool, ts_ns: u64) {
+    pub(super) fn stats_retransmit(
+        &mut self,
+        remote: SocketAddr,
+        rto: bool,
+        cause: super::cause::RetransmitCause,
+        ts_ns: u64,
+    ) {
         self.remotes.counters(remote, ts_ns).retransmits += 1;
-        self.emit(Observation::Retransmit { remote, rto });
+        self.emit(Observation::Retransmit { remote, rto, cause });
     }
 
     pub(super) fn rto_expiry(&mut self, remote: SocketAddr, rtos: u32, ts_ns: u64) {

@@ -116,6 +116,7 @@ impl Engine {
             orphan: f.orphan,
             user_timeout_ms: (f.user_timeout_ms != 0).then_some(f.user_timeout_ms),
             last_event_age_s: secs(now_ns.saturating_sub(f.last_event_ns)),
+            retransmits_by_cause: f.retransmits_by_cause,
             history: FlowHistory {
                 streaks: f.history.streaks,
                 recovered: f.history.recovered,
