@@ -6,6 +6,13 @@
 #   gen-prometheusrule.sh            rewrite tcpstall-prometheusrule.yaml
 #   gen-prometheusrule.sh --stdout   print the generated document
 #   gen-prometheusrule.sh --check    exit 1 (with a diff) if the file is stale
+#   gen-prometheusrule.sh --runbook-base URL --stdout
+#                                    the PrometheusRule with every runbook_url
+#                                    pointing to URL#<alert> (your copy of
+#                                    docs/runbook.md) instead of the project's
+#   gen-prometheusrule.sh --runbook-base URL --plain
+#                                    the plain rule file, same rewrite (for
+#                                    Prometheus without the operator)
 #
 # POSIX sh, awk, sed and diff only. The leading comment block is dropped and
 # the plain file's top-level `groups:` becomes
@@ -16,6 +23,43 @@ set -eu
 dir=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 src="$dir/tcpstall-rules.yaml"
 out="$dir/tcpstall-prometheusrule.yaml"
+# The runbook location written in tcpstall-rules.yaml.
+default_base="https://github.com/tcpstall/tcpstall/blob/main/docs/runbook.md"
+base="$default_base"
+
+usage() {
+    echo "usage: $0 [--runbook-base URL] [--stdout|--plain|--check]" >&2
+    exit 2
+}
+
+if [ "${1:-}" = "--runbook-base" ]; then
+    [ $# -ge 2 ] || usage
+    base=$2
+    shift 2
+    # The URL lands inside double-quoted YAML strings: no quotes, backslashes,
+    # spaces or fragment of its own.
+    case "$base" in
+        http://?*|https://?*) ;;
+        *) echo "$0: --runbook-base must be an http(s) URL, got '$base'" >&2; exit 2 ;;
+    esac
+    case "$base" in
+        *[\"\\\ #]*|*"'"*) echo "$0: --runbook-base must not contain quotes, backslashes, spaces or '#', got '$base'" >&2; exit 2 ;;
+    esac
+    [ "${1:-}" = "--stdout" ] || [ "${1:-}" = "--plain" ] || {
+        echo "$0: --runbook-base only with --stdout or --plain (the committed file keeps the project's runbook)" >&2
+        exit 2
+    }
+fi
+
+# The plain rules with every runbook link rewritten to $base (a literal
+# string replacement, no regular expressions).
+rules() {
+    awk -v from="runbook_url: \"$default_base#" -v to="runbook_url: \"$base#" '{
+        i = index($0, from)
+        if (i > 0) $0 = substr($0, 1, i - 1) to substr($0, i + length(from))
+        print
+    }' "$src"
+}
 
 generate() {
     cat <<'HEADER'
@@ -36,7 +80,7 @@ metadata:
 spec:
 HEADER
     # Drop the plain file's leading comment block; indent the rest.
-    awk 'keep || /^groups:/ { keep = 1; print }' "$src" | sed -e 's/^\(.\)/  \1/'
+    rules | awk 'keep || /^groups:/ { keep = 1; print }' | sed -e 's/^\(.\)/  \1/'
 }
 
 case "${1:-}" in
@@ -48,6 +92,9 @@ case "${1:-}" in
     --stdout)
         generate
         ;;
+    --plain)
+        rules
+        ;;
     --check)
         if generate | diff -u "$out" -; then
             exit 0
@@ -56,7 +103,6 @@ case "${1:-}" in
         exit 1
         ;;
     *)
-        echo "usage: $0 [--stdout|--check]" >&2
-        exit 2
+        usage
         ;;
 esac

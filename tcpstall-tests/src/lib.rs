@@ -663,3 +663,40 @@ impl Agent {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("risks JSON: {e}: {body}"))
     }
 }
+
+/// Expands Grafana's template variables in a dashboard query so Prometheus
+/// (or a parser) can take it: the interval variables (`$__rate_interval`,
+/// `$__interval`, `$__range`, also as `${...}`) become `range`; a variable
+/// listed in `vars` its value; any other `$name` / `${name}` becomes `all`
+/// (a dashboard variable's "All" value, e.g. `.*`).
+pub fn grafana_expand(expr: &str, vars: &[(&str, &str)], all: &str, range: &str) -> String {
+    let mut out = String::with_capacity(expr.len());
+    let mut rest = expr;
+    while let Some(p) = rest.find('$') {
+        out.push_str(&rest[..p]);
+        let after = &rest[p + 1..];
+        let (name, tail) = if let Some(inner) = after.strip_prefix('{') {
+            match inner.find('}') {
+                Some(e) => (&inner[..e], &inner[e + 1..]),
+                None => (inner, ""),
+            }
+        } else {
+            let e = after
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(after.len());
+            (&after[..e], &after[e..])
+        };
+        if name.is_empty() {
+            out.push('$');
+        } else if name.starts_with("__") {
+            out.push_str(range);
+        } else if let Some((_, v)) = vars.iter().find(|(k, _)| *k == name) {
+            out.push_str(v);
+        } else {
+            out.push_str(all);
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}

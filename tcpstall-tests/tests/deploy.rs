@@ -31,7 +31,7 @@ use std::{
 };
 
 use serde_json::Value as Json;
-use serde_yaml::Value as Yaml;
+use serde_norway::Value as Yaml;
 
 // ---------------------------------------------------------------------------
 // Paths, tools
@@ -53,7 +53,7 @@ fn read(rel: &str) -> String {
 }
 
 fn yaml(rel: &str) -> Yaml {
-    serde_yaml::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not valid YAML: {e}"))
+    serde_norway::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not valid YAML: {e}"))
 }
 
 /// A fresh scratch directory for one test.
@@ -75,6 +75,14 @@ impl Tool {
             cmd: std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into()),
             install: "install the Debian package `prometheus` (apt-get install -y prometheus), \
                       or set PROMTOOL=/path/to/promtool",
+        }
+    }
+
+    fn amtool() -> Tool {
+        Tool {
+            cmd: std::env::var("AMTOOL").unwrap_or_else(|_| "amtool".into()),
+            install: "install the Debian package `prometheus-alertmanager` \
+                      (apt-get install -y prometheus-alertmanager), or set AMTOOL=/path/to/amtool",
         }
     }
 
@@ -133,6 +141,9 @@ const FLOW_LABELS: &[&str] = &[
     "container",
 ];
 
+/// Labels of the incident series (every stalled socket, grouped).
+const INCIDENT_LABELS: &[&str] = &["node", "class", "namespace", "pod", "remote"];
+
 /// Labels attached at scrape time (job/instance by Prometheus, node/agent_pod
 /// by the ServiceMonitor relabelings).
 const TARGET_LABELS: &[&str] = &["job", "instance", "node", "agent_pod"];
@@ -176,6 +187,30 @@ fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
         "tcpstall_socket_stall_seconds",
         (Gauge, FLOW_LABELS.to_vec()),
     );
+    m.insert(
+        "tcpstall_incident_stalled_sockets",
+        (Gauge, INCIDENT_LABELS.to_vec()),
+    );
+    m.insert(
+        "tcpstall_incident_oldest_stall_seconds",
+        (Gauge, INCIDENT_LABELS.to_vec()),
+    );
+    m.insert(
+        "tcpstall_incident_earliest_timeout_seconds",
+        (Gauge, INCIDENT_LABELS.to_vec()),
+    );
+    // The socket sweep (safety net and hang-forever audit).
+    m.insert("tcpstall_sweeps_total", (Counter, vec!["reason"]));
+    m.insert("tcpstall_sweep_failures_total", (Counter, vec![]));
+    m.insert("tcpstall_sweep_duration_seconds", (Histogram, vec![]));
+    m.insert("tcpstall_sweep_sockets_visited_total", (Counter, vec![]));
+    m.insert("tcpstall_sweep_tcp_sockets", (Gauge, vec![]));
+    m.insert(
+        "tcpstall_sockets_without_timeout",
+        (Gauge, vec!["namespace", "pod"]),
+    );
+    m.insert("process_cpu_seconds_total", (Counter, vec![]));
+    m.insert("process_resident_memory_bytes", (Gauge, vec![]));
     m.insert("tcpstall_events_total", (Counter, vec!["kind"]));
     m.insert("tcpstall_ringbuf_dropped_events_total", (Counter, vec![]));
     m.insert("tcpstall_decode_errors_total", (Counter, vec![]));
@@ -205,6 +240,7 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
         "kind" => Some(&["retransmit", "write_timer", "state", "error_report", "ack"]),
         "cause" => Some(&["rto", "tlp", "fast", "syn", "unknown"]),
+        "reason" => Some(&["startup", "loss", "interval"]),
         _ => None,
     }
 }
@@ -248,269 +284,168 @@ fn all_known_labels() -> BTreeSet<&'static str> {
 }
 
 // ---------------------------------------------------------------------------
-// A small PromQL scanner: finds metric names, their label matchers and
-// grouping labels. Enough for the expressions in this repository; anything it
-// does not understand is reported, never ignored.
+// PromQL checks with `promql-parser`: every selector's metric name, its label
+// matchers and every grouping / matching label against the contract.
+// Grafana's variables are expanded first (`tcpstall_tests::grafana_expand`).
 // ---------------------------------------------------------------------------
 
-const KEYWORDS: &[&str] = &[
-    // aggregations
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "group",
-    "stddev",
-    "stdvar",
-    "count",
-    "count_values",
-    "bottomk",
-    "topk",
-    "quantile",
-    "limitk",
-    "limit_ratio",
-    // binary operators and modifiers
-    "and",
-    "or",
-    "unless",
-    "atan2",
-    "bool",
-    "offset",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "inf",
-    "nan",
-    "Inf",
-    "NaN",
-];
-
-const GROUPING: &[&str] = &[
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-];
+use promql_parser::{
+    label::{MatchOp, Matcher},
+    parser::{self, Expr, LabelModifier},
+};
 
 /// Check one PromQL expression (Grafana variables allowed); returns problems.
 fn check_promql(expr: &str, allow_up: bool) -> Vec<String> {
-    let mut problems = Vec::new();
-    let known = all_known_labels();
-    let b = expr.as_bytes();
-    let mut i = 0;
-    let mut metrics = 0;
-    let skip_ws = |mut j: usize| {
-        while j < b.len() && b[j].is_ascii_whitespace() {
-            j += 1;
-        }
-        j
+    let expanded = tcpstall_tests::grafana_expand(expr, &[], ".*", "5m");
+    let ast = match parser::parse(&expanded) {
+        Ok(ast) => ast,
+        Err(e) => return vec![format!("does not parse ({e}): `{expr}`")],
     };
-    let ident_end = |mut j: usize| {
-        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] == b':') {
-            j += 1;
-        }
-        j
+    let mut c = Checker {
+        known: all_known_labels(),
+        allow_up,
+        expr,
+        metrics: 0,
+        problems: Vec::new(),
     };
-    while i < b.len() {
-        let c = b[i];
-        if c.is_ascii_whitespace() {
-            i += 1;
-        } else if c == b'"' || c == b'\'' || c == b'`' {
-            i = skip_string(b, i);
-        } else if c == b'[' {
-            // range or subquery: durations and Grafana interval variables
-            match expr[i..].find(']') {
-                Some(n) => i += n + 1,
-                None => {
-                    problems.push(format!("unclosed '[' in `{expr}`"));
-                    break;
-                }
-            }
-        } else if c == b'$' {
-            // Grafana variable: $name or ${name}
-            i += 1;
-            if i < b.len() && b[i] == b'{' {
-                match expr[i..].find('}') {
-                    Some(n) => i += n + 1,
-                    None => break,
-                }
-            } else {
-                i = ident_end(i);
-            }
-        } else if c.is_ascii_digit() || (c == b'.' && i + 1 < b.len() && b[i + 1].is_ascii_digit())
-        {
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
-                i += 1;
-            }
-        } else if c == b'{' {
-            problems.push(format!("selector without a metric name in `{expr}`"));
-            i += 1;
-        } else if c.is_ascii_alphabetic() || c == b'_' || c == b':' {
-            let end = ident_end(i);
-            let word = &expr[i..end];
-            let next = skip_ws(end);
-            let followed_by_paren = next < b.len() && b[next] == b'(';
-            if GROUPING.contains(&word) && followed_by_paren {
-                let close = match expr[next..].find(')') {
-                    Some(n) => next + n,
-                    None => {
-                        problems.push(format!("unclosed grouping list in `{expr}`"));
-                        break;
-                    }
-                };
-                for l in expr[next + 1..close]
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                {
-                    if !known.contains(l) {
-                        problems.push(format!(
-                            "`{word} ({l})`: label `{l}` is not in the contract, in `{expr}`"
-                        ));
-                    }
-                }
-                i = close + 1;
-            } else if followed_by_paren || KEYWORDS.contains(&word) {
-                i = end; // function call, aggregation, operator
-            } else {
-                metrics += 1;
-                let labels = series_labels(word, allow_up);
-                if labels.is_none() {
-                    problems.push(format!("`{word}` is not a contract metric, in `{expr}`"));
-                }
-                i = next;
-                if i < b.len() && b[i] == b'{' {
-                    let close = match find_selector_end(b, i) {
-                        Some(n) => n,
-                        None => {
-                            problems.push(format!("unclosed '{{' in `{expr}`"));
-                            break;
-                        }
-                    };
-                    for (label, op, value) in
-                        parse_matchers(&expr[i + 1..close], &mut problems, expr)
-                    {
-                        if let Some(ls) = &labels
-                            && !ls.contains(label.as_str())
-                        {
-                            problems.push(format!(
-                                "`{word}` has no label `{label}` in the contract, in `{expr}`"
-                            ));
-                        }
-                        if op == "="
-                            && let Some(vals) = label_values(&label)
-                            && !vals.contains(&value.as_str())
-                        {
-                            problems.push(format!(
-                                "`{label}=\"{value}\"` is not one of {vals:?}, in `{expr}`"
-                            ));
-                        }
-                    }
-                    i = close + 1;
-                }
-            }
-        } else {
-            i += 1; // operators, parentheses, commas
-        }
+    c.walk(&ast);
+    if c.metrics == 0 {
+        c.problems.push(format!("no metric found in `{expr}`"));
     }
-    if metrics == 0 {
-        problems.push(format!("no metric found in `{expr}`"));
-    }
-    problems
+    c.problems
 }
 
-fn skip_string(b: &[u8], start: usize) -> usize {
-    let q = b[start];
-    let mut j = start + 1;
-    while j < b.len() {
-        if b[j] == b'\\' && q != b'`' {
-            j += 2;
-            continue;
-        }
-        if b[j] == q {
-            return j + 1;
-        }
-        j += 1;
-    }
-    b.len()
+struct Checker<'a> {
+    known: BTreeSet<&'static str>,
+    allow_up: bool,
+    expr: &'a str,
+    metrics: usize,
+    problems: Vec<String>,
 }
 
-fn find_selector_end(b: &[u8], open: usize) -> Option<usize> {
-    let mut j = open + 1;
-    while j < b.len() {
-        match b[j] {
-            b'"' | b'\'' | b'`' => j = skip_string(b, j),
-            b'}' => return Some(j),
-            _ => j += 1,
+impl Checker<'_> {
+    fn grouping(&mut self, what: &str, labels: &[String]) {
+        for l in labels {
+            if !self.known.contains(l.as_str()) {
+                self.problems.push(format!(
+                    "`{what} ({l})`: label `{l}` is not in the contract, in `{}`",
+                    self.expr
+                ));
+            }
         }
     }
-    None
-}
 
-/// `a="x", b=~"y"` -> [(a, =, x), (b, =~, y)]
-fn parse_matchers(
-    s: &str,
-    problems: &mut Vec<String>,
-    expr: &str,
-) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    loop {
-        while i < b.len() && (b[i].is_ascii_whitespace() || b[i] == b',') {
-            i += 1;
+    fn modifier(&mut self, m: &Option<LabelModifier>) {
+        match m {
+            Some(LabelModifier::Include(l)) => self.grouping("by/on", &l.labels),
+            Some(LabelModifier::Exclude(l)) => self.grouping("without/ignoring", &l.labels),
+            None => {}
         }
-        if i >= b.len() {
-            break;
-        }
-        let start = i;
-        while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
-            i += 1;
-        }
-        let label = s[start..i].to_string();
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let op_start = i;
-        while i < b.len() && matches!(b[i], b'=' | b'!' | b'~') {
-            i += 1;
-        }
-        let op = s[op_start..i].to_string();
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        if label.is_empty() || !["=", "!=", "=~", "!~"].contains(&op.as_str()) || i >= b.len() {
-            problems.push(format!("cannot parse label matchers `{{{s}}}` in `{expr}`"));
-            break;
-        }
-        let end = skip_string(b, i);
-        let value = s[i + 1..end.saturating_sub(1).max(i + 1)].to_string();
-        out.push((label, op, value));
-        i = end;
     }
-    out
+
+    fn selector(&mut self, name: Option<&str>, matchers: Vec<&Matcher>) {
+        let expr = self.expr;
+        let by_name = matchers
+            .iter()
+            .find(|m| m.name == "__name__" && matches!(m.op, MatchOp::Equal))
+            .map(|m| m.value.as_str());
+        let Some(name) = name.or(by_name) else {
+            self.problems
+                .push(format!("selector without a metric name in `{expr}`"));
+            return;
+        };
+        self.metrics += 1;
+        let labels = series_labels(name, self.allow_up);
+        if labels.is_none() {
+            self.problems
+                .push(format!("`{name}` is not a contract metric, in `{expr}`"));
+        }
+        for m in matchers.into_iter().filter(|m| m.name != "__name__") {
+            if let Some(ls) = &labels
+                && !ls.contains(m.name.as_str())
+            {
+                self.problems.push(format!(
+                    "`{name}` has no label `{}` in the contract, in `{expr}`",
+                    m.name
+                ));
+            }
+            if matches!(m.op, MatchOp::Equal)
+                && let Some(vals) = label_values(&m.name)
+                && !vals.contains(&m.value.as_str())
+            {
+                self.problems.push(format!(
+                    "`{}=\"{}\"` is not one of {vals:?}, in `{expr}`",
+                    m.name, m.value
+                ));
+            }
+        }
+    }
+
+    fn walk(&mut self, e: &Expr) {
+        match e {
+            Expr::Aggregate(a) => {
+                self.modifier(&a.modifier);
+                if let Some(p) = &a.param {
+                    self.walk(p);
+                }
+                self.walk(&a.expr);
+            }
+            Expr::Unary(u) => self.walk(&u.expr),
+            Expr::Binary(b) => {
+                if let Some(m) = &b.modifier {
+                    self.modifier(&m.matching);
+                    if let Some(l) = m.card.labels() {
+                        self.grouping("group_left/group_right", &l.labels);
+                    }
+                }
+                self.walk(&b.lhs);
+                self.walk(&b.rhs);
+            }
+            Expr::Paren(p) => self.walk(&p.expr),
+            Expr::Subquery(s) => self.walk(&s.expr),
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) => {}
+            Expr::VectorSelector(vs) => {
+                let ms = vs
+                    .matchers
+                    .matchers
+                    .iter()
+                    .chain(vs.matchers.or_matchers.iter().flatten())
+                    .collect();
+                self.selector(vs.name.as_deref(), ms);
+            }
+            Expr::MatrixSelector(m) => {
+                let ms =
+                    m.vs.matchers
+                        .matchers
+                        .iter()
+                        .chain(m.vs.matchers.or_matchers.iter().flatten())
+                        .collect();
+                self.selector(m.vs.name.as_deref(), ms);
+            }
+            Expr::Call(c) => {
+                for a in &c.args.args {
+                    self.walk(a);
+                }
+            }
+            Expr::Extension(_) => self
+                .problems
+                .push(format!("unexpected extension node in `{}`", self.expr)),
+        }
+    }
 }
 
 #[test]
-fn promql_scanner_catches_mistakes() {
+fn promql_checker_catches_mistakes() {
     // The checker must itself reject what it is meant to reject.
-    assert!(
-        check_promql(
-            r#"sum by (class) (tcpstall_stalled_sockets{instance=~"$instance"})"#,
-            false
-        )
-        .is_empty()
-    );
-    assert!(check_promql(
-        r#"histogram_quantile(0.9, sum by (le, outcome) (rate(tcpstall_stall_duration_seconds_bucket[$__rate_interval])))"#,
-        false
-    )
-    .is_empty());
+    for good in [
+        r#"sum by (class) (tcpstall_stalled_sockets{node=~"$node"})"#,
+        r#"histogram_quantile(0.9, sum by (le, outcome) (rate(tcpstall_stall_duration_seconds_bucket{node=~"${node}"}[$__rate_interval])))"#,
+        r#"clamp_min(tcpstall_incident_earliest_timeout_seconds{class="retransmit"}, 0) < 60"#,
+        r#"tcpstall_socket_stall_seconds * on (remote) group_left (class) tcpstall_incident_stalled_sockets"#,
+    ] {
+        let p = check_promql(good, false);
+        assert!(p.is_empty(), "rejected `{good}`: {p:?}");
+    }
     assert!(
         check_promql(
             r#"up{job="tcpstall"} == 0 or absent(up{job="tcpstall"})"#,
@@ -524,13 +459,17 @@ fn promql_scanner_catches_mistakes() {
         r#"tcpstall_stalled_sockets{klass="retransmit"}"#, // unknown label
         r#"tcpstall_stalled_sockets{class="zerowindow"}"#, // unknown class
         "sum by (flow) (tcpstall_stalled_sockets)",        // unknown grouping label
-        "rate(node_network_receive_bytes_total[5m])",      // foreign metric
-        r#"up{job="tcpstall"}"#,                           // `up` outside rules
-        "tcpstall_retransmits_total{remote=\"a\"",         // unclosed selector
+        "tcpstall_socket_stall_seconds * on (flow) tcpstall_stalled_sockets", // unknown matching label
+        "rate(node_network_receive_bytes_total[5m])",                         // foreign metric
+        r#"up{job="tcpstall"}"#,                                              // `up` outside rules
+        "tcpstall_retransmits_total{remote=\"a\"",                            // unclosed selector
+        r#"{__name__=~"tcpstall_.*"}"#,                                       // no metric name
+        "sum(tcpstall_stalled_sockets",                                       // syntax error
+        r#"tcpstall_incident_stalled_sockets{local="1.2.3.4:5"}"#, // per-flow label on incidents
     ] {
         assert!(
             !check_promql(bad, false).is_empty(),
-            "scanner accepted `{bad}`"
+            "checker accepted `{bad}`"
         );
     }
 }
@@ -548,13 +487,25 @@ const DASHBOARD: &str = "deploy/grafana/tcpstall-dashboard.json";
 const MANIFEST: &str = "deploy/kubernetes/tcpstall-daemonset.yaml";
 const PROM_EXAMPLE: &str = "deploy/prometheus/prometheus.example.yaml";
 
+const ALERTMANAGER_EXAMPLE: &str = "deploy/prometheus/alertmanager.example.yaml";
+
 const REQUIRED_ALERTS: &[&str] = &[
     "TCPStallNearTimeout",
     "TCPStallPersistent",
-    "TCPZeroWindowStall",
-    "TCPCloseWaitLeak",
+    "TCPStallZeroWindow",
+    "TCPStallCloseWaitLeak",
     "TCPStallAgentDown",
     "TCPStallEventsDropped",
+    "TCPStallProbeRunsMissed",
+    "TCPStallProbeDetached",
+];
+
+/// The stall alerts: one per incident (node, namespace, pod, remote).
+const INCIDENT_ALERTS: &[&str] = &[
+    "TCPStallNearTimeout",
+    "TCPStallPersistent",
+    "TCPStallZeroWindow",
+    "TCPStallCloseWaitLeak",
 ];
 
 struct Alert {
@@ -670,8 +621,21 @@ fn rules_have_required_alerts_annotations_and_contract_metrics() {
                 problems.push(format!("{}: missing annotation {key}", a.name));
             }
         }
-        if !["page", "warning", "info"].contains(&a.severity.as_str()) {
+        // kube-prometheus routes and inhibits on these three.
+        if !["critical", "warning", "info"].contains(&a.severity.as_str()) {
             problems.push(format!("{}: severity label `{}`", a.name, a.severity));
+        }
+        // One `alertname=~"TCPStall.*"` route catches every alert.
+        if !a.name.starts_with("TCPStall") {
+            problems.push(format!("{}: name does not start with TCPStall", a.name));
+        }
+        // Pages per incident, never per flow: the per-flow series only exist
+        // for the top-K flows and would page once per connection.
+        if a.expr.contains("tcpstall_socket_") {
+            problems.push(format!(
+                "{}: expression uses the per-flow series: `{}`",
+                a.name, a.expr
+            ));
         }
         problems.extend(
             check_promql(&a.expr, true)
@@ -683,19 +647,40 @@ fn rules_have_required_alerts_annotations_and_contract_metrics() {
         .iter()
         .find(|a| a.name == "TCPStallNearTimeout")
         .unwrap();
-    assert_eq!(near.severity, "page", "TCPStallNearTimeout must page");
+    assert_eq!(near.severity, "critical", "TCPStallNearTimeout must page");
     assert!(
-        near.expr.contains("tcpstall_socket_seconds_to_timeout"),
+        near.expr
+            .contains("tcpstall_incident_earliest_timeout_seconds"),
         "{}",
         near.expr
     );
-    // Flow alerts must name the flow, the pod and the remote.
-    for a in all.iter().filter(|a| a.expr.contains("tcpstall_socket_")) {
+    let severities: BTreeSet<&str> = all.iter().map(|a| a.severity.as_str()).collect();
+    assert_eq!(
+        severities,
+        BTreeSet::from(["critical", "warning", "info"]),
+        "every severity level used"
+    );
+    // Incident alerts name the node, the pod and the remote, give the count
+    // of stalled sockets and the agent's API link listing every flow.
+    for name in INCIDENT_ALERTS {
+        let Some(a) = all.iter().find(|a| a.name == *name) else {
+            continue;
+        };
+        if !a.expr.contains("tcpstall_incident_") {
+            problems.push(format!("{name}: not on the incident series: {}", a.expr));
+        }
         let d = &a.annotations["description"];
-        for l in ["$labels.local", "$labels.remote", "$labels.pod"] {
+        for l in ["$labels.node", "$labels.pod", "$labels.remote", "$count"] {
             if !d.contains(l) {
-                problems.push(format!("{}: description does not use {l}", a.name));
+                problems.push(format!("{name}: description does not use {l}"));
             }
+        }
+        if !a
+            .annotations
+            .get("api")
+            .is_some_and(|u| u.contains("/api/v1/stalls"))
+        {
+            problems.push(format!("{name}: no `api` annotation with /api/v1/stalls"));
         }
     }
     assert!(problems.is_empty(), "{RULES}:\n{}", problems.join("\n"));
@@ -741,12 +726,145 @@ fn prometheusrule_generated_and_in_sync() {
     // 3. The wrapped rules are valid for Prometheus.
     let dir = scratch("promrule");
     let extracted = dir.join("extracted-rules.yaml");
-    let mut doc = serde_yaml::Mapping::new();
+    let mut doc = serde_norway::Mapping::new();
     doc.insert("groups".into(), wrapper["spec"]["groups"].clone());
-    fs::write(&extracted, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    fs::write(&extracted, serde_norway::to_string(&doc).unwrap()).unwrap();
     let out = Tool::promtool().ok(&["check", "rules", &extracted.to_string_lossy()], &dir);
     assert!(out.contains("SUCCESS"), "{out}");
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn runbook_base_url_is_configurable() {
+    let base = "https://wiki.example.com/sre/tcpstall-runbook";
+    let dir = scratch("runbook-base");
+    let generate = |args: &[&str]| {
+        let out = Command::new("sh")
+            .arg(path(GEN))
+            .args(args)
+            .output()
+            .expect("run sh");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for mode in ["--plain", "--stdout"] {
+        let (ok, text, err) = generate(&["--runbook-base", base, mode]);
+        assert!(ok, "{GEN} --runbook-base {base} {mode}: {err}");
+        let doc: Yaml = serde_norway::from_str(&text).expect("generated YAML");
+        let groups = if mode == "--plain" {
+            &doc["groups"]
+        } else {
+            &doc["spec"]["groups"]
+        };
+        let all = alerts(groups);
+        assert_eq!(all.len(), alerts(&yaml(RULES)["groups"]).len());
+        for a in &all {
+            assert_eq!(
+                a.annotations["runbook_url"],
+                format!("{base}#{}", a.name.to_lowercase()),
+                "{mode}: {}",
+                a.name
+            );
+        }
+        if mode == "--plain" {
+            // Everything else unchanged and still valid for Prometheus.
+            assert_eq!(
+                text.replace(
+                    base,
+                    "https://github.com/tcpstall/tcpstall/blob/main/docs/runbook.md"
+                ),
+                read(RULES)
+            );
+            let f = dir.join("rules.yaml");
+            fs::write(&f, &text).unwrap();
+            let out = Tool::promtool().ok(&["check", "rules", &f.to_string_lossy()], &dir);
+            assert!(out.contains("SUCCESS"), "{out}");
+        }
+    }
+    // Bad bases are refused with a one-line reason, nothing printed.
+    for bad in [
+        "ftp://x/runbook",
+        "https://x/a b",
+        "https://x/\"q",
+        "https://x/r#a",
+    ] {
+        let (ok, text, err) = generate(&["--runbook-base", bad, "--plain"]);
+        assert!(!ok && text.is_empty(), "accepted {bad}");
+        assert!(err.contains("--runbook-base"), "{err}");
+    }
+    // The committed file always keeps the project's runbook.
+    let (ok, _, err) = generate(&["--runbook-base", base]);
+    assert!(!ok && err.contains("--stdout or --plain"), "{err}");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+// Alertmanager routing example
+// ---------------------------------------------------------------------------
+
+#[test]
+fn alertmanager_example_routes_by_severity_and_inhibits() {
+    let amtool = Tool::amtool();
+    let file = path(ALERTMANAGER_EXAMPLE).to_string_lossy().into_owned();
+    let out = amtool.ok(&["check-config", &file], &repo());
+    assert!(out.contains("SUCCESS"), "{out}");
+    // Where each alert of the rule file goes.
+    for a in alerts(&yaml(RULES)["groups"]) {
+        let want = match a.severity.as_str() {
+            "critical" => "oncall-page",
+            "warning" => "team-tickets",
+            _ => "null",
+        };
+        let out = amtool.run(
+            &[
+                "config",
+                "routes",
+                "test",
+                &format!("--config.file={file}"),
+                &format!("alertname={}", a.name),
+                &format!("severity={}", a.severity),
+            ],
+            &repo(),
+        );
+        assert!(out.status.success(), "amtool config routes test: {out:?}");
+        // stdout: the receiver; stderr: a note about --alertmanager.url.
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.trim(), want, "{} ({})", a.name, a.severity);
+    }
+    // The page inhibits the warning of the same incident, on labels both
+    // alerts carry.
+    let am = yaml(ALERTMANAGER_EXAMPLE);
+    let rules = am["inhibit_rules"].as_sequence().expect("inhibit_rules");
+    let inhibit = rules
+        .iter()
+        .find(|r| {
+            r["source_matchers"][0] == "alertname=\"TCPStallNearTimeout\""
+                && r["target_matchers"][0] == "alertname=\"TCPStallPersistent\""
+        })
+        .expect("an inhibit rule NearTimeout -> Persistent");
+    let equal: Vec<&str> = inhibit["equal"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let mut incident: BTreeSet<&str> = INCIDENT_LABELS.iter().copied().collect();
+    incident.extend(TARGET_LABELS);
+    for l in &equal {
+        assert!(
+            incident.contains(l),
+            "inhibit on `{l}`, not an incident label"
+        );
+    }
+    for l in ["pod", "remote"] {
+        assert!(
+            equal.contains(&l),
+            "inhibit must be per incident: {equal:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -897,30 +1015,40 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
         Some(v) if v["type"] == "datasource" && v["query"] == "prometheus" => {}
         _ => problems.push("no `datasource` variable of type datasource/prometheus".into()),
     }
-    let Some(instance) = var("instance") else {
-        panic!("{DASHBOARD}: no `instance` variable")
-    };
-
-    // Variable query: label_values(<expr>, <label>) or plain PromQL.
-    let q = instance["query"]["query"]
-        .as_str()
-        .or(instance["query"].as_str())
-        .unwrap_or("");
-    let q = q.trim();
-    if let Some(inner) = q
-        .strip_prefix("label_values(")
-        .and_then(|s| s.strip_suffix(')'))
-    {
-        let (e, label) = inner.rsplit_once(',').expect("label_values(expr, label)");
-        problems.extend(check_promql(e, false));
-        if !all_known_labels().contains(label.trim()) {
+    // Selection variables: label_values(<expr>, <label>), "All" = `.*`.
+    for (name, label) in [
+        ("node", "node"),
+        ("namespace", "namespace"),
+        ("pod", "pod"),
+        ("remote", "remote"),
+    ] {
+        let Some(v) = var(name) else {
+            problems.push(format!("no `{name}` variable"));
+            continue;
+        };
+        let q = v["query"]["query"]
+            .as_str()
+            .or(v["query"].as_str())
+            .unwrap_or("")
+            .trim();
+        match q
+            .strip_prefix("label_values(")
+            .and_then(|s| s.strip_suffix(')'))
+            .and_then(|inner| inner.rsplit_once(','))
+        {
+            Some((e, l)) => {
+                problems.extend(check_promql(e, false));
+                if l.trim() != label {
+                    problems.push(format!("variable {name}: label_values of `{}`", l.trim()));
+                }
+            }
+            None => problems.push(format!("variable {name}: not label_values(expr, {label})")),
+        }
+        if v["includeAll"] != true || v["allValue"] != ".*" {
             problems.push(format!(
-                "instance variable: unknown label `{}`",
-                label.trim()
+                "variable {name}: needs an All option matching `.*`"
             ));
         }
-    } else {
-        problems.extend(check_promql(q, false));
     }
 
     // Every panel: prometheus datasource via the variable; every expr checked.
@@ -951,11 +1079,23 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
                     p["title"]
                 ));
             }
-            if !t["expr"].as_str().is_some_and(|e| e.contains("$instance")) {
+            let e = t["expr"].as_str().unwrap_or("");
+            if !e.contains("$node") {
                 problems.push(format!(
-                    "panel `{}`: query does not filter on $instance",
+                    "panel `{}`: query does not filter on $node",
                     p["title"]
                 ));
+            }
+            // Series with pod and remote labels honour the whole selection.
+            if e.contains("tcpstall_incident_") || e.contains("tcpstall_socket_") {
+                for v in ["$namespace", "$pod", "$remote"] {
+                    if !e.contains(v) {
+                        problems.push(format!(
+                            "panel `{}`: query does not filter on {v}: {e}",
+                            p["title"]
+                        ));
+                    }
+                }
             }
         }
     }
@@ -971,9 +1111,18 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
 
     // The panels the on-call engineer needs, and every contract metric shown.
     for want in [
+        "overview",
         "stalled sockets",
         "near timeout",
-        "time to etimedout",
+        "stalled now: incidents by pod and remote",
+        "predicted death as a time",
+        "by namespace/pod",
+        "stalled sockets by remote",
+        "earliest predicted etimedout",
+        "agent cpu",
+        "agent memory",
+        "hang-forever risks",
+        "socket sweeps",
         "retransmits by remote",
         "rto expirations by remote",
         "etimedout verdicts",
@@ -1011,7 +1160,7 @@ const CRD_KINDS: &[&str] = &["ServiceMonitor", "PrometheusRule"];
 fn documents(rel: &str) -> Vec<Yaml> {
     use serde::Deserialize;
     let text = read(rel);
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|d| Yaml::deserialize(d).unwrap_or_else(|e| panic!("{rel}: {e}")))
         .filter(|d| !d.is_null())
         .collect()

@@ -1,10 +1,13 @@
-//! End-to-end with a real Prometheus (issue 4): the real agent, Debian's
-//! `prometheus` scraping it every second with the repository's alert rules
+//! End-to-end with a real Prometheus: the real agent, Debian's `prometheus`
+//! scraping it every second with the repository's alert rules
 //! (deploy/prometheus/tcpstall-rules.yaml), and scenario S1 (blackholed peer,
 //! tcp_retries2 = 5 in the client namespace: the kernel kills the socket about
 //! 13 s after the write). Asserted through Prometheus' HTTP API: the per-flow
-//! series appears and `TCPStallNearTimeout` fires for that flow before the
-//! socket dies; afterwards the timeout is counted and the alert resolves.
+//! and incident series appear, `TCPStallNearTimeout` fires for the incident
+//! (node, pod, remote) before the socket dies; every query of the Grafana
+//! dashboard (deploy/grafana/tcpstall-dashboard.json) executes, and the
+//! panels that must show the stall return it; afterwards the timeout is
+//! counted and the alert resolves.
 //!
 //! Privileged (root, namespaces, BPF); run with `--test-threads=1`. Missing
 //! tools fail the test, naming the package. `PROMETHEUS` overrides the
@@ -99,7 +102,7 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(binary: &Path, port: u16, target: SocketAddr, rules: &Path) -> Self {
+    fn start(binary: &Path, port: u16, target: SocketAddr, rules: &Path, node: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("tcpstall-prom-e2e-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("data")).expect("prometheus temp dir");
@@ -107,7 +110,7 @@ impl Prometheus {
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n  - {rules}\n\
              scrape_configs:\n  - job_name: tcpstall\n    honor_labels: true\n    \
-             static_configs:\n      - targets: ['{target}']\n",
+             static_configs:\n      - targets: ['{target}']\n        labels:\n          node: {node}\n",
             rules = rules.display()
         );
         let config_path = dir.join("prometheus.yml");
@@ -160,6 +163,34 @@ impl Prometheus {
     fn query(&mut self, promql: &str) -> Vec<Value> {
         let data = self.api(&format!("/api/v1/query?query={}", urlencode(promql)));
         data["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Instant query evaluated at `at` (Unix seconds): the result, or the
+    /// server's error (a query that does not execute).
+    fn query_at(&mut self, promql: &str, at: f64) -> Result<Vec<Value>, String> {
+        self.assert_alive();
+        let path = format!("/api/v1/query?query={}&time={at:.3}", urlencode(promql));
+        let (status, body) =
+            http10_get(self.addr, &path).unwrap_or_else(|e| panic!("prometheus {path}: {e}"));
+        let v: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("prometheus {path}: {e}: {status} {body}"));
+        if v["status"] != "success" {
+            return Err(format!("{status} {}: {}", v["errorType"], v["error"]));
+        }
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Values of `label` on series matching `selector`.
+    fn label_values(&mut self, label: &str, selector: &str) -> Vec<String> {
+        let data = self.api(&format!(
+            "/api/v1/label/{label}/values?match[]={}",
+            urlencode(selector)
+        ));
+        data.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
     }
 
     fn alerts(&mut self) -> Vec<Value> {
@@ -231,6 +262,102 @@ impl Drop for Prometheus {
     }
 }
 
+/// The node name the agent reports (--node-name) and the scrape attaches.
+const NODE: &str = "e2e-node-1";
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// One query of the dashboard: (panel title, refId, expression).
+struct PanelQuery {
+    title: String,
+    ref_id: String,
+    expr: String,
+}
+
+/// Every query of every panel of deploy/grafana/tcpstall-dashboard.json,
+/// with the dashboard's variables expanded: node = [`NODE`], the others
+/// "All" (`.*`), interval variables 1m.
+fn dashboard_queries() -> Vec<PanelQuery> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/tcpstall-dashboard.json");
+    let d: Value = serde_json::from_str(&fs::read_to_string(&path).expect("dashboard"))
+        .expect("dashboard JSON");
+    fn panels(v: &Value, out: &mut Vec<Value>) {
+        for p in v["panels"].as_array().into_iter().flatten() {
+            out.push(p.clone());
+            panels(p, out);
+        }
+    }
+    let mut all = Vec::new();
+    panels(&d, &mut all);
+    let mut out = Vec::new();
+    for p in all {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("target expr");
+            out.push(PanelQuery {
+                title: p["title"].as_str().unwrap_or("").to_owned(),
+                ref_id: t["refId"].as_str().unwrap_or("").to_owned(),
+                expr: grafana_expand(expr, &[("node", NODE)], ".*", "1m"),
+            });
+        }
+    }
+    assert!(out.len() > 20, "dashboard has only {} queries", out.len());
+    out
+}
+
+fn value_of(series: &Value) -> f64 {
+    series["value"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Runs every dashboard query at `at`; each must execute. Returns the
+/// results by (title, refId).
+fn run_dashboard(
+    prom: &mut Prometheus,
+    queries: &[PanelQuery],
+    at: f64,
+) -> Vec<(String, String, Vec<Value>)> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for q in queries {
+        match prom.query_at(&q.expr, at) {
+            Ok(r) => out.push((q.title.clone(), q.ref_id.clone(), r)),
+            Err(e) => errors.push(format!(
+                "panel `{}` {}: `{}`: {e}",
+                q.title, q.ref_id, q.expr
+            )),
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "dashboard queries that do not execute:\n{}",
+        errors.join("\n")
+    );
+    out
+}
+
+/// The results of the panel(s) titled `title` (every refId), failing when
+/// the dashboard has no such panel.
+fn panel<'a>(
+    results: &'a [(String, String, Vec<Value>)],
+    title: &str,
+) -> Vec<(&'a str, &'a [Value])> {
+    let r: Vec<(&str, &[Value])> = results
+        .iter()
+        .filter(|(t, _, _)| t == title)
+        .map(|(_, id, v)| (id.as_str(), v.as_slice()))
+        .collect();
+    assert!(!r.is_empty(), "the dashboard has no panel `{title}`");
+    r
+}
+
 fn rules_file() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy/prometheus/tcpstall-rules.yaml")
@@ -263,8 +390,15 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
 
     let link = Link::new("pe2e", 40);
     link.a.sysctl("net.ipv4.tcp_retries2", "5");
-    let mut agent = Agent::start(&["--near-horizon-secs", "60"]);
-    let mut prom = Prometheus::start(&prometheus_bin, free_loopback_port(), agent.listen, &rules);
+    let mut agent = Agent::start(&["--near-horizon-secs", "60", "--node-name", NODE]);
+    let mut prom = Prometheus::start(
+        &prometheus_bin,
+        free_loopback_port(),
+        agent.listen,
+        &rules,
+        NODE,
+    );
+    let queries = dashboard_queries();
     prom.wait_ready(Duration::from_secs(30));
     prom.wait_target_up(Duration::from_secs(30));
     // The rules loaded and evaluate (TCPStallNearTimeout is in the flows group).
@@ -288,12 +422,13 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
     // S1: a connection, then a blackhole, then unacked data.
     let conn = Conn::establish(&link, 8080, None);
     let (local, server_addr) = (conn.local, conn.server);
+    // The page is per incident (node, pod, remote); this flow is the only
+    // socket to that remote.
     let near_alert_for_flow = |alerts: &[Value]| {
         alerts
             .iter()
             .find(|a| {
                 a["labels"]["alertname"] == "TCPStallNearTimeout"
-                    && a["labels"]["local"] == local.to_string()
                     && a["labels"]["remote"] == server_addr.to_string()
             })
             .cloned()
@@ -308,6 +443,12 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
 
     let series_query =
         format!("tcpstall_socket_seconds_to_timeout{{local=\"{local}\",remote=\"{server_addr}\"}}");
+    let incident_query = format!(
+        "tcpstall_incident_stalled_sockets{{class=\"retransmit\",remote=\"{server_addr}\"}}"
+    );
+    // An instant (Unix s) at which Prometheus had both the flow's series and
+    // its incident: the dashboard is evaluated there.
+    let mut t_dashboard: Option<f64> = None;
     let mut seen = Seen::default();
     let flow_labels = [
         ("local", local.to_string()),
@@ -319,6 +460,20 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
             && let Some(s) = prom.query(&series_query).into_iter().next()
         {
             seen.series = Some((now, s));
+        }
+        if t_dashboard.is_none() {
+            let t = (now_unix() * 1000.0).floor() / 1000.0;
+            if !prom
+                .query_at(&series_query, t)
+                .expect("flow query")
+                .is_empty()
+                && !prom
+                    .query_at(&incident_query, t)
+                    .expect("incident query")
+                    .is_empty()
+            {
+                t_dashboard = Some(t);
+            }
         }
         if let Some(a) = near_alert_for_flow(&prom.alerts()) {
             if seen.pending.is_none() {
@@ -421,11 +576,29 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
         "TCPStallNearTimeout fired only {:.2} s after the death",
         (t_firing - died_ns) as f64 / 1e9
     );
-    assert_eq!(alert["labels"]["severity"], "page");
+    assert_eq!(alert["labels"]["severity"], "critical");
+    assert_eq!(alert["labels"]["node"], NODE, "{alert}");
+    assert_eq!(alert["labels"]["class"], "retransmit", "{alert}");
     let summary = ev_str(&alert["annotations"], "summary");
     assert!(
-        summary.contains(&local.to_string()) && summary.contains(&server_addr.to_string()),
-        "summary names the flow: {summary}"
+        summary.starts_with("1 TCP connection(s) ")
+            && summary.contains(&server_addr.to_string())
+            && summary.contains(NODE),
+        "summary gives the count, the remote and the node: {summary}"
+    );
+    let description = ev_str(&alert["annotations"], "description");
+    assert!(
+        description.contains(&format!("node {NODE}")) && description.contains("ETIMEDOUT"),
+        "{description}"
+    );
+    assert!(
+        ev_str(&alert["annotations"], "flows").contains(&local.to_string()),
+        "the per-flow detail names the flow: {alert}"
+    );
+    assert_eq!(
+        ev_str(&alert["annotations"], "api"),
+        format!("http://{}/api/v1/stalls", agent.listen),
+        "{alert}"
     );
     assert!(
         ev_str(&alert["annotations"], "runbook_url").ends_with("#tcpstallneartimeout"),
@@ -461,6 +634,151 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
     eprintln!(
         "TIMING timeouts_total={timeouts} seen, series and alert resolved {:.2} s after the death",
         (monotonic_ns() - died_ns) as f64 / 1e9
+    );
+
+    // The dashboard: its variables find this node and remote; every panel
+    // query executes at an instant of the stall and after it; the panels
+    // that must show the stall return it.
+    assert!(
+        prom.label_values("node", "tcpstall_build_info")
+            .contains(&NODE.to_owned()),
+        "$node variable"
+    );
+    assert!(
+        prom.label_values("remote", "tcpstall_incident_stalled_sockets")
+            .contains(&server_addr.to_string()),
+        "$remote variable"
+    );
+    let t_stall =
+        t_dashboard.expect("Prometheus never had the flow and its incident at one instant");
+    let during = run_dashboard(&mut prom, &queries, t_stall);
+    let has =
+        |rows: &[Value], label: &str, value: &str| rows.iter().any(|r| r["metric"][label] == value);
+    let remote_s = server_addr.to_string();
+    let local_s = local.to_string();
+    let mut missing = Vec::new();
+    let mut need = |ok: bool, what: String| {
+        if !ok {
+            missing.push(what);
+        }
+    };
+    for (title, min) in [
+        ("Stalled sockets", 1.0),
+        ("Sockets near timeout", 1.0),
+        ("Incidents (pod x remote)", 1.0),
+        ("Stalled sockets by class", 1.0),
+    ] {
+        for (id, rows) in panel(&during, title) {
+            need(
+                rows.iter().map(value_of).sum::<f64>() >= min,
+                format!("`{title}` {id}: {rows:?}"),
+            );
+        }
+    }
+    for (id, rows) in panel(&during, "Earliest predicted ETIMEDOUT") {
+        need(
+            rows.first().is_some_and(|r| value_of(r) < 60.0),
+            format!("`Earliest predicted ETIMEDOUT` {id}: {rows:?}"),
+        );
+    }
+    for title in [
+        "Stalled now: incidents by pod and remote, predicted death as a time",
+        "Stalled sockets by remote",
+    ] {
+        for (id, rows) in panel(&during, title) {
+            need(
+                has(rows, "remote", &remote_s),
+                format!("`{title}` {id}: {rows:?}"),
+            );
+        }
+    }
+    for title in [
+        "Stalled now: most urgent flows (top-K), predicted death as a time",
+        "Stalled flows, all classes (top-K)",
+    ] {
+        for (id, rows) in panel(&during, title) {
+            need(
+                has(rows, "local", &local_s),
+                format!("`{title}` {id}: {rows:?}"),
+            );
+        }
+    }
+    for title in [
+        "Stalled sockets by namespace/pod",
+        "Earliest predicted ETIMEDOUT by namespace/pod",
+        "Agent memory",
+        "Agents reporting",
+        "Agent build",
+        "Probes attached",
+        "Hang-forever risks: sockets without a timeout, by pod",
+    ] {
+        for (id, rows) in panel(&during, title) {
+            need(!rows.is_empty(), format!("`{title}` {id}: empty"));
+        }
+    }
+    // Predicted death as a time: ms since the epoch, within a minute.
+    for title in [
+        "Stalled now: incidents by pod and remote, predicted death as a time",
+        "Stalled now: most urgent flows (top-K), predicted death as a time",
+    ] {
+        let at = panel(&during, title)
+            .into_iter()
+            .find(|(_, rows)| rows.iter().any(|r| value_of(r) > 1e12))
+            .map(|(_, rows)| value_of(&rows[0]));
+        need(
+            at.is_some_and(|ms| ms > (t_stall - 5.0) * 1e3 && ms < (t_stall + 60.0) * 1e3),
+            format!("`{title}`: predicted death time {at:?} vs now {t_stall}"),
+        );
+    }
+    // Counters need their range: evaluated after the socket died.
+    let after = run_dashboard(&mut prom, &queries, now_unix());
+    for title in [
+        "Retransmits by remote (top 10)",
+        "RTO expirations by remote (top 10)",
+    ] {
+        for (id, rows) in panel(&after, title) {
+            need(
+                rows.iter()
+                    .any(|r| r["metric"]["remote"] == remote_s.as_str() && value_of(r) > 0.0),
+                format!("`{title}` {id}: {rows:?}"),
+            );
+        }
+    }
+    for title in [
+        "ETIMEDOUT verdicts",
+        "ETIMEDOUT verdicts (range)",
+        "Agent CPU",
+        "Events by kind",
+    ] {
+        for (id, rows) in panel(&after, title) {
+            need(
+                rows.iter().any(|r| value_of(r) > 0.0),
+                format!("`{title}` {id}: {rows:?}"),
+            );
+        }
+    }
+    for title in ["Socket sweeps", "Sweep duration and size"] {
+        for (id, rows) in panel(&after, title) {
+            if id != "B" {
+                // B: failures (none expected) / visited rate (may be 0)
+                need(!rows.is_empty(), format!("`{title}` {id}: empty"));
+            }
+        }
+    }
+    for (id, rows) in panel(&after, "Stalls ended by outcome") {
+        need(
+            has(rows, "outcome", "timed_out"),
+            format!("`Stalls ended by outcome` {id}: {rows:?}"),
+        );
+    }
+    assert!(
+        missing.is_empty(),
+        "dashboard panels that must show the stall do not:\n{}",
+        missing.join("\n")
+    );
+    eprintln!(
+        "TIMING dashboard: {} queries executed at the stall and after it",
+        queries.len()
     );
     let m = agent.metrics();
     assert!(

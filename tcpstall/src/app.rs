@@ -233,12 +233,23 @@ impl AgentState {
             let engine = self.engine();
             (engine.gauges(now), engine.stalls(now))
         };
+        // Every stalled socket goes into the incident groups; only the
+        // top-K get per-flow series.
+        let mut pods = self.identities(&stalls);
+        let incidents = crate::incidents::aggregate(
+            stalls.iter().zip(pods.iter().map(Option::as_ref)),
+            self.metrics.max_incidents(),
+        );
         stalls.truncate(self.metrics.top_k_flows());
-        let pods = self.identities(&stalls);
+        pods.truncate(stalls.len());
         let live = LiveView {
             gauges,
             top: stalls.into_iter().zip(pods).collect(),
+            incidents,
         };
+        if let Some(p) = crate::process::sample() {
+            self.metrics.process(&p);
+        }
         self.metrics.render(&live, format)
     }
 }
@@ -469,6 +480,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             top_k_flows: settings.top_k_flows,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             kernel: loaded.plan.kernel.clone(),
+            node: settings.node_name.clone(),
+            max_incidents: settings.max_incidents,
         },
         &loaded.plan.probes,
     );

@@ -174,6 +174,14 @@ pub struct RunArgs {
     /// recursion misses).
     #[arg(long, env = "TCPSTALL_NO_SWEEP_ON_LOSS")]
     pub no_sweep_on_loss: bool,
+    /// Node name for the `node` label of the incident series (in a DaemonSet:
+    /// spec.nodeName through the downward API) [default: the host name].
+    #[arg(long, value_name = "NAME", env = "TCPSTALL_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Incident groups (class, pod, remote) exported with their own labels;
+    /// the rest are summed per class under remote="other" [default: 100].
+    #[arg(long, value_name = "N", env = "TCPSTALL_MAX_INCIDENTS")]
+    pub max_incidents: Option<usize>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -203,6 +211,8 @@ pub struct FileConfig {
     pub sweep_interval: Option<f64>,
     pub no_startup_sweep: Option<bool>,
     pub no_sweep_on_loss: Option<bool>,
+    pub node_name: Option<String>,
+    pub max_incidents: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +256,8 @@ pub struct Settings {
     pub sweep_interval: Option<Duration>,
     pub startup_sweep: bool,
     pub sweep_on_loss: bool,
+    pub node_name: String,
+    pub max_incidents: usize,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9977";
@@ -277,6 +289,8 @@ impl Default for Settings {
             sweep_interval: Some(Duration::from_secs(60)),
             startup_sweep: true,
             sweep_on_loss: true,
+            node_name: String::new(),
+            max_incidents: 100,
         }
     }
 }
@@ -437,7 +451,30 @@ impl Settings {
             },
             startup_sweep: !(a.no_startup_sweep || f.no_startup_sweep.unwrap_or(!d.startup_sweep)),
             sweep_on_loss: !(a.no_sweep_on_loss || f.no_sweep_on_loss.unwrap_or(!d.sweep_on_loss)),
+            node_name: node_name(a.node_name.clone().or(f.node_name))?,
+            max_incidents: positive(
+                "max_incidents",
+                a.max_incidents
+                    .or(f.max_incidents)
+                    .unwrap_or(d.max_incidents),
+            )?,
         })
+    }
+}
+
+/// The node name: as given (non-empty, a valid label value is any UTF-8), or
+/// the kernel's host name.
+fn node_name(given: Option<String>) -> Result<String, ConfigError> {
+    match given {
+        Some(n) if n.trim().is_empty() => Err(ConfigError::Invalid {
+            key: "node_name",
+            value: format!("{n:?}"),
+            why: "must not be empty (unset it to use the host name)",
+        }),
+        Some(n) => Ok(n.trim().to_owned()),
+        None => Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()),
     }
 }
 
@@ -453,6 +490,27 @@ mod tests {
 
     fn env_lock() -> MutexGuard<'static, ()> {
         ENV_LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[test]
+    fn node_name_and_max_incidents() {
+        let s = Settings::merge(
+            &parse(&["--node-name", "node-a", "--max-incidents", "7"]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(s.node_name, "node-a");
+        assert_eq!(s.max_incidents, 7);
+        let err = Settings::merge(&parse(&["--node-name", " "]), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node_name"), "{err}");
+        let err = Settings::merge(&parse(&["--max-incidents", "0"]), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_incidents"), "{err}");
+        let d = Settings::merge(&parse(&[]), FileConfig::default()).unwrap();
+        assert_eq!(d.max_incidents, 100);
     }
 
     fn parse(args: &[&str]) -> RunArgs {

@@ -12,6 +12,8 @@
 //! - [`engine`]: pure stall state machine and horizon predictor (no I/O).
 //! - [`config`]: command line and config file.
 //! - [`pods`]: network namespace -> pod identity from /proc.
+//! - [`incidents`]: every stalled socket grouped by class, pod and remote.
+//! - [`process`]: the agent's own CPU time and memory (/proc/self).
 //! - [`metrics`]: the Prometheus metric contract (prometheus-client registry).
 //! - [`server`]: the HTTP server: /metrics, /healthz, /readyz, /api/v1/*.
 //! - [`sweep`]: the socket sweep, agent side: records -> sockets, when to sweep.
@@ -23,12 +25,14 @@ pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod event;
+pub mod incidents;
 pub mod kernel;
 pub mod layout;
 pub mod loader;
 pub mod metrics;
 pub mod pods;
 pub mod probes;
+pub mod process;
 pub mod reader;
 pub mod server;
 pub mod sweep;

@@ -38,6 +38,7 @@ use crate::{
     engine::cause::RetransmitCause,
     engine::{Gauges, Observation, StallClass, StallView, StreakOutcome},
     event::EventKind,
+    incidents::Incident,
     loader::{ProbeStatus, ProgramRuntime},
     pods::PodIdentity,
 };
@@ -97,6 +98,10 @@ pub struct MetricsConfig {
     pub version: String,
     /// `tcpstall_build_info{kernel}`.
     pub kernel: String,
+    /// The `node` label of the incident series (--node-name).
+    pub node: String,
+    /// Incident groups with their own labels (--max-incidents).
+    pub max_incidents: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +140,17 @@ struct ProbeLabels {
 struct BuildLabels {
     version: String,
     kernel: String,
+}
+
+/// Labels of the incident series (one stall class, owning pod and remote;
+/// see [`crate::incidents`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IncidentLabels {
+    node: String,
+    class: &'static str,
+    namespace: String,
+    pod: String,
+    remote: String,
 }
 
 /// Labels of the per-flow series (the alert rules' contract).
@@ -212,6 +228,8 @@ pub struct LiveView {
     /// returns them), with the owning pod when known. Only the first
     /// `top_k_flows` are exported.
     pub top: Vec<(StallView, Option<PodIdentity>)>,
+    /// Every stalled socket, grouped ([`crate::incidents::aggregate`]).
+    pub incidents: Vec<Incident>,
 }
 
 /// Every tcpstall metric and its registry.
@@ -229,6 +247,14 @@ pub struct Metrics {
     socket_seconds_to_timeout: Family<FlowLabels, FloatGauge>,
     socket_unacked_age: Family<FlowLabels, FloatGauge>,
     socket_stall_seconds: Family<FlowLabels, FloatGauge>,
+    node: String,
+    max_incidents: usize,
+    incident_sockets: Family<IncidentLabels, Gauge>,
+    incident_oldest_stall: Family<IncidentLabels, FloatGauge>,
+    incident_earliest_timeout: Family<IncidentLabels, FloatGauge>,
+    process_cpu: FloatCounter,
+    process_cpu_last: Mutex<f64>,
+    process_resident: Gauge,
     events_by_kind: [Counter; EventKind::ALL.len()],
     ringbuf_dropped: Counter,
     decode_errors: Counter,
@@ -351,6 +377,36 @@ impl Metrics {
             "Seconds this socket has been stalled in its class; only for the top-K most urgent stalled flows",
             socket_stall_seconds.clone(),
         );
+        let incident_sockets = Family::<IncidentLabels, Gauge>::default();
+        registry.register(
+            "tcpstall_incident_stalled_sockets",
+            "Stalled sockets now, grouped by class, owning pod (namespace, pod; empty when unknown) and remote endpoint; counts every stalled socket, not only the top-K; at most --max-incidents groups per node, the rest summed per class under the remote value other",
+            incident_sockets.clone(),
+        );
+        let incident_oldest_stall = Family::<IncidentLabels, FloatGauge>::default();
+        registry.register(
+            "tcpstall_incident_oldest_stall_seconds",
+            "Longest time in seconds any socket of the group (as tcpstall_incident_stalled_sockets) has been stalled in its class",
+            incident_oldest_stall.clone(),
+        );
+        let incident_earliest_timeout = Family::<IncidentLabels, FloatGauge>::default();
+        registry.register(
+            "tcpstall_incident_earliest_timeout_seconds",
+            "Seconds until the first predicted ETIMEDOUT among the sockets of the group (as tcpstall_incident_stalled_sockets; negative when overdue); absent when no socket of the group has a prediction",
+            incident_earliest_timeout.clone(),
+        );
+        let process_cpu = FloatCounter::default();
+        registry.register(
+            "process_cpu_seconds",
+            "User and system CPU time spent by the agent process, in seconds",
+            process_cpu.clone(),
+        );
+        let process_resident = Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the agent process in bytes (BPF maps are not included: they are charged to the container's memory cgroup)",
+            process_resident.clone(),
+        );
         let events = Family::<KindLabels, Counter>::default();
         registry.register(
             "tcpstall_events",
@@ -467,6 +523,14 @@ impl Metrics {
             socket_seconds_to_timeout,
             socket_unacked_age,
             socket_stall_seconds,
+            node: cfg.node.clone(),
+            max_incidents: cfg.max_incidents,
+            incident_sockets,
+            incident_oldest_stall,
+            incident_earliest_timeout,
+            process_cpu,
+            process_cpu_last: Mutex::new(0.0),
+            process_resident,
             events_by_kind,
             ringbuf_dropped,
             decode_errors,
@@ -480,6 +544,11 @@ impl Metrics {
 
     pub fn top_k_flows(&self) -> usize {
         self.top_k_flows
+    }
+
+    /// Incident groups exported with their own labels (the rest: `other`).
+    pub fn max_incidents(&self) -> usize {
+        self.max_incidents
     }
 
     /// One decoded kernel event.
@@ -626,6 +695,39 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(view.stalled_for_s);
         }
+
+        self.incident_sockets.clear();
+        self.incident_oldest_stall.clear();
+        self.incident_earliest_timeout.clear();
+        for i in &live.incidents {
+            let labels = IncidentLabels {
+                node: self.node.clone(),
+                class: i.key.class.as_str(),
+                namespace: i.key.namespace.clone(),
+                pod: i.key.pod.clone(),
+                remote: i.key.remote.clone(),
+            };
+            self.incident_sockets
+                .get_or_create(&labels)
+                .set(i64::try_from(i.sockets).unwrap_or(i64::MAX));
+            self.incident_oldest_stall
+                .get_or_create(&labels)
+                .set(i.oldest_stall_s);
+            if let Some(t) = i.earliest_timeout_s.filter(|t| t.is_finite()) {
+                self.incident_earliest_timeout.get_or_create(&labels).set(t);
+            }
+        }
+    }
+
+    /// Advances the process counters to a new reading of /proc/self.
+    pub fn process(&self, s: &crate::process::ProcessSample) {
+        let mut last = lock(&self.process_cpu_last);
+        if s.cpu_seconds > *last {
+            self.process_cpu.inc_by(s.cpu_seconds - *last);
+            *last = s.cpu_seconds;
+        }
+        self.process_resident
+            .set(i64::try_from(s.resident_bytes).unwrap_or(i64::MAX));
     }
 
     /// Replaces the live values with `live` and encodes every metric.
@@ -743,6 +845,8 @@ mod tests {
             top_k_flows,
             version: "0.1.0".into(),
             kernel: "6.1.0-test".into(),
+            node: "node-a".into(),
+            max_incidents: 100,
         }
     }
 
@@ -878,9 +982,57 @@ mod tests {
                 ),
                 None,
             )],
+            incidents: vec![crate::incidents::Incident {
+                key: crate::incidents::IncidentKey {
+                    class: StallClass::Retransmit,
+                    namespace: "shop".into(),
+                    pod: "orders-1".into(),
+                    remote: "10.0.0.2:8080".into(),
+                },
+                sockets: 50,
+                oldest_stall_s: 12.5,
+                earliest_timeout_s: Some(3.0),
+            }],
         };
         let text = m.render(&live, Format::OpenMetrics).unwrap();
         assert!(text.ends_with("# EOF\n"), "{text}");
+        let incident = "{node=\"node-a\",class=\"retransmit\",namespace=\"shop\",pod=\"orders-1\",remote=\"10.0.0.2:8080\"}";
+        assert_eq!(
+            sample(
+                &text,
+                &format!("tcpstall_incident_stalled_sockets{incident}")
+            ),
+            Some(50.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!("tcpstall_incident_oldest_stall_seconds{incident}")
+            ),
+            Some(12.5),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!("tcpstall_incident_earliest_timeout_seconds{incident}")
+            ),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(sample(&text, "process_cpu_seconds_total"), Some(0.0));
+        // The CPU counter follows the process' total, never backwards.
+        let p = |cpu_seconds, resident_bytes| crate::process::ProcessSample {
+            cpu_seconds,
+            resident_bytes,
+        };
+        m.process(&p(2.5, 4096));
+        m.process(&p(2.0, 8192));
+        m.process(&p(3.25, 8192));
+        let text = m.render(&live, Format::OpenMetrics).unwrap();
+        assert_eq!(sample(&text, "process_cpu_seconds_total"), Some(3.25));
+        assert_eq!(sample(&text, "process_resident_memory_bytes"), Some(8192.0));
         let expected = [
             ("tcpstall_retransmits", "counter"),
             ("tcpstall_rto_expirations", "counter"),
@@ -892,6 +1044,11 @@ mod tests {
             ("tcpstall_socket_seconds_to_timeout", "gauge"),
             ("tcpstall_socket_unacked_age_seconds", "gauge"),
             ("tcpstall_socket_stall_seconds", "gauge"),
+            ("tcpstall_incident_stalled_sockets", "gauge"),
+            ("tcpstall_incident_oldest_stall_seconds", "gauge"),
+            ("tcpstall_incident_earliest_timeout_seconds", "gauge"),
+            ("process_cpu_seconds", "counter"),
+            ("process_resident_memory_bytes", "gauge"),
             ("tcpstall_events", "counter"),
             ("tcpstall_ringbuf_dropped_events", "counter"),
             ("tcpstall_decode_errors", "counter"),
@@ -1288,6 +1445,7 @@ mod tests {
                 (a.clone(), Some(pod.clone())),
                 (c.clone(), None),
             ],
+            incidents: vec![],
         };
         let text = m.render(&live, Format::OpenMetrics).unwrap();
         let a_labels = "{class=\"retransmit\",local=\"10.0.0.1:40000\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"web-1\",namespace=\"shop\",container=\"0123456789ab\"}";
@@ -1336,6 +1494,7 @@ mod tests {
         let live = LiveView {
             gauges: Gauges::default(),
             top: vec![(b, None), (c, None)],
+            incidents: vec![],
         };
         let text = m.render(&live, Format::OpenMetrics).unwrap();
         assert!(!text.contains("10.0.0.1:40000"), "{text}");

@@ -594,6 +594,8 @@ mod tests {
                 top_k_flows: 50,
                 version: "0.1.0".into(),
                 kernel: plan.kernel.clone(),
+                node: "node-a".into(),
+                max_incidents: 100,
             },
             &plan.probes,
         );

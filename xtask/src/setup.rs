@@ -13,6 +13,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     "prometheus",
+    // amtool: the deploy tests check the Alertmanager routing example.
+    "prometheus-alertmanager",
+    // The `tcpstall top` test drives the terminal view in a tmux pane.
+    "tmux",
     "bpftool",
     "python3-pip",
 ];
