@@ -169,6 +169,7 @@ mod tests {
             user_timeout_ms: None,
             last_event_age_s: 0.0,
             history: FlowHistory::default(),
+            retransmits_by_cause: Default::default(),
         }
     }
 
