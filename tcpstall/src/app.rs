@@ -13,6 +13,7 @@
 //! every probe.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
@@ -25,10 +26,11 @@ use crate::{
     config::Settings,
     engine::{Engine, EngineConfig, Observation, StallView},
     event::{DecodeError, SockEvent},
+    identity::{FlowRef, Identities, IdentityConfig, ProcessInfo},
     kernel,
     loader::{self, KernelStats, LoaderOptions, Plan, ProgramStatsReader, StatsReader},
     metrics::{Format, LiveView, Metrics, MetricsConfig, MetricsError},
-    pods::{PodIdentity, PodResolver},
+    pods::PodIdentity,
     reader::Reader,
     server,
     sweep::{self as sweeping, PodLabels, SweepPolicy, SweepReason},
@@ -38,6 +40,9 @@ use crate::{
 const TICK: Duration = Duration::from_secs(1);
 /// How long /proc-derived pod identities are reused before a rescan.
 const POD_REFRESH: Duration = Duration::from_secs(30);
+/// Stall starts per batch whose owner (pod, process) is resolved for the
+/// log line; the rest are logged without (the API resolves them on demand).
+const MAX_OWNER_LOOKUPS: usize = 32;
 /// Time allowed for in-flight HTTP requests at shutdown.
 const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Loss-triggered sweeps run at most this often.
@@ -126,14 +131,33 @@ pub fn engine_config(s: &Settings, hz: Option<u32>) -> EngineConfig {
     }
 }
 
+/// The pod and the process owning a stalled socket.
+pub(crate) type Owner = (Option<PodIdentity>, Option<ProcessInfo>);
+
 /// Logs the engine facts worth a line each (stall start and end, timeouts).
-fn log_observation(o: &Observation) {
+fn log_observation(o: &Observation, owner: Option<&Owner>) {
     match *o {
         Observation::StallStarted {
             class,
             cookie,
             remote,
-        } => info!(class = class.as_str(), cookie, remote = %remote, "stall started"),
+        } => {
+            let pod = owner.and_then(|o| o.0.as_ref());
+            let process = owner.and_then(|o| o.1.as_ref());
+            let s = |f: fn(&PodIdentity) -> &str| pod.map(f).unwrap_or("");
+            info!(
+                class = class.as_str(),
+                cookie,
+                remote = %remote,
+                pod = s(|p| &p.pod),
+                namespace = s(|p| &p.namespace),
+                container = s(|p| &p.container),
+                pod_uid = s(|p| &p.pod_uid),
+                pid = process.map(|p| p.pid),
+                comm = process.map(|p| p.comm.as_str()).unwrap_or(""),
+                "stall started"
+            )
+        }
         Observation::StreakEnded {
             remote,
             outcome,
@@ -178,7 +202,7 @@ fn log_observation(o: &Observation) {
 pub struct AgentState {
     pub engine: Mutex<Engine>,
     pub metrics: Metrics,
-    pub pods: Mutex<PodResolver>,
+    pub pods: Mutex<Identities>,
     pub plan: Plan,
     pub health: server::Health,
     /// CLOCK_MONOTONIC ns (replaceable in tests).
@@ -192,7 +216,7 @@ pub struct AgentState {
 }
 
 impl AgentState {
-    pub fn new(engine: Engine, metrics: Metrics, pods: PodResolver, plan: Plan) -> Self {
+    pub fn new(engine: Engine, metrics: Metrics, pods: Identities, plan: Plan) -> Self {
         Self {
             engine: Mutex::new(engine),
             metrics,
@@ -211,17 +235,30 @@ impl AgentState {
         self.engine.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn pods(&self) -> MutexGuard<'_, PodResolver> {
+    pub(crate) fn pods(&self) -> MutexGuard<'_, Identities> {
         self.pods.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Pod identity of each view's netns (one resolver lock for all).
+    /// Pod identity of each view's socket (one resolver lock for all).
     pub(crate) fn identities(&self, views: &[StallView]) -> Vec<Option<PodIdentity>> {
         let now = Instant::now();
         let mut pods = self.pods();
         views
             .iter()
-            .map(|v| pods.lookup(u64::from(v.netns), now).cloned())
+            .map(|v| pods.pod(&FlowRef::of(v), now))
+            .collect()
+    }
+
+    /// Pod and process of each stalled flow (API).
+    pub(crate) fn owners(&self, views: &[StallView]) -> Vec<Owner> {
+        let now = Instant::now();
+        let mut pods = self.pods();
+        views
+            .iter()
+            .map(|v| {
+                let f = FlowRef::of(v);
+                (pods.pod(&f, now), pods.process(&f, now))
+            })
             .collect()
     }
 
@@ -302,10 +339,40 @@ impl Pipeline {
     }
 
     fn apply_observations(&mut self) {
+        let started: Vec<u64> = self
+            .observations
+            .iter()
+            .filter_map(|o| match o {
+                Observation::StallStarted { cookie, .. } => Some(*cookie),
+                _ => None,
+            })
+            .collect();
+        let owners = self.owners(&started);
         for o in self.observations.drain(..) {
             self.state.metrics.observe(&o);
-            log_observation(&o);
+            let owner = match &o {
+                Observation::StallStarted { cookie, .. } => owners.get(cookie),
+                _ => None,
+            };
+            log_observation(&o, owner);
         }
+    }
+
+    /// Pod and process of the flows whose stall just started (bounded).
+    fn owners(&self, cookies: &[u64]) -> HashMap<u64, Owner> {
+        if cookies.is_empty() {
+            return HashMap::new();
+        }
+        let views: Vec<StallView> = self
+            .state
+            .engine()
+            .stalls(kernel::monotonic_ns())
+            .into_iter()
+            .filter(|v| v.cookie != 0 && cookies.contains(&v.cookie))
+            .take(MAX_OWNER_LOOKUPS)
+            .collect();
+        let cookies: Vec<u64> = views.iter().map(|v| v.cookie).collect();
+        cookies.into_iter().zip(self.state.owners(&views)).collect()
     }
 
     /// Advances the engine to `now` and reads the kernel counters.
@@ -469,6 +536,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     log_plan(&loaded.plan);
     let ring = loaded.take_events()?;
     let stats = loaded.take_stats()?;
+    if settings.program_stats && !kernel::Privileges::current().cap_sys_admin {
+        anyhow::bail!(
+            "--program-stats needs CAP_SYS_ADMIN (the kernel's BPF_ENABLE_STATS): grant it or run without --program-stats"
+        );
+    }
     let programs = loaded.program_stats(settings.program_stats)?;
     let mut reader = Reader::new(ring).context("watching the ring buffer")?;
 
@@ -485,7 +557,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         &loaded.plan.probes,
     );
-    let pods = PodResolver::new(&settings.proc_root, POD_REFRESH);
+    let pods = Identities::new(&IdentityConfig {
+        proc_root: settings.proc_root.clone(),
+        cgroup2_root: kernel::cgroup2_root(),
+        runtimes: settings.runtimes.clone(),
+        netns_refresh: POD_REFRESH,
+    });
     let state = Arc::new(AgentState::new(engine, metrics, pods, loaded.plan.clone()));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

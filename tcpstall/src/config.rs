@@ -182,6 +182,18 @@ pub struct RunArgs {
     /// the rest are summed per class under remote="other" [default: 100].
     #[arg(long, value_name = "N", env = "TCPSTALL_MAX_INCIDENTS")]
     pub max_incidents: Option<usize>,
+    /// containerd state directory (task bundles with the pods' annotations) [default: /run/containerd].
+    #[arg(long, value_name = "DIR", env = "TCPSTALL_CONTAINERD_STATE")]
+    pub containerd_state: Option<PathBuf>,
+    /// CRI-O container storage state directory [default: /run/containers/storage].
+    #[arg(long, value_name = "DIR", env = "TCPSTALL_CRIO_STATE")]
+    pub crio_state: Option<PathBuf>,
+    /// Docker root (containers started by cri-dockerd) [default: /var/lib/docker].
+    #[arg(long, value_name = "DIR", env = "TCPSTALL_DOCKER_ROOT")]
+    pub docker_root: Option<PathBuf>,
+    /// kubelet root directory (pods/<uid>/etc-hosts) [default: /var/lib/kubelet].
+    #[arg(long, value_name = "DIR", env = "TCPSTALL_KUBELET_ROOT")]
+    pub kubelet_root: Option<PathBuf>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -213,6 +225,10 @@ pub struct FileConfig {
     pub no_sweep_on_loss: Option<bool>,
     pub node_name: Option<String>,
     pub max_incidents: Option<usize>,
+    pub containerd_state: Option<PathBuf>,
+    pub crio_state: Option<PathBuf>,
+    pub docker_root: Option<PathBuf>,
+    pub kubelet_root: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +274,8 @@ pub struct Settings {
     pub sweep_on_loss: bool,
     pub node_name: String,
     pub max_incidents: usize,
+    /// containerd / CRI-O / Docker / kubelet state roots.
+    pub runtimes: crate::identity::RuntimeRoots,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9977";
@@ -291,6 +309,7 @@ impl Default for Settings {
             sweep_on_loss: true,
             node_name: String::new(),
             max_incidents: 100,
+            runtimes: crate::identity::RuntimeRoots::default(),
         }
     }
 }
@@ -458,6 +477,28 @@ impl Settings {
                     .or(f.max_incidents)
                     .unwrap_or(d.max_incidents),
             )?,
+            runtimes: crate::identity::RuntimeRoots {
+                containerd: a
+                    .containerd_state
+                    .clone()
+                    .or(f.containerd_state)
+                    .unwrap_or(d.runtimes.containerd),
+                crio: a
+                    .crio_state
+                    .clone()
+                    .or(f.crio_state)
+                    .unwrap_or(d.runtimes.crio),
+                docker: a
+                    .docker_root
+                    .clone()
+                    .or(f.docker_root)
+                    .unwrap_or(d.runtimes.docker),
+                kubelet: a
+                    .kubelet_root
+                    .clone()
+                    .or(f.kubelet_root)
+                    .unwrap_or(d.runtimes.kubelet),
+            },
         })
     }
 }
@@ -602,6 +643,18 @@ mod tests {
         let s = Settings::merge(&parse(&["--listen", "127.0.0.1:2"]), file).unwrap();
         assert_eq!(s.listen, "127.0.0.1:2".parse().unwrap());
         assert_eq!(s.max_flows, 10);
+    }
+
+    #[test]
+    fn runtime_roots() {
+        let s = Settings::merge(&parse(&[]), FileConfig::default()).unwrap();
+        assert_eq!(s.runtimes, crate::identity::RuntimeRoots::default());
+        let file: FileConfig =
+            toml::from_str("crio_state = \"/f/crio\"\nkubelet_root = \"/f/kubelet\"\n").unwrap();
+        let s = Settings::merge(&parse(&["--kubelet-root", "/a/kubelet"]), file).unwrap();
+        assert_eq!(s.runtimes.crio, PathBuf::from("/f/crio"));
+        assert_eq!(s.runtimes.kubelet, PathBuf::from("/a/kubelet"));
+        assert_eq!(s.runtimes.containerd, PathBuf::from("/run/containerd"));
     }
 
     #[test]

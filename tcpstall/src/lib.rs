@@ -11,9 +11,10 @@
 //! - [`event`]: decoding raw records.
 //! - [`engine`]: pure stall state machine and horizon predictor (no I/O).
 //! - [`config`]: command line and config file.
-//! - [`pods`]: network namespace -> pod identity from /proc.
 //! - [`incidents`]: every stalled socket grouped by class, pod and remote.
 //! - [`process`]: the agent's own CPU time and memory (/proc/self).
+//! - [`identity`]: socket -> pod, container (cgroup id, runtime state) and process.
+//! - [`pods`]: network namespace -> pod identity from /proc (cgroup v1 fallback).
 //! - [`metrics`]: the Prometheus metric contract (prometheus-client registry).
 //! - [`server`]: the HTTP server: /metrics, /healthz, /readyz, /api/v1/*.
 //! - [`sweep`]: the socket sweep, agent side: records -> sockets, when to sweep.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod event;
+pub mod identity;
 pub mod incidents;
 pub mod kernel;
 pub mod layout;

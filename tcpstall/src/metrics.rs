@@ -1411,6 +1411,7 @@ mod tests {
             namespace: "shop".into(),
             pod_uid: "uid".into(),
             container: "0123456789ab".into(),
+            ..Default::default()
         };
         let a = view(
             StallClass::Retransmit,

@@ -1,6 +1,11 @@
 //! Network namespace -> pod identity, from the host's /proc (in a DaemonSet:
 //! `--proc-root /host/proc` with `hostPID: true`).
 //!
+//! Only the fallback for sockets without a usable cgroup id (cgroup v1-only
+//! hosts): the primary source is [`crate::identity`], from the socket's own
+//! cgroup. A network namespace is shared by a pod's containers (and by every
+//! hostNetwork pod), so this can name only the pod, not the container.
+//!
 //! For each process: `/proc/PID/ns/net` gives the netns inode; its cgroup path
 //! gives the pod UID and container ID (systemd and cgroupfs drivers); the pod
 //! name is the container's `HOSTNAME` (Kubernetes sets it to the pod name) and
@@ -23,8 +28,11 @@ pub struct PodIdentity {
     pub namespace: String,
     /// Pod UID from the cgroup path.
     pub pod_uid: String,
-    /// Container ID (first 12 hex digits), or empty.
+    /// Container name, or empty when unknown.
     pub container: String,
+    /// Container ID (the runtime's, 64 hex digits; 12 from the netns
+    /// fallback), or empty.
+    pub container_id: String,
 }
 
 pub struct PodResolver {
@@ -142,7 +150,8 @@ impl PodResolver {
                     pod,
                     namespace,
                     pod_uid,
-                    container,
+                    container: String::new(),
+                    container_id: container,
                 },
             );
         }
@@ -211,7 +220,8 @@ mod tests {
         assert_eq!(id.pod, "web-7d9f-abcde");
         assert_eq!(id.namespace, "shop");
         assert_eq!(id.pod_uid, UID);
-        assert_eq!(id.container, &CID[..12]);
+        assert_eq!(id.container_id, &CID[..12]);
+        assert_eq!(id.container, "");
         assert!(r.lookup(4026531840, now).is_none());
         assert!(r.lookup(1, now).is_none());
         fs::remove_dir_all(&root).unwrap();

@@ -41,7 +41,8 @@ use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::forma
 use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
 
 use crate::{
-    app::AgentState, engine::StallView, kernel, loader::Plan, metrics::Format, pods::PodIdentity,
+    app::AgentState, engine::StallView, identity::ProcessInfo, kernel, loader::Plan,
+    metrics::Format, pods::PodIdentity,
 };
 
 /// Upper bound on handling one request.
@@ -160,8 +161,12 @@ struct StallEntry<'a> {
     predicted_timeout_at: Option<String>,
     pod: Option<&'a str>,
     namespace: Option<&'a str>,
+    /// Container name.
     container: Option<&'a str>,
+    container_id: Option<&'a str>,
     pod_uid: Option<&'a str>,
+    /// A process holding the socket (pid, comm).
+    process: Option<&'a ProcessInfo>,
 }
 
 fn nonempty(s: &str) -> Option<&str> {
@@ -209,18 +214,20 @@ fn stalls_json(state: &AgentState) -> Response {
     let now = (state.clock)();
     let views = state.engine().stalls(now);
     let offset = kernel::realtime_offset_ns();
-    let pods = state.identities(&views);
+    let owners = state.owners(&views);
     let stalls: Vec<StallEntry<'_>> = views
         .iter()
-        .zip(&pods)
-        .map(|(v, p)| StallEntry {
+        .zip(&owners)
+        .map(|(v, (p, proc_))| StallEntry {
             view: v,
             since: wall(v.since_ns, offset),
             predicted_timeout_at: v.predicted_timeout_ns.map(|t| wall(t, offset)),
             pod: p.as_ref().and_then(|p| nonempty(&p.pod)),
             namespace: p.as_ref().and_then(|p| nonempty(&p.namespace)),
             container: p.as_ref().and_then(|p| nonempty(&p.container)),
+            container_id: p.as_ref().and_then(|p| nonempty(&p.container_id)),
             pod_uid: p.as_ref().and_then(|p| nonempty(&p.pod_uid)),
+            process: proc_.as_ref(),
         })
         .collect();
     json_response(&StallsDoc {
@@ -599,7 +606,12 @@ mod tests {
             },
             &plan.probes,
         );
-        let pods = PodResolver::new("/nonexistent/proc", Duration::from_secs(30));
+        let pods = crate::identity::Identities::new(&crate::identity::IdentityConfig {
+            proc_root: "/nonexistent/proc".into(),
+            cgroup2_root: None,
+            runtimes: Default::default(),
+            netns_refresh: Duration::from_secs(30),
+        });
         Arc::new(AgentState::new(engine, metrics, pods, plan))
     }
 

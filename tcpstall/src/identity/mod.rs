@@ -1,0 +1,154 @@
+//! Who owns a socket: the pod and container (from the socket's cgroup and
+//! the runtimes' node-local state) and the process holding it.
+//!
+//! - [`cgroup`]: cgroup id -> cgroup path -> pod UID + container ID;
+//! - [`runtime`]: container ID / pod UID -> pod name, namespace, container
+//!   name (containerd, CRI-O, Docker state; the kubelet's pod directory);
+//! - [`process`]: socket -> pid and command, for stalled flows only.
+//!
+//! Sockets without a cgroup id (older agents' events, cgroup v1-only hosts,
+//! where every socket points at the v2 root) fall back to the network
+//! namespace lookup of [`crate::pods`].
+
+pub mod cgroup;
+pub mod process;
+pub mod runtime;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+pub use process::{ProcessInfo, SocketKey};
+pub use runtime::RuntimeRoots;
+
+use crate::pods::{PodIdentity, PodResolver};
+
+/// How long a resolved cgroup walk or /proc scan is reused before a miss
+/// triggers another.
+pub const RESCAN_AFTER: Duration = Duration::from_secs(2);
+/// Bounds of the caches.
+pub const MAX_CGROUPS: usize = 200_000;
+pub const MAX_CACHED: usize = 8_192;
+
+/// Where to look (all paths as seen by the agent).
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// The host's /proc (`--proc-root`).
+    pub proc_root: PathBuf,
+    /// The cgroup2 mount (None: cgroup v1-only host).
+    pub cgroup2_root: Option<PathBuf>,
+    pub runtimes: RuntimeRoots,
+    /// Reuse of a netns -> pod map (fallback) before a rescan.
+    pub netns_refresh: Duration,
+}
+
+/// A flow to identify.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowRef {
+    pub netns: u32,
+    /// cgroup v2 id of the socket (0 = unknown).
+    pub cgroup_id: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl FlowRef {
+    /// The identity lookup key of a stalled flow.
+    pub fn of(v: &crate::engine::StallView) -> Self {
+        Self {
+            netns: v.netns,
+            cgroup_id: 0,
+            local: v.local,
+            remote: v.remote,
+        }
+    }
+}
+
+pub struct Identities {
+    cgroups: cgroup::CgroupIndex,
+    runtime: runtime::RuntimeState,
+    procs: process::ProcessResolver,
+    netns: PodResolver,
+}
+
+impl Identities {
+    pub fn new(cfg: &IdentityConfig) -> Self {
+        Self {
+            cgroups: cgroup::CgroupIndex::new(cfg.cgroup2_root.clone(), RESCAN_AFTER, MAX_CGROUPS),
+            runtime: runtime::RuntimeState::new(cfg.runtimes.clone(), MAX_CACHED),
+            procs: process::ProcessResolver::new(&cfg.proc_root, MAX_CACHED, RESCAN_AFTER * 5),
+            netns: PodResolver::new(&cfg.proc_root, cfg.netns_refresh),
+        }
+    }
+
+    /// The socket's cgroup path relative to the cgroup2 root, if known.
+    pub fn cgroup_path(&mut self, cgroup_id: u64, now: Instant) -> Option<String> {
+        self.cgroups.path(cgroup_id, now).map(str::to_owned)
+    }
+
+    /// The pod and container owning the flow's socket, if it is a pod's.
+    pub fn pod(&mut self, f: &FlowRef, now: Instant) -> Option<PodIdentity> {
+        match self.cgroups.path(f.cgroup_id, now).map(str::to_owned) {
+            // The v2 root: a cgroup v1-only host (or a socket created before
+            // its task joined a cgroup): only the network namespace can tell.
+            Some(p) if p == "/" => self.by_netns(f, now),
+            Some(p) => self.from_cgroup(&p),
+            None if f.cgroup_id == 0 || self.cgroups.root().is_none() => self.by_netns(f, now),
+            // A cgroup that vanished (its pod is gone): unknown.
+            None => None,
+        }
+    }
+
+    fn by_netns(&mut self, f: &FlowRef, now: Instant) -> Option<PodIdentity> {
+        self.netns.lookup(u64::from(f.netns), now).cloned()
+    }
+
+    fn from_cgroup(&mut self, path: &str) -> Option<PodIdentity> {
+        let k = cgroup::parse_kubelet_path(path)?;
+        let meta = k
+            .container_id
+            .as_deref()
+            .and_then(|id| self.runtime.container(id, k.runtime));
+        let (pod, namespace, container) = match meta {
+            Some(m) => (m.pod, m.namespace, m.container),
+            None => {
+                let kp = self.runtime.kubelet_pod(&k.pod_uid).unwrap_or_default();
+                (kp.pod, kp.namespace, String::new())
+            }
+        };
+        Some(PodIdentity {
+            pod,
+            namespace,
+            pod_uid: k.pod_uid,
+            container,
+            container_id: k.container_id.unwrap_or_default(),
+        })
+    }
+
+    /// The process holding the flow's socket (stalled flows only: this may
+    /// scan /proc; results are cached).
+    pub fn process(&mut self, f: &FlowRef, now: Instant) -> Option<ProcessInfo> {
+        let rel = self
+            .cgroups
+            .path(f.cgroup_id, now)
+            .filter(|p| *p != "/")
+            .map(|p| p.trim_start_matches('/').to_owned());
+        let dir = rel.and_then(|p| self.cgroups.root().map(|r| r.join(p)));
+        self.procs.resolve(
+            SocketKey {
+                netns: f.netns,
+                local: f.local,
+                remote: f.remote,
+            },
+            dir.as_deref(),
+            now,
+        )
+    }
+
+    /// Record a socket owner learnt from another source (kernel iterator).
+    pub fn learn_process(&mut self, key: SocketKey, info: ProcessInfo, now: Instant) {
+        self.procs.learn(key, info, now);
+    }
+}
