@@ -3,6 +3,7 @@
 //! Every command first makes sure the toolchain it needs is installed (nightly
 //! `rust-src`, a bpf-linker built against nightly's own LLVM, Debian packages),
 //! so the README's two commands work on a fresh machine.
+mod image;
 mod kernel_cost;
 mod setup;
 
@@ -65,6 +66,13 @@ enum Cmd {
         /// Criterion arguments, e.g. a benchmark name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build the agent as a static binary (musl) and the FROM scratch image
+    /// (Containerfile) with podman.
+    Image {
+        /// Image name and tag, e.g. registry.example.com/platform/tcpstall:0.1.0.
+        #[arg(long, default_value = image::DEFAULT_TAG)]
+        tag: String,
     },
     /// Run the scenario tests inside Debian kernels under QEMU (TCG).
     VmTest {
@@ -308,7 +316,11 @@ fn main() -> anyhow::Result<()> {
                 "tcpstall-tests",
                 "--test",
                 "deploy",
+                "--test",
+                "kustomize",
             ]))?;
+            let image_tag = image::DEFAULT_TAG;
+            image::build(image_tag)?;
             step(
                 "privileged scenario tests on this kernel (real probes, namespaces, a real Prometheus)",
             );
@@ -324,6 +336,8 @@ fn main() -> anyhow::Result<()> {
                 "prometheus_e2e",
                 "--test",
                 "sweep",
+                "--test",
+                "image",
                 "--",
                 "--test-threads=1",
             ]);
@@ -331,6 +345,7 @@ fn main() -> anyhow::Result<()> {
                 c.arg(f);
             }
             c.env("TCPSTALL_AGENT", &bin);
+            c.env("TCPSTALL_IMAGE", image_tag);
             run_cmd(&mut c)?;
             if !no_vm {
                 let tests: Vec<String> = VM_TESTS.iter().map(|s| s.to_string()).collect();
@@ -404,6 +419,10 @@ fn main() -> anyhow::Result<()> {
                     "    kernel program cost not measured: it loads the probes, which needs root (sudo -E cargo xtask bench)"
                 );
             }
+        }
+        Cmd::Image { tag } => {
+            setup::toolchain()?;
+            image::build(&tag)?;
         }
         Cmd::VmTest { vm, tests } => {
             setup::toolchain()?;

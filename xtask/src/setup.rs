@@ -19,6 +19,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "tmux",
     "bpftool",
     "python3-pip",
+    // deploy/kubernetes: `kubectl kustomize` renders the overlays.
+    "kubectl",
+    // setpriv (capability-set test), unshare.
+    "util-linux",
 ];
 
 const NIGHTLY: &str = "nightly";
