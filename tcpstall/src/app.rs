@@ -481,6 +481,25 @@ impl Pipeline {
                 .pods
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // The sweep saw each socket's holder: the process resolver
+            // needs no /proc scan for the stalled ones.
+            for sk in sockets
+                .iter()
+                .filter(|sk| crate::engine::seed::classify_snapshot(&sk.ev).is_some())
+            {
+                pods.learn_process(
+                    crate::identity::SocketKey {
+                        netns: sk.ev.netns,
+                        local: sk.ev.local,
+                        remote: sk.ev.remote,
+                    },
+                    ProcessInfo {
+                        pid: sk.pid,
+                        comm: sk.comm.clone(),
+                    },
+                    t,
+                );
+            }
             for (&netns, &n) in &report.by_netns {
                 let id = pods.lookup(u64::from(netns), t);
                 let l = PodLabels {

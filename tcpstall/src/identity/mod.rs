@@ -101,6 +101,12 @@ impl Identities {
         }
     }
 
+    /// The pod owning a network namespace (for views keyed by netns only;
+    /// names the pod, not the container: see [`crate::pods`]).
+    pub fn lookup(&mut self, netns: u64, now: Instant) -> Option<&PodIdentity> {
+        self.netns.lookup(netns, now)
+    }
+
     fn by_netns(&mut self, f: &FlowRef, now: Instant) -> Option<PodIdentity> {
         self.netns.lookup(u64::from(f.netns), now).cloned()
     }
