@@ -18,7 +18,7 @@ use std::{
     process::Command,
 };
 
-use serde_yaml::Value as Yaml;
+use serde_norway::Value as Yaml;
 
 const CRD_KINDS: &[&str] = &["ServiceMonitor"];
 const KUBE_DIR: &str = "deploy/kubernetes";
@@ -65,7 +65,7 @@ fn kustomizations() -> Vec<String> {
         let k = dir.join("kustomization.yaml");
         if let Ok(text) = fs::read_to_string(&k) {
             let doc: Yaml =
-                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", k.display()));
+                serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", k.display()));
             if doc["kind"] != "Component" {
                 let rel = dir
                     .strip_prefix(repo())
@@ -92,7 +92,7 @@ fn render(rel: &str) -> String {
 
 fn documents(text: &str) -> Vec<Yaml> {
     use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(text)
+    serde_norway::Deserializer::from_str(text)
         .map(|d| Yaml::deserialize(d).expect("rendered YAML"))
         .filter(|d| !d.is_null())
         .collect()

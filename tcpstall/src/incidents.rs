@@ -179,6 +179,7 @@ mod tests {
             namespace: "shop".into(),
             pod_uid: "uid".into(),
             container: "c".into(),
+            ..Default::default()
         }
     }
 
