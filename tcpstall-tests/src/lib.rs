@@ -700,3 +700,92 @@ pub fn grafana_expand(expr: &str, vars: &[(&str, &str)], all: &str, range: &str)
     out.push_str(rest);
     out
 }
+
+impl Agent {
+    /// Like [`Agent::start`], but the agent is started through `prefix`
+    /// (e.g. `setpriv --bounding-set ... --`), which runs `tcpstall` itself.
+    pub fn start_via(prefix: &[String], extra: &[&str]) -> Self {
+        let requested: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let (cmd, pre_args) = prefix.split_first().expect("a wrapper command");
+        let mut child = Command::new(cmd)
+            .args(pre_args)
+            .arg(agent_path())
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--log-events",
+                "--listen",
+                &requested.to_string(),
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd} (agent wrapper): {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout");
+        let sink = lines.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => sink.lock().expect("lock").push(v),
+                    Err(_) => eprintln!("agent (non-JSON): {line}"),
+                }
+            }
+        });
+        let err = child.stderr.take().expect("stderr");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let esink = stderr.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("agent stderr: {line}");
+                esink.lock().expect("lock").push_str(&(line + "\n"));
+            }
+        });
+        let mut agent = Agent {
+            child: Some(child),
+            lines,
+            listen: requested,
+            stderr,
+        };
+        let running = agent.wait_log(Duration::from_secs(60), "agent start", |v| {
+            v["message"] == "tcpstall running"
+        });
+        agent.listen = ev_str(&running, "listen").parse().unwrap_or_else(|e| {
+            panic!("agent start line without its listen address ({e}): {running}")
+        });
+        agent
+    }
+
+    /// The agent's pid (while running).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// `setpriv` arguments that run a program as uid 0 with exactly `caps`
+/// (capability names as in a Kubernetes manifest, e.g. `NET_ADMIN`) in its
+/// bounding, inheritable and ambient sets, and no_new_privs (as
+/// `allowPrivilegeEscalation: false`). Ends with `--`.
+pub fn setpriv_exactly(caps: &[String]) -> Vec<String> {
+    let list: String = caps
+        .iter()
+        .map(|c| format!(",+{}", c.to_ascii_lowercase()))
+        .collect();
+    let set = format!("-all{list}");
+    [
+        "setpriv",
+        "--no-new-privs",
+        "--bounding-set",
+        &set,
+        "--inh-caps",
+        &set,
+        "--ambient-caps",
+        &set,
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

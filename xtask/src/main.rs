@@ -338,6 +338,8 @@ fn main() -> anyhow::Result<()> {
                 "sweep",
                 "--test",
                 "image",
+                "--test",
+                "privileges",
                 "--",
                 "--test-threads=1",
             ]);
