@@ -72,7 +72,7 @@ pub mod source {
     pub const SWEEP: u32 = 6;
 }
 
-/// Bits of [`Event::flags`].
+/// Bits of [`SockSnapshot::flags`].
 pub mod flag {
     /// `SOCK_DEAD`: orphaned socket (tcp_orphan_retries semantics).
     pub const SOCK_DEAD: u32 = 1 << 0;
@@ -120,15 +120,15 @@ pub mod stat {
     pub const COUNT: u32 = 7;
 }
 
-/// One event from the kernel. Fields that the producing mechanism cannot see
-/// are zero; [`Event::flags`] says which groups are valid.
+/// The socket snapshot: everything read from one `struct sock` (and its
+/// `struct net`). Filled by exactly one function on the kernel side
+/// (`tcpstall-ebpf/src/snapshot.rs`), embedded by [`Event`] (and by any other
+/// record that carries a socket, e.g. the sweep's). Fields the producing
+/// mechanism cannot see are zero; [`SockSnapshot::flags`] says which groups
+/// are valid.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Event {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
-    pub ts_ns: u64,
-    /// `bpf_jiffies64()` at the same instant.
-    pub jiffies: u64,
+pub struct SockSnapshot {
     /// Socket cookie; 0 when the kernel has not assigned one yet (kprobe and
     /// timer paths read it, they cannot create it).
     pub cookie: u64,
@@ -136,10 +136,10 @@ pub struct Event {
     pub skaddr: u64,
     /// Write timer expiry in jiffies (RTO or zero-window probe).
     pub timer_expires: u64,
-    /// One of [`kind`].
-    pub kind: u32,
-    /// One of [`source`].
-    pub source: u32,
+    /// cgroup v2 id of the cgroup the socket was created in
+    /// (`sk_cgrp_data.cgroup->kn->id`, the cgroup directory's inode number);
+    /// 0 when unknown (no cgroup v2 data in this kernel, or not readable).
+    pub cgroup_id: u64,
     /// Bits from [`flag`].
     pub flags: u32,
     /// Network namespace inode number (0 if unknown).
@@ -148,8 +148,6 @@ pub struct Event {
     pub family: u32,
     /// TCP state when the event fired (for STATE events: the new state).
     pub state: u32,
-    /// STATE events: the previous state.
-    pub old_state: u32,
     /// Local, remote port (host byte order).
     pub sport: u16,
     pub dport: u16,
@@ -161,6 +159,9 @@ pub struct Event {
     pub backoff: u32,
     pub probes_out: u32,
     pub pending: u32,
+    /// `icsk_ca_state` (congestion-avoidance state: 0 Open, 1 Disorder,
+    /// 2 CWR, 3 Recovery, 4 Loss).
+    pub ca_state: u32,
     /// `icsk_rto` in jiffies.
     pub rto_jiffies: u32,
     /// `icsk_rto_max` in jiffies (6.15+, else 0).
@@ -170,7 +171,6 @@ pub struct Event {
     /// `tp->retrans_stamp` (ms of tcp_time_stamp, us with [`flag::USEC_TS`]).
     pub retrans_stamp: u32,
     pub snd_una: u32,
-    pub snd_nxt: u32,
     pub snd_wnd: u32,
     pub packets_out: u32,
     pub retrans_out: u32,
@@ -183,32 +183,26 @@ pub struct Event {
     pub retries2: u32,
     pub orphan_retries: u32,
     pub netns_rto_max_ms: u32,
-    /// `sk_err`, `sk_err_soft` (ERROR_REPORT events; positive errno).
+    /// `sk_err` (positive errno).
     pub sk_err: u32,
-    pub sk_err_soft: u32,
-    /// ACK events: the segment's acknowledgment number (`TCP_SKB_CB(skb)->ack_seq`);
-    /// 0 for every other kind.
-    pub ack_seq: u32,
+    /// Zero (keeps the struct free of implicit padding).
+    pub _reserved: u32,
 }
 
-pub const EVENT_SIZE: usize = 192;
-const _: () = assert!(size_of::<Event>() == EVENT_SIZE);
+pub const SOCK_SNAPSHOT_SIZE: usize = 168;
+const _: () = assert!(size_of::<SockSnapshot>() == SOCK_SNAPSHOT_SIZE);
 
-impl Event {
+impl SockSnapshot {
     pub const fn zeroed() -> Self {
         Self {
-            ts_ns: 0,
-            jiffies: 0,
             cookie: 0,
             skaddr: 0,
             timer_expires: 0,
-            kind: 0,
-            source: 0,
+            cgroup_id: 0,
             flags: 0,
             netns: 0,
             family: 0,
             state: 0,
-            old_state: 0,
             sport: 0,
             dport: 0,
             saddr: [0; 16],
@@ -217,12 +211,12 @@ impl Event {
             backoff: 0,
             probes_out: 0,
             pending: 0,
+            ca_state: 0,
             rto_jiffies: 0,
             rto_max_jiffies: 0,
             user_timeout_ms: 0,
             retrans_stamp: 0,
             snd_una: 0,
-            snd_nxt: 0,
             snd_wnd: 0,
             packets_out: 0,
             retrans_out: 0,
@@ -233,8 +227,45 @@ impl Event {
             orphan_retries: 0,
             netns_rto_max_ms: 0,
             sk_err: 0,
-            sk_err_soft: 0,
+            _reserved: 0,
+        }
+    }
+}
+
+/// One event from the kernel: when and why, plus the socket snapshot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// `bpf_jiffies64()` at the same instant.
+    pub jiffies: u64,
+    /// One of [`kind`].
+    pub kind: u32,
+    /// One of [`source`].
+    pub source: u32,
+    /// STATE events: the previous state.
+    pub old_state: u32,
+    /// ACK events: the segment's acknowledgment number (`TCP_SKB_CB(skb)->ack_seq`);
+    /// 0 for every other kind.
+    pub ack_seq: u32,
+    /// The socket.
+    pub sock: SockSnapshot,
+}
+
+pub const EVENT_SIZE: usize = 32 + SOCK_SNAPSHOT_SIZE;
+const _: () = assert!(size_of::<Event>() == EVENT_SIZE);
+
+impl Event {
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            jiffies: 0,
+            kind: 0,
+            source: 0,
+            old_state: 0,
             ack_seq: 0,
+            sock: SockSnapshot::zeroed(),
         }
     }
 }
@@ -291,7 +322,8 @@ pub mod field {
     pub const NET_TCP_RTO_MAX_MS: usize = 13;
     pub const SK_FLAGS: usize = 14;
     pub const SK_ERR: usize = 15;
-    pub const SK_ERR_SOFT: usize = 16;
+    /// `icsk_ca_state` (a 5-bit bitfield).
+    pub const ICSK_CA_STATE: usize = 16;
     pub const ICSK_RETRANSMITS: usize = 17;
     pub const ICSK_BACKOFF: usize = 18;
     pub const ICSK_PROBES_OUT: usize = 19;
@@ -304,7 +336,9 @@ pub mod field {
     pub const TP_RETRANS_STAMP: usize = 25;
     pub const TP_USEC_TS: usize = 26;
     pub const TP_SND_UNA: usize = 27;
-    pub const TP_SND_NXT: usize = 28;
+    /// Pointer to the socket's cgroup v2 (`sk_cgrp_data.cgroup`); optional
+    /// (kernels 5.15+ with CONFIG_SOCK_CGROUP_DATA).
+    pub const SK_CGROUP: usize = 28;
     pub const TP_SND_WND: usize = 29;
     pub const TP_PACKETS_OUT: usize = 30;
     pub const TP_RETRANS_OUT: usize = 31;
@@ -335,15 +369,18 @@ pub mod field {
     pub const TASK_TGID: usize = 44;
     /// From the start of `struct task_struct`: `comm` (16 bytes; offset only).
     pub const TASK_COMM: usize = 45;
-    pub const COUNT: usize = 46;
+    /// From the start of `struct cgroup`: `kn` (pointer to its kernfs node).
+    pub const CGROUP_KN: usize = 46;
+    /// From the start of `struct kernfs_node`: `id` (u64; the cgroup id, equal
+    /// to the inode number of the cgroup directory).
+    pub const KERNFS_NODE_ID: usize = 47;
+    pub const COUNT: usize = 48;
 }
 
 /// Bits of [`KernelLayout::flags`].
 pub mod layout_flag {
     /// The agent filled in the layout (programs do nothing until it is set).
     pub const READY: u32 = 1 << 0;
-    /// `bpf_jiffies64()` is callable (5.5+); informational.
-    pub const HAVE_JIFFIES64: u32 = 1 << 1;
 }
 
 /// Everything the programs need to know about the running kernel, written by
@@ -356,8 +393,8 @@ pub struct KernelLayout {
     pub tcp_write_timer_addr: u64,
     /// Bits from [`layout_flag`].
     pub flags: u32,
-    /// The kernel's HZ (informational for the programs).
-    pub hz: u32,
+    /// Zero (keeps the struct free of implicit padding).
+    pub _reserved: u32,
 }
 
 pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 16;
@@ -369,7 +406,7 @@ impl KernelLayout {
             fields: [FieldSpec::ABSENT; field::COUNT],
             tcp_write_timer_addr: 0,
             flags: 0,
-            hz: 0,
+            _reserved: 0,
         }
     }
 }

@@ -24,10 +24,12 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, SockOpsContext},
 };
 use tcpstall_common::{
-    DEFAULT_RINGBUF_BYTES, Event, FieldSpec, KernelLayout, field, flag, kind, layout_flag, pending,
-    source, stat,
+    DEFAULT_RINGBUF_BYTES, Event, KernelLayout, field, flag, kind, layout_flag, pending, source,
+    stat,
 };
 
+pub mod snapshot;
+use snapshot::{is_tcp, read};
 mod sweep;
 
 #[map(name = "TCPSTALL_EVENTS")]
@@ -40,11 +42,9 @@ static LAYOUT: Array<KernelLayout> = Array::with_max_entries(1, 0);
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
 const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+use snapshot::AF_INET6;
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
-const SOCK_DEAD_BIT: u64 = 1 << 0;
-const IPPROTO_TCP: u32 = 6;
 
 /// Program failed before an event could be sent (nothing to report).
 struct Skip;
@@ -65,46 +65,6 @@ fn layout() -> Result<&'static KernelLayout, Skip> {
     }
 }
 
-/// Read a field of up to 8 bytes at `base + spec.offset` (0 when the kernel
-/// lacks the field or the read faults; faults are counted).
-#[inline(always)]
-fn read(base: u64, spec: &FieldSpec) -> u64 {
-    let size = spec.size as u64;
-    if size == 0 || base == 0 {
-        return 0;
-    }
-    let addr = base.wrapping_add(spec.offset as u64) as *const u64;
-    // SAFETY: bpf_probe_read_kernel copes with any address.
-    let raw = match unsafe { bpf_probe_read_kernel(addr) } {
-        Ok(v) => v,
-        Err(_) => {
-            bump(stat::READ_ERRORS);
-            return 0;
-        }
-    };
-    // Keep the low `size` bytes (little endian), branch-free for the verifier.
-    let drop = 64u64.saturating_sub(size.min(8) * 8);
-    let value = (raw << drop) >> drop;
-    if spec.bit_len == 0 {
-        value
-    } else {
-        (value >> spec.bit_shift) & (u64::MAX >> (64 - spec.bit_len as u64))
-    }
-}
-
-#[inline(always)]
-fn read16(base: u64, spec: &FieldSpec, out: &mut [u8; 16]) {
-    if spec.size != 16 || base == 0 {
-        return;
-    }
-    let addr = base.wrapping_add(spec.offset as u64) as *const [u8; 16];
-    // SAFETY: bpf_probe_read_kernel copes with any address.
-    match unsafe { bpf_probe_read_kernel(addr) } {
-        Ok(v) => *out = v,
-        Err(_) => bump(stat::READ_ERRORS),
-    }
-}
-
 /// Argument `n` of a BTF-typed program as a plain number. The verifier keeps
 /// the type of a trusted pointer and refuses variable-offset arithmetic on it,
 /// so pointers used with BTF-resolved offsets are re-read from the context.
@@ -120,68 +80,6 @@ fn now() -> (u64, u64) {
     unsafe { (bpf_ktime_get_ns(), bpf_jiffies64()) }
 }
 
-/// Fill every socket-derived field of `ev` from `struct sock` at `sk`.
-#[inline(always)]
-fn fill_from_sock(ev: &mut Event, l: &KernelLayout, sk: u64) {
-    let f = &l.fields;
-    ev.skaddr = sk;
-    if ev.cookie == 0 {
-        ev.cookie = read(sk, &f[field::SKC_COOKIE]);
-    }
-    let family = read(sk, &f[field::SKC_FAMILY]) as u32;
-    ev.family = family;
-    ev.state = read(sk, &f[field::SKC_STATE]) as u32;
-    ev.sport = read(sk, &f[field::SKC_NUM]) as u16;
-    if ev.sport == 0 {
-        // Released already (the final CLOSE): inet_sport still holds it.
-        ev.sport = u16::from_be(read(sk, &f[field::INET_SPORT]) as u16);
-    }
-    ev.dport = u16::from_be(read(sk, &f[field::SKC_DPORT]) as u16);
-    if family == AF_INET6 {
-        read16(sk, &f[field::SKC_V6_RCV_SADDR], &mut ev.saddr);
-        read16(sk, &f[field::SKC_V6_DADDR], &mut ev.daddr);
-    } else {
-        ev.saddr[..4].copy_from_slice(&(read(sk, &f[field::SKC_RCV_SADDR]) as u32).to_ne_bytes());
-        ev.daddr[..4].copy_from_slice(&(read(sk, &f[field::SKC_DADDR]) as u32).to_ne_bytes());
-    }
-
-    let net = read(sk, &f[field::SKC_NET]);
-    if net != 0 {
-        ev.netns = read(net, &f[field::NET_NS_INUM]) as u32;
-        ev.retries2 = read(net, &f[field::NET_TCP_RETRIES2]) as u32;
-        ev.orphan_retries = read(net, &f[field::NET_TCP_ORPHAN_RETRIES]) as u32;
-        ev.netns_rto_max_ms = read(net, &f[field::NET_TCP_RTO_MAX_MS]) as u32;
-        ev.flags |= flag::NETNS_SYSCTLS;
-    }
-
-    if read(sk, &f[field::SK_FLAGS]) & SOCK_DEAD_BIT != 0 {
-        ev.flags |= flag::SOCK_DEAD;
-    }
-    ev.retransmits = read(sk, &f[field::ICSK_RETRANSMITS]) as u32;
-    ev.backoff = read(sk, &f[field::ICSK_BACKOFF]) as u32;
-    ev.probes_out = read(sk, &f[field::ICSK_PROBES_OUT]) as u32;
-    ev.pending = read(sk, &f[field::ICSK_PENDING]) as u32;
-    ev.rto_jiffies = read(sk, &f[field::ICSK_RTO]) as u32;
-    ev.rto_max_jiffies = read(sk, &f[field::ICSK_RTO_MAX]) as u32;
-    ev.user_timeout_ms = read(sk, &f[field::ICSK_USER_TIMEOUT]) as u32;
-    ev.timer_expires = read(sk, &f[field::ICSK_TIMER_EXPIRES]);
-    ev.retrans_stamp = read(sk, &f[field::TP_RETRANS_STAMP]) as u32;
-    if read(sk, &f[field::TP_USEC_TS]) != 0 {
-        ev.flags |= flag::USEC_TS;
-    }
-    ev.snd_una = read(sk, &f[field::TP_SND_UNA]) as u32;
-    ev.snd_nxt = read(sk, &f[field::TP_SND_NXT]) as u32;
-    ev.snd_wnd = read(sk, &f[field::TP_SND_WND]) as u32;
-    ev.packets_out = read(sk, &f[field::TP_PACKETS_OUT]) as u32;
-    ev.retrans_out = read(sk, &f[field::TP_RETRANS_OUT]) as u32;
-    ev.total_retrans = read(sk, &f[field::TP_TOTAL_RETRANS]) as u32;
-    ev.lsndtime = read(sk, &f[field::TP_LSNDTIME]) as u32;
-    ev.rcv_tstamp = read(sk, &f[field::TP_RCV_TSTAMP]) as u32;
-    ev.sk_err = read(sk, &f[field::SK_ERR]) as u32;
-    ev.sk_err_soft = read(sk, &f[field::SK_ERR_SOFT]) as u32;
-    ev.flags |= flag::SOCK_FIELDS;
-}
-
 /// Reserve, fill and submit one event; count it as dropped when the ring
 /// buffer is full.
 #[inline(always)]
@@ -195,13 +93,6 @@ fn emit(fill: impl FnOnce(&mut Event)) {
         }
         None => bump(stat::RINGBUF_DROPPED),
     }
-}
-
-#[inline(always)]
-fn is_tcp(l: &KernelLayout, sk: u64) -> bool {
-    let f = &l.fields[field::SK_PROTOCOL];
-    // Kernels where the protocol cannot be read: trust the hook.
-    !f.is_present() || read(sk, f) as u32 == IPPROTO_TCP
 }
 
 // ---------------------------------------------------------------------------
@@ -254,8 +145,7 @@ fn sock_event(
         ev.jiffies = jiffies;
         ev.kind = event_kind;
         ev.source = source::TP_BTF;
-        ev.cookie = cookie;
-        fill_from_sock(ev, l, sk);
+        snapshot::fill(&mut ev.sock, l, sk, cookie);
         finish(ev);
     });
     Ok(())
@@ -288,7 +178,7 @@ fn try_state_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
     let new_state: i32 = ctx.arg(2);
     sock_event(l, sk_ptr, sk, kind::STATE, |ev| {
         ev.old_state = old_state as u32;
-        ev.state = new_state as u32;
+        ev.sock.state = new_state as u32;
     })
 }
 
@@ -380,8 +270,7 @@ fn write_timer_event(l: &KernelLayout, sk: u64, src: u32, cookie: u64) -> Result
         ev.jiffies = jiffies;
         ev.kind = kind::WRITE_TIMER;
         ev.source = src;
-        ev.cookie = cookie;
-        fill_from_sock(ev, l, sk);
+        snapshot::fill(&mut ev.sock, l, sk, cookie);
     });
     Ok(())
 }
@@ -473,33 +362,32 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
         ev.jiffies = jiffies;
         ev.kind = kind::WRITE_TIMER;
         ev.source = source::SOCK_OPS;
-        ev.cookie = cookie;
-        ev.family = family;
-        ev.state = ops_field(&ops.state);
-        ev.sport = ops_field(&ops.local_port) as u16;
-        ev.dport = u16::from_be((ops_field(&ops.remote_port) >> 16) as u16);
+        ev.sock.cookie = cookie;
+        ev.sock.family = family;
+        ev.sock.state = ops_field(&ops.state);
+        ev.sock.sport = ops_field(&ops.local_port) as u16;
+        ev.sock.dport = u16::from_be((ops_field(&ops.remote_port) >> 16) as u16);
         if family == AF_INET6 {
             for i in 0..4 {
                 let s = ops_field(&ops.local_ip6[i]).to_ne_bytes();
                 let d = ops_field(&ops.remote_ip6[i]).to_ne_bytes();
-                ev.saddr[i * 4..i * 4 + 4].copy_from_slice(&s);
-                ev.daddr[i * 4..i * 4 + 4].copy_from_slice(&d);
+                ev.sock.saddr[i * 4..i * 4 + 4].copy_from_slice(&s);
+                ev.sock.daddr[i * 4..i * 4 + 4].copy_from_slice(&d);
             }
         } else if family == AF_INET {
-            ev.saddr[..4].copy_from_slice(&ops_field(&ops.local_ip4).to_ne_bytes());
-            ev.daddr[..4].copy_from_slice(&ops_field(&ops.remote_ip4).to_ne_bytes());
+            ev.sock.saddr[..4].copy_from_slice(&ops_field(&ops.local_ip4).to_ne_bytes());
+            ev.sock.daddr[..4].copy_from_slice(&ops_field(&ops.remote_ip4).to_ne_bytes());
         }
-        ev.pending = pending::RETRANS;
-        ev.retransmits = ops_field(&args[0]);
-        ev.rto_jiffies = ops_field(&args[1]);
+        ev.sock.pending = pending::RETRANS;
+        ev.sock.retransmits = ops_field(&args[0]);
+        ev.sock.rto_jiffies = ops_field(&args[1]);
         if ops_field(&args[2]) != 0 {
-            ev.flags |= flag::RTO_EXPIRED;
+            ev.sock.flags |= flag::RTO_EXPIRED;
         }
-        ev.snd_una = ops_field(&ops.snd_una);
-        ev.snd_nxt = ops_field(&ops.snd_nxt);
-        ev.packets_out = ops_field(&ops.packets_out);
-        ev.retrans_out = ops_field(&ops.retrans_out);
-        ev.total_retrans = ops_field(&ops.total_retrans);
+        ev.sock.snd_una = ops_field(&ops.snd_una);
+        ev.sock.packets_out = ops_field(&ops.packets_out);
+        ev.sock.retrans_out = ops_field(&ops.retrans_out);
+        ev.sock.total_retrans = ops_field(&ops.total_retrans);
     });
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! CAP_PERFMON only. The same socket appears once per file table holding it
 //! (fork); the agent de-duplicates by cookie.
 //!
-//! The snapshot is the one every event program takes ([`crate::fill_from_sock`]).
+//! The snapshot is the one every event program takes ([`crate::snapshot::fill`]).
 
 use aya_ebpf::{
     bindings::{file, seq_file},
@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use tcpstall_common::{SweepRecord, field, flag, kind, source, stat};
 
-use crate::{Skip, bump, fill_from_sock, is_tcp, layout, now, read};
+use crate::{Skip, bump, is_tcp, layout, now, read, snapshot};
 
 /// `struct bpf_iter__task_file`: meta, task, fd, file.
 #[repr(C)]
@@ -108,10 +108,9 @@ fn try_sweep(ctx: *const IterTaskFile) -> Result<(), Skip> {
     rec.event.jiffies = jiffies;
     rec.event.kind = kind::SWEEP;
     rec.event.source = source::SWEEP;
-    rec.event.cookie = cookie;
-    fill_from_sock(&mut rec.event, l, sk);
+    snapshot::fill(&mut rec.event.sock, l, sk, cookie);
     if read(sk, &l.fields[field::SK_FLAGS]) & SOCK_KEEPOPEN_BIT != 0 {
-        rec.event.flags |= flag::KEEPOPEN;
+        rec.event.sock.flags |= flag::KEEPOPEN;
     }
     rec.keepalive_time = read(sk, &l.fields[field::TP_KEEPALIVE_TIME]) as u32;
     rec.keepalive_intvl = read(sk, &l.fields[field::TP_KEEPALIVE_INTVL]) as u32;

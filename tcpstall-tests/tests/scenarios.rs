@@ -12,6 +12,10 @@ use std::{
 use serde_json::Value;
 use tcpstall_tests::*;
 
+/// Behavioural harness of the kernel programs (one socket action, exact fields).
+#[path = "programs/mod.rs"]
+mod programs;
+
 /// Events of one flow: the socket cookies seen with its client 4-tuple, then
 /// every event of those sockets (the local port reads 0 once the kernel has
 /// released it, e.g. in the final CLOSE).

@@ -195,6 +195,7 @@ impl Sock {
             cookie: self.cookie,
             skaddr: self.skaddr,
             netns: self.netns,
+            cgroup_id: 0,
             local: self.local,
             remote: self.remote,
             state: TcpState::Established,
@@ -210,7 +211,6 @@ impl Sock {
             orphan: false,
             rto_expired_verdict: false,
             sk_err: 0,
-            sk_err_soft: 0,
             ack_seq: 0,
         }
     }
@@ -220,11 +220,11 @@ impl Sock {
             backoff,
             probes_out: 0,
             pending,
+            ca_state: 0,
             rto_max_jiffies: 0,
             user_timeout_ms: 0,
             retrans_stamp: stamp,
             usec_ts: false,
-            snd_nxt: 50_000,
             snd_wnd: 65_535,
             lsndtime: 0,
             rcv_tstamp: 0,
@@ -572,34 +572,33 @@ fn raw_retransmit(i: u64) -> Event {
     let mut ev = Event::zeroed();
     ev.ts_ns = T0 + i * 37 * US;
     ev.jiffies = jiffies_at(ev.ts_ns);
-    ev.cookie = 100_000 + i;
-    ev.skaddr = 0xffff_8880_1234_0000 + i * 0x1000;
-    ev.timer_expires = ev.jiffies + 51;
+    ev.sock.cookie = 100_000 + i;
+    ev.sock.skaddr = 0xffff_8880_1234_0000 + i * 0x1000;
+    ev.sock.timer_expires = ev.jiffies + 51;
     ev.kind = kind::RETRANSMIT;
     ev.source = source::TP_BTF;
-    ev.flags = flag::SOCK_FIELDS | flag::NETNS_SYSCTLS | flag::USEC_TS;
-    ev.netns = 4_026_532_008;
-    ev.family = 2;
-    ev.state = 1;
-    ev.sport = 40_000 + (i % 20_000) as u16;
-    ev.dport = 443;
-    ev.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
-    ev.daddr[..4].copy_from_slice(&[10, 1, 0, (i % 250) as u8 + 1]);
-    ev.retransmits = 1;
-    ev.backoff = 1;
-    ev.pending = 1;
-    ev.rto_jiffies = 102;
-    ev.retrans_stamp = 3_600_000_123;
-    ev.snd_una = 1_000_000;
-    ev.snd_nxt = 1_014_480;
-    ev.snd_wnd = 65_535;
-    ev.packets_out = 10;
-    ev.retrans_out = 1;
-    ev.total_retrans = 3;
-    ev.lsndtime = ev.jiffies as u32;
-    ev.rcv_tstamp = ev.jiffies as u32 - 60;
-    ev.retries2 = 15;
-    ev.orphan_retries = 0;
+    ev.sock.flags = flag::SOCK_FIELDS | flag::NETNS_SYSCTLS | flag::USEC_TS;
+    ev.sock.netns = 4_026_532_008;
+    ev.sock.family = 2;
+    ev.sock.state = 1;
+    ev.sock.sport = 40_000 + (i % 20_000) as u16;
+    ev.sock.dport = 443;
+    ev.sock.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+    ev.sock.daddr[..4].copy_from_slice(&[10, 1, 0, (i % 250) as u8 + 1]);
+    ev.sock.retransmits = 1;
+    ev.sock.backoff = 1;
+    ev.sock.pending = 1;
+    ev.sock.rto_jiffies = 102;
+    ev.sock.retrans_stamp = 3_600_000_123;
+    ev.sock.snd_una = 1_000_000;
+    ev.sock.snd_wnd = 65_535;
+    ev.sock.packets_out = 10;
+    ev.sock.retrans_out = 1;
+    ev.sock.total_retrans = 3;
+    ev.sock.lsndtime = ev.jiffies as u32;
+    ev.sock.rcv_tstamp = ev.jiffies as u32 - 60;
+    ev.sock.retries2 = 15;
+    ev.sock.orphan_retries = 0;
     ev
 }
 
@@ -614,28 +613,28 @@ fn raw_batch(n: u64) -> Vec<u8> {
         match rng.below(100) {
             0..60 => {
                 ev.kind = kind::STATE;
-                ev.flags = 0;
+                ev.sock.flags = 0;
                 ev.old_state = 2;
-                ev.state = 1;
+                ev.sock.state = 1;
             }
             60..85 => {}
             85..95 => ev.kind = kind::WRITE_TIMER,
             _ => {
                 ev.kind = kind::ERROR_REPORT;
-                ev.flags = 0;
-                ev.sk_err = 104;
+                ev.sock.flags = 0;
+                ev.sock.sk_err = 104;
             }
         }
         match rng.below(10) {
             0 => {
-                ev.family = 10;
-                ev.saddr = "fd00::1".parse::<Ipv6Addr>().expect("v6").octets();
-                ev.daddr = "fd00:1::7".parse::<Ipv6Addr>().expect("v6").octets();
+                ev.sock.family = 10;
+                ev.sock.saddr = "fd00::1".parse::<Ipv6Addr>().expect("v6").octets();
+                ev.sock.daddr = "fd00:1::7".parse::<Ipv6Addr>().expect("v6").octets();
             }
             1 => {
-                ev.family = 10;
-                ev.saddr = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
-                ev.daddr = Ipv4Addr::new(10, 1, 0, 9).to_ipv6_mapped().octets();
+                ev.sock.family = 10;
+                ev.sock.saddr = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+                ev.sock.daddr = Ipv4Addr::new(10, 1, 0, 9).to_ipv6_mapped().octets();
             }
             _ => {}
         }

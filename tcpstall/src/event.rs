@@ -150,6 +150,9 @@ pub struct SockEvent {
     pub cookie: u64,
     pub skaddr: u64,
     pub netns: u32,
+    /// cgroup v2 id of the cgroup the socket was created in (the inode
+    /// number of its directory on the cgroup2 mount); 0 = unknown.
+    pub cgroup_id: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub state: TcpState,
@@ -170,9 +173,8 @@ pub struct SockEvent {
     pub orphan: bool,
     /// sock_ops RTO_CB: the kernel's verdict that the limit is reached.
     pub rto_expired_verdict: bool,
-    /// ERROR_REPORT: `sk_err`, `sk_err_soft` (positive errno).
+    /// ERROR_REPORT: `sk_err` (positive errno).
     pub sk_err: u32,
-    pub sk_err_soft: u32,
     /// ACK: the segment's acknowledgment number (after `snd_una`, which is
     /// the value before the segment is processed).
     pub ack_seq: u32,
@@ -184,12 +186,13 @@ pub struct SockFields {
     pub probes_out: u32,
     /// `icsk_pending` (see `tcpstall_common::pending`).
     pub pending: u32,
+    /// `icsk_ca_state`: 0 Open, 1 Disorder, 2 CWR, 3 Recovery, 4 Loss.
+    pub ca_state: u32,
     pub rto_max_jiffies: u32,
     pub user_timeout_ms: u32,
     pub retrans_stamp: u32,
     /// `retrans_stamp` counts microseconds.
     pub usec_ts: bool,
-    pub snd_nxt: u32,
     pub snd_wnd: u32,
     pub lsndtime: u32,
     pub rcv_tstamp: u32,
@@ -237,8 +240,9 @@ impl SockEvent {
         Self::from_raw(&raw)
     }
 
-    pub fn from_raw(raw: &common::Event) -> Result<Self, DecodeError> {
-        let kind = match raw.kind {
+    pub fn from_raw(ev: &common::Event) -> Result<Self, DecodeError> {
+        let raw = &ev.sock;
+        let kind = match ev.kind {
             kind::RETRANSMIT => EventKind::Retransmit,
             kind::WRITE_TIMER => EventKind::WriteTimer,
             kind::STATE => EventKind::State,
@@ -247,7 +251,7 @@ impl SockEvent {
             kind::SWEEP => EventKind::Sweep,
             other => return Err(DecodeError::Kind(other)),
         };
-        let mechanism = match raw.source {
+        let mechanism = match ev.source {
             source::TP_BTF => Mechanism::TpBtf,
             source::FENTRY => Mechanism::Fentry,
             source::KPROBE => Mechanism::Kprobe,
@@ -262,11 +266,11 @@ impl SockEvent {
             backoff: raw.backoff,
             probes_out: raw.probes_out,
             pending: raw.pending,
+            ca_state: raw.ca_state,
             rto_max_jiffies: raw.rto_max_jiffies,
             user_timeout_ms: raw.user_timeout_ms,
             retrans_stamp: raw.retrans_stamp,
             usec_ts: raw.flags & flag::USEC_TS != 0,
-            snd_nxt: raw.snd_nxt,
             snd_wnd: raw.snd_wnd,
             lsndtime: raw.lsndtime,
             rcv_tstamp: raw.rcv_tstamp,
@@ -280,15 +284,16 @@ impl SockEvent {
         Ok(SockEvent {
             kind,
             mechanism,
-            ts_ns: raw.ts_ns,
-            jiffies: raw.jiffies,
+            ts_ns: ev.ts_ns,
+            jiffies: ev.jiffies,
             cookie: raw.cookie,
             skaddr: raw.skaddr,
             netns: raw.netns,
+            cgroup_id: raw.cgroup_id,
             local,
             remote,
             state: TcpState::from_raw(raw.state),
-            old_state: TcpState::from_raw(raw.old_state),
+            old_state: TcpState::from_raw(ev.old_state),
             sock,
             retransmits: raw.retransmits,
             rto_jiffies: raw.rto_jiffies,
@@ -300,8 +305,7 @@ impl SockEvent {
             orphan: raw.flags & flag::SOCK_DEAD != 0,
             rto_expired_verdict: raw.flags & flag::RTO_EXPIRED != 0,
             sk_err: raw.sk_err,
-            sk_err_soft: raw.sk_err_soft,
-            ack_seq: raw.ack_seq,
+            ack_seq: ev.ack_seq,
         })
     }
 
@@ -327,15 +331,15 @@ mod tests {
         let mut ev = Event::zeroed();
         ev.kind = kind::RETRANSMIT;
         ev.source = source::TP_BTF;
-        ev.family = 2;
-        ev.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
-        ev.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
-        ev.sport = 40000;
-        ev.dport = 8080;
-        ev.state = 1;
-        ev.flags = flag::SOCK_FIELDS | flag::NETNS_SYSCTLS;
-        ev.retries2 = 5;
-        ev.backoff = 3;
+        ev.sock.family = 2;
+        ev.sock.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        ev.sock.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        ev.sock.sport = 40000;
+        ev.sock.dport = 8080;
+        ev.sock.state = 1;
+        ev.sock.flags = flag::SOCK_FIELDS | flag::NETNS_SYSCTLS;
+        ev.sock.retries2 = 5;
+        ev.sock.backoff = 3;
         ev
     }
 
@@ -367,9 +371,9 @@ mod tests {
     #[test]
     fn decodes_v4_mapped_ipv6_as_ipv4_and_plain_ipv6() {
         let mut raw = sample();
-        raw.family = 10;
-        raw.saddr = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
-        raw.daddr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        raw.sock.family = 10;
+        raw.sock.saddr = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets();
+        raw.sock.daddr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
         let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
         assert_eq!(ev.local.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(ev.remote.ip(), "fd00::2".parse::<IpAddr>().unwrap());
@@ -378,7 +382,7 @@ mod tests {
     #[test]
     fn missing_groups_are_none() {
         let mut raw = sample();
-        raw.flags = 0;
+        raw.sock.flags = 0;
         let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
         assert!(ev.sock.is_none());
         assert!(ev.netns_sysctls.is_none());
@@ -402,7 +406,7 @@ mod tests {
             Err(DecodeError::Source(0))
         );
         let mut raw = sample();
-        raw.family = 7;
+        raw.sock.family = 7;
         assert_eq!(
             SockEvent::decode(&bytes_of(&raw)),
             Err(DecodeError::Family(7))
@@ -413,9 +417,9 @@ mod tests {
     fn etimedout_detection() {
         let mut raw = sample();
         raw.kind = kind::ERROR_REPORT;
-        raw.sk_err = 110;
+        raw.sock.sk_err = 110;
         assert!(SockEvent::decode(&bytes_of(&raw)).unwrap().is_etimedout());
-        raw.sk_err = 113;
+        raw.sock.sk_err = 113;
         assert!(!SockEvent::decode(&bytes_of(&raw)).unwrap().is_etimedout());
     }
 }

@@ -51,6 +51,10 @@ pub enum Base {
     TcpSkbCb,
     /// `struct task_struct` (the sweep iterator's task).
     Task,
+    /// `struct cgroup`.
+    Cgroup,
+    /// `struct kernfs_node`.
+    KernfsNode,
 }
 
 impl Base {
@@ -62,6 +66,8 @@ impl Base {
             Self::SkBuff => "sk_buff",
             Self::TcpSkbCb => "tcp_skb_cb",
             Self::Task => "task_struct",
+            Self::Cgroup => "cgroup",
+            Self::KernfsNode => "kernfs_node",
         }
     }
 }
@@ -132,7 +138,7 @@ const fn row(
 const REQ: bool = true;
 const OPT: bool = false;
 use Access::{Ipv6Addr, OffsetOnly, Value};
-use Base::{Net, SkBuff, Sock, Task, TcpSkbCb, TimerList};
+use Base::{Cgroup, KernfsNode, Net, SkBuff, Sock, Task, TcpSkbCb, TimerList};
 
 /// The field table, indexed by [`tcpstall_common::field`] constants.
 #[rustfmt::skip]
@@ -187,9 +193,9 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
     row(field::SK_ERR, "SK_ERR", "sock.sk_err", Sock,
         &[(SOCK, "sk_err")], REQ, Value,
         "read socket errors", ""),
-    row(field::SK_ERR_SOFT, "SK_ERR_SOFT", "sock.sk_err_soft", Sock,
-        &[(SOCK, "sk_err_soft")], OPT, Value,
-        "read soft socket errors", ""),
+    row(field::ICSK_CA_STATE, "ICSK_CA_STATE", "inet_connection_sock.icsk_ca_state", Sock,
+        &[(ICSK, "icsk_ca_state")], OPT, Value,
+        "classify retransmissions by congestion state", "5-bit bitfield"),
     row(field::ICSK_RETRANSMITS, "ICSK_RETRANSMITS", "inet_connection_sock.icsk_retransmits", Sock,
         &[(ICSK, "icsk_retransmits")], REQ, Value,
         "count retransmissions", ""),
@@ -226,9 +232,10 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
     row(field::TP_SND_UNA, "TP_SND_UNA", "tcp_sock.snd_una", Sock,
         &[(TP, "snd_una")], REQ, Value,
         "read the send window", ""),
-    row(field::TP_SND_NXT, "TP_SND_NXT", "tcp_sock.snd_nxt", Sock,
-        &[(TP, "snd_nxt")], OPT, Value,
-        "read snd_nxt", ""),
+    row(field::SK_CGROUP, "SK_CGROUP", "sock.sk_cgrp_data.cgroup", Sock,
+        &[(SOCK, "sk_cgrp_data.cgroup")], OPT, Value,
+        "tell which cgroup (pod) a socket belongs to",
+        "5.15+, CONFIG_SOCK_CGROUP_DATA; a pointer to struct cgroup"),
     row(field::TP_SND_WND, "TP_SND_WND", "tcp_sock.snd_wnd", Sock,
         &[(TP, "snd_wnd")], REQ, Value,
         "detect zero-window stalls", ""),
@@ -236,7 +243,7 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
         &[(TP, "packets_out")], REQ, Value,
         "read packets in flight", ""),
     row(field::TP_RETRANS_OUT, "TP_RETRANS_OUT", "tcp_sock.retrans_out", Sock,
-        &[(TP, "retrans_out")], REQ, Value,
+        &[(TP, "retrans_out")], OPT, Value,
         "read retransmitted packets in flight", ""),
     row(field::TP_TOTAL_RETRANS, "TP_TOTAL_RETRANS", "tcp_sock.total_retrans", Sock,
         &[(TP, "total_retrans")], OPT, Value,
@@ -282,6 +289,13 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
     row(field::TASK_COMM, "TASK_COMM", "task_struct.comm", Task,
         &[("task_struct", "comm")], OPT, OffsetOnly,
         "name the process holding a swept socket", "16 bytes; offset only"),
+    row(field::CGROUP_KN, "CGROUP_KN", "cgroup.kn", Cgroup,
+        &[("cgroup", "kn")], OPT, Value,
+        "tell which cgroup (pod) a socket belongs to", "offset from struct cgroup"),
+    row(field::KERNFS_NODE_ID, "KERNFS_NODE_ID", "kernfs_node.id", KernfsNode,
+        &[("kernfs_node", "id")], OPT, Value,
+        "tell which cgroup (pod) a socket belongs to",
+        "u64 (the cgroup id, inode number of the cgroup directory)"),
 ];
 
 // Every row sits at its own index.
@@ -398,7 +412,7 @@ impl ResolvedLayout {
     }
 
     /// The layout for [`tcpstall_common::LAYOUT_MAP`]. The caller fills in
-    /// `tcp_write_timer_addr`, `flags` and `hz` (all zero here).
+    /// `tcp_write_timer_addr` and `flags` (zero here).
     pub fn layout(&self) -> KernelLayout {
         let mut l = KernelLayout::zeroed();
         for (slot, row) in l.fields.iter_mut().zip(&self.rows) {
@@ -906,7 +920,7 @@ mod tests {
             let r = ok(&btf_of(&Opts::new(kgen)), "synthetic");
             let l = r.layout();
             assert_eq!(l.tcp_write_timer_addr, 0);
-            assert_eq!((l.flags, l.hz), (0, 0));
+            assert_eq!((l.flags, l._reserved), (0, 0));
             assert_eq!(l.fields[field::SKC_DADDR], spec(0, 4));
             assert_eq!(l.fields[field::SKC_RCV_SADDR], spec(4, 4));
             assert_eq!(l.fields[field::SKC_DPORT], spec(12, 2));
@@ -918,7 +932,6 @@ mod tests {
             assert_eq!(l.fields[field::SKC_V6_RCV_SADDR], spec(72, 16));
             assert_eq!(l.fields[field::SKC_COOKIE], spec(88, 8));
             assert_eq!(l.fields[field::SK_ERR], spec(150, 4));
-            assert_eq!(l.fields[field::SK_ERR_SOFT], spec(154, 4));
             if kgen == Gen::V6_1 {
                 assert_eq!(l.fields[field::SK_FLAGS], spec(160, 8));
                 assert_eq!(r.matched(field::SK_FLAGS), Some(1));
@@ -934,9 +947,21 @@ mod tests {
             assert_eq!(l.fields[field::ICSK_BACKOFF], spec(f + 7, 1));
             assert_eq!(l.fields[field::ICSK_PROBES_OUT], spec(f + 8, 1));
             assert_eq!(l.fields[field::ICSK_USER_TIMEOUT], spec(f + 12, 4));
+            // 5-bit bitfield at bit 32 of the icsk block.
+            assert_eq!(
+                l.fields[field::ICSK_CA_STATE],
+                FieldSpec {
+                    offset: f + 4,
+                    size: 1,
+                    bit_shift: 0,
+                    bit_len: 5
+                }
+            );
+            // The synthetic kernel has no cgroup data: optional, absent.
+            assert!(!r.has(field::SK_CGROUP));
+            assert!(!r.has(field::KERNFS_NODE_ID));
             let t = TP_FIELDS;
             assert_eq!(l.fields[field::TP_SND_UNA], spec(t, 4));
-            assert_eq!(l.fields[field::TP_SND_NXT], spec(t + 4, 4));
             assert_eq!(l.fields[field::TP_SND_WND], spec(t + 8, 4));
             assert_eq!(l.fields[field::TP_PACKETS_OUT], spec(t + 12, 4));
             assert_eq!(l.fields[field::TP_RETRANS_OUT], spec(t + 16, 4));
@@ -1279,7 +1304,6 @@ mod tests {
             field::TP_SND_UNA,
             field::TP_SND_WND,
             field::TP_PACKETS_OUT,
-            field::TP_RETRANS_OUT,
             field::WRITE_TIMER,
             field::TIMER_FUNCTION,
             field::SK_ERR,
@@ -1292,6 +1316,11 @@ mod tests {
             field::ICSK_RTO_MAX,
             field::TP_USEC_TS,
             field::NET_TCP_RTO_MAX_MS,
+            field::TP_RETRANS_OUT,
+            field::ICSK_CA_STATE,
+            field::SK_CGROUP,
+            field::CGROUP_KN,
+            field::KERNFS_NODE_ID,
         ] {
             assert!(!required.contains(&i), "{} must be optional", field_name(i));
         }
@@ -1563,7 +1592,16 @@ mod tests {
             assert_eq!(l.fields[field::SKC_COOKIE], spec(88, 8));
             assert_eq!(l.fields[field::SKC_NET], spec(48, 8));
             assert_eq!(l.fields[field::SK_ERR], spec(284, 4));
-            assert_eq!(l.fields[field::SK_ERR_SOFT], spec(372, 4));
+            assert_eq!(
+                l.fields[field::ICSK_CA_STATE],
+                FieldSpec {
+                    offset: 1248,
+                    size: 1,
+                    bit_shift: 0,
+                    bit_len: 5
+                }
+            );
+            assert_eq!(l.fields[field::SK_CGROUP], spec(672, 8));
             assert_eq!(l.fields[field::NET_TCP_RETRIES2], spec(768 + 581, 1));
             assert_eq!(l.fields[field::NET_TCP_ORPHAN_RETRIES], spec(768 + 582, 1));
             assert_eq!(l.fields[field::NET_TCP_RTO_MAX_MS], spec(768 + 600, 4));

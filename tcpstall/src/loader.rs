@@ -384,8 +384,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
 
     let hz = kernel::hz();
     let mut kl: KernelLayout = resolved.layout();
-    kl.hz = hz.map(|(h, _)| h).unwrap_or(0);
-    kl.flags |= layout_flag::READY | layout_flag::HAVE_JIFFIES64;
+    kl.flags |= layout_flag::READY;
     let timer_addr = kernel::kallsyms_lookup("tcp_write_timer");
     if let Ok(addr) = timer_addr {
         kl.tcp_write_timer_addr = addr;

@@ -662,6 +662,7 @@ mod tests {
             cookie: 7,
             skaddr: 0xffff_8880_0000_7000,
             netns: 4_026_532_111,
+            cgroup_id: 0,
             local: "10.201.40.1:40000".parse().expect("addr"),
             remote: "10.201.40.2:8080".parse().expect("addr"),
             state: TcpState::Established,
@@ -670,11 +671,11 @@ mod tests {
                 backoff: retransmits,
                 probes_out: 0,
                 pending: 1,
+                ca_state: 0,
                 rto_max_jiffies: 0,
                 user_timeout_ms: 0,
                 retrans_stamp: stamp_ms,
                 usec_ts: false,
-                snd_nxt: 2_000,
                 snd_wnd: 65_535,
                 lsndtime: 0,
                 rcv_tstamp: 0,
@@ -694,7 +695,6 @@ mod tests {
             orphan: false,
             rto_expired_verdict: false,
             sk_err: 0,
-            sk_err_soft: 0,
             ack_seq: 0,
         }
     }

@@ -54,7 +54,7 @@ pub fn decode(rec: &SweepRecord) -> Result<SweptSocket, DecodeError> {
         pid: rec.pid,
         fd: rec.fd,
         comm: String::from_utf8_lossy(&rec.comm[..end]).into_owned(),
-        keepalive: rec.event.flags & flag::KEEPOPEN != 0,
+        keepalive: rec.event.sock.flags & flag::KEEPOPEN != 0,
         keepalive_time_j: rec.keepalive_time,
         keepalive_intvl_j: rec.keepalive_intvl,
         keepalive_probes: rec.keepalive_probes,
@@ -243,17 +243,20 @@ impl SweepMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tcpstall_common::{Event, kind, source};
+    use tcpstall_common::{Event, SockSnapshot, kind, source};
 
     fn rec(cookie: u64, pid: u32) -> SweepRecord {
         let mut r = SweepRecord::zeroed();
         r.event = Event {
             kind: kind::SWEEP,
             source: source::SWEEP,
-            family: 2,
-            cookie,
-            state: 1,
-            flags: tcpstall_common::flag::SOCK_FIELDS,
+            sock: SockSnapshot {
+                family: 2,
+                cookie,
+                state: 1,
+                flags: tcpstall_common::flag::SOCK_FIELDS,
+                ..SockSnapshot::zeroed()
+            },
             ..Event::zeroed()
         };
         r.pid = pid;
@@ -264,7 +267,7 @@ mod tests {
     #[test]
     fn decodes_and_dedupes_by_cookie() {
         let mut shared = rec(7, 10);
-        shared.event.flags |= flag::KEEPOPEN;
+        shared.event.sock.flags |= flag::KEEPOPEN;
         let (s, bad) = decode_all(&[shared, rec(7, 11), rec(8, 12)]);
         assert_eq!(bad, 0);
         assert_eq!(s.len(), 2);
@@ -274,7 +277,7 @@ mod tests {
         );
         assert_eq!((s[1].ev.cookie, s[1].keepalive), (8, false));
         let mut broken = rec(9, 1);
-        broken.event.family = 99;
+        broken.event.sock.family = 99;
         assert_eq!(decode_all(&[broken]).1, 1);
     }
 

@@ -90,6 +90,7 @@ impl Sock {
             cookie: self.cookie,
             skaddr: self.skaddr,
             netns: self.netns,
+            cgroup_id: 0,
             local: self.local,
             remote: self.remote,
             state: TcpState::Established,
@@ -105,7 +106,6 @@ impl Sock {
             orphan: self.orphan,
             rto_expired_verdict: false,
             sk_err: 0,
-            sk_err_soft: 0,
             ack_seq: 0,
         }
     }
@@ -115,11 +115,11 @@ impl Sock {
             backoff,
             probes_out: 0,
             pending,
+            ca_state: 0,
             rto_max_jiffies: 0,
             user_timeout_ms: self.uto,
             retrans_stamp: stamp,
             usec_ts: false,
-            snd_nxt: 2_000,
             snd_wnd: 65_535,
             lsndtime: 0,
             rcv_tstamp: 0,
