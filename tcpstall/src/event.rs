@@ -356,6 +356,16 @@ mod tests {
     }
 
     #[test]
+    fn decodes_cgroup_id_and_ca_state() {
+        let mut raw = sample();
+        raw.sock.cgroup_id = 0x1_0000_0042;
+        raw.sock.ca_state = 4;
+        let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
+        assert_eq!(ev.cgroup_id, 0x1_0000_0042);
+        assert_eq!(ev.sock.unwrap().ca_state, 4);
+    }
+
+    #[test]
     fn decodes_ack_events_with_their_ack_seq() {
         let mut raw = sample();
         raw.kind = kind::ACK;
