@@ -569,6 +569,8 @@ mod tests {
     }
 
     /// Flag > environment > file > default, for values and switches.
+    /// Mutation checked: `f.min_rto_streak.or(a.min_rto_streak)` in `merge`
+    /// fails it ("environment beats file").
     #[test]
     fn precedence_flag_env_file_default() {
         let file: FileConfig = toml::from_str(
@@ -606,6 +608,7 @@ mod tests {
 
     /// Every flag can be set from the environment as `TCPSTALL_<FLAG>`
     /// (the one documented exception: `--proc-root` reads `TCPSTALL_PROC`).
+    /// Mutation checked: dropping `env` from `--top-k-remotes` fails it.
     #[test]
     fn every_flag_has_its_environment_variable() {
         use clap::CommandFactory as _;

@@ -1827,6 +1827,8 @@ proptest! {
     /// Any blackhole (HZ, retries2, UTO, loss probe or not, kernel order):
     /// the prediction made at the stall matches the kernel's death, and a
     /// death from RTO [`MIN_RTOS_PREDICTED`] on was predicted.
+    /// Mutation checked: `predict` returning None fails it ("death at RTO 4
+    /// was not predicted"); before, it passed.
     #[test]
     fn prop_blackhole_prediction_exact(
         hz in prop::sample::select(vec![100u32, 250, 300, 1000]),

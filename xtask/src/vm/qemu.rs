@@ -265,6 +265,9 @@ mod tests {
         assert_eq!(strip_ansi("a\tb"), "a\tb");
     }
 
+    /// The matrix's exact-count check rests on this parse. Mutation checked
+    /// end to end: `cargo xtask vm-test 6.1 --test probe_plan` (a name that
+    /// matches nothing) fails with "reports 0 passed, expected exactly 1".
     #[test]
     fn libtest_summary() {
         let ok = "test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured; 8 filtered out; finished in 61.20s";
