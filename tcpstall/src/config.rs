@@ -45,6 +45,9 @@ pub enum Command {
     /// Print, for the running kernel, which mechanism each probe would use and why
     /// the better ones fail, the kernel fields found in BTF, and missing privileges.
     Doctor(DoctorArgs),
+    /// Live terminal view of the stalled sockets seen by the agent on this node
+    /// (its /api/v1/stalls), most urgent first, with a countdown to ETIMEDOUT.
+    Top(crate::top::TopArgs),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -564,7 +567,7 @@ mod tests {
         v.extend_from_slice(args);
         match Cli::try_parse_from(v).unwrap().command {
             Command::Run(r) => *r,
-            Command::Doctor(_) => unreachable!(),
+            Command::Doctor(_) | Command::Top(_) => unreachable!(),
         }
     }
 

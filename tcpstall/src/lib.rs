@@ -19,6 +19,7 @@
 //! - [`server`]: the HTTP server: /metrics, /healthz, /readyz, /api/v1/*.
 //! - [`sweep`]: the socket sweep, agent side: records -> sockets, when to sweep.
 //! - [`app`]: `tcpstall run`: wires loader, reader, engine and server together.
+//! - [`top`]: `tcpstall top`: live terminal view of the local agent's stalls.
 //! - [`doctor`]: `tcpstall doctor`: the probe plan for this kernel.
 pub mod app;
 pub mod btf;
@@ -38,3 +39,4 @@ pub mod process;
 pub mod reader;
 pub mod server;
 pub mod sweep;
+pub mod top;

@@ -5,7 +5,7 @@ use clap::Parser as _;
 use tcpstall::{
     app,
     config::{Cli, Command, LogFormat, Settings},
-    doctor,
+    doctor, top,
 };
 
 fn init_tracing(format: LogFormat, level: &str) -> anyhow::Result<()> {
@@ -44,6 +44,7 @@ fn real_main() -> anyhow::Result<()> {
             )?;
             doctor::doctor(&args)
         }
+        Command::Top(args) => top::top(&args),
     }
 }
 

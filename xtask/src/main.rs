@@ -340,6 +340,8 @@ fn main() -> anyhow::Result<()> {
                 "image",
                 "--test",
                 "privileges",
+                "--test",
+                "top",
                 "--",
                 "--test-threads=1",
             ]);

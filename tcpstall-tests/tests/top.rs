@@ -1,0 +1,230 @@
+//! `tcpstall top` in a real terminal: the real agent, scenario S1 (blackholed
+//! peer, tcp_retries2 = 8 in the client namespace: ETIMEDOUT about 102 s
+//! after the write), `tcpstall top` running in a tmux pane. Two captures of
+//! the pane show the stalled row (class, local and remote address, RTOs) and
+//! a countdown to ETIMEDOUT that decreases between them; `--once` prints the
+//! same row as a plain table; without an agent, `top` exits non-zero with one
+//! line naming the URL.
+//!
+//! Privileged (root, namespaces, BPF); needs tmux (Debian package `tmux`,
+//! installed by `cargo xtask setup`). Run with `--test-threads=1`.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use tcpstall_tests::*;
+
+/// A private tmux server (its own socket) running one command in a fixed
+/// size window; killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(cmd: &[&str]) -> Self {
+        let socket = format!("tcpstall-top-test-{}", std::process::id());
+        let mut args = vec![
+            "-L",
+            &socket,
+            "new-session",
+            "-d",
+            "-x",
+            "200",
+            "-y",
+            "30",
+            "-s",
+            "top",
+        ];
+        args.extend_from_slice(cmd);
+        let out = Command::new("tmux")
+            .args(&args)
+            .env("TERM", "xterm-256color")
+            .output()
+            .expect("run tmux");
+        assert!(
+            out.status.success(),
+            "tmux new-session failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmux { socket }
+    }
+
+    fn capture(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p", "-t", "top"])
+            .output()
+            .expect("tmux capture-pane");
+        assert!(
+            out.status.success(),
+            "capture-pane: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &str) {
+        let st = Command::new("tmux")
+            .args(["-L", &self.socket, "send-keys", "-t", "top", keys])
+            .status()
+            .expect("tmux send-keys");
+        assert!(st.success());
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+fn require_tmux() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("tmux"))
+            .find(|p| p.is_file())
+    });
+    require(
+        found.is_some(),
+        "tmux (Debian package `tmux`)",
+        "apt-get install tmux (or cargo xtask setup)",
+    );
+    found.expect("checked")
+}
+
+/// The seconds of the `T-12.3s` countdown on the line naming `local`.
+fn countdown_of(pane: &str, local: &str) -> Option<f64> {
+    let line = pane.lines().find(|l| l.contains(local))?;
+    let t = line.split_whitespace().find(|w| w.starts_with("T-"))?;
+    t.trim_start_matches("T-")
+        .trim_end_matches('s')
+        .parse()
+        .ok()
+}
+
+#[test]
+fn top_shows_the_stall_with_a_running_countdown() {
+    require_tools();
+    require_tmux();
+    let bin = agent_path();
+
+    // No agent: one clear line, non-zero exit.
+    let out = Command::new(&bin)
+        .args(["top", "--once", "--agent", "http://127.0.0.1:1"])
+        .output()
+        .expect("run tcpstall top");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "top without an agent must fail");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("no tcpstall agent answers at http://127.0.0.1:1"),
+        "{err}"
+    );
+
+    let link = Link::new("ptop", 41);
+    link.a.sysctl("net.ipv4.tcp_retries2", "8");
+    let agent = Agent::start(&[]);
+    let url = format!("http://{}", agent.listen);
+    let conn = Conn::establish(&link, 8080, None);
+    let (local, remote) = (conn.local.to_string(), conn.server.to_string());
+    let _blackhole = link.b.blackhole_from(link.a_ip);
+    let (_t_write, reader) = conn.write_and_await_death(Duration::from_secs(150));
+
+    // The agent reports the stall with a prediction.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent
+        .stall_of(local.parse().unwrap(), remote.parse().unwrap())
+        .is_some_and(|s| s["seconds_to_timeout"].is_number())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never listed the stall with a prediction"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+
+    // --once: a plain table with the row.
+    let out = Command::new(&bin)
+        .args(["top", "--once", "--agent", &url])
+        .output()
+        .expect("run tcpstall top --once");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.starts_with("ETIMEDOUT"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.contains(&local))
+        .unwrap_or_else(|| panic!("--once has no row for {local}:\n{table}"));
+    assert!(row.contains(&remote) && row.contains("retransmit"), "{row}");
+    assert!(row.starts_with("T-"), "{row}");
+
+    // The live view in a real terminal.
+    let tmux = Tmux::start(&[
+        bin.to_str().expect("utf-8 path"),
+        "top",
+        "--agent",
+        &url,
+        "--interval",
+        "0.5",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        let pane = tmux.capture();
+        if let Some(t) = countdown_of(&pane, &local) {
+            break (pane, t);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pane never showed the stalled row:\n{pane}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let (pane1, t1) = first;
+    let line = pane1.lines().find(|l| l.contains(&local)).unwrap();
+    assert!(
+        line.contains(&remote) && line.contains("retransmit"),
+        "row: {line}\n{pane1}"
+    );
+    assert!(
+        pane1.contains("tcpstall top") && pane1.contains(&url),
+        "{pane1}"
+    );
+    assert!(t1 > 0.0 && t1 < 110.0, "countdown {t1}:\n{pane1}");
+    thread::sleep(Duration::from_secs(2));
+    let pane2 = tmux.capture();
+    let t2 = countdown_of(&pane2, &local)
+        .unwrap_or_else(|| panic!("second capture lost the row:\n{pane2}"));
+    assert!(
+        t2 < t1 - 1.0 && t2 > t1 - 4.0,
+        "the countdown must run down by about 2 s: {t1} -> {t2}\n{pane2}"
+    );
+
+    // Filter keys: a filter that matches nothing hides the row, Esc clears it.
+    tmux.keys("/");
+    tmux.keys("no-such-pod");
+    tmux.keys("Enter");
+    thread::sleep(Duration::from_millis(800));
+    let pane3 = tmux.capture();
+    assert!(
+        !pane3.lines().any(|l| l.contains(&local)) && pane3.contains("(0 shown)"),
+        "filtered view:\n{pane3}"
+    );
+    tmux.keys("Escape");
+    thread::sleep(Duration::from_millis(800));
+    let pane4 = tmux.capture();
+    assert!(pane4.contains(&local), "filter cleared:\n{pane4}");
+    drop(tmux);
+
+    drop(_blackhole);
+    drop(reader);
+    drop(agent);
+}
