@@ -177,3 +177,46 @@ fn cgroup_id_is_the_sockets_cgroup_inode() {
         "accepted socket: cgroup_id must be the inode of this process's cgroup ({s})"
     );
 }
+
+/// `ca_state` is `icsk_ca_state`: once the retransmit timer has fired on a
+/// blackholed flow the socket is in TCP_CA_Loss (4), and every retransmit
+/// event taken after the first RTO (`retransmits >= 1`) must say so.
+#[test]
+fn retransmit_events_carry_ca_state_loss_after_an_rto() {
+    require_tools();
+    let link = Link::new("pca", 61);
+    let mut agent = Agent::start(&[]);
+    let conn = Conn::establish(&link, 8080, None);
+    let (local, server) = (conn.local, conn.server);
+    let _hole = link.b.blackhole_from(link.a_ip);
+    let (_, _death) = conn.write_and_await_death(Duration::from_secs(60));
+    let after_rto = |agent: &Agent| -> Vec<Value> {
+        agent
+            .events()
+            .into_iter()
+            .filter(|e| {
+                ev_str(e, "kind") == "retransmit"
+                    && ev_str(e, "local") == local.to_string()
+                    && ev_str(e, "remote") == server.to_string()
+                    && ev_u64(e, "retransmits") >= 1
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let seen = after_rto(&agent);
+        if seen.len() >= 2 {
+            break seen;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than two retransmit events after an RTO for {local} -> {server}: {:?}",
+            agent.events()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    agent.stop();
+    for e in &seen {
+        assert_eq!(ev_u64(e, "ca_state"), 4, "TCP_CA_Loss expected: {e}");
+    }
+}
