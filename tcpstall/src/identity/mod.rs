@@ -6,9 +6,9 @@
 //!   name (containerd, CRI-O, Docker state; the kubelet's pod directory);
 //! - [`process`]: socket -> pid and command, for stalled flows only.
 //!
-//! Sockets without a cgroup id (older agents' events, cgroup v1-only hosts,
-//! where every socket points at the v2 root) fall back to the network
-//! namespace lookup of [`crate::pods`].
+//! Sockets without a cgroup id, and every socket on a cgroup v1-only host
+//! (no cgroup2 mount; the kernel reports the v2 root for every socket), fall
+//! back to the network namespace lookup of [`crate::pods`].
 
 pub mod cgroup;
 pub mod process;
@@ -59,7 +59,7 @@ impl FlowRef {
     pub fn of(v: &crate::engine::StallView) -> Self {
         Self {
             netns: v.netns,
-            cgroup_id: 0,
+            cgroup_id: v.cgroup_id,
             local: v.local,
             remote: v.remote,
         }
@@ -91,9 +91,10 @@ impl Identities {
     /// The pod and container owning the flow's socket, if it is a pod's.
     pub fn pod(&mut self, f: &FlowRef, now: Instant) -> Option<PodIdentity> {
         match self.cgroups.path(f.cgroup_id, now).map(str::to_owned) {
-            // The v2 root: a cgroup v1-only host (or a socket created before
-            // its task joined a cgroup): only the network namespace can tell.
-            Some(p) if p == "/" => self.by_netns(f, now),
+            // The v2 root: a host process. (Pods always have their own
+            // cgroup on a node with a cgroup2 mount; the network namespace
+            // would name whichever hostNetwork pod it finds first.)
+            Some(p) if p == "/" => None,
             Some(p) => self.from_cgroup(&p),
             None if f.cgroup_id == 0 || self.cgroups.root().is_none() => self.by_netns(f, now),
             // A cgroup that vanished (its pod is gone): unknown.
