@@ -147,6 +147,7 @@ mod tests {
             local: format!("10.0.0.1:{local_port}").parse().unwrap(),
             remote: remote.parse().unwrap(),
             netns: 1,
+            cgroup_id: 0,
             state: TcpState::Established,
             retransmits: 0,
             rto_streak: 0,

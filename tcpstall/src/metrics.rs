@@ -912,6 +912,7 @@ mod tests {
             local: addr(local),
             remote: addr(remote),
             netns: 4_026_532_000,
+            cgroup_id: 0,
             state: TcpState::Established,
             retransmits: 4,
             rto_streak: 5,

@@ -342,6 +342,8 @@ fn main() -> anyhow::Result<()> {
                 "privileges",
                 "--test",
                 "top",
+                "--test",
+                "k8s",
                 "--",
                 "--test-threads=1",
             ]);

@@ -128,6 +128,8 @@ pub(crate) struct Flow {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub netns: u32,
+    /// cgroup v2 id of the socket's cgroup (0 = unknown).
+    pub cgroup_id: u64,
     pub state: TcpState,
     pub state_since_ns: u64,
     pub orphan: bool,
@@ -177,6 +179,7 @@ impl Flow {
             local,
             remote,
             netns: 0,
+            cgroup_id: 0,
             state: TcpState::Unknown(0),
             state_since_ns: ts_ns,
             orphan: false,

@@ -91,6 +91,8 @@ pub struct StallView {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub netns: u32,
+    /// cgroup v2 id of the socket's cgroup (0 = unknown): its pod and container.
+    pub cgroup_id: u64,
     pub state: TcpState,
     /// `icsk_retransmits` at the last event.
     pub retransmits: u32,

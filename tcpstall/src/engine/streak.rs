@@ -173,6 +173,9 @@ impl Engine {
         if ev.netns != 0 {
             f.netns = ev.netns;
         }
+        if ev.cgroup_id != 0 {
+            f.cgroup_id = ev.cgroup_id;
+        }
         f.local = merge_addr(f.local, ev.local);
         f.remote = merge_addr(f.remote, ev.remote);
         f.orphan |= ev.orphan;

@@ -88,6 +88,7 @@ impl Engine {
             local: f.local,
             remote: f.remote,
             netns: f.netns,
+            cgroup_id: f.cgroup_id,
             state: f.state,
             retransmits: f.retransmits,
             rto_streak: f.streak.map_or(0, |st| st.rtos),
