@@ -35,7 +35,6 @@ use prometheus_client::{
 };
 
 use crate::{
-    engine::cause::RetransmitCause,
     engine::{Gauges, Observation, StallClass, StallView, StreakOutcome},
     event::EventKind,
     incidents::Incident,
@@ -835,6 +834,7 @@ fn classic_family_name(name: &str, ty: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::cause::RetransmitCause;
     use crate::engine::{BoundarySource, FlowHistory, StalledCounts, TimeoutEvidence};
     use crate::event::{Mechanism, TcpState};
     use crate::loader::Attempt;

@@ -144,6 +144,11 @@ fn build_agent() -> anyhow::Result<PathBuf> {
 
 /// Build the scenario test binary and return its path.
 fn build_scenarios() -> anyhow::Result<PathBuf> {
+    build_test_binary("scenarios")
+}
+
+/// Build one tcpstall-tests test target and return its executable.
+fn build_test_binary(target: &str) -> anyhow::Result<PathBuf> {
     let out = cargo()
         .args([
             "test",
@@ -151,26 +156,49 @@ fn build_scenarios() -> anyhow::Result<PathBuf> {
             "-p",
             "tcpstall-tests",
             "--test",
-            "scenarios",
+            target,
             "--no-run",
             "--message-format=json",
         ])
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("building the scenario tests")?;
+        .with_context(|| format!("building the {target} tests"))?;
     if !out.status.success() {
-        bail!("building the scenario tests failed");
+        bail!("building the {target} tests failed");
     }
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "scenarios")
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == target)
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .context("cargo did not report the scenario test executable")
+        .with_context(|| format!("cargo did not report the {target} test executable"))
 }
 
+/// Runs the matrix: names prefixed `sweep/` come from the `sweep` test
+/// target (tcpstall-tests/tests/sweep.rs), the others from `scenarios`.
 fn vm_matrix(opts: &vm::VmOptions, agent: &Path, tests: &[String]) -> anyhow::Result<()> {
-    let scenarios = build_scenarios()?;
+    let (sweep, scenarios): (Vec<String>, Vec<String>) =
+        tests.iter().cloned().partition(|t| t.starts_with("sweep/"));
+    if !scenarios.is_empty() {
+        vm_matrix_target(opts, agent, "scenarios", &scenarios)?;
+    }
+    if !sweep.is_empty() {
+        let names: Vec<String> = sweep
+            .iter()
+            .map(|t| t.trim_start_matches("sweep/").to_owned())
+            .collect();
+        vm_matrix_target(opts, agent, "sweep", &names)?;
+    }
+    Ok(())
+}
+
+fn vm_matrix_target(
+    opts: &vm::VmOptions,
+    agent: &Path,
+    target: &str,
+    tests: &[String],
+) -> anyhow::Result<()> {
+    let scenarios = build_test_binary(target)?;
     step(&format!(
         "kernel matrix under QEMU: {}",
         opts.kernels.join(", ")
@@ -417,6 +445,12 @@ fn main() -> anyhow::Result<()> {
                     .args(&args),
             )?;
             if is_root() {
+                step("socket sweep at 100,000 sockets (tcpstall/benches/sweep.rs)");
+                run_cmd(
+                    cargo()
+                        .args(["bench", "-p", "tcpstall", "--bench", "sweep", "--"])
+                        .args(&args),
+                )?;
                 let agent = build_agent()?;
                 step("kernel program cost (BPF run-time statistics, loopback load)");
                 kernel_cost::run(&agent)?;
