@@ -590,7 +590,7 @@ impl Conn {
 }
 
 // ---------------------------------------------------------------------------
-// Socket sweep helpers (issue 8).
+// Socket sweep helpers.
 
 /// Add IPv6 addresses `fd00:201:{subnet}::1` (a) / `::2` (b) to a [`Link`]'s
 /// veth pair (no duplicate address detection delay); returns them.

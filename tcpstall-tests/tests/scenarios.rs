@@ -320,7 +320,7 @@ fn healthy_connection_has_no_retransmits() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 3: the stall engine, observed through the running agent's API.
+// The stall engine, observed through the running agent's API.
 
 /// One S1/S2 run: what the agent said and what the kernel did.
 struct HorizonRun {

@@ -1,4 +1,4 @@
-//! Privileged tests of the socket sweep (issue 8): start-up reconcile of a
+//! Privileged tests of the socket sweep: start-up reconcile of a
 //! stall in progress, repair after event loss, the hang-forever audit.
 //! Run by `cargo xtask test` as root with `--test-threads=1`.
 

@@ -1,4 +1,4 @@
-//! The Prometheus metric contract (deploy/README.md, issue 4), on a
+//! The Prometheus metric contract (deploy/README.md), on a
 //! `prometheus-client` registry.
 //!
 //! Cumulative metrics (counters, histograms) are fed as things happen: kernel
