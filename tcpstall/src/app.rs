@@ -310,7 +310,15 @@ struct Pipeline {
 
 impl Pipeline {
     /// Counts, logs and ingests one decoded batch; empties `batch`.
+    /// Ingests a drained batch and tells `/readyz` the ring was drained.
     fn ingest(&mut self, batch: &mut Vec<Result<SockEvent, DecodeError>>) {
+        self.ingest_events(batch);
+        self.state.health.drained(kernel::monotonic_ns());
+    }
+
+    /// Ingests a drained batch without touching readiness (the start-up
+    /// sweep drains first, and `/readyz` must stay 503 until it is done).
+    fn ingest_events(&mut self, batch: &mut Vec<Result<SockEvent, DecodeError>>) {
         let metrics = &self.state.metrics;
         for item in batch.drain(..) {
             match item {
@@ -337,7 +345,6 @@ impl Pipeline {
         }
         self.events.clear();
         self.apply_observations();
-        self.state.health.drained(kernel::monotonic_ns());
     }
 
     fn apply_observations(&mut self) {
@@ -441,7 +448,7 @@ impl Pipeline {
         reason: SweepReason,
     ) {
         reader.drain_ready(batch);
-        self.ingest(batch);
+        self.ingest_events(batch);
         let t0 = Instant::now();
         let out = match tokio::task::block_in_place(|| loaded.sweep(stats)) {
             Ok(o) => o,
