@@ -77,16 +77,53 @@ pub struct Netns {
     pub name: String,
 }
 
+/// The per-run suffix of every namespace name: `-p{pid}` of this test
+/// process. Two runs on one host (two checkouts, CI beside a developer) never
+/// share a namespace, so neither deletes the other's namespaces or kills its
+/// processes; each guard removes exactly its own.
+pub fn run_suffix() -> String {
+    format!("-p{}", std::process::id())
+}
+
+/// Deletes namespaces of this harness (`ts*-p{pid}`) whose run is over (no
+/// process `pid` any more): leftovers of a run that was killed before its
+/// guards ran. Namespaces of live runs are left alone.
+fn reap_stale_namespaces() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            let Some((_, pid)) = name.rsplit_once("-p") else {
+                continue;
+            };
+            let stale = name.starts_with("ts")
+                && !pid.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if stale {
+                sh_quiet(&format!(
+                    "ip netns pids {name} 2>/dev/null | xargs -r kill -9; ip netns del {name}"
+                ));
+            }
+        }
+    });
+}
+
 impl Netns {
+    /// Creates namespace `{name}{run_suffix()}` (see [`run_suffix`]).
     pub fn new(name: &str) -> Self {
-        // A leftover from a crashed earlier run must not break this one.
+        reap_stale_namespaces();
+        let name = format!("{name}{}", run_suffix());
+        // A leftover of this very name (an earlier run with the same pid)
+        // must not break this one.
         sh_quiet(&format!(
             "ip netns pids {name} 2>/dev/null | xargs -r kill -9; ip netns del {name}"
         ));
         sh(&format!("ip netns add {name}"));
-        let ns = Netns {
-            name: name.to_owned(),
-        };
+        let ns = Netns { name };
         ns.exec("ip link set lo up");
         ns
     }
@@ -266,8 +303,16 @@ impl Agent {
     /// ephemeral loopback port (no clash with anything else on the machine);
     /// `listen` is the address it reported.
     pub fn start(extra: &[&str]) -> Self {
+        Self::spawn(Command::new(agent_path()), extra)
+    }
+
+    /// Spawns `cmd` (which runs `tcpstall`; arguments `run --log-format json
+    /// --log-events --listen 127.0.0.1:0` and `extra` are appended), follows
+    /// its output and waits for the start line.
+    fn spawn(mut cmd: Command, extra: &[&str]) -> Self {
         let requested: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let mut child = Command::new(agent_path())
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let mut child = cmd
             .args([
                 "run",
                 "--log-format",
@@ -280,7 +325,7 @@ impl Agent {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn tcpstall");
+            .unwrap_or_else(|e| panic!("spawn {program} (the agent): {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().expect("stdout");
         let sink = lines.clone();
@@ -561,7 +606,7 @@ impl Conn {
         }
         let local = client.local_addr().expect("local addr");
         std::io::Write::write_all(&mut client, b"hello").expect("first write");
-        thread::sleep(Duration::from_millis(300));
+        wait_all_acked(&client, 5, Duration::from_secs(10));
         Conn {
             client,
             local,
@@ -586,6 +631,52 @@ impl Conn {
             (monotonic_ns(), err.raw_os_error())
         });
         (t_write, reader)
+    }
+}
+
+/// `TCP_INFO` of a socket.
+pub fn tcp_info(s: &TcpStream) -> libc::tcp_info {
+    // SAFETY: tcp_info is plain data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd, buffer and length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "getsockopt TCP_INFO: {}",
+        std::io::Error::last_os_error()
+    );
+    info
+}
+
+/// Waits until the peer has acknowledged everything written on `s` (no
+/// segment unacknowledged, at least `written` data bytes acknowledged): the
+/// kernel's own record, not a guess of how long an ACK takes (under TCG a
+/// round trip can take far longer than on the host).
+pub fn wait_all_acked(s: &TcpStream, written: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = tcp_info(s);
+        // bytes_acked counts the SYN too: > written means every data byte.
+        if info.tcpi_unacked == 0 && info.tcpi_bytes_acked > written {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{written} bytes not acknowledged within {timeout:?} (unacked segments {}, bytes acked {})",
+            info.tcpi_unacked,
+            info.tcpi_bytes_acked
+        );
+        thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -705,57 +796,10 @@ impl Agent {
     /// Like [`Agent::start`], but the agent is started through `prefix`
     /// (e.g. `setpriv --bounding-set ... --`), which runs `tcpstall` itself.
     pub fn start_via(prefix: &[String], extra: &[&str]) -> Self {
-        let requested: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let (cmd, pre_args) = prefix.split_first().expect("a wrapper command");
-        let mut child = Command::new(cmd)
-            .args(pre_args)
-            .arg(agent_path())
-            .args([
-                "run",
-                "--log-format",
-                "json",
-                "--log-events",
-                "--listen",
-                &requested.to_string(),
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd} (agent wrapper): {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().expect("stdout");
-        let sink = lines.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => sink.lock().expect("lock").push(v),
-                    Err(_) => eprintln!("agent (non-JSON): {line}"),
-                }
-            }
-        });
-        let err = child.stderr.take().expect("stderr");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let esink = stderr.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("agent stderr: {line}");
-                esink.lock().expect("lock").push_str(&(line + "\n"));
-            }
-        });
-        let mut agent = Agent {
-            child: Some(child),
-            lines,
-            listen: requested,
-            stderr,
-        };
-        let running = agent.wait_log(Duration::from_secs(60), "agent start", |v| {
-            v["message"] == "tcpstall running"
-        });
-        agent.listen = ev_str(&running, "listen").parse().unwrap_or_else(|e| {
-            panic!("agent start line without its listen address ({e}): {running}")
-        });
-        agent
+        let mut c = Command::new(cmd);
+        c.args(pre_args).arg(agent_path());
+        Self::spawn(c, extra)
     }
 
     /// The agent's pid (while running).
@@ -788,4 +832,60 @@ pub fn setpriv_exactly(caps: &[String]) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// The probe plan's choices from `tcpstall doctor --json`: (probe, chosen
+/// mechanism or `NONE`), in plan order.
+pub fn plan_chosen(plan: &Value) -> Vec<(String, String)> {
+    plan["probes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("doctor JSON without probes: {plan}"))
+        .iter()
+        .map(|p| {
+            (
+                p["probe"].as_str().unwrap_or("?").to_owned(),
+                p["chosen"].as_str().unwrap_or("NONE").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Checks the output of one `kubernetes-validate --strict` run over the
+/// resources `(kind, name)`: each passed, except kinds in `crd_kinds`, which
+/// the tool must report as schema-less (a CRD, validated by its operator at
+/// apply time), and no other warning or error. `what` names the input in
+/// failure messages.
+pub fn assert_kubernetes_validate(
+    out: &str,
+    resources: &[(String, String)],
+    crd_kinds: &[&str],
+    what: &str,
+) {
+    for (kind, name) in resources {
+        if crd_kinds.contains(&kind.as_str()) {
+            assert!(
+                out.contains(&format!("Couldn't find schema for kind {kind}")),
+                "{what}: expected kubernetes-validate to report {kind} as schema-less:\n{out}"
+            );
+        } else {
+            assert!(
+                out.contains(&format!(
+                    "passed for resource {}/{name} ",
+                    kind.to_lowercase()
+                )),
+                "{what}: {kind}/{name} did not pass kubernetes-validate --strict:\n{out}"
+            );
+        }
+    }
+    for line in out
+        .lines()
+        .filter(|l| l.starts_with("WARN") || l.starts_with("ERROR"))
+    {
+        assert!(
+            crd_kinds
+                .iter()
+                .any(|k| line.contains(&format!("Couldn't find schema for kind {k} "))),
+            "{what}: unexpected kubernetes-validate diagnostic: {line}"
+        );
+    }
 }

@@ -32,6 +32,7 @@ use std::{
 
 use serde_json::Value as Json;
 use serde_norway::Value as Yaml;
+use tcpstall_tests::assert_kubernetes_validate;
 
 // ---------------------------------------------------------------------------
 // Paths, tools
@@ -1215,33 +1216,20 @@ fn kubernetes_validate_strict() {
         let file = rendered.clone();
         args.push(&file);
         let out = kv.ok(&args, &repo());
-        for (doc, kind) in docs.iter().zip(&kinds) {
-            let name = doc["metadata"]["name"].as_str().unwrap_or("");
-            let id = format!("{}/{name}", kind.to_lowercase());
-            if CRD_KINDS.contains(&kind.as_str()) {
-                // Documented skip: a CRD, validated by the operator at apply time.
-                assert!(
-                    out.contains(&format!("Couldn't find schema for kind {kind}")),
-                    "expected kubernetes-validate to report {kind} as schema-less:\n{out}"
-                );
-            } else {
-                assert!(
-                    out.contains(&format!("passed for resource {id} ")),
-                    "{MANIFEST}: {id} did not pass kubernetes-validate --strict ({version:?}):\n{out}"
-                );
-            }
-        }
-        for line in out
-            .lines()
-            .filter(|l| l.starts_with("WARN") || l.starts_with("ERROR"))
-        {
-            assert!(
-                CRD_KINDS
-                    .iter()
-                    .any(|k| line.contains(&format!("Couldn't find schema for kind {k} "))),
-                "unexpected kubernetes-validate diagnostic: {line}"
-            );
-        }
+        let resources: Vec<(String, String)> = docs
+            .iter()
+            .zip(&kinds)
+            .map(|(doc, kind)| {
+                let name = doc["metadata"]["name"].as_str().unwrap_or("");
+                (kind.clone(), name.to_owned())
+            })
+            .collect();
+        assert_kubernetes_validate(
+            &out,
+            &resources,
+            CRD_KINDS,
+            &format!("{MANIFEST} ({version:?})"),
+        );
     }
     // The PrometheusRule wrapper is a well-formed object the tool recognises
     // as a (schema-less) CRD.

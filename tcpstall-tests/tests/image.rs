@@ -17,7 +17,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tcpstall_tests::{agent_path, require, require_root};
+use tcpstall_tests::{agent_path, plan_chosen, require, require_root};
 
 struct Scratch(PathBuf);
 
@@ -119,20 +119,6 @@ fn in_root(rootfs: &Path, args: &str) -> (bool, String, String) {
     run(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]))
 }
 
-fn chosen(plan: &Value) -> Vec<(String, String)> {
-    plan["probes"]
-        .as_array()
-        .expect("probes")
-        .iter()
-        .map(|p| {
-            (
-                p["probe"].as_str().unwrap_or("?").to_owned(),
-                p["chosen"].as_str().unwrap_or("NONE").to_owned(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn image_holds_a_working_static_agent() {
     require_root();
@@ -185,7 +171,7 @@ fn image_holds_a_working_static_agent() {
     assert_eq!(plan["kernel"].as_str(), Some(release.trim()));
     let host = ok(Command::new(agent_path()).args(["doctor", "--json"]));
     let host: Value = serde_json::from_str(&host).unwrap();
-    let (img, hst) = (chosen(&plan), chosen(&host));
+    let (img, hst) = (plan_chosen(&plan), plan_chosen(&host));
     assert!(!img.is_empty());
     assert!(
         img.iter().all(|(p, c)| c != "NONE"

@@ -19,6 +19,7 @@ use std::{
 };
 
 use serde_norway::Value as Yaml;
+use tcpstall_tests::assert_kubernetes_validate;
 
 const CRD_KINDS: &[&str] = &["ServiceMonitor"];
 const KUBE_DIR: &str = "deploy/kubernetes";
@@ -140,35 +141,21 @@ fn every_overlay_renders_and_passes_strict_validation() {
                 ok,
                 "{dir}: kubernetes-validate --strict {version:?} failed:\n{all}"
             );
-            for d in &docs {
-                let kind = d["kind"].as_str().unwrap_or("?");
-                let name = d["metadata"]["name"].as_str().unwrap_or("?");
-                if CRD_KINDS.contains(&kind) {
-                    assert!(
-                        all.contains(&format!("Couldn't find schema for kind {kind}")),
-                        "{dir}: expected {kind} to be reported schema-less:\n{all}"
-                    );
-                } else {
-                    assert!(
-                        all.contains(&format!(
-                            "passed for resource {}/{name} ",
-                            kind.to_lowercase()
-                        )),
-                        "{dir}: {kind}/{name} did not pass --strict ({version:?}):\n{all}"
-                    );
-                }
-            }
-            for line in all
-                .lines()
-                .filter(|l| l.starts_with("WARN") || l.starts_with("ERROR"))
-            {
-                assert!(
-                    CRD_KINDS
-                        .iter()
-                        .any(|k| line.contains(&format!("Couldn't find schema for kind {k} "))),
-                    "{dir}: unexpected diagnostic: {line}"
-                );
-            }
+            let resources: Vec<(String, String)> = docs
+                .iter()
+                .map(|d| {
+                    (
+                        d["kind"].as_str().unwrap_or("?").to_owned(),
+                        d["metadata"]["name"].as_str().unwrap_or("?").to_owned(),
+                    )
+                })
+                .collect();
+            assert_kubernetes_validate(
+                &all,
+                &resources,
+                CRD_KINDS,
+                &format!("{dir} ({version:?})"),
+            );
         }
     }
     fs::remove_dir_all(&scratch).ok();

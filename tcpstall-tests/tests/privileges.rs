@@ -23,7 +23,8 @@ use std::{
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Link, agent_path, connect_in, ev_str, listen_in, require, require_tools, setpriv_exactly,
+    Agent, Link, agent_path, connect_in, ev_str, listen_in, plan_chosen, require, require_tools,
+    setpriv_exactly,
 };
 
 /// The DaemonSet's `capabilities.add`, from the rendered base.
@@ -87,17 +88,7 @@ fn have_setpriv() {
 fn plan_mechanisms(json: &str) -> Vec<(String, String)> {
     let v: Value =
         serde_json::from_str(json).unwrap_or_else(|e| panic!("doctor JSON: {e}\n{json}"));
-    v["probes"]
-        .as_array()
-        .expect("probes")
-        .iter()
-        .map(|p| {
-            (
-                p["probe"].as_str().unwrap_or("?").to_owned(),
-                p["chosen"].as_str().unwrap_or("NONE").to_owned(),
-            )
-        })
-        .collect()
+    plan_chosen(&v)
 }
 
 #[test]
@@ -196,7 +187,7 @@ fn manifest_capabilities_run_doctor_s1_and_refuse_program_stats() {
     let mut client = connect_in(&link.a, server_addr);
     let local = client.local_addr().unwrap();
     client.write_all(b"hello").unwrap();
-    thread::sleep(Duration::from_millis(300));
+    tcpstall_tests::wait_all_acked(&client, 5, Duration::from_secs(10));
     let _blackhole = link.b.blackhole_from(link.a_ip);
     client.write_all(&[b'x'; 1000]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -26,16 +26,6 @@ use std::{
 use serde_json::Value;
 use tcpstall_tests::*;
 
-/// Ports of this file (scenarios.rs uses 199xx below 19950).
-/// A loopback port free right now (for Prometheus, which cannot report the
-/// port it picked for `:0`).
-fn free_loopback_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral loopback port")
-        .port()
-}
-
 /// The `prometheus` binary: `$PROMETHEUS`, else from PATH.
 fn require_prometheus() -> PathBuf {
     let explicit = std::env::var_os("PROMETHEUS").map(PathBuf::from);
@@ -102,7 +92,10 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(binary: &Path, port: u16, target: SocketAddr, rules: &Path, node: &str) -> Self {
+    /// Starts Prometheus on `127.0.0.1:0` (the kernel picks a free port: no
+    /// pick-then-release race with anything else on the host) and reads the
+    /// address it bound from its log line `msg="Listening on" address=...`.
+    fn start(binary: &Path, target: SocketAddr, rules: &Path, node: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("tcpstall-prom-e2e-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("data")).expect("prometheus temp dir");
@@ -116,24 +109,38 @@ impl Prometheus {
         let config_path = dir.join("prometheus.yml");
         fs::write(&config_path, config).expect("write prometheus.yml");
         let log = fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let requested: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config_path.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.join("data").display()
             ))
-            .arg(format!("--web.listen-address={addr}"))
+            .arg(format!("--web.listen-address={requested}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        Prometheus {
+        let mut prom = Prometheus {
             child: Some(child),
             dir,
-            addr,
-        }
+            addr: requested,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        prom.addr = loop {
+            prom.assert_alive();
+            if let Some(a) = listening_address(&prom.log()) {
+                break a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus did not log its listening address within 30 s; log:\n{}",
+                prom.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        };
+        prom
     }
 
     fn log(&self) -> String {
@@ -232,6 +239,17 @@ impl Prometheus {
             thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// The address of Prometheus' `msg="Listening on" address=HOST:PORT` log
+/// line (logged once the socket is bound), if there is one yet.
+fn listening_address(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|l| l.contains("msg=\"Listening on\""))
+        .find_map(|l| {
+            let a = l.split("address=").nth(1)?.split_whitespace().next()?;
+            a.parse::<SocketAddr>().ok().filter(|a| a.port() != 0)
+        })
 }
 
 impl Drop for Prometheus {
@@ -391,13 +409,7 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
     let link = Link::new("pe2e", 40);
     link.a.sysctl("net.ipv4.tcp_retries2", "5");
     let mut agent = Agent::start(&["--near-horizon-secs", "60", "--node-name", NODE]);
-    let mut prom = Prometheus::start(
-        &prometheus_bin,
-        free_loopback_port(),
-        agent.listen,
-        &rules,
-        NODE,
-    );
+    let mut prom = Prometheus::start(&prometheus_bin, agent.listen, &rules, NODE);
     let queries = dashboard_queries();
     prom.wait_ready(Duration::from_secs(30));
     prom.wait_target_up(Duration::from_secs(30));

@@ -62,7 +62,7 @@ fn s1_blackhole_events_end_to_end() {
     let mut client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
     client.write_all(b"hello").expect("first write");
-    thread::sleep(Duration::from_millis(300));
+    wait_all_acked(&client, 5, Duration::from_secs(10));
 
     let blackhole = link.b.blackhole_from(link.a_ip);
     let t0 = Instant::now();
@@ -997,7 +997,7 @@ fn bad_privileges_and_input_fail_with_one_clear_line() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     };
 
-    let (code, err) = run(&["run", "--listen", "127.0.0.1:19990"], true);
+    let (code, err) = run(&["run", "--listen", "127.0.0.1:0"], true);
     assert_eq!(code, Some(1), "{err}");
     one_line(&err);
     assert!(
@@ -1013,7 +1013,7 @@ fn bad_privileges_and_input_fail_with_one_clear_line() {
     let dir = std::env::temp_dir().join(format!("tcpstall-badcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
     let cfg = dir.join("bad.toml");
-    std::fs::write(&cfg, "listen = \"127.0.0.1:19991\"\nmax_flowz = 3\n").expect("write");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nmax_flowz = 3\n").expect("write");
     let (code, err) = run(&["run", "--config", cfg.to_str().expect("utf8")], false);
     assert_eq!(code, Some(1), "{err}");
     one_line(&err);
