@@ -4,7 +4,7 @@
 //! `rust-src`, a bpf-linker built against nightly's own LLVM, Debian packages),
 //! so the README's two commands work on a fresh machine.
 mod image;
-mod kernel_cost;
+mod kernel_bench_vm;
 mod setup;
 
 use std::{
@@ -59,10 +59,28 @@ enum Cmd {
     /// connections with tcp_retries2 3, 5, 8 and TCP_USER_TIMEOUT 4 s;
     /// prints predicted vs actual ETIMEDOUT as a Markdown table.
     Accuracy,
-    /// Criterion benchmarks (decoder, engine hot path, BTF start-up cost),
-    /// then, as root, each kernel program's cost per run measured by the
-    /// kernel's BPF run-time statistics under a 5 s loopback bulk transfer.
+    /// Criterion benchmarks (decoder, engine hot path, BTF start-up cost;
+    /// as root also the socket sweep at 100,000 sockets). With `--kernel`,
+    /// only the kernel part instead: tcpstall's kernel programs side by side
+    /// with a bpftrace script on the same tracepoints (ns/run from the
+    /// kernel's BPF run-time statistics, quiet and storm phases) and iperf3
+    /// over veth without/with the agent, as a Markdown table (root).
     Bench {
+        /// Run only the kernel bench (not criterion).
+        #[arg(long)]
+        kernel: bool,
+        #[command(flatten)]
+        opts: xtask::kernel_bench::BenchOptions,
+        /// With --kernel: run the kernel bench inside these Debian kernels
+        /// under QEMU instead of on this kernel (`--vm` alone: 6.1 and 6.12).
+        #[arg(long, value_name = "KERNEL", num_args = 0.., requires = "kernel")]
+        vm: Option<Vec<String>>,
+        /// With --vm: cache for kernels and initramfs (as for vm-test).
+        #[arg(long, value_name = "DIR", requires = "vm")]
+        vm_cache_dir: Option<PathBuf>,
+        /// With --vm: kill a guest that has not finished after this long.
+        #[arg(long, value_name = "DURATION", default_value = "60m", value_parser = vm::parse_duration)]
+        vm_timeout: std::time::Duration,
         /// Criterion arguments, e.g. a benchmark name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -213,6 +231,7 @@ fn vm_matrix_target(
         tests: scenarios,
         test_args,
         extra_env: Vec::new(),
+        extra_bins: Vec::new(),
         expected_passed: Some(tests.len()),
     };
     let results = vm::vm_test(opts, &payload)?;
@@ -278,6 +297,7 @@ fn main() -> anyhow::Result<()> {
             setup::toolchain()?;
             if !toolchain_only {
                 setup::system_packages()?;
+                setup::debian_packages(setup::BENCH_PACKAGES)?;
             }
         }
         Cmd::Build => {
@@ -436,8 +456,43 @@ fn main() -> anyhow::Result<()> {
                 bail!("a horizon scenario failed (output above)");
             }
         }
-        Cmd::Bench { args } => {
+        Cmd::Bench {
+            kernel,
+            opts,
+            vm,
+            vm_cache_dir,
+            vm_timeout,
+            args,
+        } => {
             setup::toolchain()?;
+            if kernel {
+                setup::debian_packages(setup::BENCH_PACKAGES)?;
+                let agent = build_agent()?;
+                match vm {
+                    None => {
+                        xtask::kernel_bench::check_prerequisites(&opts)?;
+                        let command =
+                            format!("cargo xtask bench --kernel {}", opts.to_args().join(" "));
+                        xtask::kernel_bench::run_and_print(&agent, &opts, &command, false)?;
+                    }
+                    Some(kernels) => {
+                        require_root(
+                            "`cargo xtask bench --kernel --vm` (QEMU, BPF in the guests)",
+                        )?;
+                        setup::debian_packages(vm::VM_DEBIAN_PACKAGES)?;
+                        let mut vm_opts = vm::VmOptions::default();
+                        if !kernels.is_empty() {
+                            vm_opts.kernels = kernels;
+                        }
+                        if let Some(d) = vm_cache_dir {
+                            vm_opts.cache_dir = d;
+                        }
+                        vm_opts.timeout = vm_timeout;
+                        kernel_bench_vm::run(&vm_opts, &agent, &opts)?;
+                    }
+                }
+                return Ok(());
+            }
             step("criterion benchmarks (tcpstall/benches)");
             run_cmd(
                 cargo()
@@ -451,14 +506,12 @@ fn main() -> anyhow::Result<()> {
                         .args(["bench", "-p", "tcpstall", "--bench", "sweep", "--"])
                         .args(&args),
                 )?;
-                let agent = build_agent()?;
-                step("kernel program cost (BPF run-time statistics, loopback load)");
-                kernel_cost::run(&agent)?;
             } else {
                 eprintln!(
-                    "    kernel program cost not measured: it loads the probes, which needs root (sudo -E cargo xtask bench)"
+                    "    socket sweep benchmark not run: it needs root (sudo -E cargo xtask bench)"
                 );
             }
+            eprintln!("    kernel program cost: `cargo xtask bench --kernel` (root; see --help)");
         }
         Cmd::Image { tag } => {
             setup::toolchain()?;

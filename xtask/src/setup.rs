@@ -25,6 +25,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
+/// Debian packages `cargo xtask bench --kernel` needs (installed by
+/// `cargo xtask setup` and by the bench itself, not by `cargo xtask test`).
+pub const BENCH_PACKAGES: &[&str] = &["bpftrace", "bpftool", "iperf3", "util-linux"];
+
 const NIGHTLY: &str = "nightly";
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {

@@ -81,6 +81,7 @@ fn main() -> Result<()> {
         tests: cli.tests.clone().unwrap(),
         test_args: cli.test_args.clone(),
         extra_env,
+        extra_bins: Vec::new(),
         expected_passed: None,
     };
     let results = vm::vm_test(&cli.vm, &payload)?;

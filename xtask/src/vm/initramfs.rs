@@ -170,6 +170,9 @@ pub(super) fn build_test_initrd(
     add_binary(tools, &mut a, &tools.nft, "bin/nft")?;
     add_binary(tools, &mut a, &payload.agent, GUEST_AGENT)?;
     add_binary(tools, &mut a, &payload.tests, GUEST_TESTS)?;
+    for (host, guest) in &payload.extra_bins {
+        add_binary(tools, &mut a, host, guest)?;
+    }
     let mut load = Vec::new();
     for ModLoad {
         name,

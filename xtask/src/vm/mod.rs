@@ -152,6 +152,9 @@ pub struct GuestPayload {
     pub test_args: Vec<String>,
     /// Extra environment for the test binary.
     pub extra_env: Vec<(String, String)>,
+    /// More host executables for the guest: (host path, guest path such as
+    /// `bin/bpftrace`); their shared libraries come along (`ldd`).
+    pub extra_bins: Vec<(PathBuf, String)>,
     /// When set, the run passes only if the libtest summaries the guest
     /// prints report exactly this many tests passed.
     pub expected_passed: Option<usize>,

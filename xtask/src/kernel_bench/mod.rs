@@ -1,0 +1,538 @@
+//! `cargo xtask bench --kernel`: what tcpstall's kernel programs cost per
+//! run, side by side with a bpftrace script counting the same tracepoints
+//! per 4-tuple, measured by the kernel's BPF run-time statistics in one run;
+//! and iperf3 throughput over veth without the agent, with it at defaults
+//! and with `--no-ack-probe`. Printed as Markdown.
+//!
+//! Phases, all in namespaces created here (removed on every path out):
+//! 1. quiet: ordinary traffic only (a paced bulk stream, a new connection
+//!    every 10 ms): the timer program sees almost only non-TCP timers and
+//!    the ACK probe only sockets outside an RTO episode;
+//! 2. storm: the same plus `--flows` established flows blackholed at the
+//!    peer, `tcp_retries2` set inside their namespace;
+//! 3. iperf3: interleaved runs, agent restarted for each.
+//!
+//! Run-time statistics are on only while the agent runs with
+//! `--program-stats` (it holds the `BPF_ENABLE_STATS` fd); no sysctl of the
+//! host is touched. bpftrace gets its own tracefs mount in a private mount
+//! namespace.
+
+mod iperf;
+mod procs;
+mod progs;
+mod traffic;
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    path::Path,
+    process::Command,
+    sync::atomic::Ordering,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tcpstall_tests::Link;
+
+use crate::vm::parse_duration;
+
+/// Printed around the report by the in-guest run, so the host can cut it
+/// out of the console log.
+pub const REPORT_BEGIN: &str = "TCPSTALL-KERNEL-BENCH-BEGIN";
+pub const REPORT_END: &str = "TCPSTALL-KERNEL-BENCH-END";
+
+/// Goals the report checks.
+const GOAL_TIMER_QUIET_NS: f64 = 60.0;
+const GOAL_ACK_QUIET_NS: f64 = 40.0;
+const GOAL_IPERF_RATIO: f64 = 0.99;
+
+/// Options of `cargo xtask bench --kernel` (also passed to the guests).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Blackholed flows in the storm.
+    #[arg(long, value_name = "N", default_value_t = 400)]
+    pub flows: usize,
+    /// Length of the storm phase.
+    #[arg(long, value_name = "DURATION", default_value = "40s", value_parser = parse_duration)]
+    pub storm: Duration,
+    /// Length of the quiet phase (ordinary traffic, no storm).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub quiet: Duration,
+    /// `net.ipv4.tcp_retries2` inside the storm's namespace.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub retries2: u32,
+    /// Pace of the ordinary bulk stream, Mbit/s.
+    #[arg(long, value_name = "MBIT", default_value_t = 200)]
+    pub bulk_mbit: u64,
+    /// iperf3 runs per mode (interleaved).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub iperf_runs: usize,
+    /// Length of each iperf3 run, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 8)]
+    pub iperf_secs: u64,
+    /// Skip the iperf3 part.
+    #[arg(long)]
+    pub no_iperf: bool,
+}
+
+impl BenchOptions {
+    /// The same options as command-line arguments (for the guest run).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            format!("--flows={}", self.flows),
+            format!("--storm={}s", self.storm.as_secs()),
+            format!("--quiet={}s", self.quiet.as_secs()),
+            format!("--retries2={}", self.retries2),
+            format!("--bulk-mbit={}", self.bulk_mbit),
+            format!("--iperf-runs={}", self.iperf_runs),
+            format!("--iperf-secs={}", self.iperf_secs),
+        ];
+        if self.no_iperf {
+            v.push("--no-iperf".into());
+        }
+        v
+    }
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// One-line errors for what the bench cannot run without.
+pub fn check_prerequisites(opts: &BenchOptions) -> anyhow::Result<()> {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "`cargo xtask bench --kernel` needs root (BPF programs, network namespaces): run it as root, e.g. `sudo -E cargo xtask bench --kernel`"
+        );
+    }
+    let mut need = vec![
+        ("bpftrace", "bpftrace"),
+        ("bpftool", "bpftool"),
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("unshare", "util-linux"),
+    ];
+    if !opts.no_iperf {
+        need.push(("iperf3", "iperf3"));
+    }
+    for (cmd, pkg) in need {
+        if !have(cmd) {
+            bail!(
+                "`{cmd}` not found: the kernel bench needs it (`cargo xtask setup` installs it, or apt-get install {pkg})"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The tracepoint a tcpstall program sits on, for the programs bpftrace has
+/// a counterpart for.
+fn tracepoint_of(program: &str) -> Option<&'static str> {
+    if program.contains("retransmit") {
+        Some("tcp_retransmit_skb")
+    } else if program.contains("state") {
+        Some("inet_sock_set_state")
+    } else if program.contains("ack") {
+        Some("tcp_probe")
+    } else if program.ends_with("write_timer_tp") {
+        Some("timer_expire_entry")
+    } else {
+        None
+    }
+}
+
+/// (runs, ns/run) over a phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    pub runs: u64,
+    pub time_ns: u64,
+}
+
+impl Cost {
+    pub fn ns_per_run(&self) -> Option<f64> {
+        (self.runs > 0).then(|| self.time_ns as f64 / self.runs as f64)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub program: String,
+    pub tracepoint: Option<&'static str>,
+    pub tcpstall: Cost,
+    pub bpftrace: Option<Cost>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub secs: f64,
+    pub rows: Vec<Row>,
+}
+
+pub struct Report {
+    pub opts: BenchOptions,
+    pub quiet: Phase,
+    pub storm: Phase,
+    pub bpftrace_keys: Vec<(String, usize)>,
+    pub ordinary_bytes: u64,
+    pub ordinary_connections: u64,
+    pub iperf: Option<iperf::IperfResult>,
+}
+
+fn phase_rows(
+    tcpstall: &[(u32, String)],
+    bt: &procs::Bpftrace,
+    before: &HashMap<u32, progs::ProgStat>,
+    after: &HashMap<u32, progs::ProgStat>,
+    secs: f64,
+) -> Phase {
+    let cost = |id| {
+        let (runs, time_ns) = progs::delta(before, after, id);
+        Cost { runs, time_ns }
+    };
+    let mut rows: Vec<Row> = tcpstall
+        .iter()
+        .map(|(id, name)| {
+            let tp = tracepoint_of(name);
+            Row {
+                program: name.clone(),
+                tracepoint: tp,
+                tcpstall: cost(*id),
+                bpftrace: tp.and_then(|t| bt.program(t)).map(cost),
+            }
+        })
+        .collect();
+    // Programs with a bpftrace counterpart first, in the script's order.
+    rows.sort_by_key(|r| {
+        r.tracepoint
+            .and_then(|t| procs::BPFTRACE_TRACEPOINTS.iter().position(|x| *x == t))
+            .unwrap_or(usize::MAX)
+    });
+    Phase { secs, rows }
+}
+
+fn wait_with_progress(what: &str, d: Duration, mut status: impl FnMut() -> String) {
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        let left = d.saturating_sub(t0.elapsed());
+        thread::sleep(left.min(Duration::from_secs(5)));
+        eprintln!(
+            "    {what}: {:>3.0}/{:.0} s  {}",
+            t0.elapsed().as_secs_f64(),
+            d.as_secs_f64(),
+            status()
+        );
+    }
+}
+
+/// The whole bench on the running kernel.
+pub fn run(agent: &Path, opts: &BenchOptions) -> anyhow::Result<Report> {
+    check_prerequisites(opts)?;
+    let step = |m: &str| eprintln!("\x1b[1m==> {m}\x1b[0m");
+
+    step(&format!(
+        "kernel bench: namespaces, {} storm flows (tcp_retries2 = {} in their namespace), ordinary traffic",
+        opts.flows, opts.retries2
+    ));
+    let ordinary_link = Link::new("kbnt", 250);
+    let storm_link = Link::new("kbst", 251);
+    let mut storm = traffic::Storm::establish(&storm_link, opts.flows, opts.retries2)?;
+    let ordinary = traffic::Ordinary::start(&ordinary_link, opts.bulk_mbit)?;
+
+    step(
+        "starting the agent (--program-stats: kernel run-time statistics on while it runs) and bpftrace",
+    );
+    let before_agent = progs::all()?;
+    let agent_guard = procs::Agent::start(agent, &["--program-stats"])?;
+    let mut tcpstall: Vec<(u32, String)> = progs::all()?
+        .into_iter()
+        .filter(|(id, p)| p.name.starts_with("tcpstall") && !before_agent.contains_key(id))
+        .map(|(id, p)| (id, p.name))
+        .collect();
+    tcpstall.sort();
+    if tcpstall.is_empty() {
+        bail!("no tcpstall programs appeared in `bpftool prog show` after the agent started");
+    }
+    let bt = procs::Bpftrace::start()?;
+    eprintln!(
+        "    tcpstall programs: {}; bpftrace programs: {}",
+        tcpstall
+            .iter()
+            .map(|(id, n)| format!("{n} ({id})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        bt.programs
+            .iter()
+            .map(|(n, id)| format!("{n} ({id})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    thread::sleep(Duration::from_secs(2));
+
+    step(&format!(
+        "quiet phase: ordinary traffic only, {:.0} s",
+        opts.quiet.as_secs_f64()
+    ));
+    let bytes0 = ordinary.bytes.load(Ordering::Relaxed);
+    let conns0 = ordinary.connections.load(Ordering::Relaxed);
+    let s0 = progs::all()?;
+    let t0 = Instant::now();
+    wait_with_progress("quiet", opts.quiet, || {
+        format!(
+            "{} ordinary connections",
+            ordinary.connections.load(Ordering::Relaxed) - conns0
+        )
+    });
+    let s1 = progs::all()?;
+    let quiet = phase_rows(&tcpstall, &bt, &s0, &s1, t0.elapsed().as_secs_f64());
+
+    step(&format!(
+        "storm phase: {} flows blackholed, {:.0} s",
+        opts.flows,
+        opts.storm.as_secs_f64()
+    ));
+    let retransmit_id = tcpstall
+        .iter()
+        .find(|(_, n)| n.contains("retransmit"))
+        .map(|(id, _)| *id);
+    let t1 = Instant::now();
+    storm.blackhole()?;
+    wait_with_progress("storm", opts.storm, || match retransmit_id {
+        Some(id) => {
+            let now = progs::all().unwrap_or_default();
+            format!(
+                "{} retransmissions seen by tcpstall",
+                progs::delta(&s1, &now, id).0
+            )
+        }
+        None => String::new(),
+    });
+    let s2 = progs::all()?;
+    let storm_phase = phase_rows(&tcpstall, &bt, &s1, &s2, t1.elapsed().as_secs_f64());
+    let ordinary_bytes = ordinary.bytes.load(Ordering::Relaxed) - bytes0;
+    let ordinary_connections = ordinary.connections.load(Ordering::Relaxed) - conns0;
+    let bpftrace_keys = bt.finish();
+    drop(agent_guard);
+    drop(storm);
+    drop(ordinary);
+    drop(storm_link);
+    drop(ordinary_link);
+
+    let iperf = if opts.no_iperf {
+        None
+    } else {
+        step(&format!(
+            "iperf3 over veth (MTU 1500): {} x {} s per mode, interleaved",
+            opts.iperf_runs, opts.iperf_secs
+        ));
+        Some(iperf::run(agent, opts.iperf_runs, opts.iperf_secs)?)
+    };
+    Ok(Report {
+        opts: opts.clone(),
+        quiet,
+        storm: storm_phase,
+        bpftrace_keys,
+        ordinary_bytes,
+        ordinary_connections,
+        iperf,
+    })
+}
+
+fn ns(c: Option<f64>) -> String {
+    c.map_or_else(|| "-".into(), |v| format!("{v:.0}"))
+}
+
+fn ratio(r: &Row) -> Option<f64> {
+    Some(r.tcpstall.ns_per_run()? / r.bpftrace?.ns_per_run()?)
+}
+
+fn phase_table(out: &mut String, p: &Phase) {
+    let _ = writeln!(
+        out,
+        "| tracepoint | tcpstall program | tcpstall runs | tcpstall ns/run | bpftrace runs | bpftrace ns/run | ratio |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
+    for r in &p.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.tracepoint.unwrap_or("-"),
+            r.program,
+            r.tcpstall.runs,
+            ns(r.tcpstall.ns_per_run()),
+            r.bpftrace
+                .map_or_else(|| "-".into(), |b| b.runs.to_string()),
+            ns(r.bpftrace.and_then(|b| b.ns_per_run())),
+            ratio(r).map_or_else(|| "-".into(), |x| format!("{x:.2}")),
+        );
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let n = cpu.lines().filter(|l| l.starts_with("processor")).count();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or_else(String::new, |kb| {
+            format!(", {:.1} GiB", kb as f64 / 1048576.0)
+        });
+    format!("{n} x {model}{mem}")
+}
+
+fn date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+impl Report {
+    /// The Markdown report: environment, both phases, iperf3, goals.
+    pub fn markdown(&self, command: &str) -> String {
+        let mut o = String::new();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let _ = writeln!(
+            o,
+            "kernel {kernel}; machine {}; {}; `{command}`\n",
+            machine(),
+            date()
+        );
+        let _ = writeln!(
+            o,
+            "Storm phase: {} blackholed flows (tcp_retries2 = {}) for {:.0} s, plus ordinary traffic:\n",
+            self.opts.flows, self.opts.retries2, self.storm.secs
+        );
+        phase_table(&mut o, &self.storm);
+        let _ = writeln!(
+            o,
+            "\nQuiet phase: ordinary traffic only ({:.0} Mbit/s paced bulk stream, {} short connections over both phases) for {:.0} s; the timer program sees non-TCP timers, the ACK probe sockets outside an RTO episode:\n",
+            self.ordinary_bytes as f64 * 8.0 / 1e6 / (self.quiet.secs + self.storm.secs),
+            self.ordinary_connections,
+            self.quiet.secs
+        );
+        phase_table(&mut o, &self.quiet);
+        let _ = writeln!(
+            o,
+            "\nbpftrace map keys at the end (4-tuples; timers for `timer`): {}",
+            self.bpftrace_keys
+                .iter()
+                .map(|(m, n)| format!("{m} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if let Some(ip) = &self.iperf {
+            let base = iperf::median(&ip.runs[0]);
+            let _ = writeln!(
+                o,
+                "\niperf3 over veth (MTU 1500), {} interleaved runs of {} s per mode:\n",
+                ip.runs[0].len(),
+                ip.secs
+            );
+            let _ = writeln!(o, "| mode | median Gbit/s | min | max | median / without |");
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|");
+            for (i, m) in iperf::Mode::ALL.iter().enumerate() {
+                let r = &ip.runs[i];
+                let min = r.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let _ = writeln!(
+                    o,
+                    "| {} | {:.2} | {min:.2} | {max:.2} | {:.3} |",
+                    m.label(),
+                    iperf::median(r),
+                    iperf::median(r) / base
+                );
+            }
+        }
+        let _ = writeln!(o, "\nGoals:\n");
+        for line in self.goals() {
+            let _ = writeln!(o, "- {line}");
+        }
+        o
+    }
+
+    fn goals(&self) -> Vec<String> {
+        let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+        let mut g = Vec::new();
+        for r in self.storm.rows.iter().filter(|r| r.bpftrace.is_some()) {
+            match ratio(r) {
+                Some(x) => g.push(format!(
+                    "{} ({}) costs <= bpftrace in the storm: ratio {x:.2}, {}",
+                    r.program,
+                    r.tracepoint.unwrap_or("-"),
+                    verdict(x <= 1.0)
+                )),
+                None => g.push(format!(
+                    "{} ({}): no runs in the storm, not measured",
+                    r.program,
+                    r.tracepoint.unwrap_or("-")
+                )),
+            }
+        }
+        let quiet = |tp: &str| {
+            self.quiet
+                .rows
+                .iter()
+                .find(|r| r.tracepoint == Some(tp))
+                .and_then(|r| r.tcpstall.ns_per_run())
+        };
+        match quiet("timer_expire_entry") {
+            Some(v) => g.push(format!(
+                "write-timer program on non-TCP timers (quiet phase) <= {GOAL_TIMER_QUIET_NS:.0} ns/run: {v:.0}, {}",
+                verdict(v <= GOAL_TIMER_QUIET_NS)
+            )),
+            None => g.push("write-timer program on timer_expire_entry not attached or not run: not measured".into()),
+        }
+        match quiet("tcp_probe") {
+            Some(v) => g.push(format!(
+                "ACK probe outside an RTO episode (quiet phase) <= {GOAL_ACK_QUIET_NS:.0} ns/run: {v:.0}, {}",
+                verdict(v <= GOAL_ACK_QUIET_NS)
+            )),
+            None => g.push("ACK probe not attached or not run: not measured".into()),
+        }
+        if let Some(ip) = &self.iperf {
+            let r = iperf::median(&ip.runs[1]) / iperf::median(&ip.runs[0]);
+            g.push(format!(
+                "iperf3 with the agent at defaults >= {GOAL_IPERF_RATIO} of without (medians): {r:.3}, {}",
+                verdict(r >= GOAL_IPERF_RATIO)
+            ));
+        }
+        g
+    }
+}
+
+/// Runs the bench and prints the report on stdout (between the markers
+/// when `markers`, for the guest console).
+pub fn run_and_print(
+    agent: &Path,
+    opts: &BenchOptions,
+    command: &str,
+    markers: bool,
+) -> anyhow::Result<()> {
+    let report = run(agent, opts).context("kernel bench")?;
+    let md = report.markdown(command);
+    if markers {
+        println!("{REPORT_BEGIN}");
+    }
+    println!("\n{md}");
+    if markers {
+        println!("{REPORT_END}");
+    }
+    Ok(())
+}
