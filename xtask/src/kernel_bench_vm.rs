@@ -114,6 +114,8 @@ pub fn run(vm_opts: &vm::VmOptions, agent: &Path, opts: &BenchOptions) -> anyhow
 mod tests {
     use super::*;
 
+    /// Mutation: end the report at `REPORT_BEGIN` instead of `REPORT_END`
+    /// in `report_of`: the first assertion fails (None).
     #[test]
     fn report_is_cut_between_the_markers() {
         let log = format!(
