@@ -207,6 +207,23 @@ fn phase_rows(
             }
         })
         .collect();
+    // bpftrace's tracepoints that no tcpstall program sits on here (the write
+    // timer is an fentry program where the kernel allows it).
+    for (tp, id) in &bt.programs {
+        if !rows.iter().any(|r| r.tracepoint == Some(tp.as_str())) {
+            let tp = procs::BPFTRACE_TRACEPOINTS
+                .iter()
+                .copied()
+                .find(|t| *t == tp.as_str())
+                .unwrap_or("?");
+            rows.push(Row {
+                program: "- (not on this tracepoint)".into(),
+                tracepoint: Some(tp),
+                tcpstall: Cost::default(),
+                bpftrace: Some(cost(*id)),
+            });
+        }
+    }
     // Programs with a bpftrace counterpart first, in the script's order.
     rows.sort_by_key(|r| {
         r.tracepoint
@@ -470,7 +487,12 @@ impl Report {
     fn goals(&self) -> Vec<String> {
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
         let mut g = Vec::new();
-        for r in self.storm.rows.iter().filter(|r| r.bpftrace.is_some()) {
+        for r in self
+            .storm
+            .rows
+            .iter()
+            .filter(|r| r.bpftrace.is_some() && r.program.starts_with("tcpstall"))
+        {
             match ratio(r) {
                 Some(x) => g.push(format!(
                     "{} ({}) costs <= bpftrace in the storm: ratio {x:.2}, {}",
@@ -492,12 +514,21 @@ impl Report {
                 .find(|r| r.tracepoint == Some(tp))
                 .and_then(|r| r.tcpstall.ns_per_run())
         };
-        match quiet("timer_expire_entry") {
-            Some(v) => g.push(format!(
+        let timer_program = self
+            .quiet
+            .rows
+            .iter()
+            .find(|r| r.program.contains("write_timer"))
+            .map(|r| r.program.as_str());
+        match (quiet("timer_expire_entry"), timer_program) {
+            (Some(v), _) => g.push(format!(
                 "write-timer program on non-TCP timers (quiet phase) <= {GOAL_TIMER_QUIET_NS:.0} ns/run: {v:.0}, {}",
                 verdict(v <= GOAL_TIMER_QUIET_NS)
             )),
-            None => g.push("write-timer program on timer_expire_entry not attached or not run: not measured".into()),
+            (None, Some(p)) if !p.ends_with("_tp") => g.push(format!(
+                "write-timer program on non-TCP timers: not applicable, the write timer is {p}, which runs for TCP write timers only"
+            )),
+            _ => g.push("write-timer program on timer_expire_entry not attached or not run: not measured".into()),
         }
         match quiet("tcp_probe") {
             Some(v) => g.push(format!(

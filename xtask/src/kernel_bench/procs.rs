@@ -138,6 +138,9 @@ impl Bpftrace {
                 "mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; exec bpftrace \"$0\"",
             ])
             .arg(&script)
+            // The default (4096 keys per map) fills up with the churn's
+            // 4-tuples; a full map would make bpftrace's updates cheaper.
+            .env("BPFTRACE_MAP_KEYS_MAX", "1048576")
             .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()

@@ -119,7 +119,13 @@ impl Ordinary {
                 let mut sent = 0;
                 while sent < per_slot {
                     let n = (per_slot - sent).min(chunk.len() as u64) as usize;
-                    c.write_all(&chunk[..n]).context("bulk write")?;
+                    if let Err(e) = c.write_all(&chunk[..n]) {
+                        if s.load(Ordering::Relaxed) {
+                            // The sink closed first on the way out.
+                            return Ok(());
+                        }
+                        return Err(e).context("bulk write");
+                    }
                     sent += n as u64;
                 }
                 b.fetch_add(sent, Ordering::Relaxed);
