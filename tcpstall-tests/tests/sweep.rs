@@ -443,3 +443,86 @@ fn retransmit_cause_syn_to_blackholed_port() {
         assert_eq!(retransmits_by(&agent, server, other), 0.0, "{other}");
     }
 }
+
+/// Packets the one-shot drop rule of [`drop_one_data_segment_from`] dropped.
+fn one_shot_drops(ns: &Netns) -> u64 {
+    let out = ns.exec("nft list chain inet tcpstall_fast input");
+    let line = out
+        .lines()
+        .find(|l| l.contains("@fired") && l.contains("drop"))
+        .unwrap_or_else(|| panic!("no one-shot rule in:\n{out}"));
+    let after = line
+        .split("packets ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no counter in: {line}"));
+    after
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad counter in: {line}"))
+}
+
+/// In `ns`, drops exactly one packet: the first TCP segment from `peer` to
+/// `port` carrying data (IP length > 500 bytes). A dynamic set remembers
+/// that the rule fired; every later packet from `peer` is accepted. Removed
+/// with the namespace.
+fn drop_one_data_segment_from(ns: &Netns, peer: std::net::Ipv4Addr, port: u16) {
+    ns.exec("nft add table inet tcpstall_fast");
+    ns.exec("nft add set inet tcpstall_fast fired { type ipv4_addr \\; flags dynamic \\; }");
+    ns.exec(
+        "nft add chain inet tcpstall_fast input { type filter hook input priority 0 \\; policy accept \\; }",
+    );
+    ns.exec("nft add rule inet tcpstall_fast input ip saddr @fired accept");
+    ns.exec(&format!(
+        "nft add rule inet tcpstall_fast input ip saddr {peer} tcp dport {port} meta length gt 500 add @fired {{ ip saddr }} counter drop"
+    ));
+}
+
+/// A dropped segment followed by flowing data: `fast`. In the server's
+/// namespace a one-shot rule drops the first data segment; the client
+/// (TCP_NODELAY, SACK on) goes on writing, the segments after the hole
+/// arrive, SACKs come back and the sender enters TCP_CA_Recovery and
+/// retransmits the hole at once: microseconds on a veth, against at least
+/// 2 jiffies + 2 RTT for a loss probe and 200 ms for an RTO. The segment is
+/// dropped once, so nothing else is retransmitted after the recovery.
+/// Mutation: `ca_state_of` (engine/cause.rs) returning `None`: the hole is
+/// retransmitted in Recovery before the loss-probe timer is re-armed
+/// (`icsk_pending` still 5), so it is not counted as `fast` and the test
+/// failed on its 10 s deadline (8 of 8 runs pass unmutated).
+#[test]
+fn retransmit_cause_dropped_segment_is_fast() {
+    require_tools();
+    let link = Link::new("swf", 50);
+    for ns in [&link.a, &link.b] {
+        ns.sysctl("net.ipv4.tcp_sack", "1");
+    }
+    let agent = Agent::start(&[]);
+    agent.wait_ready(Duration::from_secs(30));
+    let server = SocketAddr::new(link.b_ip.into(), 8080);
+    reading_server_in(&link.b, server);
+    let mut client = connect_in(&link.a, server);
+    client.set_nodelay(true).expect("TCP_NODELAY");
+    client.write_all(b"hello").expect("write");
+    thread::sleep(Duration::from_millis(300));
+    drop_one_data_segment_from(&link.b, link.a_ip, server.port());
+    for _ in 0..20 {
+        client.write_all(&[b'x'; 1000]).expect("write");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while retransmits_by(&agent, server, "fast") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped segment's retransmission was not counted as fast \
+             (drops {}, rto {}, tlp {}, unknown {})",
+            one_shot_drops(&link.b),
+            retransmits_by(&agent, server, "rto"),
+            retransmits_by(&agent, server, "tlp"),
+            retransmits_by(&agent, server, "unknown"),
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(one_shot_drops(&link.b), 1, "exactly one segment dropped");
+    assert_eq!(retransmits_by(&agent, server, "syn"), 0.0);
+    assert_eq!(retransmits_by(&agent, server, "unknown"), 0.0);
+    drop(client);
+}

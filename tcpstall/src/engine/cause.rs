@@ -83,9 +83,12 @@ impl RetransmitCause {
     }
 }
 
-/// `icsk_ca_state` at the event, where the snapshot carries it.
-fn ca_state_of(_ev: &SockEvent) -> Option<u32> {
-    None
+/// `icsk_ca_state` at the event: every program that reads the socket
+/// (`SockFields`, the one snapshot) carries it; sock_ops-only events do not.
+/// A kernel without the field reads 0 (Open), which classifies exactly like
+/// "not known": only Loss and Recovery change a verdict.
+fn ca_state_of(ev: &SockEvent) -> Option<u32> {
+    ev.sock.map(|s| s.ca_state)
 }
 
 /// Per-flow retransmissions by cause.
@@ -150,6 +153,53 @@ mod tests {
             RetransmitCause::classify(TcpState::LastAck, Some(5), None),
             Tlp
         );
+    }
+
+    /// The whole chain from the kernel's record: a retransmit snapshot as the
+    /// `tcp_retransmit_skb` program writes it (`icsk_pending`, `icsk_ca_state`,
+    /// state), decoded, then classified. One snapshot per cause, including
+    /// the two verdicts only `icsk_ca_state` decides.
+    /// Mutation: `ca_state_of` returning `None` fails the Recovery-with-a-
+    /// stale-loss-probe (`tlp` instead of `fast`) and go-back-N (`fast`
+    /// instead of `rto`) rows.
+    #[test]
+    fn classifies_decoded_snapshots() {
+        use tcpstall_common::{Event, flag, kind, source};
+        let snap = |state: u32, pending: u32, ca_state: u32, fields: bool| {
+            let mut raw = Event::zeroed();
+            raw.kind = kind::RETRANSMIT;
+            raw.source = source::TP_BTF;
+            raw.sock.family = 2;
+            raw.sock.sport = 40000;
+            raw.sock.dport = 8080;
+            raw.sock.state = state;
+            raw.sock.pending = pending;
+            raw.sock.ca_state = ca_state;
+            raw.sock.flags = if fields { flag::SOCK_FIELDS } else { 0 };
+            let ev = SockEvent::from_raw(&raw).expect("decodes");
+            RetransmitCause::of(&ev)
+        };
+        const EST: u32 = 1;
+        const SYN_SENT: u32 = 2;
+        const SYN_RECV: u32 = 3;
+        // RTO: the timer handler cleared icsk_pending; then go-back-N in Loss.
+        assert_eq!(snap(EST, 0, 0, true), Rto);
+        assert_eq!(snap(EST, 1, TCP_CA_LOSS, true), Rto);
+        // Tail loss probe: ICSK_TIME_LOSS_PROBE pending, Open or CWR.
+        assert_eq!(snap(EST, 5, 0, true), Tlp);
+        assert_eq!(snap(EST, 5, 2, true), Tlp);
+        // Fast retransmit entering Recovery while the loss probe is still
+        // armed (tcp_ack retransmits before re-arming the timer), with the
+        // RTO armed, and from the RACK reordering timer.
+        assert_eq!(snap(EST, 5, TCP_CA_RECOVERY, true), Fast);
+        assert_eq!(snap(EST, 1, TCP_CA_RECOVERY, true), Fast);
+        assert_eq!(snap(EST, 6, TCP_CA_RECOVERY, true), Fast);
+        assert_eq!(snap(EST, 1, 1, true), Fast);
+        // SYN and SYN-ACK.
+        assert_eq!(snap(SYN_SENT, 0, 0, true), Syn);
+        assert_eq!(snap(SYN_RECV, 0, TCP_CA_LOSS, true), Syn);
+        // No socket fields: unknown.
+        assert_eq!(snap(EST, 0, 0, false), Unknown);
     }
 
     #[test]
