@@ -140,7 +140,7 @@ impl Bpftrace {
             .arg(&script)
             // The default (4096 keys per map) fills up with the churn's
             // 4-tuples; a full map would make bpftrace's updates cheaper.
-            .env("BPFTRACE_MAP_KEYS_MAX", "1048576")
+            .env("BPFTRACE_MAP_KEYS_MAX", "65536")
             .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
