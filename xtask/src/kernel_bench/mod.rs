@@ -140,7 +140,7 @@ fn tracepoint_of(program: &str) -> Option<&'static str> {
         Some("inet_sock_set_state")
     } else if program.contains("ack") {
         Some("tcp_probe")
-    } else if program.ends_with("write_timer_tp") {
+    } else if program.contains("write_timer_tp") {
         Some("timer_expire_entry")
     } else {
         None
@@ -525,7 +525,7 @@ impl Report {
                 "write-timer program on non-TCP timers (quiet phase) <= {GOAL_TIMER_QUIET_NS:.0} ns/run: {v:.0}, {}",
                 verdict(v <= GOAL_TIMER_QUIET_NS)
             )),
-            (None, Some(p)) if !p.ends_with("_tp") => g.push(format!(
+            (None, Some(p)) if !p.contains("write_timer_tp") => g.push(format!(
                 "write-timer program on non-TCP timers: not applicable, the write timer is {p}, which runs for TCP write timers only"
             )),
             _ => g.push("write-timer program on timer_expire_entry not attached or not run: not measured".into()),
