@@ -509,11 +509,13 @@ impl Pipeline {
                     t,
                 );
             }
-            for (&netns, &n) in &report.by_netns {
-                let id = pods.lookup(u64::from(netns), t);
+            // The same identity as stalls: the socket's cgroup first, the
+            // network namespace where there is no cgroup id.
+            for (&(netns, cgroup_id), &n) in &report.by_owner {
+                let id = pods.pod(&crate::identity::FlowRef::owner(netns, cgroup_id), t);
                 let l = PodLabels {
-                    namespace: id.map(|p| p.namespace.clone()).unwrap_or_default(),
-                    pod: id.map(|p| p.pod.clone()).unwrap_or_default(),
+                    namespace: id.as_ref().map(|p| p.namespace.clone()).unwrap_or_default(),
+                    pod: id.map(|p| p.pod).unwrap_or_default(),
                 };
                 *per_pod.entry(l).or_default() += n;
             }

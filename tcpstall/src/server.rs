@@ -361,6 +361,7 @@ struct RiskDocEntry<'a> {
     risk: &'a crate::engine::risks::RiskEntry,
     pod: Option<&'a str>,
     namespace: Option<&'a str>,
+    container: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -393,7 +394,7 @@ fn risks_json(state: &AgentState) -> Response {
         report
             .listed
             .iter()
-            .map(|r| pods.lookup(u64::from(r.netns), t).cloned())
+            .map(|r| pods.pod(&crate::identity::FlowRef::owner(r.netns, r.cgroup_id), t))
             .collect()
     };
     let risks = report
@@ -404,6 +405,7 @@ fn risks_json(state: &AgentState) -> Response {
             risk: r,
             pod: p.as_ref().and_then(|p| nonempty(&p.pod)),
             namespace: p.as_ref().and_then(|p| nonempty(&p.namespace)),
+            container: p.as_ref().and_then(|p| nonempty(&p.container)),
         })
         .collect::<Vec<_>>();
     json_response(&RisksDoc {

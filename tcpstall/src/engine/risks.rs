@@ -35,6 +35,9 @@ pub struct RiskEntry {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub netns: u32,
+    /// cgroup v2 id of the socket (0 = unknown): names the pod and
+    /// container, as for stalls.
+    pub cgroup_id: u64,
     pub pid: u32,
     pub process: String,
     pub fd: u32,
@@ -65,6 +68,9 @@ pub struct RiskReport {
     pub listed: Vec<RiskEntry>,
     /// `total` per network namespace inode.
     pub by_netns: BTreeMap<u32, usize>,
+    /// `total` per owner: (network namespace inode, cgroup id), the keys
+    /// pod identity resolves (cgroup first, the namespace as fallback).
+    pub by_owner: BTreeMap<(u32, u64), usize>,
 }
 
 /// Whether no kernel timer would end this socket if the peer vanished.
@@ -111,11 +117,13 @@ pub fn audit(sockets: &[SweptSocket], hz: u32, swept_at_ns: u64, limit: usize) -
         }
         r.total += 1;
         *r.by_netns.entry(s.ev.netns).or_default() += 1;
+        *r.by_owner.entry((s.ev.netns, s.ev.cgroup_id)).or_default() += 1;
         r.listed.push(RiskEntry {
             cookie: s.ev.cookie,
             local: s.ev.local,
             remote: s.ev.remote,
             netns: s.ev.netns,
+            cgroup_id: s.ev.cgroup_id,
             pid: s.pid,
             process: s.comm.clone(),
             fd: s.fd,
@@ -131,4 +139,66 @@ pub fn audit(sockets: &[SweptSocket], hz: u32, swept_at_ns: u64, limit: usize) -
         .sort_by(|a, b| b.idle_s.total_cmp(&a.idle_s).then(a.cookie.cmp(&b.cookie)));
     r.listed.truncate(limit);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcpstall_common::{Event, flag, kind, source};
+
+    fn swept(cookie: u64, netns: u32, cgroup_id: u64, keepalive: bool, uto_ms: u32) -> SweptSocket {
+        let mut raw = Event::zeroed();
+        raw.kind = kind::SWEEP;
+        raw.source = source::SWEEP;
+        raw.sock.family = 2;
+        raw.sock.cookie = cookie;
+        raw.sock.sport = 40000 + cookie as u16;
+        raw.sock.dport = 5432;
+        raw.sock.state = 1;
+        raw.sock.netns = netns;
+        raw.sock.cgroup_id = cgroup_id;
+        raw.sock.user_timeout_ms = uto_ms;
+        raw.sock.flags = flag::SOCK_FIELDS;
+        SweptSocket {
+            ev: SockEvent::from_raw(&raw).expect("decodes"),
+            pid: 1,
+            fd: 3,
+            comm: "psql".into(),
+            keepalive,
+            keepalive_time_j: 0,
+            keepalive_intvl_j: 0,
+            keepalive_probes: 0,
+        }
+    }
+
+    /// Sockets without a timeout are counted per owner, (netns, cgroup id):
+    /// two pods' containers sharing one network namespace (hostNetwork) stay
+    /// apart, so the per-pod gauge names each.
+    /// Mutation: keying `by_owner` by `(netns, 0)` merges the two owners.
+    #[test]
+    fn counts_at_risk_sockets_per_owner() {
+        let r = audit(
+            &[
+                swept(1, 7, 100, false, 0),
+                swept(2, 7, 100, false, 0),
+                swept(3, 7, 200, false, 0),
+                swept(4, 7, 200, true, 0),
+                swept(5, 8, 0, false, 30_000),
+            ],
+            1000,
+            1,
+            10,
+        );
+        assert_eq!((r.established, r.total), (5, 3));
+        assert_eq!(
+            r.by_owner.into_iter().collect::<Vec<_>>(),
+            [((7, 100), 2), ((7, 200), 1)]
+        );
+        assert_eq!(r.by_netns.into_iter().collect::<Vec<_>>(), [(7, 3)]);
+        assert!(r.listed.iter().all(|e| e.netns == 7));
+        assert_eq!(
+            r.listed.iter().map(|e| e.cgroup_id).collect::<Vec<_>>(),
+            [100, 100, 200]
+        );
+    }
 }

@@ -64,6 +64,18 @@ impl FlowRef {
             remote: v.remote,
         }
     }
+
+    /// The lookup key of a socket known by its owner only (the audit's
+    /// per-pod counts): the addresses play no part in pod identity.
+    pub fn owner(netns: u32, cgroup_id: u64) -> Self {
+        let any = SocketAddr::from(([0, 0, 0, 0], 0));
+        Self {
+            netns,
+            cgroup_id,
+            local: any,
+            remote: any,
+        }
+    }
 }
 
 pub struct Identities {
