@@ -9,8 +9,11 @@ use core::mem::size_of;
 
 /// Ring buffer carrying [`Event`]s from the kernel to the agent.
 pub const EVENTS_MAP: &str = "TCPSTALL_EVENTS";
-/// Array map (one entry) holding the [`KernelLayout`] the agent resolved from BTF.
-pub const LAYOUT_MAP: &str = "TCPSTALL_LAYOUT";
+/// The read-only global (`.rodata`) holding the [`KernelLayout`] the agent
+/// resolved from BTF, set at load time (`EbpfLoader::set_global`). The map
+/// is frozen before any program loads, so the verifier sees every offset as a
+/// constant: no lookup per run, branches on absent fields are pruned.
+pub const LAYOUT_GLOBAL: &str = "TCPSTALL_LAYOUT";
 /// Per-CPU array of `u64` counters indexed by the [`stat`] constants.
 pub const STATS_MAP: &str = "TCPSTALL_STATS";
 
@@ -18,27 +21,37 @@ pub const STATS_MAP: &str = "TCPSTALL_STATS";
 pub const DEFAULT_RINGBUF_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Program names (the Rust function names in `tcpstall-ebpf`).
+///
+/// Programs ending in `_direct` read the socket with plain loads through a
+/// BTF-typed pointer (no helper call per field); the others with probe reads.
+/// The agent tries the direct one first.
 pub mod program {
     /// `tp_btf/tcp_retransmit_skb` reading its `err` argument (6.17+): failed
     /// attempts are counted in `stat::RETRANSMIT_FAILED`, not reported.
     pub const RETRANSMIT_BTF_ERR: &str = "tcpstall_retransmit_btf_err";
+    pub const RETRANSMIT_DIRECT_ERR: &str = "tcpstall_retransmit_direct_err";
     /// `tp_btf/tcp_retransmit_skb` (kernels whose tracepoint has no `err`).
     pub const RETRANSMIT_BTF: &str = "tcpstall_retransmit_btf";
+    pub const RETRANSMIT_DIRECT: &str = "tcpstall_retransmit_direct";
     /// `tp_btf/inet_sock_set_state`
     pub const STATE_BTF: &str = "tcpstall_state_btf";
+    pub const STATE_DIRECT: &str = "tcpstall_state_direct";
     /// `tp_btf/inet_sk_error_report`
     pub const ERROR_REPORT_BTF: &str = "tcpstall_error_report_btf";
+    pub const ERROR_REPORT_DIRECT: &str = "tcpstall_error_report_direct";
     /// fentry on `tcp_write_timer_handler`
     pub const WRITE_TIMER_FENTRY: &str = "tcpstall_write_timer_fentry";
     /// kprobe on `tcp_write_timer_handler`
     pub const WRITE_TIMER_KPROBE: &str = "tcpstall_write_timer_kprobe";
     /// `tp_btf/timer_expire_entry`, filtered to `tcp_write_timer`
     pub const WRITE_TIMER_TIMER_TP: &str = "tcpstall_write_timer_tp";
+    pub const WRITE_TIMER_TIMER_TP_DIRECT: &str = "tcpstall_write_timer_tp_direct";
     /// cgroup `sock_ops` (RTO_CB / STATE_CB)
     pub const SOCK_OPS: &str = "tcpstall_sock_ops";
     /// `tp_btf/tcp_probe`, filtered to segments that acknowledge new data on
     /// a socket inside an RTO episode (`icsk_retransmits != 0`).
     pub const ACK_BTF: &str = "tcpstall_ack_btf";
+    pub const ACK_DIRECT: &str = "tcpstall_ack_direct";
 }
 
 /// Event kinds ([`Event::kind`]).
@@ -384,7 +397,7 @@ pub mod layout_flag {
 }
 
 /// Everything the programs need to know about the running kernel, written by
-/// the agent into [`LAYOUT_MAP`] before any program is attached.
+/// the agent into [`LAYOUT_GLOBAL`] before the programs are loaded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelLayout {

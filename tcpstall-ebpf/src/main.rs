@@ -2,7 +2,9 @@
 //!
 //! Every program is a thin wrapper around a `try_*` function returning
 //! `Result`. Kernel struct fields are read at offsets the agent resolved from the
-//! running kernel's BTF (`TCPSTALL_LAYOUT`); Rust eBPF has no CO-RE. Events go
+//! running kernel's BTF (`TCPSTALL_LAYOUT`, a read-only global the agent sets
+//! at load time: the verifier sees the offsets as constants); Rust eBPF has no
+//! CO-RE. Events go
 //! to one ring buffer; an event that does not fit is counted in
 //! `TCPSTALL_STATS[RINGBUF_DROPPED]`, never silently lost.
 //!
@@ -15,12 +17,16 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, bpf_sock_ops,
     },
-    helpers::{bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_skc_to_tcp_sock,
+    },
     macros::{btf_tracepoint, fentry, kprobe, map, sock_ops},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, SockOpsContext},
 };
 use tcpstall_common::{
@@ -29,14 +35,17 @@ use tcpstall_common::{
 };
 
 pub mod snapshot;
-use snapshot::{is_tcp, read};
+use snapshot::{Direct, Probe, Source, is_tcp, read};
 mod sweep;
 
 #[map(name = "TCPSTALL_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
 
-#[map(name = "TCPSTALL_LAYOUT")]
-static LAYOUT: Array<KernelLayout> = Array::with_max_entries(1, 0);
+/// The kernel layout, set by the agent before loading (`LAYOUT_GLOBAL`). Lives
+/// in `.rodata`, which the loader freezes: loads from it are constants to the
+/// verifier. Read only through [`layout`].
+#[unsafe(no_mangle)]
+static TCPSTALL_LAYOUT: KernelLayout = KernelLayout::zeroed();
 
 #[map(name = "TCPSTALL_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -57,11 +66,20 @@ fn bump(index: u32) {
     }
 }
 
+/// The layout the agent set. The address goes through a volatile stack slot:
+/// the compiler sees an immutable zeroed static and would otherwise fold every
+/// field to its initializer; the verifier keeps the pointer's map identity
+/// across the slot and folds the loads to the values set at load time (the
+/// READY check then costs nothing).
 #[inline(always)]
 fn layout() -> Result<&'static KernelLayout, Skip> {
-    match LAYOUT.get(0) {
-        Some(l) if l.flags & layout_flag::READY != 0 => Ok(l),
-        _ => Err(Skip),
+    let slot: *const KernelLayout = &TCPSTALL_LAYOUT;
+    // SAFETY: reading a local; the result is the static's address.
+    let l = unsafe { &*core::ptr::read_volatile(&slot) };
+    if l.flags & layout_flag::READY != 0 {
+        Ok(l)
+    } else {
+        Err(Skip)
     }
 }
 
@@ -82,13 +100,25 @@ fn now() -> (u64, u64) {
 
 /// Reserve, fill and submit one event; count it as dropped when the ring
 /// buffer is full.
+///
+/// No wake-up per event: the agent polls the ring every few milliseconds
+/// (`reader.rs`), and events carry their own kernel timestamps, so waking it
+/// for each one (an irq_work and a context switch per event on a quiet
+/// ring) buys nothing. Once the ring holds more than an eighth of its size,
+/// every submit wakes the reader, so a burst cannot outrun the poll.
 #[inline(always)]
 fn emit(fill: impl FnOnce(&mut Event)) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
             let ev = entry.write(Event::zeroed());
             fill(ev);
-            entry.submit(0);
+            let wake =
+                EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= EVENTS.query(BPF_RB_RING_SIZE as u64) / 8;
+            entry.submit(if wake {
+                BPF_RB_FORCE_WAKEUP as u64
+            } else {
+                BPF_RB_NO_WAKEUP as u64
+            });
             bump(stat::SUBMITTED);
         }
         None => bump(stat::RINGBUF_DROPPED),
@@ -98,42 +128,97 @@ fn emit(fill: impl FnOnce(&mut Event)) {
 // ---------------------------------------------------------------------------
 // tcp:tcp_retransmit_skb (tp_btf): every retransmitted segment.
 
-#[btf_tracepoint(function = "tcp_retransmit_skb")]
-pub fn tcpstall_retransmit_btf(ctx: BtfTracePointContext) -> i32 {
-    match try_retransmit_btf(&ctx) {
-        Ok(()) | Err(Skip) => 0,
-    }
+/// Each tp_btf program exists twice: `DIRECT` reads the socket with plain
+/// loads through the typed `tcp_sock` (`bpf_skc_to_tcp_sock`, 5.9+), the other
+/// with probe reads. The agent tries the direct one first and falls back when
+/// it does not load (see the probe table).
+macro_rules! tp_program {
+    ($name:ident, $direct:literal, $tp:literal, $body:ident) => {
+        #[btf_tracepoint(function = $tp)]
+        pub fn $name(ctx: BtfTracePointContext) -> i32 {
+            match $body::<$direct>(&ctx) {
+                Ok(()) | Err(Skip) => 0,
+            }
+        }
+    };
 }
 
-/// 6.17+: the tracepoint also fires for failed attempts; its third argument
-/// (`err`) tells them apart. Loading fails on kernels without that argument,
-/// and the agent falls back to the program above.
-#[btf_tracepoint(function = "tcp_retransmit_skb")]
-pub fn tcpstall_retransmit_btf_err(ctx: BtfTracePointContext) -> i32 {
+// ---------------------------------------------------------------------------
+// tcp:tcp_retransmit_skb (tp_btf): every retransmitted segment.
+
+tp_program!(
+    tcpstall_retransmit_btf,
+    false,
+    "tcp_retransmit_skb",
+    try_retransmit_btf
+);
+tp_program!(
+    tcpstall_retransmit_direct,
+    true,
+    "tcp_retransmit_skb",
+    try_retransmit_btf
+);
+// 6.17+: the tracepoint also fires for failed attempts; its third argument
+// (`err`) tells them apart. Loading fails on kernels without that argument,
+// and the agent falls back to the programs above.
+tp_program!(
+    tcpstall_retransmit_btf_err,
+    false,
+    "tcp_retransmit_skb",
+    try_retransmit_err
+);
+tp_program!(
+    tcpstall_retransmit_direct_err,
+    true,
+    "tcp_retransmit_skb",
+    try_retransmit_err
+);
+
+#[inline(always)]
+fn try_retransmit_err<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
     let err: i32 = ctx.arg(2);
     if err != 0 {
         bump(stat::RETRANSMIT_FAILED);
-        return 0;
+        return Err(Skip);
     }
-    match try_retransmit_btf(&ctx) {
-        Ok(()) | Err(Skip) => 0,
-    }
+    try_retransmit_btf::<DIRECT>(ctx)
 }
 
-/// The socket (argument 0) of a BTF tracepoint: the typed pointer for helpers
-/// and the same address as a number for BTF-offset reads.
+/// Emit one socket event of `kind` for the BTF tracepoint's socket (argument
+/// 0). `DIRECT`: plain loads through the typed `tcp_sock`; a socket that is
+/// not a full TCP socket (no `tcp_sock`) goes the probe-read way, where
+/// `tcp_only` drops non-TCP sockets. `finish` adds what is specific to the
+/// hook.
 #[inline(always)]
-fn tp_sock(ctx: &BtfTracePointContext) -> (*mut core::ffi::c_void, u64) {
-    (ctx.arg(0), arg_scalar(ctx.as_ptr(), 0))
-}
-
-/// Emit one socket event of `kind` from a BTF tracepoint; `finish` adds what
-/// is specific to the hook.
-#[inline(always)]
-fn sock_event(
+fn tp_sock_event<const DIRECT: bool>(
+    ctx: &BtfTracePointContext,
     l: &KernelLayout,
+    tcp_only: bool,
+    event_kind: u32,
+    finish: impl FnOnce(&mut Event),
+) -> Result<(), Skip> {
+    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
+    if DIRECT {
+        // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk_ptr) };
+        if !tp.is_null() {
+            return sock_event(l, Direct(tp as *const u8), sk_ptr, event_kind, finish);
+        }
+    }
+    let sk = arg_scalar(ctx.as_ptr(), 0);
+    if tcp_only && !is_tcp(l, sk) {
+        return Err(Skip);
+    }
+    sock_event(l, Probe(sk), sk_ptr, event_kind, finish)
+}
+
+/// Emit one socket event of `kind`; `finish` adds what is specific to the
+/// hook.
+#[inline(always)]
+fn sock_event<S: Source>(
+    l: &KernelLayout,
+    sk: S,
     sk_ptr: *mut core::ffi::c_void,
-    sk: u64,
     event_kind: u32,
     finish: impl FnOnce(&mut Event),
 ) -> Result<(), Skip> {
@@ -145,38 +230,40 @@ fn sock_event(
         ev.jiffies = jiffies;
         ev.kind = event_kind;
         ev.source = source::TP_BTF;
-        snapshot::fill(&mut ev.sock, l, sk, cookie);
+        snapshot::fill_from(&mut ev.sock, l, sk, cookie);
         finish(ev);
     });
     Ok(())
 }
 
 #[inline(always)]
-fn try_retransmit_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+fn try_retransmit_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
     let l = layout()?;
-    let (sk_ptr, sk) = tp_sock(ctx);
-    sock_event(l, sk_ptr, sk, kind::RETRANSMIT, |_| {})
+    tp_sock_event::<DIRECT>(ctx, l, false, kind::RETRANSMIT, |_| {})
 }
 
 // ---------------------------------------------------------------------------
 // sock:inet_sock_set_state (tp_btf): every TCP state change.
 
-#[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn tcpstall_state_btf(ctx: BtfTracePointContext) -> i32 {
-    match try_state_btf(&ctx) {
-        Ok(()) | Err(Skip) => 0,
-    }
-}
+tp_program!(
+    tcpstall_state_btf,
+    false,
+    "inet_sock_set_state",
+    try_state_btf
+);
+tp_program!(
+    tcpstall_state_direct,
+    true,
+    "inet_sock_set_state",
+    try_state_btf
+);
 
-fn try_state_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+#[inline(always)]
+fn try_state_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
     let l = layout()?;
-    let (sk_ptr, sk) = tp_sock(ctx);
-    if !is_tcp(l, sk) {
-        return Err(Skip);
-    }
     let old_state: i32 = ctx.arg(1);
     let new_state: i32 = ctx.arg(2);
-    sock_event(l, sk_ptr, sk, kind::STATE, |ev| {
+    tp_sock_event::<DIRECT>(ctx, l, true, kind::STATE, |ev| {
         ev.old_state = old_state as u32;
         ev.sock.state = new_state as u32;
     })
@@ -185,46 +272,69 @@ fn try_state_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
 // ---------------------------------------------------------------------------
 // sock:inet_sk_error_report (tp_btf): the kernel's error verdict.
 
-#[btf_tracepoint(function = "inet_sk_error_report")]
-pub fn tcpstall_error_report_btf(ctx: BtfTracePointContext) -> i32 {
-    match try_error_report_btf(&ctx) {
-        Ok(()) | Err(Skip) => 0,
-    }
-}
+tp_program!(
+    tcpstall_error_report_btf,
+    false,
+    "inet_sk_error_report",
+    try_error_report_btf
+);
+tp_program!(
+    tcpstall_error_report_direct,
+    true,
+    "inet_sk_error_report",
+    try_error_report_btf
+);
 
-fn try_error_report_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+#[inline(always)]
+fn try_error_report_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
     let l = layout()?;
-    let (sk_ptr, sk) = tp_sock(ctx);
-    if !is_tcp(l, sk) {
-        return Err(Skip);
-    }
-    sock_event(l, sk_ptr, sk, kind::ERROR_REPORT, |_| {})
+    tp_sock_event::<DIRECT>(ctx, l, true, kind::ERROR_REPORT, |_| {})
 }
 
 // ---------------------------------------------------------------------------
 // tcp:tcp_probe (tp_btf): ACK progress that ends an RTO episode.
+//
+// Runs for every segment an established socket receives (before the kernel
+// processes it), so the filter comes first and costs one read: only sockets
+// inside an RTO episode (`icsk_retransmits != 0`, reset by the first ACK
+// that advances `snd_una`) go further, and only a segment acknowledging new
+// data is reported. That is one event per recovered episode.
 
-/// Runs for every segment an established socket receives (before the kernel
-/// processes it), so the filter comes first and costs one read: only sockets
-/// inside an RTO episode (`icsk_retransmits != 0`, reset by the first ACK
-/// that advances `snd_una`) go further, and only a segment acknowledging new
-/// data is reported. That is one event per recovered episode.
-#[btf_tracepoint(function = "tcp_probe")]
-pub fn tcpstall_ack_btf(ctx: BtfTracePointContext) -> i32 {
-    match try_ack_btf(&ctx) {
-        Ok(()) | Err(Skip) => 0,
+tp_program!(tcpstall_ack_btf, false, "tcp_probe", try_ack_btf);
+tp_program!(tcpstall_ack_direct, true, "tcp_probe", try_ack_btf);
+
+#[inline(always)]
+fn try_ack_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let f = &l.fields;
+    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
+    if DIRECT {
+        // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer);
+        // tcp_probe fires for full TCP sockets only.
+        let tp = Direct(unsafe { bpf_skc_to_tcp_sock(sk_ptr) } as *const u8);
+        if tp.is_null() || tp.get(&f[field::ICSK_RETRANSMITS]) == 0 {
+            return Err(Skip);
+        }
+        let una = tp.get(&f[field::TP_SND_UNA]) as u32;
+        let ack = ack_after(ctx, l, una)?;
+        sock_event(l, tp, sk_ptr, kind::ACK, |ev| ev.ack_seq = ack)
+    } else {
+        let sk = arg_scalar(ctx.as_ptr(), 0);
+        if read(sk, &f[field::ICSK_RETRANSMITS]) == 0 {
+            return Err(Skip);
+        }
+        let una = read(sk, &f[field::TP_SND_UNA]) as u32;
+        let ack = ack_after(ctx, l, una)?;
+        sock_event(l, Probe(sk), sk_ptr, kind::ACK, |ev| ev.ack_seq = ack)
     }
 }
 
-fn try_ack_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
-    let l = layout()?;
-    let f = &l.fields;
-    let (sk_ptr, sk) = tp_sock(ctx);
-    if read(sk, &f[field::ICSK_RETRANSMITS]) == 0 {
-        return Err(Skip);
-    }
-    let cb = &f[field::SKB_CB];
-    let ack_field = &f[field::TCP_SKB_CB_ACK_SEQ];
+/// The segment's (argument 1) `ack_seq` when it acknowledges data after
+/// `una` (in sequence space).
+#[inline(always)]
+fn ack_after(ctx: &BtfTracePointContext, l: &KernelLayout, una: u32) -> Result<u32, Skip> {
+    let cb = &l.fields[field::SKB_CB];
+    let ack_field = &l.fields[field::TCP_SKB_CB_ACK_SEQ];
     if !cb.is_present() || !ack_field.is_present() {
         return Err(Skip);
     }
@@ -233,12 +343,10 @@ fn try_ack_btf(ctx: &BtfTracePointContext) -> Result<(), Skip> {
         return Err(Skip);
     }
     let ack = read(skb.wrapping_add(cb.offset as u64), ack_field) as u32;
-    let una = read(sk, &f[field::TP_SND_UNA]) as u32;
-    // after(ack, una) in sequence space.
     if (ack.wrapping_sub(una) as i32) <= 0 {
         return Err(Skip);
     }
-    sock_event(l, sk_ptr, sk, kind::ACK, |ev| ev.ack_seq = ack)
+    Ok(ack)
 }
 
 // ---------------------------------------------------------------------------
@@ -304,21 +412,35 @@ fn try_write_timer_kprobe(ctx: &ProbeContext) -> Result<(), Skip> {
     write_timer_event(l, sk, source::KPROBE, 0)
 }
 
-#[btf_tracepoint(function = "timer_expire_entry")]
-pub fn tcpstall_write_timer_tp(ctx: BtfTracePointContext) -> i32 {
-    match try_write_timer_tp(&ctx) {
-        Ok(()) | Err(Skip) => 0,
-    }
-}
+tp_program!(
+    tcpstall_write_timer_tp,
+    false,
+    "timer_expire_entry",
+    try_write_timer_tp
+);
+tp_program!(
+    tcpstall_write_timer_tp_direct,
+    true,
+    "timer_expire_entry",
+    try_write_timer_tp
+);
 
-fn try_write_timer_tp(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+/// Every timer in the system passes here: the callback compare comes first
+/// and is all other timers cost (`DIRECT`: one plain load from the typed
+/// `struct timer_list *`).
+#[inline(always)]
+fn try_write_timer_tp<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
     let l = layout()?;
-    let timer = arg_scalar(ctx.as_ptr(), 0);
-    // Every timer in the system passes here: filter on the callback first.
-    let function = read(timer, &l.fields[field::TIMER_FUNCTION]);
+    let spec = &l.fields[field::TIMER_FUNCTION];
+    let function = if DIRECT {
+        Direct(ctx.arg::<*const u8>(0)).get(spec)
+    } else {
+        read(arg_scalar(ctx.as_ptr(), 0), spec)
+    };
     if function == 0 || function != l.tcp_write_timer_addr {
         return Err(Skip);
     }
+    let timer = arg_scalar(ctx.as_ptr(), 0);
     let sk = timer.wrapping_sub(l.fields[field::WRITE_TIMER].offset as u64);
     write_timer_event(l, sk, source::TIMER_TP, 0)
 }

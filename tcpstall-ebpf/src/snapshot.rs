@@ -72,6 +72,98 @@ fn read16(base: u64, spec: &FieldSpec, out: &mut [u8; 16]) {
     }
 }
 
+/// Where the snapshot's fields come from: a kernel address read with
+/// `bpf_probe_read_kernel` ([`Probe`]: any address, one helper call per
+/// field) or a BTF-typed pointer read with plain loads ([`Direct`]: the
+/// verifier checks each constant offset against the kernel's BTF and turns
+/// the load into a fault-tolerant one; no helper call).
+pub trait Source: Copy {
+    /// The object's address (correlation only).
+    fn addr(self) -> u64;
+    fn is_null(self) -> bool;
+    /// A field of up to 8 bytes (0 when absent).
+    fn get(self, spec: &FieldSpec) -> u64;
+    /// The object a pointer field points to (null when absent).
+    fn follow(self, spec: &FieldSpec) -> Self;
+}
+
+/// A kernel address read with probe reads.
+#[derive(Clone, Copy)]
+pub struct Probe(pub u64);
+
+impl Source for Probe {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0
+    }
+    #[inline(always)]
+    fn is_null(self) -> bool {
+        self.0 == 0
+    }
+    #[inline(always)]
+    fn get(self, spec: &FieldSpec) -> u64 {
+        read(self.0, spec)
+    }
+    #[inline(always)]
+    fn follow(self, spec: &FieldSpec) -> Self {
+        Probe(read(self.0, spec))
+    }
+}
+
+/// A BTF-typed pointer (a `tcp_sock` from `bpf_skc_to_tcp_sock`, or a pointer
+/// loaded from one of its members) read with plain loads. Offsets and sizes
+/// come from the read-only layout, so the verifier sees constants and checks
+/// each load against the member at that offset: a layout that disagrees with
+/// the kernel's BTF fails to load (and the agent falls back to [`Probe`]).
+/// Pointer values are never shifted or masked (the verifier rejects such
+/// arithmetic on pointers).
+#[derive(Clone, Copy)]
+pub struct Direct(pub *const u8);
+
+impl Source for Direct {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0 as u64
+    }
+    #[inline(always)]
+    fn is_null(self) -> bool {
+        self.0.is_null()
+    }
+    #[inline(always)]
+    fn get(self, spec: &FieldSpec) -> u64 {
+        let size = spec.size;
+        if size == 0 || self.0.is_null() {
+            return 0;
+        }
+        let p = self.0.wrapping_add(spec.offset as usize);
+        // SAFETY: loads from a BTF pointer are checked by the verifier and
+        // cannot fault (exception-table loads); the width is the member's.
+        let raw = unsafe {
+            match size {
+                1 => u64::from(core::ptr::read_volatile(p)),
+                2 => u64::from(core::ptr::read_volatile(p.cast::<u16>())),
+                4 => u64::from(core::ptr::read_volatile(p.cast::<u32>())),
+                8 => core::ptr::read_volatile(p.cast::<u64>()),
+                _ => 0,
+            }
+        };
+        if spec.bit_len == 0 {
+            raw
+        } else {
+            (raw >> spec.bit_shift) & (u64::MAX >> (64 - spec.bit_len as u64))
+        }
+    }
+    #[inline(always)]
+    fn follow(self, spec: &FieldSpec) -> Self {
+        if spec.size != 8 || self.0.is_null() {
+            return Direct(core::ptr::null());
+        }
+        let p = self.0.wrapping_add(spec.offset as usize);
+        // SAFETY: as in `get`; the member is a pointer.
+        Direct(unsafe { core::ptr::read_volatile(p.cast::<*const u8>()) })
+    }
+}
+
 /// Whether `sk` is a TCP socket (kernels where the protocol cannot be read:
 /// trust the hook).
 #[inline(always)]
@@ -80,72 +172,80 @@ pub fn is_tcp(l: &KernelLayout, sk: u64) -> bool {
     !f.is_present() || read(sk, f) as u32 == IPPROTO_TCP
 }
 
-/// Fill `out` from the `struct sock` at address `sk`. `cookie` is the socket
-/// cookie when the caller could ask the kernel for it
-/// (`bpf_get_socket_cookie` needs a typed pointer); 0 reads `skc_cookie`.
+/// Fill `out` from the `struct sock` at address `sk` with probe reads (any
+/// address). `cookie` is the socket cookie when the caller could ask the
+/// kernel for it (`bpf_get_socket_cookie` needs a typed pointer); 0 reads
+/// `skc_cookie`.
 #[inline(always)]
 pub fn fill(out: &mut SockSnapshot, l: &KernelLayout, sk: u64, cookie: u64) {
+    fill_from(out, l, Probe(sk), cookie)
+}
+
+/// Fill `out` from the socket `sk` (probe reads or direct loads, see
+/// [`Source`]); otherwise as [`fill`].
+#[inline(always)]
+pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, cookie: u64) {
     let f = &l.fields;
-    out.skaddr = sk;
+    out.skaddr = sk.addr();
     out.cookie = if cookie != 0 {
         cookie
     } else {
-        read(sk, &f[field::SKC_COOKIE])
+        sk.get(&f[field::SKC_COOKIE])
     };
-    let family = read(sk, &f[field::SKC_FAMILY]) as u32;
+    let family = sk.get(&f[field::SKC_FAMILY]) as u32;
     out.family = family;
-    out.state = read(sk, &f[field::SKC_STATE]) as u32;
-    out.sport = read(sk, &f[field::SKC_NUM]) as u16;
+    out.state = sk.get(&f[field::SKC_STATE]) as u32;
+    out.sport = sk.get(&f[field::SKC_NUM]) as u16;
     if out.sport == 0 {
         // Released already (the final CLOSE): inet_sport still holds it.
-        out.sport = u16::from_be(read(sk, &f[field::INET_SPORT]) as u16);
+        out.sport = u16::from_be(sk.get(&f[field::INET_SPORT]) as u16);
     }
-    out.dport = u16::from_be(read(sk, &f[field::SKC_DPORT]) as u16);
+    out.dport = u16::from_be(sk.get(&f[field::SKC_DPORT]) as u16);
     if family == AF_INET6 {
-        read16(sk, &f[field::SKC_V6_RCV_SADDR], &mut out.saddr);
-        read16(sk, &f[field::SKC_V6_DADDR], &mut out.daddr);
+        read16(sk.addr(), &f[field::SKC_V6_RCV_SADDR], &mut out.saddr);
+        read16(sk.addr(), &f[field::SKC_V6_DADDR], &mut out.daddr);
     } else {
-        out.saddr[..4].copy_from_slice(&(read(sk, &f[field::SKC_RCV_SADDR]) as u32).to_ne_bytes());
-        out.daddr[..4].copy_from_slice(&(read(sk, &f[field::SKC_DADDR]) as u32).to_ne_bytes());
+        out.saddr[..4].copy_from_slice(&(sk.get(&f[field::SKC_RCV_SADDR]) as u32).to_ne_bytes());
+        out.daddr[..4].copy_from_slice(&(sk.get(&f[field::SKC_DADDR]) as u32).to_ne_bytes());
     }
 
-    let net = read(sk, &f[field::SKC_NET]);
-    if net != 0 {
-        out.netns = read(net, &f[field::NET_NS_INUM]) as u32;
-        out.retries2 = read(net, &f[field::NET_TCP_RETRIES2]) as u32;
-        out.orphan_retries = read(net, &f[field::NET_TCP_ORPHAN_RETRIES]) as u32;
-        out.netns_rto_max_ms = read(net, &f[field::NET_TCP_RTO_MAX_MS]) as u32;
+    let net = sk.follow(&f[field::SKC_NET]);
+    if !net.is_null() {
+        out.netns = net.get(&f[field::NET_NS_INUM]) as u32;
+        out.retries2 = net.get(&f[field::NET_TCP_RETRIES2]) as u32;
+        out.orphan_retries = net.get(&f[field::NET_TCP_ORPHAN_RETRIES]) as u32;
+        out.netns_rto_max_ms = net.get(&f[field::NET_TCP_RTO_MAX_MS]) as u32;
         out.flags |= flag::NETNS_SYSCTLS;
     }
-    let cgroup = read(sk, &f[field::SK_CGROUP]);
-    if cgroup != 0 {
-        let kn = read(cgroup, &f[field::CGROUP_KN]);
-        out.cgroup_id = read(kn, &f[field::KERNFS_NODE_ID]);
+    let cgroup = sk.follow(&f[field::SK_CGROUP]);
+    if !cgroup.is_null() {
+        let kn = cgroup.follow(&f[field::CGROUP_KN]);
+        out.cgroup_id = kn.get(&f[field::KERNFS_NODE_ID]);
     }
 
-    if read(sk, &f[field::SK_FLAGS]) & SOCK_DEAD_BIT != 0 {
+    if sk.get(&f[field::SK_FLAGS]) & SOCK_DEAD_BIT != 0 {
         out.flags |= flag::SOCK_DEAD;
     }
-    out.retransmits = read(sk, &f[field::ICSK_RETRANSMITS]) as u32;
-    out.backoff = read(sk, &f[field::ICSK_BACKOFF]) as u32;
-    out.probes_out = read(sk, &f[field::ICSK_PROBES_OUT]) as u32;
-    out.pending = read(sk, &f[field::ICSK_PENDING]) as u32;
-    out.ca_state = read(sk, &f[field::ICSK_CA_STATE]) as u32;
-    out.rto_jiffies = read(sk, &f[field::ICSK_RTO]) as u32;
-    out.rto_max_jiffies = read(sk, &f[field::ICSK_RTO_MAX]) as u32;
-    out.user_timeout_ms = read(sk, &f[field::ICSK_USER_TIMEOUT]) as u32;
-    out.timer_expires = read(sk, &f[field::ICSK_TIMER_EXPIRES]);
-    out.retrans_stamp = read(sk, &f[field::TP_RETRANS_STAMP]) as u32;
-    if read(sk, &f[field::TP_USEC_TS]) != 0 {
+    out.retransmits = sk.get(&f[field::ICSK_RETRANSMITS]) as u32;
+    out.backoff = sk.get(&f[field::ICSK_BACKOFF]) as u32;
+    out.probes_out = sk.get(&f[field::ICSK_PROBES_OUT]) as u32;
+    out.pending = sk.get(&f[field::ICSK_PENDING]) as u32;
+    out.ca_state = sk.get(&f[field::ICSK_CA_STATE]) as u32;
+    out.rto_jiffies = sk.get(&f[field::ICSK_RTO]) as u32;
+    out.rto_max_jiffies = sk.get(&f[field::ICSK_RTO_MAX]) as u32;
+    out.user_timeout_ms = sk.get(&f[field::ICSK_USER_TIMEOUT]) as u32;
+    out.timer_expires = sk.get(&f[field::ICSK_TIMER_EXPIRES]);
+    out.retrans_stamp = sk.get(&f[field::TP_RETRANS_STAMP]) as u32;
+    if sk.get(&f[field::TP_USEC_TS]) != 0 {
         out.flags |= flag::USEC_TS;
     }
-    out.snd_una = read(sk, &f[field::TP_SND_UNA]) as u32;
-    out.snd_wnd = read(sk, &f[field::TP_SND_WND]) as u32;
-    out.packets_out = read(sk, &f[field::TP_PACKETS_OUT]) as u32;
-    out.retrans_out = read(sk, &f[field::TP_RETRANS_OUT]) as u32;
-    out.total_retrans = read(sk, &f[field::TP_TOTAL_RETRANS]) as u32;
-    out.lsndtime = read(sk, &f[field::TP_LSNDTIME]) as u32;
-    out.rcv_tstamp = read(sk, &f[field::TP_RCV_TSTAMP]) as u32;
-    out.sk_err = read(sk, &f[field::SK_ERR]) as u32;
+    out.snd_una = sk.get(&f[field::TP_SND_UNA]) as u32;
+    out.snd_wnd = sk.get(&f[field::TP_SND_WND]) as u32;
+    out.packets_out = sk.get(&f[field::TP_PACKETS_OUT]) as u32;
+    out.retrans_out = sk.get(&f[field::TP_RETRANS_OUT]) as u32;
+    out.total_retrans = sk.get(&f[field::TP_TOTAL_RETRANS]) as u32;
+    out.lsndtime = sk.get(&f[field::TP_LSNDTIME]) as u32;
+    out.rcv_tstamp = sk.get(&f[field::TP_RCV_TSTAMP]) as u32;
+    out.sk_err = sk.get(&f[field::SK_ERR]) as u32;
     out.flags |= flag::SOCK_FIELDS;
 }

@@ -411,7 +411,7 @@ impl ResolvedLayout {
         &self.kernel
     }
 
-    /// The layout for [`tcpstall_common::LAYOUT_MAP`]. The caller fills in
+    /// The layout for [`tcpstall_common::LAYOUT_GLOBAL`]. The caller fills in
     /// `tcp_write_timer_addr` and `flags` (zero here).
     pub fn layout(&self) -> KernelLayout {
         let mut l = KernelLayout::zeroed();

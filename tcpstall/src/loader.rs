@@ -6,12 +6,12 @@ use std::{error::Error as StdError, fmt::Write as _, fs::File, path::PathBuf};
 
 use aya::{
     Btf as AyaBtf, Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FEntry, Iter, KProbe, SockOps, links::CgroupAttachMode},
 };
 use tcpstall_common::{
-    EVENTS_MAP, KernelLayout, LAYOUT_MAP, STATS_MAP, SWEEP_PROGRAM, SWEEP_RECORD_SIZE, SweepRecord,
-    layout_flag, stat,
+    EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, STATS_MAP, SWEEP_PROGRAM, SWEEP_RECORD_SIZE,
+    SweepRecord, layout_flag, stat,
 };
 
 use crate::{
@@ -393,16 +393,9 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&aya_btf))
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
+        .override_global(LAYOUT_GLOBAL, &kl, true)
         .load(EBPF_OBJECT)
         .map_err(|e| LoadError::Object(chain(&e)))?;
-    {
-        let map = ebpf
-            .map_mut(LAYOUT_MAP)
-            .ok_or_else(|| LoadError::Map(format!("map {LAYOUT_MAP} missing from the object")))?;
-        let mut arr: Array<&mut MapData, KernelLayout> =
-            Array::try_from(map).map_err(|e| LoadError::Map(chain(&e)))?;
-        arr.set(0, kl, 0).map_err(|e| LoadError::Map(chain(&e)))?;
-    }
 
     if let Some(forced) = opts.force_write_timer {
         let spec = crate::probes::probe(crate::probes::WRITE_TIMER).expect("write_timer probe");

@@ -123,6 +123,9 @@ const TIMER_TP_FIELDS: &[usize] = &[
     field::TIMER_FUNCTION,
 ];
 
+/// The note of every `_direct` program (tried before its probe-read twin).
+const DIRECT_NOTE: &str = "plain loads through the typed tcp_sock (bpf_skc_to_tcp_sock, 5.9+): no helper call per field; falls back to probe reads if the verifier refuses";
+
 pub const RETRANSMIT: &str = "retransmit";
 pub const STATE: &str = "state";
 pub const ERROR_REPORT: &str = "error_report";
@@ -162,6 +165,22 @@ pub static PROBES: &[ProbeSpec] = &[
                 attach: Attach::TpBtf {
                     tracepoint: "tcp_retransmit_skb",
                 },
+                program: program::RETRANSMIT_DIRECT_ERR,
+                fields: SOCK_FIELDS,
+                note: DIRECT_NOTE,
+            },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_retransmit_skb",
+                },
+                program: program::RETRANSMIT_DIRECT,
+                fields: SOCK_FIELDS,
+                note: DIRECT_NOTE,
+            },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_retransmit_skb",
+                },
                 program: program::RETRANSMIT_BTF_ERR,
                 fields: SOCK_FIELDS,
                 note: "6.17+ tracepoint with `err`: failed attempts are counted, not reported",
@@ -180,27 +199,47 @@ pub static PROBES: &[ProbeSpec] = &[
         name: STATE,
         purpose: "TCP state changes (CLOSE_WAIT, CLOSE, ...)",
         required: true,
-        candidates: &[Candidate {
-            attach: Attach::TpBtf {
-                tracepoint: "inet_sock_set_state",
+        candidates: &[
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "inet_sock_set_state",
+                },
+                program: program::STATE_DIRECT,
+                fields: SOCK_FIELDS,
+                note: DIRECT_NOTE,
             },
-            program: program::STATE_BTF,
-            fields: SOCK_FIELDS,
-            note: "old and new state plus a socket snapshot",
-        }],
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "inet_sock_set_state",
+                },
+                program: program::STATE_BTF,
+                fields: SOCK_FIELDS,
+                note: "old and new state plus a socket snapshot",
+            },
+        ],
     },
     ProbeSpec {
         name: ERROR_REPORT,
         purpose: "the kernel's error verdict (110 = ETIMEDOUT)",
         required: false,
-        candidates: &[Candidate {
-            attach: Attach::TpBtf {
-                tracepoint: "inet_sk_error_report",
+        candidates: &[
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "inet_sk_error_report",
+                },
+                program: program::ERROR_REPORT_DIRECT,
+                fields: &[field::SK_ERR],
+                note: DIRECT_NOTE,
             },
-            program: program::ERROR_REPORT_BTF,
-            fields: &[field::SK_ERR],
-            note: "5.14+; without it a timeout is inferred from the CLOSE at the predicted instant",
-        }],
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "inet_sk_error_report",
+                },
+                program: program::ERROR_REPORT_BTF,
+                fields: &[field::SK_ERR],
+                note: "5.14+; without it a timeout is inferred from the CLOSE at the predicted instant",
+            },
+        ],
     },
     ProbeSpec {
         name: WRITE_TIMER,
@@ -227,6 +266,14 @@ pub static PROBES: &[ProbeSpec] = &[
                 attach: Attach::TimerTracepoint {
                     callback: "tcp_write_timer",
                 },
+                program: program::WRITE_TIMER_TIMER_TP_DIRECT,
+                fields: TIMER_TP_FIELDS,
+                note: "as below, the callback compared with one plain load from the typed timer_list",
+            },
+            Candidate {
+                attach: Attach::TimerTracepoint {
+                    callback: "tcp_write_timer",
+                },
                 program: program::WRITE_TIMER_TIMER_TP,
                 fields: TIMER_TP_FIELDS,
                 note: "runs for every kernel timer, filtered to tcp_write_timer; every socket; RTO + zero-window probes",
@@ -243,14 +290,24 @@ pub static PROBES: &[ProbeSpec] = &[
         name: ACK,
         purpose: "ACK progress that ends an RTO episode (the stall clears at once)",
         required: false,
-        candidates: &[Candidate {
-            attach: Attach::TpBtf {
-                tracepoint: "tcp_probe",
+        candidates: &[
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_probe",
+                },
+                program: program::ACK_DIRECT,
+                fields: ACK_FIELDS,
+                note: DIRECT_NOTE,
             },
-            program: program::ACK_BTF,
-            fields: ACK_FIELDS,
-            note: "every received segment passes one read; reports only new data acked during an RTO episode; without it a recovery shows when the next RTO is overdue",
-        }],
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_probe",
+                },
+                program: program::ACK_BTF,
+                fields: ACK_FIELDS,
+                note: "every received segment passes one read; reports only new data acked during an RTO episode; without it a recovery shows when the next RTO is overdue",
+            },
+        ],
     },
 ];
 
@@ -289,12 +346,14 @@ mod tests {
 
     #[test]
     fn write_timer_fallback_order_is_fentry_kprobe_timer_sockops() {
-        let order: Vec<_> = probe(WRITE_TIMER)
+        let mut order: Vec<_> = probe(WRITE_TIMER)
             .unwrap()
             .candidates
             .iter()
             .map(|c| c.attach.mechanism())
             .collect();
+        // The direct-load and probe-read timer programs are one mechanism.
+        order.dedup();
         assert_eq!(
             order,
             vec![

@@ -1,5 +1,6 @@
-//! Ring buffer -> owned events. Waits for the ring buffer's fd to become
-//! readable (epoll via tokio) and drains every record each time.
+//! Ring buffer -> owned events. Drains every record each time the ring
+//! buffer's fd becomes readable (epoll via tokio: the programs wake it once
+//! the ring fills up) or the poll interval passes.
 
 use std::io;
 
@@ -7,6 +8,10 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
 use crate::event::{DecodeError, SockEvent};
+
+/// How often the ring is read when no wake-up came (the programs wake the
+/// reader only once the ring is an eighth full).
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 pub struct Reader {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -33,19 +38,20 @@ impl Reader {
 
     /// Wait for records, then decode all available ones into `out` (appended;
     /// malformed records are kept as errors so the caller can count them).
+    /// The programs submit without waking the reader while the ring is
+    /// nearly empty, so the ring is also polled every [`POLL_INTERVAL`]: an
+    /// event reaches the engine at most that late (its timestamps are the
+    /// kernel's, taken when it happened).
     pub async fn read_batch(
         &mut self,
         out: &mut Vec<Result<SockEvent, DecodeError>>,
     ) -> io::Result<()> {
         loop {
-            let mut guard = self.ring.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            let before = out.len();
-            while let Some(item) = ring.next() {
-                out.push(SockEvent::decode(&item));
+            tokio::select! {
+                guard = self.ring.readable_mut() => guard?.clear_ready(),
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
             }
-            guard.clear_ready();
-            if out.len() > before {
+            if self.drain_ready(out) > 0 {
                 return Ok(());
             }
         }
