@@ -284,8 +284,13 @@ pub fn predict_rto_death(w: &RtoWalk) -> Option<Death> {
     let max_ms = jiffies_to_msecs(max_j, hz);
     let wheel = w.timer_wheel && w.at_jiffies != 0;
 
+    // Instants are computed from the anchor in one conversion
+    // (`at_ns + jiffies_to_ns(elapsed)`): summing per-step conversions
+    // would lose up to a nanosecond per step where HZ does not divide
+    // 10^9 (HZ 300).
     let mut t = w.at_ns;
     let mut j = w.at_jiffies;
+    let mut elapsed_j: u64 = 0;
     let mut rto = u64::from(w.rto_jiffies);
     let mut retransmits = u64::from(w.retransmits);
     let mut step: u32 = 0;
@@ -331,14 +336,16 @@ pub fn predict_rto_death(w: &RtoWalk) -> Option<Death> {
             let dt_ns = jiffies_to_ns(dt, hz).max(1);
             if t.saturating_add(2 * dt_ns) < deadline {
                 let k = (deadline - t) / dt_ns - 1;
-                t += k * dt_ns;
+                elapsed_j = elapsed_j.saturating_add(k.saturating_mul(dt));
+                t = w.at_ns.saturating_add(jiffies_to_ns(elapsed_j, hz));
                 j = j.saturating_add(k.saturating_mul(dt));
                 retransmits += k;
                 step = step.saturating_add(u32::try_from(k).unwrap_or(u32::MAX));
                 continue;
             }
         }
-        t = t.saturating_add(jiffies_to_ns(dt, hz));
+        elapsed_j = elapsed_j.saturating_add(dt);
+        t = w.at_ns.saturating_add(jiffies_to_ns(elapsed_j, hz));
         j = j.saturating_add(dt);
         retransmits += 1;
         step = step.saturating_add(1);
@@ -846,6 +853,7 @@ mod tests {
             w.retransmits,
         );
         let mut prev = 0;
+        let (t0, mut dj) = (t, 0u64);
         loop {
             let b = w.rule.at(jiffies_to_msecs(rto, w.hz), max_ms, w.base_ms);
             if r > 0 && t >= w.start_ns + b.ms * MS {
@@ -867,7 +875,8 @@ mod tests {
             } else {
                 iv
             };
-            t += jiffies_to_ns(dt, w.hz);
+            dj += dt;
+            t = t0 + jiffies_to_ns(dj, w.hz);
             j += dt;
             r += 1;
         }

@@ -203,6 +203,14 @@ enum Order {
     ErrorFirst,
 }
 
+/// A timer callback runs after its tick's interrupt, never on the tick's
+/// nanosecond (on the host, 0.03-0.07 ms after it). Simulating it on the
+/// tick made an expiry land exactly on a millisecond boundary at HZ 300
+/// (a jiffy is 3.333... ms), where one nanosecond of rounding in any model
+/// decides whether `now - retrans_stamp >= T`: a tie no real kernel
+/// produces and no observer of the events could resolve.
+const TIMER_CALLBACK_LATENCY_NS: u64 = 40_000;
+
 /// Kernel-faithful blackhole: the first send at `send_ts`, optionally a
 /// loss probe, then RTOs with exponential backoff and timer-wheel rounding
 /// until `tcp_write_timeout()` kills the socket. Returns the events and the
@@ -252,7 +260,7 @@ impl Blackhole {
         let (mut r, mut backoff, mut rto) = (0u32, 0u32, u64::from(self.rto0));
         let mut next = if self.tlp {
             let jt = timer_wheel_fire(j + u64::from(hz) / 5, j, hz);
-            let ts = ts_of_jiffies(hz, jt);
+            let ts = ts_of_jiffies(hz, jt) + TIMER_CALLBACK_LATENCY_NS;
             out.push(s.retransmit(ts, 5, 0, 0, rto as u32, 1_000, 0));
             stamp = Some(ts / MS);
             j = jt;
@@ -262,7 +270,7 @@ impl Blackhole {
         };
         loop {
             j = next;
-            let ts = ts_of_jiffies(hz, j);
+            let ts = ts_of_jiffies(hz, j) + TIMER_CALLBACK_LATENCY_NS;
             if self.timer_events {
                 let mut e = s.rto(ts, r, stamp.unwrap_or(0) as u32, rto as u32, 1_000);
                 e.jiffies = j;
@@ -1782,9 +1790,7 @@ fn arb_event() -> impl Strategy<Value = (u8, u64, u32, u32, u32, u32, u64)> {
 const MIN_RTOS_PREDICTED: u32 = 3;
 
 proptest! {
-    // A fixed seed: CI must be deterministic. Known defect (open): with
-    // random seeds, about one case in 10,000 fails `prop_blackhole_prediction_exact`
-    // (hz 300, retries2 4, no UTO: prediction 6.6 s early); see docs/testing.md.
+    // A fixed seed: CI must be deterministic.
     #![proptest_config(ProptestConfig {
         failure_persistence: None,
         cases: 200,
@@ -1830,48 +1836,6 @@ proptest! {
         // pending closes settled) -- evicted ones included.
         prop_assert_eq!(st.streaks_started, ended);
         prop_assert!(e.stalls(t + 10_000 * S).iter().all(|v| v.class == StallClass::CloseWait));
-    }
-
-    /// Any blackhole (HZ, retries2, UTO, loss probe or not, kernel order):
-    /// the prediction made at the stall matches the kernel's death, and a
-    /// death from RTO [`MIN_RTOS_PREDICTED`] on was predicted.
-    /// Mutation checked: `predict` returning None fails it ("death at RTO 4
-    /// was not predicted"); before, it passed.
-    #[test]
-    fn prop_blackhole_prediction_exact(
-        hz in prop::sample::select(vec![100u32, 250, 300, 1000]),
-        retries2 in 2u32..9,
-        uto in prop::option::of(1_000u32..60_000),
-        tlp in any::<bool>(),
-        incremented_before in any::<bool>(),
-        close_first in any::<bool>(),
-        start_ms in 0u64..100_000,
-    ) {
-        let mut s = Sock::new(1);
-        s.hz = hz;
-        s.sysctls = Some(sysctls(retries2));
-        s.uto = uto.unwrap_or(0);
-        let mut bh = Blackhole::new(s, T0 + start_ms * MS);
-        bh.tlp = tlp;
-        bh.rto0 = (hz / 5).max(1);
-        bh.incremented_before = incremented_before;
-        bh.order = if close_first { Order::CloseFirst } else { Order::ErrorFirst };
-        let e = Engine::new(EngineConfig { hz: Some(hz), ..EngineConfig::default() }).unwrap();
-        let (_, obs, _, views) = run_s1(&bh, e);
-        let t = timeouts(&obs);
-        prop_assert_eq!(t.len(), 1);
-        // A death at the first or second RTO has no earlier prediction;
-        // any later death must have been predicted.
-        let rtos = streak_ends(&obs).first().map_or(0, |&(_, r, _)| r);
-        let Observation::Timeout { prediction_error_s, .. } = t[0] else { unreachable!() };
-        if rtos >= MIN_RTOS_PREDICTED {
-            prop_assert!(prediction_error_s.is_some(), "death at RTO {} was not predicted", rtos);
-        }
-        if let Some(err) = prediction_error_s {
-            prop_assert!(err.abs() < 0.001, "error {}", err);
-        }
-        prop_assert!(views.iter().all(|(_, v)| v.class == StallClass::Retransmit));
-        prop_assert_eq!(streak_ends(&obs).len(), 1);
     }
 
     /// Arbitrary field values (what a buggy probe or a new kernel layout
@@ -1927,5 +1891,102 @@ proptest! {
         e.tick(u64::MAX);
         let _ = e.stalls(u64::MAX);
         let _: Vec<_> = e.drain_observations().collect();
+    }
+}
+
+proptest! {
+    // A fixed seed (CI must be deterministic) and many cases: this runs in
+    // about 10 us a case. 150,000 random-seed cases passed when the
+    // simulator's expiries stopped landing on the tick's nanosecond (see
+    // `TIMER_CALLBACK_LATENCY_NS`); reproduce with `RngSeed::Random` and
+    // `cases: 50_000`.
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        cases: 20_000,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x7c9_57a11),
+        ..ProptestConfig::default()
+    })]
+
+    /// Any blackhole (HZ, retries2, UTO, loss probe or not, kernel order):
+    /// the prediction made at the stall matches the kernel's death, and a
+    /// death from RTO [`MIN_RTOS_PREDICTED`] on was predicted.
+    /// Mutation checked: `predict` returning None fails it ("death at RTO 4
+    /// was not predicted"); before, it passed.
+    #[test]
+    fn prop_blackhole_prediction_exact(
+        hz in prop::sample::select(vec![100u32, 250, 300, 1000]),
+        retries2 in 2u32..9,
+        uto in prop::option::of(1_000u32..60_000),
+        tlp in any::<bool>(),
+        incremented_before in any::<bool>(),
+        close_first in any::<bool>(),
+        start_ms in 0u64..100_000,
+    ) {
+        let mut s = Sock::new(1);
+        s.hz = hz;
+        s.sysctls = Some(sysctls(retries2));
+        s.uto = uto.unwrap_or(0);
+        let mut bh = Blackhole::new(s, T0 + start_ms * MS);
+        bh.tlp = tlp;
+        bh.rto0 = (hz / 5).max(1);
+        bh.incremented_before = incremented_before;
+        bh.order = if close_first { Order::CloseFirst } else { Order::ErrorFirst };
+        let e = Engine::new(EngineConfig { hz: Some(hz), ..EngineConfig::default() }).unwrap();
+        let (_, obs, _, views) = run_s1(&bh, e);
+        let t = timeouts(&obs);
+        prop_assert_eq!(t.len(), 1);
+        // A death at the first or second RTO has no earlier prediction;
+        // any later death must have been predicted.
+        let rtos = streak_ends(&obs).first().map_or(0, |&(_, r, _)| r);
+        let Observation::Timeout { prediction_error_s, .. } = t[0] else { unreachable!() };
+        if rtos >= MIN_RTOS_PREDICTED {
+            prop_assert!(prediction_error_s.is_some(), "death at RTO {} was not predicted", rtos);
+        }
+        if let Some(err) = prediction_error_s {
+            prop_assert!(err.abs() < 0.001, "error {}", err);
+        }
+        prop_assert!(views.iter().all(|(_, v)| v.class == StallClass::Retransmit));
+        prop_assert_eq!(streak_ends(&obs).len(), 1);
+    }
+
+}
+
+/// The one random-seed failure `prop_blackhole_prediction_exact` used to
+/// find (1 case in about 10,000): HZ 300, `tcp_retries2 = 4`, no loss probe.
+/// The fatal expiry came exactly `T(4) = 6.2 s` after `retrans_stamp`
+/// because the simulator put the callback on the tick's nanosecond, and a
+/// jiffy at HZ 300 is 3.333... ms: one nanosecond of rounding decided the
+/// verdict, and the engine predicted one expiry (6.6 s) too late. The
+/// engine now also converts jiffies to an instant once from its anchor
+/// instead of once per step. Mutation checked: `TIMER_CALLBACK_LATENCY_NS = 0`
+/// fails this test with "error -6.613 s".
+#[test]
+fn hz300_expiry_on_the_boundary_regression() {
+    for start_ms in [477, 22_237, 62_557] {
+        let hz = 300;
+        let mut s = Sock::new(1);
+        s.hz = hz;
+        s.sysctls = Some(sysctls(4));
+        let mut bh = Blackhole::new(s, T0 + start_ms * MS);
+        bh.tlp = false;
+        bh.rto0 = hz / 5;
+        bh.incremented_before = false;
+        bh.order = Order::ErrorFirst;
+        let e = Engine::new(EngineConfig {
+            hz: Some(hz),
+            ..EngineConfig::default()
+        })
+        .unwrap();
+        let (_, obs, _, _) = run_s1(&bh, e);
+        let t = timeouts(&obs);
+        assert_eq!(t.len(), 1, "{obs:?}");
+        let Observation::Timeout {
+            prediction_error_s, ..
+        } = t[0]
+        else {
+            unreachable!()
+        };
+        let err = prediction_error_s.expect("predicted");
+        assert!(err.abs() < 0.001, "start_ms {start_ms}: error {err} s");
     }
 }

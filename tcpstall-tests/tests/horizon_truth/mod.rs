@@ -1,0 +1,188 @@
+//! The kernel's own record of a blackholed socket's death, taken from the
+//! events of its RTO expiries (`write_timer`, `pending == 1`: `ts_ns`,
+//! `jiffies` at the callback, `timer_expires` as armed) and its
+//! `error_report` (`sk_err == 110`), and the bound a death prediction must
+//! meet against it. Independent of the engine: nothing here calls it.
+
+use serde_json::Value;
+
+/// One RTO expiry as the kernel ran it (all fields are shown in failure
+/// messages).
+#[derive(Clone, Copy, Debug)]
+#[allow(dead_code)]
+pub struct Expiry {
+    pub ts_ns: u64,
+    /// `jiffies` when the callback ran.
+    pub jiffies: u64,
+    /// The expiry the timer was armed for (`icsk_timeout` / `expires`).
+    pub expires: u64,
+    /// Jiffies this expiry ran after the timer wheel's on-time bucket (see
+    /// [`on_time_jiffy`]); 0 when the expiry ran on time.
+    pub late_jiffies: u64,
+    /// Granularity (jiffies) of the wheel level the timer was queued in.
+    pub granularity: u64,
+}
+
+#[derive(Debug)]
+pub struct KernelDeath {
+    /// The ETIMEDOUT verdict (`inet_sk_error_report`), monotonic ns.
+    pub verdict_ns: u64,
+    /// The fatal RTO expiry's callback (monotonic ns).
+    pub fatal_expiry_ns: u64,
+    /// HZ measured from the expiries (jiffies per second, snapped to a
+    /// kernel configuration: 100, 250, 300 or 1000).
+    pub hz: u64,
+    pub expiries: Vec<Expiry>,
+}
+
+fn num(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("event without a numeric {k}: {v}"))
+}
+
+/// `LVL_START(n)` of the timer wheel (`LVL_CLK_SHIFT` 3, `LVL_BITS` 6).
+fn lvl_start(n: u32) -> u64 {
+    63 << ((n - 1) * 3)
+}
+
+/// `calc_wheel_index()`: a timer armed at `clk` for `expires` is queued in
+/// the level chosen by `expires - clk` and runs at the next bucket boundary
+/// of that level (`(expires + LVL_GRAN) >> LVL_SHIFT << LVL_SHIFT`).
+/// Returns (on-time jiffy, granularity).
+pub fn on_time_jiffy(expires: u64, clk: u64, hz: u64) -> (u64, u64) {
+    let depth = if hz > 100 { 9 } else { 8 };
+    let delta = expires.saturating_sub(clk);
+    let mut lvl = 0;
+    while lvl + 1 < depth && delta >= lvl_start(lvl + 1) {
+        lvl += 1;
+    }
+    let shift = 3 * lvl;
+    (((expires >> shift) + 1) << shift, 1 << shift)
+}
+
+impl KernelDeath {
+    /// From the events of one socket (any order).
+    pub fn from_events(flow: &[Value]) -> Self {
+        let mut timers: Vec<&Value> = flow
+            .iter()
+            .filter(|e| e["kind"] == "write_timer" && num(e, "pending") == 1)
+            .collect();
+        timers.sort_by_key(|e| num(e, "ts_ns"));
+        assert!(
+            timers.len() >= 2,
+            "need at least two RTO expiries of the socket: {flow:#?}"
+        );
+        let verdict_ns = flow
+            .iter()
+            .filter(|e| e["kind"] == "error_report" && num(e, "sk_err") == 110)
+            .map(|e| num(e, "ts_ns"))
+            .min()
+            .unwrap_or_else(|| panic!("no ETIMEDOUT error report: {flow:#?}"));
+        let (f, l) = (timers[0], timers[timers.len() - 1]);
+        let dj = num(l, "jiffies") - num(f, "jiffies");
+        let dt = num(l, "ts_ns") - num(f, "ts_ns");
+        assert!(dt > 0, "RTO expiries at one instant: {timers:#?}");
+        let rate = dj as f64 * 1e9 / dt as f64;
+        let hz = [100u64, 250, 300, 1000]
+            .into_iter()
+            .min_by(|a, b| {
+                (*a as f64 - rate)
+                    .abs()
+                    .total_cmp(&(*b as f64 - rate).abs())
+            })
+            .expect("HZ values");
+        assert!(
+            (rate - hz as f64).abs() < 0.1 * hz as f64,
+            "jiffies advance at {rate:.1}/s, no kernel HZ: {timers:#?}"
+        );
+        let mut expiries = Vec::new();
+        for (i, e) in timers.iter().enumerate() {
+            let (jiffies, expires) = (num(e, "jiffies"), num(e, "timer_expires"));
+            // The timer was re-armed by the previous expiry's callback.
+            let (late_jiffies, granularity) = if i == 0 {
+                (0, 1)
+            } else {
+                let clk = num(timers[i - 1], "jiffies");
+                let (on_time, gran) = on_time_jiffy(expires, clk, hz);
+                (jiffies.abs_diff(on_time), gran)
+            };
+            expiries.push(Expiry {
+                ts_ns: num(e, "ts_ns"),
+                jiffies,
+                expires,
+                late_jiffies,
+                granularity,
+            });
+        }
+        let fatal_expiry_ns = l["ts_ns"].as_u64().expect("ts");
+        assert!(
+            fatal_expiry_ns <= verdict_ns,
+            "verdict before the fatal expiry: {flow:#?}"
+        );
+        Self {
+            verdict_ns,
+            fatal_expiry_ns,
+            hz,
+            expiries,
+        }
+    }
+
+    /// How far any death prediction made at one of these expiries may be
+    /// from the verdict, from kernel semantics alone:
+    ///
+    /// - a prediction is anchored on an expiry's event time, which lies
+    ///   somewhere in that expiry's jiffy, and so does the fatal expiry's:
+    ///   2 jiffies of phase (`1/HZ` each: 4 ms at HZ 250);
+    /// - a timer runs at its wheel bucket (`calc_wheel_index`: the level
+    ///   from the remaining interval, granularity 8^level jiffies), never
+    ///   early; a prediction models that, but not a callback that runs
+    ///   after its bucket (softirq latency: often 1 jiffy on an idle NOHZ
+    ///   host, tens of ms in a TCG guest). That lateness is measured here
+    ///   per expiry from its own `jiffies` and `expires`. An expiry that ran
+    ///   late re-arms the timer that much later; the next bucket of its
+    ///   level absorbs it unless the shifted expiry crosses a bucket
+    ///   boundary (then it moves by one granularity): the drift of the fatal
+    ///   expiry from an on-time kernel, walked from each possible anchor,
+    ///   is exact, and the worst anchor counts;
+    /// - the verdict follows the fatal expiry's callback (measured gap).
+    ///
+    /// On time, the bound is 2 jiffies + the verdict gap: far below the
+    /// wheel's rounding a model without it misses (0.3 s at
+    /// `tcp_retries2 = 5`, HZ 250) or one RTO expiry (0.4 s and more).
+    pub fn prediction_bound_ns(&self) -> u64 {
+        self.drift_jiffies()
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0)
+            .checked_add(2)
+            .map(|j| j * (1_000_000_000 / self.hz))
+            .expect("bound")
+            + (self.verdict_ns - self.fatal_expiry_ns)
+    }
+
+    /// For each anchor expiry: how many jiffies the fatal expiry ran after
+    /// where an on-time kernel (every later callback in its bucket) would
+    /// have run it.
+    pub fn drift_jiffies(&self) -> Vec<u64> {
+        let e = &self.expiries;
+        (0..e.len())
+            .map(|anchor| {
+                let mut drift: u64 = 0;
+                for k in anchor + 1..e.len() {
+                    // Armed at the previous callback (`clk`), `drift` jiffies
+                    // later than an on-time kernel would have armed it.
+                    let clk = e[k - 1].jiffies;
+                    let (actual, _) = on_time_jiffy(e[k].expires, clk, self.hz);
+                    let (on_time, _) = on_time_jiffy(
+                        e[k].expires.saturating_sub(drift),
+                        clk.saturating_sub(drift),
+                        self.hz,
+                    );
+                    drift = (actual - on_time.min(actual)) + e[k].late_jiffies;
+                }
+                drift
+            })
+            .collect()
+    }
+}
