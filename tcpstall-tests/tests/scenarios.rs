@@ -342,6 +342,59 @@ struct HorizonRun {
     timeouts_metric: f64,
 }
 
+/// Prints this run as a replay fixture (`REPLAY-FIXTURE <file> <json>`
+/// lines: a header with the kernel, the scenario and the measured death,
+/// then the socket's events as the agent logged them), which
+/// `cargo xtask record-fixtures` collects from the host's and the guests'
+/// output into `tcpstall-tests/fixtures/replay/`.
+fn print_replay_fixture(
+    retries2: Option<u32>,
+    user_timeout_ms: Option<u32>,
+    truth: &KernelDeath,
+    app_etimedout_ns: u64,
+    write_ns: u64,
+    flow: &[Value],
+) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let series: Vec<&str> = release.trim().split(['.', '-']).take(2).collect();
+    let scenario = match (retries2, user_timeout_ms) {
+        (_, Some(ms)) => format!("s2-user-timeout-{ms}"),
+        (Some(r), None) => format!("s1-retries2-{r}"),
+        (None, None) => "s1-retries2-default".to_owned(),
+    };
+    let file = format!("{}-{scenario}.jsonl", series.join("."));
+    let header = serde_json::json!({
+        "fixture": "tcpstall replay v1",
+        "kernel": release.trim(),
+        "scenario": scenario,
+        "tcp_retries2": retries2,
+        "user_timeout_ms": user_timeout_ms,
+        "hz": truth.hz,
+        "etimedout_kernel_ns": truth.verdict_ns,
+        "etimedout_app_ns": app_etimedout_ns,
+        "write_ns": write_ns,
+    });
+    println!("REPLAY-FIXTURE {file} {header}");
+    let mut evs: Vec<&Value> = flow.iter().collect();
+    evs.sort_by_key(|e| ev_u64(e, "ts_ns"));
+    for e in evs {
+        let mut e = e.clone();
+        if let Some(o) = e.as_object_mut() {
+            for k in [
+                "timestamp",
+                "level",
+                "target",
+                "message",
+                "threadName",
+                "threadId",
+            ] {
+                o.remove(k);
+            }
+        }
+        println!("REPLAY-FIXTURE {file} {e}");
+    }
+}
+
 /// Build a blackholed connection (S1; S2 with `user_timeout_ms`) and follow
 /// the agent's view of it until the kernel kills the socket.
 ///
@@ -366,7 +419,7 @@ fn horizon_run(
     if let Some(r) = retries2 {
         link.a.sysctl("net.ipv4.tcp_retries2", &r.to_string());
     }
-    let agent = Agent::start(&[]);
+    let mut agent = Agent::start(&[]);
     let conn = Conn::establish(&link, 8080, user_timeout_ms);
     let (local, server_addr) = (conn.local, conn.server);
     assert!(
@@ -424,7 +477,18 @@ fn horizon_run(
         !predictions.is_empty(),
         "no predicted timeout while stalled: {last}"
     );
-    // The kernel's own record of this socket's RTO expiries and verdict.
+    // The kernel's own record of this socket's RTO expiries and verdict
+    // (the agent logs the verdict after the application may have seen it).
+    agent.wait_log(
+        Duration::from_secs(30),
+        "the flow's ETIMEDOUT verdict",
+        |v| {
+            v["message"] == "event"
+                && ev_str(v, "kind") == "error_report"
+                && ev_str(v, "remote") == server_addr.to_string()
+                && ev_u64(v, "sk_err") == 110
+        },
+    );
     let flow = flow_events(&agent.events(), local, server_addr);
     let truth = KernelDeath::from_events(&flow);
     assert!(
@@ -432,6 +496,7 @@ fn horizon_run(
         "the kernel's ETIMEDOUT ({}) after the application saw it ({died_ns})",
         truth.verdict_ns
     );
+    print_replay_fixture(retries2, user_timeout_ms, &truth, died_ns, t_write, &flow);
     let bound_ns = truth.prediction_bound_ns();
     for (i, &(seen, p)) in predictions.iter().enumerate() {
         let err_ns = p as i128 - truth.verdict_ns as i128;

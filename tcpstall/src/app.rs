@@ -111,6 +111,15 @@ pub fn log_event(e: &SockEvent) {
         sk_err = e.sk_err,
         ack_seq = e.ack_seq,
         orphan = e.orphan,
+        skaddr = e.skaddr,
+        total_retrans = e.total_retrans,
+        rto_max_jiffies = s.map(|s| s.rto_max_jiffies),
+        usec_ts = s.map(|s| s.usec_ts),
+        lsndtime = s.map(|s| s.lsndtime),
+        rcv_tstamp = s.map(|s| s.rcv_tstamp),
+        tcp_orphan_retries = n.map(|n| n.tcp_orphan_retries),
+        tcp_rto_max_ms = n.and_then(|n| n.tcp_rto_max_ms),
+        rto_expired_verdict = e.rto_expired_verdict,
         "event"
     );
 }

@@ -92,6 +92,14 @@ enum Cmd {
         #[arg(long, default_value = image::DEFAULT_TAG)]
         tag: String,
     },
+    /// Record the engine's replay fixtures (`tcpstall-tests/fixtures/replay/`):
+    /// S1 (tcp_retries2 = 3 and 5) and S2 (TCP_USER_TIMEOUT = 4 s) on this
+    /// kernel and in the QEMU guests, each with its measured ETIMEDOUT
+    /// (root; about 10 minutes).
+    RecordFixtures {
+        #[command(flatten)]
+        vm: vm::VmOptions,
+    },
     /// Run the scenario tests inside Debian kernels under QEMU (TCG).
     VmTest {
         #[command(flatten)]
@@ -102,11 +110,57 @@ enum Cmd {
     },
 }
 
+/// The scenarios whose event streams become replay fixtures.
+const FIXTURE_TESTS: &[&str] = &[
+    "s1_horizon_retries2_3",
+    "s1_horizon_retries2_5",
+    "s2_user_timeout",
+];
+
+/// Replay fixtures printed by the scenarios (`REPLAY-FIXTURE <file> <json>`).
+mod fixtures {
+    use std::collections::BTreeMap;
+
+    /// Fixture files and their lines from test outputs (host stdout, guest
+    /// console logs). A line that is not valid JSON (a console line broken
+    /// by kernel messages) fails: a fixture must be complete.
+    pub fn collect(outputs: &[String]) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+        let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for out in outputs {
+            for line in out.lines() {
+                let Some((_, rest)) = line.split_once("REPLAY-FIXTURE ") else {
+                    continue;
+                };
+                let (file, json) = rest
+                    .trim_end()
+                    .split_once(' ')
+                    .ok_or_else(|| anyhow::anyhow!("malformed fixture line: {line}"))?;
+                let v: serde_json::Value = serde_json::from_str(json)
+                    .map_err(|e| anyhow::anyhow!("fixture {file}: broken line ({e}): {line}"))?;
+                if v.get("fixture").is_some() {
+                    // A header starts the file afresh (a re-run replaces it).
+                    files.insert(file.to_owned(), Vec::new());
+                }
+                files
+                    .get_mut(file)
+                    .ok_or_else(|| anyhow::anyhow!("fixture {file}: events before its header"))?
+                    .push(v.to_string());
+            }
+        }
+        anyhow::ensure!(
+            !files.is_empty(),
+            "no REPLAY-FIXTURE lines in the test output"
+        );
+        Ok(files)
+    }
+}
+
 /// Scenario tests run in every guest kernel of the matrix (exact names: each
 /// must run and pass, a name that matches nothing fails the matrix).
 const VM_TESTS: &[&str] = &[
     "probe_plan_prefers_best_available_mechanism",
     "s1_blackhole_events_end_to_end",
+    "s1_horizon_retries2_3",
     "s1_horizon_retries2_5",
     "s2_user_timeout",
     "s1_recovery_clears_the_stall_at_once",
@@ -519,6 +573,46 @@ fn main() -> anyhow::Result<()> {
         Cmd::Image { tag } => {
             setup::toolchain()?;
             image::build(&tag)?;
+        }
+        Cmd::RecordFixtures { vm } => {
+            setup::toolchain()?;
+            require_root("`cargo xtask record-fixtures` (real connections in namespaces)")?;
+            setup::system_packages()?;
+            setup::debian_packages(vm::VM_DEBIAN_PACKAGES)?;
+            let agent = build_agent()?;
+            let scenarios = build_scenarios()?;
+            let tests: Vec<String> = FIXTURE_TESTS.iter().map(|s| s.to_string()).collect();
+            step("replay fixtures on this kernel");
+            let out = Command::new(&scenarios)
+                .args(["--test-threads=1", "--nocapture", "--exact"])
+                .args(&tests)
+                .env("TCPSTALL_AGENT", &agent)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .context("running the horizon scenarios")?;
+            if !out.status.success() {
+                bail!("a horizon scenario failed on this kernel (output above)");
+            }
+            let mut outputs = vec![String::from_utf8_lossy(&out.stdout).into_owned()];
+            vm_matrix(&vm, &agent, &tests)?;
+            for spec in &vm.kernels {
+                let log = vm.cache_dir.join(spec).join("console.log");
+                outputs.push(
+                    String::from_utf8_lossy(
+                        &std::fs::read(&log)
+                            .with_context(|| format!("reading {}", log.display()))?,
+                    )
+                    .into_owned(),
+                );
+            }
+            let dir = workspace_root().join("tcpstall-tests/fixtures/replay");
+            std::fs::create_dir_all(&dir)?;
+            for (file, lines) in fixtures::collect(&outputs)? {
+                let path = dir.join(&file);
+                std::fs::write(&path, lines.join("\n") + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {} ({} lines)", path.display(), lines.len());
+            }
         }
         Cmd::VmTest { vm, tests } => {
             setup::toolchain()?;
