@@ -99,6 +99,10 @@ enum Cmd {
     RecordFixtures {
         #[command(flatten)]
         vm: vm::VmOptions,
+        /// Collect from saved test outputs (host stdout, guest console logs)
+        /// instead of running the scenarios.
+        #[arg(long = "from-log", value_name = "FILE")]
+        from_logs: Vec<PathBuf>,
     },
     /// Run the scenario tests inside Debian kernels under QEMU (TCG).
     VmTest {
@@ -120,6 +124,21 @@ const FIXTURE_TESTS: &[&str] = &[
 /// Replay fixtures printed by the scenarios (`REPLAY-FIXTURE <file> <json>`).
 mod fixtures {
     use std::collections::BTreeMap;
+
+    use anyhow::Context;
+
+    /// Collects the fixtures from `outputs` and writes them.
+    pub fn write(outputs: &[String]) -> anyhow::Result<()> {
+        let dir = super::workspace_root().join("tcpstall-tests/fixtures/replay");
+        std::fs::create_dir_all(&dir)?;
+        for (file, lines) in collect(outputs)? {
+            let path = dir.join(&file);
+            std::fs::write(&path, lines.join("\n") + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {} ({} lines)", path.display(), lines.len());
+        }
+        Ok(())
+    }
 
     /// Fixture files and their lines from test outputs (host stdout, guest
     /// console logs). A line that is not valid JSON (a console line broken
@@ -574,7 +593,17 @@ fn main() -> anyhow::Result<()> {
             setup::toolchain()?;
             image::build(&tag)?;
         }
-        Cmd::RecordFixtures { vm } => {
+        Cmd::RecordFixtures { vm, from_logs } if !from_logs.is_empty() => {
+            let mut outputs = Vec::new();
+            for log in &from_logs {
+                let bytes =
+                    std::fs::read(log).with_context(|| format!("reading {}", log.display()))?;
+                outputs.push(String::from_utf8_lossy(&bytes).into_owned());
+            }
+            let _ = vm;
+            fixtures::write(&outputs)?;
+        }
+        Cmd::RecordFixtures { vm, .. } => {
             setup::toolchain()?;
             require_root("`cargo xtask record-fixtures` (real connections in namespaces)")?;
             setup::system_packages()?;
@@ -605,14 +634,7 @@ fn main() -> anyhow::Result<()> {
                     .into_owned(),
                 );
             }
-            let dir = workspace_root().join("tcpstall-tests/fixtures/replay");
-            std::fs::create_dir_all(&dir)?;
-            for (file, lines) in fixtures::collect(&outputs)? {
-                let path = dir.join(&file);
-                std::fs::write(&path, lines.join("\n") + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
-                eprintln!("wrote {} ({} lines)", path.display(), lines.len());
-            }
+            fixtures::write(&outputs)?;
         }
         Cmd::VmTest { vm, tests } => {
             setup::toolchain()?;
