@@ -428,6 +428,15 @@ fn main() -> anyhow::Result<()> {
             }
             step("unit tests");
             run_cmd(&mut unit)?;
+            step("replay tests (engine against event streams recorded on real kernels)");
+            run_cmd(cargo().args([
+                "test",
+                "--release",
+                "-p",
+                "tcpstall-tests",
+                "--test",
+                "replay",
+            ]))?;
             if unit_only {
                 return Ok(());
             }
