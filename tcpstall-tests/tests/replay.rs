@@ -24,7 +24,11 @@ use horizon_truth::KernelDeath;
 
 /// Kernels and scenarios that must have a fixture (a lost fixture fails).
 const EXPECTED: &[&str] = &[
+    "6.18-s1-retries2-3",
+    "6.18-s1-retries2-5",
+    "6.18-s2-user-timeout-4000",
     "6.1-s1-retries2-3",
+    "6.1-s1-retries2-5",
     "6.1-s2-user-timeout-4000",
     "6.12-s1-retries2-3",
     "6.12-s1-retries2-5",
