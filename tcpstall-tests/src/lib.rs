@@ -889,3 +889,25 @@ pub fn assert_kubernetes_validate(
         );
     }
 }
+
+impl Agent {
+    /// The socket cookie of the flow `local` -> `remote` from the agent's
+    /// event log (`--log-events`), once any event of it was logged.
+    pub fn cookie_of(&self, local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+        self.events()
+            .iter()
+            .filter(|e| {
+                ev_str(e, "local") == local.to_string() && ev_str(e, "remote") == remote.to_string()
+            })
+            .map(|e| ev_u64(e, "cookie"))
+            .find(|&c| c != 0)
+    }
+
+    /// Waits for the agent's own record of the flow's death: its
+    /// `socket timed out (ETIMEDOUT)` line for socket `cookie`.
+    pub fn wait_timeout_of(&mut self, cookie: u64, timeout: Duration) -> Value {
+        self.wait_log(timeout, "the flow's ETIMEDOUT line", |v| {
+            v["message"] == "socket timed out (ETIMEDOUT)" && ev_u64(v, "cookie") == cookie
+        })
+    }
+}

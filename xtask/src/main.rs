@@ -178,6 +178,7 @@ mod fixtures {
 /// must run and pass, a name that matches nothing fails the matrix).
 const VM_TESTS: &[&str] = &[
     "probe_plan_prefers_best_available_mechanism",
+    "s1_with_every_working_write_timer_mechanism",
     "s1_blackhole_events_end_to_end",
     "s1_horizon_retries2_3",
     "s1_horizon_retries2_5",
@@ -477,6 +478,8 @@ fn main() -> anyhow::Result<()> {
                 "top",
                 "--test",
                 "k8s",
+                "--test",
+                "behaviour",
                 "--",
                 "--test-threads=1",
             ]);

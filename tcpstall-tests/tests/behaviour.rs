@@ -1,0 +1,524 @@
+//! Privileged behaviour tests through the real agent and the real kernel
+//! programs: IPv6 end to end, stall clearing (zero window reopened, no ACK
+//! probe), the flow-table cap, and a clean detach on SIGTERM. Run by
+//! `cargo xtask test` as root with `--test-threads=1`.
+
+use std::{
+    collections::BTreeSet,
+    io::{ErrorKind, Read, Write},
+    net::SocketAddr,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tcpstall_tests::*;
+
+/// S1 over IPv6 (tcp_retries2 = 3, which also governs IPv6): the kernel
+/// programs report the v6 flow's retransmissions and RTO expiries, the agent
+/// flags it with a prediction, and records its ETIMEDOUT by cookie.
+/// Mutation: `tcpstall/src/event.rs` decoding a v6 socket's addresses as
+/// v4 (or the kernel program skipping AF_INET6) -> fails with "no event of
+/// the IPv6 flow".
+#[test]
+fn ipv6_s1_events_stall_and_prediction() {
+    require_tools();
+    let link = Link::new("v6", 80);
+    let (a6, b6) = link_ipv6(&link, "v6", 80);
+    link.a.sysctl("net.ipv4.tcp_retries2", "3");
+    let mut agent = Agent::start(&[]);
+    let server = SocketAddr::from((b6, 8080));
+    reading_server_in(&link.b, server);
+    let mut client = connect_in(&link.a, server);
+    let local = client.local_addr().expect("local");
+    assert!(local.is_ipv6(), "{local}");
+    client.write_all(b"hello").expect("first write");
+    wait_all_acked(&client, 5, Duration::from_secs(10));
+    let _blackhole = blackhole6_from(&link.b, a6);
+    client.write_all(&[b'x'; 1000]).expect("write");
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut flagged = None;
+    let reader = thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        let e = client.read(&mut buf).expect_err("read must fail");
+        (monotonic_ns(), e.raw_os_error())
+    });
+    while !reader.is_finished() {
+        if flagged.is_none()
+            && let Some(v) = agent.stall_of(local, server)
+        {
+            flagged = Some((monotonic_ns(), v));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (died_ns, errno) = reader.join().expect("reader");
+    assert_eq!(errno, Some(libc::ETIMEDOUT));
+    let cookie = agent
+        .cookie_of(local, server)
+        .unwrap_or_else(|| panic!("no event of the IPv6 flow {local} -> {server}"));
+    let events: Vec<Value> = agent
+        .events()
+        .into_iter()
+        .filter(|e| ev_u64(e, "cookie") == cookie)
+        .collect();
+    let kinds: BTreeSet<&str> = events.iter().map(|e| ev_str(e, "kind")).collect();
+    for k in ["retransmit", "write_timer", "error_report"] {
+        assert!(
+            kinds.contains(k),
+            "no {k} event of the IPv6 flow: {events:#?}"
+        );
+    }
+    assert!(
+        events
+            .iter()
+            .filter(|e| ev_str(e, "kind") == "retransmit")
+            .all(|e| ev_str(e, "remote") == server.to_string()),
+        "v6 addresses in every retransmit event: {events:#?}"
+    );
+    let (seen_ns, view) = flagged.expect("the IPv6 stall never appeared in /api/v1/stalls");
+    assert!(seen_ns < died_ns);
+    assert_eq!(ev_str(&view, "class"), "retransmit", "{view}");
+    assert_eq!(ev_str(&view, "boundary_source"), "tcp_retries2=3", "{view}");
+    assert!(
+        view["predicted_timeout_ns"].is_u64(),
+        "a prediction for the IPv6 flow: {view}"
+    );
+    let timed_out = agent.wait_timeout_of(cookie, Duration::from_secs(5));
+    assert_eq!(
+        ev_str(&timed_out, "remote"),
+        server.to_string(),
+        "{timed_out}"
+    );
+}
+
+/// S4 then recovery: the receiver stops reading until the sender's window is
+/// zero and the agent reports a `zero_window` stall; then it reads
+/// everything again and the stall clears while the flow keeps going.
+/// Mutation: `return;` as the first line of `Engine::end_persist`
+/// (`tcpstall/src/engine/streak.rs`) -> fails with "zero_window stall
+/// still reported 10 s after the reader resumed".
+#[test]
+fn zero_window_stall_clears_when_the_reader_resumes() {
+    require_tools();
+    let link = Link::new("zwr", 81);
+    let agent = Agent::start(&["--zero-window-after", "2"]);
+    let server_addr = SocketAddr::from((link.b_ip, 8080));
+    let listener = listen_in(&link.b, server_addr);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let _ = rx.recv(); // not reading until told
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0u64;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        total
+    });
+    let mut client = connect_in(&link.a, server_addr);
+    let local = client.local_addr().expect("local addr");
+    client.set_nonblocking(true).expect("nonblocking");
+    let chunk = [b'z'; 65536];
+    let mut sent = 0u64;
+    let t0 = Instant::now();
+    loop {
+        match client.write(&chunk) {
+            Ok(n) => sent += n as u64,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "send buffer never filled"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if agent
+            .stall_of(local, server_addr)
+            .is_some_and(|v| ev_str(&v, "class") == "zero_window")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no zero_window stall within 20 s of the window closing"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    tx.send(()).expect("resume the reader");
+    let resumed = Instant::now();
+    client.set_nonblocking(false).expect("blocking");
+    let writer = thread::spawn(move || {
+        // Keep the flow moving for a while, then finish.
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            client.write_all(&chunk).expect("write after resume");
+            sent += chunk.len() as u64;
+        }
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        sent
+    });
+    loop {
+        if agent
+            .stall_of(local, server_addr)
+            .is_none_or(|v| ev_str(&v, "class") != "zero_window")
+        {
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(10),
+            "zero_window stall still reported 10 s after the reader resumed"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "zero window cleared {:.2} s after the reader resumed",
+        resumed.elapsed().as_secs_f64()
+    );
+    let sent = writer.join().expect("writer");
+    assert_eq!(server.join().expect("server"), sent, "all data delivered");
+    assert!(
+        agent.stall_of(local, server_addr).is_none(),
+        "the flow is not stalled after the transfer"
+    );
+}
+
+/// S1 that recovers with `--no-ack-probe`: no ACK program is attached, so
+/// the stall clears by the fallback -- the next expected RTO expiry is
+/// overdue (interval plus grace) -- within a bound derived from the RTO
+/// schedule, instead of staying flagged forever.
+/// Mutation: `return u64::MAX;` as the first line of `Engine::grace_ns`
+/// (`tcpstall/src/engine/streak.rs`) -> fails with "still stalled".
+#[test]
+fn no_ack_probe_stall_clears_by_the_fallback() {
+    require_tools();
+    let link = Link::new("nap", 82);
+    let mut agent = Agent::start(&["--no-ack-probe"]);
+    assert!(
+        !agent
+            .logs()
+            .iter()
+            .any(|v| v["message"] == "probe attached" && v["probe"] == "ack"),
+        "--no-ack-probe must not attach the ACK probe"
+    );
+    let mut conn = Conn::establish(&link, 8080, None);
+    let (local, server_addr) = (conn.local, conn.server);
+    let blackhole = link.b.blackhole_from(link.a_ip);
+    conn.client
+        .write_all(&[b'x'; 1000])
+        .expect("write into the blackhole");
+    agent.wait_log(Duration::from_secs(15), "the stall flagged", |v| {
+        v["message"] == "stall started" && ev_str(v, "remote") == server_addr.to_string()
+    });
+    // Let the backoff reach 3 (expiries at about 0.2, 0.6, 1.4 s; the next
+    // one 1.6 s later), then lift the blackhole.
+    agent.wait_log(Duration::from_secs(15), "the fourth RTO expiry", |v| {
+        v["message"] == "event"
+            && ev_str(v, "kind") == "write_timer"
+            && ev_str(v, "local") == local.to_string()
+            && ev_u64(v, "backoff") >= 3
+    });
+    assert!(agent.stall_of(local, server_addr).is_some());
+    drop(blackhole);
+    let lifted = Instant::now();
+    assert!(
+        !agent.events().iter().any(|e| ev_str(e, "kind") == "ack"),
+        "no ACK events without the ACK probe"
+    );
+    // The next retransmission (<= 3.2 s away) is acknowledged; with no
+    // further RTO the streak is stale after that interval plus the grace.
+    let bound = Duration::from_secs(15);
+    while agent.stall_of(local, server_addr).is_some() {
+        assert!(
+            lifted.elapsed() < bound,
+            "still stalled {bound:?} after the peer came back (no fallback clearing)"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "cleared by the fallback {:.2} s after the blackhole was lifted",
+        lifted.elapsed().as_secs_f64()
+    );
+    conn.client
+        .write_all(b"after")
+        .expect("write after recovery");
+}
+
+/// `--max-flows 4` through the real agent: twelve tracked flows (peer
+/// closed, held in CLOSE_WAIT, which the engine tracks) one after another;
+/// the table never holds more than 4, evictions are counted, and the least
+/// recently used go: `/api/v1/stalls` (close_wait after 1 s) lists the
+/// newest socket and none of the first eight.
+/// Mutation: `self.head[ACTIVE]` -> `self.tail[ACTIVE]` in
+/// `FlowTable::victim` (`tcpstall/src/engine/flow.rs`, evict the newest) ->
+/// fails with "the last four CLOSE_WAIT sockets" (lists the first ones).
+#[test]
+fn max_flows_evicts_the_least_recently_used() {
+    require_tools();
+    let ns = Netns::new("tsm-mxf");
+    let agent = Agent::start(&["--max-flows", "4", "--close-wait-after", "1"]);
+    let server: SocketAddr = "127.0.0.1:9191".parse().expect("addr");
+    let listener = listen_in(&ns, server);
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s); // the peer closes at once
+        }
+    });
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        let c = connect_in(&ns, server);
+        let local = c.local_addr().expect("local");
+        held.push(c);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !agent.events().iter().any(|e| {
+            ev_str(e, "kind") == "state"
+                && ev_str(e, "state") == "CLOSE_WAIT"
+                && ev_str(e, "local") == local.to_string()
+        }) {
+            assert!(Instant::now() < deadline, "no CLOSE_WAIT event for {local}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // No HTTP request to the agent until the listing: each one leaves a
+    // CLOSE_WAIT flow of its own (the agent's side) in the table.
+    thread::sleep(Duration::from_millis(1500));
+    let locals: Vec<String> = held
+        .iter()
+        .map(|c| c.local_addr().expect("local").to_string())
+        .collect();
+    let listed: BTreeSet<String> = agent
+        .stalls()
+        .into_iter()
+        .filter(|s| ev_str(s, "remote") == server.to_string() && ev_u64(s, "netns") == ns.inode())
+        .map(|s| ev_str(&s, "local").to_owned())
+        .collect();
+    // The agent sees the whole host: another flow (outside this test) may
+    // hold a slot too, so the newest socket must be listed and nothing but
+    // the last four may be.
+    let last_four: BTreeSet<String> = locals[8..].iter().cloned().collect();
+    assert!(
+        listed.is_subset(&last_four) && listed.contains(&locals[11]),
+        "the last four CLOSE_WAIT sockets stay tracked (the newest at least), the first \
+         eight were evicted: listed {listed:?}, last four {last_four:?}"
+    );
+    let m = agent.metrics();
+    let tracked = metric_sum(&m, "tcpstall_flows_tracked", &[]).expect("tcpstall_flows_tracked");
+    assert!(tracked <= 4.0, "{tracked} flows tracked with --max-flows 4");
+    let evictions = metric_sum(&m, "tcpstall_flow_evictions_total", &[])
+        .expect("tcpstall_flow_evictions_total");
+    assert!(
+        evictions >= 8.0,
+        "12 flows through a table of 4: {evictions} evictions"
+    );
+    drop(held);
+}
+
+/// The ids of loaded BPF programs named `tcpstall*`.
+fn tcpstall_prog_ids() -> BTreeSet<u64> {
+    let out = sh("bpftool --json prog show");
+    let v: Value = serde_json::from_str(&out).expect("bpftool prog JSON");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| ev_str(p, "name").starts_with("tcpstall"))
+        .map(|p| ev_u64(p, "id"))
+        .collect()
+}
+
+/// Program ids that BPF links (`bpftool link show`) and cgroup attachments
+/// (`bpftool cgroup tree`) hold.
+fn attached_prog_ids() -> BTreeSet<u64> {
+    let links: Value =
+        serde_json::from_str(&sh("bpftool --json link show")).expect("bpftool link JSON");
+    let mut ids: BTreeSet<u64> = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| ev_u64(l, "prog_id"))
+        .collect();
+    let tree: Value =
+        serde_json::from_str(&sh("bpftool --json cgroup tree")).expect("bpftool cgroup JSON");
+    fn walk(v: &Value, ids: &mut BTreeSet<u64>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| walk(x, ids)),
+            Value::Object(o) => {
+                if let Some(id) = o.get("id").and_then(Value::as_u64) {
+                    ids.insert(id);
+                }
+                o.values().for_each(|x| walk(x, ids));
+            }
+            _ => {}
+        }
+    }
+    walk(&tree, &mut ids);
+    ids
+}
+
+/// After SIGTERM nothing of the agent stays in the kernel: none of the
+/// programs it loaded (including the cgroup sock_ops program, forced with
+/// `--mechanism sock-ops`) is still loaded, linked or attached to a cgroup.
+/// Mutation: pin the sock_ops program after attaching it
+/// (`p.pin("/sys/fs/bpf/tcpstall-leak")` in `tcpstall/src/loader.rs`) ->
+/// fails with "still loaded after SIGTERM".
+#[test]
+fn sigterm_leaves_no_program_attached() {
+    require_root();
+    require(
+        Command::new("bpftool").arg("version").output().is_ok(),
+        "bpftool",
+        "apt-get install bpftool",
+    );
+    let before = tcpstall_prog_ids();
+    let mut agent = Agent::start(&["--mechanism", "sock-ops"]);
+    let ours: BTreeSet<u64> = tcpstall_prog_ids().difference(&before).copied().collect();
+    assert!(ours.len() >= 4, "the agent's programs: {ours:?}");
+    let attached: BTreeSet<u64> = attached_prog_ids().intersection(&ours).copied().collect();
+    assert!(
+        !attached.is_empty(),
+        "the running agent's programs are attached: {ours:?}"
+    );
+    let cgroup = sh("bpftool cgroup tree");
+    assert!(
+        ours.iter().any(|id| cgroup
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(&id.to_string()))),
+        "the sock_ops program is attached to a cgroup:\n{cgroup}"
+    );
+    let logs = agent.stop();
+    assert!(logs.iter().any(|v| v["message"] == "tcpstall stopped"));
+    // Programs are freed once their last reference goes (RCU): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let loaded: Vec<u64> = tcpstall_prog_ids().intersection(&ours).copied().collect();
+        let still: Vec<u64> = attached_prog_ids().intersection(&ours).copied().collect();
+        if loaded.is_empty() && still.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still loaded after SIGTERM: {loaded:?}, still attached: {still:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[path = "contract/mod.rs"]
+mod contract;
+
+/// The deploy checks' metric contract (tests/contract/mod.rs, which the
+/// rules and dashboard are checked against) is what a live agent serves:
+/// every `tcpstall_*` family on `/metrics` is in the contract with the same
+/// type, every contract metric is served, and every sample's labels are
+/// among the contract's labels for it. A stall is made first so that the
+/// per-flow and incident families have samples.
+/// Mutation: rename `tcpstall_flows_tracked` in `tcpstall/src/metrics.rs`
+/// -> fails with "served but not in the contract" / "not served".
+#[test]
+fn live_metrics_match_the_deploy_contract() {
+    require_tools();
+    let link = Link::new("mct", 84);
+    let agent = Agent::start(&["--close-wait-after", "1"]);
+    // A close_wait stall: per-flow and incident series get samples.
+    let server = SocketAddr::from((link.b_ip, 8080));
+    let listener = listen_in(&link.b, server);
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    let client = connect_in(&link.a, server);
+    let local = client.local_addr().expect("local");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while agent.stall_of(local, server).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the close_wait stall never appeared"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let text = agent.metrics();
+    let contract = contract::contract();
+    // name -> type from `# TYPE` lines.
+    let mut served = std::collections::BTreeMap::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (name, kind) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
+            let family_of_contract = contract.contains_key(name)
+                || contract.contains_key(format!("{name}_total").as_str());
+            if name.starts_with("tcpstall_") || family_of_contract {
+                served.insert(name.to_owned(), kind.to_owned());
+            }
+        }
+    }
+    let kind_str = |k: contract::Kind| match k {
+        contract::Kind::Counter => "counter",
+        contract::Kind::Gauge => "gauge",
+        contract::Kind::Histogram => "histogram",
+    };
+    // Counters are typed under their family name (`x` for `x_total`).
+    let family = |name: &str| -> String { name.strip_suffix("_total").unwrap_or(name).to_owned() };
+    let mut problems = Vec::new();
+    for (name, (kind, _)) in &contract {
+        match served.get(&family(name)).or_else(|| served.get(*name)) {
+            Some(k) if k == kind_str(*kind) => {}
+            Some(k) => problems.push(format!("{name}: contract {}, served {k}", kind_str(*kind))),
+            // A labelled family has no series (and no `# TYPE` line) until
+            // its first sample; an unlabelled one is always served.
+            None if !contract[name].1.is_empty() => {}
+            None => problems.push(format!("{name}: in the contract, not served")),
+        }
+    }
+    for (name, kind) in &served {
+        let known = contract.contains_key(name.as_str())
+            || contract.contains_key(format!("{name}_total").as_str());
+        if !known {
+            problems.push(format!("{name} ({kind}): served but not in the contract"));
+        }
+    }
+    // Labels of every sample.
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let series = l.rsplit_once(' ').map(|(s, _)| s).unwrap_or(l);
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let base = ["_bucket", "_sum", "_count", "_created"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|b| contract.contains_key(b))
+            .unwrap_or(name);
+        let Some((_, allowed)) = contract.get(base) else {
+            continue; // reported above
+        };
+        for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+            let key = pair.split('=').next().unwrap_or("").trim_matches(',');
+            if key != "le" && !allowed.contains(&key) {
+                problems.push(format!(
+                    "{base}: label `{key}` not in the contract ({allowed:?})"
+                ));
+            }
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    assert!(
+        problems.is_empty(),
+        "live /metrics vs the deploy contract:\n{}",
+        problems.join("\n")
+    );
+    drop(client);
+}
