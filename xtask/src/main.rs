@@ -178,7 +178,6 @@ mod fixtures {
 /// must run and pass, a name that matches nothing fails the matrix).
 const VM_TESTS: &[&str] = &[
     "probe_plan_prefers_best_available_mechanism",
-    "s1_with_every_working_write_timer_mechanism",
     "s1_blackhole_events_end_to_end",
     "s1_horizon_retries2_3",
     "s1_horizon_retries2_5",
