@@ -406,8 +406,9 @@ pub struct KernelLayout {
     pub tcp_write_timer_addr: u64,
     /// Bits from [`layout_flag`].
     pub flags: u32,
-    /// Zero (keeps the struct free of implicit padding).
-    pub _reserved: u32,
+    /// Ring-buffer fill level (bytes) from which every submit wakes the
+    /// agent; below it the agent polls.
+    pub ringbuf_wake_bytes: u32,
 }
 
 pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 16;
@@ -419,7 +420,7 @@ impl KernelLayout {
             fields: [FieldSpec::ABSENT; field::COUNT],
             tcp_write_timer_addr: 0,
             flags: 0,
-            _reserved: 0,
+            ringbuf_wake_bytes: 0,
         }
     }
 }

@@ -17,7 +17,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, bpf_sock_ops,
     },
@@ -104,7 +104,7 @@ fn now() -> (u64, u64) {
 /// No wake-up per event: the agent polls the ring every few milliseconds
 /// (`reader.rs`), and events carry their own kernel timestamps, so waking it
 /// for each one (an irq_work and a context switch per event on a quiet
-/// ring) buys nothing. Once the ring holds more than an eighth of its size,
+/// ring) buys nothing. Once the ring holds `ringbuf_wake_bytes` (an eighth),
 /// every submit wakes the reader, so a burst cannot outrun the poll.
 #[inline(always)]
 fn emit(fill: impl FnOnce(&mut Event)) {
@@ -112,8 +112,8 @@ fn emit(fill: impl FnOnce(&mut Event)) {
         Some(mut entry) => {
             let ev = entry.write(Event::zeroed());
             fill(ev);
-            let wake =
-                EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= EVENTS.query(BPF_RB_RING_SIZE as u64) / 8;
+            let wake_bytes = layout().map_or(0, |l| u64::from(l.ringbuf_wake_bytes));
+            let wake = EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wake_bytes;
             entry.submit(if wake {
                 BPF_RB_FORCE_WAKEUP as u64
             } else {
@@ -223,8 +223,16 @@ fn sock_event<S: Source>(
     finish: impl FnOnce(&mut Event),
 ) -> Result<(), Skip> {
     let (ts, jiffies) = now();
-    // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
-    let cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
+    // With plain loads, a socket that has a cookie already costs one load.
+    let mut cookie = if S::PLAIN_LOADS {
+        sk.get(&l.fields[field::SKC_COOKIE])
+    } else {
+        0
+    };
+    if cookie == 0 {
+        // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
+        cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
+    }
     emit(|ev| {
         ev.ts_ns = ts;
         ev.jiffies = jiffies;

@@ -78,6 +78,8 @@ fn read16(base: u64, spec: &FieldSpec, out: &mut [u8; 16]) {
 /// verifier checks each constant offset against the kernel's BTF and turns
 /// the load into a fault-tolerant one; no helper call).
 pub trait Source: Copy {
+    /// Reads cost a plain load each (no helper call).
+    const PLAIN_LOADS: bool;
     /// The object's address (correlation only).
     fn addr(self) -> u64;
     fn is_null(self) -> bool;
@@ -92,6 +94,7 @@ pub trait Source: Copy {
 pub struct Probe(pub u64);
 
 impl Source for Probe {
+    const PLAIN_LOADS: bool = false;
     #[inline(always)]
     fn addr(self) -> u64 {
         self.0
@@ -121,6 +124,7 @@ impl Source for Probe {
 pub struct Direct(pub *const u8);
 
 impl Source for Direct {
+    const PLAIN_LOADS: bool = true;
     #[inline(always)]
     fn addr(self) -> u64 {
         self.0 as u64

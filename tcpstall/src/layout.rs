@@ -412,7 +412,7 @@ impl ResolvedLayout {
     }
 
     /// The layout for [`tcpstall_common::LAYOUT_GLOBAL`]. The caller fills in
-    /// `tcp_write_timer_addr` and `flags` (zero here).
+    /// `tcp_write_timer_addr`, `flags` and `ringbuf_wake_bytes` (zero here).
     pub fn layout(&self) -> KernelLayout {
         let mut l = KernelLayout::zeroed();
         for (slot, row) in l.fields.iter_mut().zip(&self.rows) {
@@ -920,7 +920,7 @@ mod tests {
             let r = ok(&btf_of(&Opts::new(kgen)), "synthetic");
             let l = r.layout();
             assert_eq!(l.tcp_write_timer_addr, 0);
-            assert_eq!((l.flags, l._reserved), (0, 0));
+            assert_eq!((l.flags, l.ringbuf_wake_bytes), (0, 0));
             assert_eq!(l.fields[field::SKC_DADDR], spec(0, 4));
             assert_eq!(l.fields[field::SKC_RCV_SADDR], spec(4, 4));
             assert_eq!(l.fields[field::SKC_DPORT], spec(12, 2));

@@ -365,6 +365,33 @@ mod tests {
         );
     }
 
+    /// Every direct-load program has a probe-read twin on the same hook
+    /// after it, so a kernel whose verifier refuses the direct loads still
+    /// gets the probe. Mutation: deleting the `tcpstall_state_btf` candidate
+    /// fails this test ("state: tcpstall_state_direct has no probe-read
+    /// fallback").
+    #[test]
+    fn direct_programs_have_a_probe_read_fallback() {
+        for p in PROBES {
+            for (i, c) in p.candidates.iter().enumerate() {
+                if !c.program.contains("_direct") {
+                    continue;
+                }
+                // tcpstall_state_direct <-> tcpstall_state_btf,
+                // tcpstall_write_timer_tp_direct <-> tcpstall_write_timer_tp.
+                let stem = c.program.replace("_direct", "");
+                assert!(
+                    p.candidates[i + 1..].iter().any(|d| d.attach == c.attach
+                        && !d.program.contains("_direct")
+                        && d.program.replace("_btf", "") == stem),
+                    "{}: {} has no probe-read fallback",
+                    p.name,
+                    c.program
+                );
+            }
+        }
+    }
+
     #[test]
     fn required_probes() {
         let required: Vec<_> = PROBES
