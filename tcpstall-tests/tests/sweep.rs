@@ -50,7 +50,7 @@ fn started_mid_stall(
     let mut client = connect_in(&link.a, server);
     let local = client.local_addr().expect("local");
     client.write_all(b"hello").expect("first write");
-    thread::sleep(Duration::from_millis(300));
+    wait_all_acked(&client, 5, Duration::from_secs(10));
     let _blackhole = match a_ip {
         IpAddr::V4(a) => link.b.blackhole_from(a),
         IpAddr::V6(a) => blackhole6_from(&link.b, a),
@@ -242,7 +242,7 @@ fn sweep_risks_lists_sockets_without_timeout() {
     let mut client = connect_in(&link.a, server);
     client.write_all(b"hello").expect("write");
     let local = client.local_addr().expect("local");
-    thread::sleep(Duration::from_millis(300));
+    wait_all_acked(&client, 5, Duration::from_secs(10));
 
     let agent = Agent::start(&["--sweep-interval", "1"]);
     agent.wait_ready(Duration::from_secs(30));
@@ -405,7 +405,7 @@ fn retransmit_cause_blackhole_is_tlp_then_rto() {
     let mut client = connect_in(&link.a, server);
     let local = client.local_addr().expect("local");
     client.write_all(b"hello").expect("write");
-    thread::sleep(Duration::from_millis(300));
+    wait_all_acked(&client, 5, Duration::from_secs(10));
     let _blackhole = link.b.blackhole_from(link.a_ip);
     client
         .write_all(&[b'x'; 1000])
@@ -518,7 +518,7 @@ fn retransmit_cause_dropped_segment_is_fast() {
     let mut client = connect_in(&link.a, server);
     client.set_nodelay(true).expect("TCP_NODELAY");
     client.write_all(b"hello").expect("write");
-    thread::sleep(Duration::from_millis(300));
+    wait_all_acked(&client, 5, Duration::from_secs(10));
     drop_one_data_segment_from(&link.b, link.a_ip, server.port());
     for _ in 0..20 {
         client.write_all(&[b'x'; 1000]).expect("write");

@@ -546,7 +546,6 @@ mod tests {
         event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState},
         loader::{Attempt, ProbeStatus},
         metrics::{Metrics, MetricsConfig},
-        pods::PodResolver,
     };
 
     const HZ: u32 = 250;
