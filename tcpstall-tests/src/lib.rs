@@ -903,6 +903,30 @@ impl Agent {
             .find(|&c| c != 0)
     }
 
+    /// Waits until the agent has flagged the flow `local` -> `remote` as
+    /// stalled and has logged its write-timer expiry with `backoff >=
+    /// min_backoff` (the caller keeps the peer blackholed meanwhile).
+    pub fn wait_stalled_to_backoff(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        min_backoff: u64,
+    ) {
+        self.wait_log(Duration::from_secs(15), "the stall flagged", |v| {
+            v["message"] == "stall started" && ev_str(v, "remote") == remote.to_string()
+        });
+        self.wait_log(
+            Duration::from_secs(15),
+            &format!("an RTO expiry at backoff {min_backoff}"),
+            |v| {
+                v["message"] == "event"
+                    && ev_str(v, "kind") == "write_timer"
+                    && ev_str(v, "local") == local.to_string()
+                    && ev_u64(v, "backoff") >= min_backoff
+            },
+        );
+    }
+
     /// Waits for the agent's own record of the flow's death: its
     /// `socket timed out (ETIMEDOUT)` line for socket `cookie`.
     pub fn wait_timeout_of(&mut self, cookie: u64, timeout: Duration) -> Value {

@@ -217,17 +217,9 @@ fn no_ack_probe_stall_clears_by_the_fallback() {
     conn.client
         .write_all(&[b'x'; 1000])
         .expect("write into the blackhole");
-    agent.wait_log(Duration::from_secs(15), "the stall flagged", |v| {
-        v["message"] == "stall started" && ev_str(v, "remote") == server_addr.to_string()
-    });
     // Let the backoff reach 3 (expiries at about 0.2, 0.6, 1.4 s; the next
     // one 1.6 s later), then lift the blackhole.
-    agent.wait_log(Duration::from_secs(15), "the fourth RTO expiry", |v| {
-        v["message"] == "event"
-            && ev_str(v, "kind") == "write_timer"
-            && ev_str(v, "local") == local.to_string()
-            && ev_u64(v, "backoff") >= 3
-    });
+    agent.wait_stalled_to_backoff(local, server_addr, 3);
     assert!(agent.stall_of(local, server_addr).is_some());
     drop(blackhole);
     let lifted = Instant::now();

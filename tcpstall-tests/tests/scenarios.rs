@@ -647,15 +647,7 @@ fn s1_recovery_clears_the_stall_at_once() {
     // Flagged as a retransmit stall, then kept blocked until the fourth RTO
     // (backoff 3: the next expiry is 1.6 s later, so recovery by staleness
     // would take about 3.2 s + 1 s + 1.6 s of grace).
-    agent.wait_log(Duration::from_secs(15), "the stall flagged", |v| {
-        v["message"] == "stall started" && ev_str(v, "remote") == server_addr.to_string()
-    });
-    agent.wait_log(Duration::from_secs(15), "the fourth RTO expiry", |v| {
-        v["message"] == "event"
-            && ev_str(v, "kind") == "write_timer"
-            && ev_str(v, "local") == local.to_string()
-            && ev_u64(v, "backoff") >= 3
-    });
+    agent.wait_stalled_to_backoff(local, server_addr, 3);
     let stalled = agent
         .stall_of(local, server_addr)
         .expect("flagged while the peer is unreachable");
