@@ -183,6 +183,9 @@ const VM_TESTS: &[&str] = &[
     "s1_horizon_retries2_5",
     "s2_user_timeout",
     "s1_recovery_clears_the_stall_at_once",
+    // S1 once per write-timer mechanism the guest kernel offers (fentry,
+    // kprobe, timer tracepoint, sock_ops), each forced with --mechanism.
+    "s1_with_every_working_write_timer_mechanism",
     // The socket sweep (iter/task_file + bpf_sock_from_file): start-up
     // reconcile of an S1 stall in progress.
     "sweep/sweep_startup_ipv4_retries2_15",
