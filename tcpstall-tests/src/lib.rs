@@ -586,20 +586,14 @@ impl Conn {
     /// TCP_USER_TIMEOUT, and exchange a first acknowledged write.
     pub fn establish(link: &Link, port: u16, user_timeout_ms: Option<u32>) -> Conn {
         let server = SocketAddr::from((link.b_ip, port));
-        let listener = listen_in(&link.b, server);
-        thread::spawn(move || {
-            if let Ok((mut s, _)) = listener.accept() {
-                // Longer than any horizon a test waits for: the server must not
-                // close first (its FIN is not blackholed and would end the stall).
-                s.set_read_timeout(Some(Duration::from_secs(300))).ok();
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                }
-            }
-        });
+        // Longer than any horizon a test waits for: the server must not
+        // close first (its FIN is not blackholed and would end the stall).
+        drop(drain_server_in(
+            &link.b,
+            server,
+            Duration::from_secs(300),
+            None,
+        ));
         let mut client = connect_in(&link.a, server);
         if let Some(ms) = user_timeout_ms {
             set_user_timeout(&client, ms);
@@ -716,17 +710,47 @@ pub fn reading_server_in(ns: &Netns, addr: SocketAddr) {
     thread::spawn(move || {
         for s in listener.incoming() {
             let Ok(mut s) = s else { break };
-            thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(300))).ok();
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                }
-            });
+            thread::spawn(move || drain(&mut s, Duration::from_secs(300)));
         }
     });
+}
+
+/// Reads and discards everything from `s` until EOF, a read error, or
+/// `idle` without data (a blackholed peer's death is never seen, so the
+/// timeout ends the reader; it must outlast any stall the test waits for,
+/// or the reader's close sends a FIN that the blackhole does not stop).
+/// Returns the number of bytes read.
+pub fn drain(s: &mut TcpStream, idle: Duration) -> u64 {
+    s.set_read_timeout(Some(idle)).expect("set read timeout");
+    let mut buf = vec![0u8; 65536];
+    let mut total = 0u64;
+    while let Ok(n) = std::io::Read::read(s, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total
+}
+
+/// A server in `ns` at `addr` for one connection: accepts it, waits until
+/// `gate` (if any) receives or is dropped -- the receiver's window closes
+/// meanwhile -- then [`drain`]s it with the `idle` timeout. The thread
+/// yields the number of bytes read; drop the handle to leave it detached.
+pub fn drain_server_in(
+    ns: &Netns,
+    addr: SocketAddr,
+    idle: Duration,
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+) -> thread::JoinHandle<u64> {
+    let listener = listen_in(ns, addr);
+    thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        if let Some(gate) = gate {
+            let _ = gate.recv();
+        }
+        drain(&mut s, idle)
+    })
 }
 
 impl Agent {

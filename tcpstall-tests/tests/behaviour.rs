@@ -106,22 +106,9 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     let link = Link::new("zwr", 81);
     let agent = Agent::start(&["--zero-window-after", "2"]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
-    let listener = listen_in(&link.b, server_addr);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        let _ = rx.recv(); // not reading until told
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-        let mut buf = vec![0u8; 65536];
-        let mut total = 0u64;
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        total
-    });
+    // Not reading until told.
+    let server = drain_server_in(&link.b, server_addr, Duration::from_secs(30), Some(rx));
     let mut client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
     client.set_nonblocking(true).expect("nonblocking");

@@ -24,7 +24,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tcpstall_tests::{Agent, Link, ev_str, listen_in, metric_sum, require, require_tools};
+use tcpstall_tests::{Agent, Link, drain, ev_str, listen_in, metric_sum, require, require_tools};
 
 const POD_UID: &str = "0b3c7a51-7e0d-4c2a-9f43-5a1d2e3f4a5b";
 const HOSTNET_UID: &str = "9f8e7d6c-5b4a-4392-8170-6e5d4c3b2a19";
@@ -262,13 +262,7 @@ fn pods_containers_and_processes_from_cgroups_and_runtime_state() {
     thread::spawn(move || {
         let (mut s, peer) = listener.accept().expect("accept");
         tx.send(peer).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
+        drain(&mut s, Duration::from_secs(60));
     });
     let go = tmp.join("go");
     let hold = tmp.join("hold");

@@ -23,8 +23,8 @@ use std::{
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Link, agent_path, connect_in, ev_str, listen_in, plan_chosen, require, require_tools,
-    setpriv_exactly,
+    Agent, Link, agent_path, connect_in, drain_server_in, ev_str, plan_chosen, require,
+    require_tools, setpriv_exactly,
 };
 
 /// The DaemonSet's `capabilities.add`, from the rendered base.
@@ -173,17 +173,7 @@ fn manifest_capabilities_run_doctor_s1_and_refuse_program_stats() {
     );
 
     let server_addr = SocketAddr::from((link.b_ip, 8080));
-    let listener = listen_in(&link.b, server_addr);
-    let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(40))).ok();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    });
+    let server = drain_server_in(&link.b, server_addr, Duration::from_secs(40), None);
     let mut client = connect_in(&link.a, server_addr);
     let local = client.local_addr().unwrap();
     client.write_all(b"hello").unwrap();

@@ -50,20 +50,9 @@ fn s1_blackhole_events_end_to_end() {
     let mut agent = Agent::start(&[]);
 
     let server_addr = SocketAddr::from((link.b_ip, 8080));
-    let listener = listen_in(&link.b, server_addr);
-    let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        let mut buf = [0u8; 4096];
-        // Read until the peer vanishes (the blackhole hides the client's
-        // death, so a read timeout ends this thread).
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    });
+    // Reads until the peer vanishes (the blackhole hides the client's
+    // death, so the idle timeout ends it).
+    let server = drain_server_in(&link.b, server_addr, Duration::from_secs(30), None);
     let mut client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
     client.write_all(b"hello").expect("first write");
@@ -853,18 +842,8 @@ fn s6_one_bad_backend() {
     for (b, (_, addr)) in backends.iter().zip(&addrs) {
         let listener = listen_in(b, *addr);
         thread::spawn(move || {
-            let mut conns = Vec::new();
-            while let Ok((s, _)) = listener.accept() {
-                s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-                conns.push(thread::spawn(move || {
-                    let mut s = s;
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                }));
+            while let Ok((mut s, _)) = listener.accept() {
+                thread::spawn(move || drain(&mut s, Duration::from_secs(30)));
             }
         });
         for _ in 0..2 {
@@ -970,20 +949,7 @@ fn s7_lossy_but_healthy() {
     let link = Link::new("s7", 27);
     let agent = Agent::start(&[]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
-    let listener = listen_in(&link.b, server_addr);
-    let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-        let mut buf = vec![0u8; 65536];
-        let mut total = 0u64;
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        total
-    });
+    let server = drain_server_in(&link.b, server_addr, Duration::from_secs(30), None);
     let mut client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
