@@ -3,10 +3,7 @@
 //! bpftrace, bpftool and iperf3 (and every library `ldd` lists for them) in
 //! its initramfs; the report is cut out of each console log.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use xtask::{
@@ -17,15 +14,8 @@ use xtask::{
 use crate::{cargo, step};
 
 fn which(cmd: &str) -> anyhow::Result<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .with_context(|| format!("looking for {cmd}"))?;
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if !out.status.success() || p.is_empty() {
-        bail!("`{cmd}` not found on the host: `cargo xtask setup` installs it");
-    }
-    Ok(PathBuf::from(p))
+    xtask::which(cmd)
+        .with_context(|| format!("`{cmd}` not found on the host: `cargo xtask setup` installs it"))
 }
 
 fn build_kernel_bench() -> anyhow::Result<PathBuf> {

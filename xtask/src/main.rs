@@ -583,23 +583,26 @@ fn main() -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            step("criterion benchmarks (tcpstall/benches)");
-            run_cmd(
-                cargo()
-                    .args(["bench", "-p", "tcpstall", "--bench", "hot_path", "--"])
-                    .args(&args),
-            )?;
-            if is_root() {
-                step("socket sweep at 100,000 sockets (tcpstall/benches/sweep.rs)");
+            // (criterion bench in tcpstall/benches, what it measures, needs root)
+            let benches = [
+                ("hot_path", "criterion benchmarks (tcpstall/benches)", false),
+                (
+                    "sweep",
+                    "socket sweep at 100,000 sockets (tcpstall/benches/sweep.rs)",
+                    true,
+                ),
+            ];
+            for (bench, label, needs_root) in benches {
+                if needs_root && !is_root() {
+                    eprintln!("    {label}: not run, it needs root (sudo -E cargo xtask bench)");
+                    continue;
+                }
+                step(label);
                 run_cmd(
                     cargo()
-                        .args(["bench", "-p", "tcpstall", "--bench", "sweep", "--"])
+                        .args(["bench", "-p", "tcpstall", "--bench", bench, "--"])
                         .args(&args),
                 )?;
-            } else {
-                eprintln!(
-                    "    socket sweep benchmark not run: it needs root (sudo -E cargo xtask bench)"
-                );
             }
             eprintln!("    kernel program cost: `cargo xtask bench --kernel` (root; see --help)");
         }

@@ -5,6 +5,7 @@
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
+use xtask::have;
 
 use crate::{run_cmd, step, workspace_root};
 
@@ -140,14 +141,6 @@ fn install_bpf_linker() -> anyhow::Result<()> {
         bail!("bpf-linker was installed but does not run under `rustup run nightly`");
     }
     Ok(())
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

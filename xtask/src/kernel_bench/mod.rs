@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use tcpstall_tests::Link;
 
-use crate::vm::parse_duration;
+use crate::{have, vm::parse_duration};
 
 /// Printed around the report by the in-guest run, so the host can cut it
 /// out of the console log.
@@ -93,14 +93,6 @@ impl BenchOptions {
         }
         v
     }
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd} >/dev/null 2>&1")])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// One-line errors for what the bench cannot run without.
