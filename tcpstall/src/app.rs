@@ -329,10 +329,16 @@ impl Pipeline {
     /// sweep drains first, and `/readyz` must stay 503 until it is done).
     fn ingest_events(&mut self, batch: &mut Vec<Result<SockEvent, DecodeError>>) {
         let metrics = &self.state.metrics;
+        // Read just now: every event of the batch waited from its kernel
+        // timestamp (CLOCK_MONOTONIC, as this clock) until the drain.
+        let read_at = kernel::monotonic_ns();
         for item in batch.drain(..) {
             match item {
                 Ok(ev) => {
                     metrics.event(ev.kind);
+                    if ev.ts_ns != 0 {
+                        metrics.event_delivered(read_at.saturating_sub(ev.ts_ns));
+                    }
                     if self.log_events {
                         log_event(&ev);
                     }

@@ -54,6 +54,13 @@ pub const STALL_DURATION_BUCKETS: [f64; 14] = [
 pub const PREDICTION_ERROR_BUCKETS: [f64; 11] =
     [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0];
 
+/// Upper bounds (seconds) of `tcpstall_event_delivery_seconds` (kernel
+/// timestamp of an event to the agent reading it): the reader polls the
+/// ring every 10 ms unless the programs wake it (above an eighth full).
+pub const EVENT_DELIVERY_BUCKETS: [f64; 11] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 1.0,
+];
+
 /// The `remote` label value of every remote beyond `max_remote_labels`.
 pub const OTHER_REMOTE: &str = "other";
 
@@ -255,6 +262,7 @@ pub struct Metrics {
     process_cpu_last: Mutex<f64>,
     process_resident: Gauge,
     events_by_kind: [Counter; EventKind::ALL.len()],
+    event_delivery: Histogram,
     ringbuf_dropped: Counter,
     decode_errors: Counter,
     flows_tracked: Gauge,
@@ -414,6 +422,12 @@ impl Metrics {
         );
         let events_by_kind =
             EventKind::ALL.map(|k| events.get_or_create_owned(&KindLabels { kind: k.as_str() }));
+        let event_delivery = Histogram::new(EVENT_DELIVERY_BUCKETS);
+        registry.register(
+            "tcpstall_event_delivery_seconds",
+            "Delay in seconds from a kernel event (its CLOCK_MONOTONIC timestamp) to the agent reading it from the ring buffer; the reader polls every 10 ms unless the ring is an eighth full",
+            event_delivery.clone(),
+        );
         let ringbuf_dropped = Counter::default();
         registry.register(
             "tcpstall_ringbuf_dropped_events",
@@ -531,6 +545,7 @@ impl Metrics {
             process_cpu_last: Mutex::new(0.0),
             process_resident,
             events_by_kind,
+            event_delivery,
             ringbuf_dropped,
             decode_errors,
             flows_tracked,
@@ -555,6 +570,11 @@ impl Metrics {
         if let Some(i) = kind_index(kind) {
             self.events_by_kind[i].inc();
         }
+    }
+
+    /// One event read `delay_ns` after its kernel timestamp.
+    pub fn event_delivered(&self, delay_ns: u64) {
+        self.event_delivery.observe(delay_ns as f64 / 1e9);
     }
 
     /// One undecodable ring-buffer record.
@@ -1051,6 +1071,7 @@ mod tests {
             ("process_cpu_seconds", "counter"),
             ("process_resident_memory_bytes", "gauge"),
             ("tcpstall_events", "counter"),
+            ("tcpstall_event_delivery_seconds", "histogram"),
             ("tcpstall_ringbuf_dropped_events", "counter"),
             ("tcpstall_decode_errors", "counter"),
             ("tcpstall_probe_attached", "gauge"),
@@ -1517,6 +1538,31 @@ mod tests {
         let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
         assert!(lines_of(&text, "tcpstall_socket_stall_seconds").is_empty());
         assert!(!text.contains("tcpstall_socket_"), "{text}");
+    }
+
+    /// Mutation: `delay_ns as f64 / 1e6` in `event_delivered` (ms taken
+    /// as seconds): the 3 ms delay lands in `+Inf`, not in `le="0.005"`.
+    #[test]
+    fn event_delivery_histogram_observes_the_delay_in_seconds() {
+        let m = Metrics::new(&cfg(10, 5), &plan());
+        m.event_delivered(3_000_000);
+        m.event_delivered(40_000_000);
+        let text = m
+            .render(&LiveView::default(), Format::PrometheusText)
+            .unwrap();
+        let bucket = |le: &str| {
+            sample(
+                &text,
+                &format!("tcpstall_event_delivery_seconds_bucket{{le=\"{le}\"}}"),
+            )
+        };
+        assert_eq!(bucket("0.002"), Some(0.0), "{text}");
+        assert_eq!(bucket("0.005"), Some(1.0), "{text}");
+        assert_eq!(bucket("0.05"), Some(2.0), "{text}");
+        assert_eq!(
+            sample(&text, "tcpstall_event_delivery_seconds_count"),
+            Some(2.0)
+        );
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     m.insert("process_cpu_seconds_total", (Counter, vec![]));
     m.insert("process_resident_memory_bytes", (Gauge, vec![]));
     m.insert("tcpstall_events_total", (Counter, vec!["kind"]));
+    m.insert("tcpstall_event_delivery_seconds", (Histogram, vec![]));
     m.insert("tcpstall_ringbuf_dropped_events_total", (Counter, vec![]));
     m.insert("tcpstall_decode_errors_total", (Counter, vec![]));
     m.insert(

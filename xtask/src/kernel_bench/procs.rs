@@ -17,21 +17,32 @@ use super::progs;
 
 /// SIGTERM (or `sig`), then SIGKILL after 10 s.
 fn stop_child(child: &mut Child, sig: i32) {
+    stop_child_within(child, sig, Duration::from_secs(10));
+}
+
+/// `sig`, then SIGKILL after `grace`; whether the child exited by itself.
+fn stop_child_within(child: &mut Child, sig: i32, grace: Duration) -> bool {
     if let Ok(Some(_)) = child.try_wait() {
-        return;
+        return true;
     }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, sig) };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
-            return;
+            return true;
         }
         thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
     let _ = child.wait();
+    false
 }
+
+/// How long bpftrace may take to print its maps after SIGINT: a few
+/// seconds on the host, minutes in a guest under TCG (it formats every
+/// 4-tuple of the churn).
+const BPFTRACE_PRINT_GRACE: Duration = Duration::from_secs(240);
 
 /// The agent; stopped on drop.
 pub struct Agent {
@@ -199,21 +210,38 @@ impl Bpftrace {
     }
 
     /// Stops bpftrace and returns how many keys (4-tuples, timers) each of
-    /// its maps ended with.
-    pub fn finish(mut self) -> Vec<(String, usize)> {
-        stop_child(&mut self.child, libc::SIGINT);
+    /// its maps ended with (None when it did not finish printing them
+    /// within [`BPFTRACE_PRINT_GRACE`]) and how long it took. Only a sanity
+    /// check: the costs come from the kernel's counters, read before this.
+    pub fn finish(mut self) -> BpftraceMaps {
+        let t = Instant::now();
+        let printed = stop_child_within(&mut self.child, libc::SIGINT, BPFTRACE_PRINT_GRACE);
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        ["retransmit", "state", "ack", "timer"]
-            .iter()
-            .map(|m| {
-                let prefix = format!("@{m}[");
-                (
-                    (*m).to_owned(),
-                    text.lines().filter(|l| l.starts_with(&prefix)).count(),
-                )
-            })
-            .collect()
+        BpftraceMaps {
+            keys: printed.then(|| {
+                ["retransmit", "state", "ack", "timer"]
+                    .iter()
+                    .map(|m| {
+                        let prefix = format!("@{m}[");
+                        (
+                            (*m).to_owned(),
+                            text.lines().filter(|l| l.starts_with(&prefix)).count(),
+                        )
+                    })
+                    .collect()
+            }),
+            secs: t.elapsed().as_secs_f64(),
+        }
     }
+}
+
+/// What bpftrace printed at exit.
+#[derive(Debug, Clone)]
+pub struct BpftraceMaps {
+    /// Keys per map; None when it was killed before it finished printing.
+    pub keys: Option<Vec<(String, usize)>>,
+    /// Seconds from SIGINT to its exit (or the kill).
+    pub secs: f64,
 }
 
 /// A long-running process inside a network namespace; killed on drop.

@@ -12,9 +12,11 @@ pub struct ProgStat {
     pub name: String,
     pub run_cnt: u64,
     pub run_time_ns: u64,
+    /// Maps the program uses.
+    pub map_ids: Vec<u32>,
 }
 
-fn bpftool_json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+pub fn bpftool_json(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let out = Command::new("bpftool")
         .arg("--json")
         .args(args)
@@ -45,6 +47,12 @@ pub fn all() -> anyhow::Result<HashMap<u32, ProgStat>> {
                     // Absent while zero.
                     run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
                     run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                    map_ids: p["map_ids"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|m| Some(m.as_u64()? as u32))
+                        .collect(),
                 },
             ))
         })
