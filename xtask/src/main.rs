@@ -186,6 +186,13 @@ const VM_TESTS: &[&str] = &[
     // S1 once per write-timer mechanism the guest kernel offers (fentry,
     // kprobe, timer tracepoint, sock_ops), each forced with --mechanism.
     "s1_with_every_working_write_timer_mechanism",
+    // Behavioural harness: one socket action per kernel program, exact
+    // event fields (the write timer once per mechanism the guest offers).
+    "programs::state_program_fields",
+    "programs::retransmit_program_fields",
+    "programs::error_report_program_fields",
+    "programs::ack_program_fields",
+    "programs::write_timer_program_fields_per_mechanism",
     // The socket sweep (iter/task_file + bpf_sock_from_file): start-up
     // reconcile of an S1 stall in progress.
     "sweep/sweep_startup_ipv4_retries2_15",

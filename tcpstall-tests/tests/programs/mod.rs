@@ -220,3 +220,410 @@ fn retransmit_events_carry_ca_state_loss_after_an_rto() {
         assert_eq!(ev_u64(e, "ca_state"), 4, "TCP_CA_Loss expected: {e}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// One test per kernel program: one socket action in a test namespace, then
+// the exact fields the agent logged for that socket (found by its cookie,
+// read with SO_COOKIE, not from the agent).
+
+/// The kernel's cookie of a socket (`SO_COOKIE`).
+fn so_cookie(s: &std::net::TcpStream) -> u64 {
+    use std::os::fd::AsRawFd;
+    const SO_COOKIE: libc::c_int = 57;
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, buffer and length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    assert_ne!(v, 0, "SO_COOKIE returned 0");
+    v
+}
+
+/// Events of socket `cookie` (in log order) once `done` holds for them;
+/// fails with every event of the socket after 30 s.
+fn wait_socket_events(
+    agent: &Agent,
+    cookie: u64,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let evs: Vec<Value> = agent
+            .events()
+            .into_iter()
+            .filter(|e| ev_u64(e, "cookie") == cookie)
+            .collect();
+        if done(&evs) {
+            return evs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waiting for {what} of socket {cookie}: events so far {evs:#?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What every event of a socket carries: its cookie and, read from `struct
+/// sock` (every program but sock_ops), the namespace's inode, the cgroup of
+/// this process (the socket was created by one of its threads) and the
+/// namespace's `tcp_retries2`.
+struct Expect {
+    cookie: u64,
+    netns: u64,
+    cgroup: u64,
+    retries2: u64,
+}
+
+impl Expect {
+    fn new(ns: &Netns, s: &std::net::TcpStream, retries2: u64) -> Self {
+        Expect {
+            cookie: so_cookie(s),
+            netns: ns.inode(),
+            cgroup: own_cgroup_inode(&cgroup2_root()),
+            retries2,
+        }
+    }
+
+    fn check(&self, e: &Value, kind: &str, mechanism: &str, sock_fields: bool) {
+        assert_eq!(ev_str(e, "kind"), kind, "kind: {e}");
+        assert_eq!(ev_str(e, "mechanism"), mechanism, "mechanism: {e}");
+        assert_eq!(ev_u64(e, "cookie"), self.cookie, "cookie: {e}");
+        if sock_fields {
+            assert_eq!(ev_u64(e, "netns"), self.netns, "netns inode: {e}");
+            assert_eq!(ev_u64(e, "cgroup_id"), self.cgroup, "cgroup id: {e}");
+            assert_eq!(
+                ev_u64(e, "tcp_retries2"),
+                self.retries2,
+                "tcp_retries2 of the namespace: {e}"
+            );
+        }
+    }
+}
+
+/// `sock:inet_sock_set_state`: a connect and a shutdown in a namespace give
+/// the client socket exactly CLOSE -> SYN_SENT -> ESTABLISHED -> FIN_WAIT1
+/// -> FIN_WAIT2 (state and old_state of each), and the accepted socket
+/// SYN_RECV -> ESTABLISHED and ESTABLISHED -> CLOSE_WAIT, each with the
+/// 4-tuple (SYN_SENT: before the kernel picks the local port, so only the
+/// remote end), cookie, netns inode, cgroup id and `tcp_retries2`.
+/// Mutation: `tcpstall-ebpf/src/main.rs` `try_state_btf` without
+/// `ev.old_state = old_state as u32;` -> fails (host) with "waiting for
+/// FIN_WAIT2 of socket ..." (every old_state reads UNKNOWN).
+#[test]
+fn state_program_fields() {
+    require_tools();
+    let link = Link::new("pst", 62);
+    link.a.sysctl("net.ipv4.tcp_retries2", "7");
+    link.b.sysctl("net.ipv4.tcp_retries2", "9");
+    let mut agent = Agent::start(&[]);
+    let server = SocketAddr::from((link.b_ip, 8081));
+    let listener = listen_in(&link.b, server);
+    let client = connect_in(&link.a, server);
+    let (accepted, peer) = listener.accept().expect("accept");
+    let local = client.local_addr().expect("local");
+    assert_eq!(peer, local);
+    let c = Expect::new(&link.a, &client, 7);
+    let s = Expect::new(&link.b, &accepted, 9);
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    let has = |evs: &[Value], old: &str, new: &str| {
+        evs.iter()
+            .any(|e| ev_str(e, "old_state") == old && ev_str(e, "state") == new)
+    };
+    let cl = wait_socket_events(&agent, c.cookie, "FIN_WAIT2", |evs| {
+        has(evs, "FIN_WAIT1", "FIN_WAIT2")
+    });
+    let sv = wait_socket_events(&agent, s.cookie, "CLOSE_WAIT", |evs| {
+        has(evs, "ESTABLISHED", "CLOSE_WAIT")
+    });
+    agent.stop();
+    let transitions = |evs: &[Value]| -> Vec<(String, String)> {
+        evs.iter()
+            .map(|e| {
+                (
+                    ev_str(e, "old_state").to_owned(),
+                    ev_str(e, "state").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        transitions(&cl),
+        pairs(&[
+            ("CLOSE", "SYN_SENT"),
+            ("SYN_SENT", "ESTABLISHED"),
+            ("ESTABLISHED", "FIN_WAIT1"),
+            ("FIN_WAIT1", "FIN_WAIT2"),
+        ]),
+        "client socket's old_state -> state: {cl:#?}"
+    );
+    for (i, e) in cl.iter().enumerate() {
+        c.check(e, "state", "tp_btf", true);
+        assert_eq!(ev_str(e, "remote"), server.to_string(), "remote: {e}");
+        if i > 0 {
+            assert_eq!(ev_str(e, "local"), local.to_string(), "local: {e}");
+        }
+    }
+    let sv_t = transitions(&sv);
+    for want in pairs(&[("SYN_RECV", "ESTABLISHED"), ("ESTABLISHED", "CLOSE_WAIT")]) {
+        assert!(
+            sv_t.contains(&want),
+            "accepted socket: no {want:?} transition: {sv:#?}"
+        );
+    }
+    for e in sv.iter().filter(|e| ev_str(e, "old_state") != "LISTEN") {
+        s.check(e, "state", "tp_btf", true);
+        assert_eq!(ev_str(e, "local"), server.to_string(), "local: {e}");
+        assert_eq!(ev_str(e, "remote"), local.to_string(), "remote: {e}");
+    }
+    drop(accepted);
+}
+
+/// A connection from namespace `a` (its `tcp_retries2` set) to a reading
+/// server in `b`, established (first 5 bytes acknowledged) after the agent
+/// started with `args`: (link, agent, connection, expected fields).
+fn connected(tag: &str, subnet: u8, retries2: u64, args: &[&str]) -> (Link, Agent, Conn, Expect) {
+    let link = Link::new(tag, subnet);
+    link.a
+        .sysctl("net.ipv4.tcp_retries2", &retries2.to_string());
+    let agent = Agent::start(args);
+    let conn = Conn::establish(&link, 8082, None);
+    let exp = Expect::new(&link.a, &conn.client, retries2);
+    (link, agent, conn, exp)
+}
+
+/// `tcp:tcp_retransmit_skb`: every retransmission of a blackholed segment
+/// (the tail loss probe, then one per RTO expiry) is one event of the
+/// socket with its 4-tuple, state ESTABLISHED, one packet out, backoff
+/// stepping by one from 0, `retransmits` equal to it (6.1 counts the expiry
+/// after retransmitting) or one more (6.6+ counts it before: the RTO handler's
+/// `tcp_update_rto_stats`), the same `snd_una` throughout, and
+/// the cookie, netns inode, cgroup id and `tcp_retries2` of its namespace.
+/// Mutation: `tcpstall-ebpf/src/main.rs` `try_retransmit_btf`'s finish
+/// `|_| {}` -> `|ev| ev.sock.state = 7` -> fails (host) with "state: left
+/// CLOSE, right ESTABLISHED".
+#[test]
+fn retransmit_program_fields() {
+    require_tools();
+    let (link, mut agent, mut conn, exp) = connected("prt", 63, 11, &[]);
+    let _hole = link.b.blackhole_from(link.a_ip);
+    conn.client
+        .write_all(&[b'x'; 1000])
+        .expect("write into the blackhole");
+    let evs = wait_socket_events(&agent, exp.cookie, "3 retransmissions", |evs| {
+        evs.iter()
+            .filter(|e| ev_str(e, "kind") == "retransmit")
+            .count()
+            >= 3
+    });
+    agent.stop();
+    let rt: Vec<&Value> = evs
+        .iter()
+        .filter(|e| ev_str(e, "kind") == "retransmit")
+        .collect();
+    let una = ev_u64(rt[0], "snd_una");
+    let mut last = 0;
+    for e in &rt {
+        exp.check(e, "retransmit", "tp_btf", true);
+        assert_eq!(ev_str(e, "local"), conn.local.to_string(), "local: {e}");
+        assert_eq!(ev_str(e, "remote"), conn.server.to_string(), "remote: {e}");
+        assert_eq!(ev_str(e, "state"), "ESTABLISHED", "state: {e}");
+        assert_eq!(ev_u64(e, "packets_out"), 1, "one segment in flight: {e}");
+        assert_eq!(ev_u64(e, "snd_una"), una, "snd_una constant: {e}");
+        let (backoff, count) = (ev_u64(e, "backoff"), ev_u64(e, "retransmits"));
+        assert!(
+            count == backoff || count == backoff + 1,
+            "retransmits is backoff (counted after the retransmission, 6.1) or backoff + 1 (before it, 6.6+): {e}"
+        );
+        assert!(
+            backoff == last || backoff == last + 1,
+            "backoff steps by one per RTO expiry (from {last}): {e}"
+        );
+        last = backoff;
+    }
+    drop(conn);
+}
+
+/// `sock:inet_sk_error_report`: a blackholed socket with `tcp_retries2 = 2`
+/// dies with ETIMEDOUT; exactly one error report of the socket, `sk_err` 110,
+/// remote the server, local address the client's (the port may already read
+/// 0: newer kernels report after `tcp_done` released it), cookie, netns
+/// inode, cgroup id and `tcp_retries2` 2.
+/// Mutation: `tcpstall-ebpf/src/main.rs` `try_error_report_btf`'s
+/// `kind::ERROR_REPORT` -> `kind::ACK` -> fails (host) with "no error report
+/// (or more than one) for socket ...: left 0, right 1".
+#[test]
+fn error_report_program_fields() {
+    require_tools();
+    let (link, mut agent, conn, exp) = connected("per", 64, 2, &[]);
+    let (local, server) = (conn.local, conn.server);
+    let _hole = link.b.blackhole_from(link.a_ip);
+    let (_, death) = conn.write_and_await_death(Duration::from_secs(60));
+    let (_, errno) = death.join().expect("reader");
+    assert_eq!(errno, Some(libc::ETIMEDOUT));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reports = loop {
+        let reports: Vec<Value> = agent
+            .events()
+            .into_iter()
+            .filter(|e| ev_u64(e, "cookie") == exp.cookie && ev_str(e, "kind") == "error_report")
+            .collect();
+        if !reports.is_empty() || std::time::Instant::now() >= deadline {
+            break reports;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    agent.stop();
+    let all: Vec<Value> = agent
+        .events()
+        .into_iter()
+        .filter(|e| ev_u64(e, "cookie") == exp.cookie)
+        .collect();
+    assert_eq!(
+        reports.len(),
+        1,
+        "no error report (or more than one) for socket {}: {all:#?}",
+        exp.cookie
+    );
+    let e = &reports[0];
+    exp.check(e, "error_report", "tp_btf", true);
+    assert_eq!(ev_u64(e, "sk_err"), 110, "ETIMEDOUT: {e}");
+    assert_eq!(ev_str(e, "remote"), server.to_string(), "remote: {e}");
+    let l: SocketAddr = ev_str(e, "local").parse().expect("local");
+    assert!(
+        l.ip() == local.ip() && (l.port() == local.port() || l.port() == 0),
+        "local {l}, expected {local} (or port 0): {e}"
+    );
+}
+
+/// `tcp:tcp_probe` (the ACK probe): a blackholed socket retransmits until
+/// its RTO has fired once (`retransmits >= 1`), then the blackhole goes and
+/// the peer acknowledges the 1000 bytes: exactly one ACK event, with
+/// `ack_seq - snd_una == 1000` (the segment acknowledges all of it; snd_una
+/// is the value before it), state ESTABLISHED, `retransmits >= 1`, the
+/// 4-tuple, cookie, netns inode, cgroup id and `tcp_retries2`.
+/// Mutation: `tcpstall-ebpf/src/main.rs` `try_ack_btf`: `ev.ack_seq = ack`
+/// -> `ev.ack_seq = una` (both branches) -> fails (host) with "ack_seq must
+/// acknowledge the 1000 bytes after snd_una: left 0, right 1000".
+#[test]
+fn ack_program_fields() {
+    require_tools();
+    let (link, mut agent, mut conn, exp) = connected("pak", 65, 12, &[]);
+    let hole = link.b.blackhole_from(link.a_ip);
+    conn.client
+        .write_all(&[b'x'; 1000])
+        .expect("write into the blackhole");
+    wait_socket_events(&agent, exp.cookie, "an RTO expiry", |evs| {
+        evs.iter()
+            .any(|e| ev_str(e, "kind") == "retransmit" && ev_u64(e, "retransmits") >= 1)
+    });
+    drop(hole);
+    wait_all_acked(&conn.client, 1005, Duration::from_secs(30));
+    let evs = wait_socket_events(&agent, exp.cookie, "the ACK event", |evs| {
+        evs.iter().any(|e| ev_str(e, "kind") == "ack")
+    });
+    agent.stop();
+    let acks: Vec<&Value> = evs.iter().filter(|e| ev_str(e, "kind") == "ack").collect();
+    assert_eq!(
+        acks.len(),
+        1,
+        "one ACK event per recovered episode: {evs:#?}"
+    );
+    let e = acks[0];
+    exp.check(e, "ack", "tp_btf", true);
+    assert_eq!(ev_str(e, "local"), conn.local.to_string(), "local: {e}");
+    assert_eq!(ev_str(e, "remote"), conn.server.to_string(), "remote: {e}");
+    assert_eq!(ev_str(e, "state"), "ESTABLISHED", "state: {e}");
+    assert!(ev_u64(e, "retransmits") >= 1, "inside the RTO episode: {e}");
+    let (ack, una) = (ev_u64(e, "ack_seq") as u32, ev_u64(e, "snd_una") as u32);
+    assert_eq!(
+        ack.wrapping_sub(una),
+        1000,
+        "ack_seq must acknowledge the 1000 bytes after snd_una: {e}"
+    );
+    drop(conn);
+}
+
+/// The write timer, once per mechanism `doctor` reports as working on this
+/// kernel (forced with `--mechanism`): a blackholed segment's first three
+/// RTO expiries are exactly three events of the socket with `retransmits`
+/// 0, 1, 2 (taken before the handler counts the expiry), `rto_jiffies`
+/// doubling, state ESTABLISHED, the 4-tuple, cookie and netns inode; the
+/// mechanisms that read `struct sock` (all but sock_ops) also `backoff ==
+/// retransmits`, `pending` 1 (ICSK_TIME_RETRANS), `timer_expires <=
+/// jiffies` (never an early timer), cgroup id and `tcp_retries2`.
+/// Mutation: `tcpstall-ebpf/src/main.rs` `try_write_timer_tp`:
+/// `source::TIMER_TP` -> `source::KPROBE` -> fails (host) with "mechanism:
+/// left kprobe, right timer_tracepoint".
+#[test]
+fn write_timer_program_fields_per_mechanism() {
+    require_tools();
+    let working = super::working_write_timer_mechanisms(&super::doctor_json());
+    assert!(!working.is_empty(), "no working write-timer mechanism");
+    for (i, m) in working.iter().enumerate() {
+        eprintln!("write timer with --mechanism {m}");
+        let flag = m.replace('_', "-");
+        let (link, mut agent, mut conn, exp) = connected(
+            &format!("pwt{i}"),
+            66 + i as u8,
+            13,
+            &["--mechanism", &flag],
+        );
+        let _hole = link.b.blackhole_from(link.a_ip);
+        conn.client
+            .write_all(&[b'x'; 1000])
+            .expect("write into the blackhole");
+        let timers = |evs: &[Value]| -> Vec<Value> {
+            evs.iter()
+                .filter(|e| ev_str(e, "kind") == "write_timer")
+                .cloned()
+                .collect()
+        };
+        let evs = wait_socket_events(&agent, exp.cookie, "three RTO expiries", |evs| {
+            timers(evs).len() >= 3
+        });
+        agent.stop();
+        let t: Vec<Value> = timers(&evs).into_iter().take(3).collect();
+        let counts: Vec<u64> = t.iter().map(|e| ev_u64(e, "retransmits")).collect();
+        assert_eq!(counts, [0, 1, 2], "{m}: retransmits 0, 1, 2: {t:#?}");
+        let rto0 = ev_u64(&t[0], "rto_jiffies");
+        assert!(rto0 > 0, "{m}: rto: {:#?}", t[0]);
+        let sock_fields = m != "sock_ops";
+        for (k, e) in t.iter().enumerate() {
+            exp.check(e, "write_timer", m, sock_fields);
+            assert_eq!(ev_str(e, "local"), conn.local.to_string(), "{m} local: {e}");
+            assert_eq!(
+                ev_str(e, "remote"),
+                conn.server.to_string(),
+                "{m} remote: {e}"
+            );
+            assert_eq!(ev_str(e, "state"), "ESTABLISHED", "{m} state: {e}");
+            assert_eq!(ev_u64(e, "rto_jiffies"), rto0 << k, "{m}: RTO doubles: {e}");
+            if sock_fields {
+                assert_eq!(ev_u64(e, "backoff"), k as u64, "{m} backoff: {e}");
+                assert_eq!(ev_u64(e, "pending"), 1, "{m} pending RETRANS: {e}");
+                assert!(
+                    ev_u64(e, "timer_expires") <= ev_u64(e, "jiffies"),
+                    "{m}: expiry before its time: {e}"
+                );
+            }
+        }
+        drop(conn);
+    }
+}
