@@ -213,8 +213,7 @@ fn s1_blackhole_events_end_to_end() {
             ev_u64(timers[timers.len() - 1], "ts_ns"),
         );
         eprintln!(
-            "RTO expiries not seen between backoff steps {gaps:?} (kernel-skipped program runs: {}); every event in that window:",
-            summary["missed_runs"]
+            "RTO expiries not seen between backoff steps {gaps:?} (agent summary, with the programs' own skip counters: {summary}); every event in that window:"
         );
         for v in events
             .iter()

@@ -748,6 +748,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         dropped = stats_final.ringbuf_dropped,
         read_errors = stats_final.read_errors,
         missed_runs = pipeline.missed_runs,
+        decode_errors = pipeline.decode_errors,
+        timer_not_due = stats_final.timer_not_due,
+        retransmit_failed = stats_final.retransmit_failed,
         "tcpstall stopped"
     );
 
