@@ -41,6 +41,7 @@ pub mod program {
     pub const ERROR_REPORT_DIRECT: &str = "tcpstall_error_report_direct";
     /// fentry on `tcp_write_timer_handler`
     pub const WRITE_TIMER_FENTRY: &str = "tcpstall_write_timer_fentry";
+    pub const WRITE_TIMER_FENTRY_DIRECT: &str = "tcpstall_write_timer_fentry_direct";
     /// kprobe on `tcp_write_timer_handler`
     pub const WRITE_TIMER_KPROBE: &str = "tcpstall_write_timer_kprobe";
     /// `tp_btf/timer_expire_entry`, filtered to `tcp_write_timer`
@@ -57,50 +58,50 @@ pub mod program {
 /// Event kinds ([`Event::kind`]).
 pub mod kind {
     /// `tcp:tcp_retransmit_skb`: one retransmitted segment (fast, TLP or RTO).
-    pub const RETRANSMIT: u32 = 1;
+    pub const RETRANSMIT: u8 = 1;
     /// The write timer expired for a socket with an RTO or zero-window probe
     /// pending (snapshot taken before the kernel handles the expiry).
-    pub const WRITE_TIMER: u32 = 2;
+    pub const WRITE_TIMER: u8 = 2;
     /// `sock:inet_sock_set_state`.
-    pub const STATE: u32 = 3;
+    pub const STATE: u8 = 3;
     /// `sock:inet_sk_error_report` (the kernel's error verdict, 110 = ETIMEDOUT).
-    pub const ERROR_REPORT: u32 = 4;
+    pub const ERROR_REPORT: u8 = 4;
     /// `tcp:tcp_probe` (before the segment is processed): the peer
     /// acknowledged new data ([`Event::ack_seq`] after `snd_una`) while the
     /// socket was in an RTO episode. The episode is over.
-    pub const ACK: u32 = 5;
+    pub const ACK: u8 = 5;
     /// A socket found by the sweep (`iter/task_file`): a snapshot taken
     /// outside any kernel event (see [`SweepRecord`]).
-    pub const SWEEP: u32 = 6;
+    pub const SWEEP: u8 = 6;
 }
 
 /// Which mechanism produced an event ([`Event::source`]).
 pub mod source {
-    pub const TP_BTF: u32 = 1;
-    pub const FENTRY: u32 = 2;
-    pub const KPROBE: u32 = 3;
-    pub const TIMER_TP: u32 = 4;
-    pub const SOCK_OPS: u32 = 5;
+    pub const TP_BTF: u8 = 1;
+    pub const FENTRY: u8 = 2;
+    pub const KPROBE: u8 = 3;
+    pub const TIMER_TP: u8 = 4;
+    pub const SOCK_OPS: u8 = 5;
     /// The socket sweep (BPF iterator).
-    pub const SWEEP: u32 = 6;
+    pub const SWEEP: u8 = 6;
 }
 
 /// Bits of [`SockSnapshot::flags`].
 pub mod flag {
     /// `SOCK_DEAD`: orphaned socket (tcp_orphan_retries semantics).
-    pub const SOCK_DEAD: u32 = 1 << 0;
+    pub const SOCK_DEAD: u16 = 1 << 0;
     /// `tp->tcp_usec_ts`: `retrans_stamp` counts microseconds (6.7+).
-    pub const USEC_TS: u32 = 1 << 1;
+    pub const USEC_TS: u16 = 1 << 1;
     /// `retries2` / `orphan_retries` were read from the socket's `struct net`.
-    pub const NETNS_SYSCTLS: u32 = 1 << 2;
+    pub const NETNS_SYSCTLS: u16 = 1 << 2;
     /// The socket fields (`retransmits`, `rto`, `retrans_stamp`, ...) were read
     /// from `struct sock`; unset for sock_ops events, which carry only what the
     /// sock_ops context offers.
-    pub const SOCK_FIELDS: u32 = 1 << 3;
+    pub const SOCK_FIELDS: u16 = 1 << 3;
     /// sock_ops RTO_CB: the kernel's own verdict that the retry limit is reached.
-    pub const RTO_EXPIRED: u32 = 1 << 4;
+    pub const RTO_EXPIRED: u16 = 1 << 4;
     /// `SOCK_KEEPOPEN` (SO_KEEPALIVE) is set in `sk_flags`.
-    pub const KEEPOPEN: u32 = 1 << 5;
+    pub const KEEPOPEN: u16 = 1 << 5;
 }
 
 /// `icsk_pending` values (include/net/inet_connection_sock.h).
@@ -139,6 +140,10 @@ pub mod stat {
 /// record that carries a socket, e.g. the sweep's). Fields the producing
 /// mechanism cannot see are zero; [`SockSnapshot::flags`] says which groups
 /// are valid.
+///
+/// Each field is as wide as the kernel field it comes from (`u8` for the
+/// kernel's `u8` fields), ordered by size so there is no padding: the ring
+/// buffer carries every byte of it for every event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockSnapshot {
@@ -153,34 +158,17 @@ pub struct SockSnapshot {
     /// (`sk_cgrp_data.cgroup->kn->id`, the cgroup directory's inode number);
     /// 0 when unknown (no cgroup v2 data in this kernel, or not readable).
     pub cgroup_id: u64,
-    /// Bits from [`flag`].
-    pub flags: u32,
-    /// Network namespace inode number (0 if unknown).
-    pub netns: u32,
-    /// `AF_INET` (2) or `AF_INET6` (10).
-    pub family: u32,
-    /// TCP state when the event fired (for STATE events: the new state).
-    pub state: u32,
-    /// Local, remote port (host byte order).
-    pub sport: u16,
-    pub dport: u16,
     /// Local and remote address; IPv4 in the first 4 bytes (network order).
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// `icsk_retransmits`, `icsk_backoff`, `icsk_probes_out`, `icsk_pending`.
-    pub retransmits: u32,
-    pub backoff: u32,
-    pub probes_out: u32,
-    pub pending: u32,
-    /// `icsk_ca_state` (congestion-avoidance state: 0 Open, 1 Disorder,
-    /// 2 CWR, 3 Recovery, 4 Loss).
-    pub ca_state: u32,
+    /// Network namespace inode number (0 if unknown).
+    pub netns: u32,
+    /// `icsk_user_timeout` (TCP_USER_TIMEOUT) in ms, 0 = off.
+    pub user_timeout_ms: u32,
     /// `icsk_rto` in jiffies.
     pub rto_jiffies: u32,
     /// `icsk_rto_max` in jiffies (6.15+, else 0).
     pub rto_max_jiffies: u32,
-    /// `icsk_user_timeout` (TCP_USER_TIMEOUT) in ms, 0 = off.
-    pub user_timeout_ms: u32,
     /// `tp->retrans_stamp` (ms of tcp_time_stamp, us with [`flag::USEC_TS`]).
     pub retrans_stamp: u32,
     pub snd_una: u32,
@@ -191,18 +179,36 @@ pub struct SockSnapshot {
     /// `tp->lsndtime`, `tp->rcv_tstamp` (jiffies, 32 bit).
     pub lsndtime: u32,
     pub rcv_tstamp: u32,
-    /// The socket's netns `tcp_retries2`, `tcp_orphan_retries`, `tcp_rto_max_ms`
-    /// (the last 0 where the kernel has no such sysctl).
-    pub retries2: u32,
-    pub orphan_retries: u32,
+    /// The socket's netns `tcp_rto_max_ms` (0 where the kernel has no such
+    /// sysctl).
     pub netns_rto_max_ms: u32,
+    /// Local, remote port (host byte order).
+    pub sport: u16,
+    pub dport: u16,
     /// `sk_err` (positive errno).
-    pub sk_err: u32,
+    pub sk_err: u16,
+    /// Bits from [`flag`].
+    pub flags: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u8,
+    /// TCP state when the event fired (for STATE events: the new state).
+    pub state: u8,
+    /// `icsk_retransmits`, `icsk_backoff`, `icsk_probes_out`, `icsk_pending`.
+    pub retransmits: u8,
+    pub backoff: u8,
+    pub probes_out: u8,
+    pub pending: u8,
+    /// `icsk_ca_state` (congestion-avoidance state: 0 Open, 1 Disorder,
+    /// 2 CWR, 3 Recovery, 4 Loss).
+    pub ca_state: u8,
+    /// The socket's netns `tcp_retries2`, `tcp_orphan_retries` (`u8` sysctls).
+    pub retries2: u8,
+    pub orphan_retries: u8,
     /// Zero (keeps the struct free of implicit padding).
-    pub _reserved: u32,
+    pub _reserved: [u8; 3],
 }
 
-pub const SOCK_SNAPSHOT_SIZE: usize = 168;
+pub const SOCK_SNAPSHOT_SIZE: usize = 136;
 const _: () = assert!(size_of::<SockSnapshot>() == SOCK_SNAPSHOT_SIZE);
 
 impl SockSnapshot {
@@ -212,22 +218,12 @@ impl SockSnapshot {
             skaddr: 0,
             timer_expires: 0,
             cgroup_id: 0,
-            flags: 0,
-            netns: 0,
-            family: 0,
-            state: 0,
-            sport: 0,
-            dport: 0,
             saddr: [0; 16],
             daddr: [0; 16],
-            retransmits: 0,
-            backoff: 0,
-            probes_out: 0,
-            pending: 0,
-            ca_state: 0,
+            netns: 0,
+            user_timeout_ms: 0,
             rto_jiffies: 0,
             rto_max_jiffies: 0,
-            user_timeout_ms: 0,
             retrans_stamp: 0,
             snd_una: 0,
             snd_wnd: 0,
@@ -236,11 +232,21 @@ impl SockSnapshot {
             total_retrans: 0,
             lsndtime: 0,
             rcv_tstamp: 0,
+            netns_rto_max_ms: 0,
+            sport: 0,
+            dport: 0,
+            sk_err: 0,
+            flags: 0,
+            family: 0,
+            state: 0,
+            retransmits: 0,
+            backoff: 0,
+            probes_out: 0,
+            pending: 0,
+            ca_state: 0,
             retries2: 0,
             orphan_retries: 0,
-            netns_rto_max_ms: 0,
-            sk_err: 0,
-            _reserved: 0,
+            _reserved: [0; 3],
         }
     }
 }
@@ -253,20 +259,22 @@ pub struct Event {
     pub ts_ns: u64,
     /// `bpf_jiffies64()` at the same instant.
     pub jiffies: u64,
-    /// One of [`kind`].
-    pub kind: u32,
-    /// One of [`source`].
-    pub source: u32,
-    /// STATE events: the previous state.
-    pub old_state: u32,
     /// ACK events: the segment's acknowledgment number (`TCP_SKB_CB(skb)->ack_seq`);
     /// 0 for every other kind.
     pub ack_seq: u32,
+    /// One of [`kind`].
+    pub kind: u8,
+    /// One of [`source`].
+    pub source: u8,
+    /// STATE events: the previous state.
+    pub old_state: u8,
+    /// Zero (keeps the struct free of implicit padding).
+    pub _reserved: u8,
     /// The socket.
     pub sock: SockSnapshot,
 }
 
-pub const EVENT_SIZE: usize = 32 + SOCK_SNAPSHOT_SIZE;
+pub const EVENT_SIZE: usize = 24 + SOCK_SNAPSHOT_SIZE;
 const _: () = assert!(size_of::<Event>() == EVENT_SIZE);
 
 impl Event {
@@ -274,10 +282,11 @@ impl Event {
         Self {
             ts_ns: 0,
             jiffies: 0,
+            ack_seq: 0,
             kind: 0,
             source: 0,
             old_state: 0,
-            ack_seq: 0,
+            _reserved: 0,
             sock: SockSnapshot::zeroed(),
         }
     }

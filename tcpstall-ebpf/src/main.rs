@@ -36,6 +36,7 @@ use tcpstall_common::{
 
 pub mod snapshot;
 use snapshot::{Direct, Probe, Source, is_tcp, read};
+use tcpstall_common::SockSnapshot;
 mod sweep;
 
 #[map(name = "TCPSTALL_EVENTS")]
@@ -99,7 +100,8 @@ fn now() -> (u64, u64) {
 }
 
 /// Reserve, fill and submit one event; count it as dropped when the ring
-/// buffer is full.
+/// buffer is full. `fill` writes every field of the event once, straight into
+/// the reserved slot (nothing is zeroed first).
 ///
 /// No wake-up per event: the agent polls the ring every few milliseconds
 /// (`reader.rs`), and events carry their own kernel timestamps, so waking it
@@ -110,8 +112,10 @@ fn now() -> (u64, u64) {
 fn emit(fill: impl FnOnce(&mut Event)) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
-            let ev = entry.write(Event::zeroed());
-            fill(ev);
+            // SAFETY: the reserved slot is ring-buffer memory (bytes the
+            // kernel owns, every bit pattern a valid `Event`), exclusively
+            // ours until submit.
+            fill(unsafe { &mut *entry.as_mut_ptr() });
             let wake_bytes = layout().map_or(0, |l| u64::from(l.ringbuf_wake_bytes));
             let wake = EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wake_bytes;
             entry.submit(if wake {
@@ -123,6 +127,18 @@ fn emit(fill: impl FnOnce(&mut Event)) {
         }
         None => bump(stat::RINGBUF_DROPPED),
     }
+}
+
+/// Every header field of `ev` (kind-specific ones 0).
+#[inline(always)]
+fn header(ev: &mut Event, kind: u8, source: u8, (ts_ns, jiffies): (u64, u64)) {
+    ev.ts_ns = ts_ns;
+    ev.jiffies = jiffies;
+    ev.ack_seq = 0;
+    ev.kind = kind;
+    ev.source = source;
+    ev.old_state = 0;
+    ev._reserved = 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -194,7 +210,7 @@ fn tp_sock_event<const DIRECT: bool>(
     ctx: &BtfTracePointContext,
     l: &KernelLayout,
     tcp_only: bool,
-    event_kind: u32,
+    event_kind: u8,
     finish: impl FnOnce(&mut Event),
 ) -> Result<(), Skip> {
     let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
@@ -219,29 +235,34 @@ fn sock_event<S: Source>(
     l: &KernelLayout,
     sk: S,
     sk_ptr: *mut core::ffi::c_void,
-    event_kind: u32,
+    event_kind: u8,
     finish: impl FnOnce(&mut Event),
 ) -> Result<(), Skip> {
-    let (ts, jiffies) = now();
-    // With plain loads, a socket that has a cookie already costs one load.
-    let mut cookie = if S::PLAIN_LOADS {
-        sk.get(&l.fields[field::SKC_COOKIE])
-    } else {
-        0
-    };
-    if cookie == 0 {
-        // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
-        cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
-    }
+    let t = now();
+    let cookie = cookie_of(l, sk, sk_ptr);
     emit(|ev| {
-        ev.ts_ns = ts;
-        ev.jiffies = jiffies;
-        ev.kind = event_kind;
-        ev.source = source::TP_BTF;
+        header(ev, event_kind, source::TP_BTF, t);
         snapshot::fill_from(&mut ev.sock, l, sk, cookie);
         finish(ev);
     });
     Ok(())
+}
+
+/// The socket's cookie: with plain loads, a socket that has one already
+/// costs one load; otherwise the kernel assigns it (`sk_ptr`: a BTF
+/// `struct sock *`).
+#[inline(always)]
+fn cookie_of<S: Source>(l: &KernelLayout, sk: S, sk_ptr: *mut core::ffi::c_void) -> u64 {
+    let cookie = if S::PLAIN_LOADS {
+        sk.get(&l.fields[field::SKC_COOKIE])
+    } else {
+        0
+    };
+    if cookie != 0 {
+        return cookie;
+    }
+    // SAFETY: `sk_ptr` is a BTF `struct sock *`.
+    unsafe { bpf_get_socket_cookie(sk_ptr) }
 }
 
 #[inline(always)]
@@ -272,8 +293,8 @@ fn try_state_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), S
     let old_state: i32 = ctx.arg(1);
     let new_state: i32 = ctx.arg(2);
     tp_sock_event::<DIRECT>(ctx, l, true, kind::STATE, |ev| {
-        ev.old_state = old_state as u32;
-        ev.sock.state = new_state as u32;
+        ev.old_state = old_state as u8;
+        ev.sock.state = new_state as u8;
     })
 }
 
@@ -363,10 +384,10 @@ fn ack_after(ctx: &BtfTracePointContext, l: &KernelLayout, una: u32) -> Result<u
 /// Shared by the fentry, kprobe and timer-tracepoint paths: `sk` is the socket
 /// whose write timer is expiring now, before the kernel handles it.
 #[inline(always)]
-fn write_timer_event(l: &KernelLayout, sk: u64, src: u32, cookie: u64) -> Result<(), Skip> {
+fn write_timer_event<S: Source>(l: &KernelLayout, sk: S, src: u8, cookie: u64) -> Result<(), Skip> {
     let f = &l.fields;
-    let pend = read(sk, &f[field::ICSK_PENDING]) as u32;
-    let state = read(sk, &f[field::SKC_STATE]) as u32;
+    let pend = sk.get(&f[field::ICSK_PENDING]) as u32;
+    let state = sk.get(&f[field::SKC_STATE]) as u32;
     if (pend != pending::RETRANS && pend != pending::PROBE0)
         || state == TCP_CLOSE
         || state == TCP_LISTEN
@@ -374,37 +395,54 @@ fn write_timer_event(l: &KernelLayout, sk: u64, src: u32, cookie: u64) -> Result
         bump(stat::TIMER_NOT_DUE);
         return Err(Skip);
     }
-    let (ts, jiffies) = now();
-    let expires = read(sk, &f[field::ICSK_TIMER_EXPIRES]);
+    let t = now();
+    let jiffies = t.1;
+    let expires = sk.get(&f[field::ICSK_TIMER_EXPIRES]);
     // The handler re-arms and returns when the timer fired early.
     if f[field::ICSK_TIMER_EXPIRES].is_present() && (expires.wrapping_sub(jiffies) as i64) > 0 {
         bump(stat::TIMER_NOT_DUE);
         return Err(Skip);
     }
     emit(|ev| {
-        ev.ts_ns = ts;
-        ev.jiffies = jiffies;
-        ev.kind = kind::WRITE_TIMER;
-        ev.source = src;
-        snapshot::fill(&mut ev.sock, l, sk, cookie);
+        header(ev, kind::WRITE_TIMER, src, t);
+        snapshot::fill_from(&mut ev.sock, l, sk, cookie);
     });
     Ok(())
 }
 
 #[fentry(function = "tcp_write_timer_handler")]
 pub fn tcpstall_write_timer_fentry(ctx: FEntryContext) -> i32 {
-    match try_write_timer_fentry(&ctx) {
+    match try_write_timer_fentry::<false>(&ctx) {
         Ok(()) | Err(Skip) => 0,
     }
 }
 
-fn try_write_timer_fentry(ctx: &FEntryContext) -> Result<(), Skip> {
+#[fentry(function = "tcp_write_timer_handler")]
+pub fn tcpstall_write_timer_fentry_direct(ctx: FEntryContext) -> i32 {
+    match try_write_timer_fentry::<true>(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+/// `struct sock *` is a BTF pointer here: plain loads through the typed
+/// `tcp_sock` when the verifier takes them (the agent falls back to the
+/// probe-read twin otherwise).
+#[inline(always)]
+fn try_write_timer_fentry<const DIRECT: bool>(ctx: &FEntryContext) -> Result<(), Skip> {
     let l = layout()?;
     let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
+    if DIRECT {
+        // SAFETY: `sk_ptr` is the traced function's `struct sock *`.
+        let tp = Direct(unsafe { bpf_skc_to_tcp_sock(sk_ptr) } as *const u8);
+        if !tp.is_null() {
+            let cookie = cookie_of(l, tp, sk_ptr);
+            return write_timer_event(l, tp, source::FENTRY, cookie);
+        }
+    }
     let sk = arg_scalar(ctx.as_ptr(), 0);
     // SAFETY: `sk_ptr` is the traced function's `struct sock *` (a BTF pointer).
     let cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
-    write_timer_event(l, sk, source::FENTRY, cookie)
+    write_timer_event(l, Probe(sk), source::FENTRY, cookie)
 }
 
 #[kprobe]
@@ -417,7 +455,7 @@ pub fn tcpstall_write_timer_kprobe(ctx: ProbeContext) -> u32 {
 fn try_write_timer_kprobe(ctx: &ProbeContext) -> Result<(), Skip> {
     let l = layout()?;
     let sk: u64 = ctx.arg(0).ok_or(Skip)?;
-    write_timer_event(l, sk, source::KPROBE, 0)
+    write_timer_event(l, Probe(sk), source::KPROBE, 0)
 }
 
 tp_program!(
@@ -450,7 +488,7 @@ fn try_write_timer_tp<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<
     }
     let timer = arg_scalar(ctx.as_ptr(), 0);
     let sk = timer.wrapping_sub(l.fields[field::WRITE_TIMER].offset as u64);
-    write_timer_event(l, sk, source::TIMER_TP, 0)
+    write_timer_event(l, Probe(sk), source::TIMER_TP, 0)
 }
 
 /// cgroup sock_ops: RTO_CB for sockets established after attach (no
@@ -481,43 +519,50 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Skip> {
     if op != BPF_SOCK_OPS_RTO_CB {
         return Err(Skip);
     }
-    let (ts, jiffies) = now();
+    let t = now();
     // SAFETY: sock_ops programs may ask for the cookie of their socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the args union is valid for RTO_CB.
     let args = unsafe { &ops.__bindgen_anon_1.args };
     let family = ops_field(&ops.family);
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET6 {
+        for i in 0..4 {
+            let s = ops_field(&ops.local_ip6[i]).to_ne_bytes();
+            let d = ops_field(&ops.remote_ip6[i]).to_ne_bytes();
+            saddr[i * 4..i * 4 + 4].copy_from_slice(&s);
+            daddr[i * 4..i * 4 + 4].copy_from_slice(&d);
+        }
+    } else if family == AF_INET {
+        saddr[..4].copy_from_slice(&ops_field(&ops.local_ip4).to_ne_bytes());
+        daddr[..4].copy_from_slice(&ops_field(&ops.remote_ip4).to_ne_bytes());
+    }
+    let sock = SockSnapshot {
+        cookie,
+        family: family as u8,
+        state: ops_field(&ops.state) as u8,
+        sport: ops_field(&ops.local_port) as u16,
+        dport: u16::from_be((ops_field(&ops.remote_port) >> 16) as u16),
+        saddr,
+        daddr,
+        pending: pending::RETRANS as u8,
+        retransmits: ops_field(&args[0]) as u8,
+        rto_jiffies: ops_field(&args[1]),
+        flags: if ops_field(&args[2]) != 0 {
+            flag::RTO_EXPIRED
+        } else {
+            0
+        },
+        snd_una: ops_field(&ops.snd_una),
+        packets_out: ops_field(&ops.packets_out),
+        retrans_out: ops_field(&ops.retrans_out),
+        total_retrans: ops_field(&ops.total_retrans),
+        ..SockSnapshot::zeroed()
+    };
     emit(|ev| {
-        ev.ts_ns = ts;
-        ev.jiffies = jiffies;
-        ev.kind = kind::WRITE_TIMER;
-        ev.source = source::SOCK_OPS;
-        ev.sock.cookie = cookie;
-        ev.sock.family = family;
-        ev.sock.state = ops_field(&ops.state);
-        ev.sock.sport = ops_field(&ops.local_port) as u16;
-        ev.sock.dport = u16::from_be((ops_field(&ops.remote_port) >> 16) as u16);
-        if family == AF_INET6 {
-            for i in 0..4 {
-                let s = ops_field(&ops.local_ip6[i]).to_ne_bytes();
-                let d = ops_field(&ops.remote_ip6[i]).to_ne_bytes();
-                ev.sock.saddr[i * 4..i * 4 + 4].copy_from_slice(&s);
-                ev.sock.daddr[i * 4..i * 4 + 4].copy_from_slice(&d);
-            }
-        } else if family == AF_INET {
-            ev.sock.saddr[..4].copy_from_slice(&ops_field(&ops.local_ip4).to_ne_bytes());
-            ev.sock.daddr[..4].copy_from_slice(&ops_field(&ops.remote_ip4).to_ne_bytes());
-        }
-        ev.sock.pending = pending::RETRANS;
-        ev.sock.retransmits = ops_field(&args[0]);
-        ev.sock.rto_jiffies = ops_field(&args[1]);
-        if ops_field(&args[2]) != 0 {
-            ev.sock.flags |= flag::RTO_EXPIRED;
-        }
-        ev.sock.snd_una = ops_field(&ops.snd_una);
-        ev.sock.packets_out = ops_field(&ops.packets_out);
-        ev.sock.retrans_out = ops_field(&ops.retrans_out);
-        ev.sock.total_retrans = ops_field(&ops.total_retrans);
+        header(ev, kind::WRITE_TIMER, source::SOCK_OPS, t);
+        ev.sock = sock;
     });
     Ok(())
 }

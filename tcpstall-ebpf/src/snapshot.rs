@@ -18,10 +18,10 @@
 //!
 //! [`fill`] only reads (with `bpf_probe_read_kernel`, which tolerates any
 //! address: a bad pointer yields zeroed fields and a `stat::READ_ERRORS`
-//! count, never a fault) and writes `out`; it does not touch timestamps, kind
-//! or source, which belong to the record around the snapshot. `out` must be
-//! zeroed (or freshly reserved and zeroed) by the caller: absent optional
-//! fields are left as they are.
+//! count, never a fault) and writes every field of `out` exactly once (absent
+//! fields as 0), so `out` may be uninitialised ring-buffer memory; it does not
+//! touch timestamps, kind or source, which belong to the record around the
+//! snapshot.
 
 use tcpstall_common::{FieldSpec, KernelLayout, SockSnapshot, field, flag};
 
@@ -62,13 +62,14 @@ pub fn read(base: u64, spec: &FieldSpec) -> u64 {
 #[inline(always)]
 fn read16(base: u64, spec: &FieldSpec, out: &mut [u8; 16]) {
     if spec.size != 16 || base == 0 {
+        *out = [0; 16];
         return;
     }
-    let addr = base.wrapping_add(spec.offset as u64) as *const [u8; 16];
-    // SAFETY: bpf_probe_read_kernel copes with any address.
-    match unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr) } {
-        Ok(v) => *out = v,
-        Err(_) => bump(stat::READ_ERRORS),
+    let addr = base.wrapping_add(spec.offset as u64) as *const u8;
+    // SAFETY: bpf_probe_read_kernel copes with any address (zero-fills `out`
+    // when the read faults).
+    if unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_buf(addr, out) }.is_err() {
+        bump(stat::READ_ERRORS);
     }
 }
 
@@ -87,6 +88,8 @@ pub trait Source: Copy {
     fn get(self, spec: &FieldSpec) -> u64;
     /// The object a pointer field points to (null when absent).
     fn follow(self, spec: &FieldSpec) -> Self;
+    /// A 16-byte field (an IPv6 address; zeros when absent) into `out`.
+    fn get16(self, spec: &FieldSpec, out: &mut [u8; 16]);
 }
 
 /// A kernel address read with probe reads.
@@ -110,6 +113,10 @@ impl Source for Probe {
     #[inline(always)]
     fn follow(self, spec: &FieldSpec) -> Self {
         Probe(read(self.0, spec))
+    }
+    #[inline(always)]
+    fn get16(self, spec: &FieldSpec, out: &mut [u8; 16]) {
+        read16(self.0, spec, out)
     }
 }
 
@@ -166,6 +173,21 @@ impl Source for Direct {
         // SAFETY: as in `get`; the member is a pointer.
         Direct(unsafe { core::ptr::read_volatile(p.cast::<*const u8>()) })
     }
+    /// Four 4-byte loads (`struct in6_addr` is a union with `__be32[4]`,
+    /// so each load matches a member exactly).
+    #[inline(always)]
+    fn get16(self, spec: &FieldSpec, out: &mut [u8; 16]) {
+        if spec.size != 16 || self.0.is_null() {
+            *out = [0; 16];
+            return;
+        }
+        let p = self.0.wrapping_add(spec.offset as usize).cast::<u32>();
+        for i in 0..4 {
+            // SAFETY: as in `get`; 4-byte loads inside a 16-byte member.
+            let w = unsafe { core::ptr::read_volatile(p.wrapping_add(i)) };
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+    }
 }
 
 /// Whether `sk` is a TCP socket (kernels where the protocol cannot be read:
@@ -187,62 +209,60 @@ pub fn fill(out: &mut SockSnapshot, l: &KernelLayout, sk: u64, cookie: u64) {
 
 /// Fill `out` from the socket `sk` (probe reads or direct loads, see
 /// [`Source`]); otherwise as [`fill`].
+/// Every field of `out` is written exactly once, in place (no zeroing
+/// first, no copy through the stack).
 #[inline(always)]
 pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, cookie: u64) {
     let f = &l.fields;
-    out.skaddr = sk.addr();
-    out.cookie = if cookie != 0 {
+    let cookie = if cookie != 0 {
         cookie
     } else {
         sk.get(&f[field::SKC_COOKIE])
     };
     let family = sk.get(&f[field::SKC_FAMILY]) as u32;
-    out.family = family;
-    out.state = sk.get(&f[field::SKC_STATE]) as u32;
-    out.sport = sk.get(&f[field::SKC_NUM]) as u16;
-    if out.sport == 0 {
+    let mut sport = sk.get(&f[field::SKC_NUM]) as u16;
+    if sport == 0 {
         // Released already (the final CLOSE): inet_sport still holds it.
-        out.sport = u16::from_be(sk.get(&f[field::INET_SPORT]) as u16);
+        sport = u16::from_be(sk.get(&f[field::INET_SPORT]) as u16);
     }
-    out.dport = u16::from_be(sk.get(&f[field::SKC_DPORT]) as u16);
     if family == AF_INET6 {
-        read16(sk.addr(), &f[field::SKC_V6_RCV_SADDR], &mut out.saddr);
-        read16(sk.addr(), &f[field::SKC_V6_DADDR], &mut out.daddr);
+        sk.get16(&f[field::SKC_V6_RCV_SADDR], &mut out.saddr);
+        sk.get16(&f[field::SKC_V6_DADDR], &mut out.daddr);
     } else {
-        out.saddr[..4].copy_from_slice(&(sk.get(&f[field::SKC_RCV_SADDR]) as u32).to_ne_bytes());
-        out.daddr[..4].copy_from_slice(&(sk.get(&f[field::SKC_DADDR]) as u32).to_ne_bytes());
+        out.saddr = v4(sk.get(&f[field::SKC_RCV_SADDR]) as u32);
+        out.daddr = v4(sk.get(&f[field::SKC_DADDR]) as u32);
     }
-
+    let mut flags = flag::SOCK_FIELDS;
     let net = sk.follow(&f[field::SKC_NET]);
+    let (mut netns, mut retries2, mut orphan_retries, mut netns_rto_max_ms) = (0, 0, 0, 0);
     if !net.is_null() {
-        out.netns = net.get(&f[field::NET_NS_INUM]) as u32;
-        out.retries2 = net.get(&f[field::NET_TCP_RETRIES2]) as u32;
-        out.orphan_retries = net.get(&f[field::NET_TCP_ORPHAN_RETRIES]) as u32;
-        out.netns_rto_max_ms = net.get(&f[field::NET_TCP_RTO_MAX_MS]) as u32;
-        out.flags |= flag::NETNS_SYSCTLS;
+        netns = net.get(&f[field::NET_NS_INUM]) as u32;
+        retries2 = net.get(&f[field::NET_TCP_RETRIES2]) as u8;
+        orphan_retries = net.get(&f[field::NET_TCP_ORPHAN_RETRIES]) as u8;
+        netns_rto_max_ms = net.get(&f[field::NET_TCP_RTO_MAX_MS]) as u32;
+        flags |= flag::NETNS_SYSCTLS;
     }
+    let mut cgroup_id = 0;
     let cgroup = sk.follow(&f[field::SK_CGROUP]);
     if !cgroup.is_null() {
         let kn = cgroup.follow(&f[field::CGROUP_KN]);
-        out.cgroup_id = kn.get(&f[field::KERNFS_NODE_ID]);
+        cgroup_id = kn.get(&f[field::KERNFS_NODE_ID]);
     }
-
     if sk.get(&f[field::SK_FLAGS]) & SOCK_DEAD_BIT != 0 {
-        out.flags |= flag::SOCK_DEAD;
+        flags |= flag::SOCK_DEAD;
     }
-    out.retransmits = sk.get(&f[field::ICSK_RETRANSMITS]) as u32;
-    out.backoff = sk.get(&f[field::ICSK_BACKOFF]) as u32;
-    out.probes_out = sk.get(&f[field::ICSK_PROBES_OUT]) as u32;
-    out.pending = sk.get(&f[field::ICSK_PENDING]) as u32;
-    out.ca_state = sk.get(&f[field::ICSK_CA_STATE]) as u32;
+    if sk.get(&f[field::TP_USEC_TS]) != 0 {
+        flags |= flag::USEC_TS;
+    }
+    out.cookie = cookie;
+    out.skaddr = sk.addr();
+    out.timer_expires = sk.get(&f[field::ICSK_TIMER_EXPIRES]);
+    out.cgroup_id = cgroup_id;
+    out.netns = netns;
+    out.user_timeout_ms = sk.get(&f[field::ICSK_USER_TIMEOUT]) as u32;
     out.rto_jiffies = sk.get(&f[field::ICSK_RTO]) as u32;
     out.rto_max_jiffies = sk.get(&f[field::ICSK_RTO_MAX]) as u32;
-    out.user_timeout_ms = sk.get(&f[field::ICSK_USER_TIMEOUT]) as u32;
-    out.timer_expires = sk.get(&f[field::ICSK_TIMER_EXPIRES]);
     out.retrans_stamp = sk.get(&f[field::TP_RETRANS_STAMP]) as u32;
-    if sk.get(&f[field::TP_USEC_TS]) != 0 {
-        out.flags |= flag::USEC_TS;
-    }
     out.snd_una = sk.get(&f[field::TP_SND_UNA]) as u32;
     out.snd_wnd = sk.get(&f[field::TP_SND_WND]) as u32;
     out.packets_out = sk.get(&f[field::TP_PACKETS_OUT]) as u32;
@@ -250,6 +270,26 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     out.total_retrans = sk.get(&f[field::TP_TOTAL_RETRANS]) as u32;
     out.lsndtime = sk.get(&f[field::TP_LSNDTIME]) as u32;
     out.rcv_tstamp = sk.get(&f[field::TP_RCV_TSTAMP]) as u32;
-    out.sk_err = sk.get(&f[field::SK_ERR]) as u32;
-    out.flags |= flag::SOCK_FIELDS;
+    out.netns_rto_max_ms = netns_rto_max_ms;
+    out.sport = sport;
+    out.dport = u16::from_be(sk.get(&f[field::SKC_DPORT]) as u16);
+    out.sk_err = sk.get(&f[field::SK_ERR]) as u16;
+    out.flags = flags;
+    out.family = family as u8;
+    out.state = sk.get(&f[field::SKC_STATE]) as u8;
+    out.retransmits = sk.get(&f[field::ICSK_RETRANSMITS]) as u8;
+    out.backoff = sk.get(&f[field::ICSK_BACKOFF]) as u8;
+    out.probes_out = sk.get(&f[field::ICSK_PROBES_OUT]) as u8;
+    out.pending = sk.get(&f[field::ICSK_PENDING]) as u8;
+    out.ca_state = sk.get(&f[field::ICSK_CA_STATE]) as u8;
+    out.retries2 = retries2;
+    out.orphan_retries = orphan_retries;
+    out._reserved = [0; 3];
+}
+
+/// An IPv4 address (network order as loaded) in the 16-byte slot.
+#[inline(always)]
+fn v4(a: u32) -> [u8; 16] {
+    let b = a.to_ne_bytes();
+    [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
 }

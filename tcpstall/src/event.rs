@@ -249,7 +249,7 @@ impl SockEvent {
             kind::ERROR_REPORT => EventKind::ErrorReport,
             kind::ACK => EventKind::Ack,
             kind::SWEEP => EventKind::Sweep,
-            other => return Err(DecodeError::Kind(other)),
+            other => return Err(DecodeError::Kind(other.into())),
         };
         let mechanism = match ev.source {
             source::TP_BTF => Mechanism::TpBtf,
@@ -258,15 +258,16 @@ impl SockEvent {
             source::TIMER_TP => Mechanism::TimerTracepoint,
             source::SOCK_OPS => Mechanism::SockOps,
             source::SWEEP => Mechanism::Sweep,
-            other => return Err(DecodeError::Source(other)),
+            other => return Err(DecodeError::Source(other.into())),
         };
-        let local = addr(raw.family, &raw.saddr, raw.sport)?;
-        let remote = addr(raw.family, &raw.daddr, raw.dport)?;
+        let family = u32::from(raw.family);
+        let local = addr(family, &raw.saddr, raw.sport)?;
+        let remote = addr(family, &raw.daddr, raw.dport)?;
         let sock = (raw.flags & flag::SOCK_FIELDS != 0).then_some(SockFields {
-            backoff: raw.backoff,
-            probes_out: raw.probes_out,
-            pending: raw.pending,
-            ca_state: raw.ca_state,
+            backoff: raw.backoff.into(),
+            probes_out: raw.probes_out.into(),
+            pending: raw.pending.into(),
+            ca_state: raw.ca_state.into(),
             rto_max_jiffies: raw.rto_max_jiffies,
             user_timeout_ms: raw.user_timeout_ms,
             retrans_stamp: raw.retrans_stamp,
@@ -277,8 +278,8 @@ impl SockEvent {
             timer_expires: raw.timer_expires,
         });
         let netns_sysctls = (raw.flags & flag::NETNS_SYSCTLS != 0).then_some(NetnsSysctls {
-            tcp_retries2: raw.retries2,
-            tcp_orphan_retries: raw.orphan_retries,
+            tcp_retries2: raw.retries2.into(),
+            tcp_orphan_retries: raw.orphan_retries.into(),
             tcp_rto_max_ms: (raw.netns_rto_max_ms != 0).then_some(raw.netns_rto_max_ms),
         });
         Ok(SockEvent {
@@ -292,10 +293,10 @@ impl SockEvent {
             cgroup_id: raw.cgroup_id,
             local,
             remote,
-            state: TcpState::from_raw(raw.state),
-            old_state: TcpState::from_raw(ev.old_state),
+            state: TcpState::from_raw(raw.state.into()),
+            old_state: TcpState::from_raw(ev.old_state.into()),
             sock,
-            retransmits: raw.retransmits,
+            retransmits: raw.retransmits.into(),
             rto_jiffies: raw.rto_jiffies,
             snd_una: raw.snd_una,
             packets_out: raw.packets_out,
@@ -304,7 +305,7 @@ impl SockEvent {
             netns_sysctls,
             orphan: raw.flags & flag::SOCK_DEAD != 0,
             rto_expired_verdict: raw.flags & flag::RTO_EXPIRED != 0,
-            sk_err: raw.sk_err,
+            sk_err: raw.sk_err.into(),
             ack_seq: ev.ack_seq,
         })
     }

@@ -250,6 +250,14 @@ pub static PROBES: &[ProbeSpec] = &[
                 attach: Attach::Fentry {
                     function: "tcp_write_timer_handler",
                 },
+                program: program::WRITE_TIMER_FENTRY_DIRECT,
+                fields: TIMER_FIELDS,
+                note: DIRECT_NOTE,
+            },
+            Candidate {
+                attach: Attach::Fentry {
+                    function: "tcp_write_timer_handler",
+                },
                 program: program::WRITE_TIMER_FENTRY,
                 fields: TIMER_FIELDS,
                 note: "BPF trampoline: cheapest; every socket; RTO + zero-window probes",

@@ -172,9 +172,9 @@ mod tests {
             raw.sock.family = 2;
             raw.sock.sport = 40000;
             raw.sock.dport = 8080;
-            raw.sock.state = state;
-            raw.sock.pending = pending;
-            raw.sock.ca_state = ca_state;
+            raw.sock.state = state as u8;
+            raw.sock.pending = pending as u8;
+            raw.sock.ca_state = ca_state as u8;
             raw.sock.flags = if fields { flag::SOCK_FIELDS } else { 0 };
             let ev = SockEvent::from_raw(&raw).expect("decodes");
             RetransmitCause::of(&ev)
