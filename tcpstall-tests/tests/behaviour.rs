@@ -59,6 +59,13 @@ fn ipv6_s1_events_stall_and_prediction() {
     let cookie = agent
         .cookie_of(local, server)
         .unwrap_or_else(|| panic!("no event of the IPv6 flow {local} -> {server}"));
+    // The reader may see ETIMEDOUT before the agent has drained the ring
+    // (it polls every few ms): wait for the flow's error report line.
+    agent.wait_log(
+        Duration::from_secs(10),
+        "the IPv6 flow's error_report event",
+        |v| v["message"] == "event" && v["kind"] == "error_report" && ev_u64(v, "cookie") == cookie,
+    );
     let events: Vec<Value> = agent
         .events()
         .into_iter()
