@@ -418,9 +418,19 @@ pub struct KernelLayout {
     /// Ring-buffer fill level (bytes) from which every submit wakes the
     /// agent; below it the agent polls.
     pub ringbuf_wake_bytes: u32,
+    /// Bytes of `struct sock` (from its start) that hold every socket field
+    /// the snapshot reads: the probe-read write-timer paths copy this span
+    /// with one read. 0 = read field by field (the span exceeds
+    /// [`SOCK_SCRATCH_BYTES`]).
+    pub sock_span: u32,
+    /// Zero (keeps the struct free of implicit padding).
+    pub _reserved: u32,
 }
 
-pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 16;
+/// Size of the per-CPU scratch buffer a socket's span is copied into.
+pub const SOCK_SCRATCH_BYTES: u32 = 4096;
+
+pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 24;
 const _: () = assert!(size_of::<KernelLayout>() == KERNEL_LAYOUT_SIZE);
 
 impl KernelLayout {
@@ -430,6 +440,8 @@ impl KernelLayout {
             tcp_write_timer_addr: 0,
             flags: 0,
             ringbuf_wake_bytes: 0,
+            sock_span: 0,
+            _reserved: 0,
         }
     }
 }

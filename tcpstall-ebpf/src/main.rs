@@ -35,8 +35,8 @@ use tcpstall_common::{
 };
 
 pub mod snapshot;
-use snapshot::{Direct, Probe, Source, is_tcp, read};
-use tcpstall_common::SockSnapshot;
+use snapshot::{Copied, Direct, Probe, Source, is_tcp, read};
+use tcpstall_common::{SOCK_SCRATCH_BYTES, SockSnapshot};
 mod sweep;
 
 #[map(name = "TCPSTALL_EVENTS")]
@@ -50,6 +50,11 @@ static TCPSTALL_LAYOUT: KernelLayout = KernelLayout::zeroed();
 
 #[map(name = "TCPSTALL_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Per-CPU scratch for one socket's span (`snapshot::Copied`).
+#[map(name = "TCPSTALL_SCRATCH")]
+static SCRATCH: PerCpuArray<[u8; SOCK_SCRATCH_BYTES as usize]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 const AF_INET: u32 = 2;
 use snapshot::AF_INET6;
@@ -402,6 +407,18 @@ fn write_timer_event<S: Source>(l: &KernelLayout, sk: S, src: u8, cookie: u64) -
     if f[field::ICSK_TIMER_EXPIRES].is_present() && (expires.wrapping_sub(jiffies) as i64) > 0 {
         bump(stat::TIMER_NOT_DUE);
         return Err(Skip);
+    }
+    // Probe reads: one copy of the socket's span, then plain loads from it.
+    if !S::PLAIN_LOADS {
+        if let Some(scratch) = SCRATCH.get_ptr_mut(0) {
+            if let Some(copy) = Copied::copy(l, sk.addr(), scratch.cast()) {
+                emit(|ev| {
+                    header(ev, kind::WRITE_TIMER, src, t);
+                    snapshot::fill_from(&mut ev.sock, l, copy, cookie);
+                });
+                return Ok(());
+            }
+        }
     }
     emit(|ev| {
         header(ev, kind::WRITE_TIMER, src, t);

@@ -142,27 +142,12 @@ impl Source for Direct {
     }
     #[inline(always)]
     fn get(self, spec: &FieldSpec) -> u64 {
-        let size = spec.size;
-        if size == 0 || self.0.is_null() {
+        if self.0.is_null() {
             return 0;
         }
-        let p = self.0.wrapping_add(spec.offset as usize);
         // SAFETY: loads from a BTF pointer are checked by the verifier and
-        // cannot fault (exception-table loads); the width is the member's.
-        let raw = unsafe {
-            match size {
-                1 => u64::from(core::ptr::read_volatile(p)),
-                2 => u64::from(core::ptr::read_volatile(p.cast::<u16>())),
-                4 => u64::from(core::ptr::read_volatile(p.cast::<u32>())),
-                8 => core::ptr::read_volatile(p.cast::<u64>()),
-                _ => 0,
-            }
-        };
-        if spec.bit_len == 0 {
-            raw
-        } else {
-            (raw >> spec.bit_shift) & (u64::MAX >> (64 - spec.bit_len as u64))
-        }
+        // cannot fault (exception-table loads).
+        unsafe { load(self.0, spec) }
     }
     #[inline(always)]
     fn follow(self, spec: &FieldSpec) -> Self {
@@ -184,6 +169,120 @@ impl Source for Direct {
         let p = self.0.wrapping_add(spec.offset as usize).cast::<u32>();
         for i in 0..4 {
             // SAFETY: as in `get`; 4-byte loads inside a 16-byte member.
+            let w = unsafe { core::ptr::read_volatile(p.wrapping_add(i)) };
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+    }
+}
+
+/// A field of up to 8 bytes at `base + spec.offset` with a plain load of the
+/// member's width (0 when absent).
+///
+/// # Safety
+/// `base + spec.offset` must be readable for `spec.size` bytes (a BTF pointer
+/// the verifier checks, or a buffer that holds the field).
+#[inline(always)]
+unsafe fn load(base: *const u8, spec: &FieldSpec) -> u64 {
+    let p = base.wrapping_add(spec.offset as usize);
+    // SAFETY: the caller's.
+    let raw = unsafe {
+        match spec.size {
+            1 => u64::from(core::ptr::read_volatile(p)),
+            2 => u64::from(core::ptr::read_volatile(p.cast::<u16>())),
+            4 => u64::from(core::ptr::read_volatile(p.cast::<u32>())),
+            8 => core::ptr::read_volatile(p.cast::<u64>()),
+            _ => 0,
+        }
+    };
+    if spec.bit_len == 0 {
+        raw
+    } else {
+        (raw >> spec.bit_shift) & (u64::MAX >> (64 - spec.bit_len as u64))
+    }
+}
+
+/// A socket copied with one probe read into a scratch buffer
+/// ([`KernelLayout::sock_span`] bytes from its start): its own fields are
+/// plain loads from the copy, the objects it points to (`struct net`, the
+/// cgroup) are probe-read as with [`Probe`].
+#[derive(Clone, Copy)]
+pub struct Copied {
+    /// The copy (a map value holding at least `sock_span` bytes); null for
+    /// an object reached through a pointer (not copied).
+    buf: *const u8,
+    addr: u64,
+}
+
+impl Copied {
+    /// Copy `l.sock_span` bytes of the socket at `sk` into `scratch` (a
+    /// per-CPU map value of [`tcpstall_common::SOCK_SCRATCH_BYTES`]); `None`
+    /// when the layout has no span or the read faults.
+    #[inline(always)]
+    pub fn copy(l: &KernelLayout, sk: u64, scratch: *mut u8) -> Option<Self> {
+        let span = l.sock_span;
+        if sk == 0 || span == 0 || span > tcpstall_common::SOCK_SCRATCH_BYTES {
+            return None;
+        }
+        // SAFETY: `scratch` holds SOCK_SCRATCH_BYTES >= span bytes;
+        // bpf_probe_read_kernel copes with any source address.
+        let r = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                scratch.cast(),
+                span,
+                sk as *const core::ffi::c_void,
+            )
+        };
+        if r != 0 {
+            bump(stat::READ_ERRORS);
+            return None;
+        }
+        Some(Copied {
+            buf: scratch,
+            addr: sk,
+        })
+    }
+}
+
+impl Source for Copied {
+    const PLAIN_LOADS: bool = true;
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.addr
+    }
+    #[inline(always)]
+    fn is_null(self) -> bool {
+        self.addr == 0
+    }
+    #[inline(always)]
+    fn get(self, spec: &FieldSpec) -> u64 {
+        if self.buf.is_null() {
+            return read(self.addr, spec);
+        }
+        if spec.size == 0 {
+            return 0;
+        }
+        // SAFETY: the copy holds every socket field (span from the layout).
+        unsafe { load(self.buf, spec) }
+    }
+    #[inline(always)]
+    fn follow(self, spec: &FieldSpec) -> Self {
+        Copied {
+            buf: core::ptr::null(),
+            addr: self.get(spec),
+        }
+    }
+    #[inline(always)]
+    fn get16(self, spec: &FieldSpec, out: &mut [u8; 16]) {
+        if self.buf.is_null() {
+            return read16(self.addr, spec, out);
+        }
+        if spec.size != 16 {
+            *out = [0; 16];
+            return;
+        }
+        let p = self.buf.wrapping_add(spec.offset as usize).cast::<u32>();
+        for i in 0..4 {
+            // SAFETY: the copy holds the field.
             let w = unsafe { core::ptr::read_volatile(p.wrapping_add(i)) };
             out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }

@@ -421,6 +421,24 @@ impl ResolvedLayout {
         l
     }
 
+    /// Bytes of `struct sock` from its start covering every socket field that
+    /// is read ([`KernelLayout::sock_span`]); 0 when that exceeds
+    /// [`tcpstall_common::SOCK_SCRATCH_BYTES`].
+    pub fn sock_span(&self) -> u32 {
+        let end = self
+            .rows
+            .iter()
+            .filter(|r| r.def.base == Base::Sock && r.def.access != Access::OffsetOnly)
+            .map(|r| r.spec.offset + u32::from(r.spec.size))
+            .max()
+            .unwrap_or(0);
+        if end <= tcpstall_common::SOCK_SCRATCH_BYTES {
+            end
+        } else {
+            0
+        }
+    }
+
     /// One row per [`field`] index, in index order.
     pub fn rows(&self) -> impl ExactSizeIterator<Item = &ResolvedRow> {
         self.rows.iter()
@@ -911,6 +929,26 @@ mod tests {
             size,
             bit_shift: 0,
             bit_len: 0,
+        }
+    }
+
+    /// The span the probe-read write-timer paths copy in one read covers
+    /// every socket field that is read (and no more than the scratch
+    /// buffer). Mutation: `sock_span` taking `offset` without `+ size`
+    /// fails ("TP_RETRANS_STAMP ends past the span 1436").
+    #[test]
+    fn sock_span_covers_every_socket_field() {
+        for kgen in [Gen::V6_1, Gen::V6_12, Gen::V6_18, Gen::V6_19] {
+            let r = ok(&btf_of(&Opts::new(kgen)), "synthetic");
+            let span = r.sock_span();
+            assert!(span > 0 && span <= tcpstall_common::SOCK_SCRATCH_BYTES);
+            for row in r.rows() {
+                if row.def.base != Base::Sock || row.def.access == Access::OffsetOnly {
+                    continue;
+                }
+                let end = row.spec.offset + u32::from(row.spec.size);
+                assert!(end <= span, "{} ends past the span {span}", row.def.id);
+            }
         }
     }
 

@@ -386,6 +386,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
     let mut kl: KernelLayout = resolved.layout();
     kl.flags |= layout_flag::READY;
     kl.ringbuf_wake_bytes = opts.ringbuf_bytes / 8;
+    kl.sock_span = resolved.sock_span();
     let timer_addr = kernel::kallsyms_lookup("tcp_write_timer");
     if let Ok(addr) = timer_addr {
         kl.tcp_write_timer_addr = addr;
