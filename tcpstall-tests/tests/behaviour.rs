@@ -18,9 +18,10 @@ use tcpstall_tests::*;
 /// S1 over IPv6 (tcp_retries2 = 3, which also governs IPv6): the kernel
 /// programs report the v6 flow's retransmissions and RTO expiries, the agent
 /// flags it with a prediction, and records its ETIMEDOUT by cookie.
-/// Mutation: `tcpstall/src/event.rs` decoding a v6 socket's addresses as
-/// v4 (or the kernel program skipping AF_INET6) -> fails with "no event of
-/// the IPv6 flow".
+/// Mutation (run): `tcpstall/src/event.rs` `addr()` decoding a v6 socket's
+/// address as v4 (`None => IpAddr::V6(v6)` -> `None =>
+/// IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))`) -> fails with
+/// "no event of the IPv6 flow [fd00:201:80::1]:44990 -> [fd00:201:80::2]:8080".
 #[test]
 fn ipv6_s1_events_stall_and_prediction() {
     require_tools();
@@ -104,13 +105,27 @@ fn ipv6_s1_events_stall_and_prediction() {
 /// S4 then recovery: the receiver stops reading until the sender's window is
 /// zero and the agent reports a `zero_window` stall; then it reads
 /// everything again and the stall clears while the flow keeps going.
-/// Mutation: `return;` as the first line of `Engine::end_persist`
-/// (`tcpstall/src/engine/streak.rs`) -> fails with "zero_window stall
-/// still reported 10 s after the reader resumed".
+///
+/// The clearing path: no kernel event reports a window reopening (the ACK
+/// program reports only ACKs inside an RTO episode), so the persist episode
+/// ends when its next zero-window probe is overdue by the grace (`classify`
+/// and `tick`). The engine's other ways to end an episode are kept out: a
+/// retransmission of the flow (tail loss probes off in the client's
+/// namespace, `tcp_early_retrans = 0`, and a 64 KiB send buffer so no burst
+/// overflows the veth backlog; the test asserts no retransmission or RTO
+/// event between the resume and the clear) and the FIN acknowledged
+/// (FIN_WAIT2; the writer keeps writing until the stall cleared).
+/// Mutation (run): `p.next_due_ns = u64::MAX / 2;` for the next-probe
+/// instant in `Engine::on_probe` (`tcpstall/src/engine/handlers.rs`) ->
+/// fails with "zero_window stall still reported 10.5 s after the reader
+/// resumed (probing for 2.0 s before)". Before these changes that mutation
+/// did not fail it: fast retransmissions after the resume (a 30 MB window
+/// burst) or the writer's FIN 3 s later ended the episode instead.
 #[test]
 fn zero_window_stall_clears_when_the_reader_resumes() {
     require_tools();
     let link = Link::new("zwr", 81);
+    link.a.sysctl("net.ipv4.tcp_early_retrans", "0");
     let agent = Agent::start(&["--zero-window-after", "2"]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -118,6 +133,20 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     let server = drain_server_in(&link.b, server_addr, Duration::from_secs(30), Some(rx));
     let mut client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
+    // A small send buffer keeps every burst (the one when the window opens
+    // included) far below the veth backlog: no loss, so no retransmission.
+    let sndbuf: libc::c_int = 64 * 1024;
+    // SAFETY: valid fd and option buffer.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&client),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&sndbuf as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
     client.set_nonblocking(true).expect("nonblocking");
     let chunk = [b'z'; 65536];
     let mut sent = 0u64;
@@ -134,33 +163,43 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
         );
     }
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if agent
-            .stall_of(local, server_addr)
-            .is_some_and(|v| ev_str(&v, "class") == "zero_window")
+    let view = loop {
+        if let Some(v) = agent.stall_of(local, server_addr)
+            && ev_str(&v, "class") == "zero_window"
         {
-            break;
+            break v;
         }
         assert!(
             Instant::now() < deadline,
             "no zero_window stall within 20 s of the window closing"
         );
         thread::sleep(Duration::from_millis(100));
-    }
+    };
     tx.send(()).expect("resume the reader");
     let resumed = Instant::now();
+    let resumed_ns = monotonic_ns();
+    // The persist interval doubles per probe: the next one is due within
+    // the probing time so far plus two RTOs (< 1 s) of the resume, and the
+    // engine's grace is 1 s plus half that interval. 5 s of slack on top.
+    let probing_s = view["zero_window_s"].as_f64().unwrap_or(0.0);
+    let bound = Duration::from_secs_f64(1.0 + 1.5 * (probing_s + 1.0) + 5.0);
     client.set_nonblocking(false).expect("blocking");
-    let writer = thread::spawn(move || {
-        // Keep the flow moving for a while, then finish.
-        let end = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < end {
-            client.write_all(&chunk).expect("write after resume");
-            sent += chunk.len() as u64;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = thread::spawn({
+        let stop = stop.clone();
+        move || {
+            // Keep the flow moving until the stall cleared (its FIN, acknowledged,
+            // would end the episode too), then finish.
+            let end = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                client.write_all(&chunk).expect("write after resume");
+                sent += chunk.len() as u64;
+            }
+            client
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            sent
         }
-        client
-            .shutdown(std::net::Shutdown::Write)
-            .expect("shutdown");
-        sent
     });
     loop {
         if agent
@@ -170,14 +209,38 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
             break;
         }
         assert!(
-            resumed.elapsed() < Duration::from_secs(10),
-            "zero_window stall still reported 10 s after the reader resumed"
+            resumed.elapsed() < bound,
+            "zero_window stall still reported {:.1} s after the reader resumed \
+             (probing for {probing_s:.1} s before)",
+            bound.as_secs_f64()
         );
         thread::sleep(Duration::from_millis(100));
     }
+    let cleared_ns = monotonic_ns();
+    assert!(
+        !writer.is_finished(),
+        "the stall cleared while the flow kept going"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "zero window cleared {:.2} s after the reader resumed",
-        resumed.elapsed().as_secs_f64()
+        "zero window cleared {:.2} s after the reader resumed (bound {:.1} s)",
+        resumed.elapsed().as_secs_f64(),
+        bound.as_secs_f64()
+    );
+    let other_path: Vec<Value> = agent
+        .events()
+        .into_iter()
+        .filter(|e| {
+            ev_str(e, "local") == local.to_string()
+                && (resumed_ns..=cleared_ns).contains(&ev_u64(e, "ts_ns"))
+                && (ev_str(e, "kind") == "retransmit"
+                    || (ev_str(e, "kind") == "write_timer" && ev_u64(e, "pending") == 1))
+        })
+        .collect();
+    assert!(
+        other_path.is_empty(),
+        "cleared by the persist timer going quiet, not by a retransmission or RTO: \
+         {other_path:#?}"
     );
     let sent = writer.join().expect("writer");
     assert_eq!(server.join().expect("server"), sent, "all data delivered");
@@ -407,8 +470,10 @@ mod contract;
 /// type, every contract metric is served, and every sample's labels are
 /// among the contract's labels for it. A stall is made first so that the
 /// per-flow and incident families have samples.
-/// Mutation: rename `tcpstall_flows_tracked` in `tcpstall/src/metrics.rs`
-/// -> fails with "served but not in the contract" / "not served".
+/// Mutation (run): rename `tcpstall_flows_tracked` to
+/// `tcpstall_flows_trackedx` in `tcpstall/src/metrics.rs` -> fails with
+/// "tcpstall_flows_tracked: in the contract, not served" and
+/// "tcpstall_flows_trackedx (gauge): served but not in the contract".
 #[test]
 fn live_metrics_match_the_deploy_contract() {
     require_tools();
