@@ -446,8 +446,12 @@ impl KernelLayout {
     }
 }
 
-/// Iterator program of the socket sweep (`iter/task_file`).
+/// Iterator program of the socket sweep (`iter/task_file`), probe reads
+/// (the fallback).
 pub const SWEEP_PROGRAM: &str = "tcpstall_sweep";
+/// The same iterator with plain loads through the typed socket and task
+/// (tried first).
+pub const SWEEP_DIRECT_PROGRAM: &str = "tcpstall_sweep_direct";
 
 /// One TCP socket found by the sweep: the same snapshot as every event
 /// (`kind::SWEEP`, `source::SWEEP`) plus what only the file walk knows: the

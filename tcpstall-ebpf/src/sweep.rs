@@ -9,14 +9,24 @@
 //! (fork); the agent de-duplicates by cookie.
 //!
 //! The snapshot is the one every event program takes ([`crate::snapshot::fill`]).
+//!
+//! Two programs: [`tcpstall_sweep_direct`] reads the socket with plain loads
+//! through the typed `tcp_sock` (`bpf_skc_to_tcp_sock`) and the task through
+//! its BTF pointer (no helper call per field); [`tcpstall_sweep`] reads with
+//! probe reads. The agent loads the direct one first and falls back to the
+//! other when the verifier refuses it. Tests are ordered cheapest first: a
+//! non-socket file costs one helper call, a non-TCP socket a few loads.
 
 use aya_ebpf::{
     bindings::{file, seq_file},
-    helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_seq_write, bpf_sock_from_file},
+    helpers::{
+        bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_seq_write, bpf_skc_to_tcp_sock,
+        bpf_sock_from_file,
+    },
 };
-use tcpstall_common::{SweepRecord, field, flag, kind, source, stat};
+use tcpstall_common::{KernelLayout, SweepRecord, field, flag, kind, source, stat};
 
-use crate::{Skip, bump, is_tcp, layout, now, read, snapshot};
+use crate::{Direct, Probe, Skip, Source, bump, is_tcp, layout, now, snapshot};
 
 /// `struct bpf_iter__task_file`: meta, task, fd, file.
 #[repr(C)]
@@ -46,22 +56,41 @@ pub const SOCKET_TYPE_OFFSET: u64 = 4;
 const SOCK_KEEPOPEN_BIT: u64 = 1 << 3;
 const SOCK_STREAM: u64 = 1;
 
+/// Probe-read variant (the fallback).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task_file")]
 pub fn tcpstall_sweep(ctx: *mut core::ffi::c_void) -> i32 {
-    match try_sweep(ctx as *const IterTaskFile) {
+    match try_sweep::<false>(ctx as *const IterTaskFile) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+/// Direct-load variant (tried first).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn tcpstall_sweep_direct(ctx: *mut core::ffi::c_void) -> i32 {
+    match try_sweep::<true>(ctx as *const IterTaskFile) {
         Ok(()) | Err(Skip) => 0,
     }
 }
 
 #[inline(always)]
-fn socket_type(sock: u64) -> u64 {
-    // SAFETY: bpf_probe_read_kernel copes with any address.
-    unsafe { bpf_probe_read_kernel((sock + SOCKET_TYPE_OFFSET) as *const u16) }.map_or(0, u64::from)
+fn socket_type<const DIRECT: bool>(sock: *const u8) -> u64 {
+    if DIRECT {
+        // SAFETY: `sock` is the BTF `struct socket *` of bpf_sock_from_file;
+        // the verifier checks the constant-offset load against its BTF.
+        u64::from(unsafe {
+            core::ptr::read_volatile(sock.add(SOCKET_TYPE_OFFSET as usize).cast::<u16>())
+        })
+    } else {
+        // SAFETY: bpf_probe_read_kernel copes with any address.
+        unsafe { bpf_probe_read_kernel((sock as u64 + SOCKET_TYPE_OFFSET) as *const u16) }
+            .map_or(0, u64::from)
+    }
 }
 
 #[inline(always)]
-fn try_sweep(ctx: *const IterTaskFile) -> Result<(), Skip> {
+fn try_sweep<const DIRECT: bool>(ctx: *const IterTaskFile) -> Result<(), Skip> {
     // SAFETY: the iterator context; every field is read with a plain load
     // at its constant offset, which the verifier checks against its BTF.
     let (meta, task, fd, filp) = unsafe {
@@ -81,6 +110,9 @@ fn try_sweep(ctx: *const IterTaskFile) -> Result<(), Skip> {
         return Err(Skip);
     }
     bump(stat::SWEEP_SOCKET_FILES);
+    if socket_type::<DIRECT>(sock as *const u8) != SOCK_STREAM {
+        return Err(Skip);
+    }
     let l = layout()?;
     // SAFETY: typed load of `socket->sk` (constant offset, verified).
     let sk_ptr = unsafe {
@@ -91,39 +123,70 @@ fn try_sweep(ctx: *const IterTaskFile) -> Result<(), Skip> {
     if sk_ptr.is_null() {
         return Err(Skip);
     }
-    let sk = sk_ptr as u64;
-    let family = read(sk, &l.fields[field::SKC_FAMILY]) as u32;
-    if (family != crate::AF_INET && family != crate::AF_INET6)
-        || !l.fields[field::SK_PROTOCOL].is_present()
-        || !is_tcp(l, sk)
-        || socket_type(sock as u64) != SOCK_STREAM
-    {
-        return Err(Skip);
+    if DIRECT {
+        let family = Direct(sk_ptr as *const u8).get(&l.fields[field::SKC_FAMILY]) as u32;
+        if family != crate::AF_INET && family != crate::AF_INET6 {
+            return Err(Skip);
+        }
+        // SAFETY: `sk_ptr` is a BTF `struct sock *`; null unless a full TCP socket.
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk_ptr) };
+        if tp.is_null() {
+            return Err(Skip);
+        }
+        let sk = Direct(tp as *const u8);
+        // With plain loads, a socket that has a cookie already costs one load.
+        let mut cookie = sk.get(&l.fields[field::SKC_COOKIE]);
+        if cookie == 0 {
+            // SAFETY: as above.
+            cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
+        }
+        emit(meta, l, sk, Direct(task as *const u8), fd, cookie)
+    } else {
+        let sk = sk_ptr as u64;
+        let family = Probe(sk).get(&l.fields[field::SKC_FAMILY]) as u32;
+        if (family != crate::AF_INET && family != crate::AF_INET6)
+            || !l.fields[field::SK_PROTOCOL].is_present()
+            || !is_tcp(l, sk)
+        {
+            return Err(Skip);
+        }
+        // SAFETY: `sk_ptr` is a BTF `struct sock *`.
+        let cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
+        emit(meta, l, Probe(sk), Probe(task as u64), fd, cookie)
     }
+}
+
+/// Fills and writes one record for the TCP socket `sk` held by `task` at `fd`.
+#[inline(always)]
+fn emit<S: Source>(
+    meta: *mut IterMeta,
+    l: &KernelLayout,
+    sk: S,
+    task: S,
+    fd: u32,
+    cookie: u64,
+) -> Result<(), Skip> {
     let (ts, jiffies) = now();
-    // SAFETY: `sk_ptr` is a BTF `struct sock *`.
-    let cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
     let mut rec = SweepRecord::zeroed();
     rec.event.ts_ns = ts;
     rec.event.jiffies = jiffies;
     rec.event.kind = kind::SWEEP;
     rec.event.source = source::SWEEP;
-    snapshot::fill(&mut rec.event.sock, l, sk, cookie);
-    if read(sk, &l.fields[field::SK_FLAGS]) & SOCK_KEEPOPEN_BIT != 0 {
+    snapshot::fill_from(&mut rec.event.sock, l, sk, cookie);
+    if sk.get(&l.fields[field::SK_FLAGS]) & SOCK_KEEPOPEN_BIT != 0 {
         rec.event.sock.flags |= flag::KEEPOPEN;
     }
-    rec.keepalive_time = read(sk, &l.fields[field::TP_KEEPALIVE_TIME]) as u32;
-    rec.keepalive_intvl = read(sk, &l.fields[field::TP_KEEPALIVE_INTVL]) as u32;
-    rec.keepalive_probes = read(sk, &l.fields[field::TP_KEEPALIVE_PROBES]) as u32;
-    let t = task as u64;
-    rec.pid = read(t, &l.fields[field::TASK_TGID]) as u32;
+    rec.keepalive_time = sk.get(&l.fields[field::TP_KEEPALIVE_TIME]) as u32;
+    rec.keepalive_intvl = sk.get(&l.fields[field::TP_KEEPALIVE_INTVL]) as u32;
+    rec.keepalive_probes = sk.get(&l.fields[field::TP_KEEPALIVE_PROBES]) as u32;
+    rec.pid = task.get(&l.fields[field::TASK_TGID]) as u32;
     rec.fd = fd;
     let comm = &l.fields[field::TASK_COMM];
     if comm.is_present() {
         // SAFETY: bpf_probe_read_kernel copes with any address.
-        if let Ok(c) =
-            unsafe { bpf_probe_read_kernel(t.wrapping_add(comm.offset as u64) as *const [u8; 16]) }
-        {
+        if let Ok(c) = unsafe {
+            bpf_probe_read_kernel(task.addr().wrapping_add(comm.offset as u64) as *const [u8; 16])
+        } {
             rec.comm = c;
         }
     }

@@ -8,9 +8,13 @@
 //! iterator visits each), plus the listeners.
 //!
 //! - `sweep_100k/kernel_iterator`: one run of the `iter/task_file` program
-//!   over every task's files and the read of its output (every socket of
-//!   the node, this process's 100,000 included): what the agent's
+//!   the agent uses (plain loads through the typed socket) over every
+//!   task's files and the read of its output (every socket of the node,
+//!   this process's 100,000 included): what the agent's
 //!   `loader::Loaded::sweep` costs.
+//! - `sweep_100k/kernel_iterator_probe_reads`: the same with the probe-read
+//!   fallback program (kernels whose verifier refuses the direct loads),
+//!   side by side.
 //! - `sweep_100k/decode_audit`: decoding and de-duplicating the records and
 //!   the hang-forever audit over them (the agent's user-space part).
 
@@ -22,6 +26,7 @@ use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_
 use tcpstall::engine::risks;
 use tcpstall::loader::{self, LoaderOptions};
 use tcpstall::sweep;
+use tcpstall_common::SWEEP_PROGRAM;
 
 const CONNECTIONS: usize = 50_000;
 /// Processes holding the sockets: RLIMIT_NOFILE cannot be raised past the
@@ -111,8 +116,13 @@ fn bench(c: &mut Criterion) {
     }
     setup_namespace();
     let holders = connections();
-    let mut loaded = loader::load(&LoaderOptions::default()).expect("loading the probes");
-    loaded.sweep_available().expect("sweep available");
+    // try_all: both sweep programs load (the direct one is chosen).
+    let mut loaded = loader::load(&LoaderOptions {
+        try_all: true,
+        ..LoaderOptions::default()
+    })
+    .expect("loading the probes");
+    let chosen = loaded.sweep_program().expect("sweep available");
     let stats = loaded.take_stats().expect("stats");
     let first = loaded.sweep(&stats).expect("sweep");
     let (sockets, bad) = sweep::decode_all(&first.records);
@@ -123,8 +133,16 @@ fn bench(c: &mut Criterion) {
         sockets.len(),
         2 * CONNECTIONS
     );
+    let probe = loaded
+        .sweep_with(SWEEP_PROGRAM, &stats)
+        .expect("probe-read sweep");
+    assert_eq!(
+        probe.records.len(),
+        first.records.len(),
+        "both sweep programs find the same sockets"
+    );
     eprintln!(
-        "sweep: {} socket files visited, {} TCP sockets, {} records, {} at risk",
+        "sweep ({chosen}): {} socket files visited, {} TCP sockets, {} records, {} at risk",
         first.socket_files,
         sockets.len(),
         first.records.len(),
@@ -137,6 +155,17 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(sockets.len() as u64));
     g.bench_function("kernel_iterator", |b| {
         b.iter(|| black_box(loaded.sweep(&stats).expect("sweep").records.len()))
+    });
+    g.bench_function("kernel_iterator_probe_reads", |b| {
+        b.iter(|| {
+            black_box(
+                loaded
+                    .sweep_with(SWEEP_PROGRAM, &stats)
+                    .expect("sweep")
+                    .records
+                    .len(),
+            )
+        })
     });
     g.bench_function("decode_audit", |b| {
         b.iter(|| {

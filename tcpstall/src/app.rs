@@ -519,7 +519,7 @@ impl Pipeline {
                     },
                     ProcessInfo {
                         pid: sk.pid,
-                        comm: sk.comm.clone(),
+                        comm: sk.comm.to_string_lossy(),
                     },
                     t,
                 );

@@ -10,8 +10,8 @@ use aya::{
     programs::{BtfTracePoint, FEntry, Iter, KProbe, SockOps, links::CgroupAttachMode},
 };
 use tcpstall_common::{
-    EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, STATS_MAP, SWEEP_PROGRAM, SWEEP_RECORD_SIZE,
-    SweepRecord, layout_flag, stat,
+    EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, STATS_MAP, SWEEP_DIRECT_PROGRAM, SWEEP_PROGRAM,
+    SWEEP_RECORD_SIZE, SweepRecord, layout_flag, stat,
 };
 
 use crate::{
@@ -133,8 +133,10 @@ impl Plan {
 pub struct Loaded {
     ebpf: Ebpf,
     pub plan: Plan,
-    /// Whether the sweep iterator loaded (`Err`: why not).
-    sweep: Result<(), String>,
+    /// The sweep iterator program that loaded (`Err`: why none did).
+    sweep: Result<&'static str, String>,
+    /// Output size of the last sweep (the next read's buffer starts there).
+    sweep_bytes: usize,
 }
 
 /// Offsets in `struct socket` the sweep iterator uses as constants (the
@@ -162,8 +164,16 @@ pub enum SweepError {
     Run(String),
 }
 
-/// Loads the sweep iterator (`iter/task_file` + `bpf_sock_from_file`, 5.11+).
-fn load_sweep(ebpf: &mut Ebpf, btf: &AyaBtf, ours: &Btf) -> Result<(), String> {
+/// Loads the sweep iterator (`iter/task_file` + `bpf_sock_from_file`, 5.11+):
+/// the direct-load program first, the probe-read one when the verifier
+/// refuses it (or always, with `both`, for comparisons). Returns the program
+/// to run.
+fn load_sweep(
+    ebpf: &mut Ebpf,
+    btf: &AyaBtf,
+    ours: &Btf,
+    both: bool,
+) -> Result<&'static str, String> {
     for (member, want) in SOCKET_CONSTANTS {
         let m = ours
             .member("socket", member)
@@ -175,16 +185,32 @@ fn load_sweep(ebpf: &mut Ebpf, btf: &AyaBtf, ours: &Btf) -> Result<(), String> {
             ));
         }
     }
-    let prog = ebpf
-        .program_mut(SWEEP_PROGRAM)
-        .ok_or_else(|| format!("program {SWEEP_PROGRAM} missing from the eBPF object"))?;
-    let p: &mut Iter = prog.try_into().map_err(|e| chain(&e))?;
-    p.load("task_file", btf).map_err(|e| {
-        format!(
-            "load iter/task_file: {} (needs kernel 5.11+ for bpf_sock_from_file)",
-            chain(&e)
-        )
-    })
+    let mut load = |name: &'static str| -> Result<&'static str, String> {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("program {name} missing from the eBPF object"))?;
+        let p: &mut Iter = prog.try_into().map_err(|e| chain(&e))?;
+        p.load("task_file", btf).map_err(|e| {
+            format!(
+                "load iter/task_file ({name}): {} (needs kernel 5.11+ for bpf_sock_from_file)",
+                chain(&e)
+            )
+        })?;
+        Ok(name)
+    };
+    match load(SWEEP_DIRECT_PROGRAM) {
+        Ok(name) => {
+            if both {
+                let _ = load(SWEEP_PROGRAM);
+            }
+            Ok(name)
+        }
+        Err(direct) => {
+            let probe = load(SWEEP_PROGRAM).map_err(|e| format!("{e}; {direct}"))?;
+            tracing::info!(error = %direct, "sweep: direct loads refused, using probe reads");
+            Ok(probe)
+        }
+    }
 }
 
 /// Decodes the iterator's output: whole records only.
@@ -441,7 +467,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         statuses.push(status);
     }
 
-    let sweep = load_sweep(&mut ebpf, &aya_btf, &our_btf);
+    let sweep = load_sweep(&mut ebpf, &aya_btf, &our_btf, opts.try_all);
     if let Err(e) = &sweep {
         tracing::warn!(error = %e, "socket sweep unavailable");
     }
@@ -455,7 +481,12 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         probes: statuses,
         fields: resolved.to_string(),
     };
-    Ok(Loaded { ebpf, plan, sweep })
+    Ok(Loaded {
+        ebpf,
+        plan,
+        sweep,
+        sweep_bytes: 0,
+    })
 }
 
 struct AttachEnv<'a> {
@@ -638,6 +669,11 @@ fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<
 impl Loaded {
     /// Whether the sweep can run (`Err`: why not).
     pub fn sweep_available(&self) -> Result<(), String> {
+        self.sweep.clone().map(|_| ())
+    }
+
+    /// The sweep iterator program in use (`Err`: why none loaded).
+    pub fn sweep_program(&self) -> Result<&'static str, String> {
         self.sweep.clone()
     }
 
@@ -645,6 +681,17 @@ impl Loaded {
     /// the TCP sockets it found. Blocking (a read of the iterator's file);
     /// `stats` gives the visited / overflow counters.
     pub fn sweep(&mut self, stats: &StatsReader) -> Result<SweepOutput, SweepError> {
+        let name = self.sweep.clone().map_err(SweepError::Unavailable)?;
+        self.sweep_with(name, stats)
+    }
+
+    /// [`Self::sweep`] with a given iterator program (loaded with
+    /// `try_all` both are: benchmarks compare them).
+    pub fn sweep_with(
+        &mut self,
+        program: &str,
+        stats: &StatsReader,
+    ) -> Result<SweepOutput, SweepError> {
         use std::io::Read as _;
         if let Err(e) = &self.sweep {
             return Err(SweepError::Unavailable(e.clone()));
@@ -653,15 +700,17 @@ impl Loaded {
         let before = stats.read().map_err(|e| run(&e))?;
         let prog = self
             .ebpf
-            .program_mut(SWEEP_PROGRAM)
+            .program_mut(program)
             .ok_or_else(|| SweepError::Unavailable("program missing".to_owned()))?;
         let p: &mut Iter = prog.try_into().map_err(|e| run(&e))?;
         let link_id = p.attach().map_err(|e| run(&e))?;
         let link = p.take_link(link_id).map_err(|e| run(&e))?;
         let mut file = link.into_file().map_err(|e| run(&e))?;
-        let mut buf = Vec::with_capacity(1 << 20);
+        // Sized from the last sweep: no re-allocation and copy on the way.
+        let mut buf = Vec::with_capacity((self.sweep_bytes + self.sweep_bytes / 8).max(1 << 20));
         file.read_to_end(&mut buf)
             .map_err(|e| SweepError::Run(format!("reading the iterator: {e}")))?;
+        self.sweep_bytes = buf.len();
         let mut out = SweepOutput::default();
         let rest = parse_sweep_records(&buf, &mut out.records);
         if rest != 0 {

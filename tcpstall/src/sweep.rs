@@ -8,6 +8,7 @@
 //! (0 = never periodically).
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use prometheus_client::{
@@ -18,7 +19,7 @@ use prometheus_client::{
 
 use tcpstall_common::{SweepRecord, flag};
 
-use crate::engine::risks::SweptSocket;
+use crate::engine::risks::{Comm, SweptSocket};
 use crate::event::{DecodeError, SockEvent};
 
 /// Why a sweep ran (the `reason` label of `tcpstall_sweeps_total`).
@@ -44,16 +45,11 @@ impl SweepReason {
 /// Decodes one record.
 pub fn decode(rec: &SweepRecord) -> Result<SweptSocket, DecodeError> {
     let ev = SockEvent::from_raw(&rec.event)?;
-    let end = rec
-        .comm
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(rec.comm.len());
     Ok(SweptSocket {
         ev,
         pid: rec.pid,
         fd: rec.fd,
-        comm: String::from_utf8_lossy(&rec.comm[..end]).into_owned(),
+        comm: Comm(rec.comm),
         keepalive: rec.event.sock.flags & flag::KEEPOPEN != 0,
         keepalive_time_j: rec.keepalive_time,
         keepalive_intvl_j: rec.keepalive_intvl,
@@ -61,10 +57,31 @@ pub fn decode(rec: &SweepRecord) -> Result<SweptSocket, DecodeError> {
     })
 }
 
+/// Hashes socket cookies: unique kernel-assigned u64s, not attacker-chosen
+/// keys, so one multiplication (Fibonacci hashing) spreads them; SipHash
+/// would cost more than the rest of the de-duplication.
+#[derive(Default)]
+struct CookieHasher(u64);
+
+impl Hasher for CookieHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// Decodes and de-duplicates (first holder wins: the lowest pid walked
 /// first). Returns the sockets and the number of undecodable records.
 pub fn decode_all(records: &[SweepRecord]) -> (Vec<SweptSocket>, usize) {
-    let mut seen = HashSet::with_capacity(records.len());
+    let mut seen: HashSet<u64, BuildHasherDefault<CookieHasher>> =
+        HashSet::with_capacity_and_hasher(records.len(), Default::default());
     let mut out = Vec::with_capacity(records.len());
     let mut bad = 0;
     for r in records {
@@ -272,7 +289,11 @@ mod tests {
         assert_eq!(bad, 0);
         assert_eq!(s.len(), 2);
         assert_eq!(
-            (s[0].pid, s[0].comm.as_str(), s[0].keepalive),
+            (
+                s[0].pid,
+                s[0].comm.to_string_lossy().as_str(),
+                s[0].keepalive
+            ),
             (10, "curl", true)
         );
         assert_eq!((s[1].ev.cookie, s[1].keepalive), (8, false));

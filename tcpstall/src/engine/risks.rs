@@ -19,13 +19,42 @@ pub struct SweptSocket {
     /// Process holding it (thread-group id in the agent's pid namespace).
     pub pid: u32,
     pub fd: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// `SO_KEEPALIVE` is set.
     pub keepalive: bool,
     /// Per-socket keepalive settings in jiffies / probes; 0 = netns default.
     pub keepalive_time_j: u32,
     pub keepalive_intvl_j: u32,
     pub keepalive_probes: u32,
+}
+
+/// A task's `comm` as the kernel keeps it (NUL padded, inline: decoding a
+/// sweep allocates nothing per socket).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Comm(pub [u8; 16]);
+
+impl Comm {
+    /// The name up to the first NUL (invalid UTF-8 replaced).
+    pub fn to_string_lossy(&self) -> String {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..end]).into_owned()
+    }
+}
+
+impl From<&str> for Comm {
+    /// Truncated to 15 bytes, as the kernel does.
+    fn from(s: &str) -> Self {
+        let mut c = [0; 16];
+        let n = s.len().min(15);
+        c[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Self(c)
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.to_string_lossy(), f)
+    }
 }
 
 /// A socket at risk of hanging forever.
@@ -101,14 +130,24 @@ fn idle_s(s: &SweptSocket, hz: u32) -> f64 {
     horizon::jiffies_to_ns(u64::from(a), hz) as f64 / 1e9
 }
 
-/// Audits one sweep's (de-duplicated) sockets; lists at most `limit`.
+/// Audits one sweep's (de-duplicated) sockets; lists at most `limit`, the
+/// longest idle first. Only the listed sockets become [`RiskEntry`]s: the
+/// others are ranked by a small key (a partial selection, not a full sort).
 pub fn audit(sockets: &[SweptSocket], hz: u32, swept_at_ns: u64, limit: usize) -> RiskReport {
     let mut r = RiskReport {
         swept_at_ns,
         ..Default::default()
     };
-    let secs = |j: u32| (j != 0).then(|| horizon::jiffies_to_ns(u64::from(j), hz) as f64 / 1e9);
-    for s in sockets {
+    // (idle, cookie, index): the listing order, ties by cookie then walk order.
+    let mut ranked: Vec<(f64, u64, usize)> = Vec::new();
+    let mut last_owner: Option<((u32, u64), usize)> = None;
+    let flush = |r: &mut RiskReport, owner: Option<((u32, u64), usize)>| {
+        if let Some(((netns, cgroup), n)) = owner {
+            *r.by_netns.entry(netns).or_default() += n;
+            *r.by_owner.entry((netns, cgroup)).or_default() += n;
+        }
+    };
+    for (i, s) in sockets.iter().enumerate() {
         if s.ev.state == TcpState::Established {
             r.established += 1;
         }
@@ -116,28 +155,54 @@ pub fn audit(sockets: &[SweptSocket], hz: u32, swept_at_ns: u64, limit: usize) -
             continue;
         }
         r.total += 1;
-        *r.by_netns.entry(s.ev.netns).or_default() += 1;
-        *r.by_owner.entry((s.ev.netns, s.ev.cgroup_id)).or_default() += 1;
-        r.listed.push(RiskEntry {
-            cookie: s.ev.cookie,
-            local: s.ev.local,
-            remote: s.ev.remote,
-            netns: s.ev.netns,
-            cgroup_id: s.ev.cgroup_id,
-            pid: s.pid,
-            process: s.comm.clone(),
-            fd: s.fd,
-            idle_s: idle_s(s, hz),
-            keepalive: s.keepalive,
-            keepalive_idle_s: secs(s.keepalive_time_j),
-            keepalive_interval_s: secs(s.keepalive_intvl_j),
-            keepalive_probes: (s.keepalive_probes != 0).then_some(s.keepalive_probes),
-            user_timeout_ms: s.ev.sock.map_or(0, |k| k.user_timeout_ms),
-        });
+        // Sockets of one owner come in runs (walked per process): count a
+        // run once instead of two map updates per socket.
+        let owner = (s.ev.netns, s.ev.cgroup_id);
+        match &mut last_owner {
+            Some((o, n)) if *o == owner => *n += 1,
+            _ => {
+                flush(&mut r, last_owner.take());
+                last_owner = Some((owner, 1));
+            }
+        }
+        ranked.push((idle_s(s, hz), s.ev.cookie, i));
     }
-    r.listed
-        .sort_by(|a, b| b.idle_s.total_cmp(&a.idle_s).then(a.cookie.cmp(&b.cookie)));
-    r.listed.truncate(limit);
+    flush(&mut r, last_owner);
+    let order = |a: &(f64, u64, usize), b: &(f64, u64, usize)| {
+        b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+    };
+    if ranked.len() > limit {
+        if limit == 0 {
+            ranked.clear();
+        } else {
+            ranked.select_nth_unstable_by(limit - 1, order);
+            ranked.truncate(limit);
+        }
+    }
+    ranked.sort_unstable_by(order);
+    let secs = |j: u32| (j != 0).then(|| horizon::jiffies_to_ns(u64::from(j), hz) as f64 / 1e9);
+    r.listed = ranked
+        .into_iter()
+        .map(|(idle_s, _, i)| {
+            let s = &sockets[i];
+            RiskEntry {
+                cookie: s.ev.cookie,
+                local: s.ev.local,
+                remote: s.ev.remote,
+                netns: s.ev.netns,
+                cgroup_id: s.ev.cgroup_id,
+                pid: s.pid,
+                process: s.comm.to_string_lossy(),
+                fd: s.fd,
+                idle_s,
+                keepalive: s.keepalive,
+                keepalive_idle_s: secs(s.keepalive_time_j),
+                keepalive_interval_s: secs(s.keepalive_intvl_j),
+                keepalive_probes: (s.keepalive_probes != 0).then_some(s.keepalive_probes),
+                user_timeout_ms: s.ev.sock.map_or(0, |k| k.user_timeout_ms),
+            }
+        })
+        .collect();
     r
 }
 
