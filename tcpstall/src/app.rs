@@ -451,21 +451,78 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// One sweep: first the events already in the ring (older than the
-    /// sweep), then the snapshots, then the audit. Blocking for the
-    /// duration of the iterator read (milliseconds; see the README).
-    fn sweep(
+    /// Starts one sweep: first the events already in the ring (older than
+    /// the sweep) are ingested, then the iterator is attached and read, and
+    /// its records decoded and audited, on a blocking thread: the event loop
+    /// keeps reading the ring and serving HTTP meanwhile. [`Self::finish_sweep`]
+    /// folds the result in. None: the sweep could not start (logged, counted).
+    fn start_sweep(
         &mut self,
         loaded: &mut loader::Loaded,
         reader: &mut Reader,
         stats: &StatsReader,
         batch: &mut Vec<Result<SockEvent, DecodeError>>,
         reason: SweepReason,
-    ) {
+    ) -> Option<PendingSweep> {
         reader.drain_ready(batch);
         self.ingest_events(batch);
         let t0 = Instant::now();
-        let out = match tokio::task::block_in_place(|| loaded.sweep(stats)) {
+        let run = match loaded.start_sweep(stats) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                self.state.metrics.sweep.failed();
+                error!(error = %e, reason = reason.as_str(), "socket sweep failed");
+                return None;
+            }
+        };
+        let hz = self.state.engine().hz().0;
+        let r = run.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let records = r.read()?;
+            let (sockets, bad) = sweeping::decode_all(&records);
+            let report =
+                crate::engine::risks::audit(&sockets, hz, kernel::monotonic_ns(), RISKS_LISTED);
+            Ok(SweepResult {
+                sockets,
+                bad,
+                report,
+            })
+        });
+        Some(PendingSweep {
+            reason,
+            t0,
+            run,
+            task,
+        })
+    }
+
+    /// Folds a finished sweep in: first every event the ring holds now
+    /// (those older than the snapshots included; newer ones make the engine
+    /// ignore a snapshot: it never rolls a flow back, never resurrects a
+    /// closed one), then the snapshots, then the audit.
+    fn finish_sweep(
+        &mut self,
+        pending: PendingSweep,
+        result: Result<Result<SweepResult, loader::SweepError>, tokio::task::JoinError>,
+        reader: &mut Reader,
+        stats: &StatsReader,
+        batch: &mut Vec<Result<SockEvent, DecodeError>>,
+    ) {
+        let PendingSweep {
+            reason, t0, run, ..
+        } = pending;
+        let out = result
+            .map_err(|e| loader::SweepError::Run(format!("sweep thread: {e}")))
+            .and_then(|r| r)
+            .and_then(|r| Ok((run.finish(Vec::new(), stats)?, r)));
+        let (
+            out,
+            SweepResult {
+                sockets,
+                bad,
+                report,
+            },
+        ) = match out {
             Ok(o) => o,
             Err(e) => {
                 self.state.metrics.sweep.failed();
@@ -473,7 +530,8 @@ impl Pipeline {
                 return;
             }
         };
-        let (sockets, bad) = sweeping::decode_all(&out.records);
+        reader.drain_ready(batch);
+        self.ingest_events(batch);
         if bad > 0 {
             self.decode_errors += bad as u64;
             error!(records = bad, "malformed sweep records from the kernel");
@@ -484,8 +542,7 @@ impl Pipeline {
                 "sweep records did not fit the iterator buffer"
             );
         }
-        let now = kernel::monotonic_ns();
-        let (seeded_before, repaired_before, hz) = {
+        let (seeded_before, repaired_before) = {
             let mut engine = self.state.engine();
             let st = engine.stats();
             for s in &sockets {
@@ -494,9 +551,8 @@ impl Pipeline {
                 }
             }
             self.observations.extend(engine.drain_observations());
-            (st.sweep_seeded, st.sweep_repaired, engine.hz().0)
+            (st.sweep_seeded, st.sweep_repaired)
         };
-        let report = crate::engine::risks::audit(&sockets, hz, now, RISKS_LISTED);
         let mut per_pod: std::collections::HashMap<PodLabels, usize> = Default::default();
         {
             let t = Instant::now();
@@ -562,6 +618,21 @@ impl Pipeline {
             "socket sweep"
         );
     }
+}
+
+/// A sweep running on a blocking thread.
+struct PendingSweep {
+    reason: SweepReason,
+    t0: Instant,
+    run: Arc<loader::SweepRun>,
+    task: tokio::task::JoinHandle<Result<SweepResult, loader::SweepError>>,
+}
+
+/// What the blocking thread computes from one sweep.
+struct SweepResult {
+    sockets: Vec<crate::engine::risks::SweptSocket>,
+    bad: usize,
+    report: crate::engine::risks::RiskReport,
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -653,14 +724,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     match loaded.sweep_available() {
         Ok(()) if settings.startup_sweep => {
             // Before the first drain: /readyz turns ready only after it.
-            pipeline.sweep(
+            policy.ran(Instant::now(), SweepReason::Startup);
+            if let Some(mut p) = pipeline.start_sweep(
                 &mut loaded,
                 &mut reader,
                 &stats,
                 &mut batch,
                 SweepReason::Startup,
-            );
-            policy.ran(Instant::now(), SweepReason::Startup);
+            ) {
+                let r = (&mut p.task).await;
+                pipeline.finish_sweep(p, r, &mut reader, &stats, &mut batch);
+            }
         }
         Ok(()) => policy.ran(Instant::now(), SweepReason::Startup),
         Err(e) => {
@@ -670,6 +744,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let mut failure: Option<anyhow::Error> = None;
     let mut reader_failed = false;
+    // At most one sweep at a time, off the event loop.
+    let mut sweeping: Option<PendingSweep> = None;
     loop {
         tokio::select! {
             r = reader.read_batch(&mut batch) => {
@@ -686,9 +762,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 if std::mem::take(&mut pipeline.lost_events) {
                     policy.loss();
                 }
-                if let Some(reason) = policy.due(Instant::now()) {
-                    pipeline.sweep(&mut loaded, &mut reader, &stats, &mut batch, reason);
+                if sweeping.is_none()
+                    && let Some(reason) = policy.due(Instant::now())
+                {
+                    // Counted from the start: a loss reported while this
+                    // sweep runs triggers the next one.
                     policy.ran(Instant::now(), reason);
+                    sweeping = pipeline.start_sweep(&mut loaded, &mut reader, &stats, &mut batch, reason);
+                }
+            }
+            r = async { (&mut sweeping.as_mut().expect("guarded").task).await }, if sweeping.is_some() => {
+                if let Some(p) = sweeping.take() {
+                    pipeline.finish_sweep(p, r, &mut reader, &stats, &mut batch);
                 }
             }
             r = &mut server, if !server_done => {

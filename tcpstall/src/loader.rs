@@ -136,7 +136,7 @@ pub struct Loaded {
     /// The sweep iterator program that loaded (`Err`: why none did).
     sweep: Result<&'static str, String>,
     /// Output size of the last sweep (the next read's buffer starts there).
-    sweep_bytes: usize,
+    sweep_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Offsets in `struct socket` the sweep iterator uses as constants (the
@@ -153,6 +153,57 @@ pub struct SweepOutput {
     pub socket_files: u64,
     /// Records that did not fit in the iterator's buffer (lost).
     pub overflow: u64,
+}
+
+/// A started sweep: the iterator's file, read with [`SweepRun::read`]
+/// (blocking; `Send`, so it can run on a blocking thread).
+pub struct SweepRun {
+    file: std::fs::File,
+    before: KernelStats,
+    bytes_hint: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SweepRun {
+    /// Runs the iterator to the end and decodes its records (blocking).
+    pub fn read(&self) -> Result<Vec<SweepRecord>, SweepError> {
+        use std::io::Read as _;
+        use std::sync::atomic::Ordering::Relaxed;
+        // Sized from the last sweep: no re-allocation and copy on the way.
+        let hint = self.bytes_hint.load(Relaxed);
+        let mut buf = Vec::with_capacity((hint + hint / 8).max(1 << 20));
+        (&self.file)
+            .read_to_end(&mut buf)
+            .map_err(|e| SweepError::Run(format!("reading the iterator: {e}")))?;
+        self.bytes_hint.store(buf.len(), Relaxed);
+        let mut records = Vec::new();
+        let rest = parse_sweep_records(&buf, &mut records);
+        if rest != 0 {
+            return Err(SweepError::Run(format!(
+                "iterator output is {} bytes, not a multiple of {SWEEP_RECORD_SIZE}: agent and kernel programs are from different builds",
+                buf.len()
+            )));
+        }
+        Ok(records)
+    }
+
+    /// The sweep's output, with the visited / overflow counters (read
+    /// after [`Self::read`] returned).
+    pub fn finish(
+        &self,
+        records: Vec<SweepRecord>,
+        stats: &StatsReader,
+    ) -> Result<SweepOutput, SweepError> {
+        let after = stats.read().map_err(|e| SweepError::Run(chain(&e)))?;
+        Ok(SweepOutput {
+            records,
+            socket_files: after
+                .sweep_socket_files
+                .saturating_sub(self.before.sweep_socket_files),
+            overflow: after
+                .sweep_overflow
+                .saturating_sub(self.before.sweep_overflow),
+        })
+    }
 }
 
 /// Why a sweep could not run.
@@ -485,7 +536,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         ebpf,
         plan,
         sweep,
-        sweep_bytes: 0,
+        sweep_bytes: Default::default(),
     })
 }
 
@@ -692,7 +743,24 @@ impl Loaded {
         program: &str,
         stats: &StatsReader,
     ) -> Result<SweepOutput, SweepError> {
-        use std::io::Read as _;
+        let run = self.start_sweep_with(program, stats)?;
+        let records = run.read()?;
+        run.finish(records, stats)
+    }
+
+    /// Starts a sweep (attaches the iterator; cheap): [`SweepRun::read`],
+    /// the expensive part, can then run on another thread while this one
+    /// keeps reading the ring buffer.
+    pub fn start_sweep(&mut self, stats: &StatsReader) -> Result<SweepRun, SweepError> {
+        let name = self.sweep.clone().map_err(SweepError::Unavailable)?;
+        self.start_sweep_with(name, stats)
+    }
+
+    fn start_sweep_with(
+        &mut self,
+        program: &str,
+        stats: &StatsReader,
+    ) -> Result<SweepRun, SweepError> {
         if let Err(e) = &self.sweep {
             return Err(SweepError::Unavailable(e.clone()));
         }
@@ -705,26 +773,12 @@ impl Loaded {
         let p: &mut Iter = prog.try_into().map_err(|e| run(&e))?;
         let link_id = p.attach().map_err(|e| run(&e))?;
         let link = p.take_link(link_id).map_err(|e| run(&e))?;
-        let mut file = link.into_file().map_err(|e| run(&e))?;
-        // Sized from the last sweep: no re-allocation and copy on the way.
-        let mut buf = Vec::with_capacity((self.sweep_bytes + self.sweep_bytes / 8).max(1 << 20));
-        file.read_to_end(&mut buf)
-            .map_err(|e| SweepError::Run(format!("reading the iterator: {e}")))?;
-        self.sweep_bytes = buf.len();
-        let mut out = SweepOutput::default();
-        let rest = parse_sweep_records(&buf, &mut out.records);
-        if rest != 0 {
-            return Err(SweepError::Run(format!(
-                "iterator output is {} bytes, not a multiple of {SWEEP_RECORD_SIZE}: agent and kernel programs are from different builds",
-                buf.len()
-            )));
-        }
-        let after = stats.read().map_err(|e| run(&e))?;
-        out.socket_files = after
-            .sweep_socket_files
-            .saturating_sub(before.sweep_socket_files);
-        out.overflow = after.sweep_overflow.saturating_sub(before.sweep_overflow);
-        Ok(out)
+        let file = link.into_file().map_err(|e| run(&e))?;
+        Ok(SweepRun {
+            file,
+            before,
+            bytes_hint: self.sweep_bytes.clone(),
+        })
     }
 
     /// The event ring buffer (can be taken once).

@@ -266,4 +266,35 @@ mod tests {
             [100, 100, 200]
         );
     }
+
+    /// The listing is the `limit` longest idle sockets, longest first (a
+    /// partial selection, then a sort of the selected), and `total` still
+    /// counts every socket at risk.
+    /// Mutation: selecting with the order reversed
+    /// (`select_nth_unstable_by(limit - 1, |a, b| order(b, a))`) lists the
+    /// shortest idle ones (4, 3, 2, 1, 0 s).
+    #[test]
+    fn lists_the_longest_idle_first_up_to_the_limit() {
+        let sockets: Vec<SweptSocket> = (1..=50u64)
+            .map(|c| {
+                let mut s = swept(c, 7, 100, false, 0);
+                // Idle = jiffies - lsndtime: cookie c idles (c * 7 % 50) s at HZ 1000.
+                s.ev.jiffies = 1_000_000;
+                let idle_j = (c * 7 % 50) as u32 * 1000;
+                if let Some(k) = s.ev.sock.as_mut() {
+                    k.lsndtime = 1_000_000 - idle_j;
+                    k.rcv_tstamp = 1_000_000 - idle_j;
+                }
+                s
+            })
+            .collect();
+        let r = audit(&sockets, 1000, 1, 5);
+        assert_eq!(r.total, 50);
+        assert_eq!(
+            r.listed.iter().map(|e| e.idle_s).collect::<Vec<_>>(),
+            [49.0, 48.0, 47.0, 46.0, 45.0]
+        );
+        assert!(audit(&sockets, 1000, 1, 0).listed.is_empty());
+        assert_eq!(audit(&sockets, 1000, 1, 100).listed.len(), 50);
+    }
 }
