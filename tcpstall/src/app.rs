@@ -308,6 +308,10 @@ struct Pipeline {
     log_events: bool,
     observations: Vec<Observation>,
     events: Vec<SockEvent>,
+    /// A sweep is running: decoded events wait in `held` (see
+    /// `Pipeline::finish_sweep`).
+    holding: bool,
+    held: Vec<SockEvent>,
     decode_errors: u64,
     last_stats: KernelStats,
     programs: ProgramStatsReader,
@@ -350,6 +354,12 @@ impl Pipeline {
                     error!(error = %e, total = self.decode_errors, "malformed event from the kernel");
                 }
             }
+        }
+        if self.holding {
+            // A sweep is running: its snapshots and these events are folded
+            // in together, in time order, when it finishes.
+            self.held.append(&mut self.events);
+            return;
         }
         {
             let mut engine = self.state.engine();
@@ -467,10 +477,12 @@ impl Pipeline {
         reader.drain_ready(batch);
         self.ingest_events(batch);
         let t0 = Instant::now();
+        self.holding = true;
         let run = match loaded.start_sweep(stats) {
             Ok(r) => Arc::new(r),
             Err(e) => {
                 self.state.metrics.sweep.failed();
+                self.holding = false;
                 error!(error = %e, reason = reason.as_str(), "socket sweep failed");
                 return None;
             }
@@ -511,6 +523,11 @@ impl Pipeline {
         let PendingSweep {
             reason, t0, run, ..
         } = pending;
+        // Every event up to now joins the held ones.
+        reader.drain_ready(batch);
+        self.ingest_events(batch);
+        self.holding = false;
+        let held = std::mem::take(&mut self.held);
         let out = result
             .map_err(|e| loader::SweepError::Run(format!("sweep thread: {e}")))
             .and_then(|r| r)
@@ -527,11 +544,11 @@ impl Pipeline {
             Err(e) => {
                 self.state.metrics.sweep.failed();
                 error!(error = %e, reason = reason.as_str(), "socket sweep failed");
+                self.events = held;
+                self.ingest_events(&mut Vec::new());
                 return;
             }
         };
-        reader.drain_ready(batch);
-        self.ingest_events(batch);
         if bad > 0 {
             self.decode_errors += bad as u64;
             error!(records = bad, "malformed sweep records from the kernel");
@@ -545,10 +562,14 @@ impl Pipeline {
         let (seeded_before, repaired_before) = {
             let mut engine = self.state.engine();
             let st = engine.stats();
-            for s in &sockets {
-                if crate::engine::seed::classify_snapshot(&s.ev).is_some() {
-                    engine.ingest(&s.ev);
-                }
+            let mut snapshots: Vec<&SockEvent> = sockets
+                .iter()
+                .map(|s| &s.ev)
+                .filter(|ev| crate::engine::seed::classify_snapshot(ev).is_some())
+                .collect();
+            snapshots.sort_by_key(|ev| ev.ts_ns);
+            for ev in merge_by_time(&snapshots, &held) {
+                engine.ingest(ev);
             }
             self.observations.extend(engine.drain_observations());
             (st.sweep_seeded, st.sweep_repaired)
@@ -618,6 +639,34 @@ impl Pipeline {
             "socket sweep"
         );
     }
+}
+
+/// The events read while a sweep ran and its snapshots, in time order (a
+/// snapshot before every event later than it, after every earlier one;
+/// events keep their ring order): folded in as if the sweep had taken no
+/// time, so no snapshot lands after a newer event of its socket (which
+/// could resurrect a socket that closed meanwhile) and no event older than
+/// a snapshot lands after it.
+fn merge_by_time<'a>(
+    snapshots: &'a [&'a SockEvent],
+    events: &'a [SockEvent],
+) -> impl Iterator<Item = &'a SockEvent> + 'a {
+    let (mut s, mut e) = (0, 0);
+    std::iter::from_fn(move || match (snapshots.get(s), events.get(e)) {
+        (Some(a), Some(b)) if a.ts_ns <= b.ts_ns => {
+            s += 1;
+            Some(*a)
+        }
+        (_, Some(b)) => {
+            e += 1;
+            Some(b)
+        }
+        (Some(a), None) => {
+            s += 1;
+            Some(*a)
+        }
+        (None, None) => None,
+    })
 }
 
 /// A sweep running on a blocking thread.
@@ -699,6 +748,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         log_events: settings.log_events,
         observations: Vec::with_capacity(1024),
         events: Vec::with_capacity(1024),
+        holding: false,
+        held: Vec::new(),
         decode_errors: 0,
         last_stats: KernelStats::default(),
         programs,
@@ -852,6 +903,32 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Snapshots of a sweep and the events read while it ran are folded in
+    /// time order: a socket that closed during the sweep has its close
+    /// event after its (older) snapshot, so the snapshot cannot resurrect
+    /// it; events keep their ring order.
+    /// Mutation: `a.ts_ns <= b.ts_ns` -> `a.ts_ns > b.ts_ns` in
+    /// `merge_by_time` puts the snapshot after the newer close.
+    #[test]
+    fn sweep_snapshots_merge_with_held_events_by_time() {
+        let ev = |kind, ts_ns| {
+            let mut raw = tcpstall_common::Event::zeroed();
+            raw.kind = kind;
+            raw.source = tcpstall_common::source::SWEEP;
+            raw.ts_ns = ts_ns;
+            raw.sock.family = 2;
+            SockEvent::from_raw(&raw).expect("decodes")
+        };
+        use tcpstall_common::kind::{STATE, SWEEP};
+        let snaps = [ev(SWEEP, 5), ev(SWEEP, 9)];
+        let snap_refs: Vec<&SockEvent> = snaps.iter().collect();
+        let held = [ev(STATE, 3), ev(STATE, 7), ev(STATE, 6), ev(STATE, 12)];
+        let order: Vec<u64> = merge_by_time(&snap_refs, &held).map(|e| e.ts_ns).collect();
+        assert_eq!(order, [3, 5, 7, 6, 9, 12]);
+        assert_eq!(merge_by_time(&snap_refs, &[]).count(), 2);
+        assert_eq!(merge_by_time(&[], &held).count(), 4);
+    }
 
     #[test]
     fn engine_config_from_settings() {
