@@ -959,3 +959,50 @@ impl Agent {
         })
     }
 }
+
+/// One event's socket state on one line, for diagnostic output (a flow's
+/// events, the gap reports): kind, timestamp (ns), cookie, the timer and
+/// retransmission fields, the write-timer mechanism and the TCP state.
+pub fn fmt_event(e: &Value) -> String {
+    format!(
+        "{:<12} ts={} cookie={} jiffies={} expires={} retransmits={} backoff={} pending={} rto={} stamp={} mech={} state={}",
+        ev_str(e, "kind"),
+        ev_u64(e, "ts_ns"),
+        ev_u64(e, "cookie"),
+        ev_u64(e, "jiffies"),
+        ev_u64(e, "timer_expires"),
+        ev_u64(e, "retransmits"),
+        ev_u64(e, "backoff"),
+        ev_u64(e, "pending"),
+        ev_u64(e, "rto_jiffies"),
+        ev_u64(e, "retrans_stamp"),
+        ev_str(e, "mechanism"),
+        ev_str(e, "state"),
+    )
+}
+
+/// Writes 64 KiB chunks to `s` without blocking until the kernel refuses
+/// more (`WouldBlock`: the send buffer is full, e.g. behind a closed
+/// receive window), then puts `s` back in blocking mode. Returns the bytes
+/// written; fails when the buffer is still not full after 10 s.
+pub fn fill_send_buffer(s: &TcpStream) -> u64 {
+    use std::io::{ErrorKind, Write};
+    s.set_nonblocking(true).expect("nonblocking");
+    let chunk = [b'z'; 65536];
+    let mut sent = 0u64;
+    let mut w = s;
+    let t0 = Instant::now();
+    loop {
+        match w.write(&chunk) {
+            Ok(n) => sent += n as u64,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "send buffer never filled"
+        );
+    }
+    s.set_nonblocking(false).expect("blocking");
+    sent
+}

@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{ErrorKind, Read, Write},
+    io::{Read, Write},
     net::SocketAddr,
     process::Command,
     thread,
@@ -147,21 +147,7 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
         )
     };
     assert_eq!(r, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
-    client.set_nonblocking(true).expect("nonblocking");
-    let chunk = [b'z'; 65536];
-    let mut sent = 0u64;
-    let t0 = Instant::now();
-    loop {
-        match client.write(&chunk) {
-            Ok(n) => sent += n as u64,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) => panic!("write: {e}"),
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "send buffer never filled"
-        );
-    }
+    let mut sent = fill_send_buffer(&client);
     let deadline = Instant::now() + Duration::from_secs(20);
     let view = loop {
         if let Some(v) = agent.stall_of(local, server_addr)
@@ -183,7 +169,7 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     // engine's grace is 1 s plus half that interval. 5 s of slack on top.
     let probing_s = view["zero_window_s"].as_f64().unwrap_or(0.0);
     let bound = Duration::from_secs_f64(1.0 + 1.5 * (probing_s + 1.0) + 5.0);
-    client.set_nonblocking(false).expect("blocking");
+    let chunk = [b'z'; 65536];
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = thread::spawn({
         let stop = stop.clone();

@@ -98,19 +98,7 @@ fn s1_blackhole_events_end_to_end() {
         .collect();
     let flow = flow_events(&events, local, server_addr);
     for e in &flow {
-        eprintln!(
-            "{:>12} {:<12} jiffies={} expires={} retrans={} backoff={} pending={} rto={} stamp={} state={}",
-            ev_u64(e, "ts_ns") / 1_000_000,
-            ev_str(e, "kind"),
-            ev_u64(e, "jiffies"),
-            ev_u64(e, "timer_expires"),
-            ev_u64(e, "retransmits"),
-            ev_u64(e, "backoff"),
-            ev_u64(e, "pending"),
-            ev_u64(e, "rto_jiffies"),
-            ev_u64(e, "retrans_stamp"),
-            ev_str(e, "state")
-        );
+        eprintln!("{}", fmt_event(e));
     }
 
     // Nothing lost.
@@ -732,22 +720,10 @@ fn s4_zero_window() {
         let _ = rx.recv();
         drop(s);
     });
-    let mut client = connect_in(&link.a, server_addr);
+    let client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
-    client.set_nonblocking(true).expect("nonblocking");
-    let chunk = [b'z'; 65536];
     let t0 = Instant::now();
-    loop {
-        match client.write(&chunk) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) => panic!("write: {e}"),
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "send buffer never filled"
-        );
-    }
+    fill_send_buffer(&client);
     let deadline = Instant::now() + Duration::from_secs(15);
     let view = loop {
         if let Some(v) = agent.stall_of(local, server_addr)
@@ -1430,24 +1406,6 @@ fn rto_expiry_storm_agent_started_mid_episode() {
     rto_storm("stormm", 92, true);
 }
 
-/// One line of socket state from an event (for gap reports).
-fn state_line(e: &Value) -> String {
-    format!(
-        "{} {} ts={} jiffies={} expires={} retransmits={} backoff={} pending={} rto={} mech={} state={}",
-        ev_str(e, "kind"),
-        ev_u64(e, "cookie"),
-        ev_u64(e, "ts_ns"),
-        ev_u64(e, "jiffies"),
-        ev_u64(e, "timer_expires"),
-        ev_u64(e, "retransmits"),
-        ev_u64(e, "backoff"),
-        ev_u64(e, "pending"),
-        ev_u64(e, "rto_jiffies"),
-        ev_str(e, "mechanism"),
-        ev_str(e, "state"),
-    )
-}
-
 /// The RTO storm (see [`rto_expiry_storm_every_expiry_seen`]);
 /// `agent_mid_episode`: start the agent 1 s after the flows entered their
 /// RTO episodes instead of before they connect. A gap is reported with the
@@ -1566,13 +1524,13 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
             let between: Vec<String> = flow
                 .iter()
                 .filter(|e| (lo..=hi).contains(&ev_u64(e, "ts_ns")))
-                .map(state_line)
+                .map(fmt_event)
                 .collect();
             let due = before.map(|e| ev_u64(e, "timer_expires") <= ev_u64(e, "jiffies"));
             gaps.push(format!(
                 "{local}: {what}\n  before: {}\n  after:  {}\n  before-event timer due: {due:?}\n  events of the socket from before to after:\n    {}",
-                before.map_or("-".into(), state_line),
-                after.map_or("-".into(), state_line),
+                before.map_or("-".into(), fmt_event),
+                after.map_or("-".into(), fmt_event),
                 between.join("\n    ")
             ));
         };
