@@ -281,6 +281,59 @@ fn base_is_least_privilege() {
     );
 }
 
+/// Every environment variable a rendered DaemonSet sets (base and each
+/// overlay) is one `tcpstall run` reads (a variable nothing reads is dead
+/// configuration that readers take for a setting), and the node name of the
+/// incident series comes from the downward API.
+/// Mutation: the base DaemonSet's `NODE_NAME` entry (spec.nodeName) put back
+/// beside `TCPSTALL_NODE_NAME` -> fails with "deploy/kubernetes/base: the
+/// DaemonSet sets NODE_NAME, which `tcpstall run` does not read".
+#[test]
+fn daemonset_env_is_read_by_the_agent() {
+    use clap::CommandFactory;
+    let cli = tcpstall::config::Cli::command();
+    let run = cli.find_subcommand("run").expect("`tcpstall run`");
+    let read: BTreeSet<String> = run
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    assert!(read.contains("TCPSTALL_NODE_NAME"), "{read:?}");
+    let mut checked = Vec::new();
+    for dir in kustomizations() {
+        let docs = documents(&render(&dir));
+        // (The Grafana dashboard overlay renders a ConfigMap only.)
+        if find(&docs, "DaemonSet").is_none() {
+            continue;
+        }
+        let env = container(&docs)["env"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{dir}: the DaemonSet's container has no env"));
+        for e in env {
+            let name = e["name"].as_str().expect("env name");
+            assert!(
+                read.contains(name),
+                "{dir}: the DaemonSet sets {name}, which `tcpstall run` does not read \
+                 (it reads {read:?})"
+            );
+        }
+        let node = env
+            .iter()
+            .find(|e| e["name"].as_str() == Some("TCPSTALL_NODE_NAME"))
+            .unwrap_or_else(|| panic!("{dir}: TCPSTALL_NODE_NAME not set: {env:?}"));
+        assert_eq!(
+            node["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            Some("spec.nodeName"),
+            "{dir}: {node:?}"
+        );
+        checked.push(dir);
+    }
+    assert!(
+        checked.iter().any(|d| d == "deploy/kubernetes/base"),
+        "no DaemonSet checked in the base: {checked:?}"
+    );
+}
+
 #[test]
 fn kube_prometheus_stack_overlay() {
     let docs = documents(&render("deploy/kubernetes/overlays/kube-prometheus-stack"));
