@@ -278,12 +278,17 @@ pub fn set_user_timeout(s: &TcpStream, ms: u32) {
     );
 }
 
+/// The environment variable naming the agent binary under test (set by
+/// `cargo xtask test`; its own name: `TCPSTALL_AGENT` is `tcpstall top
+/// --agent`, the URL of an agent).
+pub const AGENT_BIN_ENV: &str = "TCPSTALL_AGENT_BIN";
+
 /// Path of the agent binary under test (`cargo xtask test` sets it).
 pub fn agent_path() -> PathBuf {
-    let p = std::env::var_os("TCPSTALL_AGENT").map(PathBuf::from);
+    let p = std::env::var_os(AGENT_BIN_ENV).map(PathBuf::from);
     require(
         p.as_ref().is_some_and(|p| p.exists()),
-        "TCPSTALL_AGENT (path of a built tcpstall binary)",
+        "TCPSTALL_AGENT_BIN (path of a built tcpstall binary)",
         "run the tests through `cargo xtask test`",
     );
     p.expect("checked")

@@ -4,7 +4,7 @@
 //! the pane show the stalled row (class, local and remote address, RTOs) and
 //! a countdown to ETIMEDOUT that decreases between them; `--once` prints the
 //! same row as a plain table; without an agent, `top` exits non-zero with one
-//! line naming the URL.
+//! line naming the URL; the harness's own variable is not read by `top`.
 //!
 //! Privileged (root, namespaces, BPF); needs tmux (Debian package `tmux`,
 //! installed by `cargo xtask setup`). Run with `--test-threads=1`.
@@ -105,6 +105,32 @@ fn countdown_of(pane: &str, local: &str) -> Option<f64> {
         .trim_end_matches('s')
         .parse()
         .ok()
+}
+
+/// The harness's variable naming the agent binary ([`AGENT_BIN_ENV`], set
+/// in the environment of every test) does not configure `tcpstall top`,
+/// whose `--agent` URL reads `TCPSTALL_AGENT`: with the variable inherited
+/// and no agent at the default URL (`TCPSTALL_LISTEN`), the one-line error
+/// names that URL. No agent, no root needed.
+/// Mutation: `AGENT_BIN_ENV` = `"TCPSTALL_AGENT"` (the harness's old name;
+/// `tcpstall-tests/src/lib.rs`) -> fails with "--agent
+/// /.../tcpstall: expected http://HOST:PORT".
+#[test]
+fn top_is_not_configured_by_the_harness_variable() {
+    let bin = agent_path();
+    let out = Command::new(&bin)
+        .args(["top", "--once"])
+        .env_remove("TCPSTALL_AGENT")
+        .env(AGENT_BIN_ENV, &bin)
+        .env("TCPSTALL_LISTEN", "127.0.0.1:1")
+        .output()
+        .expect("run tcpstall top");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "top without an agent must fail");
+    assert!(
+        err.contains("no tcpstall agent answers at http://127.0.0.1:1"),
+        "{err}"
+    );
 }
 
 #[test]

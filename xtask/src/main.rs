@@ -495,7 +495,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(f) = filter {
                 c.arg(f);
             }
-            c.env("TCPSTALL_AGENT", &bin);
+            c.env("TCPSTALL_AGENT_BIN", &bin);
             c.env("TCPSTALL_IMAGE", image_tag);
             run_cmd(&mut c)?;
             if !no_vm {
@@ -527,7 +527,7 @@ fn main() -> anyhow::Result<()> {
                     "s1_horizon",
                     "s2_user_timeout",
                 ])
-                .env("TCPSTALL_AGENT", &agent)
+                .env("TCPSTALL_AGENT_BIN", &agent)
                 .stdout(std::process::Stdio::inherit())
                 .stderr(std::process::Stdio::piped())
                 .output()
@@ -639,7 +639,7 @@ fn main() -> anyhow::Result<()> {
             let out = Command::new(&scenarios)
                 .args(["--test-threads=1", "--nocapture", "--exact"])
                 .args(&tests)
-                .env("TCPSTALL_AGENT", &agent)
+                .env("TCPSTALL_AGENT_BIN", &agent)
                 .stderr(std::process::Stdio::inherit())
                 .output()
                 .context("running the horizon scenarios")?;

@@ -12,7 +12,7 @@ use xtask::kernel_bench::{BenchOptions, run_and_print};
 #[derive(Parser)]
 struct Cli {
     /// The tcpstall binary.
-    #[arg(long, env = "TCPSTALL_AGENT")]
+    #[arg(long, env = "TCPSTALL_AGENT_BIN")]
     agent: PathBuf,
     /// The command line to print in the report.
     #[arg(long, default_value = "kernel-bench")]

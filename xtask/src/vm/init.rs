@@ -76,7 +76,7 @@ pub(super) fn test_init(
 ) -> String {
     let mut s = init_prologue(release, modules);
     let mut cmd = format!(
-        "env TCPSTALL_AGENT={GUEST_AGENT} TCPSTALL_IN_VM=1 PATH={GUEST_PATH} RUST_BACKTRACE=1"
+        "env TCPSTALL_AGENT_BIN={GUEST_AGENT} TCPSTALL_IN_VM=1 PATH={GUEST_PATH} RUST_BACKTRACE=1"
     );
     for (k, v) in &payload.extra_env {
         cmd.push_str(&format!(" {k}={}", sh_quote(v)));

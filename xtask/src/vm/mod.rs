@@ -144,7 +144,7 @@ impl Default for VmOptions {
 /// What runs inside the guest.
 #[derive(Debug, Clone)]
 pub struct GuestPayload {
-    /// Host path of the agent binary; becomes `/bin/tcpstall` (`TCPSTALL_AGENT`).
+    /// Host path of the agent binary; becomes `/bin/tcpstall` (`TCPSTALL_AGENT_BIN`).
     pub agent: PathBuf,
     /// Host path of the test binary; becomes `/bin/tcpstall-tests-bin`.
     pub tests: PathBuf,
