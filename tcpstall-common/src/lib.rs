@@ -47,12 +47,16 @@ pub mod program {
     /// `tp_btf/timer_expire_entry`, filtered to `tcp_write_timer`
     pub const WRITE_TIMER_TIMER_TP: &str = "tcpstall_write_timer_tp";
     pub const WRITE_TIMER_TIMER_TP_DIRECT: &str = "tcpstall_write_timer_tp_direct";
+    /// The socket read through `bpf_rdonly_cast` (6.2+; tried first).
+    pub const WRITE_TIMER_TIMER_TP_CAST: &str = "tcpstall_write_timer_tp_cast";
     /// cgroup `sock_ops` (RTO_CB / STATE_CB)
     pub const SOCK_OPS: &str = "tcpstall_sock_ops";
     /// `tp_btf/tcp_probe`, filtered to segments that acknowledge new data on
     /// a socket inside an RTO episode (`icsk_retransmits != 0`).
     pub const ACK_BTF: &str = "tcpstall_ack_btf";
     pub const ACK_DIRECT: &str = "tcpstall_ack_direct";
+    /// The socket read through `bpf_rdonly_cast` (6.2+; tried first).
+    pub const ACK_CAST: &str = "tcpstall_ack_cast";
 }
 
 /// Event kinds ([`Event::kind`]).
@@ -423,8 +427,19 @@ pub struct KernelLayout {
     /// with one read. 0 = read field by field (the span exceeds
     /// [`SOCK_SCRATCH_BYTES`]).
     pub sock_span: u32,
-    /// Zero (keeps the struct free of implicit padding).
-    pub _reserved: u32,
+    /// BTF id of `struct tcp_sock` in the running kernel's vmlinux BTF (the
+    /// type the `_cast` programs give a socket with `bpf_rdonly_cast`; a
+    /// constant to the verifier). 0 when the agent found none.
+    pub tcp_sock_btf_id: u32,
+}
+
+/// Hand-made kfunc calls (see `tcpstall-ebpf/src/kfunc.rs`).
+pub mod kfunc {
+    /// The `imm` of the `bpf_rdonly_cast` call instruction as compiled; the
+    /// agent replaces it with the kfunc's vmlinux BTF id before loading.
+    pub const RDONLY_CAST_MARKER: u32 = 0x7CA5_7CA5;
+    /// The kfunc the marker stands for.
+    pub const RDONLY_CAST: &str = "bpf_rdonly_cast";
 }
 
 /// Size of the per-CPU scratch buffer a socket's span is copied into.
@@ -441,7 +456,7 @@ impl KernelLayout {
             flags: 0,
             ringbuf_wake_bytes: 0,
             sock_span: 0,
-            _reserved: 0,
+            tcp_sock_btf_id: 0,
         }
     }
 }

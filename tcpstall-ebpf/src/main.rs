@@ -12,6 +12,7 @@
 //! (fentry > kprobe > timer_expire_entry tp_btf > sock_ops): exactly one of them
 //! is attached.
 #![no_std]
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 use aya_ebpf::{
@@ -34,6 +35,7 @@ use tcpstall_common::{
     stat,
 };
 
+mod kfunc;
 pub mod snapshot;
 use snapshot::{Copied, Direct, Probe, Source, is_tcp, read};
 use tcpstall_common::{SOCK_SCRATCH_BYTES, SockSnapshot};
@@ -363,6 +365,30 @@ fn try_ack_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Ski
     }
 }
 
+/// The socket as a read-only `tcp_sock` (`bpf_rdonly_cast`, 6.2+): an
+/// inlined register move instead of the `bpf_skc_to_tcp_sock` helper call.
+/// tcp_probe fires for full TCP sockets only.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn tcpstall_ack_cast(ctx: BtfTracePointContext) -> i32 {
+    match try_ack_cast(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_ack_cast(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let f = &l.fields;
+    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
+    let tp = Direct(kfunc::rdonly_cast(sk_ptr as u64, l.tcp_sock_btf_id));
+    if tp.get(&f[field::ICSK_RETRANSMITS]) == 0 {
+        return Err(Skip);
+    }
+    let una = tp.get(&f[field::TP_SND_UNA]) as u32;
+    let ack = ack_after(ctx, l, una)?;
+    sock_event(l, tp, sk_ptr, kind::ACK, |ev| ev.ack_seq = ack)
+}
+
 /// The segment's (argument 1) `ack_seq` when it acknowledges data after
 /// `una` (in sequence space).
 #[inline(always)]
@@ -506,6 +532,31 @@ fn try_write_timer_tp<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<
     let timer = arg_scalar(ctx.as_ptr(), 0);
     let sk = timer.wrapping_sub(l.fields[field::WRITE_TIMER].offset as u64);
     write_timer_event(l, Probe(sk), source::TIMER_TP, 0)
+}
+
+/// As [`tcpstall_write_timer_tp_direct`], but a TCP write timer's socket is
+/// read with plain loads through a read-only `tcp_sock` (`bpf_rdonly_cast`
+/// of the timer's address minus the timer's offset, 6.2+): no helper call,
+/// no copy of the socket, only the cache lines the snapshot needs; the
+/// `struct net` and cgroup behind it are plain loads too.
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn tcpstall_write_timer_tp_cast(ctx: BtfTracePointContext) -> i32 {
+    match try_write_timer_tp_cast(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_write_timer_tp_cast(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let timer: *const u8 = ctx.arg(0);
+    let function = Direct(timer).get(&l.fields[field::TIMER_FUNCTION]);
+    if function == 0 || function != l.tcp_write_timer_addr {
+        return Err(Skip);
+    }
+    let sk = (timer as u64).wrapping_sub(l.fields[field::WRITE_TIMER].offset as u64);
+    let tp = Direct(kfunc::rdonly_cast(sk, l.tcp_sock_btf_id));
+    write_timer_event(l, tp, source::TIMER_TP, 0)
 }
 
 /// cgroup sock_ops: RTO_CB for sockets established after attach (no

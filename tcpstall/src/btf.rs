@@ -842,6 +842,30 @@ impl Btf {
         Err(BtfError::InvalidPath { path: path.into() })
     }
 
+    /// Type id of the struct named exactly `name` (not a forward
+    /// declaration, not a typedef).
+    pub fn struct_id(&self, name: &str) -> Result<TypeId, BtfError> {
+        self.id_of_kind(name, Kind::Struct)
+    }
+
+    /// Type id of the function (`BTF_KIND_FUNC`) named `name`: a kfunc's id
+    /// as the verifier expects it in a kfunc call.
+    pub fn func_id(&self, name: &str) -> Result<TypeId, BtfError> {
+        self.id_of_kind(name, Kind::Func)
+    }
+
+    fn id_of_kind(&self, name: &str, kind: Kind) -> Result<TypeId, BtfError> {
+        for id in self.ids_named(name) {
+            if self.ty(id)?.kind == kind {
+                return Ok(id);
+            }
+        }
+        Err(BtfError::TypeNotFound {
+            what: kind.name(),
+            name: name.to_owned(),
+        })
+    }
+
     /// Size in bytes of the struct or union named `name`.
     pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
         let id = self.find_composite(name)?;
@@ -1107,6 +1131,25 @@ mod tests {
         );
         let _ = (be16, sk);
         w
+    }
+
+    /// Mutation: `id_of_kind` ignoring the kind returns the forward
+    /// declaration's id for `struct_id("fwd_then_struct")` and fails here.
+    #[test]
+    fn struct_and_func_ids_by_kind() {
+        let mut w = BtfWriter::new();
+        let int = w.int("int", 4, INT_SIGNED);
+        let fwd = w.fwd("fwd_then_struct", false);
+        let st = w.struct_("fwd_then_struct", 4, &[("x", int, 0, 0)]);
+        let proto = w.func_proto(int, &[("a", int)]);
+        let func = w.func("bpf_rdonly_cast", proto);
+        let btf = parse(&w);
+        assert_ne!(fwd, st);
+        assert_eq!(btf.struct_id("fwd_then_struct").ok(), Some(st));
+        assert_eq!(btf.func_id("bpf_rdonly_cast").ok(), Some(func));
+        assert!(btf.func_id("fwd_then_struct").is_err());
+        assert!(btf.struct_id("bpf_rdonly_cast").is_err());
+        assert!(btf.func_id("missing").is_err());
     }
 
     #[test]

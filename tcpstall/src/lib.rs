@@ -30,6 +30,7 @@ pub mod event;
 pub mod identity;
 pub mod incidents;
 pub mod kernel;
+pub mod kfunc;
 pub mod layout;
 pub mod loader;
 pub mod metrics;

@@ -18,6 +18,7 @@ use crate::{
     btf::Btf,
     event::Mechanism,
     kernel::{self, HzSource, Privileges},
+    kfunc::{self, AlignedObject},
     layout,
     probes::{Attach, Candidate, PROBES, ProbeSpec},
 };
@@ -469,11 +470,26 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         kl.tcp_write_timer_addr = addr;
     }
 
+    // The `_cast` programs: `struct tcp_sock`'s id into the layout, the
+    // kfunc's id into their call instructions. Without either they are not
+    // tried (their twins are).
+    let mut object = AlignedObject::new(EBPF_OBJECT);
+    let rdonly_cast = rdonly_cast_ids(&our_btf).and_then(|(tcp_sock, func)| {
+        kfunc::patch_calls(
+            object.bytes_mut(),
+            tcpstall_common::kfunc::RDONLY_CAST_MARKER,
+            func,
+        )
+        .map_err(|e| e.to_string())?;
+        kl.tcp_sock_btf_id = tcp_sock;
+        Ok(())
+    });
+
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&aya_btf))
         .map_max_entries(EVENTS_MAP, opts.ringbuf_bytes)
         .override_global(LAYOUT_GLOBAL, &kl, true)
-        .load(EBPF_OBJECT)
+        .load(object.bytes())
         .map_err(|e| LoadError::Object(chain(&e)))?;
 
     if let Some(forced) = opts.force_write_timer {
@@ -490,6 +506,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
     let env = AttachEnv {
         btf: &aya_btf,
         layout: &kl,
+        rdonly_cast,
         timer_addr: timer_addr.map_err(|e| e.to_string()),
         cgroup: opts.cgroup.clone().or_else(kernel::cgroup2_root),
     };
@@ -540,9 +557,26 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
     })
 }
 
+/// vmlinux BTF ids of `struct tcp_sock` and of the `bpf_rdonly_cast` kfunc
+/// (6.2+), or why the `_cast` programs cannot be used.
+fn rdonly_cast_ids(btf: &Btf) -> Result<(u32, u32), String> {
+    let func = btf
+        .func_id(tcpstall_common::kfunc::RDONLY_CAST)
+        .map_err(|_| {
+            format!(
+                "kernel BTF lacks the kfunc {} (6.2+)",
+                tcpstall_common::kfunc::RDONLY_CAST
+            )
+        })?;
+    let tcp_sock = btf.struct_id("tcp_sock").map_err(|e| e.to_string())?;
+    Ok((tcp_sock, func))
+}
+
 struct AttachEnv<'a> {
     btf: &'a AyaBtf,
     layout: &'a KernelLayout,
+    /// Whether the `_cast` programs can be loaded (why not).
+    rdonly_cast: Result<(), String>,
     timer_addr: Result<u64, String>,
     cgroup: Option<PathBuf>,
 }
@@ -581,6 +615,8 @@ fn attach_probe(
             Some("not tried: a preferred mechanism is attached".to_owned())
         } else if let Some(missing) = missing_fields(cand, env.layout) {
             Some(format!("kernel BTF lacks {missing}"))
+        } else if let (true, Err(why)) = (cand.rdonly_cast, &env.rdonly_cast) {
+            Some(why.clone())
         } else {
             match try_attach(ebpf, cand, env) {
                 Ok(()) if status.chosen.is_none() => {

@@ -58,6 +58,9 @@ pub struct Candidate {
     pub fields: &'static [usize],
     /// What this mechanism sees, for `doctor`.
     pub note: &'static str,
+    /// Calls the `bpf_rdonly_cast` kfunc (6.2+): not tried when the kernel's
+    /// BTF lacks it.
+    pub rdonly_cast: bool,
 }
 
 /// One thing tcpstall observes.
@@ -123,6 +126,9 @@ const TIMER_TP_FIELDS: &[usize] = &[
     field::TIMER_FUNCTION,
 ];
 
+/// The note of every `_cast` program (tried before its `_direct` twin).
+const CAST_NOTE: &str = "plain loads through a read-only tcp_sock from bpf_rdonly_cast (6.2+; an inlined register move): no helper call, no copy of the socket; falls back to its twin below";
+
 /// The note of every `_direct` program (tried before its probe-read twin).
 const DIRECT_NOTE: &str = "plain loads through the typed tcp_sock (bpf_skc_to_tcp_sock, 5.9+): no helper call per field; falls back to probe reads if the verifier refuses";
 
@@ -168,6 +174,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::RETRANSMIT_DIRECT_ERR,
                 fields: SOCK_FIELDS,
                 note: DIRECT_NOTE,
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::TpBtf {
@@ -176,6 +183,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::RETRANSMIT_DIRECT,
                 fields: SOCK_FIELDS,
                 note: DIRECT_NOTE,
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::TpBtf {
@@ -184,6 +192,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::RETRANSMIT_BTF_ERR,
                 fields: SOCK_FIELDS,
                 note: "6.17+ tracepoint with `err`: failed attempts are counted, not reported",
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::TpBtf {
@@ -192,6 +201,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::RETRANSMIT_BTF,
                 fields: SOCK_FIELDS,
                 note: "typed struct sock *; socket cookie via bpf_get_socket_cookie",
+                rdonly_cast: false,
             },
         ],
     },
@@ -207,6 +217,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::STATE_DIRECT,
                 fields: SOCK_FIELDS,
                 note: DIRECT_NOTE,
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::TpBtf {
@@ -215,6 +226,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::STATE_BTF,
                 fields: SOCK_FIELDS,
                 note: "old and new state plus a socket snapshot",
+                rdonly_cast: false,
             },
         ],
     },
@@ -230,6 +242,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::ERROR_REPORT_DIRECT,
                 fields: &[field::SK_ERR],
                 note: DIRECT_NOTE,
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::TpBtf {
@@ -238,6 +251,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::ERROR_REPORT_BTF,
                 fields: &[field::SK_ERR],
                 note: "5.14+; without it a timeout is inferred from the CLOSE at the predicted instant",
+                rdonly_cast: false,
             },
         ],
     },
@@ -253,6 +267,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::WRITE_TIMER_FENTRY_DIRECT,
                 fields: TIMER_FIELDS,
                 note: DIRECT_NOTE,
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::Fentry {
@@ -261,6 +276,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::WRITE_TIMER_FENTRY,
                 fields: TIMER_FIELDS,
                 note: "BPF trampoline: cheapest; every socket; RTO + zero-window probes",
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::Kprobe {
@@ -269,6 +285,16 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::WRITE_TIMER_KPROBE,
                 fields: TIMER_FIELDS,
                 note: "kprobe: every socket; RTO + zero-window probes",
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::TimerTracepoint {
+                    callback: "tcp_write_timer",
+                },
+                program: program::WRITE_TIMER_TIMER_TP_CAST,
+                fields: TIMER_TP_FIELDS,
+                note: CAST_NOTE,
+                rdonly_cast: true,
             },
             Candidate {
                 attach: Attach::TimerTracepoint {
@@ -277,6 +303,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::WRITE_TIMER_TIMER_TP_DIRECT,
                 fields: TIMER_TP_FIELDS,
                 note: "as below, the callback compared with one plain load from the typed timer_list",
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::TimerTracepoint {
@@ -285,12 +312,14 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::WRITE_TIMER_TIMER_TP,
                 fields: TIMER_TP_FIELDS,
                 note: "runs for every kernel timer, filtered to tcp_write_timer; every socket; RTO + zero-window probes",
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::SockOps,
                 program: program::SOCK_OPS,
                 fields: &[],
                 note: "only sockets established after attach; RTOs only (no zero-window probes)",
+                rdonly_cast: false,
             },
         ],
     },
@@ -303,9 +332,19 @@ pub static PROBES: &[ProbeSpec] = &[
                 attach: Attach::TpBtf {
                     tracepoint: "tcp_probe",
                 },
+                program: program::ACK_CAST,
+                fields: ACK_FIELDS,
+                note: CAST_NOTE,
+                rdonly_cast: true,
+            },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_probe",
+                },
                 program: program::ACK_DIRECT,
                 fields: ACK_FIELDS,
                 note: DIRECT_NOTE,
+                rdonly_cast: false,
             },
             Candidate {
                 attach: Attach::TpBtf {
@@ -314,6 +353,7 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::ACK_BTF,
                 fields: ACK_FIELDS,
                 note: "every received segment passes one read; reports only new data acked during an RTO episode; without it a recovery shows when the next RTO is overdue",
+                rdonly_cast: false,
             },
         ],
     },
@@ -398,6 +438,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Every `_cast` program is flagged as needing the kfunc (so a kernel
+    /// without it skips it with a clear reason) and has its `_direct` twin
+    /// on the same hook after it. Mutation: flagging the ACK cast candidate
+    /// `rdonly_cast: false` fails this test.
+    #[test]
+    fn cast_programs_need_the_kfunc_and_have_a_direct_twin() {
+        let mut casts = 0;
+        for p in PROBES {
+            for (i, c) in p.candidates.iter().enumerate() {
+                assert_eq!(c.rdonly_cast, c.program.ends_with("_cast"), "{}", c.program);
+                if !c.rdonly_cast {
+                    continue;
+                }
+                casts += 1;
+                let twin = c.program.replace("_cast", "_direct");
+                assert!(
+                    p.candidates[i + 1..]
+                        .iter()
+                        .any(|d| d.attach == c.attach && d.program == twin),
+                    "{}: {} has no {twin} fallback",
+                    p.name,
+                    c.program
+                );
+            }
+        }
+        assert_eq!(casts, 2);
     }
 
     #[test]

@@ -521,6 +521,9 @@ fn error_report_program_fields() {
 /// Mutation: `tcpstall-ebpf/src/main.rs` `try_ack_btf`: `ev.ack_seq = ack`
 /// -> `ev.ack_seq = una` (both branches) -> fails (host) with "ack_seq must
 /// acknowledge the 1000 bytes after snd_una: left 0, right 1000".
+/// Where `bpf_rdonly_cast` exists (host, 6.12) the agent runs
+/// `tcpstall_ack_cast`: the same mutation in `try_ack_cast` fails it the
+/// same way (seen on the 6.18 host).
 #[test]
 fn ack_program_fields() {
     require_tools();
@@ -571,6 +574,9 @@ fn ack_program_fields() {
 /// Mutation: `tcpstall-ebpf/src/main.rs` `try_write_timer_tp`:
 /// `source::TIMER_TP` -> `source::KPROBE` -> fails (host) with "mechanism:
 /// left kprobe, right timer_tracepoint".
+/// Where `bpf_rdonly_cast` exists (host, 6.12) the timer tracepoint is
+/// `tcpstall_write_timer_tp_cast`: the same mutation in
+/// `try_write_timer_tp_cast` fails it the same way (seen on the 6.18 host).
 #[test]
 fn write_timer_program_fields_per_mechanism() {
     require_tools();
