@@ -33,7 +33,7 @@ use crate::{
     pods::PodIdentity,
     reader::Reader,
     server,
-    sweep::{self as sweeping, PodLabels, SweepPolicy, SweepReason},
+    sweep::{self as sweeping, Offer, PodLabels, SweepHold, SweepPolicy, SweepReason},
 };
 
 /// How often the engine's clock advances and kernel counters are read.
@@ -308,10 +308,11 @@ struct Pipeline {
     log_events: bool,
     observations: Vec<Observation>,
     events: Vec<SockEvent>,
-    /// A sweep is running: decoded events wait in `held` (see
-    /// `Pipeline::finish_sweep`).
-    holding: bool,
-    held: Vec<SockEvent>,
+    /// A sweep is running: decoded events wait here (see
+    /// `Pipeline::finish_sweep`), bounded.
+    hold: SweepHold,
+    /// The held events overflowed during the last sweep: sweep again.
+    sweep_again: bool,
     decode_errors: u64,
     last_stats: KernelStats,
     programs: ProgramStatsReader,
@@ -355,11 +356,21 @@ impl Pipeline {
                 }
             }
         }
-        if self.holding {
-            // A sweep is running: its snapshots and these events are folded
-            // in together, in time order, when it finishes.
-            self.held.append(&mut self.events);
-            return;
+        // A sweep is running: its snapshots and these events are folded in
+        // together, in time order, when it finishes; unless more events
+        // arrive than the hold takes.
+        match self.hold.offer(&mut self.events) {
+            Offer::Held => return,
+            Offer::NotHolding => {}
+            Offer::Overflow { held } => {
+                self.sweep_again = true;
+                metrics.sweep.hold_overflowed();
+                warn!(
+                    held,
+                    cap = self.hold.cap(),
+                    "more events arrived during a socket sweep than one ring buffer holds: fed to the engine now instead of after the sweep (none lost; the sweep's older snapshots of their sockets are ignored); another sweep follows"
+                );
+            }
         }
         {
             let mut engine = self.state.engine();
@@ -477,12 +488,14 @@ impl Pipeline {
         reader.drain_ready(batch);
         self.ingest_events(batch);
         let t0 = Instant::now();
-        self.holding = true;
+        self.hold.start();
         let run = match loaded.start_sweep(stats) {
             Ok(r) => Arc::new(r),
             Err(e) => {
                 self.state.metrics.sweep.failed();
-                self.holding = false;
+                // Nothing was read since the hold started.
+                self.events = self.hold.finish();
+                self.ingest_events(&mut Vec::new());
                 error!(error = %e, reason = reason.as_str(), "socket sweep failed");
                 return None;
             }
@@ -526,8 +539,7 @@ impl Pipeline {
         // Every event up to now joins the held ones.
         reader.drain_ready(batch);
         self.ingest_events(batch);
-        self.holding = false;
-        let held = std::mem::take(&mut self.held);
+        let held = self.hold.finish();
         let out = result
             .map_err(|e| loader::SweepError::Run(format!("sweep thread: {e}")))
             .and_then(|r| r)
@@ -748,8 +760,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         log_events: settings.log_events,
         observations: Vec::with_capacity(1024),
         events: Vec::with_capacity(1024),
-        holding: false,
-        held: Vec::new(),
+        hold: SweepHold::new(SweepHold::cap_for_ring(settings.ringbuf_bytes)),
+        sweep_again: false,
         decode_errors: 0,
         last_stats: KernelStats::default(),
         programs,
@@ -812,6 +824,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 pipeline.tick(&stats);
                 if std::mem::take(&mut pipeline.lost_events) {
                     policy.loss();
+                }
+                if std::mem::take(&mut pipeline.sweep_again) {
+                    policy.again();
                 }
                 if sweeping.is_none()
                     && let Some(reason) = policy.due(Instant::now())

@@ -1083,6 +1083,7 @@ mod tests {
             ("tcpstall_build_info", "gauge"),
             ("tcpstall_sweeps", "counter"),
             ("tcpstall_sweep_failures", "counter"),
+            ("tcpstall_sweep_hold_overflows", "counter"),
             ("tcpstall_sweep_duration_seconds", "histogram"),
             ("tcpstall_sweep_sockets_visited", "counter"),
             ("tcpstall_sweep_tcp_sockets", "gauge"),

@@ -5,7 +5,8 @@
 //! When: at start-up (before `/readyz` turns ready), after the kernel
 //! reported lost events (ring-buffer drops or program recursion misses; at
 //! most once per [`SweepPolicy::min_gap`]), and every `--sweep-interval`
-//! (0 = never periodically).
+//! (0 = never periodically); once more after a sweep whose held events
+//! overflowed [`SweepHold`].
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -29,16 +30,112 @@ pub enum SweepReason {
     Startup,
     Loss,
     Interval,
+    /// The previous sweep's held events overflowed [`SweepHold`].
+    HoldOverflow,
 }
 
 impl SweepReason {
-    pub const ALL: [SweepReason; 3] = [Self::Startup, Self::Loss, Self::Interval];
+    pub const ALL: [SweepReason; 4] = [
+        Self::Startup,
+        Self::Loss,
+        Self::Interval,
+        Self::HoldOverflow,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Startup => "startup",
             Self::Loss => "loss",
             Self::Interval => "interval",
+            Self::HoldOverflow => "hold_overflow",
         }
+    }
+}
+
+/// Bytes one event takes in the ring buffer: the record and the ring's
+/// 8-byte record header (`BPF_RINGBUF_HDR_SZ`), 8-byte aligned.
+const RING_RECORD_BYTES: usize = (tcpstall_common::EVENT_SIZE + 8).next_multiple_of(8);
+
+/// The hold's floor, whatever the ring size: a small ring (tests use 4 KiB,
+/// 24 events) must not end the hold at every burst; about 1 MiB of events.
+pub const MIN_HOLD: usize = 4_096;
+
+/// Events read from the ring while a sweep runs, held so that they are
+/// folded in with its snapshots in time order. Bounded: at most as many
+/// events as one full ring buffer holds, and at least [`MIN_HOLD`]
+/// ([`SweepHold::cap_for_ring`]). Past
+/// that the hold ends for this sweep and nothing is dropped: every held
+/// event and the new ones go to the engine at once, in ring order (the
+/// engine then ignores the sweep's older snapshot of any socket they
+/// touched), and the caller counts it and schedules another sweep.
+#[derive(Debug)]
+pub struct SweepHold {
+    cap: usize,
+    holding: bool,
+    held: Vec<SockEvent>,
+}
+
+/// What [`SweepHold::offer`] did with a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// No sweep running: ingest the batch now.
+    NotHolding,
+    /// Held until the sweep finishes (the batch is now empty).
+    Held,
+    /// The cap was reached: the hold ended and the batch now holds the
+    /// `held` events held so far followed by the new ones; ingest it now.
+    Overflow { held: usize },
+}
+
+impl SweepHold {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            holding: false,
+            held: Vec::new(),
+        }
+    }
+
+    /// The cap for a ring buffer of `ringbuf_bytes`: the events it holds
+    /// when full, at least [`MIN_HOLD`].
+    pub fn cap_for_ring(ringbuf_bytes: u32) -> usize {
+        (ringbuf_bytes as usize / RING_RECORD_BYTES).max(MIN_HOLD)
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    pub fn is_holding(&self) -> bool {
+        self.holding
+    }
+
+    /// A sweep starts: hold what is read from now on.
+    pub fn start(&mut self) {
+        self.holding = true;
+    }
+
+    /// Takes a batch read from the ring (in ring order); see [`Offer`].
+    pub fn offer(&mut self, batch: &mut Vec<SockEvent>) -> Offer {
+        if !self.holding {
+            return Offer::NotHolding;
+        }
+        if self.held.len() + batch.len() <= self.cap {
+            self.held.append(batch);
+            return Offer::Held;
+        }
+        self.holding = false;
+        let held = self.held.len();
+        let mut all = std::mem::take(&mut self.held);
+        all.append(batch);
+        *batch = all;
+        Offer::Overflow { held }
+    }
+
+    /// The sweep finished (or failed): the held events, in ring order
+    /// (none after an overflow), and the hold ends.
+    pub fn finish(&mut self) -> Vec<SockEvent> {
+        self.holding = false;
+        std::mem::take(&mut self.held)
     }
 }
 
@@ -109,6 +206,7 @@ pub struct SweepPolicy {
     pub min_gap: Duration,
     last: Option<Instant>,
     loss_pending: bool,
+    again_pending: bool,
 }
 
 impl SweepPolicy {
@@ -119,7 +217,15 @@ impl SweepPolicy {
             min_gap,
             last: None,
             loss_pending: false,
+            again_pending: false,
         }
+    }
+
+    /// The last sweep's held events overflowed: sweep again (rate limited
+    /// like a loss, whatever `on_loss` says: the overflowed sweep's
+    /// snapshots were partly ignored).
+    pub fn again(&mut self) {
+        self.again_pending = true;
     }
 
     /// The kernel reported lost events.
@@ -135,6 +241,7 @@ impl SweepPolicy {
         if reason != SweepReason::Startup || self.loss_pending {
             self.loss_pending = false;
         }
+        self.again_pending = false;
     }
 
     /// Whether a sweep is due at `now`, and why.
@@ -142,6 +249,9 @@ impl SweepPolicy {
         let since = self.last.map(|l| now.saturating_duration_since(l));
         if self.loss_pending && since.is_none_or(|s| s >= self.min_gap) {
             return Some(SweepReason::Loss);
+        }
+        if self.again_pending && since.is_none_or(|s| s >= self.min_gap) {
+            return Some(SweepReason::HoldOverflow);
         }
         if let Some(i) = self.interval
             && since.is_none_or(|s| s >= i)
@@ -172,6 +282,7 @@ pub struct PodLabels {
 pub struct SweepMetrics {
     sweeps: Family<ReasonLabels, Counter>,
     failures: Counter,
+    hold_overflows: Counter,
     duration: Histogram,
     sockets_visited: Counter,
     tcp_sockets: Gauge,
@@ -183,6 +294,7 @@ impl SweepMetrics {
         let m = Self {
             sweeps: Family::default(),
             failures: Counter::default(),
+            hold_overflows: Counter::default(),
             duration: Histogram::new(SWEEP_DURATION_BUCKETS),
             sockets_visited: Counter::default(),
             tcp_sockets: Gauge::default(),
@@ -190,7 +302,7 @@ impl SweepMetrics {
         };
         registry.register(
             "tcpstall_sweeps",
-            "Socket sweeps run, by reason: startup (before /readyz turns ready), loss (the kernel reported lost events), interval (--sweep-interval)",
+            "Socket sweeps run, by reason: startup (before /readyz turns ready), loss (the kernel reported lost events), interval (--sweep-interval), hold_overflow (the previous sweep's held events overflowed)",
             m.sweeps.clone(),
         );
         for r in SweepReason::ALL {
@@ -200,6 +312,11 @@ impl SweepMetrics {
             "tcpstall_sweep_failures",
             "Socket sweeps that failed (see the agent log)",
             m.failures.clone(),
+        );
+        registry.register(
+            "tcpstall_sweep_hold_overflows",
+            "Sweeps during which more events arrived than one full ring buffer holds: the events were fed to the engine at once instead of being held for the sweep (none lost; its older snapshots of their sockets ignored) and another sweep followed (see the agent log)",
+            m.hold_overflows.clone(),
         );
         registry.register(
             "tcpstall_sweep_duration_seconds",
@@ -239,6 +356,10 @@ impl SweepMetrics {
 
     pub fn failed(&self) {
         self.failures.inc();
+    }
+
+    pub fn hold_overflowed(&self) {
+        self.hold_overflows.inc();
     }
 
     /// Replaces the per-pod counts (one series per pod with at-risk
@@ -322,5 +443,77 @@ mod tests {
         off.ran(t0, SweepReason::Startup);
         off.loss();
         assert_eq!(off.due(t0 + Duration::from_secs(3600)), None);
+        // A held-events overflow sweeps again even without --sweep-on-loss,
+        // rate limited, once.
+        off.again();
+        assert_eq!(off.due(t0 + Duration::from_secs(1)), None, "rate limited");
+        assert_eq!(
+            off.due(t0 + Duration::from_secs(5)),
+            Some(SweepReason::HoldOverflow)
+        );
+        off.ran(t0 + Duration::from_secs(5), SweepReason::HoldOverflow);
+        assert_eq!(off.due(t0 + Duration::from_secs(3600)), None);
+    }
+
+    fn state_ev(ts_ns: u64) -> SockEvent {
+        let mut raw = tcpstall_common::Event::zeroed();
+        raw.kind = kind::STATE;
+        raw.source = source::SWEEP;
+        raw.ts_ns = ts_ns;
+        raw.sock.family = 2;
+        SockEvent::from_raw(&raw).expect("decodes")
+    }
+
+    fn ts(evs: &[SockEvent]) -> Vec<u64> {
+        evs.iter().map(|e| e.ts_ns).collect()
+    }
+
+    /// The hold is bounded and loses nothing: within the cap batches are
+    /// held in ring order; the batch that would pass the cap ends the hold
+    /// and comes back with every held event before it (to be ingested at
+    /// once), later batches pass straight through, and the sweep's finish
+    /// has nothing left. Mutations: `<= self.cap` -> `<= usize::MAX` in
+    /// `offer` (never overflows: the held Vec grows past the cap), and
+    /// `*batch = all` removed (the held events are dropped): both fail.
+    #[test]
+    fn sweep_hold_is_bounded_and_loses_nothing() {
+        let mut h = SweepHold::new(4);
+        let mut b = vec![state_ev(1)];
+        assert_eq!(h.offer(&mut b), Offer::NotHolding);
+        assert_eq!(ts(&b), [1]);
+
+        h.start();
+        let mut b = vec![state_ev(2), state_ev(3)];
+        assert_eq!(h.offer(&mut b), Offer::Held);
+        assert!(b.is_empty());
+        let mut b = vec![state_ev(4), state_ev(5)];
+        assert_eq!(h.offer(&mut b), Offer::Held, "exactly at the cap");
+        let mut b = vec![state_ev(6), state_ev(7)];
+        assert_eq!(h.offer(&mut b), Offer::Overflow { held: 4 });
+        assert_eq!(ts(&b), [2, 3, 4, 5, 6, 7], "held first, in ring order");
+        assert!(!h.is_holding());
+        let mut b = vec![state_ev(8)];
+        assert_eq!(h.offer(&mut b), Offer::NotHolding);
+        assert_eq!(ts(&b), [8]);
+        assert!(h.finish().is_empty());
+
+        // The next sweep holds again; its finish returns the held events.
+        h.start();
+        let mut b = vec![state_ev(9), state_ev(10)];
+        assert_eq!(h.offer(&mut b), Offer::Held);
+        assert_eq!(ts(&h.finish()), [9, 10]);
+        assert!(!h.is_holding());
+    }
+
+    #[test]
+    fn sweep_hold_cap_is_one_full_ring() {
+        // 4 MiB / (160-byte event + 8-byte header).
+        assert_eq!(
+            SweepHold::cap_for_ring(tcpstall_common::DEFAULT_RINGBUF_BYTES),
+            4 * 1024 * 1024 / 168
+        );
+        assert_eq!(SweepHold::cap_for_ring(4096), MIN_HOLD);
+        assert_eq!(SweepHold::cap_for_ring(64 << 20), (64 << 20) / 168);
+        assert_eq!(SweepHold::new(0).cap(), 1);
     }
 }

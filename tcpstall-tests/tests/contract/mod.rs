@@ -77,6 +77,7 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     // The socket sweep (safety net and hang-forever audit).
     m.insert("tcpstall_sweeps_total", (Counter, vec!["reason"]));
     m.insert("tcpstall_sweep_failures_total", (Counter, vec![]));
+    m.insert("tcpstall_sweep_hold_overflows_total", (Counter, vec![]));
     m.insert("tcpstall_sweep_duration_seconds", (Histogram, vec![]));
     m.insert("tcpstall_sweep_sockets_visited_total", (Counter, vec![]));
     m.insert("tcpstall_sweep_tcp_sockets", (Gauge, vec![]));
