@@ -211,7 +211,13 @@ fn replay_recorded_deaths_match_every_prediction() {
             "{}: the application saw ETIMEDOUT before the kernel's verdict",
             f.name
         );
-        let bound = truth.prediction_bound_ns();
+        // User-timeout deaths: the clamped last RTO, as in `horizon_run`.
+        let bound = truth.prediction_bound_ns()
+            + if f.name.contains("-s2-") {
+                truth.clamp_allowance_ns()
+            } else {
+                0
+            };
         let preds = replay(&f);
         assert!(
             preds.len() >= 2,

@@ -161,6 +161,35 @@ impl KernelDeath {
             + (self.verdict_ns - self.fatal_expiry_ns)
     }
 
+    /// The extra a user-timeout death needs. Its fatal expiry was armed by
+    /// `tcp_clamp_rto_to_user_timeout()` at the expiry before it:
+    /// `expires = jiffies + msecs_to_jiffies(UTO - (tcp_time_stamp -
+    /// retrans_stamp))`, from the millisecond clock at that callback, i.e.
+    /// from where in its jiffy the callback ran. A prediction made before
+    /// that callback models it at the phase of its own anchor, and one made
+    /// at it from the event's timestamp, taken before the handler refreshes
+    /// `tcp_mstamp`: either can compute a `remaining` a millisecond or a few
+    /// off, so the clamped `expires` is known within one jiffy either way
+    /// (the callbacks' latencies differ by less than a jiffy). When
+    /// `expires - 1` or `expires + 1` falls in another bucket of the level
+    /// the timer was queued in (`calc_wheel_index`), the fatal expiry
+    /// moves by that difference: one granularity of the level (8 jiffies,
+    /// 32 ms at HZ 250, in level 1; 1 jiffy in level 0). Returns it in ns
+    /// (0 with fewer than two expiries).
+    pub fn clamp_allowance_ns(&self) -> u64 {
+        let n = self.expiries.len();
+        if n < 2 {
+            return 0;
+        }
+        let (fatal, armer) = (&self.expiries[n - 1], &self.expiries[n - 2]);
+        let fire = |e: u64| on_time_jiffy(e, armer.jiffies, self.hz).0;
+        let at = fire(fatal.expires);
+        let j = fire(fatal.expires + 1)
+            .abs_diff(at)
+            .max(fire(fatal.expires.saturating_sub(1)).abs_diff(at));
+        j * (1_000_000_000 / self.hz)
+    }
+
     /// For each anchor expiry: how many jiffies the fatal expiry ran after
     /// where an on-time kernel (every later callback in its bucket) would
     /// have run it.

@@ -236,6 +236,18 @@ pub fn timer_wheel_fire(expires: u64, clk: u64, hz: u32) -> u64 {
     ((expires >> shift).saturating_add(1)) << shift
 }
 
+/// The jiffy at which a timer re-armed from its own expiry's callback fires
+/// (the RTO re-armed by `tcp_retransmit_timer()` at jiffy `callback`).
+/// While a bucket's timers run, the wheel's clock already reads that
+/// bucket + 1 (`__run_timers()` increments `base->clk` before
+/// `expire_timers()`, and `forward_timer_base()` leaves a clock one ahead of
+/// jiffies alone), so `calc_wheel_index()` chooses the level from
+/// `expires - (callback + 1)`: an interval of exactly `LVL_START(n)` jiffies
+/// (63, 504, ...) stays one level lower, with that level's finer rounding.
+pub fn rearmed_timer_fire(expires: u64, callback: u64, hz: u32) -> u64 {
+    timer_wheel_fire(expires, callback.saturating_add(1), hz)
+}
+
 /// The state at one RTO expiry (the write timer fired with
 /// `icsk_pending == ICSK_TIME_RETRANS`), as seen before the kernel handled
 /// it.
@@ -324,7 +336,7 @@ pub fn predict_rto_death(w: &RtoWalk) -> Option<Death> {
             };
         }
         let dt = if wheel {
-            timer_wheel_fire(j.saturating_add(interval), j, hz)
+            rearmed_timer_fire(j.saturating_add(interval), j, hz)
                 .saturating_sub(j)
                 .max(1)
         } else {
@@ -784,7 +796,7 @@ mod tests {
         // TLP armed for 200 ms (50 jiffies), fires one jiffy late.
         let j_tlp = timer_wheel_fire(j_send + 50, j_send, hz);
         // The RTO armed after the TLP: rto 51 jiffies.
-        let j_rto1 = timer_wheel_fire(j_tlp + 51, j_tlp, hz);
+        let j_rto1 = timer_wheel_fire(j_tlp + 51, j_tlp + 1, hz);
         let w = RtoWalk {
             start_ns: to_ns(j_tlp) / NSEC_PER_MSEC * NSEC_PER_MSEC,
             at_ns: to_ns(j_rto1),
@@ -813,6 +825,45 @@ mod tests {
         let nominal_s = (nominal.at_ns - ts_send) as f64 / 1e9;
         assert!((nominal_s - 13.06).abs() < 0.02, "{nominal_s}");
         assert!(d.at_ns > nominal.at_ns);
+    }
+
+    /// The boundary case: a user timeout clamps the last RTO to exactly
+    /// `LVL_START(1)` = 63 jiffies, armed at a jiffy where `j + 63` is a
+    /// level-1 bucket boundary. The kernel re-arms from the callback with
+    /// the wheel's clock at j + 1 (delta 62: level 0) and fires at j + 64;
+    /// a model taking the clock as j puts it in level 1 and fires at j + 71,
+    /// 28 ms late at HZ 250.
+    /// Mutation: `rearmed_timer_fire` with `callback` instead of
+    /// `callback.saturating_add(1)` fails with `left: 1000072, right:
+    /// 1000065` (fires at j + 71, not j + 64); the kernel simulation of
+    /// `engine::tests::prop_blackhole_prediction_exact` fails with it too.
+    #[test]
+    fn clamped_rto_on_a_level_boundary_fires_like_the_kernel() {
+        let start = 10 * NSEC_PER_SEC;
+        let j: u64 = 1_000_001; // j + 63 = 1_000_064, a multiple of 8
+        assert_eq!((j + 63) % 8, 0);
+        let w = RtoWalk {
+            start_ns: start,
+            at_ns: start + 3_060 * MS,
+            at_jiffies: j,
+            retransmits: 4,
+            rto_jiffies: 408,
+            rto_max_jiffies: 30_000,
+            hz: HZ,
+            // 252 ms left at this expiry: msecs_to_jiffies = 63.
+            rule: BoundaryRule::UserTimeout { ms: 3_312 },
+            base_ms: TCP_RTO_MIN_MS,
+            timer_wheel: true,
+        };
+        assert_eq!(msecs_to_jiffies(252, HZ), 63);
+        assert_eq!(rearmed_timer_fire(j + 63, j, HZ), j + 64);
+        let d = predict_rto_death(&w).unwrap();
+        assert_eq!(d.expiries_after, 1);
+        assert_eq!(d.at_ns - w.at_ns, 256 * MS);
+        // One level up (504 = LVL_START(2)): level 1, not level 2.
+        let j2: u64 = 2_000_000 - 504; // j2 + 504 is a multiple of 64
+        assert_eq!(rearmed_timer_fire(j2 + 504, j2, HZ), j2 + 504 + 8);
+        assert_eq!(timer_wheel_fire(j2 + 504, j2, HZ), j2 + 504 + 64);
     }
 
     #[test]
@@ -871,7 +922,8 @@ mod tests {
                 };
             }
             let dt = if w.timer_wheel {
-                timer_wheel_fire(j + iv, j, w.hz) - j
+                // Re-armed from the callback: the wheel's clock is j + 1.
+                timer_wheel_fire(j + iv, j + 1, w.hz) - j
             } else {
                 iv
             };

@@ -169,7 +169,7 @@ impl Engine {
         let last_ns = self.jiffy_instant(ev, last_j).min(ev.ts_ns);
         let mut next_ns = self.jiffy_instant(ev, next_j);
         if self.cfg.timer_wheel && sock.timer_expires != 0 {
-            next_ns = self.jiffy_instant(ev, horizon::timer_wheel_fire(next_j, last_j, hz));
+            next_ns = self.jiffy_instant(ev, horizon::rearmed_timer_fire(next_j, last_j, hz));
         }
         let f = self.flows.flow_mut(slot);
         Self::end_persist(f, &mut self.sink, ev.ts_ns);

@@ -264,7 +264,8 @@ impl Blackhole {
             out.push(s.retransmit(ts, 5, 0, 0, rto as u32, 1_000, 0));
             stamp = Some(ts / MS);
             j = jt;
-            timer_wheel_fire(j + rto, j, hz)
+            // Armed in the TLP's callback: the wheel's clock is j + 1.
+            timer_wheel_fire(j + rto, j + 1, hz)
         } else {
             timer_wheel_fire(j + rto, j, hz)
         };
@@ -330,7 +331,8 @@ impl Blackhole {
                     rto.min(msecs_to_jiffies(u64::from(s.uto) - el, hz))
                 };
             }
-            next = timer_wheel_fire(j + interval, j, hz);
+            // Re-armed in the callback: the wheel's clock is j + 1.
+            next = timer_wheel_fire(j + interval, j + 1, hz);
         }
     }
 }
