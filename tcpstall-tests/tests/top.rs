@@ -66,6 +66,19 @@ impl Tmux {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Captures the pane every 100 ms until `done` holds or 10 s passed;
+    /// returns the last capture (the caller asserts on it).
+    fn wait_for(&self, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pane = self.capture();
+            if done(&pane) || Instant::now() >= deadline {
+                return pane;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn keys(&self, keys: &str) {
         let st = Command::new("tmux")
             .args(["-L", &self.socket, "send-keys", "-t", "top", keys])
@@ -238,15 +251,16 @@ fn top_shows_the_stall_with_a_running_countdown() {
     tmux.keys("/");
     tmux.keys("no-such-pod");
     tmux.keys("Enter");
-    thread::sleep(Duration::from_millis(800));
-    let pane3 = tmux.capture();
+    // The view redraws after each key (and every 250 ms); under load that
+    // can take longer than a fixed sleep: wait for it, up to 10 s.
+    let pane3 =
+        tmux.wait_for(|p| !p.lines().any(|l| l.contains(&local)) && p.contains("(0 shown)"));
     assert!(
         !pane3.lines().any(|l| l.contains(&local)) && pane3.contains("(0 shown)"),
         "filtered view:\n{pane3}"
     );
     tmux.keys("Escape");
-    thread::sleep(Duration::from_millis(800));
-    let pane4 = tmux.capture();
+    let pane4 = tmux.wait_for(|p| p.contains(&local));
     assert!(pane4.contains(&local), "filter cleared:\n{pane4}");
     drop(tmux);
 
