@@ -143,7 +143,7 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
         "kind" => Some(&["retransmit", "write_timer", "state", "error_report", "ack"]),
         "cause" => Some(&["rto", "tlp", "fast", "syn", "unknown"]),
-        "reason" => Some(&["startup", "loss", "interval"]),
+        "reason" => Some(&["startup", "loss", "interval", "hold_overflow"]),
         _ => None,
     }
 }
