@@ -364,6 +364,7 @@ impl Agent {
             panic!("agent start line without its listen address ({e}): {running}")
         });
         assert_ne!(agent.listen.port(), 0, "{running}");
+        eprintln!("AGENT sweep program: {}", ev_str(&running, "sweep"));
         agent
     }
 

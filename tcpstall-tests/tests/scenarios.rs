@@ -1608,3 +1608,45 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
         gaps.join("\n")
     );
 }
+
+/// The agent's start-up line names the sweep iterator it loaded: the one
+/// `tcpstall doctor` reports for this kernel (the direct-load program, or its
+/// probe-read twin where the verifier refuses direct loads), so a test's
+/// output (`AGENT sweep program: ...`, also in the QEMU guests' logs) says
+/// which one ran.
+/// Mutation: the `sweep = ...` field dropped from the `tcpstall running`
+/// line (`tcpstall/src/app.rs`) -> fails with "the start-up line does not
+/// name the sweep program doctor reports (tcpstall_sweep_direct)".
+#[test]
+fn startup_line_names_the_sweep_program() {
+    require_tools();
+    let doctor = std::process::Command::new(agent_path())
+        .arg("doctor")
+        .output()
+        .expect("run doctor");
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        doctor.status.success(),
+        "doctor failed: {}",
+        String::from_utf8_lossy(&doctor.stderr)
+    );
+    let chosen = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sweep iterator: "))
+        .unwrap_or_else(|| panic!("doctor names no sweep iterator:\n{text}"));
+    assert!(
+        chosen.starts_with("tcpstall_sweep"),
+        "doctor: sweep iterator {chosen}"
+    );
+    let mut agent = Agent::start(&[]);
+    let logs = agent.stop();
+    let running = logs
+        .iter()
+        .find(|v| v["message"] == "tcpstall running")
+        .expect("the start-up line");
+    assert_eq!(
+        ev_str(running, "sweep"),
+        chosen,
+        "the start-up line does not name the sweep program doctor reports ({chosen}): {running}"
+    );
+}

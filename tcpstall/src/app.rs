@@ -777,6 +777,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         kernel = %loaded.plan.kernel,
         hz,
         hz_source = hz_source.as_str(),
+        sweep = loaded.sweep_program().unwrap_or("unavailable"),
         "tcpstall running"
     );
     let mut policy = SweepPolicy::new(

@@ -77,6 +77,10 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&loaded.plan)?);
     } else {
         print!("{}", render(&loaded.plan));
+        match loaded.sweep_program() {
+            Ok(p) => println!("\nsweep iterator: {p}"),
+            Err(e) => println!("\nsweep iterator: unavailable ({e})"),
+        }
         println!(
             "\nprivileges: {}",
             if privs.euid_root {

@@ -341,7 +341,8 @@ fn vm_matrix_target(
     for r in &results {
         eprintln!("\nprobe plan chosen on {} ({}):", r.kernel, r.release);
         let log = std::fs::read(&r.console_log).unwrap_or_default();
-        let plan: Vec<String> = String::from_utf8_lossy(&log)
+        let log = String::from_utf8_lossy(&log);
+        let plan: Vec<String> = log
             .lines()
             .filter_map(|l| l.split_once("PLAN ").map(|(_, p)| p.trim_end().to_owned()))
             .collect();
@@ -351,6 +352,22 @@ fn vm_matrix_target(
         for line in plan {
             eprintln!("    {line}");
         }
+        // The sweep iterator each started agent loaded (its start-up line).
+        let sweep: std::collections::BTreeSet<&str> = log
+            .lines()
+            .filter_map(|l| {
+                l.split_once("AGENT sweep program: ")
+                    .map(|(_, p)| p.trim_end())
+            })
+            .collect();
+        eprintln!(
+            "    sweep program: {}",
+            if sweep.is_empty() {
+                "(no agent started)".to_owned()
+            } else {
+                sweep.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        );
     }
     let failed: Vec<_> = results
         .iter()
