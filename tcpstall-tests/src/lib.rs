@@ -1012,3 +1012,31 @@ pub fn fill_send_buffer(s: &TcpStream) -> u64 {
     s.set_nonblocking(false).expect("blocking");
     sent
 }
+
+impl Agent {
+    /// Polls `/api/v1/stalls` (every 100 ms) until the flow `local` ->
+    /// `remote` is reported as a stall of `class` and returns that entry;
+    /// fails after `timeout` with the flow's last entry.
+    pub fn wait_stall_class(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        class: &str,
+        timeout: Duration,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.stall_of(local, remote);
+            if let Some(v) = &view
+                && ev_str(v, "class") == class
+            {
+                return view.expect("checked");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {class} stall of {local} -> {remote} within {timeout:?} (last entry: {view:?})"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

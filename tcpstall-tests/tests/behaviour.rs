@@ -148,19 +148,8 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     };
     assert_eq!(r, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
     let mut sent = fill_send_buffer(&client);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let view = loop {
-        if let Some(v) = agent.stall_of(local, server_addr)
-            && ev_str(&v, "class") == "zero_window"
-        {
-            break v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no zero_window stall within 20 s of the window closing"
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
+    // Within 20 s of the window closing.
+    let view = agent.wait_stall_class(local, server_addr, "zero_window", Duration::from_secs(20));
     tx.send(()).expect("resume the reader");
     let resumed = Instant::now();
     let resumed_ns = monotonic_ns();

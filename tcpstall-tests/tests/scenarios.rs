@@ -735,19 +735,8 @@ fn s4_zero_window() {
     let local = client.local_addr().expect("local addr");
     let t0 = Instant::now();
     fill_send_buffer(&client);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let view = loop {
-        if let Some(v) = agent.stall_of(local, server_addr)
-            && ev_str(&v, "class") == "zero_window"
-        {
-            break v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no zero_window stall within 15 s of the window closing"
-        );
-        thread::sleep(Duration::from_millis(200));
-    };
+    // Within 15 s of the window closing.
+    let view = agent.wait_stall_class(local, server_addr, "zero_window", Duration::from_secs(15));
     assert!(
         t0.elapsed() < Duration::from_secs(13),
         "zero_window reported too late"
@@ -781,16 +770,7 @@ fn s5_close_wait() {
     let client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
     server.join().expect("server");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let view = loop {
-        if let Some(v) = agent.stall_of(local, server_addr)
-            && ev_str(&v, "class") == "close_wait"
-        {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "no close_wait stall reported");
-        thread::sleep(Duration::from_millis(200));
-    };
+    let view = agent.wait_stall_class(local, server_addr, "close_wait", Duration::from_secs(10));
     assert_eq!(ev_str(&view, "state"), "CLOSE_WAIT");
     assert!(
         view["close_wait_age_s"].as_f64().unwrap_or(0.0) >= 2.0,
