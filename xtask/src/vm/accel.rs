@@ -17,9 +17,9 @@ use std::time::Duration;
 use super::apt::KernelPkg;
 use super::host::Tools;
 use super::init::probe_init;
-use super::initramfs::{base_archive, write_initrd};
+use super::initramfs::init_only_initrd;
 use super::qemu::{Accel, boot};
-use super::{VmOptions, phase, sanitize};
+use super::{VmOptions, phase};
 
 /// `--vm-accel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -48,16 +48,8 @@ pub(super) fn choose(tools: &Tools, opts: &VmOptions, spec: &str, k: &KernelPkg)
         phase(spec, &format!("accelerator: TCG ({why})"));
         return Ok(Accel::Tcg);
     }
-    let dir = opts.cache_dir.join(sanitize(spec)).join("kvm-probe");
-    let mut a = base_archive(tools, &[])?;
-    a.bytes("init", probe_init(&k.release), 0o755);
-    let initrd = write_initrd(
-        tools,
-        &a,
-        &dir,
-        &format!("{} {}", k.package, k.version),
-        spec,
-    )?;
+    let (dir, initrd) =
+        init_only_initrd(tools, opts, spec, k, "kvm-probe", probe_init(&k.release))?;
     let probe_opts = VmOptions {
         timeout: PROBE_TIMEOUT,
         smp: 1,

@@ -8,13 +8,13 @@ use std::fs::{self, File};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use super::VmOptions;
 use super::accel::choose;
 use super::apt::KernelPkg;
 use super::host::Tools;
 use super::init::{BTF_BEGIN, BTF_END, btf_init};
-use super::initramfs::{base_archive, write_initrd};
+use super::initramfs::init_only_initrd;
 use super::qemu::boot;
-use super::{VmOptions, sanitize};
 
 /// Checks the BTF header (magic 0xeb9f, version 1) and that the blob is exactly
 /// header + type + string sections long.
@@ -162,16 +162,7 @@ pub(super) fn btf_from_guest(
     spec: &str,
     k: &KernelPkg,
 ) -> Result<Vec<u8>> {
-    let dir = opts.cache_dir.join(sanitize(spec)).join("btf-dump");
-    let mut a = base_archive(tools, &[])?;
-    a.bytes("init", btf_init(&k.release), 0o755);
-    let initrd = write_initrd(
-        tools,
-        &a,
-        &dir,
-        &format!("{} {}", k.package, k.version),
-        spec,
-    )?;
+    let (dir, initrd) = init_only_initrd(tools, opts, spec, k, "btf-dump", btf_init(&k.release))?;
     let accel = choose(tools, opts, spec, k)?;
     let o = boot(
         tools,

@@ -13,7 +13,7 @@ use super::cpio::{Archive, Entry};
 use super::host::{Tools, run};
 use super::init::{GUEST_AGENT, GUEST_TESTS, test_init};
 use super::modules::{ModDb, ModLoad, read_module};
-use super::{GuestPayload, phase, secs};
+use super::{GuestPayload, VmOptions, phase, sanitize, secs};
 
 /// Bump when the initramfs layout or `/init` changes in a way the input hash
 /// would not notice.
@@ -201,6 +201,30 @@ pub(super) fn build_test_initrd(
         &format!("{} {}", k.package, k.version),
         spec,
     )
+}
+
+/// The initrd of a helper boot (the KVM test boot, the BTF dump): the base
+/// archive with `init` as its only script, cached in
+/// `<cache>/<spec>/<subdir>`. Returns that directory and the initrd.
+pub(super) fn init_only_initrd(
+    tools: &Tools,
+    opts: &VmOptions,
+    spec: &str,
+    k: &KernelPkg,
+    subdir: &str,
+    init: String,
+) -> Result<(PathBuf, PathBuf)> {
+    let dir = opts.cache_dir.join(sanitize(spec)).join(subdir);
+    let mut a = base_archive(tools, &[])?;
+    a.bytes("init", init, 0o755);
+    let initrd = write_initrd(
+        tools,
+        &a,
+        &dir,
+        &format!("{} {}", k.package, k.version),
+        spec,
+    )?;
+    Ok((dir, initrd))
 }
 
 pub(super) fn write_initrd(
