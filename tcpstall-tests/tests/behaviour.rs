@@ -126,6 +126,15 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     require_tools();
     let link = Link::new("zwr", 81);
     link.a.sysctl("net.ipv4.tcp_early_retrans", "0");
+    // A veth pair reorders: the sender transmits both from the writer's CPU
+    // and from ACK processing on the other CPU, each into its own CPU's
+    // backlog. RACK (and three SACKed segments past a hole) then fast-
+    // retransmits a segment that was only late (a CI run saw one, ca_state
+    // Recovery, right after the window reopened). With RACK off and a
+    // reordering threshold above what a 128 KiB send buffer can hold in
+    // flight (about 90 segments), only a real loss retransmits.
+    link.a.sysctl("net.ipv4.tcp_recovery", "0");
+    link.a.sysctl("net.ipv4.tcp_reordering", "300");
     let agent = Agent::start(&["--zero-window-after", "2"]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -215,7 +224,9 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     assert!(
         other_path.is_empty(),
         "cleared by the persist timer going quiet, not by a retransmission or RTO: \
-         {other_path:#?}"
+         {other_path:#?}\nclient namespace counters:\n{}server namespace counters:\n{}",
+        loss_counters(&link.a),
+        loss_counters(&link.b)
     );
     let sent = writer.join().expect("writer");
     assert_eq!(server.join().expect("server"), sent, "all data delivered");
@@ -223,6 +234,14 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
         agent.stall_of(local, server_addr).is_none(),
         "the flow is not stalled after the transfer"
     );
+}
+
+/// A namespace's non-zero TCP counters that tell a loss from reordering
+/// (failure messages only).
+fn loss_counters(ns: &Netns) -> String {
+    ns.exec(
+        "nstat -as 2>/dev/null | grep -E 'Reorder|Drop|Retrans|Loss|Recover|Prune|Backlog' || true",
+    )
 }
 
 /// S1 that recovers with `--no-ack-probe`: no ACK program is attached, so

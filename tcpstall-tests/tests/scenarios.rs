@@ -663,7 +663,10 @@ fn s1_recovery_clears_the_stall_at_once() {
         "sent during the RTO episode: {ack}"
     );
 
-    // The stall is gone from the API within a second of that ACK.
+    // The stall is gone from the API well before the fallback could clear
+    // it: the next expected expiry (3.2 s after this retransmission) overdue
+    // by its grace (1 s + half the 3.2 s interval) is about 5.8 s after the
+    // ACK; the bound leaves a loaded machine 2.5 s for delivery and polling.
     let mut cleared_ns = None;
     while monotonic_ns() < ack_ns + 3_000_000_000 {
         if agent.stall_of(local, server_addr).is_none() {
@@ -675,7 +678,7 @@ fn s1_recovery_clears_the_stall_at_once() {
     let cleared_ns = cleared_ns.expect("the stall was still reported 3 s after the ACK");
     let after_ack_ms = cleared_ns.saturating_sub(ack_ns) as f64 / 1e6;
     assert!(
-        after_ack_ms < 1_000.0,
+        after_ack_ms < 2_500.0,
         "the stall cleared {after_ack_ms:.0} ms after the ACK (staleness, not the ACK probe)"
     );
     // The flow's own record of the outcome (not the node-wide
