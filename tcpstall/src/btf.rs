@@ -1134,7 +1134,8 @@ mod tests {
     }
 
     /// Mutation: `id_of_kind` ignoring the kind returns the forward
-    /// declaration's id for `struct_id("fwd_then_struct")` and fails here.
+    /// declaration's id for `struct_id("fwd_then_struct")` and this fails
+    /// with `left: Some(2)`, `right: Some(3)`.
     #[test]
     fn struct_and_func_ids_by_kind() {
         let mut w = BtfWriter::new();

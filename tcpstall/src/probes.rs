@@ -443,7 +443,8 @@ mod tests {
     /// Every `_cast` program is flagged as needing the kfunc (so a kernel
     /// without it skips it with a clear reason) and has its `_direct` twin
     /// on the same hook after it. Mutation: flagging the ACK cast candidate
-    /// `rdonly_cast: false` fails this test.
+    /// `rdonly_cast: false` fails this test with `left: false`,
+    /// `right: true` for `tcpstall_ack_cast`.
     #[test]
     fn cast_programs_need_the_kfunc_and_have_a_direct_twin() {
         let mut casts = 0;
