@@ -885,6 +885,38 @@ impl Loaded {
 mod tests {
     use super::*;
 
+    /// The built object's marked kfunc calls all sit in its program
+    /// sections: the section-table patcher finds every one that a scan of
+    /// the whole file in 8-byte steps finds, at least one per `_cast`
+    /// program. Mutation: `h.kind == SHT_PROGBITS` (inverted) in
+    /// `kfunc::elf::code_sections` fails this with `NoMarker`.
+    #[test]
+    fn built_object_kfunc_calls_are_in_program_sections() {
+        assert!(
+            !EBPF_OBJECT.is_empty(),
+            "built with AYA_BUILD_SKIP: no eBPF object to check; build it (`cargo xtask build`)"
+        );
+        let marker = tcpstall_common::kfunc::RDONLY_CAST_MARKER;
+        let m = marker.to_le_bytes();
+        let marked = [0x85, 0x20, 0, 0, m[0], m[1], m[2], m[3]];
+        let anywhere = EBPF_OBJECT
+            .chunks_exact(8)
+            .filter(|insn| *insn == marked)
+            .count();
+        let mut object = AlignedObject::new(EBPF_OBJECT);
+        let patched = kfunc::patch_calls(object.bytes_mut(), marker, 1).map_err(|e| e.to_string());
+        let casts = crate::probes::PROBES
+            .iter()
+            .flat_map(|p| p.candidates)
+            .filter(|c| c.rdonly_cast)
+            .count();
+        assert_eq!(patched, Ok(anywhere));
+        assert!(
+            anywhere >= casts,
+            "{anywhere} marked calls, {casts} cast programs"
+        );
+    }
+
     #[test]
     fn parses_program_fdinfo() {
         let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t1057\nprog_type:\t26\n\
