@@ -49,18 +49,24 @@ pub fn require_tools() {
     require(have("nft"), "the `nft` command", "apt-get install nftables");
 }
 
-/// Run a command, panicking with its stderr on failure.
-pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh")
-        .args(["-c", cmd])
+/// Runs `cmd` and returns its stdout; fails the test naming `what`, the
+/// exit status and stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("cannot run `{cmd}`: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     assert!(
         out.status.success(),
-        "`{cmd}` failed: {}",
+        "{what} failed ({}): {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a shell command, panicking with its stderr on failure.
+pub fn sh(cmd: &str) -> String {
+    run_ok(Command::new("sh").args(["-c", cmd]), &format!("`{cmd}`"))
 }
 
 /// Like [`sh`] but ignores failure (cleanup paths).
@@ -484,6 +490,29 @@ pub fn ev_str<'a>(v: &'a Value, k: &str) -> &'a str {
 
 pub fn ev_u64(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
+}
+
+/// Polls `probe` every `every` until it returns `Ok`, and returns that
+/// value. `Err` carries what the probe saw; once `timeout` has passed, the
+/// test fails with `what` (the failure, e.g. "the pane never showed the
+/// row"), the timeout and the last thing seen. The deadline only bounds a
+/// wait for an invariant; it is never what a test asserts.
+pub fn wait_until<T, E: std::fmt::Display>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what} (waited {timeout:?}); last seen: {last}")
+            }
+            Err(_) => thread::sleep(every),
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of the kernel's event timestamps and of
@@ -1038,5 +1067,54 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `wait_until` returns the first `Ok`, polling until then. Mutation:
+    /// failing on the first `Err` (before the deadline) fails this with
+    /// "gave up early: 1".
+    #[test]
+    fn wait_until_returns_the_first_ok() {
+        let mut calls = 0;
+        let v = wait_until(
+            Duration::from_secs(60),
+            Duration::from_millis(1),
+            "three calls",
+            || {
+                calls += 1;
+                if calls == 3 { Ok("ready") } else { Err(calls) }
+            },
+        );
+        assert_eq!((v, calls), ("ready", 3));
+    }
+
+    /// Past the deadline the failure names what was awaited and the last
+    /// thing seen. Mutation: dropping `{last}` from the panic message fails
+    /// this ("panic did not contain expected string").
+    #[test]
+    #[should_panic(expected = "never ready (waited 0ns); last seen: state 1")]
+    fn wait_until_fails_naming_what_and_the_last_sight() {
+        let mut calls = 0;
+        wait_until(Duration::ZERO, Duration::ZERO, "never ready", || {
+            calls += 1;
+            Err::<(), _>(format!("state {calls}"))
+        });
+    }
+
+    /// Mutation: dropping the `{}` of stderr from `run_ok`'s failure
+    /// message fails this ("panic did not contain expected string").
+    #[test]
+    #[should_panic(expected = "`echo oops >&2; exit 3` failed (exit status: 3): oops")]
+    fn run_ok_fails_naming_the_command_status_and_stderr() {
+        sh("echo oops >&2; exit 3");
+    }
+
+    #[test]
+    fn run_ok_returns_stdout() {
+        assert_eq!(sh("echo hi"), "hi\n");
     }
 }

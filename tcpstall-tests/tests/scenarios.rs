@@ -782,14 +782,15 @@ fn s5_close_wait() {
     assert!(view["predicted_timeout_ns"].is_null());
     drop(client);
     // Closing the socket ends the stall.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while agent.stall_of(local, server_addr).is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "close_wait stall outlived the socket"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        "close_wait stall outlived the socket",
+        || match agent.stall_of(local, server_addr) {
+            None => Ok(()),
+            Some(view) => Err(view),
+        },
+    );
 }
 
 /// S6: one bad backend among four; the per-remote view names only it.
@@ -825,41 +826,42 @@ fn s6_one_bad_backend() {
         c.write_all(&[b'q'; 512]).expect("write");
     }
     // Healthy backends keep getting traffic while the bad one stalls.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let bad_remote = addrs[bad].1.to_string();
-    loop {
-        for (c, addr) in clients.iter_mut() {
-            if addr.to_string() != bad_remote {
-                c.write_all(b"ping").expect("healthy write");
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(300),
+        "the bad backend's 2 flows were not both flagged",
+        || {
+            for (c, addr) in clients.iter_mut() {
+                if addr.to_string() != bad_remote {
+                    c.write_all(b"ping").expect("healthy write");
+                }
             }
-        }
-        let stalls: Vec<Value> = agent
-            .stalls()
-            .into_iter()
-            .filter(|s| {
-                addrs
-                    .iter()
-                    .any(|(_, a)| ev_str(s, "remote") == a.to_string())
-            })
-            .collect();
-        let stalled_bad = stalls
-            .iter()
-            .filter(|s| ev_str(s, "remote") == bad_remote)
-            .count();
-        let others: Vec<_> = stalls
-            .iter()
-            .filter(|s| ev_str(s, "remote") != bad_remote)
-            .collect();
-        assert!(others.is_empty(), "healthy backends flagged: {others:#?}");
-        if stalled_bad == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the bad backend's 2 flows were not both flagged: {stalls:#?}"
-        );
-        thread::sleep(Duration::from_millis(300));
-    }
+            let stalls: Vec<Value> = agent
+                .stalls()
+                .into_iter()
+                .filter(|s| {
+                    addrs
+                        .iter()
+                        .any(|(_, a)| ev_str(s, "remote") == a.to_string())
+                })
+                .collect();
+            let stalled_bad = stalls
+                .iter()
+                .filter(|s| ev_str(s, "remote") == bad_remote)
+                .count();
+            let others: Vec<_> = stalls
+                .iter()
+                .filter(|s| ev_str(s, "remote") != bad_remote)
+                .collect();
+            assert!(others.is_empty(), "healthy backends flagged: {others:#?}");
+            if stalled_bad == 2 {
+                Ok(())
+            } else {
+                Err(format!("{stalls:#?}"))
+            }
+        },
+    );
     // Per-remote aggregation: only the bad backend has stalled flows / RTOs.
     let (status, body) = agent.http_get("/api/v1/remotes");
     assert_eq!(status, 200, "{body}");
@@ -1088,16 +1090,11 @@ fn offered_write_timer_mechanisms() -> Vec<(&'static str, String)> {
 
 /// `tcpstall doctor --json`.
 fn doctor_json() -> Value {
-    let out = std::process::Command::new(agent_path())
-        .args(["doctor", "--json"])
-        .output()
-        .expect("run doctor");
-    assert!(
-        out.status.success(),
-        "doctor failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        std::process::Command::new(agent_path()).args(["doctor", "--json"]),
+        "tcpstall doctor --json",
     );
-    serde_json::from_slice(&out.stdout).expect("doctor JSON")
+    serde_json::from_str(&out).expect("doctor JSON")
 }
 
 /// The write-timer mechanisms `doctor` reports as working, in plan order.
@@ -1603,15 +1600,9 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
 #[test]
 fn startup_line_names_the_sweep_program() {
     require_tools();
-    let doctor = std::process::Command::new(agent_path())
-        .arg("doctor")
-        .output()
-        .expect("run doctor");
-    let text = String::from_utf8_lossy(&doctor.stdout);
-    assert!(
-        doctor.status.success(),
-        "doctor failed: {}",
-        String::from_utf8_lossy(&doctor.stderr)
+    let text = run_ok(
+        std::process::Command::new(agent_path()).arg("doctor"),
+        "tcpstall doctor",
     );
     let chosen = text
         .lines()

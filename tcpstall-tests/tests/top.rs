@@ -40,30 +40,20 @@ impl Tmux {
             "top",
         ];
         args.extend_from_slice(cmd);
-        let out = Command::new("tmux")
-            .args(&args)
-            .env("TERM", "xterm-256color")
-            .output()
-            .expect("run tmux");
-        assert!(
-            out.status.success(),
-            "tmux new-session failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new("tmux")
+                .args(&args)
+                .env("TERM", "xterm-256color"),
+            "tmux new-session",
         );
         Tmux { socket }
     }
 
     fn capture(&self) -> String {
-        let out = Command::new("tmux")
-            .args(["-L", &self.socket, "capture-pane", "-p", "-t", "top"])
-            .output()
-            .expect("tmux capture-pane");
-        assert!(
-            out.status.success(),
-            "capture-pane: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_ok(
+            Command::new("tmux").args(["-L", &self.socket, "capture-pane", "-p", "-t", "top"]),
+            "tmux capture-pane",
+        )
     }
 
     /// Captures the pane every 100 ms until `done` holds or 10 s passed;
@@ -175,28 +165,21 @@ fn top_shows_the_stall_with_a_running_countdown() {
     let (_t_write, reader) = conn.write_and_await_death(Duration::from_secs(150));
 
     // The agent reports the stall with a prediction.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !agent
-        .stall_of(local.parse().unwrap(), remote.parse().unwrap())
-        .is_some_and(|s| s["seconds_to_timeout"].is_number())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the agent never listed the stall with a prediction"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
+    let (local_addr, remote_addr) = (local.parse().unwrap(), remote.parse().unwrap());
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        "the agent never listed the stall with a prediction",
+        || match agent.stall_of(local_addr, remote_addr) {
+            Some(s) if s["seconds_to_timeout"].is_number() => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
 
     // --once: a plain table with the row.
-    let out = Command::new(&bin)
-        .args(["top", "--once", "--agent", &url])
-        .output()
-        .expect("run tcpstall top --once");
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{table}{}",
-        String::from_utf8_lossy(&out.stderr)
+    let table = run_ok(
+        Command::new(&bin).args(["top", "--once", "--agent", &url]),
+        "tcpstall top --once",
     );
     assert!(table.starts_with("ETIMEDOUT"), "{table}");
     let row = table
@@ -215,19 +198,18 @@ fn top_shows_the_stall_with_a_running_countdown() {
         "--interval",
         "0.5",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let first = loop {
-        let pane = tmux.capture();
-        if let Some(t) = countdown_of(&pane, &local) {
-            break (pane, t);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pane never showed the stalled row:\n{pane}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    };
-    let (pane1, t1) = first;
+    let (pane1, t1) = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        "the pane never showed the stalled row",
+        || {
+            let pane = tmux.capture();
+            match countdown_of(&pane, &local) {
+                Some(t) => Ok((pane, t)),
+                None => Err(format!("\n{pane}")),
+            }
+        },
+    );
     let line = pane1.lines().find(|l| l.contains(&local)).unwrap();
     assert!(
         line.contains(&remote) && line.contains("retransmit"),
