@@ -174,10 +174,38 @@ mod fixtures {
     }
 }
 
+/// The scenario test that prints the probe plan (`PLAN ...` lines).
+const PLAN_TEST: &str = "probe_plan_prefers_best_available_mechanism";
+
+/// The probe-plan part of a matrix pass's summary for one guest: the
+/// `PLAN ...` lines of its console log, or why there are none (a pass that
+/// does not run [`PLAN_TEST`], such as the sweep pass, prints no plan).
+fn plan_summary(log: &str, target: &str, tests: &[String], console_log: &Path) -> Vec<String> {
+    let plan: Vec<String> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("PLAN ")
+                .map(|(_, p)| format!("    {}", p.trim_end()))
+        })
+        .collect();
+    if !plan.is_empty() {
+        return plan;
+    }
+    let why = if target == "scenarios" && tests.iter().any(|t| t == PLAN_TEST) {
+        format!(
+            "{PLAN_TEST} ran but printed no plan: see {}",
+            console_log.display()
+        )
+    } else {
+        format!("the {target} pass does not run {PLAN_TEST} (the scenarios pass prints the plan)")
+    };
+    vec![format!("    (no plan: {why})")]
+}
+
 /// Scenario tests run in every guest kernel of the matrix (exact names: each
 /// must run and pass, a name that matches nothing fails the matrix).
 const VM_TESTS: &[&str] = &[
-    "probe_plan_prefers_best_available_mechanism",
+    PLAN_TEST,
     "s1_blackhole_events_end_to_end",
     "s1_horizon_retries2_3",
     "s1_horizon_retries2_5",
@@ -342,15 +370,8 @@ fn vm_matrix_target(
         eprintln!("\nprobe plan chosen on {} ({}):", r.kernel, r.release);
         let log = std::fs::read(&r.console_log).unwrap_or_default();
         let log = String::from_utf8_lossy(&log);
-        let plan: Vec<String> = log
-            .lines()
-            .filter_map(|l| l.split_once("PLAN ").map(|(_, p)| p.trim_end().to_owned()))
-            .collect();
-        if plan.is_empty() {
-            eprintln!("    (no plan printed: see {})", r.console_log.display());
-        }
-        for line in plan {
-            eprintln!("    {line}");
+        for line in plan_summary(&log, target, tests, &r.console_log) {
+            eprintln!("{line}");
         }
         // The sweep iterator each started agent loaded (its start-up line).
         let sweep: std::collections::BTreeSet<&str> = log
@@ -685,4 +706,42 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mutation: `target == "sweep"` in place of `"scenarios"` in
+    /// `plan_summary` fails the last assertion: a scenarios pass that ran
+    /// the plan test without a plan says "the scenarios pass does not run
+    /// probe_plan_prefers_best_available_mechanism".
+    #[test]
+    fn plan_summary_prints_the_plan_or_says_why_not() {
+        let log_path = Path::new("/cache/6.1/console.log");
+        let scenarios = vec![PLAN_TEST.to_owned(), "s2_user_timeout".to_owned()];
+        let log = "boot\n[  1.0] PLAN retransmit -> \"tp_btf\"\nPLAN     kprobe  \"refused\"\n";
+        assert_eq!(
+            plan_summary(log, "scenarios", &scenarios, log_path),
+            vec![
+                "    retransmit -> \"tp_btf\"",
+                "        kprobe  \"refused\""
+            ]
+        );
+        let sweep = vec!["sweep_startup_ipv4_retries2_15".to_owned()];
+        assert_eq!(
+            plan_summary("boot\n", "sweep", &sweep, log_path),
+            vec![format!(
+                "    (no plan: the sweep pass does not run {PLAN_TEST} (the scenarios pass prints \
+                 the plan))"
+            )]
+        );
+        let [line] = &plan_summary("boot\n", "scenarios", &scenarios, log_path)[..] else {
+            panic!("one line");
+        };
+        assert!(
+            line.contains("ran but printed no plan: see /cache/6.1/console.log"),
+            "{line}"
+        );
+    }
 }
