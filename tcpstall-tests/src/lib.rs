@@ -697,21 +697,22 @@ pub fn tcp_info(s: &TcpStream) -> libc::tcp_info {
 /// kernel's own record, not a guess of how long an ACK takes (under TCG a
 /// round trip can take far longer than on the host).
 pub fn wait_all_acked(s: &TcpStream, written: u64, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let info = tcp_info(s);
-        // bytes_acked counts the SYN too: > written means every data byte.
-        if info.tcpi_unacked == 0 && info.tcpi_bytes_acked > written {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{written} bytes not acknowledged within {timeout:?} (unacked segments {}, bytes acked {})",
-            info.tcpi_unacked,
-            info.tcpi_bytes_acked
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(
+        timeout,
+        Duration::from_millis(5),
+        &format!("{written} bytes not acknowledged"),
+        || {
+            let info = tcp_info(s);
+            // bytes_acked counts the SYN too: > written means every data byte.
+            if info.tcpi_unacked == 0 && info.tcpi_bytes_acked > written {
+                return Ok(());
+            }
+            Err(format!(
+                "unacked segments {}, bytes acked {}",
+                info.tcpi_unacked, info.tcpi_bytes_acked
+            ))
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -797,18 +798,15 @@ impl Agent {
     /// Poll `GET /readyz` until 200; returns the monotonic instant it turned
     /// ready.
     pub fn wait_ready(&self, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (status, body) = self.http_get("/readyz");
-            if status == 200 {
-                return monotonic_ns();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz not 200 within {timeout:?}: {status} {body}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            timeout,
+            Duration::from_millis(20),
+            "/readyz not 200",
+            || match self.http_get("/readyz") {
+                (200, _) => Ok(monotonic_ns()),
+                (status, body) => Err(format!("{status} {body}")),
+            },
+        )
     }
 
     /// `GET /api/v1/risks` as JSON.
@@ -1058,20 +1056,15 @@ impl Agent {
         class: &str,
         timeout: Duration,
     ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let view = self.stall_of(local, remote);
-            if let Some(v) = &view
-                && ev_str(v, "class") == class
-            {
-                return view.expect("checked");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {class} stall of {local} -> {remote} within {timeout:?} (last entry: {view:?})"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_until(
+            timeout,
+            Duration::from_millis(100),
+            &format!("no {class} stall of {local} -> {remote}"),
+            || match self.stall_of(local, remote) {
+                Some(v) if ev_str(&v, "class") == class => Ok(v),
+                other => Err(format!("{other:?}")),
+            },
+        )
     }
 }
 

@@ -214,16 +214,19 @@ fn risk_of(risks: &Value, local: SocketAddr) -> Option<Value> {
 
 /// Waits for a sweep that ran after `after` (monotonic ns) and returns its audit.
 fn next_audit(agent: &Agent, before: f64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = agent.metrics();
-        let n = metric_sum(&m, "tcpstall_sweeps_total", &[]).unwrap_or(0.0);
-        if n > before {
-            return agent.risks();
-        }
-        assert!(Instant::now() < deadline, "no sweep within 10 s");
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "no sweep within 10 s",
+        || {
+            let n = metric_sum(&agent.metrics(), "tcpstall_sweeps_total", &[]).unwrap_or(0.0);
+            if n > before {
+                Ok(agent.risks())
+            } else {
+                Err(format!("tcpstall_sweeps_total {n}, before {before}"))
+            }
+        },
+    )
 }
 
 fn sweeps_so_far(agent: &Agent) -> f64 {
@@ -328,20 +331,24 @@ fn stalled_flows_after_loss(tag: &str, subnet: u8, extra_args: &[&str]) -> usize
             .expect("write into the blackhole");
     }
     // The loss, as the agent counts it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let loss_at = loop {
-        let d = metric_sum(
-            &agent.metrics(),
-            "tcpstall_ringbuf_dropped_events_total",
-            &[],
-        )
-        .unwrap_or(0.0);
-        if d > 0.0 {
-            break Instant::now();
-        }
-        assert!(Instant::now() < deadline, "no ring-buffer drops counted");
-        thread::sleep(Duration::from_millis(100));
-    };
+    let loss_at = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "no ring-buffer drops counted",
+        || {
+            let d = metric_sum(
+                &agent.metrics(),
+                "tcpstall_ringbuf_dropped_events_total",
+                &[],
+            )
+            .unwrap_or(0.0);
+            if d > 0.0 {
+                Ok(Instant::now())
+            } else {
+                Err(format!("tcpstall_ringbuf_dropped_events_total {d}"))
+            }
+        },
+    );
     let deadline = loss_at + Duration::from_secs(2 * PERIOD_S);
     let mut best = 0;
     while Instant::now() < deadline {
@@ -411,16 +418,15 @@ fn retransmit_cause_blackhole_is_tlp_then_rto() {
         .write_all(&[b'x'; 1000])
         .expect("write into the blackhole");
     // TLP, then RTOs at about 0.2, 0.6, 1.4, 3.0 s.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stall = loop {
-        if let Some(v) = agent.stall_of(local, server)
-            && v["retransmits_by_cause"]["rto"].as_u64().unwrap_or(0) >= 3
-        {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "no stall with three RTOs");
-        thread::sleep(Duration::from_millis(100));
-    };
+    let stall = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "no stall with three RTOs",
+        || match agent.stall_of(local, server) {
+            Some(v) if v["retransmits_by_cause"]["rto"].as_u64().unwrap_or(0) >= 3 => Ok(v),
+            other => Err(format!("{other:?}")),
+        },
+    );
     let by = &stall["retransmits_by_cause"];
     assert!(by["tlp"].as_u64().unwrap_or(0) >= 1, "{stall}");
     assert_eq!(by["fast"], 0, "{stall}");
@@ -445,15 +451,18 @@ fn retransmit_cause_syn_to_blackholed_port() {
         .a
         .run_in(move || TcpStream::connect_timeout(&server, Duration::from_millis(3_500)));
     assert!(r.is_err(), "the SYN must go unanswered");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while retransmits_by(&agent, server, "syn") < 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "SYN retransmissions not counted as syn: {}",
-            agent.metrics()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        "SYN retransmissions not counted as syn",
+        || {
+            if retransmits_by(&agent, server, "syn") >= 2.0 {
+                Ok(())
+            } else {
+                Err(agent.metrics())
+            }
+        },
+    );
     for other in ["rto", "tlp", "fast", "unknown"] {
         assert_eq!(retransmits_by(&agent, server, other), 0.0, "{other}");
     }
@@ -523,19 +532,23 @@ fn retransmit_cause_dropped_segment_is_fast() {
     for _ in 0..20 {
         client.write_all(&[b'x'; 1000]).expect("write");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while retransmits_by(&agent, server, "fast") < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the dropped segment's retransmission was not counted as fast \
-             (drops {}, rto {}, tlp {}, unknown {})",
-            one_shot_drops(&link.b),
-            retransmits_by(&agent, server, "rto"),
-            retransmits_by(&agent, server, "tlp"),
-            retransmits_by(&agent, server, "unknown"),
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "the dropped segment's retransmission was not counted as fast",
+        || {
+            if retransmits_by(&agent, server, "fast") >= 1.0 {
+                return Ok(());
+            }
+            Err(format!(
+                "drops {}, rto {}, tlp {}, unknown {}",
+                one_shot_drops(&link.b),
+                retransmits_by(&agent, server, "rto"),
+                retransmits_by(&agent, server, "tlp"),
+                retransmits_by(&agent, server, "unknown"),
+            ))
+        },
+    );
     assert_eq!(one_shot_drops(&link.b), 1, "exactly one segment dropped");
     assert_eq!(retransmits_by(&agent, server, "syn"), 0.0);
     assert_eq!(retransmits_by(&agent, server, "unknown"), 0.0);
