@@ -4,8 +4,8 @@
 //! any kernel event (at start-up, after lost events, periodically). It is
 //! folded in so that the flow looks as if it had been watched from the start:
 //!
-//! - **RTO backoff** (`icsk_pending == ICSK_TIME_RETRANS`, `icsk_retransmits
-//!   > 0`, not a SYN state): a streak with `icsk_retransmits` RTOs already
+//! - **RTO backoff** (`icsk_pending == ICSK_TIME_RETRANS`,
+//!   `icsk_retransmits > 0`, not a SYN state): a streak with `icsk_retransmits` RTOs already
 //!   had, its episode from `retrans_stamp`, and an anchor at the last RTO
 //!   expiry, reconstructed exactly from the pending timer: the expiry that
 //!   armed it ran at `timer_expires - icsk_rto` (jiffies) and the RTO it saw

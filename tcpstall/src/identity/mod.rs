@@ -107,7 +107,7 @@ impl Identities {
             // cgroup on a node with a cgroup2 mount; the network namespace
             // would name whichever hostNetwork pod it finds first.)
             Some(p) if p == "/" => None,
-            Some(p) => self.from_cgroup(&p),
+            Some(p) => self.by_cgroup(&p),
             None if f.cgroup_id == 0 || self.cgroups.root().is_none() => self.by_netns(f, now),
             // A cgroup that vanished (its pod is gone): unknown.
             None => None,
@@ -124,7 +124,7 @@ impl Identities {
         self.netns.lookup(u64::from(f.netns), now).cloned()
     }
 
-    fn from_cgroup(&mut self, path: &str) -> Option<PodIdentity> {
+    fn by_cgroup(&mut self, path: &str) -> Option<PodIdentity> {
         let k = cgroup::parse_kubelet_path(path)?;
         let meta = k
             .container_id
