@@ -74,16 +74,26 @@ fn bump(index: u32) {
     }
 }
 
-/// The layout the agent set. The address goes through a volatile stack slot:
-/// the compiler sees an immutable zeroed static and would otherwise fold every
-/// field to its initializer; the verifier keeps the pointer's map identity
-/// across the slot and folds the loads to the values set at load time (the
-/// READY check then costs nothing).
+/// The layout the agent set, without the READY check (see [`layout`]).
+/// The address goes through an empty `asm!` block that LLVM cannot see
+/// into: the compiler sees an immutable zeroed static and would otherwise
+/// fold every field to its initializer; the verifier keeps the register's
+/// map identity and folds the loads to the values set at load time. (A
+/// volatile stack slot did the same at the cost of a store and a load on
+/// every run.)
+#[inline(always)]
+fn layout_unchecked() -> &'static KernelLayout {
+    let mut p: *const KernelLayout = &TCPSTALL_LAYOUT;
+    // SAFETY: an empty block; `p` stays the static's address.
+    unsafe { core::arch::asm!("/* {0} */", inout(reg) p, options(nostack, nomem, pure)) };
+    // SAFETY: the static's address.
+    unsafe { &*p }
+}
+
+/// The layout the agent set, once it is READY (the verifier folds the check).
 #[inline(always)]
 fn layout() -> Result<&'static KernelLayout, Skip> {
-    let slot: *const KernelLayout = &TCPSTALL_LAYOUT;
-    // SAFETY: reading a local; the result is the static's address.
-    let l = unsafe { &*core::ptr::read_volatile(&slot) };
+    let l = layout_unchecked();
     if l.flags & layout_flag::READY != 0 {
         Ok(l)
     } else {
@@ -546,14 +556,25 @@ pub fn tcpstall_write_timer_tp_cast(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
+/// Every timer on the node passes here, so the non-TCP path is exactly: the
+/// argument, the callback's offset, one 8-byte load, the address, one
+/// compare. No READY check before it (a layout not yet set has
+/// `tcp_write_timer_addr == 0`: a callback of 0 passes the compare and the
+/// READY check after it skips) and no size or null dispatch
+/// (`timer_list.function` is a pointer; the argument is a BTF pointer whose
+/// loads cannot fault).
 #[inline(always)]
 fn try_write_timer_tp_cast(ctx: &BtfTracePointContext) -> Result<(), Skip> {
-    let l = layout()?;
+    let l = layout_unchecked();
     let timer: *const u8 = ctx.arg(0);
-    let function = Direct(timer).get(&l.fields[field::TIMER_FUNCTION]);
-    if function == 0 || function != l.tcp_write_timer_addr {
+    let at = timer.wrapping_add(l.fields[field::TIMER_FUNCTION].offset as usize);
+    // SAFETY: a load from the BTF `struct timer_list *`, checked by the
+    // verifier against the member at that offset (a pointer: 8 bytes).
+    let function = unsafe { core::ptr::read_volatile(at.cast::<u64>()) };
+    if function != l.tcp_write_timer_addr {
         return Err(Skip);
     }
+    let l = layout()?;
     let sk = (timer as u64).wrapping_sub(l.fields[field::WRITE_TIMER].offset as u64);
     let tp = Direct(kfunc::rdonly_cast(sk, l.tcp_sock_btf_id));
     write_timer_event(l, tp, source::TIMER_TP, 0)
