@@ -476,12 +476,16 @@ fn main() -> anyhow::Result<()> {
             }
             step("unit tests");
             run_cmd(&mut unit)?;
-            step("replay tests (engine against event streams recorded on real kernels)");
+            step(
+                "replay tests (engine against event streams recorded on real kernels) and the \
+                 test harness's own unit tests",
+            );
             run_cmd(cargo().args([
                 "test",
                 "--release",
                 "-p",
                 "tcpstall-tests",
+                "--lib",
                 "--test",
                 "replay",
             ]))?;
