@@ -1128,6 +1128,8 @@ pub struct WitnessHit {
     pub event: String,
     /// The event's printed `key=value` fields.
     pub fields: std::collections::HashMap<String, String>,
+    /// The line as the instance printed it (task, CPU, context flags).
+    pub line: String,
 }
 
 impl WitnessHit {
@@ -1170,6 +1172,7 @@ impl WitnessHit {
             cpu: cpu?,
             event,
             fields,
+            line: line.trim().to_string(),
         })
     }
 }
@@ -1471,6 +1474,40 @@ impl Witnessed {
             timer_offset,
             lost,
         }
+    }
+
+    /// Retransmissions the witness saw in `[lo_ns, hi_ns)` (every socket
+    /// its filter lets through).
+    pub fn retransmits_between(&self, lo_ns: u64, hi_ns: u64) -> usize {
+        self.hits
+            .iter()
+            .filter(|h| h.event == "tcp_retransmit_skb" && (lo_ns..hi_ns).contains(&h.ts_ns))
+            .count()
+    }
+
+    /// The witness's lines of the socket at `local` in `[lo_ns, hi_ns)`
+    /// (its timer hits and retransmissions), for a gap report.
+    pub fn lines_in_window(&self, local: SocketAddr, lo_ns: u64, hi_ns: u64) -> Vec<String> {
+        let (ip, port) = (local.ip().to_string(), local.port().to_string());
+        let sk = self
+            .hits
+            .iter()
+            .find(|h| {
+                h.event == "tcp_retransmit_skb"
+                    && h.field("saddr") == ip
+                    && h.field("sport") == port
+            })
+            .and_then(|h| h.addr("skaddr"));
+        let timer = sk.zip(self.timer_offset).map(|(s, o)| s.wrapping_add(o));
+        self.hits
+            .iter()
+            .filter(|h| (lo_ns..hi_ns).contains(&h.ts_ns))
+            .filter(|h| {
+                (h.event == "timer_expire_entry" && timer.is_some() && h.addr("timer") == timer)
+                    || (h.event == "tcp_retransmit_skb" && h.addr("skaddr") == sk)
+            })
+            .map(|h| h.line.clone())
+            .collect()
     }
 
     /// What of the socket at `local` reached the tracepoints in

@@ -895,7 +895,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     // 3. The summary (its fields are part of the test contract).
     let stats_final = stats.read().unwrap_or(pipeline.last_stats);
+    // Each attached program's kernel run count (`name=runs`, comma
+    // separated) while run-time statistics are on (`--program-stats`),
+    // else empty.
+    let program_runs = match pipeline.programs.read() {
+        Ok(samples) if pipeline.programs.run_time_enabled() => samples
+            .iter()
+            .map(|s| format!("{}={}", s.program, s.run_count))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => String::new(),
+    };
     info!(
+        program_runs = %program_runs,
         submitted = stats_final.submitted,
         dropped = stats_final.ringbuf_dropped,
         read_errors = stats_final.read_errors,
