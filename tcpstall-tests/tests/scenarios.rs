@@ -196,6 +196,9 @@ fn s1_blackhole_events_end_to_end() {
         .map(|w| (w[0].0, w[1].0))
         .collect();
     if !gaps.is_empty() {
+        test_note(&format!(
+            "s1_blackhole_events_end_to_end: RTO expiries not seen between backoff steps {gaps:?} (tolerated: one); summary {summary}"
+        ));
         let (lo, hi) = (
             ev_u64(first, "ts_ns"),
             ev_u64(timers[timers.len() - 1], "ts_ns"),
@@ -1724,6 +1727,18 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
         if unrun_tolerated { unrun.len() } else { 0 },
         malformed.len(),
     );
+    test_note(&format!(
+        "{tag}: {} flows, {expiries} expiries seen, {} gaps failed, {} kernel-side (no probe reached), {} in runs the kernel did not make; retransmit program runs {runs} for {witnessed} witnessed retransmissions; witness {}; submitted {}, dropped {}, missed_runs {}, timer_not_due {}",
+        locals.len(),
+        gaps.len(),
+        blackouts.len(),
+        if unrun_tolerated { unrun.len() } else { 0 },
+        witness.lost.as_deref().unwrap_or("complete"),
+        summary["submitted"],
+        summary["dropped"],
+        summary["missed_runs"],
+        summary["timer_not_due"],
+    ));
     if !blackouts.is_empty() {
         eprintln!(
             "KERNEL-SIDE GAPS: RTO expiries the kernel handled (icsk_retransmits moved on) whose tracepoints reached neither the agent's programs nor the ftrace witness:\n{}",

@@ -539,7 +539,17 @@ fn main() -> anyhow::Result<()> {
             }
             c.env("TCPSTALL_AGENT_BIN", &bin);
             c.env("TCPSTALL_IMAGE", image_tag);
-            run_cmd(&mut c)?;
+            // Findings of passing tests (tcpstall_tests::test_note), printed
+            // whether the run passed or not.
+            let notes = workspace_root().join("target/test-notes.txt");
+            let _ = std::fs::remove_file(&notes);
+            c.env("TCPSTALL_TEST_NOTES", &notes);
+            let result = run_cmd(&mut c);
+            if let Ok(text) = std::fs::read_to_string(&notes) {
+                step("notes from the privileged tests");
+                eprint!("{text}");
+            }
+            result?;
             if !no_vm {
                 let tests: Vec<String> = VM_TESTS.iter().map(|s| s.to_string()).collect();
                 vm_matrix(&vm_opts, &bin, &tests)?;
