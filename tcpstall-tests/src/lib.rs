@@ -1383,9 +1383,10 @@ mod witness_tests {
     /// The timer's offset in the socket is read off timer-then-retransmit
     /// pairs, each socket's hits are its own, and a window with nothing of
     /// the socket reached no probe only by a complete record.
-    /// Mutations: `h.addr("timer") == timer` dropped from the timer count ->
-    /// fails with the other socket's expiries counted (5, not 3);
-    /// `reliable: true` always -> fails: the lost record clears the gap.
+    /// Mutations (in `Witnessed::socket_hits` / `in_window`):
+    /// `h.addr("timer") == timer` dropped -> fails with the other socket's
+    /// expiries counted (5, not 3); `reliable: true` always -> fails: the
+    /// lost record clears the gap.
     #[test]
     fn witnessed_per_socket_windows() {
         let (a, b) = (0xffff_8881_0000_0000u64, 0xffff_8881_0000_8000u64);
@@ -1511,27 +1512,40 @@ impl Witnessed {
             .count()
     }
 
-    /// The witness's lines of the socket at `local` in `[lo_ns, hi_ns)`
-    /// (its timer hits and retransmissions), for a gap report.
-    pub fn lines_in_window(&self, local: SocketAddr, lo_ns: u64, hi_ns: u64) -> Vec<String> {
+    /// The hits of the socket at `local`: its retransmissions (by `saddr`
+    /// and `sport`) and its write-timer hits (by the timer's address: the
+    /// socket's `skaddr` plus the timer offset), and whether timer hits could
+    /// be tied to it.
+    fn socket_hits(&self, local: SocketAddr) -> (Vec<&WitnessHit>, bool) {
         let (ip, port) = (local.ip().to_string(), local.port().to_string());
+        let is_retransmit = |h: &WitnessHit| {
+            h.event == "tcp_retransmit_skb" && h.field("saddr") == ip && h.field("sport") == port
+        };
         let sk = self
             .hits
             .iter()
-            .find(|h| {
-                h.event == "tcp_retransmit_skb"
-                    && h.field("saddr") == ip
-                    && h.field("sport") == port
-            })
+            .find(|h| is_retransmit(h))
             .and_then(|h| h.addr("skaddr"));
         let timer = sk.zip(self.timer_offset).map(|(s, o)| s.wrapping_add(o));
-        self.hits
+        let hits = self
+            .hits
             .iter()
-            .filter(|h| (lo_ns..hi_ns).contains(&h.ts_ns))
             .filter(|h| {
-                (h.event == "timer_expire_entry" && timer.is_some() && h.addr("timer") == timer)
-                    || (h.event == "tcp_retransmit_skb" && h.addr("skaddr") == sk)
+                is_retransmit(h)
+                    || (timer.is_some()
+                        && h.event == "timer_expire_entry"
+                        && h.addr("timer") == timer)
             })
+            .collect();
+        (hits, timer.is_some())
+    }
+
+    /// The witness's lines of the socket at `local` in `[lo_ns, hi_ns)`
+    /// (its timer hits and retransmissions), for a gap report.
+    pub fn lines_in_window(&self, local: SocketAddr, lo_ns: u64, hi_ns: u64) -> Vec<String> {
+        let (hits, _) = self.socket_hits(local);
+        hits.into_iter()
+            .filter(|h| (lo_ns..hi_ns).contains(&h.ts_ns))
             .map(|h| h.line.clone())
             .collect()
     }
@@ -1539,32 +1553,16 @@ impl Witnessed {
     /// What of the socket at `local` reached the tracepoints in
     /// `[lo_ns, hi_ns)` (microsecond resolution).
     pub fn in_window(&self, local: SocketAddr, lo_ns: u64, hi_ns: u64) -> WitnessSeen {
-        let (ip, port) = (local.ip().to_string(), local.port().to_string());
-        let rtx: Vec<&WitnessHit> = self
-            .hits
-            .iter()
-            .filter(|h| {
-                h.event == "tcp_retransmit_skb"
-                    && h.field("saddr") == ip
-                    && h.field("sport") == port
-            })
+        let (hits, timer_known) = self.socket_hits(local);
+        let in_window: Vec<&WitnessHit> = hits
+            .into_iter()
+            .filter(|h| (lo_ns..hi_ns).contains(&h.ts_ns))
             .collect();
-        let sk = rtx.first().and_then(|h| h.addr("skaddr"));
-        let timer = sk.zip(self.timer_offset).map(|(s, o)| s.wrapping_add(o));
-        let window = |h: &WitnessHit| (lo_ns..hi_ns).contains(&h.ts_ns);
+        let count = |event: &str| in_window.iter().filter(|h| h.event == event).count();
         WitnessSeen {
-            timer_hits: self
-                .hits
-                .iter()
-                .filter(|h| {
-                    h.event == "timer_expire_entry"
-                        && timer.is_some()
-                        && h.addr("timer") == timer
-                        && window(h)
-                })
-                .count(),
-            retransmits: rtx.iter().filter(|h| window(h)).count(),
-            reliable: self.lost.is_none() && timer.is_some(),
+            timer_hits: count("timer_expire_entry"),
+            retransmits: count("tcp_retransmit_skb"),
+            reliable: self.lost.is_none() && timer_known,
         }
     }
 }

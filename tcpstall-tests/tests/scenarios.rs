@@ -1394,7 +1394,7 @@ fn bad_privileges_and_input_fail_with_one_clear_line() {
 ///   the retransmissions the witness saw for the storm's sockets while the
 ///   programs were attached, by at least the retransmissions of those gaps:
 ///   then the kernel did not run the program there (with no recursion miss
-///   counted), printed as `KERNEL-SKIPPED PROGRAM RUNS`, not failed.
+///   counted), printed as `RUNS THE KERNEL DID NOT MAKE`, not failed.
 ///
 /// On a fresh machine (a CI run, and a fresh-clone run here) the storm has
 /// shown the third kind: all the timers one CPU handled at one jiffy (76 or
@@ -1688,7 +1688,7 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
     if !unrun.is_empty() {
         if unrun_tolerated {
             eprintln!(
-                "KERNEL-SKIPPED PROGRAM RUNS: the witness saw {witnessed} retransmissions of the storm's sockets while the agent's programs were attached, the kernel ran the agent's retransmit program {runs} times (no recursion miss counted): {kernel_skipped} runs not made, which covers the {unrun_retransmits} retransmissions of these gaps:\n{}",
+                "RUNS THE KERNEL DID NOT MAKE: the witness saw {witnessed} retransmissions of the storm's sockets while the agent's programs were attached, the kernel ran the agent's retransmit program {runs} times (no recursion miss counted): {kernel_skipped} runs not made, which covers the {unrun_retransmits} retransmissions of these gaps:\n{}",
                 unrun
                     .iter()
                     .map(|(w, _, _)| w.as_str())
