@@ -1387,8 +1387,9 @@ fn bad_privileges_and_input_fail_with_one_clear_line() {
 ///   that saw at least every expiry the agent saw on that socket:
 ///   `icsk_retransmits` moved on without the tracepoints firing for anyone,
 ///   printed as `KERNEL-SIDE GAPS` and counted, not failed;
-/// - the witness saw the expiry and its retransmission and both of the
-///   agent's programs are silent: fails, unless the kernel's own run count
+/// - the witness saw retransmissions of the socket there that the agent
+///   has no event for (the same check covers the first expiries, from the
+///   attach to the first expiry seen): fails, unless the kernel's own run count
 ///   of the agent's retransmit program (the agent runs with
 ///   `--program-stats`; `program_runs` in its shutdown summary) is below
 ///   the retransmissions the witness saw for the storm's sockets while the
@@ -1405,7 +1406,13 @@ fn bad_privileges_and_input_fail_with_one_clear_line() {
 /// (the 5th expiry's timer and retransmit events of each socket left out of
 /// the check) fails with "in between the agent has 0 retransmit events, the
 /// witness 1 write-timer expiries and 1 retransmissions ... (the kernel ran
-/// the retransmit program 2520 times for 2520 witnessed retransmissions)".
+/// the retransmit program 2520 times for 2520 witnessed retransmissions)";
+/// the first RTO expiry's timer and retransmit events left out fails with
+/// "first expiry(ies) unseen: first event has retransmits 1; before it the
+/// agent has 1 retransmit events, the witness 3 write-timer expiries and 2
+/// retransmissions ... (the kernel ran the retransmit program 2520 times
+/// ...)"; its timer event alone left out fails with "... the agent has 2
+/// retransmit events, the witness ... 2 retransmissions".
 /// Needs `net.ipv4.tcp_rto_max_ms` (6.15+): run on the host, not in the
 /// 6.1/6.12 guests.
 /// Measured on 6.18 (host): 2,520 expiries, 0 gaps, 0 missed runs, 0 drops.
@@ -1589,14 +1596,38 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
             ));
         };
         if !agent_mid_episode && ev_u64(first, "retransmits") != 0 {
-            report(
-                format!(
-                    "first expiry(ies) unseen: first event has retransmits {}",
-                    ev_u64(first, "retransmits")
-                ),
-                None,
-                Some(first),
+            // From the attach to the first expiry seen: the tail-loss probe's
+            // retransmission and those of the unseen expiries.
+            let (lo, hi) = (attached_ns, ev_u64(first, "ts_ns") - 50_000_000);
+            let ours = flow
+                .iter()
+                .filter(|e| {
+                    ev_str(e, "kind") == "retransmit" && (lo..hi).contains(&ev_u64(e, "ts_ns"))
+                })
+                .count();
+            let seen = witness.in_window(*local, lo, hi);
+            let what = format!(
+                "first expiry(ies) unseen: first event has retransmits {}; before it the agent has {ours} retransmit events, the witness {seen}",
+                ev_u64(first, "retransmits")
             );
+            let lines = witness.lines_in_window(*local, lo, hi);
+            if seen.reliable && seen.retransmits > ours {
+                unrun_retransmits += seen.retransmits - ours;
+                unrun.push((
+                    format!(
+                        "{local}: {what}:\n    witness: {}",
+                        lines.join("\n    witness: ")
+                    ),
+                    None,
+                    Value::clone(first),
+                ));
+            } else {
+                report(
+                    format!("{what}:\n    witness: {}", lines.join("\n    witness: ")),
+                    None,
+                    Some(first),
+                );
+            }
         }
         // The witness clears a gap only for a socket where it saw at least
         // every expiry the agent saw (a witness that sees nothing clears
@@ -1632,8 +1663,8 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
                 if ours == 0 && seen.reached_no_probe() && witness_total.timer_hits >= timers.len()
                 {
                     blackouts.push(format!("{local}: {what}"));
-                } else if ours == 0 && seen.reliable && seen.retransmits > 0 {
-                    unrun_retransmits += seen.retransmits;
+                } else if seen.reliable && seen.retransmits > ours {
+                    unrun_retransmits += seen.retransmits - ours;
                     unrun.push((
                         format!(
                             "{local}: {what}:\n    witness: {}",
@@ -1641,8 +1672,8 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
                                 .lines_in_window(*local, lo, hi)
                                 .join("\n    witness: ")
                         ),
-                        w[0].clone(),
-                        w[1].clone(),
+                        Some(Value::clone(w[0])),
+                        Value::clone(w[1]),
                     ));
                 } else {
                     let lines = witness.lines_in_window(*local, lo, hi);
@@ -1699,7 +1730,7 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
             for (what, before, after) in &unrun {
                 gaps.push(format!(
                     "{what}\n  (the kernel ran the retransmit program {runs} times for {witnessed} witnessed retransmissions)\n  before: {}\n  after:  {}",
-                    fmt_event(before),
+                    before.as_ref().map_or("-".into(), fmt_event),
                     fmt_event(after)
                 ));
             }
