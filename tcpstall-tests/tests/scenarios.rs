@@ -1566,6 +1566,14 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
             .iter()
             .filter(|e| ev_str(e, "kind") == "write_timer" && ev_u64(e, "pending") == 1)
             .collect();
+        // The agent's retransmit events of this socket in [lo, hi).
+        let our_retransmits = |lo: u64, hi: u64| {
+            flow.iter()
+                .filter(|e| {
+                    ev_str(e, "kind") == "retransmit" && (lo..hi).contains(&ev_u64(e, "ts_ns"))
+                })
+                .count()
+        };
         let verdict = flow
             .iter()
             .find(|e| ev_str(e, "kind") == "error_report" && ev_u64(e, "sk_err") == 110);
@@ -1599,12 +1607,7 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
             // From the attach to the first expiry seen: the tail-loss probe's
             // retransmission and those of the unseen expiries.
             let (lo, hi) = (attached_ns, ev_u64(first, "ts_ns") - 50_000_000);
-            let ours = flow
-                .iter()
-                .filter(|e| {
-                    ev_str(e, "kind") == "retransmit" && (lo..hi).contains(&ev_u64(e, "ts_ns"))
-                })
-                .count();
+            let ours = our_retransmits(lo, hi);
             let seen = witness.in_window(*local, lo, hi);
             let what = format!(
                 "first expiry(ies) unseen: first event has retransmits {}; before it the agent has {ours} retransmit events, the witness {seen}",
@@ -1649,12 +1652,7 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
                     ev_u64(w[0], "ts_ns") + 50_000_000,
                     ev_u64(w[1], "ts_ns") - 50_000_000,
                 );
-                let ours = flow
-                    .iter()
-                    .filter(|e| {
-                        ev_str(e, "kind") == "retransmit" && (lo..hi).contains(&ev_u64(e, "ts_ns"))
-                    })
-                    .count();
+                let ours = our_retransmits(lo, hi);
                 let seen = witness.in_window(*local, lo, hi);
                 let what = format!(
                     "retransmits {a} -> {b} ({} unseen); in between the agent has {ours} retransmit events, the witness {seen}",
