@@ -33,6 +33,14 @@ pub mod program {
     /// `tp_btf/tcp_retransmit_skb` (kernels whose tracepoint has no `err`).
     pub const RETRANSMIT_BTF: &str = "tcpstall_retransmit_btf";
     pub const RETRANSMIT_DIRECT: &str = "tcpstall_retransmit_direct";
+    /// The last fallbacks of the socket tracepoints: probe reads from the
+    /// argument as a plain number, the cookie as the socket holds it; no
+    /// socket pointer passed to any helper.
+    pub const RETRANSMIT_PLAIN_ERR: &str = "tcpstall_retransmit_plain_err";
+    pub const RETRANSMIT_PLAIN: &str = "tcpstall_retransmit_plain";
+    pub const STATE_PLAIN: &str = "tcpstall_state_plain";
+    pub const ERROR_REPORT_PLAIN: &str = "tcpstall_error_report_plain";
+    pub const ACK_PLAIN: &str = "tcpstall_ack_plain";
     /// `tp_btf/inet_sock_set_state`
     pub const STATE_BTF: &str = "tcpstall_state_btf";
     pub const STATE_DIRECT: &str = "tcpstall_state_direct";
@@ -467,6 +475,13 @@ pub const SWEEP_PROGRAM: &str = "tcpstall_sweep";
 /// The same iterator with plain loads through the typed socket and task
 /// (tried first).
 pub const SWEEP_DIRECT_PROGRAM: &str = "tcpstall_sweep_direct";
+/// The last fallback: the socket reached through probe reads of plain
+/// addresses only (no typed socket pointer, no helper that takes one), so
+/// a verifier that hands out `socket->sk` as an untrusted pointer (seen on
+/// a 6.18.44 build) still loads it. The cookie is `skc_cookie` as read (0
+/// until something asked the kernel for it: the agent then keys the socket
+/// by its address until an event names its cookie).
+pub const SWEEP_PLAIN_PROGRAM: &str = "tcpstall_sweep_plain";
 
 /// One TCP socket found by the sweep: the same snapshot as every event
 /// (`kind::SWEEP`, `source::SWEEP`) plus what only the file walk knows: the

@@ -37,7 +37,7 @@ use tcpstall_common::{
 
 mod kfunc;
 pub mod snapshot;
-use snapshot::{Copied, Direct, Probe, Source, is_tcp, read};
+use snapshot::{Copied, Direct, Plain, Probe, Source, is_tcp, read};
 use tcpstall_common::{SOCK_SCRATCH_BYTES, SockSnapshot};
 mod sweep;
 
@@ -176,17 +176,42 @@ macro_rules! tp_program {
     };
 }
 
+/// The socket tracepoints' programs: `DIRECT` as above; `PLAIN`, the last
+/// fallback, reads with probe reads from the argument as a plain number and
+/// takes the cookie as the socket holds it (`skc_cookie`, 0 until asked),
+/// never passing the socket to a helper: a kernel build whose verifier does
+/// not trust the tracepoint's pointer still loads it.
+macro_rules! tp_sock_program {
+    ($name:ident, $direct:literal, $plain:literal, $tp:literal, $body:ident) => {
+        #[btf_tracepoint(function = $tp)]
+        pub fn $name(ctx: BtfTracePointContext) -> i32 {
+            match $body::<$direct, $plain>(&ctx) {
+                Ok(()) | Err(Skip) => 0,
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------
 // tcp:tcp_retransmit_skb (tp_btf): every retransmitted segment.
 
-tp_program!(
+tp_sock_program!(
     tcpstall_retransmit_btf,
+    false,
     false,
     "tcp_retransmit_skb",
     try_retransmit_btf
 );
-tp_program!(
+tp_sock_program!(
     tcpstall_retransmit_direct,
+    true,
+    false,
+    "tcp_retransmit_skb",
+    try_retransmit_btf
+);
+tp_sock_program!(
+    tcpstall_retransmit_plain,
+    false,
     true,
     "tcp_retransmit_skb",
     try_retransmit_btf
@@ -194,27 +219,38 @@ tp_program!(
 // 6.17+: the tracepoint also fires for failed attempts; its third argument
 // (`err`) tells them apart. Loading fails on kernels without that argument,
 // and the agent falls back to the programs above.
-tp_program!(
+tp_sock_program!(
     tcpstall_retransmit_btf_err,
+    false,
     false,
     "tcp_retransmit_skb",
     try_retransmit_err
 );
-tp_program!(
+tp_sock_program!(
     tcpstall_retransmit_direct_err,
+    true,
+    false,
+    "tcp_retransmit_skb",
+    try_retransmit_err
+);
+tp_sock_program!(
+    tcpstall_retransmit_plain_err,
+    false,
     true,
     "tcp_retransmit_skb",
     try_retransmit_err
 );
 
 #[inline(always)]
-fn try_retransmit_err<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+fn try_retransmit_err<const DIRECT: bool, const PLAIN: bool>(
+    ctx: &BtfTracePointContext,
+) -> Result<(), Skip> {
     let err: i32 = ctx.arg(2);
     if err != 0 {
         bump(stat::RETRANSMIT_FAILED);
         return Err(Skip);
     }
-    try_retransmit_btf::<DIRECT>(ctx)
+    try_retransmit_btf::<DIRECT, PLAIN>(ctx)
 }
 
 /// Emit one socket event of `kind` for the BTF tracepoint's socket (argument
@@ -223,7 +259,7 @@ fn try_retransmit_err<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<
 /// `tcp_only` drops non-TCP sockets. `finish` adds what is specific to the
 /// hook.
 #[inline(always)]
-fn tp_sock_event<const DIRECT: bool>(
+fn tp_sock_event<const DIRECT: bool, const PLAIN: bool>(
     ctx: &BtfTracePointContext,
     l: &KernelLayout,
     tcp_only: bool,
@@ -241,6 +277,9 @@ fn tp_sock_event<const DIRECT: bool>(
     let sk = arg_scalar(ctx.as_ptr(), 0);
     if tcp_only && !is_tcp(l, sk) {
         return Err(Skip);
+    }
+    if PLAIN {
+        return sock_event(l, Plain(sk), sk_ptr, event_kind, finish);
     }
     sock_event(l, Probe(sk), sk_ptr, event_kind, finish)
 }
@@ -270,6 +309,9 @@ fn sock_event<S: Source>(
 /// `struct sock *`).
 #[inline(always)]
 fn cookie_of<S: Source>(l: &KernelLayout, sk: S, sk_ptr: *mut core::ffi::c_void) -> u64 {
+    if !S::COOKIE_HELPER {
+        return sk.get(&l.fields[field::SKC_COOKIE]);
+    }
     let cookie = if S::PLAIN_LOADS {
         sk.get(&l.fields[field::SKC_COOKIE])
     } else {
@@ -283,33 +325,46 @@ fn cookie_of<S: Source>(l: &KernelLayout, sk: S, sk_ptr: *mut core::ffi::c_void)
 }
 
 #[inline(always)]
-fn try_retransmit_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+fn try_retransmit_btf<const DIRECT: bool, const PLAIN: bool>(
+    ctx: &BtfTracePointContext,
+) -> Result<(), Skip> {
     let l = layout()?;
-    tp_sock_event::<DIRECT>(ctx, l, false, kind::RETRANSMIT, |_| {})
+    tp_sock_event::<DIRECT, PLAIN>(ctx, l, false, kind::RETRANSMIT, |_| {})
 }
 
 // ---------------------------------------------------------------------------
 // sock:inet_sock_set_state (tp_btf): every TCP state change.
 
-tp_program!(
+tp_sock_program!(
     tcpstall_state_btf,
+    false,
     false,
     "inet_sock_set_state",
     try_state_btf
 );
-tp_program!(
+tp_sock_program!(
     tcpstall_state_direct,
+    true,
+    false,
+    "inet_sock_set_state",
+    try_state_btf
+);
+tp_sock_program!(
+    tcpstall_state_plain,
+    false,
     true,
     "inet_sock_set_state",
     try_state_btf
 );
 
 #[inline(always)]
-fn try_state_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+fn try_state_btf<const DIRECT: bool, const PLAIN: bool>(
+    ctx: &BtfTracePointContext,
+) -> Result<(), Skip> {
     let l = layout()?;
     let old_state: i32 = ctx.arg(1);
     let new_state: i32 = ctx.arg(2);
-    tp_sock_event::<DIRECT>(ctx, l, true, kind::STATE, |ev| {
+    tp_sock_event::<DIRECT, PLAIN>(ctx, l, true, kind::STATE, |ev| {
         ev.old_state = old_state as u8;
         ev.sock.state = new_state as u8;
     })
@@ -318,23 +373,34 @@ fn try_state_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), S
 // ---------------------------------------------------------------------------
 // sock:inet_sk_error_report (tp_btf): the kernel's error verdict.
 
-tp_program!(
+tp_sock_program!(
     tcpstall_error_report_btf,
+    false,
     false,
     "inet_sk_error_report",
     try_error_report_btf
 );
-tp_program!(
+tp_sock_program!(
     tcpstall_error_report_direct,
+    true,
+    false,
+    "inet_sk_error_report",
+    try_error_report_btf
+);
+tp_sock_program!(
+    tcpstall_error_report_plain,
+    false,
     true,
     "inet_sk_error_report",
     try_error_report_btf
 );
 
 #[inline(always)]
-fn try_error_report_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+fn try_error_report_btf<const DIRECT: bool, const PLAIN: bool>(
+    ctx: &BtfTracePointContext,
+) -> Result<(), Skip> {
     let l = layout()?;
-    tp_sock_event::<DIRECT>(ctx, l, true, kind::ERROR_REPORT, |_| {})
+    tp_sock_event::<DIRECT, PLAIN>(ctx, l, true, kind::ERROR_REPORT, |_| {})
 }
 
 // ---------------------------------------------------------------------------
@@ -346,11 +412,14 @@ fn try_error_report_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Resul
 // that advances `snd_una`) go further, and only a segment acknowledging new
 // data is reported. That is one event per recovered episode.
 
-tp_program!(tcpstall_ack_btf, false, "tcp_probe", try_ack_btf);
-tp_program!(tcpstall_ack_direct, true, "tcp_probe", try_ack_btf);
+tp_sock_program!(tcpstall_ack_btf, false, false, "tcp_probe", try_ack_btf);
+tp_sock_program!(tcpstall_ack_direct, true, false, "tcp_probe", try_ack_btf);
+tp_sock_program!(tcpstall_ack_plain, false, true, "tcp_probe", try_ack_btf);
 
 #[inline(always)]
-fn try_ack_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+fn try_ack_btf<const DIRECT: bool, const PLAIN: bool>(
+    ctx: &BtfTracePointContext,
+) -> Result<(), Skip> {
     let l = layout()?;
     let f = &l.fields;
     let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
@@ -371,6 +440,9 @@ fn try_ack_btf<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Ski
         }
         let una = read(sk, &f[field::TP_SND_UNA]) as u32;
         let ack = ack_after(ctx, l, una)?;
+        if PLAIN {
+            return sock_event(l, Plain(sk), sk_ptr, kind::ACK, |ev| ev.ack_seq = ack);
+        }
         sock_event(l, Probe(sk), sk_ptr, kind::ACK, |ev| ev.ack_seq = ack)
     }
 }

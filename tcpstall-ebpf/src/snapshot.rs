@@ -81,6 +81,9 @@ fn read16(base: u64, spec: &FieldSpec, out: &mut [u8; 16]) {
 pub trait Source: Copy {
     /// Reads cost a plain load each (no helper call).
     const PLAIN_LOADS: bool;
+    /// The cookie may be asked of the kernel (`bpf_get_socket_cookie` on
+    /// the hook's typed pointer); false: only `skc_cookie` as it is.
+    const COOKIE_HELPER: bool = true;
     /// The object's address (correlation only).
     fn addr(self) -> u64;
     fn is_null(self) -> bool;
@@ -113,6 +116,37 @@ impl Source for Probe {
     #[inline(always)]
     fn follow(self, spec: &FieldSpec) -> Self {
         Probe(read(self.0, spec))
+    }
+    #[inline(always)]
+    fn get16(self, spec: &FieldSpec, out: &mut [u8; 16]) {
+        read16(self.0, spec, out)
+    }
+}
+
+/// A kernel address read with probe reads, for the last fallbacks: nothing
+/// typed is passed to any helper, the cookie included (read as the socket
+/// holds it). Otherwise [`Probe`].
+#[derive(Clone, Copy)]
+pub struct Plain(pub u64);
+
+impl Source for Plain {
+    const PLAIN_LOADS: bool = false;
+    const COOKIE_HELPER: bool = false;
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0
+    }
+    #[inline(always)]
+    fn is_null(self) -> bool {
+        self.0 == 0
+    }
+    #[inline(always)]
+    fn get(self, spec: &FieldSpec) -> u64 {
+        read(self.0, spec)
+    }
+    #[inline(always)]
+    fn follow(self, spec: &FieldSpec) -> Self {
+        Plain(read(self.0, spec))
     }
     #[inline(always)]
     fn get16(self, spec: &FieldSpec, out: &mut [u8; 16]) {

@@ -10,11 +10,14 @@
 //!
 //! The snapshot is the one every event program takes ([`crate::snapshot::fill`]).
 //!
-//! Two programs: [`tcpstall_sweep_direct`] reads the socket with plain loads
+//! Three programs, tried in this order (the agent's probe table, probe
+//! `sweep`): [`tcpstall_sweep_direct`] reads the socket with plain loads
 //! through the typed `tcp_sock` (`bpf_skc_to_tcp_sock`) and the task through
 //! its BTF pointer (no helper call per field); [`tcpstall_sweep`] reads with
-//! probe reads. The agent loads the direct one first and falls back to the
-//! other when the verifier refuses it. Tests are ordered cheapest first: a
+//! probe reads but asks `bpf_get_socket_cookie` for the cookie (a typed
+//! socket); [`tcpstall_sweep_plain`] needs no typed socket at all: some
+//! kernel builds hand out `socket->sk` as an untrusted pointer, which every
+//! socket helper refuses. Tests are ordered cheapest first: a
 //! non-socket file costs one helper call, a non-TCP socket a few loads.
 
 use aya_ebpf::{
@@ -63,6 +66,63 @@ pub fn tcpstall_sweep(ctx: *mut core::ffi::c_void) -> i32 {
     match try_sweep::<false>(ctx as *const IterTaskFile) {
         Ok(()) | Err(Skip) => 0,
     }
+}
+
+/// Plain-address variant (the last fallback): asks the verifier for
+/// nothing a kernel build may withhold. The only typed pointer it passes to
+/// a helper is the iterator's own `file` (to `bpf_sock_from_file`, which
+/// the hook exists for); `socket->sk` and every socket and task field are
+/// read with `bpf_probe_read_kernel` from plain addresses (scalars to the
+/// verifier), and the cookie is `skc_cookie` as read.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn tcpstall_sweep_plain(ctx: *mut core::ffi::c_void) -> i32 {
+    match try_sweep_plain(ctx as *const IterTaskFile) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_sweep_plain(ctx: *const IterTaskFile) -> Result<(), Skip> {
+    // SAFETY: the iterator context, read at constant offsets.
+    let (meta, task, fd, filp) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx).meta),
+            core::ptr::read_volatile(&(*ctx).task),
+            core::ptr::read_volatile(&(*ctx).fd),
+            core::ptr::read_volatile(&(*ctx).file),
+        )
+    };
+    if meta.is_null() || task.is_null() || filp.is_null() {
+        return Err(Skip);
+    }
+    // SAFETY: `filp` is the iterator's (non-null) `struct file *`.
+    let sock = unsafe { bpf_sock_from_file(filp) };
+    if sock.is_null() {
+        return Err(Skip);
+    }
+    bump(stat::SWEEP_SOCKET_FILES);
+    let sock = sock as u64;
+    if socket_type::<false>(sock as *const u8) != SOCK_STREAM {
+        return Err(Skip);
+    }
+    let l = layout()?;
+    // SAFETY: bpf_probe_read_kernel copes with any address; the result is a
+    // plain number to the verifier (never a typed pointer).
+    let sk = unsafe { bpf_probe_read_kernel((sock + SOCKET_SK_OFFSET as u64) as *const u64) }
+        .unwrap_or(0);
+    if sk == 0 {
+        return Err(Skip);
+    }
+    let family = Probe(sk).get(&l.fields[field::SKC_FAMILY]) as u32;
+    if (family != crate::AF_INET && family != crate::AF_INET6)
+        || !l.fields[field::SK_PROTOCOL].is_present()
+        || !is_tcp(l, sk)
+    {
+        return Err(Skip);
+    }
+    // Cookie 0: `snapshot::fill_from` reads `skc_cookie`.
+    emit(meta, l, Probe(sk), Probe(task as u64), fd, 0)
 }
 
 /// Direct-load variant (tried first).

@@ -337,24 +337,37 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {program} (the agent): {e}"));
+        // Logs (JSON, one object a line) come on stderr, as for every
+        // command; stdout carries nothing in `run`.
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().expect("stdout");
-        let sink = lines.clone();
         thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => sink.lock().expect("lock").push(v),
-                    Err(_) => eprintln!("agent (non-JSON): {line}"),
-                }
+                eprintln!("agent stdout: {line}");
             }
         });
         let err = child.stderr.take().expect("stderr");
         let stderr = Arc::new(Mutex::new(String::new()));
         let esink = stderr.clone();
+        let sink = lines.clone();
         thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("agent stderr: {line}");
-                esink.lock().expect("lock").push_str(&(line + "\n"));
+                // What a failure message quotes: warnings, errors and
+                // anything that is not a log line (the exit error).
+                let quoted = match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => {
+                        let loud = v["level"] == "WARN" || v["level"] == "ERROR";
+                        sink.lock().expect("lock").push(v);
+                        loud
+                    }
+                    Err(_) => {
+                        eprintln!("agent (non-JSON): {line}");
+                        true
+                    }
+                };
+                if quoted {
+                    esink.lock().expect("lock").push_str(&(line + "\n"));
+                }
             }
         });
         let mut agent = Agent {
@@ -1564,5 +1577,15 @@ impl Witnessed {
             retransmits: count("tcp_retransmit_skb"),
             reliable: self.lost.is_none() && timer_known,
         }
+    }
+}
+
+impl Agent {
+    /// Like [`Agent::start`], but runs `program` instead of the agent from
+    /// [`agent_path`]: another build of `tcpstall` (the binary of the
+    /// container image), or a launcher that `exec`s one with the arguments
+    /// it is given (so [`Agent::pid`] is the agent's).
+    pub fn start_binary(program: &std::path::Path, extra: &[&str]) -> Self {
+        Self::spawn(Command::new(program), extra)
     }
 }

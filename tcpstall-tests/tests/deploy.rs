@@ -402,6 +402,7 @@ const REQUIRED_ALERTS: &[&str] = &[
     "TCPStallEventsDropped",
     "TCPStallProbeRunsMissed",
     "TCPStallProbeDetached",
+    "TCPStallFeatureUnavailable",
 ];
 
 /// The stall alerts: one per incident (node, namespace, pod, remote).

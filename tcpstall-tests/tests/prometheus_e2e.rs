@@ -739,6 +739,10 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
             need(!rows.is_empty(), format!("`{title}` {id}: empty"));
         }
     }
+    // Every feature is on with this kernel's sweep: the panel lists none.
+    for (id, rows) in panel(&during, "Features off") {
+        need(rows.is_empty(), format!("`Features off` {id}: {rows:?}"));
+    }
     // Predicted death as a time: ms since the epoch, within a minute.
     for title in [
         "Stalled now: incidents by pod and remote, predicted death as a time",

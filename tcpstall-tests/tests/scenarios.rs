@@ -1285,6 +1285,78 @@ fn s1_with_every_working_write_timer_mechanism() {
     }
 }
 
+/// S1 with only the last fallback of every probe, as on a kernel build
+/// whose verifier refuses everything else (`--deny-program` for every other
+/// candidate doctor lists, `--mechanism sock-ops` for the write timer): the
+/// `_plain` programs (no socket pointer passed to any helper, the cookie as
+/// the socket holds it) attach, and the agent still flags the stall before
+/// the death and records the flow's own ETIMEDOUT.
+/// Mutation: `Plain::get` returning 0 (`tcpstall-ebpf/src/snapshot.rs`)
+/// -> "no event of the flow" (every plain event decodes as no socket).
+#[test]
+fn s1_with_the_last_fallback_of_every_probe() {
+    require_tools();
+    let plan = doctor_json();
+    let mut deny = Vec::new();
+    let mut last = std::collections::BTreeMap::new();
+    for p in plan["probes"].as_array().expect("probes") {
+        let probe = ev_str(p, "probe").to_owned();
+        let attempts = p["attempts"].as_array().expect("attempts");
+        if probe == "write_timer" {
+            continue;
+        }
+        let (tail, rest) = attempts.split_last().expect("candidates");
+        deny.extend(rest.iter().map(|a| ev_str(a, "program").to_owned()));
+        last.insert(probe, ev_str(tail, "program").to_owned());
+    }
+    let deny = deny.join(",");
+    eprintln!("LAST FALLBACKS {last:?}; denied {deny}");
+    let link = Link::new("plain", 77);
+    link.a.sysctl("net.ipv4.tcp_retries2", "3");
+    let mut agent = Agent::start(&["--deny-program", &deny, "--mechanism", "sock-ops"]);
+    for (probe, program) in &last {
+        let attached = agent.wait_log(Duration::from_secs(5), "attach lines", |v| {
+            v["message"] == "probe attached" && v["probe"] == probe.as_str()
+        });
+        assert_eq!(ev_str(&attached, "program"), program, "{attached}");
+        assert!(
+            program.ends_with("_plain"),
+            "{probe}: last fallback {program}"
+        );
+    }
+    let conn = Conn::establish(&link, 8080, None);
+    let (local, server) = (conn.local, conn.server);
+    let _blackhole = link.b.blackhole_from(link.a_ip);
+    let (_, reader) = conn.write_and_await_death(Duration::from_secs(60));
+    let (_, errno) = reader.join().expect("reader");
+    assert_eq!(errno, Some(libc::ETIMEDOUT));
+    let flow = flow_events(&agent.events(), local, server);
+    let cookie = flow
+        .iter()
+        .map(|e| ev_u64(e, "cookie"))
+        .find(|&c| c != 0)
+        .unwrap_or_else(|| panic!("no event of the flow with a cookie: {flow:#?}"));
+    assert!(
+        flow.iter().any(|e| ev_str(e, "kind") == "retransmit"),
+        "the plain retransmit program reported nothing: {flow:#?}"
+    );
+    let timed_out = agent.wait_log(Duration::from_secs(5), "the flow's ETIMEDOUT", |v| {
+        v["message"] == "socket timed out (ETIMEDOUT)" && ev_u64(v, "cookie") == cookie
+    });
+    let started = agent
+        .logs()
+        .into_iter()
+        .find(|v| v["message"] == "stall started" && v["remote"] == server.to_string())
+        .unwrap_or_else(|| panic!("the flow was never flagged ({timed_out})"));
+    assert_eq!(ev_str(&started, "class"), "retransmit", "{started}");
+    let summary = agent.stop();
+    let summary = summary
+        .iter()
+        .find(|v| v["message"] == "tcpstall stopped")
+        .expect("shutdown summary");
+    assert_eq!(summary["dropped"], 0, "ring buffer drops: {summary}");
+}
+
 /// Without privileges, and with bad input, the agent exits non-zero with one
 /// clear line naming the problem and the fix (no panic, no backtrace).
 #[test]

@@ -575,3 +575,122 @@ fn sweep_off_leaves_event_loss_unrepaired() {
          the loss test does not measure the sweep"
     );
 }
+
+/// `tcpstall doctor --json` (stdout: the plan, nothing else; logs go to
+/// stderr), with `extra` arguments.
+fn doctor_plan(extra: &[&str]) -> Value {
+    let out = run_ok(
+        std::process::Command::new(agent_path())
+            .args(["doctor", "--json"])
+            .args(extra),
+        "tcpstall doctor --json",
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!("doctor --json printed something that is not JSON ({e}):\n{out}")
+    })
+}
+
+fn sweep_probe(plan: &Value) -> Value {
+    plan["probes"]
+        .as_array()
+        .expect("probes")
+        .iter()
+        .find(|p| p["probe"] == "sweep")
+        .cloned()
+        .unwrap_or_else(|| panic!("no sweep probe in the plan: {plan}"))
+}
+
+/// Whether the running kernel offers the sweep's hooks, found without the
+/// agent, twice: from the BTF (the `bpf_iter_task_file` iterator and the
+/// `bpf_sock_from_file` helper are functions there) and from the version
+/// (iter/task_file 5.8, bpf_sock_from_file 5.11). The two must agree.
+fn kernel_offers_the_sweep() -> bool {
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("/sys/kernel/btf/vmlinux");
+    let btf_has = |name: &str| {
+        let needle = [b"\0", name.as_bytes(), b"\0"].concat();
+        btf.windows(needle.len()).any(|w| w == needle.as_slice())
+    };
+    let by_btf = btf_has("bpf_iter_task_file") && btf_has("bpf_sock_from_file");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut v = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    let by_version = (major, minor) >= (5, 11);
+    eprintln!(
+        "SWEEP OFFERED | kernel {} | BTF {by_btf} | version {by_version}",
+        release.trim()
+    );
+    assert_eq!(
+        by_btf, by_version,
+        "kernel {release}: its BTF and its version disagree on the sweep's hooks"
+    );
+    by_btf
+}
+
+/// Where the kernel offers the sweep's hooks, a sweep program loads (the
+/// last fallback needs no typed socket, so no verifier may refuse it) and
+/// the probe is required; where it does not, every candidate says why and
+/// the agent still runs. Runs in every QEMU guest of the matrix too.
+/// Mutation: `TCPSTALL_DENY_PROGRAM=tcpstall_sweep_plain` in the test's
+/// environment (inherited by doctor) on this host, whose verifier refuses
+/// the other two: doctor fails ("required probe `sweep` could not be
+/// attached") and so does this test.
+#[test]
+fn sweep_loads_where_the_kernel_offers_it() {
+    require_root();
+    let offered = kernel_offers_the_sweep();
+    let plan = doctor_plan(&[]);
+    let sweep = sweep_probe(&plan);
+    for a in sweep["attempts"].as_array().expect("attempts") {
+        eprintln!("SWEEP PLAN {:<24} {}", ev_str(a, "program"), a["error"]);
+    }
+    if offered {
+        let program = sweep["program"].as_str().unwrap_or_else(|| {
+            panic!("the kernel offers the sweep and no sweep program loaded: {sweep}")
+        });
+        assert!(program.starts_with("tcpstall_sweep"), "{sweep}");
+        assert_eq!(sweep["required"], true, "{sweep}");
+        assert_eq!(sweep["chosen"], "sweep", "{sweep}");
+    } else {
+        assert!(sweep["program"].is_null(), "{sweep}");
+        for a in sweep["attempts"].as_array().expect("attempts") {
+            assert!(
+                ev_str(a, "error").starts_with("not offered: "),
+                "a kernel without the hooks: each attempt says so: {sweep}"
+            );
+        }
+    }
+}
+
+/// The sweep's last fallback, forced where better ones load (the QEMU
+/// guests) and the one this host's verifier leaves: doctor's JSON still
+/// parses and names the refusals, and a stall 13.5 s old at start-up is in
+/// `/api/v1/stalls` within 2 s of `/readyz`, found by
+/// `tcpstall_sweep_plain` (sockets nothing asked the cookie of are keyed
+/// by address until their next event), with both predictions within
+/// max(1 s, 5 %) of the kernel's ETIMEDOUT.
+/// Mutation: `try_sweep_plain` emitting nothing (`return Err(Skip)` before
+/// `emit`) -> "the stall in progress was not reported within 2 s".
+#[test]
+fn sweep_plain_fallback_finds_the_stall_in_progress() {
+    require_root();
+    if !kernel_offers_the_sweep() {
+        eprintln!(
+            "SWEEP PLAIN | kernel without the sweep's hooks: the plan test checks the reasons"
+        );
+        return;
+    }
+    let deny = "tcpstall_sweep_direct,tcpstall_sweep";
+    let plan = doctor_plan(&["--deny-program", deny]);
+    let sweep = sweep_probe(&plan);
+    assert_eq!(sweep["program"], "tcpstall_sweep_plain", "{sweep}");
+    for a in sweep["attempts"].as_array().expect("attempts") {
+        if a["program"] != "tcpstall_sweep_plain" {
+            assert_eq!(a["error"], "refused: --deny-program", "{sweep}");
+        }
+    }
+    let r = started_mid_stall("swpl", 52, false, 7, &["--deny-program", deny], true);
+    assert_seen_within_2s(&r);
+}

@@ -69,12 +69,41 @@ fn log_plan(plan: &loader::Plan) {
             Some(m) => info!(
                 probe = p.probe,
                 mechanism = m.as_str(),
+                program = p.program.unwrap_or_default(),
                 not_used = %failed.join("; "),
                 "probe attached"
             ),
             None => warn!(probe = p.probe, why = %failed.join("; "), "probe not attached"),
         }
     }
+}
+
+/// One line per feature that is off, saying why (WARN when the kernel is
+/// the reason: the node lacks something the fleet has).
+fn log_features(features: &[crate::features::FeatureStatus]) {
+    use crate::features::FeatureState;
+    for f in features {
+        match &f.state {
+            FeatureState::On => {}
+            FeatureState::OffConfig(flag) => {
+                info!(
+                    feature = f.name,
+                    what = f.what,
+                    flag,
+                    "feature off (configured)"
+                )
+            }
+            FeatureState::OffKernel(why) => {
+                warn!(feature = f.name, what = f.what, why = %why, "feature off: not available on this kernel")
+            }
+        }
+    }
+    let on: Vec<&str> = features
+        .iter()
+        .filter(|f| f.state == FeatureState::On)
+        .map(|f| f.name)
+        .collect();
+    info!(on = %on.join(","), "features");
 }
 
 /// Log one event as a structured line (`--log-events`).
@@ -708,6 +737,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         } else {
             Vec::new()
         },
+        denied: settings.deny_programs.clone(),
     };
     let mut loaded = loader::load(&opts).context("loading probes")?;
     log_plan(&loaded.plan);
@@ -734,6 +764,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         &loaded.plan.probes,
     );
+    let features = crate::features::features(
+        &loaded.sweep_program(),
+        settings.startup_sweep,
+        settings.sweep_on_loss,
+        settings.sweep_interval.is_some(),
+    );
+    log_features(&features);
+    metrics.set_features(&features);
     let pods = Identities::new(&IdentityConfig {
         proc_root: settings.proc_root.clone(),
         cgroup2_root: kernel::cgroup2_root(),
@@ -801,8 +839,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
         }
         Ok(()) => policy.ran(Instant::now(), SweepReason::Startup),
-        Err(e) => {
-            warn!(error = %e, "socket sweep unavailable: stalls in progress at start-up and after lost events are only seen from their next event");
+        Err(_) => {
+            // Said once per feature above (`feature off`).
             policy = SweepPolicy::new(None, false, LOSS_SWEEP_GAP);
         }
     }

@@ -90,6 +90,18 @@ pub struct CommonArgs {
     /// Read kernel BTF from this file instead of /sys/kernel/btf/vmlinux.
     #[arg(long, value_name = "FILE", env = "TCPSTALL_BTF")]
     pub btf: Option<PathBuf>,
+    /// Treat this kernel program as refused by the kernel (repeatable, or
+    /// comma separated): the probe plan falls through to the next candidate,
+    /// as on a kernel whose verifier refuses it. For testing the fallbacks
+    /// and working around a misbehaving program; `tcpstall doctor` lists the
+    /// programs.
+    #[arg(
+        long,
+        value_name = "PROGRAM",
+        value_delimiter = ',',
+        env = "TCPSTALL_DENY_PROGRAM"
+    )]
+    pub deny_program: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +273,8 @@ pub struct Settings {
     pub mechanism: Option<Mechanism>,
     pub cgroup: Option<PathBuf>,
     pub btf: Option<PathBuf>,
+    /// `--deny-program`.
+    pub deny_programs: Vec<String>,
     pub max_flows: usize,
     pub min_rto_streak: u32,
     pub near_horizon: Duration,
@@ -297,6 +311,7 @@ impl Default for Settings {
             mechanism: None,
             cgroup: None,
             btf: None,
+            deny_programs: Vec::new(),
             max_flows: engine.max_flows,
             min_rto_streak: engine.min_rto_streak,
             near_horizon: Duration::from_secs_f64(engine.near_horizon_secs),
@@ -429,6 +444,7 @@ impl Settings {
             mechanism: a.mechanism.or(f.mechanism).map(Into::into).or(d.mechanism),
             cgroup: a.cgroup.clone().or(f.cgroup).or(d.cgroup),
             btf: a.common.btf.clone().or(f.btf).or(d.btf),
+            deny_programs: a.common.deny_program.clone(),
             max_flows: positive(
                 "max_flows",
                 a.max_flows.or(f.max_flows).unwrap_or(d.max_flows),

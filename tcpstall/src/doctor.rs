@@ -41,6 +41,8 @@ pub fn render(plan: &Plan) -> String {
         );
         for a in &p.attempts {
             let verdict = match &a.error {
+                // An iterator is loaded once and run per sweep.
+                None if a.mechanism == crate::event::Mechanism::Sweep => "loaded".to_owned(),
                 None => "attached".to_owned(),
                 Some(e) => e.clone(),
             };
@@ -70,6 +72,7 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
     let opts = LoaderOptions {
         btf_path: args.common.btf.clone(),
         try_all: true,
+        denied: args.common.deny_program.clone(),
         ..LoaderOptions::default()
     };
     let loaded = loader::load(&opts).context("loading probes")?;

@@ -27,6 +27,7 @@ pub mod config;
 pub mod doctor;
 pub mod engine;
 pub mod event;
+pub mod features;
 pub mod identity;
 pub mod incidents;
 pub mod kernel;

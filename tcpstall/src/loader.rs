@@ -10,8 +10,8 @@ use aya::{
     programs::{BtfTracePoint, FEntry, Iter, KProbe, SockOps, links::CgroupAttachMode},
 };
 use tcpstall_common::{
-    EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, STATS_MAP, SWEEP_DIRECT_PROGRAM, SWEEP_PROGRAM,
-    SWEEP_RECORD_SIZE, SweepRecord, layout_flag, stat,
+    EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, STATS_MAP, SWEEP_RECORD_SIZE, SweepRecord,
+    layout_flag, stat,
 };
 
 use crate::{
@@ -56,6 +56,8 @@ pub enum LoadError {
     },
     #[error("--mechanism {0} is not a candidate for the write_timer probe")]
     BadForce(String),
+    #[error("--deny-program {0}: no such program in the probe plan (`tcpstall doctor` lists them)")]
+    BadDeny(String),
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +77,11 @@ pub struct LoaderOptions {
     /// Optional probes not to attach (by [`ProbeSpec::name`]), with the
     /// reason shown in the plan.
     pub disabled: Vec<(&'static str, &'static str)>,
+    /// Programs treated as refused by the kernel (`--deny-program`): the
+    /// plan falls through to the next candidate, as on a kernel whose
+    /// verifier refuses them. For tests of the fallbacks and for working
+    /// around a misbehaving program.
+    pub denied: Vec<String>,
 }
 
 impl Default for LoaderOptions {
@@ -86,6 +93,7 @@ impl Default for LoaderOptions {
             btf_path: None,
             try_all: false,
             disabled: Vec::new(),
+            denied: Vec::new(),
         }
     }
 }
@@ -108,7 +116,22 @@ pub struct ProbeStatus {
     /// Turned off by the operator (the flag that did it); no metric series.
     pub disabled: Option<&'static str>,
     pub chosen: Option<Mechanism>,
+    /// The program of the chosen mechanism.
+    pub program: Option<&'static str>,
     pub attempts: Vec<Attempt>,
+}
+
+impl ProbeStatus {
+    /// The program in use, or why none is: every attempt's reason.
+    pub fn outcome(&self) -> Result<&'static str, String> {
+        self.program.ok_or_else(|| {
+            self.attempts
+                .iter()
+                .map(|a| format!("{}: {}", a.program, a.error.as_deref().unwrap_or("ok")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -216,53 +239,36 @@ pub enum SweepError {
     Run(String),
 }
 
-/// Loads the sweep iterator (`iter/task_file` + `bpf_sock_from_file`, 5.11+):
-/// the direct-load program first, the probe-read one when the verifier
-/// refuses it (or always, with `both`, for comparisons). Returns the program
-/// to run.
-fn load_sweep(
-    ebpf: &mut Ebpf,
-    btf: &AyaBtf,
-    ours: &Btf,
-    both: bool,
-) -> Result<&'static str, String> {
+/// The `struct socket` offsets the sweep programs use as constants match
+/// the running kernel's BTF (else no sweep program is tried, with this
+/// reason).
+fn check_socket_constants(ours: &Btf) -> Result<(), String> {
     for (member, want) in SOCKET_CONSTANTS {
         let m = ours
             .member("socket", member)
             .map_err(|e| format!("kernel BTF: struct socket.{member}: {e}"))?;
         if m.offset_bits != want * 8 {
             return Err(format!(
-                "struct socket.{member} is at byte {} on this kernel, the sweep program expects {want}",
+                "struct socket.{member} is at byte {} on this kernel, the sweep programs expect {want}",
                 m.offset_bits / 8
             ));
         }
     }
-    let mut load = |name: &'static str| -> Result<&'static str, String> {
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("program {name} missing from the eBPF object"))?;
-        let p: &mut Iter = prog.try_into().map_err(|e| chain(&e))?;
-        p.load("task_file", btf).map_err(|e| {
-            format!(
-                "load iter/task_file ({name}): {} (needs kernel 5.11+ for bpf_sock_from_file)",
-                chain(&e)
-            )
-        })?;
-        Ok(name)
-    };
-    match load(SWEEP_DIRECT_PROGRAM) {
-        Ok(name) => {
-            if both {
-                let _ = load(SWEEP_PROGRAM);
-            }
-            Ok(name)
-        }
-        Err(direct) => {
-            let probe = load(SWEEP_PROGRAM).map_err(|e| format!("{e}; {direct}"))?;
-            tracing::info!(error = %direct, "sweep: direct loads refused, using probe reads");
-            Ok(probe)
+    Ok(())
+}
+
+/// Whether the kernel offers `spec`'s hooks (all of its `offered_by`
+/// functions are in the BTF): `Ok(false)` names the first one missing.
+pub fn offered(spec: &ProbeSpec, btf: &Btf) -> Result<bool, String> {
+    if spec.offered_by.is_empty() {
+        return Ok(false);
+    }
+    for f in spec.offered_by {
+        if btf.func_id(f).is_err() {
+            return Err(format!("the kernel has no {f} (BTF)"));
         }
     }
+    Ok(true)
 }
 
 /// Decodes the iterator's output: whole records only.
@@ -503,17 +509,28 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         }
     }
 
+    if let Some(unknown) = opts.denied.iter().find(|d| {
+        !PROBES
+            .iter()
+            .flat_map(|p| p.candidates)
+            .any(|c| c.program == d.as_str())
+    }) {
+        return Err(LoadError::BadDeny(unknown.clone()));
+    }
+
     let env = AttachEnv {
         btf: &aya_btf,
         layout: &kl,
         rdonly_cast,
         timer_addr: timer_addr.map_err(|e| e.to_string()),
         cgroup: opts.cgroup.clone().or_else(kernel::cgroup2_root),
+        socket_constants: check_socket_constants(&our_btf),
     };
     let mut statuses = Vec::new();
     for spec in PROBES {
-        let status = attach_probe(&mut ebpf, spec, &env, opts);
-        if spec.required && status.chosen.is_none() {
+        let offered = offered(spec, &our_btf);
+        let status = attach_probe(&mut ebpf, spec, &env, opts, &offered);
+        if status.required && status.chosen.is_none() {
             let attempts = status
                 .attempts
                 .iter()
@@ -535,10 +552,13 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         statuses.push(status);
     }
 
-    let sweep = load_sweep(&mut ebpf, &aya_btf, &our_btf, opts.try_all);
-    if let Err(e) = &sweep {
-        tracing::warn!(error = %e, "socket sweep unavailable");
-    }
+    let sweep = statuses
+        .iter()
+        .find(|p| p.probe == crate::probes::SWEEP)
+        .map_or_else(
+            || Err("no sweep probe in the plan".to_owned()),
+            ProbeStatus::outcome,
+        );
     let plan = Plan {
         kernel: kernel_release,
         hz: hz.map(|(h, _)| h),
@@ -579,6 +599,8 @@ struct AttachEnv<'a> {
     rdonly_cast: Result<(), String>,
     timer_addr: Result<u64, String>,
     cgroup: Option<PathBuf>,
+    /// The `struct socket` offsets the sweep programs assume (why not).
+    socket_constants: Result<(), String>,
 }
 
 fn attach_probe(
@@ -586,17 +608,20 @@ fn attach_probe(
     spec: &'static ProbeSpec,
     env: &AttachEnv<'_>,
     opts: &LoaderOptions,
+    offered: &Result<bool, String>,
 ) -> ProbeStatus {
+    let required = spec.required || offered == &Ok(true);
     let disabled = opts
         .disabled
         .iter()
-        .find(|(name, _)| *name == spec.name && !spec.required)
+        .find(|(name, _)| *name == spec.name && !required)
         .map(|&(_, why)| why);
     let mut status = ProbeStatus {
         probe: spec.name,
-        required: spec.required,
+        required,
         disabled,
         chosen: None,
+        program: None,
         attempts: Vec::new(),
     };
     let forced = if spec.name == crate::probes::WRITE_TIMER {
@@ -609,6 +634,10 @@ fn attach_probe(
         let target = cand.attach.target();
         let error = if let Some(why) = disabled {
             Some(format!("disabled: {why}"))
+        } else if let Err(why) = offered {
+            Some(format!("not offered: {why}"))
+        } else if opts.denied.iter().any(|d| d == cand.program) {
+            Some("refused: --deny-program".to_owned())
         } else if let Some(f) = forced.filter(|f| *f != mechanism) {
             Some(format!("skipped: --mechanism {} forced", f.as_str()))
         } else if status.chosen.is_some() && !opts.try_all {
@@ -621,6 +650,7 @@ fn attach_probe(
             match try_attach(ebpf, cand, env) {
                 Ok(()) if status.chosen.is_none() => {
                     status.chosen = Some(mechanism);
+                    status.program = Some(cand.program);
                     None
                 }
                 Ok(()) => {
@@ -663,6 +693,7 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
         aya::programs::Program::FEntry(p) => p.unload(),
         aya::programs::Program::KProbe(p) => p.unload(),
         aya::programs::Program::SockOps(p) => p.unload(),
+        aya::programs::Program::Iter(p) => p.unload(),
         _ => Ok(()),
     };
     if let Err(e) = r {
@@ -727,6 +758,13 @@ fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<
                         }
                     })
                 })
+        }
+        Attach::Iter { target } => {
+            env.socket_constants.clone()?;
+            let p: &mut Iter = prog.try_into().map_err(|e| chain(&e))?;
+            // Loaded only: each sweep attaches it anew (one run).
+            p.load(target, env.btf)
+                .map_err(|e| format!("load: {}", chain(&e)))
         }
         Attach::SockOps => {
             let dir = env.cgroup.as_ref().ok_or_else(|| {

@@ -143,6 +143,12 @@ struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabels {
+    feature: &'static str,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     kernel: String,
@@ -241,6 +247,7 @@ pub struct LiveView {
 /// Every tcpstall metric and its registry.
 pub struct Metrics {
     registry: Registry,
+    features: Family<FeatureLabels, Gauge>,
     top_k_flows: usize,
     retransmits: Family<RetransmitLabels, Counter>,
     rto_expirations: Family<RemoteLabels, Counter>,
@@ -465,6 +472,12 @@ impl Metrics {
                     .set(v);
             }
         }
+        let features = Family::<FeatureLabels, Gauge>::default();
+        registry.register(
+            "tcpstall_feature",
+            "1 for the state each agent feature is in (state: on; off_config, turned off by a flag; off_kernel, the kernel offers no socket sweep or refused every sweep program), 0 for the other states; feature: sweep, startup_reconcile, repair_after_loss, risk_audit",
+            features.clone(),
+        );
         let programs = ProgramCounters::default();
         registry.register(
             "tcpstall_probe_missed_runs",
@@ -552,7 +565,23 @@ impl Metrics {
             flow_evictions,
             programs,
             sweep,
+            features,
             render_lock: Mutex::new(()),
+        }
+    }
+
+    /// `tcpstall_feature`: one series per feature and state, 1 for the
+    /// state it is in.
+    pub fn set_features(&self, features: &[crate::features::FeatureStatus]) {
+        for f in features {
+            for state in crate::features::FeatureState::STATES {
+                self.features
+                    .get_or_create(&FeatureLabels {
+                        feature: f.name,
+                        state,
+                    })
+                    .set(i64::from(f.state.as_str() == state));
+            }
         }
     }
 
@@ -883,6 +912,7 @@ mod tests {
                 required: true,
                 disabled: None,
                 chosen: Some(Mechanism::TpBtf),
+                program: None,
                 // Two tp_btf variants: one series.
                 attempts: vec![
                     attempt(Mechanism::TpBtf, None),
@@ -894,6 +924,7 @@ mod tests {
                 required: true,
                 disabled: None,
                 chosen: Some(Mechanism::TimerTracepoint),
+                program: None,
                 attempts: vec![
                     attempt(Mechanism::Fentry, Some("load failed")),
                     attempt(Mechanism::Kprobe, Some("no PMU")),
@@ -906,6 +937,7 @@ mod tests {
                 required: false,
                 disabled: None,
                 chosen: None,
+                program: None,
                 attempts: vec![attempt(Mechanism::TpBtf, Some("missing"))],
             },
             // Turned off by the operator: no series (the 6 above are all).
@@ -914,6 +946,7 @@ mod tests {
                 required: false,
                 disabled: Some("--no-ack-probe"),
                 chosen: None,
+                program: None,
                 attempts: vec![attempt(Mechanism::TpBtf, Some("disabled: --no-ack-probe"))],
             },
         ]

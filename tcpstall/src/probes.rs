@@ -3,7 +3,7 @@
 //! mechanism reads. The loader walks this table, trying each mechanism for
 //! real; `tcpstall doctor` prints it with the outcome.
 
-use tcpstall_common::{field, program};
+use tcpstall_common::{SWEEP_DIRECT_PROGRAM, SWEEP_PLAIN_PROGRAM, SWEEP_PROGRAM, field, program};
 
 use crate::event::Mechanism;
 
@@ -21,6 +21,9 @@ pub enum Attach {
     TimerTracepoint { callback: &'static str },
     /// cgroup `sock_ops` on the cgroup2 root.
     SockOps,
+    /// BPF iterator `iter/<target>`: loaded at start-up, run on demand (one
+    /// run = one sweep), attached to no hook.
+    Iter { target: &'static str },
 }
 
 impl Attach {
@@ -31,6 +34,7 @@ impl Attach {
             Attach::Kprobe { .. } => Mechanism::Kprobe,
             Attach::TimerTracepoint { .. } => Mechanism::TimerTracepoint,
             Attach::SockOps => Mechanism::SockOps,
+            Attach::Iter { .. } => Mechanism::Sweep,
         }
     }
 
@@ -43,6 +47,7 @@ impl Attach {
                 format!("tp_btf/timer_expire_entry [function == {callback}]")
             }
             Attach::SockOps => "cgroup/sock_ops (RTO_CB)".to_owned(),
+            Attach::Iter { target } => format!("iter/{target}"),
         }
     }
 }
@@ -71,6 +76,11 @@ pub struct ProbeSpec {
     pub purpose: &'static str,
     /// The agent refuses to start when a required probe has no mechanism.
     pub required: bool,
+    /// Kernel functions (BTF `FUNC`s) whose presence says the kernel offers
+    /// this probe's hooks: where all are present the probe is required as
+    /// well (a kernel that has the hooks and loads none of the candidates is
+    /// an error, not a quiet feature loss).
+    pub offered_by: &'static [&'static str],
     /// In order of preference.
     pub candidates: &'static [Candidate],
 }
@@ -129,6 +139,13 @@ const TIMER_TP_FIELDS: &[usize] = &[
 /// The note of every `_cast` program (tried before its `_direct` twin).
 const CAST_NOTE: &str = "plain loads through a read-only tcp_sock from bpf_rdonly_cast (6.2+; an inlined register move): no helper call, no copy of the socket; falls back to its twin below";
 
+/// The note of every `_plain` program (the last of its probe).
+const PLAIN_NOTE: &str = "the last fallback: probe reads from the argument as a plain number, the cookie as the socket holds it (0 until asked: keyed by address until an event names it); no socket pointer passed to any helper, so a verifier that does not trust the tracepoint's pointer still loads it";
+
+/// The 6.17+ tracepoint's last fallback (reads `err`, as its twins do).
+const PLAIN_ERR_NOTE: &str =
+    "as below, on the 6.17+ tracepoint with `err`: failed attempts are counted, not reported";
+
 /// The note of every `_direct` program (tried before its probe-read twin).
 const DIRECT_NOTE: &str = "plain loads through the typed tcp_sock (bpf_skc_to_tcp_sock, 5.9+): no helper call per field; falls back to probe reads if the verifier refuses";
 
@@ -137,6 +154,10 @@ pub const STATE: &str = "state";
 pub const ERROR_REPORT: &str = "error_report";
 pub const WRITE_TIMER: &str = "write_timer";
 pub const ACK: &str = "ack";
+pub const SWEEP: &str = "sweep";
+
+/// The note of the sweep's last fallback.
+const SWEEP_PLAIN_NOTE: &str = "probe reads from plain addresses, no typed socket passed to any helper (a verifier that marks socket->sk untrusted still loads it); the cookie as the socket holds it (0 until asked: keyed by address until an event names it)";
 
 /// What the ACK probe reads: the filter, `snd_una` and the segment's
 /// `ack_seq` (through `sk_buff.cb`), plus the socket snapshot.
@@ -166,6 +187,7 @@ pub static PROBES: &[ProbeSpec] = &[
         name: RETRANSMIT,
         purpose: "every retransmitted segment (fast retransmit, tail loss probe, RTO)",
         required: true,
+        offered_by: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -203,12 +225,31 @@ pub static PROBES: &[ProbeSpec] = &[
                 note: "typed struct sock *; socket cookie via bpf_get_socket_cookie",
                 rdonly_cast: false,
             },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_retransmit_skb",
+                },
+                program: program::RETRANSMIT_PLAIN_ERR,
+                fields: SOCK_FIELDS,
+                note: PLAIN_ERR_NOTE,
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_retransmit_skb",
+                },
+                program: program::RETRANSMIT_PLAIN,
+                fields: SOCK_FIELDS,
+                note: PLAIN_NOTE,
+                rdonly_cast: false,
+            },
         ],
     },
     ProbeSpec {
         name: STATE,
         purpose: "TCP state changes (CLOSE_WAIT, CLOSE, ...)",
         required: true,
+        offered_by: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -228,12 +269,22 @@ pub static PROBES: &[ProbeSpec] = &[
                 note: "old and new state plus a socket snapshot",
                 rdonly_cast: false,
             },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "inet_sock_set_state",
+                },
+                program: program::STATE_PLAIN,
+                fields: SOCK_FIELDS,
+                note: PLAIN_NOTE,
+                rdonly_cast: false,
+            },
         ],
     },
     ProbeSpec {
         name: ERROR_REPORT,
         purpose: "the kernel's error verdict (110 = ETIMEDOUT)",
         required: false,
+        offered_by: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -253,12 +304,22 @@ pub static PROBES: &[ProbeSpec] = &[
                 note: "5.14+; without it a timeout is inferred from the CLOSE at the predicted instant",
                 rdonly_cast: false,
             },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "inet_sk_error_report",
+                },
+                program: program::ERROR_REPORT_PLAIN,
+                fields: &[field::SK_ERR],
+                note: PLAIN_NOTE,
+                rdonly_cast: false,
+            },
         ],
     },
     ProbeSpec {
         name: WRITE_TIMER,
         purpose: "RTO and zero-window probe timer expiries",
         required: true,
+        offered_by: &[],
         candidates: &[
             Candidate {
                 attach: Attach::Fentry {
@@ -327,6 +388,7 @@ pub static PROBES: &[ProbeSpec] = &[
         name: ACK,
         purpose: "ACK progress that ends an RTO episode (the stall clears at once)",
         required: false,
+        offered_by: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -353,6 +415,51 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::ACK_BTF,
                 fields: ACK_FIELDS,
                 note: "every received segment passes one read; reports only new data acked during an RTO episode; without it a recovery shows when the next RTO is overdue",
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "tcp_probe",
+                },
+                program: program::ACK_PLAIN,
+                fields: ACK_FIELDS,
+                note: PLAIN_NOTE,
+                rdonly_cast: false,
+            },
+        ],
+    },
+    ProbeSpec {
+        name: SWEEP,
+        purpose: "socket sweep: every TCP socket's state at start-up, after lost events and periodically (stalls older than the agent, repair after loss, the hang-forever audit, socket owners)",
+        required: false,
+        // iter/task_file (5.8+) and bpf_sock_from_file (5.11+).
+        offered_by: &["bpf_iter_task_file", "bpf_sock_from_file"],
+        candidates: &[
+            Candidate {
+                attach: Attach::Iter {
+                    target: "task_file",
+                },
+                program: SWEEP_DIRECT_PROGRAM,
+                fields: SOCK_FIELDS,
+                note: DIRECT_NOTE,
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::Iter {
+                    target: "task_file",
+                },
+                program: SWEEP_PROGRAM,
+                fields: SOCK_FIELDS,
+                note: "probe reads; the cookie from bpf_get_socket_cookie (a typed socket pointer)",
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::Iter {
+                    target: "task_file",
+                },
+                program: SWEEP_PLAIN_PROGRAM,
+                fields: SOCK_FIELDS,
+                note: SWEEP_PLAIN_NOTE,
                 rdonly_cast: false,
             },
         ],
@@ -467,6 +574,31 @@ mod tests {
             }
         }
         assert_eq!(casts, 2);
+    }
+
+    /// Every probe's candidates end in one that asks the verifier for
+    /// nothing a kernel build may withhold: a `_plain` program (probe reads
+    /// from plain addresses, no socket pointer passed to a helper) or the
+    /// sock_ops program (its own context only). A 6.18.44 build refused
+    /// every sweep program that passed `socket->sk` to a helper.
+    /// Mutation: deleting the `tcpstall_state_plain` candidate fails this
+    /// test ("state ends in tcpstall_state_btf").
+    #[test]
+    fn every_probe_ends_in_a_fallback_that_needs_no_trusted_pointer() {
+        for p in PROBES {
+            let last = p.candidates.last().expect("candidates");
+            assert!(
+                last.program.ends_with("_plain") || last.attach == Attach::SockOps,
+                "{} ends in {}",
+                p.name,
+                last.program
+            );
+            assert!(
+                !last.rdonly_cast,
+                "{}: the last fallback needs no kfunc",
+                p.name
+            );
+        }
     }
 
     #[test]

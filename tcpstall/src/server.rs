@@ -569,6 +569,7 @@ mod tests {
                     required: true,
                     disabled: None,
                     chosen: Some(Mechanism::TpBtf),
+                    program: None,
                     attempts: vec![ok(Mechanism::TpBtf)],
                 },
                 ProbeStatus {
@@ -576,6 +577,7 @@ mod tests {
                     required: true,
                     disabled: None,
                     chosen: write_timer_attached.then_some(Mechanism::Fentry),
+                    program: None,
                     attempts: vec![ok(Mechanism::Fentry)],
                 },
                 ProbeStatus {
@@ -583,6 +585,7 @@ mod tests {
                     required: false,
                     disabled: None,
                     chosen: None,
+                    program: None,
                     attempts: vec![],
                 },
             ],

@@ -184,7 +184,16 @@ pub fn decode_all(records: &[SweepRecord]) -> (Vec<SweptSocket>, usize) {
     for r in records {
         match decode(r) {
             Ok(s) => {
-                if s.ev.cookie != 0 && !seen.insert(s.ev.cookie) {
+                // The cookie, or for a socket without one yet (the plain
+                // sweep) its address: kernel addresses are 8-byte aligned
+                // and never small, cookies count up from 1, so the two
+                // never collide in practice; the top bit keeps them apart.
+                let key = if s.ev.cookie != 0 {
+                    s.ev.cookie
+                } else {
+                    s.ev.skaddr | 1 << 63
+                };
+                if (s.ev.cookie != 0 || s.ev.skaddr != 0) && !seen.insert(key) {
                     continue;
                 }
                 out.push(s);
@@ -421,6 +430,33 @@ mod tests {
         let mut broken = rec(9, 1);
         broken.event.sock.family = 99;
         assert_eq!(decode_all(&[broken]).1, 1);
+    }
+
+    /// A socket the kernel has no cookie for yet (the plain sweep) is
+    /// de-duplicated by its address: two holders of one cookie-less socket
+    /// give one entry, two cookie-less sockets two.
+    /// Mutation: keying cookie-less sockets by cookie alone (`key =
+    /// s.ev.cookie`) keeps one of the two distinct sockets (`left: 2,
+    /// right: 3`).
+    #[test]
+    fn cookieless_sockets_dedupe_by_address() {
+        let at = |skaddr: u64, pid: u32| {
+            let mut r = rec(0, pid);
+            r.event.sock.skaddr = skaddr;
+            r
+        };
+        let (s, bad) = decode_all(&[
+            at(0xffff_8880_0000_1000, 10),
+            at(0xffff_8880_0000_1000, 11),
+            at(0xffff_8880_0000_2000, 12),
+            rec(5, 13),
+        ]);
+        assert_eq!(bad, 0);
+        assert_eq!(s.len(), 3);
+        assert_eq!(
+            s.iter().map(|s| s.pid).collect::<Vec<_>>(),
+            vec![10, 12, 13]
+        );
     }
 
     #[test]

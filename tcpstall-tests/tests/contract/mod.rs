@@ -95,6 +95,7 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
         "tcpstall_probe_attached",
         (Gauge, vec!["probe", "mechanism"]),
     );
+    m.insert("tcpstall_feature", (Gauge, vec!["feature", "state"]));
     m.insert(
         "tcpstall_probe_missed_runs_total",
         (Counter, vec!["program"]),

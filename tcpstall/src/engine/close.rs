@@ -25,6 +25,18 @@ pub(super) struct Closed {
     pending: Option<Streak>,
 }
 
+impl Closed {
+    /// Whether `ev` is about this closed socket: the same cookie, or, for a
+    /// cookie-less snapshot, the same address and peer (an address the
+    /// kernel reused holds another socket).
+    pub(super) fn is_socket_of(&self, ev: &SockEvent) -> bool {
+        if ev.cookie != 0 {
+            return self.cookie == ev.cookie;
+        }
+        ev.skaddr != 0 && self.skaddr == ev.skaddr && self.remote == ev.remote
+    }
+}
+
 impl Engine {
     pub(super) fn on_error_report(&mut self, ev: &SockEvent) {
         let settle = dur_ns(self.cfg.close_settle);

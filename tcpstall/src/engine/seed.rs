@@ -73,20 +73,25 @@ impl Engine {
         let Some(sock) = ev.sock else {
             return;
         };
-        if ev.cookie == 0 {
+        // A socket nothing has asked the cookie of yet (the sweep's plain
+        // fallback reads `skc_cookie` as it is) is keyed by its address
+        // until an event names its cookie (`resolve` merges the two).
+        if ev.cookie == 0 && ev.skaddr == 0 {
             self.sink.stats.sweep_ignored += 1;
             return;
         }
         // Never resurrect a flow that closed.
-        if self.closed.iter().any(|c| c.cookie == ev.cookie) {
+        if self.closed.iter().any(|c| c.is_socket_of(ev)) {
             self.sink.stats.sweep_ignored += 1;
             return;
         }
-        let existed = self.flows.slot_of(&FlowKey::Cookie(ev.cookie)).is_some();
-        if existed {
-            let f = self
-                .flows
-                .flow(self.flows.slot_of(&FlowKey::Cookie(ev.cookie)).unwrap_or(0));
+        let existing = if ev.cookie != 0 {
+            self.flows.slot_of(&FlowKey::Cookie(ev.cookie))
+        } else {
+            self.resolve(ev, false)
+        };
+        if let Some(slot) = existing {
+            let f = self.flows.flow(slot);
             // Timed out, or events newer than the snapshot: nothing to learn.
             if f.timed_out || f.last_event_ns > ev.ts_ns {
                 self.sink.stats.sweep_ignored += 1;
@@ -124,7 +129,7 @@ impl Engine {
             }
         };
         if seeded {
-            if existed {
+            if existing.is_some() {
                 self.sink.stats.sweep_repaired += 1;
             } else {
                 self.sink.stats.sweep_seeded += 1;

@@ -1992,3 +1992,39 @@ fn hz300_expiry_on_the_boundary_regression() {
         assert!(err.abs() < 0.001, "start_ms {start_ms}: error {err} s");
     }
 }
+
+/// A stall older than the agent, found by the sweep's plain fallback
+/// without a cookie (`skc_cookie` still 0: nothing asked the kernel for it),
+/// is listed from the snapshot alone, keyed by its address; the next RTO
+/// event, which names the cookie, continues that flow (one flow, the
+/// cookie learnt, the streak counted on), never a second one.
+/// Mutation: `on_sweep` ignoring cookie-less snapshots again (`if ev.cookie
+/// == 0 { return }`) fails the first `assert_eq!(v.len(), 1)`.
+#[test]
+fn cookieless_sweep_snapshot_seeds_a_stall_and_merges_with_its_cookie() {
+    let s = Sock::new(77);
+    let mut e = engine();
+    let st = ms_stamp(T0);
+    // Expiries at +204 ms, +612 ms, +1428 ms; the next one armed 408 j later.
+    let last = T0 + 1_428 * MS;
+    let mut snap = s.rto(T0 + 2_000 * MS, 3, st, 408, 1_000);
+    snap.kind = EventKind::Sweep;
+    snap.mechanism = Mechanism::Sweep;
+    snap.cookie = 0;
+    if let Some(f) = snap.sock.as_mut() {
+        f.timer_expires = jiffies_at(HZ, last) + 408;
+    }
+    e.ingest(&snap);
+    let v = e.stalls(T0 + 2_000 * MS);
+    assert_eq!(v.len(), 1, "the cookie-less snapshot is not listed");
+    assert_eq!(v[0].class, StallClass::Retransmit);
+    assert_eq!(v[0].rto_streak, 3);
+    assert!(v[0].predicted_timeout_ns.is_some(), "{:?}", v[0]);
+    // The next expiry, seen by a program that knows the cookie.
+    e.ingest(&s.rto(last + 1_632 * MS, 3, st, 408, 1_000));
+    let v = e.stalls(last + 1_700 * MS);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].cookie, 77);
+    assert_eq!(v[0].rto_streak, 4);
+    assert_eq!(e.flows_tracked(), 1);
+}

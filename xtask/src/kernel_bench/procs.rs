@@ -63,11 +63,12 @@ impl Agent {
         let mut child = Command::new(agent)
             .args(["run", "--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", agent.display()))?;
-        let out = child.stdout.take().context("agent stdout")?;
+        // The agent logs (JSON lines) on stderr.
+        let out = child.stderr.take().context("agent stderr")?;
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
