@@ -530,7 +530,7 @@ pub fn wait_until<T, E: std::fmt::Display>(
 
 /// CLOCK_MONOTONIC in ns: the clock of the kernel's event timestamps and of
 /// the agent's `predicted_timeout_ns`. The same as the agent's
-/// `tcpstall::kernel::monotonic_ns` on purpose: this harness library cannot
+/// `tcpstall::kernel::facts::monotonic_ns` on purpose: this harness library cannot
 /// depend on the agent (it is only a dev-dependency, for `tests/replay.rs`;
 /// a normal dependency would build the eBPF object into every harness
 /// build), and the tests check the agent's timestamps against a clock read

@@ -291,7 +291,7 @@ fn base_is_least_privilege() {
 #[test]
 fn daemonset_env_is_read_by_the_agent() {
     use clap::CommandFactory;
-    let cli = tcpstall::config::Cli::command();
+    let cli = tcpstall::cli::config::Cli::command();
     let run = cli.find_subcommand("run").expect("`tcpstall run`");
     let read: BTreeSet<String> = run
         .get_arguments()

@@ -16,7 +16,9 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde_json::Value;
 use tcpstall::engine::{Engine, EngineConfig};
-use tcpstall::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState};
+use tcpstall::kernel::event::{
+    EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState,
+};
 
 #[path = "horizon_truth/mod.rs"]
 mod horizon_truth;

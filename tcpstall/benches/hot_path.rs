@@ -30,11 +30,13 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use tcpstall::btf::Btf;
 use tcpstall::engine::horizon::{self, BoundaryRule};
 use tcpstall::engine::{Engine, EngineConfig};
-use tcpstall::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState};
-use tcpstall::{kernel, layout};
+use tcpstall::kernel::btf::Btf;
+use tcpstall::kernel::event::{
+    EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState,
+};
+use tcpstall::kernel::{facts, layout};
 use tcpstall_common::{EVENT_SIZE, Event, flag, kind, source};
 
 // ----- heap accounting ------------------------------------------------------
@@ -978,7 +980,7 @@ fn bench_btf(c: &mut Criterion) {
             path.display()
         );
     }
-    let release = kernel::release();
+    let release = facts::release();
     let btf =
         Btf::from_file(path).unwrap_or_else(|e| panic!("btf_resolve: {}: {e}", path.display()));
     let resolved = layout::resolve(&btf, &release)

@@ -23,9 +23,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use tcpstall::engine::risks;
-use tcpstall::loader::{self, LoaderOptions};
+use tcpstall::kernel::loader::{self, LoaderOptions};
 use tcpstall::sweep;
+use tcpstall::sweep::risks;
 use tcpstall_common::SWEEP_PROGRAM;
 
 const CONNECTIONS: usize = 50_000;

@@ -14,7 +14,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,17 +23,24 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    config::Settings,
+    cli::config::Settings,
     engine::{Engine, EngineConfig, Observation, StallView},
-    event::{DecodeError, SockEvent},
-    identity::{FlowRef, Identities, IdentityConfig, ProcessInfo},
-    kernel,
-    loader::{self, KernelStats, LoaderOptions, Plan, ProgramStatsReader, StatsReader},
-    metrics::{Format, LiveView, Metrics, MetricsConfig, MetricsError},
-    pods::PodIdentity,
-    reader::Reader,
-    server,
-    sweep::{self as sweeping, Offer, PodLabels, SweepHold, SweepPolicy, SweepReason},
+    identity::{Identities, IdentityConfig, Owner, ProcessInfo, netns::PodIdentity},
+    kernel::{
+        event::{DecodeError, SockEvent},
+        facts,
+        loader::{self, KernelStats, LoaderOptions, ProgramStatsReader, StatsReader},
+        reader::Reader,
+    },
+    serve::{
+        metrics::{Metrics, MetricsConfig},
+        server,
+        state::AgentState,
+    },
+    sweep::{
+        Offer, PodLabels, SweepHold, SweepPolicy, SweepReason,
+        cycle::{self, PendingSweep, SweepResult, merge_by_time},
+    },
 };
 
 /// How often the engine's clock advances and kernel counters are read.
@@ -80,8 +87,8 @@ fn log_plan(plan: &loader::Plan) {
 
 /// One line per feature that is off, saying why (WARN when the kernel is
 /// the reason: the node lacks something the fleet has).
-fn log_features(features: &[crate::features::FeatureStatus]) {
-    use crate::features::FeatureState;
+fn log_features(features: &[crate::sweep::features::FeatureStatus]) {
+    use crate::sweep::features::FeatureState;
     for f in features {
         match &f.state {
             FeatureState::On => {}
@@ -171,9 +178,6 @@ pub fn engine_config(s: &Settings, hz: Option<u32>) -> EngineConfig {
     }
 }
 
-/// The pod and the process owning a stalled socket.
-pub(crate) type Owner = (Option<PodIdentity>, Option<ProcessInfo>);
-
 /// Logs the engine facts worth a line each (stall start and end, timeouts).
 fn log_observation(o: &Observation, owner: Option<&Owner>) {
     match *o {
@@ -238,99 +242,6 @@ fn log_observation(o: &Observation, owner: Option<&Owner>) {
     }
 }
 
-/// Everything the event loop and the server share.
-pub struct AgentState {
-    pub engine: Mutex<Engine>,
-    pub metrics: Metrics,
-    pub pods: Mutex<Identities>,
-    pub plan: Plan,
-    pub health: server::Health,
-    /// CLOCK_MONOTONIC ns (replaceable in tests).
-    pub clock: fn() -> u64,
-    /// How long `/readyz` tolerates no drain.
-    pub ready_stale_after: Duration,
-    /// Per-request time limit.
-    pub request_timeout: Duration,
-    /// The hang-forever audit of the last sweep (None: no sweep yet).
-    pub risks: Mutex<Option<crate::engine::risks::RiskReport>>,
-}
-
-impl AgentState {
-    pub fn new(engine: Engine, metrics: Metrics, pods: Identities, plan: Plan) -> Self {
-        Self {
-            engine: Mutex::new(engine),
-            metrics,
-            pods: Mutex::new(pods),
-            plan,
-            health: server::Health::default(),
-            clock: kernel::monotonic_ns,
-            ready_stale_after: server::READY_STALE_AFTER,
-            request_timeout: server::REQUEST_TIMEOUT,
-            risks: Mutex::new(None),
-        }
-    }
-
-    /// The engine, also after a panic elsewhere (its state is still usable).
-    pub fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn pods(&self) -> MutexGuard<'_, Identities> {
-        self.pods.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Pod identity of each view's socket (one resolver lock for all).
-    pub(crate) fn identities(&self, views: &[StallView]) -> Vec<Option<PodIdentity>> {
-        let now = Instant::now();
-        let mut pods = self.pods();
-        views
-            .iter()
-            .map(|v| pods.pod(&FlowRef::of(v), now))
-            .collect()
-    }
-
-    /// Pod and process of each stalled flow (API).
-    pub(crate) fn owners(&self, views: &[StallView]) -> Vec<Owner> {
-        let now = Instant::now();
-        let mut pods = self.pods();
-        views
-            .iter()
-            .map(|v| {
-                let f = FlowRef::of(v);
-                (pods.pod(&f, now), pods.process(&f, now))
-            })
-            .collect()
-    }
-
-    /// Encodes the metrics as of now (engine views under the lock, the rest
-    /// after it).
-    pub fn scrape(&self, format: Format) -> Result<String, MetricsError> {
-        let now = (self.clock)();
-        let (gauges, mut stalls) = {
-            let engine = self.engine();
-            (engine.gauges(now), engine.stalls(now))
-        };
-        // Every stalled socket goes into the incident groups; only the
-        // top-K get per-flow series.
-        let mut pods = self.identities(&stalls);
-        let incidents = crate::incidents::aggregate(
-            stalls.iter().zip(pods.iter().map(Option::as_ref)),
-            self.metrics.max_incidents(),
-        );
-        stalls.truncate(self.metrics.top_k_flows());
-        pods.truncate(stalls.len());
-        let live = LiveView {
-            gauges,
-            top: stalls.into_iter().zip(pods).collect(),
-            incidents,
-        };
-        if let Some(p) = crate::process::sample() {
-            self.metrics.process(&p);
-        }
-        self.metrics.render(&live, format)
-    }
-}
-
 /// The event loop's state between batches.
 struct Pipeline {
     state: Arc<AgentState>,
@@ -356,7 +267,7 @@ impl Pipeline {
     /// Ingests a drained batch and tells `/readyz` the ring was drained.
     fn ingest(&mut self, batch: &mut Vec<Result<SockEvent, DecodeError>>) {
         self.ingest_events(batch);
-        self.state.health.drained(kernel::monotonic_ns());
+        self.state.health.drained(facts::monotonic_ns());
     }
 
     /// Ingests a drained batch without touching readiness (the start-up
@@ -365,7 +276,7 @@ impl Pipeline {
         let metrics = &self.state.metrics;
         // Read just now: every event of the batch waited from its kernel
         // timestamp (CLOCK_MONOTONIC, as this clock) until the drain.
-        let read_at = kernel::monotonic_ns();
+        let read_at = facts::monotonic_ns();
         for item in batch.drain(..) {
             match item {
                 Ok(ev) => {
@@ -440,7 +351,7 @@ impl Pipeline {
         let views: Vec<StallView> = self
             .state
             .engine()
-            .stalls(kernel::monotonic_ns())
+            .stalls(facts::monotonic_ns())
             .into_iter()
             .filter(|v| v.cookie != 0 && cookies.contains(&v.cookie))
             .take(MAX_OWNER_LOOKUPS)
@@ -451,7 +362,7 @@ impl Pipeline {
 
     /// Advances the engine to `now` and reads the kernel counters.
     fn tick(&mut self, stats: &StatsReader) {
-        let now = kernel::monotonic_ns();
+        let now = facts::monotonic_ns();
         {
             let mut engine = self.state.engine();
             engine.tick(now);
@@ -531,17 +442,7 @@ impl Pipeline {
         };
         let hz = self.state.engine().hz().0;
         let r = run.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let records = r.read()?;
-            let (sockets, bad) = sweeping::decode_all(&records);
-            let report =
-                crate::engine::risks::audit(&sockets, hz, kernel::monotonic_ns(), RISKS_LISTED);
-            Ok(SweepResult {
-                sockets,
-                bad,
-                report,
-            })
-        });
+        let task = tokio::task::spawn_blocking(move || cycle::read_and_audit(&r, hz, RISKS_LISTED));
         Some(PendingSweep {
             reason,
             t0,
@@ -682,49 +583,6 @@ impl Pipeline {
     }
 }
 
-/// The events read while a sweep ran and its snapshots, in time order (a
-/// snapshot before every event later than it, after every earlier one;
-/// events keep their ring order): folded in as if the sweep had taken no
-/// time, so no snapshot lands after a newer event of its socket (which
-/// could resurrect a socket that closed meanwhile) and no event older than
-/// a snapshot lands after it.
-fn merge_by_time<'a>(
-    snapshots: &'a [&'a SockEvent],
-    events: &'a [SockEvent],
-) -> impl Iterator<Item = &'a SockEvent> + 'a {
-    let (mut s, mut e) = (0, 0);
-    std::iter::from_fn(move || match (snapshots.get(s), events.get(e)) {
-        (Some(a), Some(b)) if a.ts_ns <= b.ts_ns => {
-            s += 1;
-            Some(*a)
-        }
-        (_, Some(b)) => {
-            e += 1;
-            Some(b)
-        }
-        (Some(a), None) => {
-            s += 1;
-            Some(*a)
-        }
-        (None, None) => None,
-    })
-}
-
-/// A sweep running on a blocking thread.
-struct PendingSweep {
-    reason: SweepReason,
-    t0: Instant,
-    run: Arc<loader::SweepRun>,
-    task: tokio::task::JoinHandle<Result<SweepResult, loader::SweepError>>,
-}
-
-/// What the blocking thread computes from one sweep.
-struct SweepResult {
-    sockets: Vec<crate::engine::risks::SweptSocket>,
-    bad: usize,
-    report: crate::engine::risks::RiskReport,
-}
-
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let opts = LoaderOptions {
         ringbuf_bytes: settings.ringbuf_bytes,
@@ -733,7 +591,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         btf_path: settings.btf.clone(),
         try_all: false,
         disabled: if settings.no_ack_probe {
-            vec![(crate::probes::ACK, "--no-ack-probe")]
+            vec![(crate::kernel::probes::ACK, "--no-ack-probe")]
         } else {
             Vec::new()
         },
@@ -743,7 +601,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     log_plan(&loaded.plan);
     let ring = loaded.take_events()?;
     let stats = loaded.take_stats()?;
-    if settings.program_stats && !kernel::Privileges::current().cap_sys_admin {
+    if settings.program_stats && !facts::Privileges::current().cap_sys_admin {
         anyhow::bail!(
             "--program-stats needs CAP_SYS_ADMIN (the kernel's BPF_ENABLE_STATS): grant it or run without --program-stats"
         );
@@ -764,7 +622,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         &loaded.plan.probes,
     );
-    let features = crate::features::features(
+    let features = crate::sweep::features::features(
         &loaded.sweep_program(),
         settings.startup_sweep,
         settings.sweep_on_loss,
@@ -774,7 +632,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     metrics.set_features(&features);
     let pods = Identities::new(&IdentityConfig {
         proc_root: settings.proc_root.clone(),
-        cgroup2_root: kernel::cgroup2_root(),
+        cgroup2_root: facts::cgroup2_root(),
         runtimes: settings.runtimes.clone(),
         netns_refresh: POD_REFRESH,
     });
@@ -969,32 +827,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Snapshots of a sweep and the events read while it ran are folded in
-    /// time order: a socket that closed during the sweep has its close
-    /// event after its (older) snapshot, so the snapshot cannot resurrect
-    /// it; events keep their ring order.
-    /// Mutation: `a.ts_ns <= b.ts_ns` -> `a.ts_ns > b.ts_ns` in
-    /// `merge_by_time` puts the snapshot after the newer close.
-    #[test]
-    fn sweep_snapshots_merge_with_held_events_by_time() {
-        let ev = |kind, ts_ns| {
-            let mut raw = tcpstall_common::Event::zeroed();
-            raw.kind = kind;
-            raw.source = tcpstall_common::source::SWEEP;
-            raw.ts_ns = ts_ns;
-            raw.sock.family = 2;
-            SockEvent::from_raw(&raw).expect("decodes")
-        };
-        use tcpstall_common::kind::{STATE, SWEEP};
-        let snaps = [ev(SWEEP, 5), ev(SWEEP, 9)];
-        let snap_refs: Vec<&SockEvent> = snaps.iter().collect();
-        let held = [ev(STATE, 3), ev(STATE, 7), ev(STATE, 6), ev(STATE, 12)];
-        let order: Vec<u64> = merge_by_time(&snap_refs, &held).map(|e| e.ts_ns).collect();
-        assert_eq!(order, [3, 5, 7, 6, 9, 12]);
-        assert_eq!(merge_by_time(&snap_refs, &[]).count(), 2);
-        assert_eq!(merge_by_time(&[], &held).count(), 4);
-    }
 
     #[test]
     fn engine_config_from_settings() {

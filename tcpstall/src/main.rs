@@ -4,8 +4,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tcpstall::{
     app,
-    config::{Cli, Command, LogFormat, Settings},
-    doctor, top,
+    cli::{
+        config::{Cli, Command, LogFormat, Settings},
+        doctor, top,
+    },
 };
 
 fn init_tracing(format: LogFormat, level: &str) -> anyhow::Result<()> {

@@ -21,7 +21,7 @@
 use serde::Serialize;
 use tcpstall_common::pending;
 
-use crate::event::{SockEvent, TcpState};
+use crate::kernel::event::{SockEvent, TcpState};
 
 /// `icsk_ca_state` TCP_CA_Loss.
 pub const TCP_CA_LOSS: u32 = 4;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use crate::event::{ETIMEDOUT, SockEvent};
+use crate::kernel::event::{ETIMEDOUT, SockEvent};
 
 use super::flow::{Prediction, Streak, Verdict};
 use super::sink::TimeoutFacts;

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use crate::event::{NetnsSysctls, TcpState};
+use crate::kernel::event::{NetnsSysctls, TcpState};
 
 use super::horizon::BoundarySource;
 

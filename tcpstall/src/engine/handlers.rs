@@ -1,7 +1,7 @@
 //! Event handlers: retransmissions, write-timer expiries (RTO and persist),
 //! state changes and ACKs. Error reports and closes are in `close`.
 
-use crate::event::{Mechanism, SockEvent, TcpState};
+use crate::kernel::event::{Mechanism, SockEvent, TcpState};
 
 use super::flow::{Anchor, Persist, Prediction, Verdict};
 use super::horizon::{self, BoundarySource, NSEC_PER_MSEC};

@@ -20,7 +20,7 @@ use std::fmt;
 
 use serde::{Serialize, Serializer};
 
-use crate::event::NetnsSysctls;
+use crate::kernel::event::NetnsSysctls;
 
 /// `TCP_RTO_MIN`: the base of `tcp_model_timeout` from ESTABLISHED on.
 pub const TCP_RTO_MIN_MS: u64 = 200;

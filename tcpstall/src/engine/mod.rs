@@ -31,7 +31,7 @@
 //! - `close_wait`: a `State` event into CLOSE_WAIT longer than
 //!   `close_wait_after` ago.
 //!
-//! Files: `config` (settings and validation), `identity` (which flow an event
+//! Files: `config` (settings and validation), `flow_key` (which flow an event
 //! belongs to), `handlers` (one per event kind), `streak` (per-flow
 //! episodes, streaks, verdicts, predictions), `close` (error reports, closes),
 //! `tick` (time), `views` (stalls, gauges, remotes), `sink` (observations and
@@ -41,13 +41,12 @@ pub mod cause;
 mod close;
 mod config;
 mod flow;
+mod flow_key;
 mod handlers;
 pub mod horizon;
 pub mod hz;
-mod identity;
 mod output;
 mod remote;
-pub mod risks;
 pub mod seed;
 mod sink;
 mod streak;
@@ -62,7 +61,7 @@ use std::time::Duration;
 
 use tcpstall_common::pending;
 
-use crate::event::{EventKind, NetnsSysctls, SockEvent};
+use crate::kernel::event::{EventKind, NetnsSysctls, SockEvent};
 
 use close::Closed;
 use flow::FlowTable;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::event::TcpState;
+use crate::kernel::event::TcpState;
 
 use super::horizon::BoundarySource;
 use super::hz::HzSource;

@@ -27,7 +27,7 @@ use super::{
     flow::{Anchor, FlowKey, Persist, Verdict},
     horizon,
 };
-use crate::event::{SockEvent, TcpState};
+use crate::kernel::event::{SockEvent, TcpState};
 
 /// What a snapshot shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

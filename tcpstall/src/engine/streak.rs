@@ -2,11 +2,11 @@
 //! retransmission streaks, zero-window episodes, the kernel's verdict at an
 //! RTO expiry and the death prediction.
 
-use crate::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, TcpState};
+use crate::kernel::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, TcpState};
 
 use super::flow::{Episode, Flow, Prediction, Streak};
+use super::flow_key::merge_addr;
 use super::horizon::{self, BoundaryRule, NSEC_PER_MSEC, NSEC_PER_SEC, RtoWalk, TCP_RTO_MIN_MS};
-use super::identity::merge_addr;
 use super::sink::Sink;
 use super::{Engine, StallClass, StreakOutcome, dur_ns};
 

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use super::horizon::{BoundaryRule, jiffies_to_ns, msecs_to_jiffies, timer_wheel_fire};
 use super::*;
-use crate::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState};
+use crate::kernel::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState};
 
 const HZ: u32 = 250;
 const MS: u64 = 1_000_000;

@@ -8,9 +8,10 @@
 //!
 //! Sockets without a cgroup id, and every socket on a cgroup v1-only host
 //! (no cgroup2 mount; the kernel reports the v2 root for every socket), fall
-//! back to the network namespace lookup of [`crate::pods`].
+//! back to the network namespace lookup of [`crate::identity::netns`].
 
 pub mod cgroup;
+pub mod netns;
 pub mod process;
 pub mod runtime;
 
@@ -23,7 +24,10 @@ use std::{
 pub use process::{ProcessInfo, SocketKey};
 pub use runtime::RuntimeRoots;
 
-use crate::pods::{PodIdentity, PodResolver};
+use netns::{PodIdentity, PodResolver};
+
+/// The pod and the process owning a stalled socket.
+pub(crate) type Owner = (Option<PodIdentity>, Option<ProcessInfo>);
 
 /// How long a resolved cgroup walk or /proc scan is reused before a miss
 /// triggers another.
@@ -115,7 +119,7 @@ impl Identities {
     }
 
     /// The pod owning a network namespace (for views keyed by netns only;
-    /// names the pod, not the container: see [`crate::pods`]).
+    /// names the pod, not the container: see [`crate::identity::netns`]).
     pub fn lookup(&mut self, netns: u64, now: Instant) -> Option<&PodIdentity> {
         self.netns.lookup(netns, now)
     }

@@ -34,12 +34,14 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::incidents::Incident;
 use crate::{
     engine::{Gauges, Observation, StallClass, StallView, StreakOutcome},
-    event::EventKind,
-    incidents::Incident,
-    loader::{ProbeStatus, ProgramRuntime},
-    pods::PodIdentity,
+    identity::netns::PodIdentity,
+    kernel::{
+        event::EventKind,
+        loader::{ProbeStatus, ProgramRuntime},
+    },
 };
 
 /// Upper bounds (seconds) of `tcpstall_stall_duration_seconds`: a streak that
@@ -155,7 +157,7 @@ struct BuildLabels {
 }
 
 /// Labels of the incident series (one stall class, owning pod and remote;
-/// see [`crate::incidents`]).
+/// see [`crate::serve::incidents`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IncidentLabels {
     node: String,
@@ -240,7 +242,7 @@ pub struct LiveView {
     /// returns them), with the owning pod when known. Only the first
     /// `top_k_flows` are exported.
     pub top: Vec<(StallView, Option<PodIdentity>)>,
-    /// Every stalled socket, grouped ([`crate::incidents::aggregate`]).
+    /// Every stalled socket, grouped ([`crate::serve::incidents::aggregate`]).
     pub incidents: Vec<Incident>,
 }
 
@@ -572,9 +574,9 @@ impl Metrics {
 
     /// `tcpstall_feature`: one series per feature and state, 1 for the
     /// state it is in.
-    pub fn set_features(&self, features: &[crate::features::FeatureStatus]) {
+    pub fn set_features(&self, features: &[crate::sweep::features::FeatureStatus]) {
         for f in features {
-            for state in crate::features::FeatureState::STATES {
+            for state in crate::sweep::features::FeatureState::STATES {
                 self.features
                     .get_or_create(&FeatureLabels {
                         feature: f.name,
@@ -768,7 +770,7 @@ impl Metrics {
     }
 
     /// Advances the process counters to a new reading of /proc/self.
-    pub fn process(&self, s: &crate::process::ProcessSample) {
+    pub fn process(&self, s: &crate::serve::self_stats::ProcessSample) {
         let mut last = lock(&self.process_cpu_last);
         if s.cpu_seconds > *last {
             self.process_cpu.inc_by(s.cpu_seconds - *last);
@@ -885,8 +887,8 @@ mod tests {
     use super::*;
     use crate::engine::cause::RetransmitCause;
     use crate::engine::{BoundarySource, FlowHistory, StalledCounts, TimeoutEvidence};
-    use crate::event::{Mechanism, TcpState};
-    use crate::loader::Attempt;
+    use crate::kernel::event::{Mechanism, TcpState};
+    use crate::kernel::loader::Attempt;
 
     fn cfg(max_remote_labels: usize, top_k_flows: usize) -> MetricsConfig {
         MetricsConfig {
@@ -1036,8 +1038,8 @@ mod tests {
                 ),
                 None,
             )],
-            incidents: vec![crate::incidents::Incident {
-                key: crate::incidents::IncidentKey {
+            incidents: vec![crate::serve::incidents::Incident {
+                key: crate::serve::incidents::IncidentKey {
                     class: StallClass::Retransmit,
                     namespace: "shop".into(),
                     pod: "orders-1".into(),
@@ -1077,7 +1079,7 @@ mod tests {
         );
         assert_eq!(sample(&text, "process_cpu_seconds_total"), Some(0.0));
         // The CPU counter follows the process' total, never backwards.
-        let p = |cpu_seconds, resident_bytes| crate::process::ProcessSample {
+        let p = |cpu_seconds, resident_bytes| crate::serve::self_stats::ProcessSample {
             cpu_seconds,
             resident_bytes,
         };

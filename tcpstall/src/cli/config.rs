@@ -20,7 +20,7 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::{engine::EngineConfig, event::Mechanism};
+use crate::{engine::EngineConfig, kernel::event::Mechanism};
 
 const ABOUT: &str = "Finds stuck TCP connections before they hurt anyone.
 
@@ -47,7 +47,7 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Live terminal view of the stalled sockets seen by the agent on this node
     /// (its /api/v1/stalls), most urgent first, with a countdown to ETIMEDOUT.
-    Top(crate::top::TopArgs),
+    Top(crate::cli::top::TopArgs),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]

@@ -5,7 +5,7 @@
 
 use tcpstall_common::{SWEEP_DIRECT_PROGRAM, SWEEP_PLAIN_PROGRAM, SWEEP_PROGRAM, field, program};
 
-use crate::event::Mechanism;
+use crate::kernel::event::Mechanism;
 
 /// How a program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use ratatui::{
 };
 use serde_json::Value;
 
-use crate::config::DEFAULT_LISTEN;
+use super::config::DEFAULT_LISTEN;
 
 #[derive(Debug, Args)]
 pub struct TopArgs {

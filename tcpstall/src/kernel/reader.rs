@@ -7,7 +7,7 @@ use std::io;
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
-use crate::event::{DecodeError, SockEvent};
+use crate::kernel::event::{DecodeError, SockEvent};
 
 /// How often the ring is read when no wake-up came (the programs wake the
 /// reader only once the ring is an eighth full).

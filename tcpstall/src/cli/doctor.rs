@@ -4,9 +4,9 @@ use std::fmt::Write as _;
 
 use anyhow::Context as _;
 
-use crate::{
-    config::DoctorArgs,
-    kernel::{self, Privileges},
+use super::config::DoctorArgs;
+use crate::kernel::{
+    facts::{self, Privileges},
     loader::{self, LoaderOptions, Plan},
 };
 
@@ -42,7 +42,9 @@ pub fn render(plan: &Plan) -> String {
         for a in &p.attempts {
             let verdict = match &a.error {
                 // An iterator is loaded once and run per sweep.
-                None if a.mechanism == crate::event::Mechanism::Sweep => "loaded".to_owned(),
+                None if a.mechanism == crate::kernel::event::Mechanism::Sweep => {
+                    "loaded".to_owned()
+                }
                 None => "attached".to_owned(),
                 Some(e) => e.clone(),
             };
@@ -94,7 +96,7 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
         );
         println!(
             "kprobe PMU: {}",
-            if kernel::has_kprobe_pmu() {
+            if facts::has_kprobe_pmu() {
                 "present"
             } else {
                 "absent"

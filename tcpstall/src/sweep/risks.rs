@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::horizon;
-use crate::event::{SockEvent, TcpState};
+use crate::engine::horizon;
+use crate::kernel::event::{SockEvent, TcpState};
 
 /// One socket as the sweep saw it (the event snapshot plus what only the file
 /// walk knows).

@@ -1,10 +1,10 @@
-//! Socket identity: which flow an event belongs to (cookie, or the kernel
+//! Flow keys: which flow an event belongs to (cookie, or the kernel
 //! address of `struct sock` until the cookie is known), provisional-flow
 //! merging, address reuse and eviction.
 
 use std::net::SocketAddr;
 
-use crate::event::SockEvent;
+use crate::kernel::event::SockEvent;
 
 use super::flow::{Flow, FlowKey};
 use super::{Engine, Observation};

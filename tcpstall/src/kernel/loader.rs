@@ -1,5 +1,5 @@
 //! The only module touching `aya::Ebpf`: feature detection, loading,
-//! attaching with fallbacks (walking [`crate::probes::PROBES`]), and handing
+//! attaching with fallbacks (walking [`crate::kernel::probes::PROBES`]), and handing
 //! out the maps the reader needs.
 
 use std::{error::Error as StdError, fmt::Write as _, fs::File, path::PathBuf};
@@ -14,10 +14,10 @@ use tcpstall_common::{
     layout_flag, stat,
 };
 
-use crate::{
+use super::{
     btf::Btf,
     event::Mechanism,
-    kernel::{self, HzSource, Privileges},
+    facts::{self, HzSource, Privileges},
     kfunc::{self, AlignedObject},
     layout,
     probes::{Attach, Candidate, PROBES, ProbeSpec},
@@ -448,7 +448,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         )));
     }
     raise_memlock();
-    let kernel_release = kernel::release();
+    let kernel_release = facts::release();
     let btf_path = opts
         .btf_path
         .clone()
@@ -466,12 +466,12 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
     let resolved =
         layout::resolve(&our_btf, &kernel_release).map_err(|e| LoadError::Layout(e.to_string()))?;
 
-    let hz = kernel::hz();
+    let hz = facts::hz();
     let mut kl: KernelLayout = resolved.layout();
     kl.flags |= layout_flag::READY;
     kl.ringbuf_wake_bytes = opts.ringbuf_bytes / 8;
     kl.sock_span = resolved.sock_span();
-    let timer_addr = kernel::kallsyms_lookup("tcp_write_timer");
+    let timer_addr = facts::kallsyms_lookup("tcp_write_timer");
     if let Ok(addr) = timer_addr {
         kl.tcp_write_timer_addr = addr;
     }
@@ -499,7 +499,8 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         .map_err(|e| LoadError::Object(chain(&e)))?;
 
     if let Some(forced) = opts.force_write_timer {
-        let spec = crate::probes::probe(crate::probes::WRITE_TIMER).expect("write_timer probe");
+        let spec = crate::kernel::probes::probe(crate::kernel::probes::WRITE_TIMER)
+            .expect("write_timer probe");
         if !spec
             .candidates
             .iter()
@@ -523,7 +524,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         layout: &kl,
         rdonly_cast,
         timer_addr: timer_addr.map_err(|e| e.to_string()),
-        cgroup: opts.cgroup.clone().or_else(kernel::cgroup2_root),
+        cgroup: opts.cgroup.clone().or_else(facts::cgroup2_root),
         socket_constants: check_socket_constants(&our_btf),
     };
     let mut statuses = Vec::new();
@@ -554,7 +555,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
 
     let sweep = statuses
         .iter()
-        .find(|p| p.probe == crate::probes::SWEEP)
+        .find(|p| p.probe == crate::kernel::probes::SWEEP)
         .map_or_else(
             || Err("no sweep probe in the plan".to_owned()),
             ProbeStatus::outcome,
@@ -624,7 +625,7 @@ fn attach_probe(
         program: None,
         attempts: Vec::new(),
     };
-    let forced = if spec.name == crate::probes::WRITE_TIMER {
+    let forced = if spec.name == crate::kernel::probes::WRITE_TIMER {
         opts.force_write_timer
     } else {
         None
@@ -745,7 +746,7 @@ fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<
         }
         Attach::Kprobe { function } => {
             let p: &mut KProbe = prog.try_into().map_err(|e| chain(&e))?;
-            let pmu = kernel::has_kprobe_pmu();
+            let pmu = facts::has_kprobe_pmu();
             p.load()
                 .map_err(|e| format!("load: {}", chain(&e)))
                 .and_then(|()| {
@@ -943,7 +944,7 @@ mod tests {
             .count();
         let mut object = AlignedObject::new(EBPF_OBJECT);
         let patched = kfunc::patch_calls(object.bytes_mut(), marker, 1).map_err(|e| e.to_string());
-        let casts = crate::probes::PROBES
+        let casts = crate::kernel::probes::PROBES
             .iter()
             .flat_map(|p| p.candidates)
             .filter(|c| c.rdonly_cast)

@@ -34,7 +34,7 @@ use std::fmt;
 use tcpstall_common::{FieldSpec, KernelLayout, field};
 use thiserror::Error;
 
-use crate::btf::{Btf, BtfError, Member};
+use crate::kernel::btf::{Btf, BtfError, Member};
 
 /// The object a field's offset is relative to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -665,8 +665,8 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::btf::SYS_VMLINUX;
-    use crate::btf::writer::{BtfWriter, INT_SIGNED, M};
+    use crate::kernel::btf::SYS_VMLINUX;
+    use crate::kernel::btf::writer::{BtfWriter, INT_SIGNED, M};
 
     /// Kernel generations of the synthetic kernel.
     #[derive(Clone, Copy, Debug, PartialEq)]

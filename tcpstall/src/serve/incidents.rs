@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use crate::{
     engine::{StallClass, StallView},
-    pods::PodIdentity,
+    identity::netns::PodIdentity,
 };
 
 /// The `remote` label of the overflow group.
@@ -130,7 +130,7 @@ pub fn aggregate<'a>(
 mod tests {
     use super::*;
     use crate::engine::{FlowHistory, StallClass};
-    use crate::event::TcpState;
+    use crate::kernel::event::TcpState;
 
     fn view(
         class: StallClass,

@@ -3,7 +3,7 @@
 //! Rust eBPF has no CO-RE relocations, so the agent finds the offsets of the
 //! kernel struct fields its programs read in the running kernel's BTF
 //! (`/sys/kernel/btf/vmlinux`) and hands them to the programs (see
-//! [`crate::layout`]). This module only knows the BTF format; it knows nothing
+//! [`crate::kernel::layout`]). This module only knows the BTF format; it knows nothing
 //! about TCP.
 //!
 //! Scope: raw little-endian BTF (version 1) as exposed by the kernel, i.e. a

@@ -2,9 +2,9 @@
 //!
 //! | endpoint | answer |
 //! |---|---|
-//! | `GET /metrics` | every metric ([`crate::metrics`]); OpenMetrics text unless the `Accept` header prefers `text/plain` (then Prometheus text 0.0.4) |
+//! | `GET /metrics` | every metric ([`crate::serve::metrics`]); OpenMetrics text unless the `Accept` header prefers `text/plain` (then Prometheus text 0.0.4) |
 //! | `GET /healthz` | 200 `ok`: the process serves requests |
-//! | `GET /readyz` | 200 when every required probe is attached and the event loop drained the ring buffer within [`READY_STALE_AFTER`]; 503 with the reason otherwise |
+//! | `GET /readyz` | 200 when every required probe is attached and the event loop drained the ring buffer within [`READY_STALE_AFTER`](super::state::READY_STALE_AFTER); 503 with the reason otherwise |
 //! | `GET /api/v1/stalls` | every stalled flow, most urgent first, with pod identity and wall-clock instants |
 //! | `GET /api/v1/remotes` | per-remote aggregation (top K remotes, the rest summed) |
 //! | `GET /api/v1/risks` | the hang-forever audit of the last sweep: established sockets without SO_KEEPALIVE and TCP_USER_TIMEOUT, longest idle first, bounded |
@@ -13,7 +13,7 @@
 //! Requests never hold the engine lock for longer than computing a view;
 //! pod resolution, serialisation and metric encoding run on the blocking pool
 //! after the lock is released, so the event loop is not starved by scrapes.
-//! Every request is bounded by [`REQUEST_TIMEOUT`] (503 after that), bodies
+//! Every request is bounded by [`REQUEST_TIMEOUT`](super::state::REQUEST_TIMEOUT) (503 after that), bodies
 //! by [`MAX_BODY_BYTES`] (413); unknown paths answer 404, other methods 405.
 //! Connections are HTTP/1.1 (what Prometheus and curl speak): a client gets
 //! [`HEADER_READ_TIMEOUT`] to send its request headers (slow or silent
@@ -22,10 +22,7 @@
 
 use std::{
     future::Future,
-    sync::{
-        Arc, PoisonError,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -40,95 +37,20 @@ use serde::Serialize;
 use time::{OffsetDateTime, format_description::BorrowedFormatItem, macros::format_description};
 use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
 
+use super::metrics::Format;
+use super::state::AgentState;
 use crate::{
-    app::AgentState, engine::StallView, identity::ProcessInfo, kernel, loader::Plan,
-    metrics::Format, pods::PodIdentity,
+    engine::StallView,
+    identity::{ProcessInfo, netns::PodIdentity},
+    kernel::facts,
 };
 
-/// Upper bound on handling one request.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Largest accepted request body (every endpoint is a GET).
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
-/// `/readyz` fails when the event loop has not drained the ring buffer for
-/// this long.
-pub const READY_STALE_AFTER: Duration = Duration::from_secs(5);
-
-/// Liveness facts the event loop publishes for `/readyz`.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// CLOCK_MONOTONIC ns of the last time the event loop drained the ring
-    /// buffer (after a batch, or at a tick with nothing pending); 0 = never.
-    last_drain_ns: AtomicU64,
-    stopping: AtomicBool,
-}
-
-impl Health {
-    pub fn drained(&self, now_ns: u64) {
-        self.last_drain_ns.store(now_ns, Ordering::Relaxed);
-    }
-
-    pub fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
-    }
-
-    /// Ok(message) when ready, Err(reason) when not.
-    pub fn readiness(
-        &self,
-        plan: &Plan,
-        now_ns: u64,
-        stale_after: Duration,
-    ) -> Result<String, String> {
-        if self.is_stopping() {
-            return Err("shutting down".to_owned());
-        }
-        let missing: Vec<&str> = plan
-            .probes
-            .iter()
-            .filter(|p| p.required && p.chosen.is_none())
-            .map(|p| p.probe)
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "required probes not attached: {}",
-                missing.join(", ")
-            ));
-        }
-        let last = self.last_drain_ns.load(Ordering::Relaxed);
-        if last == 0 {
-            return Err("the ring buffer has not been read yet".to_owned());
-        }
-        let age = Duration::from_nanos(now_ns.saturating_sub(last));
-        if age > stale_after {
-            return Err(format!(
-                "the ring buffer was last drained {:.1} s ago (limit {} s): the event loop is stuck or overloaded",
-                age.as_secs_f64(),
-                stale_after.as_secs()
-            ));
-        }
-        let optional: Vec<&str> = plan
-            .probes
-            .iter()
-            .filter(|p| !p.required && p.chosen.is_none())
-            .map(|p| p.probe)
-            .collect();
-        if optional.is_empty() {
-            Ok("ok".to_owned())
-        } else {
-            Ok(format!(
-                "ok (optional probes not attached: {})",
-                optional.join(", ")
-            ))
-        }
-    }
-}
 
 /// RFC 3339 in UTC with millisecond precision, e.g. `2024-05-01T12:00:03.250Z`.
 const RFC3339_MILLIS: &[BorrowedFormatItem<'_>] =
@@ -213,7 +135,7 @@ fn json_response<T: Serialize>(doc: &T) -> Response {
 fn stalls_json(state: &AgentState) -> Response {
     let now = (state.clock)();
     let views = state.engine().stalls(now);
-    let offset = kernel::realtime_offset_ns();
+    let offset = facts::realtime_offset_ns();
     let owners = state.owners(&views);
     let stalls: Vec<StallEntry<'_>> = views
         .iter()
@@ -243,7 +165,7 @@ fn remotes_json(state: &AgentState) -> Response {
     let now = (state.clock)();
     let remotes = state.engine().remotes(now);
     json_response(&RemotesDoc {
-        generated_at: wall(now, kernel::realtime_offset_ns()),
+        generated_at: wall(now, facts::realtime_offset_ns()),
         now_ns: now,
         kernel: &state.plan.kernel,
         remotes,
@@ -358,7 +280,7 @@ async fn risks_handler(State(state): State<Arc<AgentState>>) -> Response {
 #[derive(Serialize)]
 struct RiskDocEntry<'a> {
     #[serde(flatten)]
-    risk: &'a crate::engine::risks::RiskEntry,
+    risk: &'a crate::sweep::risks::RiskEntry,
     pod: Option<&'a str>,
     namespace: Option<&'a str>,
     container: Option<&'a str>,
@@ -381,7 +303,7 @@ struct RisksDoc<'a> {
 
 fn risks_json(state: &AgentState) -> Response {
     let now = (state.clock)();
-    let offset = kernel::realtime_offset_ns();
+    let offset = facts::realtime_offset_ns();
     let report = state
         .risks
         .lock()
@@ -543,9 +465,11 @@ mod tests {
     use super::*;
     use crate::{
         engine::{Engine, EngineConfig},
-        event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState},
-        loader::{Attempt, ProbeStatus},
-        metrics::{Metrics, MetricsConfig},
+        kernel::{
+            event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState},
+            loader::{Attempt, Plan, ProbeStatus},
+        },
+        serve::metrics::{Metrics, MetricsConfig},
     };
 
     const HZ: u32 = 250;
@@ -706,7 +630,7 @@ mod tests {
     /// Feeds three RTO expiries (200, 400, 800 ms apart) ending just before
     /// the real monotonic now: a `retransmit` stall with a prediction.
     fn feed_stall(state: &AgentState) -> (SocketAddr, SocketAddr) {
-        let now = kernel::monotonic_ns();
+        let now = facts::monotonic_ns();
         let t0 = now - 1_450 * MS;
         let stamp = (t0 / MS) as u32;
         let mut engine = state.engine();
@@ -812,7 +736,7 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("not been read"), "{body}");
 
-        s.health.drained(kernel::monotonic_ns());
+        s.health.drained(facts::monotonic_ns());
         let (status, _, body) = get(&s, "/readyz").await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert!(body.starts_with("ok"), "{body}");
@@ -822,12 +746,12 @@ mod tests {
         );
 
         // A drain long ago: stuck event loop.
-        s.health.drained(kernel::monotonic_ns() - 60 * S);
+        s.health.drained(facts::monotonic_ns() - 60 * S);
         let (status, _, body) = get(&s, "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("last drained"), "{body}");
 
-        s.health.drained(kernel::monotonic_ns());
+        s.health.drained(facts::monotonic_ns());
         s.health.set_stopping();
         let (status, _, body) = get(&s, "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -835,7 +759,7 @@ mod tests {
 
         // A required probe without a mechanism.
         let s = state_with(plan(false));
-        s.health.drained(kernel::monotonic_ns());
+        s.health.drained(facts::monotonic_ns());
         let (status, _, body) = get(&s, "/readyz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("write_timer"), "{body}");
@@ -964,7 +888,7 @@ mod tests {
         assert_eq!(v["top"][0]["stalled_flows"], 1);
 
         // Time passes without the next expiry: the streak ends, the series go.
-        s.engine().tick(kernel::monotonic_ns() + 600 * S);
+        s.engine().tick(facts::monotonic_ns() + 600 * S);
         let obs: Vec<_> = s.engine().drain_observations().collect();
         for o in &obs {
             s.metrics.observe(o);
@@ -973,7 +897,7 @@ mod tests {
         // stalled only if the tick did not end it; a clock far ahead proves
         // removal regardless.
         let later = Arc::new(AgentState {
-            clock: || kernel::monotonic_ns() + 600 * S,
+            clock: || facts::monotonic_ns() + 600 * S,
             ..Arc::try_unwrap(s).ok().expect("sole owner")
         });
         let (_, _, text) = get(&later, "/metrics").await;

@@ -7,6 +7,16 @@
 //! most once per [`SweepPolicy::min_gap`]), and every `--sweep-interval`
 //! (0 = never periodically); once more after a sweep whose held events
 //! overflowed [`SweepHold`].
+//!
+//! The rest of the sweep's userspace, in this folder:
+//! - [`risks`]: the hang-forever audit of one sweep's sockets (pure);
+//! - [`cycle`]: one sweep on a blocking thread, and its snapshots merged with
+//!   the events held meanwhile;
+//! - [`features`]: what the agent does on this node (the sweep and the
+//!   features built on it), and why a feature is off.
+pub mod cycle;
+pub mod features;
+pub mod risks;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -20,8 +30,8 @@ use prometheus_client::{
 
 use tcpstall_common::{SweepRecord, flag};
 
-use crate::engine::risks::{Comm, SweptSocket};
-use crate::event::{DecodeError, SockEvent};
+use crate::kernel::event::{DecodeError, SockEvent};
+use risks::{Comm, SweptSocket};
 
 /// Why a sweep ran (the `reason` label of `tcpstall_sweeps_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -286,7 +296,7 @@ pub struct PodLabels {
     pub pod: String,
 }
 
-/// The sweep's metrics (registered by [`crate::metrics::Metrics::new`]).
+/// The sweep's metrics (registered by [`crate::serve::metrics::Metrics::new`]).
 #[derive(Clone, Debug)]
 pub struct SweepMetrics {
     sweeps: Family<ReasonLabels, Counter>,
