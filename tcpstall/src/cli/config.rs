@@ -47,7 +47,7 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Live terminal view of the stalled sockets seen by the agent on this node
     /// (its /api/v1/stalls), most urgent first, with a countdown to ETIMEDOUT.
-    Top(crate::cli::top::TopArgs),
+    Top(TopArgs),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -111,6 +111,27 @@ pub struct DoctorArgs {
     /// Print the plan as JSON.
     #[arg(long, env = "TCPSTALL_JSON")]
     pub json: bool,
+}
+
+// `tcpstall top`: which agent to poll and how (no doc comment: clap would
+// turn it into help text).
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The agent's HTTP address [default: the local agent, from TCPSTALL_LISTEN
+    /// or the default listen address, with 0.0.0.0 read as 127.0.0.1].
+    #[arg(long, value_name = "URL", env = "TCPSTALL_AGENT")]
+    pub agent: Option<String>,
+    /// Print one plain table and exit (also when stdout is not a terminal).
+    #[arg(long, env = "TCPSTALL_ONCE")]
+    pub once: bool,
+    /// Seconds between polls of the agent.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 1.0,
+        env = "TCPSTALL_INTERVAL"
+    )]
+    pub interval: f64,
 }
 
 #[derive(Debug, Args)]
@@ -247,7 +268,7 @@ pub struct FileConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum SettingsError {
     #[error("cannot read config file {path}: {err}")]
     Read { path: PathBuf, err: std::io::Error },
     #[error("config file {path}: {message}")]
@@ -332,12 +353,12 @@ impl Default for Settings {
     }
 }
 
-pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+pub fn load_file(path: &Path) -> Result<FileConfig, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|err| SettingsError::Read {
         path: path.to_owned(),
         err,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    toml::from_str(&text).map_err(|e| SettingsError::Parse {
         path: path.to_owned(),
         message: e.message().to_owned()
             + &e.span()
@@ -346,11 +367,11 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn secs(key: &'static str, v: f64) -> Result<Duration, ConfigError> {
+fn secs(key: &'static str, v: f64) -> Result<Duration, SettingsError> {
     if v.is_finite() && (0.0..1e9).contains(&v) {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(ConfigError::Invalid {
+        Err(SettingsError::Invalid {
             key,
             value: v.to_string(),
             why: "expected a number of seconds >= 0",
@@ -359,13 +380,17 @@ fn secs(key: &'static str, v: f64) -> Result<Duration, ConfigError> {
 }
 
 /// `v` as a duration when given, else `default`.
-fn secs_or(key: &'static str, v: Option<f64>, default: Duration) -> Result<Duration, ConfigError> {
+fn secs_or(
+    key: &'static str,
+    v: Option<f64>,
+    default: Duration,
+) -> Result<Duration, SettingsError> {
     v.map_or(Ok(default), |v| secs(key, v))
 }
 
-fn positive(key: &'static str, v: usize) -> Result<usize, ConfigError> {
+fn positive(key: &'static str, v: usize) -> Result<usize, SettingsError> {
     if v == 0 {
-        Err(ConfigError::Invalid {
+        Err(SettingsError::Invalid {
             key,
             value: v.to_string(),
             why: "must be at least 1",
@@ -376,7 +401,7 @@ fn positive(key: &'static str, v: usize) -> Result<usize, ConfigError> {
 }
 
 impl Settings {
-    pub fn resolve(args: &RunArgs) -> Result<Self, ConfigError> {
+    pub fn resolve(args: &RunArgs) -> Result<Self, SettingsError> {
         let file = match &args.config {
             Some(p) => load_file(p)?,
             None => FileConfig::default(),
@@ -384,11 +409,11 @@ impl Settings {
         Self::merge(args, file)
     }
 
-    pub fn merge(a: &RunArgs, f: FileConfig) -> Result<Self, ConfigError> {
+    pub fn merge(a: &RunArgs, f: FileConfig) -> Result<Self, SettingsError> {
         let d = Settings::default();
         let listen = match (a.listen, f.listen) {
             (Some(l), _) => l,
-            (None, Some(s)) => SocketAddr::from_str(&s).map_err(|_| ConfigError::Invalid {
+            (None, Some(s)) => SocketAddr::from_str(&s).map_err(|_| SettingsError::Invalid {
                 key: "listen",
                 value: s.clone(),
                 why: "expected ADDR:PORT, e.g. 127.0.0.1:9977",
@@ -400,7 +425,7 @@ impl Settings {
             .or(f.ringbuf_bytes)
             .unwrap_or(d.ringbuf_bytes);
         if !ringbuf_bytes.is_power_of_two() || ringbuf_bytes < 4096 {
-            return Err(ConfigError::Invalid {
+            return Err(SettingsError::Invalid {
                 key: "ringbuf_bytes",
                 value: ringbuf_bytes.to_string(),
                 why: "must be a power of two >= 4096",
@@ -411,7 +436,7 @@ impl Settings {
             .or(f.near_horizon_fraction)
             .unwrap_or(d.near_horizon_fraction);
         if !(fraction > 0.0 && fraction <= 1.0) {
-            return Err(ConfigError::Invalid {
+            return Err(SettingsError::Invalid {
                 key: "near_horizon_fraction",
                 value: fraction.to_string(),
                 why: "must be in (0, 1]",
@@ -422,7 +447,7 @@ impl Settings {
             .or(f.min_rto_streak)
             .unwrap_or(d.min_rto_streak);
         if min_rto_streak == 0 {
-            return Err(ConfigError::Invalid {
+            return Err(SettingsError::Invalid {
                 key: "min_rto_streak",
                 value: "0".into(),
                 why: "must be at least 1",
@@ -524,9 +549,9 @@ impl Settings {
 
 /// The node name: as given (non-empty, a valid label value is any UTF-8), or
 /// the kernel's host name.
-fn node_name(given: Option<String>) -> Result<String, ConfigError> {
+fn node_name(given: Option<String>) -> Result<String, SettingsError> {
     match given {
-        Some(n) if n.trim().is_empty() => Err(ConfigError::Invalid {
+        Some(n) if n.trim().is_empty() => Err(SettingsError::Invalid {
             key: "node_name",
             value: format!("{n:?}"),
             why: "must not be empty (unset it to use the host name)",

@@ -13,7 +13,6 @@ use std::{
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use clap::Args;
 use crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use http_body_util::{BodyExt, Empty};
 use ratatui::{
@@ -24,26 +23,7 @@ use ratatui::{
 };
 use serde_json::Value;
 
-use super::config::DEFAULT_LISTEN;
-
-#[derive(Debug, Args)]
-pub struct TopArgs {
-    /// The agent's HTTP address [default: the local agent, from TCPSTALL_LISTEN
-    /// or the default listen address, with 0.0.0.0 read as 127.0.0.1].
-    #[arg(long, value_name = "URL", env = "TCPSTALL_AGENT")]
-    pub agent: Option<String>,
-    /// Print one plain table and exit (also when stdout is not a terminal).
-    #[arg(long, env = "TCPSTALL_ONCE")]
-    pub once: bool,
-    /// Seconds between polls of the agent.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 1.0,
-        env = "TCPSTALL_INTERVAL"
-    )]
-    pub interval: f64,
-}
+use super::config::{DEFAULT_LISTEN, TopArgs};
 
 /// One stalled socket as shown.
 #[derive(Clone, Debug, PartialEq)]

@@ -62,7 +62,7 @@ impl Default for EngineConfig {
 
 /// A nonsensical [`EngineConfig`].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ConfigError {
+pub enum EngineConfigError {
     #[error("max_flows must be at least 1")]
     MaxFlows,
     #[error("hz must be between 1 and 100000, got {0}")]
@@ -89,42 +89,42 @@ pub enum ConfigError {
 }
 
 impl EngineConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), EngineConfigError> {
         if self.max_flows == 0 {
-            return Err(ConfigError::MaxFlows);
+            return Err(EngineConfigError::MaxFlows);
         }
         if let Some(hz) = self.hz
             && !(1..=100_000).contains(&hz)
         {
-            return Err(ConfigError::Hz(hz));
+            return Err(EngineConfigError::Hz(hz));
         }
         if self.min_rto_streak == 0 {
-            return Err(ConfigError::MinRtoStreak);
+            return Err(EngineConfigError::MinRtoStreak);
         }
         let f = self.near_horizon_fraction;
         if !(f > 0.0 && f <= 1.0) {
-            return Err(ConfigError::NearHorizonFraction(f));
+            return Err(EngineConfigError::NearHorizonFraction(f));
         }
         if !(self.near_horizon_secs.is_finite() && self.near_horizon_secs >= 0.0) {
-            return Err(ConfigError::NearHorizonSecs(self.near_horizon_secs));
+            return Err(EngineConfigError::NearHorizonSecs(self.near_horizon_secs));
         }
         if self.top_remotes == 0 {
-            return Err(ConfigError::TopRemotes);
+            return Err(EngineConfigError::TopRemotes);
         }
         if self.max_remotes < self.top_remotes {
-            return Err(ConfigError::MaxRemotes {
+            return Err(EngineConfigError::MaxRemotes {
                 max_remotes: self.max_remotes,
                 top_remotes: self.top_remotes,
             });
         }
         if !(self.stale_grace_factor.is_finite() && self.stale_grace_factor >= 0.0) {
-            return Err(ConfigError::StaleGraceFactor(self.stale_grace_factor));
+            return Err(EngineConfigError::StaleGraceFactor(self.stale_grace_factor));
         }
         if self.recently_closed == 0 {
-            return Err(ConfigError::RecentlyClosed);
+            return Err(EngineConfigError::RecentlyClosed);
         }
         if self.max_observations == 0 {
-            return Err(ConfigError::MaxObservations);
+            return Err(EngineConfigError::MaxObservations);
         }
         Ok(())
     }

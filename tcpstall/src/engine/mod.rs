@@ -69,7 +69,7 @@ use horizon::NSEC_PER_SEC;
 use remote::RemoteTable;
 use sink::Sink;
 
-pub use config::{ConfigError, EngineConfig};
+pub use config::{EngineConfig, EngineConfigError};
 pub use horizon::BoundarySource;
 pub use hz::HzSource;
 pub use output::{
@@ -98,7 +98,7 @@ pub struct Engine {
 const MAX_NETNS: usize = 16_384;
 
 impl Engine {
-    pub fn new(cfg: EngineConfig) -> Result<Self, ConfigError> {
+    pub fn new(cfg: EngineConfig) -> Result<Self, EngineConfigError> {
         cfg.validate()?;
         Ok(Self {
             flows: FlowTable::new(cfg.max_flows),

@@ -380,41 +380,47 @@ fn config_defaults_and_validation() {
         f(&mut c);
         Engine::new(c).unwrap_err()
     };
-    assert_eq!(bad(|c| c.max_flows = 0), ConfigError::MaxFlows);
-    assert_eq!(bad(|c| c.hz = Some(0)), ConfigError::Hz(0));
-    assert_eq!(bad(|c| c.min_rto_streak = 0), ConfigError::MinRtoStreak);
+    assert_eq!(bad(|c| c.max_flows = 0), EngineConfigError::MaxFlows);
+    assert_eq!(bad(|c| c.hz = Some(0)), EngineConfigError::Hz(0));
+    assert_eq!(
+        bad(|c| c.min_rto_streak = 0),
+        EngineConfigError::MinRtoStreak
+    );
     assert_eq!(
         bad(|c| c.near_horizon_fraction = 0.0),
-        ConfigError::NearHorizonFraction(0.0)
+        EngineConfigError::NearHorizonFraction(0.0)
     );
     assert_eq!(
         bad(|c| c.near_horizon_fraction = 1.5),
-        ConfigError::NearHorizonFraction(1.5)
+        EngineConfigError::NearHorizonFraction(1.5)
     );
     assert!(matches!(
         bad(|c| c.near_horizon_fraction = f64::NAN),
-        ConfigError::NearHorizonFraction(_)
+        EngineConfigError::NearHorizonFraction(_)
     ));
     assert_eq!(
         bad(|c| c.near_horizon_secs = -1.0),
-        ConfigError::NearHorizonSecs(-1.0)
+        EngineConfigError::NearHorizonSecs(-1.0)
     );
-    assert_eq!(bad(|c| c.top_remotes = 0), ConfigError::TopRemotes);
+    assert_eq!(bad(|c| c.top_remotes = 0), EngineConfigError::TopRemotes);
     assert_eq!(
         bad(|c| c.max_remotes = 10),
-        ConfigError::MaxRemotes {
+        EngineConfigError::MaxRemotes {
             max_remotes: 10,
             top_remotes: 100
         }
     );
     assert_eq!(
         bad(|c| c.stale_grace_factor = -0.1),
-        ConfigError::StaleGraceFactor(-0.1)
+        EngineConfigError::StaleGraceFactor(-0.1)
     );
-    assert_eq!(bad(|c| c.recently_closed = 0), ConfigError::RecentlyClosed);
+    assert_eq!(
+        bad(|c| c.recently_closed = 0),
+        EngineConfigError::RecentlyClosed
+    );
     assert_eq!(
         bad(|c| c.max_observations = 0),
-        ConfigError::MaxObservations
+        EngineConfigError::MaxObservations
     );
     let c = EngineConfig {
         near_horizon_fraction: 1.0,

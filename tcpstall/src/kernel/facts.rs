@@ -27,16 +27,16 @@ pub fn release() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-/// Where HZ came from.
+/// Which kernel config file gave `CONFIG_HZ`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HzSource {
+pub enum HzConfigFile {
     ProcConfigGz,
     BootConfig,
 }
 
 /// `CONFIG_HZ` from /proc/config.gz or /boot/config-$(uname -r); `None` when
 /// neither is readable (the engine then calibrates from event timestamps).
-pub fn hz() -> Option<(u32, HzSource)> {
+pub fn hz() -> Option<(u32, HzConfigFile)> {
     if let Ok(f) = fs::File::open("/proc/config.gz") {
         let mut text = String::new();
         if flate2::read::GzDecoder::new(f)
@@ -44,14 +44,14 @@ pub fn hz() -> Option<(u32, HzSource)> {
             .is_ok()
             && let Some(hz) = parse_config_hz(&text)
         {
-            return Some((hz, HzSource::ProcConfigGz));
+            return Some((hz, HzConfigFile::ProcConfigGz));
         }
     }
     let boot = format!("/boot/config-{}", release());
     if let Ok(text) = fs::read_to_string(boot)
         && let Some(hz) = parse_config_hz(&text)
     {
-        return Some((hz, HzSource::BootConfig));
+        return Some((hz, HzConfigFile::BootConfig));
     }
     None
 }

@@ -17,7 +17,7 @@ use tcpstall_common::{
 use super::{
     btf::Btf,
     event::Mechanism,
-    facts::{self, HzSource, Privileges},
+    facts::{self, HzConfigFile, Privileges},
     kfunc::{self, AlignedObject},
     layout,
     probes::{Attach, Candidate, PROBES, ProbeSpec},
@@ -564,8 +564,8 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         kernel: kernel_release,
         hz: hz.map(|(h, _)| h),
         hz_source: hz.map(|(_, s)| match s {
-            HzSource::ProcConfigGz => "/proc/config.gz".to_owned(),
-            HzSource::BootConfig => "/boot/config".to_owned(),
+            HzConfigFile::ProcConfigGz => "/proc/config.gz".to_owned(),
+            HzConfigFile::BootConfig => "/boot/config".to_owned(),
         }),
         probes: statuses,
         fields: resolved.to_string(),

@@ -220,7 +220,7 @@ fn stall_duration_histogram() -> Histogram {
 
 /// The counters of one `remote` label value.
 #[derive(Clone, Debug)]
-struct RemoteCounters {
+struct RemoteSeries {
     /// The `remote` label value (the endpoint, or `other`).
     label: String,
     rto_expirations: Counter,
@@ -230,8 +230,8 @@ struct RemoteCounters {
 #[derive(Debug)]
 struct RemoteLabeler {
     max: usize,
-    known: HashMap<SocketAddr, RemoteCounters>,
-    other: Option<RemoteCounters>,
+    known: HashMap<SocketAddr, RemoteSeries>,
+    other: Option<RemoteSeries>,
 }
 
 /// Live values for [`Metrics::render`], computed from the engine at `now`.
@@ -645,7 +645,7 @@ impl Metrics {
     }
 
     /// The counters of `remote`'s label value (its own, or `other`).
-    fn remote_counters(&self, remote: SocketAddr) -> RemoteCounters {
+    fn remote_counters(&self, remote: SocketAddr) -> RemoteSeries {
         let mut r = lock(&self.remotes);
         if let Some(c) = r.known.get(&remote) {
             return c.clone();
@@ -654,7 +654,7 @@ impl Metrics {
             let labels = RemoteLabels {
                 remote: remote.to_string(),
             };
-            let c = RemoteCounters {
+            let c = RemoteSeries {
                 rto_expirations: self.rto_expirations.get_or_create_owned(&labels),
                 label: labels.remote,
             };
@@ -666,7 +666,7 @@ impl Metrics {
                 let labels = RemoteLabels {
                     remote: OTHER_REMOTE.to_owned(),
                 };
-                RemoteCounters {
+                RemoteSeries {
                     rto_expirations: self.rto_expirations.get_or_create_owned(&labels),
                     label: labels.remote,
                 }
