@@ -23,3 +23,6 @@ pub mod identity;
 pub mod kernel;
 pub mod serve;
 pub mod sweep;
+
+#[cfg(test)]
+mod layering;
