@@ -1,0 +1,173 @@
+//! `tcpstall run`'s log lines: the probe plan and the features at start-up,
+//! one line per event (`--log-events`), the engine's observations.
+
+use tracing::{debug, info, warn};
+
+use crate::{
+    engine::Observation,
+    identity::{Owner, netns::PodIdentity},
+    kernel::{event::SockEvent, loader},
+};
+
+pub(super) fn log_plan(plan: &loader::Plan) {
+    for p in &plan.probes {
+        let failed: Vec<String> = p
+            .attempts
+            .iter()
+            .filter_map(|a| {
+                a.error
+                    .as_ref()
+                    .map(|e| format!("{}: {e}", a.mechanism.as_str()))
+            })
+            .collect();
+        match p.chosen {
+            Some(m) => info!(
+                probe = p.probe,
+                mechanism = m.as_str(),
+                program = p.program.unwrap_or_default(),
+                not_used = %failed.join("; "),
+                "probe attached"
+            ),
+            None => warn!(probe = p.probe, why = %failed.join("; "), "probe not attached"),
+        }
+    }
+}
+
+/// One line per feature that is off, saying why (WARN when the kernel is
+/// the reason: the node lacks something the fleet has).
+pub(super) fn log_features(features: &[crate::sweep::features::FeatureStatus]) {
+    use crate::sweep::features::FeatureState;
+    for f in features {
+        match &f.state {
+            FeatureState::On => {}
+            FeatureState::OffConfig(flag) => {
+                info!(
+                    feature = f.name,
+                    what = f.what,
+                    flag,
+                    "feature off (configured)"
+                )
+            }
+            FeatureState::OffKernel(why) => {
+                warn!(feature = f.name, what = f.what, why = %why, "feature off: not available on this kernel")
+            }
+        }
+    }
+    let on: Vec<&str> = features
+        .iter()
+        .filter(|f| f.state == FeatureState::On)
+        .map(|f| f.name)
+        .collect();
+    info!(on = %on.join(","), "features");
+}
+
+/// Log one event as a structured line (`--log-events`).
+pub(super) fn log_event(e: &SockEvent) {
+    let s = e.sock.as_ref();
+    let n = e.netns_sysctls.as_ref();
+    info!(
+        target: "tcpstall::event",
+        kind = e.kind.as_str(),
+        mechanism = e.mechanism.as_str(),
+        ts_ns = e.ts_ns,
+        cookie = e.cookie,
+        netns = e.netns,
+        cgroup_id = e.cgroup_id,
+        local = %e.local,
+        remote = %e.remote,
+        state = e.state.as_str(),
+        old_state = e.old_state.as_str(),
+        retransmits = e.retransmits,
+        backoff = s.map(|s| s.backoff),
+        pending = s.map(|s| s.pending),
+        ca_state = s.map(|s| s.ca_state),
+        probes_out = s.map(|s| s.probes_out),
+        rto_jiffies = e.rto_jiffies,
+        user_timeout_ms = s.map(|s| s.user_timeout_ms),
+        retrans_stamp = s.map(|s| s.retrans_stamp),
+        snd_una = e.snd_una,
+        snd_wnd = s.map(|s| s.snd_wnd),
+        packets_out = e.packets_out,
+        retrans_out = e.retrans_out,
+        timer_expires = s.map(|s| s.timer_expires),
+        jiffies = e.jiffies,
+        tcp_retries2 = n.map(|n| n.tcp_retries2),
+        sk_err = e.sk_err,
+        ack_seq = e.ack_seq,
+        orphan = e.orphan,
+        skaddr = e.skaddr,
+        total_retrans = e.total_retrans,
+        rto_max_jiffies = s.map(|s| s.rto_max_jiffies),
+        usec_ts = s.map(|s| s.usec_ts),
+        lsndtime = s.map(|s| s.lsndtime),
+        rcv_tstamp = s.map(|s| s.rcv_tstamp),
+        tcp_orphan_retries = n.map(|n| n.tcp_orphan_retries),
+        tcp_rto_max_ms = n.and_then(|n| n.tcp_rto_max_ms),
+        rto_expired_verdict = e.rto_expired_verdict,
+        "event"
+    );
+}
+
+/// Logs the engine facts worth a line each (stall start and end, timeouts).
+pub(super) fn log_observation(o: &Observation, owner: Option<&Owner>) {
+    match *o {
+        Observation::StallStarted {
+            class,
+            cookie,
+            remote,
+        } => {
+            let pod = owner.and_then(|o| o.0.as_ref());
+            let process = owner.and_then(|o| o.1.as_ref());
+            let s = |f: fn(&PodIdentity) -> &str| pod.map(f).unwrap_or("");
+            info!(
+                class = class.as_str(),
+                cookie,
+                remote = %remote,
+                pod = s(|p| &p.pod),
+                namespace = s(|p| &p.namespace),
+                container = s(|p| &p.container),
+                pod_uid = s(|p| &p.pod_uid),
+                pid = process.map(|p| p.pid),
+                comm = process.map(|p| p.comm.as_str()).unwrap_or(""),
+                "stall started"
+            )
+        }
+        Observation::StreakEnded {
+            remote,
+            outcome,
+            duration_s,
+            rtos,
+            stalled: true,
+        } => info!(
+            remote = %remote,
+            outcome = outcome.as_str(),
+            duration_s,
+            rtos,
+            "retransmission stall ended"
+        ),
+        Observation::Timeout {
+            cookie,
+            remote,
+            evidence,
+            prediction_error_s,
+            lead_time_s,
+            boundary_s,
+            boundary_source,
+            ..
+        } => info!(
+            cookie,
+            remote = %remote,
+            evidence = evidence.as_str(),
+            prediction_error_s,
+            lead_time_s,
+            boundary_s,
+            boundary_source = boundary_source.map(|b| b.to_string()),
+            "socket timed out (ETIMEDOUT)"
+        ),
+        Observation::FlowEvicted {
+            remote,
+            active: true,
+        } => debug!(remote = %remote, "flow table full: evicted an active flow"),
+        _ => {}
+    }
+}

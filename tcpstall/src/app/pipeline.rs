@@ -1,0 +1,372 @@
+//! The event loop's state between batches ([`Pipeline`]): ingesting decoded
+//! batches into the engine and the metrics, ticking, reading the kernel-side
+//! counters, and starting and folding in socket sweeps (the sweep's own
+//! work is in [`crate::sweep::cycle`]).
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use tracing::{error, info, warn};
+
+use super::logs::{log_event, log_observation};
+use crate::{
+    engine::{Observation, StallView},
+    identity::{Owner, ProcessInfo},
+    kernel::{
+        event::{DecodeError, SockEvent},
+        facts,
+        loader::{self, KernelStats, ProgramStatsReader, StatsReader},
+        reader::Reader,
+    },
+    serve::state::AgentState,
+    sweep::{
+        Offer, PodLabels, SweepHold, SweepReason,
+        cycle::{self, PendingSweep, SweepResult, merge_by_time},
+    },
+};
+
+/// Stall starts per batch whose owner (pod, process) is resolved for the
+/// log line; the rest are logged without (the API resolves them on demand).
+const MAX_OWNER_LOOKUPS: usize = 32;
+/// Entries of `/api/v1/risks` (longest idle first).
+const RISKS_LISTED: usize = 1_000;
+
+/// The event loop's state between batches.
+pub(super) struct Pipeline {
+    pub(super) state: Arc<AgentState>,
+    pub(super) log_events: bool,
+    pub(super) observations: Vec<Observation>,
+    pub(super) events: Vec<SockEvent>,
+    /// A sweep is running: decoded events wait here (see
+    /// `Pipeline::finish_sweep`), bounded.
+    pub(super) hold: SweepHold,
+    /// The held events overflowed during the last sweep: sweep again.
+    pub(super) sweep_again: bool,
+    pub(super) decode_errors: u64,
+    pub(super) last_stats: KernelStats,
+    pub(super) programs: ProgramStatsReader,
+    /// Sum of the kernel's recursion misses over our programs.
+    pub(super) missed_runs: u64,
+    /// Lost events seen since the last look (ring-buffer drops or missed runs).
+    pub(super) lost_events: bool,
+}
+
+impl Pipeline {
+    /// Counts, logs and ingests one decoded batch; empties `batch`.
+    /// Ingests a drained batch and tells `/readyz` the ring was drained.
+    pub(super) fn ingest(&mut self, batch: &mut Vec<Result<SockEvent, DecodeError>>) {
+        self.ingest_events(batch);
+        self.state.health.drained(facts::monotonic_ns());
+    }
+
+    /// Ingests a drained batch without touching readiness (the start-up
+    /// sweep drains first, and `/readyz` must stay 503 until it is done).
+    pub(super) fn ingest_events(&mut self, batch: &mut Vec<Result<SockEvent, DecodeError>>) {
+        let metrics = &self.state.metrics;
+        // Read just now: every event of the batch waited from its kernel
+        // timestamp (CLOCK_MONOTONIC, as this clock) until the drain.
+        let read_at = facts::monotonic_ns();
+        for item in batch.drain(..) {
+            match item {
+                Ok(ev) => {
+                    metrics.event(ev.kind);
+                    if ev.ts_ns != 0 {
+                        metrics.event_delivered(read_at.saturating_sub(ev.ts_ns));
+                    }
+                    if self.log_events {
+                        log_event(&ev);
+                    }
+                    self.events.push(ev);
+                }
+                Err(e) => {
+                    self.decode_errors += 1;
+                    metrics.decode_error();
+                    error!(error = %e, total = self.decode_errors, "malformed event from the kernel");
+                }
+            }
+        }
+        // A sweep is running: its snapshots and these events are folded in
+        // together, in time order, when it finishes; unless more events
+        // arrive than the hold takes.
+        match self.hold.offer(&mut self.events) {
+            Offer::Held => return,
+            Offer::NotHolding => {}
+            Offer::Overflow { held } => {
+                self.sweep_again = true;
+                metrics.sweep.hold_overflowed();
+                warn!(
+                    held,
+                    cap = self.hold.cap(),
+                    "more events arrived during a socket sweep than one ring buffer holds: fed to the engine now instead of after the sweep (none lost; the sweep's older snapshots of their sockets are ignored); another sweep follows"
+                );
+            }
+        }
+        {
+            let mut engine = self.state.engine();
+            for ev in &self.events {
+                engine.ingest(ev);
+            }
+            self.observations.extend(engine.drain_observations());
+        }
+        self.events.clear();
+        self.apply_observations();
+    }
+
+    pub(super) fn apply_observations(&mut self) {
+        let started: Vec<u64> = self
+            .observations
+            .iter()
+            .filter_map(|o| match o {
+                Observation::StallStarted { cookie, .. } => Some(*cookie),
+                _ => None,
+            })
+            .collect();
+        let owners = self.owners(&started);
+        for o in self.observations.drain(..) {
+            self.state.metrics.observe(&o);
+            let owner = match &o {
+                Observation::StallStarted { cookie, .. } => owners.get(cookie),
+                _ => None,
+            };
+            log_observation(&o, owner);
+        }
+    }
+
+    /// Pod and process of the flows whose stall just started (bounded).
+    pub(super) fn owners(&self, cookies: &[u64]) -> HashMap<u64, Owner> {
+        if cookies.is_empty() {
+            return HashMap::new();
+        }
+        let views: Vec<StallView> = self
+            .state
+            .engine()
+            .stalls(facts::monotonic_ns())
+            .into_iter()
+            .filter(|v| v.cookie != 0 && cookies.contains(&v.cookie))
+            .take(MAX_OWNER_LOOKUPS)
+            .collect();
+        let cookies: Vec<u64> = views.iter().map(|v| v.cookie).collect();
+        cookies.into_iter().zip(self.state.owners(&views)).collect()
+    }
+
+    /// Advances the engine to `now` and reads the kernel counters.
+    pub(super) fn tick(&mut self, stats: &StatsReader) {
+        let now = facts::monotonic_ns();
+        {
+            let mut engine = self.state.engine();
+            engine.tick(now);
+            self.observations.extend(engine.drain_observations());
+        }
+        self.apply_observations();
+        self.read_kernel_stats(stats);
+        self.state.health.drained(now);
+    }
+
+    pub(super) fn read_kernel_stats(&mut self, stats: &StatsReader) {
+        match stats.read() {
+            Ok(s) => {
+                let dropped = s
+                    .ringbuf_dropped
+                    .saturating_sub(self.last_stats.ringbuf_dropped);
+                if dropped > 0 {
+                    self.lost_events = true;
+                    self.state.metrics.ringbuf_dropped(dropped);
+                    warn!(
+                        dropped,
+                        total = s.ringbuf_dropped,
+                        "ring buffer full: events dropped (raise --ringbuf-bytes)"
+                    );
+                }
+                self.last_stats = s;
+            }
+            Err(e) => error!(error = %e, "reading kernel counters failed"),
+        }
+        match self.programs.read() {
+            Ok(samples) => {
+                self.state.metrics.program_runtime(&samples);
+                let missed: u64 = samples.iter().map(|s| s.recursion_misses).sum();
+                if missed > self.missed_runs {
+                    self.lost_events = true;
+                    warn!(
+                        missed = missed - self.missed_runs,
+                        total = missed,
+                        "the kernel skipped runs of tcpstall programs (already running on that CPU): their events are lost"
+                    );
+                }
+                self.missed_runs = missed;
+            }
+            Err(e) => error!(error = %e, "reading kernel program statistics failed"),
+        }
+    }
+}
+
+impl Pipeline {
+    /// Starts one sweep: first the events already in the ring (older than
+    /// the sweep) are ingested, then the iterator is attached and read, and
+    /// its records decoded and audited, on a blocking thread: the event loop
+    /// keeps reading the ring and serving HTTP meanwhile. [`Self::finish_sweep`]
+    /// folds the result in. None: the sweep could not start (logged, counted).
+    pub(super) fn start_sweep(
+        &mut self,
+        loaded: &mut loader::Loaded,
+        reader: &mut Reader,
+        stats: &StatsReader,
+        batch: &mut Vec<Result<SockEvent, DecodeError>>,
+        reason: SweepReason,
+    ) -> Option<PendingSweep> {
+        reader.drain_ready(batch);
+        self.ingest_events(batch);
+        let t0 = Instant::now();
+        self.hold.start();
+        let run = match loaded.start_sweep(stats) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                self.state.metrics.sweep.failed();
+                // Nothing was read since the hold started.
+                self.events = self.hold.finish();
+                self.ingest_events(&mut Vec::new());
+                error!(error = %e, reason = reason.as_str(), "socket sweep failed");
+                return None;
+            }
+        };
+        let hz = self.state.engine().hz().0;
+        let r = run.clone();
+        let task = tokio::task::spawn_blocking(move || cycle::read_and_audit(&r, hz, RISKS_LISTED));
+        Some(PendingSweep {
+            reason,
+            t0,
+            run,
+            task,
+        })
+    }
+
+    /// Folds a finished sweep in: first every event the ring holds now
+    /// (those older than the snapshots included; newer ones make the engine
+    /// ignore a snapshot: it never rolls a flow back, never resurrects a
+    /// closed one), then the snapshots, then the audit.
+    pub(super) fn finish_sweep(
+        &mut self,
+        pending: PendingSweep,
+        result: Result<Result<SweepResult, loader::SweepError>, tokio::task::JoinError>,
+        reader: &mut Reader,
+        stats: &StatsReader,
+        batch: &mut Vec<Result<SockEvent, DecodeError>>,
+    ) {
+        let PendingSweep {
+            reason, t0, run, ..
+        } = pending;
+        // Every event up to now joins the held ones.
+        reader.drain_ready(batch);
+        self.ingest_events(batch);
+        let held = self.hold.finish();
+        let out = result
+            .map_err(|e| loader::SweepError::Run(format!("sweep thread: {e}")))
+            .and_then(|r| r)
+            .and_then(|r| Ok((run.finish(Vec::new(), stats)?, r)));
+        let (
+            out,
+            SweepResult {
+                sockets,
+                bad,
+                report,
+            },
+        ) = match out {
+            Ok(o) => o,
+            Err(e) => {
+                self.state.metrics.sweep.failed();
+                error!(error = %e, reason = reason.as_str(), "socket sweep failed");
+                self.events = held;
+                self.ingest_events(&mut Vec::new());
+                return;
+            }
+        };
+        if bad > 0 {
+            self.decode_errors += bad as u64;
+            error!(records = bad, "malformed sweep records from the kernel");
+        }
+        if out.overflow > 0 {
+            warn!(
+                lost = out.overflow,
+                "sweep records did not fit the iterator buffer"
+            );
+        }
+        let (seeded_before, repaired_before) = {
+            let mut engine = self.state.engine();
+            let st = engine.stats();
+            let mut snapshots: Vec<&SockEvent> = sockets
+                .iter()
+                .map(|s| &s.ev)
+                .filter(|ev| crate::engine::seed::classify_snapshot(ev).is_some())
+                .collect();
+            snapshots.sort_by_key(|ev| ev.ts_ns);
+            for ev in merge_by_time(&snapshots, &held) {
+                engine.ingest(ev);
+            }
+            self.observations.extend(engine.drain_observations());
+            (st.sweep_seeded, st.sweep_repaired)
+        };
+        let mut per_pod: std::collections::HashMap<PodLabels, usize> = Default::default();
+        {
+            let t = Instant::now();
+            let mut pods = self
+                .state
+                .pods
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // The sweep saw each socket's holder: the process resolver
+            // needs no /proc scan for the stalled ones.
+            for sk in sockets
+                .iter()
+                .filter(|sk| crate::engine::seed::classify_snapshot(&sk.ev).is_some())
+            {
+                pods.learn_process(
+                    crate::identity::SocketKey {
+                        netns: sk.ev.netns,
+                        local: sk.ev.local,
+                        remote: sk.ev.remote,
+                    },
+                    ProcessInfo {
+                        pid: sk.pid,
+                        comm: sk.comm.to_string_lossy(),
+                    },
+                    t,
+                );
+            }
+            // The same identity as stalls: the socket's cgroup first, the
+            // network namespace where there is no cgroup id.
+            for (&(netns, cgroup_id), &n) in &report.by_owner {
+                let id = pods.pod(&crate::identity::FlowRef::owner(netns, cgroup_id), t);
+                let l = PodLabels {
+                    namespace: id.as_ref().map(|p| p.namespace.clone()).unwrap_or_default(),
+                    pod: id.map(|p| p.pod).unwrap_or_default(),
+                };
+                *per_pod.entry(l).or_default() += n;
+            }
+        }
+        self.state.metrics.sweep.without_timeout(&per_pod);
+        let elapsed = t0.elapsed();
+        self.state.metrics.sweep.ran(
+            reason,
+            elapsed.as_secs_f64(),
+            out.socket_files,
+            sockets.len(),
+        );
+        let at_risk = report.total;
+        *self
+            .state
+            .risks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+        self.apply_observations();
+        let st = self.state.engine().stats();
+        info!(
+            reason = reason.as_str(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            socket_files = out.socket_files,
+            tcp_sockets = sockets.len(),
+            seeded = st.sweep_seeded - seeded_before,
+            repaired = st.sweep_repaired - repaired_before,
+            without_timeout = at_risk,
+            "socket sweep"
+        );
+    }
+}
