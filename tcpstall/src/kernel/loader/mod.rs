@@ -1,18 +1,20 @@
 //! The only module touching `aya::Ebpf`: feature detection, loading,
 //! attaching with fallbacks (walking [`crate::kernel::probes::PROBES`]), and handing
 //! out the maps the reader needs.
+//!
+//! Attaching one probe's candidates is in `attach`; the sweep's running
+//! iterator and its records are in `sweep`, the kernel's
+//! counters for the agent and its programs in `stats` (both re-exported
+//! here: they are the loader's outputs).
 
-use std::{error::Error as StdError, fmt::Write as _, fs::File, path::PathBuf};
+use std::{error::Error as StdError, fmt::Write as _, path::PathBuf};
 
 use aya::{
     Btf as AyaBtf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FEntry, Iter, KProbe, SockOps, links::CgroupAttachMode},
+    programs::Iter,
 };
-use tcpstall_common::{
-    EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, STATS_MAP, SWEEP_RECORD_SIZE, SweepRecord,
-    layout_flag, stat,
-};
+use tcpstall_common::{EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, STATS_MAP, layout_flag};
 
 use super::{
     btf::Btf,
@@ -20,8 +22,17 @@ use super::{
     facts::{self, HzConfigFile, Privileges},
     kfunc::{self, AlignedObject},
     layout,
-    probes::{Attach, Candidate, PROBES, ProbeSpec},
+    probes::{PROBES, ProbeSpec},
 };
+
+mod attach;
+mod stats;
+mod sweep;
+
+use attach::{AttachEnv, attach_probe};
+pub use stats::{KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo};
+use sweep::check_socket_constants;
+pub use sweep::{SweepError, SweepOutput, SweepRun, parse_sweep_records};
 
 /// The eBPF object built by `build.rs` (empty when built with AYA_BUILD_SKIP=1).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpstall"));
@@ -163,100 +174,6 @@ pub struct Loaded {
     sweep_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// Offsets in `struct socket` the sweep iterator uses as constants (the
-/// verifier needs a constant offset to keep `socket->sk` typed). Checked
-/// against the running kernel's BTF before the program is loaded.
-const SOCKET_CONSTANTS: [(&str, u32); 2] = [("sk", 24), ("type", 4)];
-
-/// One sweep's raw output.
-#[derive(Clone, Debug, Default)]
-pub struct SweepOutput {
-    /// Every TCP socket found (one record per file holding it).
-    pub records: Vec<SweepRecord>,
-    /// Socket files visited (all families).
-    pub socket_files: u64,
-    /// Records that did not fit in the iterator's buffer (lost).
-    pub overflow: u64,
-}
-
-/// A started sweep: the iterator's file, read with [`SweepRun::read`]
-/// (blocking; `Send`, so it can run on a blocking thread).
-pub struct SweepRun {
-    file: std::fs::File,
-    before: KernelStats,
-    bytes_hint: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl SweepRun {
-    /// Runs the iterator to the end and decodes its records (blocking).
-    pub fn read(&self) -> Result<Vec<SweepRecord>, SweepError> {
-        use std::io::Read as _;
-        use std::sync::atomic::Ordering::Relaxed;
-        // Sized from the last sweep: no re-allocation and copy on the way.
-        let hint = self.bytes_hint.load(Relaxed);
-        let mut buf = Vec::with_capacity((hint + hint / 8).max(1 << 20));
-        (&self.file)
-            .read_to_end(&mut buf)
-            .map_err(|e| SweepError::Run(format!("reading the iterator: {e}")))?;
-        self.bytes_hint.store(buf.len(), Relaxed);
-        let mut records = Vec::new();
-        let rest = parse_sweep_records(&buf, &mut records);
-        if rest != 0 {
-            return Err(SweepError::Run(format!(
-                "iterator output is {} bytes, not a multiple of {SWEEP_RECORD_SIZE}: agent and kernel programs are from different builds",
-                buf.len()
-            )));
-        }
-        Ok(records)
-    }
-
-    /// The sweep's output, with the visited / overflow counters (read
-    /// after [`Self::read`] returned).
-    pub fn finish(
-        &self,
-        records: Vec<SweepRecord>,
-        stats: &StatsReader,
-    ) -> Result<SweepOutput, SweepError> {
-        let after = stats.read().map_err(|e| SweepError::Run(chain(&e)))?;
-        Ok(SweepOutput {
-            records,
-            socket_files: after
-                .sweep_socket_files
-                .saturating_sub(self.before.sweep_socket_files),
-            overflow: after
-                .sweep_overflow
-                .saturating_sub(self.before.sweep_overflow),
-        })
-    }
-}
-
-/// Why a sweep could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum SweepError {
-    #[error("the socket sweep is unavailable on this kernel: {0}")]
-    Unavailable(String),
-    #[error("running the sweep iterator failed: {0}")]
-    Run(String),
-}
-
-/// The `struct socket` offsets the sweep programs use as constants match
-/// the running kernel's BTF (else no sweep program is tried, with this
-/// reason).
-fn check_socket_constants(ours: &Btf) -> Result<(), String> {
-    for (member, want) in SOCKET_CONSTANTS {
-        let m = ours
-            .member("socket", member)
-            .map_err(|e| format!("kernel BTF: struct socket.{member}: {e}"))?;
-        if m.offset_bits != want * 8 {
-            return Err(format!(
-                "struct socket.{member} is at byte {} on this kernel, the sweep programs expect {want}",
-                m.offset_bits / 8
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Whether the kernel offers `spec`'s hooks (all of its `offered_by`
 /// functions are in the BTF): `Ok(false)` names the first one missing.
 pub fn offered(spec: &ProbeSpec, btf: &Btf) -> Result<bool, String> {
@@ -269,112 +186,6 @@ pub fn offered(spec: &ProbeSpec, btf: &Btf) -> Result<bool, String> {
         }
     }
     Ok(true)
-}
-
-/// Decodes the iterator's output: whole records only.
-pub fn parse_sweep_records(buf: &[u8], out: &mut Vec<SweepRecord>) -> usize {
-    let whole = buf.len() / SWEEP_RECORD_SIZE;
-    out.reserve(whole);
-    for chunk in buf.chunks_exact(SWEEP_RECORD_SIZE) {
-        // SAFETY: SweepRecord is repr(C) plain integers (every bit pattern
-        // valid); read_unaligned copes with the byte buffer's alignment.
-        out.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<SweepRecord>()) });
-    }
-    buf.len() % SWEEP_RECORD_SIZE
-}
-
-/// Per-CPU kernel-side counters, summed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelStats {
-    pub ringbuf_dropped: u64,
-    pub read_errors: u64,
-    pub timer_not_due: u64,
-    pub submitted: u64,
-    /// Failed retransmission attempts (6.17+), not reported as retransmits.
-    pub retransmit_failed: u64,
-    /// Socket files the sweep iterator visited; sweep records lost.
-    pub sweep_socket_files: u64,
-    pub sweep_overflow: u64,
-}
-
-pub struct StatsReader(PerCpuArray<MapData, u64>);
-
-/// What the kernel counts for one attached program.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProgramRuntime {
-    pub program: &'static str,
-    /// Runs and their total time: counted only while BPF run-time
-    /// statistics are on (`--program-stats` or `kernel.bpf_stats_enabled`).
-    pub run_count: u64,
-    pub run_time_ns: u64,
-    /// Runs the kernel skipped because the program was already running on
-    /// that CPU (5.12+): the events those runs would have sent are lost.
-    pub recursion_misses: u64,
-}
-
-/// Reads [`ProgramRuntime`] for each attached program.
-pub struct ProgramStatsReader {
-    programs: Vec<(&'static str, std::os::fd::OwnedFd)>,
-    /// Keeps `BPF_ENABLE_STATS` on while held.
-    run_time: Option<std::os::fd::OwnedFd>,
-}
-
-impl ProgramStatsReader {
-    pub fn read(&self) -> std::io::Result<Vec<ProgramRuntime>> {
-        use std::os::fd::AsRawFd as _;
-        self.programs
-            .iter()
-            .map(|(program, fd)| {
-                let text =
-                    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
-                Ok(parse_prog_fdinfo(program, &text))
-            })
-            .collect()
-    }
-
-    pub fn run_time_enabled(&self) -> bool {
-        self.run_time.is_some()
-    }
-}
-
-/// Parses the `run_time_ns`, `run_cnt` and `recursion_misses` lines of a BPF
-/// program's fdinfo (absent lines read 0: older kernels lack some).
-pub fn parse_prog_fdinfo(program: &'static str, text: &str) -> ProgramRuntime {
-    let mut r = ProgramRuntime {
-        program,
-        ..ProgramRuntime::default()
-    };
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else {
-            continue;
-        };
-        let Ok(v) = value.trim().parse::<u64>() else {
-            continue;
-        };
-        match key.trim() {
-            "run_time_ns" => r.run_time_ns = v,
-            "run_cnt" => r.run_count = v,
-            "recursion_misses" => r.recursion_misses = v,
-            _ => {}
-        }
-    }
-    r
-}
-
-impl StatsReader {
-    pub fn read(&self) -> Result<KernelStats, aya::maps::MapError> {
-        let sum =
-            |i: u32| -> Result<u64, aya::maps::MapError> { Ok(self.0.get(&i, 0)?.iter().sum()) };
-        Ok(KernelStats {
-            ringbuf_dropped: sum(stat::RINGBUF_DROPPED)?,
-            read_errors: sum(stat::READ_ERRORS)?,
-            timer_not_due: sum(stat::TIMER_NOT_DUE)?,
-            submitted: sum(stat::SUBMITTED)?,
-            retransmit_failed: sum(stat::RETRANSMIT_FAILED)?,
-            sweep_socket_files: sum(stat::SWEEP_SOCKET_FILES)?,
-            sweep_overflow: sum(stat::SWEEP_OVERFLOW)?,
-        })
-    }
 }
 
 fn chain(e: &dyn StdError) -> String {
@@ -591,205 +402,6 @@ fn rdonly_cast_ids(btf: &Btf) -> Result<(u32, u32), String> {
         })?;
     let tcp_sock = btf.struct_id("tcp_sock").map_err(|e| e.to_string())?;
     Ok((tcp_sock, func))
-}
-
-struct AttachEnv<'a> {
-    btf: &'a AyaBtf,
-    layout: &'a KernelLayout,
-    /// Whether the `_cast` programs can be loaded (why not).
-    rdonly_cast: Result<(), String>,
-    timer_addr: Result<u64, String>,
-    cgroup: Option<PathBuf>,
-    /// The `struct socket` offsets the sweep programs assume (why not).
-    socket_constants: Result<(), String>,
-}
-
-fn attach_probe(
-    ebpf: &mut Ebpf,
-    spec: &'static ProbeSpec,
-    env: &AttachEnv<'_>,
-    opts: &LoaderOptions,
-    offered: &Result<bool, String>,
-) -> ProbeStatus {
-    let required = spec.required || offered == &Ok(true);
-    let disabled = opts
-        .disabled
-        .iter()
-        .find(|(name, _)| *name == spec.name && !required)
-        .map(|&(_, why)| why);
-    let mut status = ProbeStatus {
-        probe: spec.name,
-        required,
-        disabled,
-        chosen: None,
-        program: None,
-        attempts: Vec::new(),
-    };
-    let forced = if spec.name == crate::kernel::probes::WRITE_TIMER {
-        opts.force_write_timer
-    } else {
-        None
-    };
-    for cand in spec.candidates {
-        let mechanism = cand.attach.mechanism();
-        let target = cand.attach.target();
-        let error = if let Some(why) = disabled {
-            Some(format!("disabled: {why}"))
-        } else if let Err(why) = offered {
-            Some(format!("not offered: {why}"))
-        } else if opts.denied.iter().any(|d| d == cand.program) {
-            Some("refused: --deny-program".to_owned())
-        } else if let Some(f) = forced.filter(|f| *f != mechanism) {
-            Some(format!("skipped: --mechanism {} forced", f.as_str()))
-        } else if status.chosen.is_some() && !opts.try_all {
-            Some("not tried: a preferred mechanism is attached".to_owned())
-        } else if let Some(missing) = missing_fields(cand, env.layout) {
-            Some(format!("kernel BTF lacks {missing}"))
-        } else if let (true, Err(why)) = (cand.rdonly_cast, &env.rdonly_cast) {
-            Some(why.clone())
-        } else {
-            match try_attach(ebpf, cand, env) {
-                Ok(()) if status.chosen.is_none() => {
-                    status.chosen = Some(mechanism);
-                    status.program = Some(cand.program);
-                    None
-                }
-                Ok(()) => {
-                    // Works, but a preferred one is attached: detach again.
-                    unload(ebpf, cand.program);
-                    Some("works (not used: a preferred mechanism is attached)".to_owned())
-                }
-                Err(e) => Some(e),
-            }
-        };
-        status.attempts.push(Attempt {
-            mechanism,
-            target,
-            program: cand.program,
-            error,
-        });
-    }
-    status
-}
-
-fn missing_fields(cand: &Candidate, l: &KernelLayout) -> Option<String> {
-    let missing: Vec<_> = cand
-        .fields
-        .iter()
-        .filter(|&&f| !l.fields[f].is_present())
-        .map(|&f| layout::field_name(f))
-        .collect();
-    (!missing.is_empty()).then(|| missing.join(", "))
-}
-
-fn unload(ebpf: &mut Ebpf, program: &str) {
-    let Some(p) = ebpf.program_mut(program) else {
-        return;
-    };
-    if p.fd().is_err() {
-        return; // never loaded
-    }
-    let r = match p {
-        aya::programs::Program::BtfTracePoint(p) => p.unload(),
-        aya::programs::Program::FEntry(p) => p.unload(),
-        aya::programs::Program::KProbe(p) => p.unload(),
-        aya::programs::Program::SockOps(p) => p.unload(),
-        aya::programs::Program::Iter(p) => p.unload(),
-        _ => Ok(()),
-    };
-    if let Err(e) = r {
-        tracing::warn!(program, error = %chain(&e), "unloading program failed");
-    }
-}
-
-fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<(), String> {
-    let prog = ebpf
-        .program_mut(cand.program)
-        .ok_or_else(|| format!("program {} missing from the eBPF object", cand.program))?;
-    let result = match cand.attach {
-        Attach::TpBtf { tracepoint } => {
-            let p: &mut BtfTracePoint = prog.try_into().map_err(|e| chain(&e))?;
-            p.load(tracepoint, env.btf)
-                .map_err(|e| format!("load: {}", chain(&e)))
-                .and_then(|()| {
-                    p.attach()
-                        .map(drop)
-                        .map_err(|e| format!("attach: {}", chain(&e)))
-                })
-        }
-        Attach::TimerTracepoint { callback } => {
-            let addr = env
-                .timer_addr
-                .as_ref()
-                .map_err(|e| format!("{callback}: {e}"))?;
-            if *addr == 0 {
-                return Err(format!("{callback} address unknown"));
-            }
-            let p: &mut BtfTracePoint = prog.try_into().map_err(|e| chain(&e))?;
-            p.load("timer_expire_entry", env.btf)
-                .map_err(|e| format!("load: {}", chain(&e)))
-                .and_then(|()| {
-                    p.attach()
-                        .map(drop)
-                        .map_err(|e| format!("attach: {}", chain(&e)))
-                })
-        }
-        Attach::Fentry { function } => {
-            let p: &mut FEntry = prog.try_into().map_err(|e| chain(&e))?;
-            p.load(function, env.btf)
-                .map_err(|e| format!("load: {}", chain(&e)))
-                .and_then(|()| {
-                    p.attach()
-                        .map(drop)
-                        .map_err(|e| format!("attach: {}", chain(&e)))
-                })
-        }
-        Attach::Kprobe { function } => {
-            let p: &mut KProbe = prog.try_into().map_err(|e| chain(&e))?;
-            let pmu = facts::has_kprobe_pmu();
-            p.load()
-                .map_err(|e| format!("load: {}", chain(&e)))
-                .and_then(|()| {
-                    p.attach(function, 0).map(drop).map_err(|e| {
-                        let why = chain(&e);
-                        if pmu {
-                            format!("attach: {why}")
-                        } else {
-                            format!("attach: {why} (no kprobe PMU: /sys/bus/event_source/devices/kprobe missing, CONFIG_KPROBES unset)")
-                        }
-                    })
-                })
-        }
-        Attach::Iter { target } => {
-            env.socket_constants.clone()?;
-            let p: &mut Iter = prog.try_into().map_err(|e| chain(&e))?;
-            // Loaded only: each sweep attaches it anew (one run).
-            p.load(target, env.btf)
-                .map_err(|e| format!("load: {}", chain(&e)))
-        }
-        Attach::SockOps => {
-            let dir = env.cgroup.as_ref().ok_or_else(|| {
-                "no cgroup2 mount found (mount -t cgroup2 none /sys/fs/cgroup)".to_owned()
-            })?;
-            let f = File::open(dir).map_err(|e| format!("open {}: {e}", dir.display()))?;
-            let p: &mut SockOps = prog.try_into().map_err(|e| chain(&e))?;
-            p.load()
-                .map_err(|e| format!("load: {}", chain(&e)))
-                .and_then(|()| {
-                    // On 5.7+ aya attaches with bpf_link_create, whose cgroup
-                    // links always coexist with other programs (multi
-                    // semantics) and which rejects BPF_F_ALLOW_MULTI: pass 0.
-                    p.attach(&f, CgroupAttachMode::Single)
-                        .map(drop)
-                        .map_err(|e| format!("attach to {}: {}", dir.display(), chain(&e)))
-                })
-        }
-    };
-    if result.is_err() {
-        // Leave nothing half-loaded behind.
-        unload(ebpf, cand.program);
-    }
-    result
 }
 
 impl Loaded {

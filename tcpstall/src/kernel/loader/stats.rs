@@ -1,0 +1,101 @@
+//! What the kernel counts for the agent: the per-CPU counters of the
+//! programs' stats map ([`StatsReader`] -> [`KernelStats`]) and each attached
+//! program's run count, run time and recursion misses from its fdinfo
+//! ([`ProgramStatsReader`] -> [`ProgramRuntime`]).
+
+use aya::maps::{MapData, PerCpuArray};
+use tcpstall_common::stat;
+
+/// Per-CPU kernel-side counters, summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub ringbuf_dropped: u64,
+    pub read_errors: u64,
+    pub timer_not_due: u64,
+    pub submitted: u64,
+    /// Failed retransmission attempts (6.17+), not reported as retransmits.
+    pub retransmit_failed: u64,
+    /// Socket files the sweep iterator visited; sweep records lost.
+    pub sweep_socket_files: u64,
+    pub sweep_overflow: u64,
+}
+
+pub struct StatsReader(pub(super) PerCpuArray<MapData, u64>);
+
+/// What the kernel counts for one attached program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramRuntime {
+    pub program: &'static str,
+    /// Runs and their total time: counted only while BPF run-time
+    /// statistics are on (`--program-stats` or `kernel.bpf_stats_enabled`).
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    /// Runs the kernel skipped because the program was already running on
+    /// that CPU (5.12+): the events those runs would have sent are lost.
+    pub recursion_misses: u64,
+}
+
+/// Reads [`ProgramRuntime`] for each attached program.
+pub struct ProgramStatsReader {
+    pub(super) programs: Vec<(&'static str, std::os::fd::OwnedFd)>,
+    /// Keeps `BPF_ENABLE_STATS` on while held.
+    pub(super) run_time: Option<std::os::fd::OwnedFd>,
+}
+
+impl ProgramStatsReader {
+    pub fn read(&self) -> std::io::Result<Vec<ProgramRuntime>> {
+        use std::os::fd::AsRawFd as _;
+        self.programs
+            .iter()
+            .map(|(program, fd)| {
+                let text =
+                    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+                Ok(parse_prog_fdinfo(program, &text))
+            })
+            .collect()
+    }
+
+    pub fn run_time_enabled(&self) -> bool {
+        self.run_time.is_some()
+    }
+}
+
+/// Parses the `run_time_ns`, `run_cnt` and `recursion_misses` lines of a BPF
+/// program's fdinfo (absent lines read 0: older kernels lack some).
+pub fn parse_prog_fdinfo(program: &'static str, text: &str) -> ProgramRuntime {
+    let mut r = ProgramRuntime {
+        program,
+        ..ProgramRuntime::default()
+    };
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<u64>() else {
+            continue;
+        };
+        match key.trim() {
+            "run_time_ns" => r.run_time_ns = v,
+            "run_cnt" => r.run_count = v,
+            "recursion_misses" => r.recursion_misses = v,
+            _ => {}
+        }
+    }
+    r
+}
+
+impl StatsReader {
+    pub fn read(&self) -> Result<KernelStats, aya::maps::MapError> {
+        let sum =
+            |i: u32| -> Result<u64, aya::maps::MapError> { Ok(self.0.get(&i, 0)?.iter().sum()) };
+        Ok(KernelStats {
+            ringbuf_dropped: sum(stat::RINGBUF_DROPPED)?,
+            read_errors: sum(stat::READ_ERRORS)?,
+            timer_not_due: sum(stat::TIMER_NOT_DUE)?,
+            submitted: sum(stat::SUBMITTED)?,
+            retransmit_failed: sum(stat::RETRANSMIT_FAILED)?,
+            sweep_socket_files: sum(stat::SWEEP_SOCKET_FILES)?,
+            sweep_overflow: sum(stat::SWEEP_OVERFLOW)?,
+        })
+    }
+}
