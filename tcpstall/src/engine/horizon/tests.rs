@@ -1,4 +1,5 @@
-//! Unit tests (and property tests) of the horizon predictor against the kernel's timer arithmetic.
+//! Unit tests (and property tests) of the horizon predictor against the
+//! kernel's timer arithmetic.
 
 use super::*;
 use proptest::prelude::*;

@@ -1,4 +1,7 @@
-//! Unit tests of the BTF reader: synthetic blobs from [`super::writer`] and, where readable, the running kernel's BTF.
+//! Unit tests of the BTF reader: synthetic blobs from [`super::writer`] and,
+//! where readable, the running kernel's BTF.
+
+use std::path::Path;
 
 use super::writer::{BtfWriter, INT_SIGNED};
 use super::*;

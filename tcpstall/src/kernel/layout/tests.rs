@@ -1,4 +1,5 @@
-//! Unit tests of the field table and its resolution from BTF (synthetic blobs and, where readable, the running kernel's).
+//! Unit tests of the field table and its resolution from BTF (synthetic blobs
+//! and, where readable, the running kernel's).
 
 use std::path::Path;
 use std::time::Instant;

@@ -1,4 +1,5 @@
-//! Unit tests of the HTTP server: every endpoint through the router, health, limits and shutdown.
+//! Unit tests of the HTTP server: every endpoint through the router, health,
+//! limits and shutdown.
 
 use std::{net::SocketAddr, time::Instant};
 
