@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::time::Instant;
 
+use tcpstall_common::field;
+
 use super::*;
 use crate::kernel::btf::SYS_VMLINUX;
 use crate::kernel::btf::writer::{BtfWriter, INT_SIGNED, M};
