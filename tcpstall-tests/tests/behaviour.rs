@@ -18,7 +18,7 @@ use tcpstall_tests::*;
 /// S1 over IPv6 (tcp_retries2 = 3, which also governs IPv6): the kernel
 /// programs report the v6 flow's retransmissions and RTO expiries, the agent
 /// flags it with a prediction, and records its ETIMEDOUT by cookie.
-/// Mutation (run): `tcpstall/src/event.rs` `addr()` decoding a v6 socket's
+/// Mutation (run): `tcpstall/src/kernel/event.rs` `addr()` decoding a v6 socket's
 /// address as v4 (`None => IpAddr::V6(v6)` -> `None =>
 /// IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))`) -> fails with
 /// "no event of the IPv6 flow [fd00:201:80::1]:44990 -> [fd00:201:80::2]:8080".
@@ -431,7 +431,7 @@ fn attached_prog_ids() -> BTreeSet<u64> {
 /// programs it loaded (including the cgroup sock_ops program, forced with
 /// `--mechanism sock-ops`) is still loaded, linked or attached to a cgroup.
 /// Mutation: pin the sock_ops program after attaching it
-/// (`p.pin("/sys/fs/bpf/tcpstall-leak")` in `tcpstall/src/loader.rs`) ->
+/// (`p.pin("/sys/fs/bpf/tcpstall-leak")` in `tcpstall/src/kernel/loader/mod.rs`) ->
 /// fails with "still loaded after SIGTERM".
 #[test]
 fn sigterm_leaves_no_program_attached() {
@@ -485,7 +485,7 @@ mod contract;
 /// among the contract's labels for it. A stall is made first so that the
 /// per-flow and incident families have samples.
 /// Mutation (run): rename `tcpstall_flows_tracked` to
-/// `tcpstall_flows_trackedx` in `tcpstall/src/metrics.rs` -> fails with
+/// `tcpstall_flows_trackedx` in `tcpstall/src/serve/metrics/register.rs` -> fails with
 /// "tcpstall_flows_tracked: in the contract, not served" and
 /// "tcpstall_flows_trackedx (gauge): served but not in the contract".
 #[test]

@@ -1130,7 +1130,7 @@ fn working_write_timer_mechanisms(plan: &Value) -> Vec<String> {
 /// On a host whose security policy refuses tracing programs at load time
 /// (this workplace's 6.18 VM: fentry's prerequisites are there, the load is
 /// refused with EPERM) fentry must fail exactly that way.
-/// Mutation: in `tcpstall/src/probes.rs` give the kprobe candidate the
+/// Mutation: in `tcpstall/src/kernel/probes.rs` give the kprobe candidate the
 /// function `tcp_write_timer_handlerx` -> fails in the guests ("working
 /// mechanisms [fentry, timer_tracepoint, sock_ops] != offered [...]").
 #[test]
@@ -1215,7 +1215,7 @@ fn probe_plan_prefers_best_available_mechanism() {
 /// reports as working, forced with `--mechanism`: the agent attaches exactly
 /// that one, sees the flow's RTO expiries through it, flags the stall before
 /// the death and records the flow's own ETIMEDOUT (by socket cookie).
-/// Mutation: `tcpstall/src/loader.rs` ignoring the forced mechanism (the plan
+/// Mutation: `tcpstall/src/kernel/loader/attach.rs` ignoring the forced mechanism (the plan
 /// picks the best) -> fails with "forced sock_ops, attached timer_tracepoint".
 #[test]
 fn s1_with_every_working_write_timer_mechanism() {
