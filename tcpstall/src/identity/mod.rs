@@ -4,11 +4,12 @@
 //! - [`cgroup`]: cgroup id -> cgroup path -> pod UID + container ID;
 //! - [`runtime`]: container ID / pod UID -> pod name, namespace, container
 //!   name (containerd, CRI-O, Docker state; the kubelet's pod directory);
-//! - [`process`]: socket -> pid and command, for stalled flows only.
+//! - [`process`]: socket -> pid and command, for stalled flows only;
+//! - [`netns`]: network namespace -> pod, from /proc (the fallback below).
 //!
 //! Sockets without a cgroup id, and every socket on a cgroup v1-only host
 //! (no cgroup2 mount; the kernel reports the v2 root for every socket), fall
-//! back to the network namespace lookup of [`crate::identity::netns`].
+//! back to the network namespace lookup of [`netns`].
 
 pub mod cgroup;
 pub mod netns;

@@ -2,8 +2,9 @@
 //! `--proc-root /host/proc` with `hostPID: true`).
 //!
 //! Only the fallback for sockets without a usable cgroup id (cgroup v1-only
-//! hosts): the primary source is [`crate::identity`], from the socket's own
-//! cgroup. A network namespace is shared by a pod's containers (and by every
+//! hosts): the primary source is the rest of [`crate::identity`]
+//! ([`super::cgroup`], [`super::runtime`]), from the socket's own cgroup. A
+//! network namespace is shared by a pod's containers (and by every
 //! hostNetwork pod), so this can name only the pod, not the container.
 //!
 //! For each process: `/proc/PID/ns/net` gives the netns inode; its cgroup path
