@@ -26,7 +26,7 @@
 //! `tests`.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     net::SocketAddr,
     sync::{Mutex, MutexGuard, PoisonError},
 };
@@ -39,12 +39,9 @@ use prometheus_client::{
 
 use super::incidents::Incident;
 use crate::{
-    engine::{Gauges, Observation, StallClass, StallView, StreakOutcome},
+    engine::{Gauges, Observation, StallView, StreakOutcome},
     identity::netns::PodIdentity,
-    kernel::{
-        event::EventKind,
-        loader::{ProbeStatus, ProgramRuntime},
-    },
+    kernel::{event::EventKind, loader::ProgramRuntime},
 };
 
 /// Upper bounds (seconds) of `tcpstall_stall_duration_seconds`: a streak that

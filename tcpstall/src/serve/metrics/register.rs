@@ -1,7 +1,26 @@
 //! [`Metrics::new`]: every metric family of the contract registered, with
 //! its name, help and labels, and the series known at start-up set.
 
-use super::*;
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Mutex,
+};
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use super::{
+    BuildLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter, FloatGauge,
+    FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics, MetricsConfig, OutcomeLabels,
+    PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters, ProgramLabels, RemoteLabeler,
+    RemoteLabels, RetransmitLabels, stall_duration_histogram,
+};
+use crate::{
+    engine::{StallClass, StreakOutcome},
+    kernel::{event::EventKind, loader::ProbeStatus},
+};
 
 impl Metrics {
     /// Builds the registry. `probes`: the loader's plan (one

@@ -1,10 +1,12 @@
 //! Unit tests of the metric contract: names, labels, values and the encodings.
 
+use std::collections::BTreeSet;
+
 use super::*;
 use crate::engine::cause::RetransmitCause;
-use crate::engine::{BoundarySource, FlowHistory, StalledCounts, TimeoutEvidence};
+use crate::engine::{BoundarySource, FlowHistory, StallClass, StalledCounts, TimeoutEvidence};
 use crate::kernel::event::{Mechanism, TcpState};
-use crate::kernel::loader::Attempt;
+use crate::kernel::loader::{Attempt, ProbeStatus};
 
 fn cfg(max_remote_labels: usize, top_k_flows: usize) -> MetricsConfig {
     MetricsConfig {
