@@ -1292,7 +1292,8 @@ fn s1_with_every_working_write_timer_mechanism() {
 /// the socket holds it) attach, and the agent still flags the stall before
 /// the death and records the flow's own ETIMEDOUT.
 /// Mutation: `Plain::get` returning 0 (`tcpstall-ebpf/src/snapshot.rs`)
-/// -> "no event of the flow" (every plain event decodes as no socket).
+/// -> "the plain retransmit program reported nothing" (its events carry no
+/// socket: only sock_ops's reach the flow).
 #[test]
 fn s1_with_the_last_fallback_of_every_probe() {
     require_tools();

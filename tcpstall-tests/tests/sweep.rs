@@ -672,7 +672,8 @@ fn sweep_loads_where_the_kernel_offers_it() {
 /// by address until their next event), with both predictions within
 /// max(1 s, 5 %) of the kernel's ETIMEDOUT.
 /// Mutation: `try_sweep_plain` emitting nothing (`return Err(Skip)` before
-/// `emit`) -> "the stall in progress was not reported within 2 s".
+/// `emit`) -> "the stall in progress was not reported within 2 s of
+/// /readyz" (run on the 6.18.44-fc-v1272 host).
 #[test]
 fn sweep_plain_fallback_finds_the_stall_in_progress() {
     require_root();

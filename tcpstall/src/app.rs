@@ -93,15 +93,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         denied: settings.deny_programs.clone(),
     };
-    let mut loaded = loader::load(&opts).context("loading probes")?;
-    log_plan(&loaded.plan);
-    let ring = loaded.take_events()?;
-    let stats = loaded.take_stats()?;
+    // Before loading anything: the one line is the whole output.
     if settings.program_stats && !facts::Privileges::current().cap_sys_admin {
         anyhow::bail!(
             "--program-stats needs CAP_SYS_ADMIN (the kernel's BPF_ENABLE_STATS): grant it or run without --program-stats"
         );
     }
+    let mut loaded = loader::load(&opts).context("loading probes")?;
+    log_plan(&loaded.plan);
+    let ring = loaded.take_events()?;
+    let stats = loaded.take_stats()?;
     let programs = loaded.program_stats(settings.program_stats)?;
     let mut reader = Reader::new(ring).context("watching the ring buffer")?;
 

@@ -1,14 +1,24 @@
 //! Run tcpstall's privileged tests on other kernels under QEMU.
 //!
-//! Flow per kernel spec (`6.1`, `6.12`, a release such as `6.1.0-56-amd64`, or a
-//! package name such as `linux-image-6.1.0-56-amd64`):
+//! Flow per kernel spec (`6.1`, `6.12`, a release such as `6.1.0-56-amd64`, a
+//! package name such as `linux-image-6.1.0-56-amd64`, or any of these, or
+//! `newest`, qualified by a Debian suite: `trixie-backports:7.3`,
+//! `bullseye:5.10`, `sid:newest`):
 //!
 //! 1. resolve the spec to the newest matching Debian `linux-image-*-amd64` package
-//!    offered by the configured apt sources (`apt-cache`; `apt-get update` only when
-//!    the lists are missing),
+//!    offered by the host's apt sources (`apt-cache`; `apt-get update` only when
+//!    the lists are missing) or, for a suite-qualified spec, by a private apt
+//!    configuration under `<cache>/apt/<suite>/` that serves only that suite
+//!    of deb.debian.org (the host's `/etc/apt` is never changed; lists
+//!    refreshed when older than 6 hours: `apt`),
 //! 2. `apt-get download` it into `<cache>/debs/` and unpack it with `dpkg-deb -x`
 //!    into `<cache>/kernels/<package>_<version>/` (`depmod -b` generates the
-//!    `modules.dep` that Debian only creates in its postinst),
+//!    `modules.dep` that Debian only creates in its postinst); a split image
+//!    package (7.x: `linux-image-<abi>` only depends on `linux-binary-<abi>`,
+//!    `linux-modules-<abi>` and `linux-base-<abi>`) brings those along, and
+//!    the merged-/usr layout (`usr/lib/modules/<release>/{vmlinuz,config}`)
+//!    is moved to `lib/modules` and `boot/`. Modules may be plain, `.ko.xz`
+//!    (7.x) or `.ko.zst` (`modules`: decompressed on the host),
 //! 3. build `<cache>/<spec>/initrd.gz` (cpio newc, gzip): static busybox, the
 //!    needed modules (decompressed, loaded in dependency order by `/init`),
 //!    `/boot/config-<release>`, host `ip`/`ss`/`tc`/`nft`, the payload, and
@@ -69,8 +79,21 @@ pub const VM_DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
 ];
 
-/// Kernel series booted when none is given.
-pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12"];
+/// Kernels booted when none is given: Debian 12's two series (host apt
+/// sources) and the newest kernel the Debian archive serves, whatever
+/// trixie-backports carries when the run starts (7.3.4 on 2026-12-06;
+/// private apt configuration: see `apt`). Named `newest`, not by series:
+/// backports keeps only its newest kernel, and a series that left it would
+/// fail every run.
+pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12", "trixie-backports:newest"];
+
+/// The oldest kernel the agent runs on, booted by `cargo xtask test
+/// --vm-oldest` (or `cargo xtask vm-test bullseye:5.10`): Debian 11's 5.10
+/// (bullseye-security). Its tracing programs cannot call
+/// `bpf_get_socket_cookie` (5.12+), so only the probes' cookie-less twins
+/// load; it has no `inet_sk_error_report` (5.14+) and no
+/// `bpf_sock_from_file` (5.11+, so no sweep).
+pub const OLDEST_KERNEL: &str = "bullseye:5.10";
 
 /// Kernel modules put into every initramfs (with their `modules.dep` dependencies
 /// and `modules.softdep` pre-dependencies). Modules a kernel has built in are skipped.
@@ -99,7 +122,9 @@ pub const RESULT_MARKER: &str = "TCPSTALL-VM-RESULT:";
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmOptions {
     /// Kernels to boot: a series (`6.1`, `6.12`), a release (`6.1.0-56-amd64`)
-    /// or a Debian package name (`linux-image-6.1.0-56-amd64`).
+    /// or a Debian package name (`linux-image-6.1.0-56-amd64`) from the host's
+    /// apt sources, or one of those (or `newest`) from a suite of the Debian
+    /// archive: `trixie-backports:7.3`, `bullseye:5.10`, `sid:newest`.
     #[arg(value_name = "KERNEL", default_values = DEFAULT_KERNELS)]
     pub kernels: Vec<String>,
     /// Kill a guest that has not printed its result marker after this long

@@ -348,8 +348,9 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
                 .iter()
                 .map(|a| {
                     format!(
-                        "{}: {}",
+                        "{} ({}): {}",
                         a.mechanism.as_str(),
+                        a.program,
                         a.error.as_deref().unwrap_or("ok")
                     )
                 })
