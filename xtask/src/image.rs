@@ -9,13 +9,23 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{cargo, run_cmd, setup, step, workspace_root};
+use crate::{
+    setup,
+    util::{cargo, run_cmd, step, workspace_root},
+};
 
 pub const TARGET: &str = "x86_64-unknown-linux-musl";
 pub const DEFAULT_TAG: &str = "localhost/tcpstall:dev";
 
 /// Debian packages the image build needs.
 pub const IMAGE_DEBIAN_PACKAGES: &[&str] = &["podman", "binutils"];
+
+/// `cargo xtask image`: the toolchain, then [`build`] with `tag`.
+pub fn run(tag: &str) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    build(tag)?;
+    Ok(())
+}
 
 fn ensure_target() -> anyhow::Result<()> {
     let installed = Command::new("rustup")

@@ -11,7 +11,7 @@ use xtask::{
     vm,
 };
 
-use crate::{cargo, step};
+use crate::util::{cargo, run_cmd, step, workspace_root};
 
 fn which(cmd: &str) -> anyhow::Result<PathBuf> {
     xtask::which(cmd)
@@ -20,8 +20,8 @@ fn which(cmd: &str) -> anyhow::Result<PathBuf> {
 
 fn build_kernel_bench() -> anyhow::Result<PathBuf> {
     step("building the kernel-bench binary (xtask)");
-    crate::run_cmd(cargo().args(["build", "--release", "-p", "xtask", "--bin", "kernel-bench"]))?;
-    Ok(crate::workspace_root().join("target/release/kernel-bench"))
+    run_cmd(cargo().args(["build", "--release", "-p", "xtask", "--bin", "kernel-bench"]))?;
+    Ok(workspace_root().join("target/release/kernel-bench"))
 }
 
 /// The report lines between the markers of a console log.

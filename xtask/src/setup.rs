@@ -12,7 +12,18 @@ use std::{path::PathBuf, process::Command};
 use anyhow::{Context as _, bail};
 use xtask::have;
 
-use crate::{run_cmd, step, workspace_root};
+use crate::util::{run_cmd, step, workspace_root};
+
+/// `cargo xtask setup`: the toolchain, and unless `toolchain_only` the
+/// Debian packages (with the bench's).
+pub fn run(toolchain_only: bool) -> anyhow::Result<()> {
+    toolchain()?;
+    if !toolchain_only {
+        system_packages()?;
+        debian_packages(BENCH_PACKAGES)?;
+    }
+    Ok(())
+}
 
 /// Debian packages the tests and tools need.
 pub const DEBIAN_PACKAGES: &[&str] = &[

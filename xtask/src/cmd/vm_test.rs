@@ -1,0 +1,419 @@
+//! `cargo xtask vm-test`: the scenario tests inside Debian kernels under
+//! QEMU, and the kernel matrix that `test` and `record-fixtures` run too.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+
+use xtask::vm;
+
+use crate::{cmd::build::build_agent, cmd::build::build_test_binary, setup, util::step};
+
+pub fn run(vm: vm::VmOptions, tests: Vec<String>) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    setup::debian_packages(vm::VM_DEBIAN_PACKAGES)?;
+    let bin = build_agent()?;
+    vm_matrix(&vm, &bin, &tests)?;
+    Ok(())
+}
+
+/// The scenario test that prints the probe plan (`PLAN ...` lines).
+const PLAN_TEST: &str = "probe_plan_prefers_best_available_mechanism";
+
+/// The probe-plan part of a matrix pass's summary for one guest: the
+/// `PLAN ...` lines of its console log, or why there are none (a pass that
+/// does not run [`PLAN_TEST`], such as the sweep pass, prints no plan).
+fn plan_summary(log: &str, target: &str, tests: &[String], console_log: &Path) -> Vec<String> {
+    let plan: Vec<String> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("PLAN ")
+                .map(|(_, p)| format!("    {}", p.trim_end()))
+        })
+        .collect();
+    if !plan.is_empty() {
+        return plan;
+    }
+    let why = if target == "scenarios" && tests.iter().any(|t| t == PLAN_TEST) {
+        format!(
+            "{PLAN_TEST} ran but printed no plan: see {}",
+            console_log.display()
+        )
+    } else {
+        format!("the {target} pass does not run {PLAN_TEST} (the scenarios pass prints the plan)")
+    };
+    vec![format!("    (no plan: {why})")]
+}
+
+/// Scenario tests run in every guest kernel of the matrix (exact names: each
+/// must run and pass, a name that matches nothing fails the matrix).
+pub const VM_TESTS: &[&str] = &[
+    PLAN_TEST,
+    "s1_blackhole_events_end_to_end",
+    "s1_horizon_retries2_3",
+    "s1_horizon_retries2_5",
+    "s2_user_timeout",
+    "s1_recovery_clears_the_stall_at_once",
+    // S1 once per write-timer mechanism the guest kernel offers (fentry,
+    // kprobe, timer tracepoint, sock_ops), each forced with --mechanism.
+    "s1_with_every_working_write_timer_mechanism",
+    // Behavioural harness: one socket action per kernel program, exact
+    // event fields (the write timer once per mechanism the guest offers).
+    "programs::state_program_fields",
+    "programs::retransmit_program_fields",
+    "programs::error_report_program_fields",
+    "programs::ack_program_fields",
+    "programs::write_timer_program_fields_per_mechanism",
+    // The socket sweep (iter/task_file + bpf_sock_from_file): a sweep
+    // program loads where the kernel offers the hooks, and where it does not
+    // (5.10) every candidate says "not offered" and the agent still runs.
+    "sweep/sweep_loads_where_the_kernel_offers_it",
+    // Start-up reconcile of an S1 stall in progress (guests whose kernel
+    // offers the sweep's hooks: SWEEP_HOOK_TESTS).
+    "sweep/sweep_startup_ipv4_retries2_15",
+];
+
+/// Tests of VM_TESTS that need the sweep's kernel hooks (the
+/// `bpf_iter_task_file` iterator and the `bpf_sock_from_file` helper,
+/// 5.11+): not run in a guest whose kernel BTF lacks them, where
+/// `sweep_loads_where_the_kernel_offers_it` checks instead that the agent
+/// says why the sweep is off.
+const SWEEP_HOOK_TESTS: &[&str] = &["sweep/sweep_startup_ipv4_retries2_15"];
+
+/// Whether a kernel's BTF has the sweep's hooks (the same check as the
+/// sweep tests' `kernel_offers_the_sweep`).
+fn btf_offers_the_sweep(btf: &[u8]) -> bool {
+    ["bpf_iter_task_file", "bpf_sock_from_file"]
+        .iter()
+        .all(|name| {
+            let needle = [b"\0", name.as_bytes(), b"\0"].concat();
+            btf.windows(needle.len()).any(|w| w == needle.as_slice())
+        })
+}
+
+/// One pass of the matrix: one test target run in every guest.
+pub struct MatrixPass {
+    /// `scenarios` or `sweep` (the tcpstall-tests test target).
+    target: &'static str,
+    /// Per guest (spec): the tests it ran.
+    tests: Vec<(String, Vec<String>)>,
+    /// Per guest; `console_log` is the pass's own copy
+    /// (`<cache>/<spec>/console-<target>.log`).
+    pub results: Vec<vm::KernelResult>,
+}
+
+impl MatrixPass {
+    fn tests_of(&self, spec: &str) -> &[String] {
+        self.tests
+            .iter()
+            .find(|(k, _)| k == spec)
+            .map(|(_, t)| t.as_slice())
+            .unwrap_or_default()
+    }
+}
+
+/// Runs the matrix: names prefixed `sweep/` come from the `sweep` test
+/// target (tcpstall-tests/tests/sweep.rs), the others from `scenarios`.
+/// Every guest runs both passes (the sweep pass even when the scenarios
+/// failed there); the summary at the end lists per guest the kernel
+/// release, each pass's result, the probe plan and the sweep program, and
+/// the matrix fails if any pass failed on any guest.
+pub fn vm_matrix(
+    opts: &vm::VmOptions,
+    agent: &Path,
+    tests: &[String],
+) -> anyhow::Result<Vec<MatrixPass>> {
+    let (sweep, scenarios): (Vec<String>, Vec<String>) =
+        tests.iter().cloned().partition(|t| t.starts_with("sweep/"));
+    // Which guests offer the sweep's hooks, from their BTF (cached under
+    // .cache/btf; the unit tests of `cargo xtask test` read the same files).
+    // A kernel that cannot be fetched fails in its own boot below.
+    let mut hookless = std::collections::BTreeSet::new();
+    for spec in &opts.kernels {
+        let one = vm::VmOptions {
+            kernels: vec![spec.clone()],
+            ..opts.clone()
+        };
+        let data = match vm::extract_btf_with(&one, &vm::default_btf_dir()) {
+            Ok(paths) => std::fs::read(&paths[0])
+                .with_context(|| format!("reading {}", paths[0].display()))?,
+            Err(e) => {
+                eprintln!("    {spec}: no BTF ({e:#}): its boots will say why");
+                continue;
+            }
+        };
+        if !btf_offers_the_sweep(&data) {
+            eprintln!(
+                "    {spec}: its BTF has no bpf_iter_task_file / bpf_sock_from_file: the sweep pass \
+                 skips {} there",
+                SWEEP_HOOK_TESTS.join(", ")
+            );
+            hookless.insert(spec.clone());
+        }
+    }
+    let mut passes = Vec::new();
+    if !scenarios.is_empty() {
+        let per_guest = |_: &str| scenarios.clone();
+        passes.push(vm_matrix_target(opts, agent, "scenarios", &per_guest)?);
+    }
+    if !sweep.is_empty() {
+        let per_guest = |spec: &str| -> Vec<String> {
+            sweep
+                .iter()
+                .filter(|t| !hookless.contains(spec) || !SWEEP_HOOK_TESTS.contains(&t.as_str()))
+                .map(|t| t.trim_start_matches("sweep/").to_owned())
+                .collect()
+        };
+        passes.push(vm_matrix_target(opts, agent, "sweep", &per_guest)?);
+    }
+    for line in matrix_summary(&opts.kernels, &passes) {
+        eprintln!("{line}");
+    }
+    let failed: Vec<String> = passes
+        .iter()
+        .flat_map(|p| {
+            p.results
+                .iter()
+                .filter(|r| !r.passed)
+                .map(move |r| format!("{} ({})", r.kernel, p.target))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "the kernel matrix failed on {} (console logs under {})",
+            failed.join(", "),
+            opts.cache_dir.display()
+        );
+    }
+    Ok(passes)
+}
+
+/// Boots every guest with one test target (`tests_for(spec)`: the exact
+/// test names for that guest; guests with the same list share one
+/// `vm_test` call); never fails for a guest's failure (that is in the
+/// results).
+fn vm_matrix_target(
+    opts: &vm::VmOptions,
+    agent: &Path,
+    target: &'static str,
+    tests_for: &dyn Fn(&str) -> Vec<String>,
+) -> anyhow::Result<MatrixPass> {
+    let binary = build_test_binary(target)?;
+    // Groups of consecutive guests with the same test list, in matrix order.
+    let mut groups: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+    for spec in &opts.kernels {
+        let tests = tests_for(spec);
+        match groups.last_mut() {
+            Some((t, kernels)) if *t == tests => kernels.push(spec.clone()),
+            _ => groups.push((tests, vec![spec.clone()])),
+        }
+    }
+    let mut results = Vec::new();
+    let mut tests_run = Vec::new();
+    for (tests, kernels) in groups {
+        step(&format!(
+            "kernel matrix under QEMU, {target} pass ({} tests): {}",
+            tests.len(),
+            kernels.join(", ")
+        ));
+        if tests.is_empty() {
+            continue;
+        }
+        // --nocapture: the probe plan and per-flow traces appear in the console log.
+        let mut test_args = ["--test-threads=1", "--nocapture", "--exact"]
+            .map(String::from)
+            .to_vec();
+        test_args.extend(tests.iter().cloned());
+        let payload = vm::GuestPayload {
+            agent: agent.to_path_buf(),
+            tests: binary.clone(),
+            test_args,
+            extra_env: Vec::new(),
+            extra_bins: Vec::new(),
+            expected_passed: Some(tests.len()),
+        };
+        let group_opts = vm::VmOptions {
+            kernels,
+            ..opts.clone()
+        };
+        for mut r in vm::vm_test(&group_opts, &payload)? {
+            // The next pass boots the same guest and rewrites console.log: keep this one's.
+            let copy = r
+                .console_log
+                .with_file_name(format!("console-{target}.log"));
+            if std::fs::copy(&r.console_log, &copy).is_ok() {
+                r.console_log = copy;
+            }
+            tests_run.push((r.kernel.clone(), tests.clone()));
+            results.push(r);
+        }
+    }
+    Ok(MatrixPass {
+        target,
+        tests: tests_run,
+        results,
+    })
+}
+
+/// The sweep iterator each agent the pass started loaded (the harness
+/// prints `AGENT sweep program: <program>` at every agent start), and the
+/// sweep test's own finding of whether the kernel offers the sweep's hooks.
+fn sweep_summary(logs: &[String]) -> Vec<String> {
+    let programs: std::collections::BTreeSet<&str> = logs
+        .iter()
+        .flat_map(|log| log.lines())
+        .filter_map(|l| {
+            l.split_once("AGENT sweep program: ")
+                .map(|(_, p)| p.trim_end())
+        })
+        .collect();
+    let mut out = vec![format!(
+        "    sweep program: {}",
+        if programs.is_empty() {
+            "(no agent started)".to_owned()
+        } else {
+            programs.into_iter().collect::<Vec<_>>().join(", ")
+        }
+    )];
+    let offered: std::collections::BTreeSet<&str> = logs
+        .iter()
+        .flat_map(|log| log.lines())
+        .filter_map(|l| l.split_once("SWEEP OFFERED ").map(|(_, p)| p.trim_end()))
+        .collect();
+    out.extend(
+        offered
+            .into_iter()
+            .map(|o| format!("    sweep hooks offered: {o}")),
+    );
+    out
+}
+
+/// The summary printed at the end of the matrix: per guest, the kernel
+/// release, each pass's result and timings, the probe plan (from the
+/// scenarios pass) and the sweep program (from every pass).
+fn matrix_summary(kernels: &[String], passes: &[MatrixPass]) -> Vec<String> {
+    let mut out = vec![String::new(), "==> kernel matrix summary".to_owned()];
+    for spec in kernels {
+        let mine: Vec<(&MatrixPass, &vm::KernelResult)> = passes
+            .iter()
+            .filter_map(|p| p.results.iter().find(|r| &r.kernel == spec).map(|r| (p, r)))
+            .collect();
+        let release = mine
+            .iter()
+            .map(|(_, r)| r.release.as_str())
+            .find(|r| !r.is_empty())
+            .unwrap_or("(release unknown: the kernel was not fetched)");
+        out.push(format!("{spec}: kernel {release}"));
+        for (p, r) in &mine {
+            out.push(format!(
+                "    {:<9} {:<4} {} tests, boot {}, total {:.1}s, log {}",
+                p.target,
+                if r.passed { "PASS" } else { "FAIL" },
+                p.tests_of(spec).len(),
+                r.boot_time
+                    .map(|b| format!("{:.1}s", b.as_secs_f64()))
+                    .unwrap_or_else(|| "-".into()),
+                r.total_time.as_secs_f64(),
+                r.console_log.display()
+            ));
+            if !r.passed {
+                out.push(format!("              {}", r.summary));
+            }
+        }
+        let logs: Vec<String> = mine
+            .iter()
+            .map(|(_, r)| {
+                String::from_utf8_lossy(&std::fs::read(&r.console_log).unwrap_or_default())
+                    .into_owned()
+            })
+            .collect();
+        // The plan comes from the scenarios pass (the one that runs PLAN_TEST).
+        let plan_pass = mine
+            .iter()
+            .zip(&logs)
+            .find(|((p, _), _)| p.target == "scenarios")
+            .or_else(|| mine.iter().zip(&logs).next());
+        // One line per probe (its chosen mechanism); every attempt and why
+        // it was refused is in the pass's console log.
+        out.push("    probe plan (mechanism per probe):".to_owned());
+        if let Some(((p, r), log)) = plan_pass {
+            out.extend(
+                plan_summary(log, p.target, p.tests_of(spec), &r.console_log)
+                    .into_iter()
+                    .filter(|l| l.contains(" -> ") || l.contains("(no plan"))
+                    .map(|l| format!("  {l}")),
+            );
+        }
+        out.extend(sweep_summary(&logs));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_hooks_from_btf() {
+        let with = b"\0bpf_iter_task_file\0x\0bpf_sock_from_file\0";
+        assert!(btf_offers_the_sweep(with));
+        // 5.10: the iterator, no bpf_sock_from_file.
+        assert!(!btf_offers_the_sweep(
+            b"\0bpf_iter_task_file\0bpf_sock_from_file_x\0"
+        ));
+        assert!(!btf_offers_the_sweep(b""));
+    }
+
+    #[test]
+    fn sweep_summary_lists_programs_and_hooks() {
+        let logs = vec![
+            "AGENT sweep program: tcpstall_sweep_direct\nAGENT sweep program: tcpstall_sweep_direct\n"
+                .to_owned(),
+            "SWEEP OFFERED | kernel 7.3.4 | BTF true | version true\n".to_owned(),
+        ];
+        assert_eq!(
+            sweep_summary(&logs),
+            vec![
+                "    sweep program: tcpstall_sweep_direct",
+                "    sweep hooks offered: | kernel 7.3.4 | BTF true | version true",
+            ]
+        );
+        assert_eq!(
+            sweep_summary(&["boot\n".to_owned()]),
+            vec!["    sweep program: (no agent started)"]
+        );
+    }
+
+    /// Mutation: `target == "sweep"` in place of `"scenarios"` in
+    /// `plan_summary` fails the last assertion: a scenarios pass that ran
+    /// the plan test without a plan says "the scenarios pass does not run
+    /// probe_plan_prefers_best_available_mechanism".
+    #[test]
+    fn plan_summary_prints_the_plan_or_says_why_not() {
+        let log_path = Path::new("/cache/6.1/console.log");
+        let scenarios = vec![PLAN_TEST.to_owned(), "s2_user_timeout".to_owned()];
+        let log = "boot\n[  1.0] PLAN retransmit -> \"tp_btf\"\nPLAN     kprobe  \"refused\"\n";
+        assert_eq!(
+            plan_summary(log, "scenarios", &scenarios, log_path),
+            vec![
+                "    retransmit -> \"tp_btf\"",
+                "        kprobe  \"refused\""
+            ]
+        );
+        let sweep = vec!["sweep_startup_ipv4_retries2_15".to_owned()];
+        assert_eq!(
+            plan_summary("boot\n", "sweep", &sweep, log_path),
+            vec![format!(
+                "    (no plan: the sweep pass does not run {PLAN_TEST} (the scenarios pass prints \
+                 the plan))"
+            )]
+        );
+        let [line] = &plan_summary("boot\n", "scenarios", &scenarios, log_path)[..] else {
+            panic!("one line");
+        };
+        assert!(
+            line.contains("ran but printed no plan: see /cache/6.1/console.log"),
+            "{line}"
+        );
+    }
+}
