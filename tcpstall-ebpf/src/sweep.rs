@@ -82,9 +82,21 @@ pub fn tcpstall_sweep_plain(ctx: *mut core::ffi::c_void) -> i32 {
     }
 }
 
+/// The iterator's meta, task and fd, and the file's `struct socket *`.
+type StreamSocket = (
+    *mut IterMeta,
+    *mut core::ffi::c_void,
+    u32,
+    *mut core::ffi::c_void,
+);
+
+/// The iterator's context fields and, for a stream socket's file, its
+/// `struct socket *` (from `bpf_sock_from_file`); other files are skipped.
+/// `DIRECT`: the socket's type read with a plain load (else a probe read).
 #[inline(always)]
-fn try_sweep_plain(ctx: *const IterTaskFile) -> Result<(), Skip> {
-    // SAFETY: the iterator context, read at constant offsets.
+fn stream_socket<const DIRECT: bool>(ctx: *const IterTaskFile) -> Result<StreamSocket, Skip> {
+    // SAFETY: the iterator context; every field is read with a plain load
+    // at its constant offset, which the verifier checks against its BTF.
     let (meta, task, fd, filp) = unsafe {
         (
             core::ptr::read_volatile(&(*ctx).meta),
@@ -102,10 +114,16 @@ fn try_sweep_plain(ctx: *const IterTaskFile) -> Result<(), Skip> {
         return Err(Skip);
     }
     bump(stat::SWEEP_SOCKET_FILES);
-    let sock = sock as u64;
-    if socket_type::<false>(sock as *const u8) != SOCK_STREAM {
+    if socket_type::<DIRECT>(sock as *const u8) != SOCK_STREAM {
         return Err(Skip);
     }
+    Ok((meta, task, fd, sock as *mut core::ffi::c_void))
+}
+
+#[inline(always)]
+fn try_sweep_plain(ctx: *const IterTaskFile) -> Result<(), Skip> {
+    let (meta, task, fd, sock) = stream_socket::<false>(ctx)?;
+    let sock = sock as u64;
     let l = layout()?;
     // SAFETY: bpf_probe_read_kernel copes with any address; the result is a
     // plain number to the verifier (never a typed pointer).
@@ -151,28 +169,7 @@ fn socket_type<const DIRECT: bool>(sock: *const u8) -> u64 {
 
 #[inline(always)]
 fn try_sweep<const DIRECT: bool>(ctx: *const IterTaskFile) -> Result<(), Skip> {
-    // SAFETY: the iterator context; every field is read with a plain load
-    // at its constant offset, which the verifier checks against its BTF.
-    let (meta, task, fd, filp) = unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx).meta),
-            core::ptr::read_volatile(&(*ctx).task),
-            core::ptr::read_volatile(&(*ctx).fd),
-            core::ptr::read_volatile(&(*ctx).file),
-        )
-    };
-    if meta.is_null() || task.is_null() || filp.is_null() {
-        return Err(Skip);
-    }
-    // SAFETY: `filp` is the iterator's (non-null) `struct file *`.
-    let sock = unsafe { bpf_sock_from_file(filp) };
-    if sock.is_null() {
-        return Err(Skip);
-    }
-    bump(stat::SWEEP_SOCKET_FILES);
-    if socket_type::<DIRECT>(sock as *const u8) != SOCK_STREAM {
-        return Err(Skip);
-    }
+    let (meta, task, fd, sock) = stream_socket::<DIRECT>(ctx)?;
     let l = layout()?;
     // SAFETY: typed load of `socket->sk` (constant offset, verified).
     let sk_ptr = unsafe {
