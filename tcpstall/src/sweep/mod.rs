@@ -195,13 +195,13 @@ pub fn decode_all(records: &[SweepRecord]) -> (Vec<SweptSocket>, usize) {
         match decode(r) {
             Ok(s) => {
                 // The cookie, or for a socket without one yet (the plain
-                // sweep) its address: kernel addresses are 8-byte aligned
-                // and never small, cookies count up from 1, so the two
-                // never collide in practice; the top bit keeps them apart.
+                // sweep) its address: cookies count up from 1, kernel
+                // addresses lie in the upper half of the address space, so
+                // the two cannot collide.
                 let key = if s.ev.cookie != 0 {
                     s.ev.cookie
                 } else {
-                    s.ev.skaddr | 1 << 63
+                    s.ev.skaddr
                 };
                 if (s.ev.cookie != 0 || s.ev.skaddr != 0) && !seen.insert(key) {
                     continue;

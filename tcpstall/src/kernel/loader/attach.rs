@@ -79,7 +79,12 @@ pub(super) fn attach_probe(
                 }
                 Ok(()) => {
                     // Works, but a preferred one is attached: detach again.
-                    unload(ebpf, cand.program);
+                    // An iterator is attached to nothing and only runs when
+                    // asked, so it stays loaded (the sweep benchmark runs
+                    // each one, loaded with `try_all`).
+                    if !matches!(cand.attach, Attach::Iter { .. }) {
+                        unload(ebpf, cand.program);
+                    }
                     Some("works (not used: a preferred mechanism is attached)".to_owned())
                 }
                 Err(e) => Some(e),
