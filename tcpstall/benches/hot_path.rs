@@ -231,6 +231,7 @@ impl Sock {
             lsndtime: 0,
             rcv_tstamp: 0,
             timer_expires: jiffies_at(ts).saturating_sub(1),
+            syn_retries: 0,
         }
     }
 

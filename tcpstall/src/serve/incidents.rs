@@ -164,6 +164,7 @@ mod tests {
             near_horizon: false,
             zero_window_probes: None,
             zero_window_unanswered: None,
+            no_prediction_reason: None,
             zero_window_s: None,
             close_wait_age_s: None,
             orphan: false,

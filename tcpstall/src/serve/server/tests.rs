@@ -152,6 +152,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
             lsndtime: 0,
             rcv_tstamp: 0,
             timer_expires: jiffies_at(ts).saturating_sub(1),
+            syn_retries: 0,
         }),
         retransmits,
         rto_jiffies: rto_j,
@@ -163,6 +164,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
             tcp_retries2: 5,
             tcp_orphan_retries: 0,
             tcp_rto_max_ms: None,
+            ..Default::default()
         }),
         orphan: false,
         rto_expired_verdict: false,
