@@ -139,7 +139,7 @@ use contract::{INCIDENT_LABELS, Kind, TARGET_LABELS, contract};
 /// Closed label value sets.
 fn label_values(label: &str) -> Option<&'static [&'static str]> {
     match label {
-        "class" => Some(&["retransmit", "zero_window", "close_wait"]),
+        "class" => Some(&["retransmit", "zero_window", "close_wait", "connect"]),
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
         "kind" => Some(&["retransmit", "write_timer", "state", "error_report", "ack"]),
         "cause" => Some(&["rto", "tlp", "fast", "syn", "unknown"]),
