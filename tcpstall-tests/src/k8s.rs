@@ -1,5 +1,9 @@
 //! Kubernetes helpers: exact capability sets through `setpriv` and checks
-//! of `kubernetes-validate` output.
+//! of `kubernetes-validate` output; a real containerd node driven through
+//! the CRI API ([`containerd`], [`cri`]).
+
+pub mod containerd;
+pub mod cri;
 
 /// `setpriv` arguments that run a program as uid 0 with exactly `caps`
 /// (capability names as in a Kubernetes manifest, e.g. `NET_ADMIN`) in its
