@@ -26,9 +26,10 @@ use std::{
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, drain, ev_str, listen_in, metric_sum, require_tools, test_note, wait_until,
+    Agent,
     containerd::{APP_IMAGE, CgroupDriver, Node},
     cri::{CONTAINER_RUNNING, SANDBOX_READY},
+    drain, ev_str, listen_in, metric_sum, require_tools, test_note, wait_until,
 };
 
 /// A fresh pod UID (the kubelet's are random v4 UUIDs).
@@ -69,10 +70,13 @@ fn recorded(node: &Node, sandbox_id: &str, container_id: &str) -> Recorded {
         .container_status(container_id)
         .unwrap_or_else(|e| panic!("ContainerStatus: {e}"));
     let c = cs.status.expect("ContainerStatus without status");
-    assert_eq!(c.state, CONTAINER_RUNNING, "app container not running: {c:?}");
+    assert_eq!(
+        c.state, CONTAINER_RUNNING,
+        "app container not running: {c:?}"
+    );
     // containerd's verbose info: JSON with the init process's host pid.
-    let info: Value = serde_json::from_str(cs.info.get("info").expect("verbose info"))
-        .expect("info JSON");
+    let info: Value =
+        serde_json::from_str(cs.info.get("info").expect("verbose info")).expect("info JSON");
     Recorded {
         pod: meta.name,
         namespace: meta.namespace,
@@ -80,7 +84,9 @@ fn recorded(node: &Node, sandbox_id: &str, container_id: &str) -> Recorded {
         pod_ip,
         container: c.metadata.expect("container metadata").name,
         container_id: c.id,
-        pid: info["pid"].as_u64().unwrap_or_else(|| panic!("no pid: {info}")),
+        pid: info["pid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no pid: {info}")),
     }
 }
 
@@ -134,7 +140,11 @@ fn stalled_app_is_named_as_containerd_recorded_it(driver: CgroupDriver, subnet: 
 
     let uid = new_uid();
     let pod = node.run_pod("web-7d9f-abcde", "shop", &uid);
-    let script = format!("exec /bin/nc {} {} < /ctl/in", node.gateway, server_addr.port());
+    let script = format!(
+        "exec /bin/nc {} {} < /ctl/in",
+        node.gateway,
+        server_addr.port()
+    );
     let container_id = node.run_container(
         &pod,
         "app",

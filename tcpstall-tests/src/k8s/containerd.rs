@@ -17,7 +17,6 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
     thread,
     time::{Duration, Instant},
 };
@@ -94,20 +93,25 @@ fn have(cmd: &str) -> bool {
 
 /// Fails loudly naming what is missing for a containerd node.
 pub fn require_containerd() {
-    const FIX: &str =
-        "run `cargo xtask setup` (installs containerd, runc, containernetworking-plugins, \
+    const FIX: &str = "run `cargo xtask setup` (installs containerd, runc, containernetworking-plugins, \
          busybox-static and podman from Debian)";
-    for cmd in ["containerd", "ctr", "runc", "containerd-shim-runc-v2", "podman", "nsenter"] {
+    for cmd in [
+        "containerd",
+        "ctr",
+        "runc",
+        "containerd-shim-runc-v2",
+        "podman",
+        "nsenter",
+    ] {
         require(have(cmd), &format!("the `{cmd}` command"), FIX);
     }
     for plugin in ["bridge", "host-local", "loopback"] {
         let p = Path::new(CNI_BIN_DIR).join(plugin);
         require(p.exists(), &format!("the CNI plugin {}", p.display()), FIX);
     }
-    let static_busybox = Command::new("ldd")
-        .arg(BUSYBOX)
-        .output()
-        .is_ok_and(|o| !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("not a dynamic"));
+    let static_busybox = Command::new("ldd").arg(BUSYBOX).output().is_ok_and(|o| {
+        !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("not a dynamic")
+    });
     require(
         Path::new(BUSYBOX).exists() && static_busybox,
         "a static busybox at /bin/busybox (the test images' only binary)",
@@ -115,60 +119,62 @@ pub fn require_containerd() {
     );
 }
 
-/// The two image archives (docker-archive), built once per test process.
-struct Archives {
-    pause: PathBuf,
-    app: PathBuf,
+/// Builds `tag` from `containerfile` in `dir` (build context: busybox
+/// copies) with podman and saves it as a docker-archive; returns the
+/// archive and the name it holds. The podman tag is this run's own (two
+/// runs never share or delete each other's podman image) and is removed
+/// once saved.
+fn build_image(dir: &Path, tag: &str, containerfile: &str) -> (PathBuf, String) {
+    let base = tag.replace(['/', ':'], "_");
+    let file = dir.join(format!("Containerfile.{base}"));
+    fs::write(&file, containerfile).expect("Containerfile");
+    let local = format!("{tag}{}", run_suffix());
+    run_ok(
+        Command::new("podman")
+            .args(["build", "--quiet", "--file"])
+            .arg(&file)
+            .args(["--tag", &local])
+            .arg(dir),
+        &format!("podman build {local}"),
+    );
+    let archive = dir.join(format!("{base}.tar"));
+    let _ = fs::remove_file(&archive);
+    run_ok(
+        Command::new("podman")
+            .args(["save", "--format", "docker-archive", "--output"])
+            .arg(&archive)
+            .arg(&local),
+        &format!("podman save {local}"),
+    );
+    sh_quiet(&format!("podman rmi --force {local}"));
+    (archive, local)
 }
 
-fn archives() -> &'static Archives {
-    static ARCHIVES: OnceLock<Archives> = OnceLock::new();
-    ARCHIVES.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("tcpstall-images{}", run_suffix()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("image dir");
-        // The busybox applet is chosen by the file name: copies named sh,
-        // nc and sleep (and so each process's comm).
-        for name in ["sh", "nc", "sleep"] {
-            fs::copy(BUSYBOX, dir.join(name)).expect("copy busybox");
-        }
-        let build = |tag: &str, containerfile: &str| -> PathBuf {
-            let file = dir.join(format!("Containerfile.{}", tag.replace(['/', ':'], "_")));
-            fs::write(&file, containerfile).expect("Containerfile");
-            // A tag of this run only: two runs never share or delete each
-            // other's podman image.
-            let local = format!("{tag}{}", run_suffix());
-            run_ok(
-                Command::new("podman")
-                    .args(["build", "--quiet", "--file"])
-                    .arg(&file)
-                    .args(["--tag", &local])
-                    .arg(&dir),
-                &format!("podman build {local}"),
-            );
-            let archive = dir.join(format!("{}.tar", tag.replace(['/', ':'], "_")));
-            let _ = fs::remove_file(&archive);
-            run_ok(
-                Command::new("podman")
-                    .args(["save", "--format", "docker-archive", "--output"])
-                    .arg(&archive)
-                    .arg(&local),
-                &format!("podman save {local}"),
-            );
-            sh_quiet(&format!("podman rmi --force {local}"));
-            archive
-        };
-        Archives {
-            pause: build(
-                PAUSE_IMAGE,
-                "FROM scratch\nCOPY sleep /bin/sleep\nENTRYPOINT [\"/bin/sleep\", \"1000000000\"]\n",
-            ),
-            app: build(
-                APP_IMAGE,
-                "FROM scratch\nCOPY sh /bin/sh\nCOPY nc /bin/nc\nCOPY sleep /bin/sleep\nCMD [\"/bin/sh\"]\n",
-            ),
-        }
+/// The pause and app images: (archive, name in the archive, name to give
+/// it in containerd).
+fn images(dir: &Path) -> Vec<(PathBuf, String, &'static str)> {
+    fs::create_dir_all(dir).expect("image dir");
+    // The busybox applet is chosen by the file name: copies named sh, nc
+    // and sleep (and so each process's comm).
+    for name in ["sh", "nc", "sleep"] {
+        fs::copy(BUSYBOX, dir.join(name)).expect("copy busybox");
+    }
+    [
+        (
+            PAUSE_IMAGE,
+            "FROM scratch\nCOPY sleep /bin/sleep\nENTRYPOINT [\"/bin/sleep\", \"1000000000\"]\n",
+        ),
+        (
+            APP_IMAGE,
+            "FROM scratch\nCOPY sh /bin/sh\nCOPY nc /bin/nc\nCOPY sleep /bin/sleep\nCMD [\"/bin/sh\"]\n",
+        ),
+    ]
+    .into_iter()
+    .map(|(tag, file)| {
+        let (archive, local) = build_image(dir, tag, file);
+        (archive, local, tag)
     })
+    .collect()
 }
 
 /// A pod started through CRI, with what the runtime recorded for it.
@@ -200,7 +206,6 @@ impl Node {
     /// pods' subnet is 10.203.`subnet`.0/24 inside the node namespace.
     pub fn start(driver: CgroupDriver, subnet: u8) -> Node {
         require_containerd();
-        let archives = archives();
         let dir = std::env::temp_dir().join(format!(
             "tcpstall-containerd-{}{}",
             driver.name(),
@@ -232,6 +237,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   netns_mounts_under_state_dir = true
+  # The kubelet asks for -998 (sandbox) and -997 (critical pods); lowering
+  # an oom_score_adj needs CAP_SYS_RESOURCE, which this machine kind's root
+  # lacks (runc then fails in nsexec). Restricted: never below containerd's.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -306,15 +315,27 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             v.runtime_version,
             v.runtime_api_version
         );
-        for archive in [&archives.pause, &archives.app] {
+        let ctr = |args: &[&str], what: &str| {
             run_ok(
                 Command::new("ctr")
                     .arg("--address")
                     .arg(&node.socket)
-                    .args(["--namespace", "k8s.io", "images", "import"])
-                    .arg(archive),
-                &format!("ctr images import {}", archive.display()),
+                    .args(["--namespace", "k8s.io"])
+                    .args(args),
+                what,
+            )
+        };
+        for (archive, local, name) in images(&node.dir.join("images")) {
+            let archive = archive.to_string_lossy();
+            ctr(
+                &["images", "import", &archive],
+                &format!("ctr images import {archive}"),
             );
+            ctr(
+                &["images", "tag", &local, name],
+                &format!("ctr images tag {local} {name}"),
+            );
+            ctr(&["images", "rm", &local], &format!("ctr images rm {local}"));
         }
         node
     }
@@ -330,12 +351,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     pub fn run_pod(&mut self, name: &str, namespace: &str, uid: &str) -> Pod {
         let labels = HashMap::from([
             ("io.kubernetes.pod.name".to_owned(), name.to_owned()),
-            ("io.kubernetes.pod.namespace".to_owned(), namespace.to_owned()),
+            (
+                "io.kubernetes.pod.namespace".to_owned(),
+                namespace.to_owned(),
+            ),
             ("io.kubernetes.pod.uid".to_owned(), uid.to_owned()),
         ]);
         let annotations = HashMap::from([
             ("kubernetes.io/config.source".to_owned(), "api".to_owned()),
-            ("kubernetes.io/config.seen".to_owned(), "2026-12-06T00:00:00Z".to_owned()),
+            (
+                "kubernetes.io/config.seen".to_owned(),
+                "2026-12-06T00:00:00Z".to_owned(),
+            ),
         ]);
         let logs = self.dir.join(format!("pods/{namespace}_{name}_{uid}"));
         fs::create_dir_all(&logs).expect("pod log dir");
@@ -380,11 +407,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         let labels = HashMap::from([
             ("io.kubernetes.container.name".to_owned(), name.to_owned()),
             ("io.kubernetes.pod.name".to_owned(), meta.name.clone()),
-            ("io.kubernetes.pod.namespace".to_owned(), meta.namespace.clone()),
+            (
+                "io.kubernetes.pod.namespace".to_owned(),
+                meta.namespace.clone(),
+            ),
             ("io.kubernetes.pod.uid".to_owned(), meta.uid.clone()),
         ]);
         let annotations = HashMap::from([
-            ("io.kubernetes.container.restartCount".to_owned(), "0".to_owned()),
+            (
+                "io.kubernetes.container.restartCount".to_owned(),
+                "0".to_owned(),
+            ),
             (
                 "io.kubernetes.container.terminationMessagePath".to_owned(),
                 "/dev/termination-log".to_owned(),

@@ -274,14 +274,21 @@ fn grpc_status(h: &http::HeaderMap) -> Option<(u32, String)> {
 /// flag, big-endian length).
 fn unframe(body: &[u8]) -> Result<&[u8], CriError> {
     if body.len() < 5 {
-        return Err(err(format!("response of {} bytes, no gRPC frame", body.len())));
+        return Err(err(format!(
+            "response of {} bytes, no gRPC frame",
+            body.len()
+        )));
     }
     if body[0] != 0 {
         return Err(err("compressed gRPC response (none was offered)"));
     }
     let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    body.get(5..5 + len)
-        .ok_or_else(|| err(format!("gRPC frame of {len} bytes, {} received", body.len() - 5)))
+    body.get(5..5 + len).ok_or_else(|| {
+        err(format!(
+            "gRPC frame of {len} bytes, {} received",
+            body.len() - 5
+        ))
+    })
 }
 
 impl CriClient {
@@ -371,16 +378,14 @@ impl CriClient {
         let req = PodSandboxIdRequest {
             pod_sandbox_id: id.to_owned(),
         };
-        self.call::<_, Empty>("StopPodSandbox", &req)
-            .map(drop)
+        self.call::<_, Empty>("StopPodSandbox", &req).map(drop)
     }
 
     pub fn remove_pod_sandbox(&self, id: &str) -> Result<(), CriError> {
         let req = PodSandboxIdRequest {
             pod_sandbox_id: id.to_owned(),
         };
-        self.call::<_, Empty>("RemovePodSandbox", &req)
-            .map(drop)
+        self.call::<_, Empty>("RemovePodSandbox", &req).map(drop)
     }
 
     pub fn create_container(
@@ -402,8 +407,7 @@ impl CriClient {
         let req = ContainerIdRequest {
             container_id: id.to_owned(),
         };
-        self.call::<_, Empty>("StartContainer", &req)
-            .map(drop)
+        self.call::<_, Empty>("StartContainer", &req).map(drop)
     }
 
     pub fn container_status(&self, id: &str) -> Result<ContainerStatusResponse, CriError> {
