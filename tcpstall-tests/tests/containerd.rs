@@ -26,10 +26,10 @@ use std::{
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent,
+    Agent, ExpectedOwner, assert_owner_named,
     containerd::{APP_IMAGE, CgroupDriver, Node},
     cri::{CONTAINER_RUNNING, SANDBOX_READY},
-    drain, ev_str, listen_in, metric_sum, require_tools, test_note, wait_until,
+    drain, ev_str, listen_in, require_tools, test_note, wait_until,
 };
 
 /// A fresh pod UID (the kubelet's are random v4 UUIDs).
@@ -195,42 +195,20 @@ fn stalled_app_is_named_as_containerd_recorded_it(driver: CgroupDriver, subnet: 
                 .ok_or_else(|| format!("{stalls:?}"))
         },
     );
-    assert_eq!(ev_str(&v, "pod"), rec.pod, "{v}");
-    assert_eq!(ev_str(&v, "namespace"), rec.namespace, "{v}");
-    assert_eq!(ev_str(&v, "pod_uid"), rec.pod_uid, "{v}");
-    assert_eq!(ev_str(&v, "container"), rec.container, "{v}");
-    assert_eq!(ev_str(&v, "container_id"), rec.container_id, "{v}");
-    assert_eq!(v["process"]["pid"].as_u64(), Some(rec.pid), "{v}");
-    assert_eq!(v["process"]["comm"].as_str(), Some("nc"), "{v}");
-    let m = agent.metrics();
-    assert!(
-        metric_sum(
-            &m,
-            "tcpstall_socket_stall_seconds",
-            &[
-                ("local", &peer.to_string()),
-                ("pod", &rec.pod),
-                ("namespace", &rec.namespace),
-                ("container", &rec.container)
-            ]
-        )
-        .is_some(),
-        "per-flow series with the app's pod labels:\n{}",
-        m.lines()
-            .filter(|l| l.starts_with("tcpstall_socket_stall_seconds"))
-            .collect::<Vec<_>>()
-            .join("\n")
+    assert_owner_named(
+        &mut agent,
+        &v,
+        server_addr,
+        &ExpectedOwner {
+            pod: &rec.pod,
+            namespace: &rec.namespace,
+            pod_uid: &rec.pod_uid,
+            container: &rec.container,
+            container_id: &rec.container_id,
+            pid: rec.pid,
+            comm: "nc",
+        },
     );
-    let line = agent.wait_log(
-        Duration::from_secs(10),
-        "stall started log of the app",
-        |l| l["message"] == "stall started" && l["remote"] == server_addr.to_string(),
-    );
-    assert_eq!(ev_str(&line, "pod"), rec.pod, "{line}");
-    assert_eq!(ev_str(&line, "namespace"), rec.namespace, "{line}");
-    assert_eq!(ev_str(&line, "container"), rec.container, "{line}");
-    assert_eq!(ev_str(&line, "comm"), "nc", "{line}");
-    assert_eq!(line["pid"].as_u64(), Some(rec.pid), "{line}");
     drop(agent);
     drop(input);
 }

@@ -535,7 +535,7 @@ fn shims_of(socket: &Path) -> Vec<u32> {
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
             let is_shim = args.first()?.ends_with("containerd-shim-runc-v2");
-            (is_shim && args.iter().any(|a| *a == needle)).then_some(pid)
+            (is_shim && args.contains(&needle)).then_some(pid)
         })
         .collect()
 }
