@@ -1099,11 +1099,11 @@ fn kubernetes_validate_strict() {
         .map(|d| d["kind"].as_str().unwrap_or("?").to_string())
         .collect();
     for k in [
-        "Namespace",
         "ServiceAccount",
         "DaemonSet",
         "Service",
         "ServiceMonitor",
+        "PrometheusRule",
     ] {
         assert!(
             kinds.iter().any(|x| x == k),
@@ -1251,11 +1251,6 @@ fn daemonset_has_what_the_agent_needs() {
         Some("None"),
         "headless Service"
     );
-    assert_eq!(
-        svc["metadata"]["name"].as_str(),
-        Some("tcpstall"),
-        "Service name = job label `tcpstall`"
-    );
     assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(9977));
     assert_eq!(
         svc["spec"]["selector"],
@@ -1275,8 +1270,12 @@ fn daemonset_has_what_the_agent_needs() {
         Some(true),
         "per-flow pod/namespace labels must survive"
     );
-    assert!(
-        sm["spec"]["jobLabel"].is_null(),
-        "jobLabel would change job=\"tcpstall\""
+    // The job label is the value of the Service label named by jobLabel:
+    // `tcpstall`, which TCPStallAgentDown matches.
+    let job_label = sm["spec"]["jobLabel"].as_str().expect("jobLabel");
+    assert_eq!(
+        svc["metadata"]["labels"][job_label].as_str(),
+        Some("tcpstall"),
+        "jobLabel {job_label} must give job=\"tcpstall\""
     );
 }
