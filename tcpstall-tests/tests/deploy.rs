@@ -764,10 +764,30 @@ fn alertmanager_example_routes_by_severity_and_inhibits() {
             "inhibit on `{l}`, not an incident label"
         );
     }
-    for l in ["pod", "remote"] {
+    for l in ["pod", "remote", "direction"] {
         assert!(
             equal.contains(&l),
             "inhibit must be per incident: {equal:?}"
+        );
+    }
+    // One notification per incident: the stall route groups by every label
+    // that tells incidents apart.
+    let stall_route = am["route"]["routes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| r["matchers"][0] == "alertname=~\"TCPStall.*\"")
+        .expect("the TCPStall route");
+    let group_by: Vec<&str> = stall_route["group_by"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for l in INCIDENT_LABELS.iter().filter(|l| **l != "class") {
+        assert!(
+            group_by.contains(l),
+            "the TCPStall route must group by {l}: {group_by:?}"
         );
     }
 }
@@ -922,6 +942,8 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
     }
     // Selection variables: label_values(<expr>, <label>), "All" = `.*`.
     for (name, label) in [
+        ("cluster", "cluster"),
+        ("job", "job"),
         ("node", "node"),
         ("namespace", "namespace"),
         ("pod", "pod"),
@@ -985,11 +1007,14 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
                 ));
             }
             let e = t["expr"].as_str().unwrap_or("");
-            if !e.contains("$node") {
-                problems.push(format!(
-                    "panel `{}`: query does not filter on $node",
-                    p["title"]
-                ));
+            // Multi-cluster Prometheus: every query honours cluster and job.
+            for v in ["$cluster", "$job", "$node"] {
+                if !e.contains(v) {
+                    problems.push(format!(
+                        "panel `{}`: query does not filter on {v}",
+                        p["title"]
+                    ));
+                }
             }
             // Series with pod and remote labels honour the whole selection.
             if e.contains("tcpstall_incident_") || e.contains("tcpstall_socket_") {
@@ -1037,6 +1062,7 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
         "drops",
         "probes attached",
         "flows tracked",
+        "heartbeat",
     ] {
         if !titles.iter().any(|t| t.contains(want)) {
             problems.push(format!("no panel titled like `{want}`"));

@@ -422,20 +422,21 @@ fn copy_deploy(tag: &str) -> PathBuf {
     root.join("deploy/kubernetes")
 }
 
-/// Replaces `from` by `to` in the kustomization at `dir`, asserting the
-/// value appears exactly `n` times outside comments (one place to edit).
+/// Replaces `from` by `to` at the end of lines of the kustomization at
+/// `dir` (values, not keys or longer names), asserting it appears exactly
+/// `n` times outside comments (one place to edit each setting).
 fn edit(dir: &Path, from: &str, to: &str, n: usize) {
     let k = dir.join("kustomization.yaml");
     let text = fs::read_to_string(&k).unwrap();
     let mut found = 0;
     let out: Vec<String> = text
         .lines()
-        .map(|l| {
-            if l.trim_start().starts_with('#') || !l.contains(from) {
-                return l.to_owned();
+        .map(|l| match l.strip_suffix(from) {
+            Some(head) if !l.trim_start().starts_with('#') => {
+                found += 1;
+                format!("{head}{to}")
             }
-            found += l.matches(from).count();
-            l.replace(from, to)
+            _ => l.to_owned(),
         })
         .collect();
     assert_eq!(
@@ -508,7 +509,7 @@ fn overlays_keep_their_selectors_after_a_namespace_and_release_rename() {
         if stack {
             edit(&dir, "value: kube-prometheus-stack", &format!("value: {RELEASE}"), 1);
             // The NetworkPolicy's namespace and the dashboard's.
-            edit(&dir, "monitoring", STACK_NS, 2);
+            edit(&dir, " monitoring", &format!(" {STACK_NS}"), 2);
         }
         let docs = render_abs(&dir);
         let what = |k: &str| format!("{overlay} (namespace {NS}): {k}");

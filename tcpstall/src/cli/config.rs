@@ -357,7 +357,8 @@ impl Default for Settings {
             node_name: String::new(),
             max_incidents: 100,
             runtimes: crate::identity::RuntimeRoots::default(),
-            liveness_timeout: crate::serve::state::LIVENESS_TIMEOUT,
+            // serve::state::LIVENESS_TIMEOUT (the server's own default).
+            liveness_timeout: Duration::from_secs(60),
         }
     }
 }

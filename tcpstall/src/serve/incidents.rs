@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn fifty_clients_of_one_server_port_are_one_incident() {
         let p = pod("api-0");
-        let views: Vec<StallView> = (0..50)
+        let views: Vec<StallView> = (0..50u16)
             .map(|i| {
                 let mut v = view(
                     StallClass::Retransmit,

@@ -537,9 +537,10 @@ fn remote_labels_follow_recent_activity() {
     };
     let t0 = Instant::now();
     let later = |s: u64| t0 + Duration::from_secs(s);
-    for r in ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"] {
-        rtx(r, t0);
-    }
+    // A first, then B, then C (B is the least recently active of B and C).
+    rtx("10.0.0.1:80", t0);
+    rtx("10.0.0.2:80", t0);
+    rtx("10.0.0.3:80", later(1));
     // Full, everyone active a minute ago: D waits under `other`.
     rtx("10.0.0.4:80", later(60));
     let series = |m: &Metrics| {
@@ -568,10 +569,8 @@ fn remote_labels_follow_recent_activity() {
         series(&m),
         BTreeSet::from(["10.0.0.1:80", "10.0.0.5:80", "10.0.0.6:80", "other"].map(String::from))
     );
-    let rtos = lines_of(
-        &m.render(&LiveView::default(), Format::OpenMetrics).unwrap(),
-        "tcpstall_rto_expirations_total",
-    );
+    let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+    let rtos = lines_of(&text, "tcpstall_rto_expirations_total");
     assert!(rtos.len() <= 4, "{rtos:?}");
 }
 

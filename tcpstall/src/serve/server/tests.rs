@@ -442,6 +442,9 @@ async fn a_stalled_flow_everywhere() {
     assert!(st["seconds_to_timeout"].as_f64().is_some(), "{st}");
     assert!(st["unacked_age_s"].as_f64().is_some(), "{st}");
     assert!(st["pod"].is_null() && st["namespace"].is_null() && st["container"].is_null());
+    // A namespace the agent cannot read: initiated, the peer is the service.
+    assert_eq!(st["direction"], "initiated");
+    assert_eq!(st["peer_service"], remote.to_string());
     let since = st["since"].as_str().expect("since");
     let at = st["predicted_timeout_at"]
         .as_str()
@@ -451,7 +454,7 @@ async fn a_stalled_flow_everywhere() {
 
     let (_, _, text) = get(&s, "/metrics").await;
     let labels = format!(
-        "{{class=\"retransmit\",local=\"{local}\",remote=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
+        "{{class=\"retransmit\",local=\"{local}\",remote=\"{remote}\",direction=\"initiated\",peer=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
     );
     for name in [
         "tcpstall_socket_seconds_to_timeout",
