@@ -619,7 +619,9 @@ fn fifty_clients_of_one_stalled_server_are_one_incident() {
     let client_ip = format!("remote=\"{}:", link.a_ip);
     let ours = |text: &str| -> Vec<(String, f64)> {
         text.lines()
-            .filter(|l| l.starts_with("tcpstall_incident_stalled_sockets{") && l.contains(&client_ip))
+            .filter(|l| {
+                l.starts_with("tcpstall_incident_stalled_sockets{") && l.contains(&client_ip)
+            })
             .filter_map(|l| {
                 let (series, v) = l.rsplit_once(' ')?;
                 Some((series.to_owned(), v.parse().ok()?))
@@ -639,7 +641,11 @@ fn fifty_clients_of_one_stalled_server_are_one_incident() {
             }
         },
     );
-    assert_eq!(incidents.len(), 1, "one incident for the client host: {incidents:#?}");
+    assert_eq!(
+        incidents.len(),
+        1,
+        "one incident for the client host: {incidents:#?}"
+    );
     let (series, _) = &incidents[0];
     for want in [
         format!("remote=\"{}:8080\"", link.a_ip),
@@ -689,16 +695,29 @@ fn healthz_fails_while_the_event_loop_is_stopped() {
     }
     // SAFETY: seize and interrupt the thread `pid` (the main thread only).
     let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
-    assert_eq!(r, 0, "PTRACE_SEIZE {pid}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "PTRACE_SEIZE {pid}: {}",
+        std::io::Error::last_os_error()
+    );
     let traced = Traced(pid);
     // SAFETY: as above.
     let r = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0) };
-    assert_eq!(r, 0, "PTRACE_INTERRUPT: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "PTRACE_INTERRUPT: {}",
+        std::io::Error::last_os_error()
+    );
     let mut st = 0;
     // SAFETY: waiting for our tracee's stop.
     let w = unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
     assert_eq!(w, pid, "waitpid: {}", std::io::Error::last_os_error());
-    assert!(libc::WIFSTOPPED(st), "the main thread did not stop: {st:#x}");
+    assert!(
+        libc::WIFSTOPPED(st),
+        "the main thread did not stop: {st:#x}"
+    );
     let body = wait_until(
         Duration::from_secs(30),
         Duration::from_millis(200),

@@ -192,7 +192,8 @@ fn base_is_least_privilege() {
         Some("privileged")
     );
     // Linux nodes of the image's architecture only.
-    let node_selector = &find(&docs, "DaemonSet").unwrap()["spec"]["template"]["spec"]["nodeSelector"];
+    let node_selector =
+        &find(&docs, "DaemonSet").unwrap()["spec"]["template"]["spec"]["nodeSelector"];
     assert_eq!(node_selector["kubernetes.io/os"].as_str(), Some("linux"));
     assert_eq!(node_selector["kubernetes.io/arch"].as_str(), Some("amd64"));
     let c = container(&docs);
@@ -405,7 +406,8 @@ fn kube_prometheus_stack_overlay() {
 /// `../../base`, `../../../grafana`, ... relatively) and returns the copy's
 /// `deploy/kubernetes`.
 fn copy_deploy(tag: &str) -> PathBuf {
-    let root = std::env::temp_dir().join(format!("tcpstall-kustomize-{tag}-{}", std::process::id()));
+    let root =
+        std::env::temp_dir().join(format!("tcpstall-kustomize-{tag}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&root);
     fn copy(from: &Path, to: &Path) {
         fs::create_dir_all(to).unwrap();
@@ -507,7 +509,12 @@ fn overlays_keep_their_selectors_after_a_namespace_and_release_rename() {
         let dir = kube.join("overlays").join(overlay);
         edit(&dir, "namespace: tcpstall", &format!("namespace: {NS}"), 1);
         if stack {
-            edit(&dir, "value: kube-prometheus-stack", &format!("value: {RELEASE}"), 1);
+            edit(
+                &dir,
+                "value: kube-prometheus-stack",
+                &format!("value: {RELEASE}"),
+                1,
+            );
             // The NetworkPolicy's namespace and the dashboard's.
             edit(&dir, " monitoring", &format!(" {STACK_NS}"), 2);
         }
@@ -542,7 +549,12 @@ fn overlays_keep_their_selectors_after_a_namespace_and_release_rename() {
         let svc_selector = labels(&svc["spec"]["selector"]);
         assert!(!svc_selector.is_empty(), "{}: no selector", what("Service"));
         for (k, v) in &svc_selector {
-            assert_eq!(pod_labels.get(k), Some(v), "{}: selects no agent pod", what("Service"));
+            assert_eq!(
+                pod_labels.get(k),
+                Some(v),
+                "{}: selects no agent pod",
+                what("Service")
+            );
         }
         let container_ports: BTreeSet<&str> = container(&docs)["ports"]
             .as_sequence()
@@ -556,7 +568,11 @@ fn overlays_keep_their_selectors_after_a_namespace_and_release_rename() {
             .iter()
             .map(|p| {
                 let target = p["targetPort"].as_str().expect("named targetPort");
-                assert!(container_ports.contains(target), "{}: targetPort {target}", what("Service"));
+                assert!(
+                    container_ports.contains(target),
+                    "{}: targetPort {target}",
+                    what("Service")
+                );
                 p["name"].as_str().expect("port name")
             })
             .collect();
@@ -576,10 +592,18 @@ fn overlays_keep_their_selectors_after_a_namespace_and_release_rename() {
             "{}: selects namespaces {sm_namespaces:?}, the Service is in {NS}",
             what("ServiceMonitor")
         );
-        selects(&sm["spec"]["selector"], &svc_labels, &what("ServiceMonitor"));
+        selects(
+            &sm["spec"]["selector"],
+            &svc_labels,
+            &what("ServiceMonitor"),
+        );
         for ep in sm["spec"]["endpoints"].as_sequence().unwrap() {
             let port = ep["port"].as_str().expect("endpoint port name");
-            assert!(svc_ports.contains(port), "{}: port {port}", what("ServiceMonitor"));
+            assert!(
+                svc_ports.contains(port),
+                "{}: port {port}",
+                what("ServiceMonitor")
+            );
         }
         // The job label TCPStallAgentDown matches.
         let job = match sm["spec"]["jobLabel"].as_str() {
@@ -590,11 +614,18 @@ fn overlays_keep_their_selectors_after_a_namespace_and_release_rename() {
 
         let rule = one("PrometheusRule");
         let rules_text = serde_norway::to_string(&rule["spec"]).unwrap();
-        assert!(rules_text.contains("job=\"tcpstall\""), "rules match job=\"tcpstall\"");
+        assert!(
+            rules_text.contains("job=\"tcpstall\""),
+            "rules match job=\"tcpstall\""
+        );
 
         // NetworkPolicy -> agent pods; its ingress admits the Prometheus.
         let np = one("NetworkPolicy");
-        selects(&np["spec"]["podSelector"], &pod_labels, &what("NetworkPolicy"));
+        selects(
+            &np["spec"]["podSelector"],
+            &pod_labels,
+            &what("NetworkPolicy"),
+        );
         if stack {
             // kube-prometheus-stack's defaults: serviceMonitorSelector and
             // ruleSelector `matchLabels: {release: <release>}` (the
@@ -615,16 +646,272 @@ fn overlays_keep_their_selectors_after_a_namespace_and_release_rename() {
                 "kubernetes.io/metadata.name".to_owned(),
                 STACK_NS.to_owned(),
             )]);
-            selects(&from["namespaceSelector"], &prom_ns, &what("NetworkPolicy from"));
+            selects(
+                &from["namespaceSelector"],
+                &prom_ns,
+                &what("NetworkPolicy from"),
+            );
             // The stack's Prometheus pods (operator-managed) carry these.
             let prom_pod = BTreeMap::from([
                 ("app.kubernetes.io/name".to_owned(), "prometheus".to_owned()),
-                ("prometheus".to_owned(), format!("{STACK_NS}/{RELEASE}-prometheus")),
+                (
+                    "prometheus".to_owned(),
+                    format!("{STACK_NS}/{RELEASE}-prometheus"),
+                ),
             ]);
             selects(&from["podSelector"], &prom_pod, &what("NetworkPolicy from"));
             let cm = one("ConfigMap");
-            assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"].as_str(), Some("1"));
+            assert_eq!(
+                cm["metadata"]["labels"]["grafana_dashboard"].as_str(),
+                Some("1")
+            );
         }
         fs::remove_dir_all(kube.parent().unwrap().parent().unwrap()).ok();
     }
+}
+
+/// Shell commands of a Markdown file: every line of its ```sh blocks and
+/// every inline code span that starts with a command the checks know.
+fn doc_commands(md: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_sh = false;
+    for line in md.lines() {
+        let t = line.trim();
+        if t.starts_with("```") {
+            in_sh = !in_sh && t == "```sh";
+            continue;
+        }
+        if in_sh {
+            if !t.is_empty() && !t.starts_with('#') {
+                out.push(t.to_owned());
+            }
+            continue;
+        }
+        for (i, span) in line.split('`').enumerate() {
+            if i % 2 == 1
+                && ["kubectl ", "curl ", "tcpstall "]
+                    .iter()
+                    .any(|p| span.starts_with(p))
+            {
+                out.push(span.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Every command of docs/runbook.md and deploy/README.md, checked where it
+/// can be without a cluster: `kubectl apply -k`/`kustomize` directories
+/// render; `-n`, `-l`, `ds/`, port and Pod Security label values match the
+/// rendered manifests; `tcpstall ...` (also through `kubectl exec`) parses
+/// with the agent's own CLI; `curl localhost:9977/<path>` names a route of
+/// the agent's server; `gen-prometheusrule.sh` and `promtool` run. The rest
+/// (build, registry, editor, node tools) is listed as not checkable here;
+/// an unknown command fails the test so a new one gets a check.
+/// Mutations: the runbook's risks command back to
+/// `curl -s http://<node>:9977/api/v1/risks` -> "not checkable ... `curl`
+/// to a node address"; `kubectl apply -k deploy/kubernetes/namespace` in the
+/// README -> `.../namespaces` -> "kubectl kustomize
+/// deploy/kubernetes/namespaces failed".
+#[test]
+fn every_runbook_and_deploy_readme_command_is_checked() {
+    use clap::Parser as _;
+    let routes: BTreeSet<String> =
+        fs::read_to_string(repo().join("tcpstall/src/serve/server/mod.rs"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                Some(
+                    l.trim()
+                        .strip_prefix(".route(\"")?
+                        .split('"')
+                        .next()?
+                        .to_owned(),
+                )
+            })
+            .collect();
+    assert!(routes.contains("/healthz"), "{routes:?}");
+    let base = documents(&render("deploy/kubernetes/base"));
+    let ds = find(&base, "DaemonSet").unwrap();
+    let ns = ds["metadata"]["namespace"].as_str().unwrap().to_owned();
+    let pod_labels = labels(&ds["spec"]["template"]["metadata"]["labels"]);
+    let ns_doc = documents(&render("deploy/kubernetes/namespace"));
+    let ns_labels = labels(&ns_doc[0]["metadata"]["labels"]);
+    let ports: BTreeSet<String> = container(&base)["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["containerPort"].as_u64().map(|p| p.to_string()))
+        .collect();
+    let parse_cli = |args: &[&str], cmd: &str| {
+        let mut argv = vec!["tcpstall"];
+        argv.extend(args.iter().copied().filter(|a| !a.starts_with('|')));
+        match tcpstall::cli::config::Cli::try_parse_from(&argv) {
+            Ok(_) => {}
+            Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => {}
+            Err(e) => panic!("`{cmd}`: the agent's CLI rejects {argv:?}: {e}"),
+        }
+    };
+    const NOT_CHECKABLE: &[&str] = &[
+        "git",
+        "cargo",
+        "podman",
+        "cp",
+        "$EDITOR",
+        "lsns",
+        "nsenter",
+        "kubectl debug",
+    ];
+    let mut checked = 0;
+    for doc in ["docs/runbook.md", "deploy/README.md"] {
+        let md = fs::read_to_string(repo().join(doc)).unwrap();
+        for raw in doc_commands(&md) {
+            // Drop a trailing comment, `&`, and pipes into jq/head.
+            let mut cmd = raw.split(" #").next().unwrap().trim().to_owned();
+            if let Some((head, _)) = cmd.split_once(" | ") {
+                cmd = head.to_owned();
+            }
+            cmd = cmd.trim_end_matches('&').trim().to_owned();
+            if let Some(inner) = cmd.strip_prefix("POD=$(").and_then(|c| c.strip_suffix(')')) {
+                cmd = inner.to_owned();
+            }
+            let words: Vec<&str> = cmd.split_whitespace().collect();
+            let what = format!("{doc}: `{raw}`");
+            match words[0] {
+                "kubectl" if words.get(1) == Some(&"debug") => continue,
+                "kubectl" => {
+                    let mut i = 1;
+                    while i < words.len() {
+                        let next = words.get(i + 1).copied().unwrap_or("<none>");
+                        match words[i] {
+                            "-n" => {
+                                assert_eq!(next, ns, "{what}: namespace");
+                                i += 1;
+                            }
+                            "-l" => {
+                                let (k, v) = next.split_once('=').unwrap_or((next, ""));
+                                assert_eq!(
+                                    pod_labels.get(k).map(String::as_str),
+                                    Some(v),
+                                    "{what}: selects no agent pod"
+                                );
+                                i += 1;
+                            }
+                            "-k" | "kustomize" => {
+                                let dir = next;
+                                if !dir.starts_with('<') {
+                                    // The README's copy of the example overlay.
+                                    let dir = dir.replace(
+                                        "overlays/mycluster",
+                                        "overlays/kube-prometheus-stack",
+                                    );
+                                    assert!(
+                                        !documents(&render(&dir)).is_empty(),
+                                        "{what}: renders nothing"
+                                    );
+                                }
+                                i += 1;
+                            }
+                            "--" => {
+                                assert_eq!(
+                                    words.get(i + 1),
+                                    Some(&"tcpstall"),
+                                    "{what}: exec runs the agent binary (the image has nothing else)"
+                                );
+                                parse_cli(&words[i + 2..], &what);
+                                break;
+                            }
+                            w if w.starts_with("ds/") => {
+                                assert_eq!(
+                                    &w[3..],
+                                    ds["metadata"]["name"].as_str().unwrap(),
+                                    "{what}"
+                                );
+                            }
+                            w if w.starts_with("pod-security.kubernetes.io/") => {
+                                let (k, v) = w.split_once('=').unwrap();
+                                assert_eq!(
+                                    ns_labels.get(k).map(String::as_str),
+                                    Some(v),
+                                    "{what}: Pod Security level"
+                                );
+                            }
+                            w if words[1] == "port-forward"
+                                && w.chars().next().is_some_and(|c| c.is_ascii_digit()) =>
+                            {
+                                let remote = w.rsplit(':').next().unwrap();
+                                assert!(
+                                    ports.contains(remote),
+                                    "{what}: port {remote} is not the agent's ({ports:?})"
+                                );
+                            }
+                            _ => {}
+                        }
+                        i += 1;
+                    }
+                }
+                "curl" => {
+                    let url = words
+                        .iter()
+                        .find(|w| w.contains("9977"))
+                        .unwrap_or_else(|| panic!("{what}: no agent URL"));
+                    let path = url
+                        .strip_prefix("localhost:9977")
+                        .unwrap_or_else(|| panic!("not checkable: {what}: `curl` to a node address (the agent has no hostPort by default): use a port-forward to localhost:9977"));
+                    assert!(
+                        routes.contains(path),
+                        "{what}: {path} is not a route of the agent ({routes:?})"
+                    );
+                }
+                "tcpstall" => parse_cli(&words[1..], &what),
+                "sh" => {
+                    let args: Vec<&str> = words[1..]
+                        .iter()
+                        .copied()
+                        .take_while(|w| *w != ">")
+                        .collect();
+                    let (ok, _, err) = run("sh", &args, "sh");
+                    assert!(ok, "{what}: {err}");
+                }
+                "promtool" => {
+                    let (ok, out, err) =
+                        run("promtool", &words[1..], "the Debian package prometheus");
+                    assert!(ok, "{what}: {out}{err}");
+                }
+                w if NOT_CHECKABLE.contains(&w) => continue,
+                w => panic!(
+                    "{what}: no check for `{w}` commands; add one (or list it as not checkable)"
+                ),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} commands checked");
+
+    // The README's kubelet-root patch, applied to a copy of an overlay.
+    let md = fs::read_to_string(repo().join("deploy/README.md")).unwrap();
+    let snippet = md
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .find(|b| b.contains("kubelet-pods"))
+        .expect("the kubelet-root patch in deploy/README.md");
+    let kube = copy_deploy("kubelet-root");
+    let dir = kube.join("overlays/prometheus-operator");
+    let k = dir.join("kustomization.yaml");
+    let text = fs::read_to_string(&k).unwrap() + snippet;
+    fs::write(&k, text).unwrap();
+    let docs = render_abs(&dir);
+    let vols = &find(&docs, "DaemonSet").unwrap()["spec"]["template"]["spec"]["volumes"];
+    let kubelet = vols
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "kubelet-pods")
+        .unwrap();
+    assert_eq!(
+        kubelet["hostPath"]["path"].as_str(),
+        Some("/var/lib/k0s/kubelet/pods")
+    );
+    fs::remove_dir_all(kube.parent().unwrap().parent().unwrap()).ok();
 }

@@ -110,10 +110,7 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     );
     m.insert("tcpstall_flows_tracked", (Gauge, vec![]));
     m.insert("tcpstall_flow_evictions_total", (Counter, vec![]));
-    m.insert(
-        "tcpstall_event_loop_heartbeat_age_seconds",
-        (Gauge, vec![]),
-    );
+    m.insert("tcpstall_event_loop_heartbeat_age_seconds", (Gauge, vec![]));
     m.insert("tcpstall_build_info", (Gauge, vec!["version", "kernel"]));
     m
 }

@@ -75,9 +75,9 @@ pub fn is_listening(listeners: &HashSet<(IpAddr, u16)>, local: SocketAddr) -> bo
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    listeners.iter().any(|&(l, p)| {
-        p == port && (l.is_unspecified() || l == ip || l == local.ip())
-    })
+    listeners
+        .iter()
+        .any(|&(l, p)| p == port && (l.is_unspecified() || l == ip || l == local.ip()))
 }
 
 struct Entry {
@@ -132,7 +132,11 @@ impl ListenIndex {
     }
 
     fn read(&mut self, netns: u32, now: Instant) -> Option<HashSet<(IpAddr, u16)>> {
-        if let Some(l) = self.pid_of.get(&netns).and_then(|&p| self.read_pid(netns, p)) {
+        if let Some(l) = self
+            .pid_of
+            .get(&netns)
+            .and_then(|&p| self.read_pid(netns, p))
+        {
             return Some(l);
         }
         let recent = self

@@ -206,7 +206,10 @@ mod tests {
                 )
             })
             .collect();
-        let got = aggregate(views.iter().map(|v| (v, Some(&p), Direction::Initiated)), 100);
+        let got = aggregate(
+            views.iter().map(|v| (v, Some(&p), Direction::Initiated)),
+            100,
+        );
         assert_eq!(got.len(), 1, "{got:?}");
         let i = &got[0];
         assert_eq!(i.sockets, 50);

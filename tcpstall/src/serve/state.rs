@@ -233,7 +233,10 @@ impl AgentState {
         // top-K get per-flow series.
         let mut pods = self.identities(&stalls);
         let incidents = super::incidents::aggregate(
-            stalls.iter().zip(&pods).map(|(v, (p, d))| (v, p.as_ref(), *d)),
+            stalls
+                .iter()
+                .zip(&pods)
+                .map(|(v, (p, d))| (v, p.as_ref(), *d)),
             self.metrics.max_incidents(),
         );
         stalls.truncate(self.metrics.top_k_flows());
@@ -250,8 +253,7 @@ impl AgentState {
         if let Some(p) = super::self_stats::sample() {
             self.metrics.process(&p);
         }
-        self.metrics
-            .heartbeat_age(self.health.heartbeat_age_s(now));
+        self.metrics.heartbeat_age(self.health.heartbeat_age_s(now));
         self.metrics.render(&live, format)
     }
 }

@@ -337,7 +337,10 @@ async fn healthz_fails_when_the_event_loop_stalls() {
         StatusCode::SERVICE_UNAVAILABLE,
         "a stalled event loop must fail /healthz: {body}"
     );
-    assert!(body.contains("no progress") && body.contains("--liveness-timeout"), "{body}");
+    assert!(
+        body.contains("no progress") && body.contains("--liveness-timeout"),
+        "{body}"
+    );
     let (_, _, text) = get(&stalled, "/metrics").await;
     let age: f64 = text
         .lines()
