@@ -718,24 +718,22 @@ fn healthz_fails_while_the_event_loop_is_stopped() {
         libc::WIFSTOPPED(st),
         "the main thread did not stop: {st:#x}"
     );
-    let body = wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(200),
+    let healthz_becomes = |want: u16, what: &str| {
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            what,
+            || match agent.http_get("/healthz") {
+                (s, body) if s == want => Ok(body),
+                (s, body) => Err(format!("{s} {body}")),
+            },
+        )
+    };
+    let body = healthz_becomes(
+        503,
         "/healthz never failed while the event loop was stopped",
-        || match agent.http_get("/healthz") {
-            (503, body) => Ok(body),
-            (s, body) => Err(format!("{s} {body}")),
-        },
     );
     assert!(body.contains("no progress"), "{body}");
     drop(traced);
-    wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        "/healthz did not recover after the event loop resumed",
-        || match agent.http_get("/healthz") {
-            (200, body) => Ok(body),
-            (s, body) => Err(format!("{s} {body}")),
-        },
-    );
+    healthz_becomes(200, "/healthz did not recover after the event loop resumed");
 }

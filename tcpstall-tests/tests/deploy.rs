@@ -710,6 +710,15 @@ fn runbook_base_url_is_configurable() {
 // Alertmanager routing example
 // ---------------------------------------------------------------------------
 
+/// A YAML sequence of strings.
+fn strings(v: &Yaml) -> Vec<&str> {
+    v.as_sequence()
+        .expect("a sequence")
+        .iter()
+        .map(|v| v.as_str().expect("a string"))
+        .collect()
+}
+
 #[test]
 fn alertmanager_example_routes_by_severity_and_inhibits() {
     let amtool = Tool::amtool();
@@ -750,12 +759,7 @@ fn alertmanager_example_routes_by_severity_and_inhibits() {
                 && r["target_matchers"][0] == "alertname=\"TCPStallPersistent\""
         })
         .expect("an inhibit rule NearTimeout -> Persistent");
-    let equal: Vec<&str> = inhibit["equal"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let equal = strings(&inhibit["equal"]);
     let mut incident: BTreeSet<&str> = INCIDENT_LABELS.iter().copied().collect();
     incident.extend(TARGET_LABELS);
     for l in &equal {
@@ -778,12 +782,7 @@ fn alertmanager_example_routes_by_severity_and_inhibits() {
         .iter()
         .find(|r| r["matchers"][0] == "alertname=~\"TCPStall.*\"")
         .expect("the TCPStall route");
-    let group_by: Vec<&str> = stall_route["group_by"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let group_by = strings(&stall_route["group_by"]);
     for l in INCIDENT_LABELS.iter().filter(|l| **l != "class") {
         assert!(
             group_by.contains(l),

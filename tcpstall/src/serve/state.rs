@@ -184,41 +184,33 @@ impl AgentState {
         self.pods.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Pod identity and direction of each view's socket (one resolver lock
-    /// for all).
-    pub(crate) fn identities(&self, views: &[StallView]) -> Vec<(Option<PodIdentity>, Direction)> {
+    /// `f` of each view's flow, under one resolver lock for all.
+    fn per_flow<T>(
+        &self,
+        views: &[StallView],
+        mut f: impl FnMut(&mut Identities, &FlowRef, Instant) -> T,
+    ) -> Vec<T> {
         let now = Instant::now();
         let mut pods = self.pods();
         views
             .iter()
-            .map(|v| {
-                let f = FlowRef::of(v);
-                (pods.pod(&f, now), pods.direction(&f, now))
-            })
+            .map(|v| f(&mut pods, &FlowRef::of(v), now))
             .collect()
+    }
+
+    /// Pod identity and direction of each view's socket.
+    pub(crate) fn identities(&self, views: &[StallView]) -> Vec<(Option<PodIdentity>, Direction)> {
+        self.per_flow(views, |p, f, now| (p.pod(f, now), p.direction(f, now)))
     }
 
     /// Who opened each view's connection.
     pub(crate) fn directions(&self, views: &[StallView]) -> Vec<Direction> {
-        let now = Instant::now();
-        let mut pods = self.pods();
-        views
-            .iter()
-            .map(|v| pods.direction(&FlowRef::of(v), now))
-            .collect()
+        self.per_flow(views, |p, f, now| p.direction(f, now))
     }
 
     /// Pod and process of each stalled flow (API).
     pub(crate) fn owners(&self, views: &[StallView]) -> Vec<Owner> {
-        let now = Instant::now();
-        let mut pods = self.pods();
-        views
-            .iter()
-            .map(|v| {
-                let f = FlowRef::of(v);
-                (pods.pod(&f, now), pods.process(&f, now))
-            })
-            .collect()
+        self.per_flow(views, |p, f, now| (p.pod(f, now), p.process(f, now)))
     }
 
     /// Encodes the metrics as of now (engine views under the lock, the rest
