@@ -655,12 +655,29 @@ fn fifty_clients_of_one_stalled_server_are_one_incident() {
         assert!(series.contains(&want), "{want} missing: {series}");
     }
     // The API names each flow's direction and peer service too.
-    let flows: Vec<Value> = agent
-        .stalls()
-        .into_iter()
-        .filter(|v| ev_str(v, "local") == server.to_string())
-        .collect();
-    assert_eq!(flows.len(), N, "{flows:#?}");
+    let flows: Vec<Value> = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        "the API does not list the 50 stalled server flows",
+        || {
+            let all = agent.stalls();
+            let ours: Vec<Value> = all
+                .iter()
+                .filter(|v| ev_str(v, "local") == server.to_string())
+                .cloned()
+                .collect();
+            if ours.len() == N {
+                Ok(ours)
+            } else {
+                Err(format!(
+                    "{} of ours among {} stalls: {:#?}",
+                    ours.len(),
+                    all.len(),
+                    all.iter().take(3).collect::<Vec<_>>()
+                ))
+            }
+        },
+    );
     for f in &flows {
         assert_eq!(f["direction"], "accepted", "{f}");
         assert_eq!(f["peer_service"], format!("{}:8080", link.a_ip), "{f}");
