@@ -682,6 +682,28 @@ fn fifty_clients_of_one_stalled_server_are_one_incident() {
         assert_eq!(f["direction"], "accepted", "{f}");
         assert_eq!(f["peer_service"], format!("{}:8080", link.a_ip), "{f}");
     }
+    // Abort the server sockets (SO_LINGER 0: reset and freed at close):
+    // closed normally they would linger in FIN_WAIT1, retransmitting to the
+    // blackholed clients for minutes, and fill later tests' flow tables
+    // (`max_flows_evicts_the_least_recently_used` runs with 4 slots).
+    let abort = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    for s in &accepted {
+        // SAFETY: valid fd and option buffer.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&abort as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    drop(accepted);
     drop(clients);
 }
 
