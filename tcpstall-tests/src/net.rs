@@ -160,6 +160,47 @@ impl Drop for Blackhole<'_> {
     }
 }
 
+/// A process living in a namespace (as a pod's pause container does), so
+/// that tools reading a namespace through `/proc/<pid>/net` find one; killed
+/// on drop.
+pub struct Resident {
+    child: std::process::Child,
+}
+
+impl Netns {
+    /// Starts a `sleep` inside the namespace for as long as the guard lives.
+    pub fn resident(&self) -> Resident {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "sleep", "3600"])
+            .spawn()
+            .unwrap_or_else(|e| panic!("ip netns exec {} sleep: {e}", self.name));
+        // Until the exec, the child is still in the caller's namespace.
+        let want = self.inode();
+        let ns = format!("/proc/{}/ns/net", child.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&ns).is_ok_and(|m| m.ino() == want) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resident process never entered {}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Resident { child }
+    }
+}
+
+impl Drop for Resident {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Two namespaces joined by a veth pair: `a` has 10.{net}.{sub}.1, `b` .2.
 pub struct Link {
     pub a: Netns,
