@@ -417,7 +417,8 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     out.ca_state = sk.get(&f[field::ICSK_CA_STATE]) as u8;
     out.retries2 = retries2;
     out.orphan_retries = orphan_retries;
-    out._reserved = [0; 3];
+    out.err_soft = sk.get(&f[field::SK_ERR_SOFT]) as u8;
+    out._reserved = [0; 2];
 }
 
 /// An IPv4 address (network order as loaded) in the 16-byte slot.

@@ -93,6 +93,7 @@ pub(super) fn log_event(e: &SockEvent) {
         jiffies = e.jiffies,
         tcp_retries2 = n.map(|n| n.tcp_retries2),
         sk_err = e.sk_err,
+        err_soft = e.err_soft,
         ack_seq = e.ack_seq,
         orphan = e.orphan,
         skaddr = e.skaddr,

@@ -126,6 +126,9 @@ pub struct StallView {
     pub history: FlowHistory,
     /// This flow's retransmissions by cause (since the agent saw it).
     pub retransmits_by_cause: super::cause::CauseCounts,
+    /// Why it stalls, from the kernel's evidence on this socket.
+    pub cause: super::why::StallCause,
+    pub cause_evidence: super::why::CauseEvidence,
 }
 
 /// Per-flow counts of retransmission streaks by outcome, and zero-window
@@ -267,6 +270,10 @@ pub struct EngineStats {
     pub events_state: u64,
     pub events_error_report: u64,
     pub events_ack: u64,
+    /// This node's drops of packets of sockets in a loss episode.
+    pub events_drop: u64,
+    /// Retransmissions this node failed to send (6.17+).
+    pub events_retransmit_error: u64,
     /// ACK events that ended a streak (the stall cleared at once).
     pub acks_recovered: u64,
     /// Events with neither cookie nor socket address.

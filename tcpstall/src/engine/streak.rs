@@ -204,6 +204,7 @@ impl Engine {
             f.packets_out = ev.packets_out;
             f.total_retrans = f.total_retrans.max(ev.total_retrans);
             if let Some(s) = ev.sock {
+                f.evidence.soft_error = ev.err_soft;
                 f.backoff = s.backoff;
                 f.user_timeout_ms = s.user_timeout_ms;
                 f.rto_max_jiffies = s.rto_max_jiffies;
@@ -300,6 +301,9 @@ impl Engine {
                 _ => ev.ts_ns,
             };
             f.history.streaks += 1;
+            if f.persist.is_none() {
+                f.new_episode_evidence();
+            }
             sink.stats.streaks_started += 1;
             sink.remotes.counters(f.remote, ev.ts_ns).streaks += 1;
             f.streak = Some(Streak {

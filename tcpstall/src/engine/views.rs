@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use super::flow::{Flow, Prediction};
 use super::horizon;
 use super::remote;
+use super::why;
 use super::{
     Engine, FlowHistory, RemoteLive, RemotesView, StallClass, StallView, StalledCounts, dur_ns,
     secs, signed_secs,
@@ -35,6 +36,15 @@ impl Engine {
         {
             return Some(StallClass::Retransmit);
         }
+        // Data that never left: unanswered window probes count like RTO
+        // expiries (`icsk_probes_out + 1` of them, this one included).
+        if let Some(p) = f.persist
+            && p.window_open
+        {
+            let live = now_ns <= p.next_due_ns.saturating_add(self.grace_ns(p.next_interval_ns));
+            return (live && p.probes_out.saturating_add(1) >= self.cfg.min_rto_streak)
+                .then_some(StallClass::Retransmit);
+        }
         if let Some(p) = f.persist
             && now_ns.saturating_sub(p.since_ns) >= dur_ns(self.cfg.zero_window_after)
             && now_ns
@@ -54,7 +64,9 @@ impl Engine {
     /// The prediction relevant to a class: (death, boundary ms, source, start).
     fn horizon_of(f: &Flow, class: StallClass) -> Option<Prediction> {
         match class {
-            StallClass::Retransmit => f.prediction.filter(|_| f.streak.is_some()),
+            StallClass::Retransmit => f
+                .prediction
+                .filter(|_| f.streak.is_some() || f.persist.is_some_and(|p| p.window_open)),
             StallClass::ZeroWindow => f.prediction.filter(|_| f.persist.is_some()),
             StallClass::CloseWait => f
                 .prediction
@@ -74,12 +86,26 @@ impl Engine {
 
     fn view(&self, f: &Flow, class: StallClass, now_ns: u64) -> StallView {
         let since = match class {
-            StallClass::Retransmit => f.streak.map_or(now_ns, |st| st.start_ns),
+            StallClass::Retransmit => match (f.streak, f.persist) {
+                (Some(st), _) => st.start_ns,
+                (None, Some(p)) => p.since_ns,
+                (None, None) => now_ns,
+            },
             StallClass::ZeroWindow => f.persist.map_or(now_ns, |p| p.since_ns),
             StallClass::CloseWait => f.close_wait_since_ns.unwrap_or(now_ns),
         };
         let pred = Self::horizon_of(f, class);
         let hz = self.hz.hz();
+        let unsent = f.streak.is_none() && f.persist.is_some_and(|p| p.window_open);
+        let zw = f.persist.filter(|p| !p.window_open);
+        let (cause, cause_evidence) = why::decide(&why::Facts {
+            evidence: f.evidence,
+            unsent,
+            zero_window: class == StallClass::ZeroWindow,
+            close_wait: class == StallClass::CloseWait,
+            drops_visible: self.cfg.drops_visible,
+            reason_names: &self.cfg.drop_reason_names,
+        });
         StallView {
             class,
             since_ns: since,
@@ -91,7 +117,11 @@ impl Engine {
             cgroup_id: f.cgroup_id,
             state: f.state,
             retransmits: f.retransmits,
-            rto_streak: f.streak.map_or(0, |st| st.rtos),
+            rto_streak: match (f.streak, f.persist) {
+                (Some(st), _) => st.rtos,
+                (None, Some(p)) if p.window_open => p.probes_out.saturating_add(1),
+                _ => 0,
+            },
             backoff: f.backoff,
             rto_ms: horizon::jiffies_to_msecs(u64::from(f.rto_jiffies), hz),
             packets_out: f.packets_out,
@@ -108,9 +138,9 @@ impl Engine {
                 secs(now_ns.saturating_sub(p.start_ns)) / (p.boundary_ms as f64 / 1_000.0)
             }),
             near_horizon: pred.is_some_and(|p| self.near(&p, now_ns)),
-            zero_window_probes: f.persist.map(|p| p.probes),
-            zero_window_unanswered: f.persist.map(|p| p.probes_out),
-            zero_window_s: f.persist.map(|p| secs(now_ns.saturating_sub(p.since_ns))),
+            zero_window_probes: zw.map(|p| p.probes),
+            zero_window_unanswered: zw.map(|p| p.probes_out),
+            zero_window_s: zw.map(|p| secs(now_ns.saturating_sub(p.since_ns))),
             close_wait_age_s: f
                 .close_wait_since_ns
                 .map(|s| secs(now_ns.saturating_sub(s))),
@@ -118,6 +148,8 @@ impl Engine {
             user_timeout_ms: (f.user_timeout_ms != 0).then_some(f.user_timeout_ms),
             last_event_age_s: secs(now_ns.saturating_sub(f.last_event_ns)),
             retransmits_by_cause: f.retransmits_by_cause,
+            cause,
+            cause_evidence,
             history: FlowHistory {
                 streaks: f.history.streaks,
                 recovered: f.history.recovered,

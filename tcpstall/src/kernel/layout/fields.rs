@@ -198,6 +198,13 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
         &[("kernfs_node", "id")], OPT, Value,
         "tell which cgroup (pod) a socket belongs to",
         "u64 (the cgroup id, inode number of the cgroup directory)"),
+    row(field::SKB_SK, "SKB_SK", "sk_buff.sk", SkBuff,
+        &[("sk_buff", "sk")], OPT, Value,
+        "tie a packet this node dropped to its socket (cause local_drop)",
+        "the owner of locally generated skbs"),
+    row(field::SK_ERR_SOFT, "SK_ERR_SOFT", "sock.sk_err_soft", Sock,
+        &[(SOCK, "sk_err_soft")], OPT, Value,
+        "see ICMP errors on a stalled socket (cause unreachable)", "positive errno"),
 ];
 
 // Every row sits at its own index.

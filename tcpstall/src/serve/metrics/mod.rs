@@ -303,6 +303,8 @@ fn kind_index(kind: EventKind) -> Option<usize> {
         EventKind::State => Some(2),
         EventKind::ErrorReport => Some(3),
         EventKind::Ack => Some(4),
+        EventKind::Drop => Some(5),
+        EventKind::RetransmitError => Some(6),
         // Not a ring-buffer event: counted by the sweep metrics.
         EventKind::Sweep => None,
     }

@@ -168,6 +168,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
         rto_expired_verdict: false,
         sk_err: 0,
         ack_seq: 0,
+        err_soft: 0,
     }
 }
 
