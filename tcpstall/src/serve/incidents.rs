@@ -1,6 +1,6 @@
 //! Incidents: every stalled socket counted once, grouped by what an on-call
-//! engineer acts on — the stall class, the owning pod and the remote
-//! endpoint. Fifty pooled connections from one pod to one dead database are
+//! engineer acts on — the stall class, its cause (whose problem it is), the
+//! owning pod and the remote endpoint. Fifty pooled connections from one pod to one dead database are
 //! one incident with `sockets = 50`, so an alert on these groups pages once.
 //!
 //! Unlike the per-flow series (only the top-K most urgent flows), the groups
@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use crate::{
-    engine::{StallClass, StallView},
+    engine::{StallCause, StallClass, StallView},
     identity::netns::PodIdentity,
 };
 
@@ -26,6 +26,7 @@ pub const OTHER: &str = "other";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub struct IncidentKey {
     pub class: StallClass,
+    pub cause: StallCause,
     pub namespace: String,
     pub pod: String,
     pub remote: String,
@@ -86,6 +87,7 @@ pub fn aggregate<'a>(
     for (v, pod) in stalls {
         let key = IncidentKey {
             class: v.class,
+            cause: v.cause,
             namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
             pod: pod.map(|p| p.pod.clone()).unwrap_or_default(),
             remote: v.remote.to_string(),
@@ -107,11 +109,15 @@ pub fn aggregate<'a>(
     let rest = all.split_off(max_groups);
     let mut overflow: Vec<Incident> = Vec::new();
     for i in rest {
-        let slot = match overflow.iter().position(|o| o.key.class == i.key.class) {
+        let slot = match overflow
+            .iter()
+            .position(|o| o.key.class == i.key.class && o.key.cause == i.key.cause)
+        {
             Some(p) => p,
             None => {
                 overflow.push(Incident::new(IncidentKey {
                     class: i.key.class,
+                    cause: i.key.cause,
                     namespace: String::new(),
                     pod: String::new(),
                     remote: OTHER.to_owned(),
@@ -171,6 +177,8 @@ mod tests {
             last_event_age_s: 0.0,
             history: FlowHistory::default(),
             retransmits_by_cause: Default::default(),
+            cause: crate::engine::StallCause::PeerSilent,
+            cause_evidence: Default::default(),
         }
     }
 

@@ -153,6 +153,10 @@ pub struct Plan {
     pub probes: Vec<ProbeStatus>,
     /// Human-readable BTF field resolution report.
     pub fields: String,
+    /// `enum skb_drop_reason` names by value, without the
+    /// `SKB_DROP_REASON_` prefix (empty: the kernel's BTF has none).
+    #[serde(skip)]
+    pub drop_reasons: Vec<String>,
 }
 
 impl Plan {
@@ -381,6 +385,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         }),
         probes: statuses,
         fields: resolved.to_string(),
+        drop_reasons: our_btf.enum_names("skb_drop_reason", "SKB_DROP_REASON_"),
     };
     Ok(Loaded {
         ebpf,

@@ -162,6 +162,7 @@ struct BuildLabels {
 struct IncidentLabels {
     node: String,
     class: &'static str,
+    cause: &'static str,
     namespace: String,
     pod: String,
     remote: String,
@@ -171,6 +172,8 @@ struct IncidentLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
     pub class: &'static str,
+    /// Why it stalls (a closed set: [`crate::engine::StallCause`]).
+    pub cause: &'static str,
     pub local: String,
     pub remote: String,
     /// Network namespace inode.
@@ -185,6 +188,7 @@ impl FlowLabels {
     pub fn of(view: &StallView, pod: Option<&PodIdentity>) -> Self {
         Self {
             class: view.class.as_str(),
+            cause: view.cause.as_str(),
             local: view.local.to_string(),
             remote: view.remote.to_string(),
             netns: view.netns.to_string(),
@@ -273,6 +277,7 @@ pub struct Metrics {
     events_by_kind: [Counter; EventKind::ALL.len()],
     event_delivery: Histogram,
     ringbuf_dropped: Counter,
+    episode_filter_errors: Counter,
     decode_errors: Counter,
     flows_tracked: Gauge,
     flow_evictions: Counter,
@@ -383,6 +388,11 @@ impl Metrics {
                 .inc_by(ns as f64 / 1e9);
             last.insert(s.program, *s);
         }
+    }
+
+    /// Failed updates of the drop probe's kernel socket filter.
+    pub fn episode_filter_failed(&self, n: u64) {
+        self.episode_filter_errors.inc_by(n);
     }
 
     pub fn ringbuf_dropped(&self, n: u64) {
@@ -500,6 +510,7 @@ impl Metrics {
             let labels = IncidentLabels {
                 node: self.node.clone(),
                 class: i.key.class.as_str(),
+                cause: i.key.cause.as_str(),
                 namespace: i.key.namespace.clone(),
                 pod: i.key.pod.clone(),
                 remote: i.key.remote.clone(),

@@ -109,6 +109,8 @@ fn view(class: StallClass, local: &str, remote: &str, to: Option<f64>) -> StallV
         last_event_age_s: 0.5,
         history: FlowHistory::default(),
         retransmits_by_cause: Default::default(),
+        cause: crate::engine::StallCause::PeerSilent,
+        cause_evidence: Default::default(),
     }
 }
 
@@ -159,6 +161,7 @@ fn contract_names_types_and_help() {
         incidents: vec![crate::serve::incidents::Incident {
             key: crate::serve::incidents::IncidentKey {
                 class: StallClass::Retransmit,
+                cause: crate::engine::StallCause::PeerSilent,
                 namespace: "shop".into(),
                 pod: "orders-1".into(),
                 remote: "10.0.0.2:8080".into(),
@@ -170,7 +173,7 @@ fn contract_names_types_and_help() {
     };
     let text = m.render(&live, Format::OpenMetrics).unwrap();
     assert!(text.ends_with("# EOF\n"), "{text}");
-    let incident = "{node=\"node-a\",class=\"retransmit\",namespace=\"shop\",pod=\"orders-1\",remote=\"10.0.0.2:8080\"}";
+    let incident = "{node=\"node-a\",class=\"retransmit\",cause=\"peer_silent\",namespace=\"shop\",pod=\"orders-1\",remote=\"10.0.0.2:8080\"}";
     assert_eq!(
         sample(
             &text,
@@ -625,8 +628,8 @@ fn per_flow_series_follow_the_top_k_set() {
         incidents: vec![],
     };
     let text = m.render(&live, Format::OpenMetrics).unwrap();
-    let a_labels = "{class=\"retransmit\",local=\"10.0.0.1:40000\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"web-1\",namespace=\"shop\",container=\"0123456789ab\"}";
-    let b_labels = "{class=\"retransmit\",local=\"10.0.0.1:40001\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"\",namespace=\"\",container=\"\"}";
+    let a_labels = "{class=\"retransmit\",cause=\"peer_silent\",local=\"10.0.0.1:40000\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"web-1\",namespace=\"shop\",container=\"0123456789ab\"}";
+    let b_labels = "{class=\"retransmit\",cause=\"peer_silent\",local=\"10.0.0.1:40001\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"\",namespace=\"\",container=\"\"}";
     assert_eq!(
         sample(
             &text,
@@ -686,7 +689,7 @@ fn per_flow_series_follow_the_top_k_set() {
     assert_eq!(lines_of(&text, "tcpstall_socket_stall_seconds").len(), 2);
     assert!(
         text.contains(
-            "tcpstall_socket_stall_seconds{class=\"zero_window\",local=\"10.0.0.1:40002\""
+            "tcpstall_socket_stall_seconds{class=\"zero_window\",cause=\"peer_silent\",local=\"10.0.0.1:40002\""
         )
     );
     // Nothing stalled: every per-flow series is gone (an empty family is

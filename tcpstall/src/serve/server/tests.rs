@@ -58,6 +58,7 @@ fn plan(write_timer_attached: bool) -> Plan {
             },
         ],
         fields: String::new(),
+        drop_reasons: Vec::new(),
     }
 }
 
