@@ -125,6 +125,20 @@ impl Netns {
         Blackhole { ns: self }
     }
 
+    /// Drop every packet this namespace sends to `peer` in its own output
+    /// chain (what an egress NetworkPolicy or a host firewall change does
+    /// to an established connection): the sender's transmit fails locally.
+    pub fn drop_output_to(&self, peer: Ipv4Addr) -> Blackhole<'_> {
+        self.exec("nft add table inet tcpstall_test");
+        self.exec(
+            "nft add chain inet tcpstall_test output { type filter hook output priority 0 \\; policy accept \\; }",
+        );
+        self.exec(&format!(
+            "nft add rule inet tcpstall_test output ip daddr {peer} drop"
+        ));
+        Blackhole { ns: self }
+    }
+
     /// Drop `percent` % of incoming TCP packets at random.
     pub fn random_loss(&self, percent: u32) {
         self.exec("nft add table inet tcpstall_loss");

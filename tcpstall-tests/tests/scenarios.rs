@@ -16,6 +16,10 @@ use tcpstall_tests::*;
 #[path = "programs/mod.rs"]
 mod programs;
 
+/// Why it stalls: one scenario per cause.
+#[path = "causes/mod.rs"]
+mod causes;
+
 /// The kernel's record of a socket's death and the prediction bound.
 #[path = "horizon_truth/mod.rs"]
 mod horizon_truth;
