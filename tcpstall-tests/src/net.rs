@@ -139,6 +139,20 @@ impl Netns {
         Blackhole { ns: self }
     }
 
+    /// Reject every packet arriving in this namespace that matches `matcher`
+    /// (an nftables match, e.g. `ip saddr 10.0.0.1`) with `reject` (e.g.
+    /// `icmp type host-unreachable`): the sender gets an ICMP error.
+    pub fn reject_input(&self, matcher: &str, reject: &str) -> Blackhole<'_> {
+        self.exec("nft add table inet tcpstall_test");
+        self.exec(
+            "nft add chain inet tcpstall_test input { type filter hook input priority 0 \\; policy accept \\; }",
+        );
+        self.exec(&format!(
+            "nft add rule inet tcpstall_test input {matcher} reject with {reject}"
+        ));
+        Blackhole { ns: self }
+    }
+
     /// Drop `percent` % of incoming TCP packets at random.
     pub fn random_loss(&self, percent: u32) {
         self.exec("nft add table inet tcpstall_loss");

@@ -141,8 +141,30 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
     match label {
         "class" => Some(&["retransmit", "zero_window", "close_wait"]),
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
-        "kind" => Some(&["retransmit", "write_timer", "state", "error_report", "ack"]),
-        "cause" => Some(&["rto", "tlp", "fast", "syn", "unknown"]),
+        "kind" => Some(&[
+            "retransmit",
+            "write_timer",
+            "state",
+            "error_report",
+            "ack",
+            "drop",
+            "retransmit_error",
+        ]),
+        // Retransmissions by cause (tcpstall_retransmits_total) and stalls
+        // by cause (per-flow, incident and reset series): one label name,
+        // two closed sets.
+        "cause" => Some(&[
+            "rto",
+            "tlp",
+            "fast",
+            "syn",
+            "unknown",
+            "peer_silent",
+            "unreachable",
+            "local_drop",
+            "peer_not_reading",
+            "app_not_closing",
+        ]),
         "reason" => Some(&["startup", "loss", "interval", "hold_overflow"]),
         _ => None,
     }

@@ -119,3 +119,124 @@ fn cause_local_drop_in_the_clients_output_chain() {
         "predicted ETIMEDOUT off by {err:.3} s: {line}"
     );
 }
+
+/// The flow's events (its cookie) from the agent's log, in order.
+fn events_of(agent: &Agent, cookie: u64) -> Vec<Value> {
+    agent
+        .events()
+        .into_iter()
+        .filter(|e| ev_u64(e, "cookie") == cookie)
+        .collect()
+}
+
+/// unreachable: the peer's side rejects the client's segments with an ICMP
+/// error (`reject_with`, in the server's namespace). `tcp_v4_err()` /
+/// `tcp_v6_err()` store the soft error in `sk_err_soft` (the RTO backoff is
+/// reverted, RFC 6069) and the kernel keeps retransmitting: the flow is
+/// listed as a retransmit stall with cause `unreachable` and the errno,
+/// within two write-timer expiries of the first event that carried it.
+fn unreachable_scenario(link: &Link, client_ip: std::net::IpAddr, server: SocketAddr, reject: &str) {
+    let mut agent = Agent::start(&[]);
+    drop(drain_server_in(&link.b, server, Duration::from_secs(300), None));
+    let mut client = connect_in(&link.a, server);
+    let local = client.local_addr().expect("local addr");
+    std::io::Write::write_all(&mut client, b"hello").expect("first write");
+    wait_all_acked(&client, 5, Duration::from_secs(10));
+    let family = if client_ip.is_ipv4() { "ip" } else { "ip6" };
+    let _reject = link
+        .b
+        .reject_input(&format!("{family} saddr {client_ip}"), reject);
+    std::io::Write::write_all(&mut client, &[b'x'; 1000]).expect("write");
+
+    let (view, seen_ns) = wait_cause(&agent, local, server, "unreachable", |v| {
+        v["class"] == "retransmit"
+    });
+    let ev = &view["cause_evidence"];
+    assert_eq!(ev["soft_error"], "EHOSTUNREACH", "{view}");
+    assert_eq!(ev["circumstantial"], false, "{view}");
+    let cookie = ev_u64(&view, "cookie");
+    let events = events_of(&agent, cookie);
+    let first = events
+        .iter()
+        .find(|e| ev_u64(e, "err_soft") != 0)
+        .unwrap_or_else(|| panic!("no event of socket {cookie} carried sk_err_soft: {view}"));
+    assert_eq!(ev_u64(first, "err_soft"), 113, "{first}");
+    let n = expiries_between(&agent, cookie, ev_u64(first, "ts_ns"), seen_ns);
+    assert!(
+        n <= 2,
+        "listed as unreachable {n} expiries after the soft error was seen: {view}"
+    );
+    let _ = agent.stop();
+}
+
+#[test]
+fn cause_unreachable_icmp_host_unreachable() {
+    require_tools();
+    let link = Link::new("unr4", 151);
+    let server = SocketAddr::from((link.b_ip, 8080));
+    unreachable_scenario(
+        &link,
+        link.a_ip.into(),
+        server,
+        "icmp type host-unreachable",
+    );
+}
+
+/// The same over IPv6 (`addr-unreachable` is EHOSTUNREACH in
+/// `icmpv6_err_convert()`).
+#[test]
+fn cause_unreachable_icmpv6_address_unreachable() {
+    require_tools();
+    let link = Link::new("unr6", 152);
+    let (a6, b6) = link_ipv6(&link, "unr6", 152);
+    let server = SocketAddr::from((b6, 8080));
+    unreachable_scenario(
+        &link,
+        a6.into(),
+        server,
+        "icmpv6 type addr-unreachable",
+    );
+}
+
+/// reset: a stall ended by an RST (the peer restarted, or a middlebox that
+/// lost the connection's state answers with one). Silent first (cause
+/// `peer_silent`: no ACK, no ICMP, no local drop), then the peer's side
+/// answers the next retransmission with a TCP reset: `tcp_reset()` sets
+/// ECONNRESET and closes the socket. The agent logs the stall's end by reset
+/// with the cause it had, and the flow is already gone from the API when
+/// that line is logged (the close and the reset are one event).
+#[test]
+fn cause_reset_ends_a_silent_stall() {
+    require_tools();
+    let link = Link::new("rst", 153);
+    let mut agent = Agent::start(&[]);
+    require_drop_probe(&agent);
+    let mut conn = Conn::establish(&link, 8080, None);
+    let (local, server) = (conn.local, conn.server);
+    let silent = link.b.blackhole_from(link.a_ip);
+    std::io::Write::write_all(&mut conn.client, &[b'x'; 1000]).expect("write");
+    let (view, _) = wait_cause(&agent, local, server, "peer_silent", |v| {
+        v["class"] == "retransmit"
+    });
+    let ev = &view["cause_evidence"];
+    assert_eq!(ev["circumstantial"], true, "{view}");
+    assert!(ev["local_drops"].is_null() && ev["soft_error"].is_null(), "{view}");
+    let cookie = ev_u64(&view, "cookie");
+    drop(silent);
+    let _reset = link
+        .b
+        .reject_input(&format!("ip saddr {}", link.a_ip), "tcp reset");
+    let line = agent.wait_log(Duration::from_secs(20), "the stall's end by reset", |v| {
+        v["message"] == "stall ended by a reset (RST)" && ev_u64(v, "cookie") == cookie
+    });
+    assert_eq!(ev_str(&line, "cause"), "peer_silent", "{line}");
+    assert_eq!(ev_str(&line, "class"), "retransmit", "{line}");
+    assert_eq!(ev_u64(&line, "errno"), 104, "{line}");
+    assert!(
+        agent.stall_of(local, server).is_none(),
+        "the reset flow is still listed"
+    );
+    let mut buf = [0u8; 8];
+    let err = std::io::Read::read(&mut conn.client, &mut buf).expect_err("read after RST");
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "{err}");
+}

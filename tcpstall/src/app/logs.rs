@@ -112,6 +112,20 @@ pub(super) fn log_event(e: &SockEvent) {
 /// Logs the engine facts worth a line each (stall start and end, timeouts).
 pub(super) fn log_observation(o: &Observation, owner: Option<&Owner>) {
     match *o {
+        Observation::StallReset {
+            class,
+            cause,
+            cookie,
+            remote,
+            errno,
+        } => info!(
+            class = class.as_str(),
+            cause = cause.as_str(),
+            cookie,
+            remote = %remote,
+            errno,
+            "stall ended by a reset (RST)"
+        ),
         Observation::StallStarted {
             class,
             cookie,

@@ -6,7 +6,7 @@ use crate::kernel::event::{EventKind, Mechanism, SockEvent, TcpState};
 use super::flow::{Anchor, Persist, Prediction, Verdict};
 use super::horizon::{self, BoundarySource, NSEC_PER_MSEC};
 use super::streak::seq_after;
-use super::{Engine, Observation, StallClass, StreakOutcome, dur_ns};
+use super::{Engine, Observation, StallClass, StreakOutcome, dur_ns, why};
 
 /// Two reports of the same RTO expiry (two mechanisms) within this window.
 const DUPLICATE_WINDOW_NS: u64 = 100 * NSEC_PER_MSEC;
@@ -390,6 +390,26 @@ impl Engine {
         let Some(slot) = self.resolve(ev, create) else {
             return;
         };
+        // `tcp_reset()` sets `sk_err` (ECONNRESET, EPIPE in CLOSE_WAIT)
+        // before `tcp_done()` moves the socket to CLOSE: a stall ended by
+        // the peer's (or a middlebox's) RST. The flow leaves the views at
+        // once, as any close; the reset is counted with the cause it had.
+        if ev.state == TcpState::Close
+            && matches!(ev.sk_err, why::ECONNRESET | why::EPIPE)
+            && let Some(class) = self.classify(self.flows.flow(slot), ev.ts_ns)
+        {
+            let f = self.flows.flow(slot);
+            let (cause, _) = self.cause_of(f, class);
+            let (cookie, remote) = (f.cookie, f.remote);
+            self.sink.stats.stalls_reset += 1;
+            self.sink.emit(Observation::StallReset {
+                class,
+                cause,
+                cookie,
+                remote,
+                errno: ev.sk_err,
+            });
+        }
         let f = self.flows.flow_mut(slot);
         Self::absorb(f, ev);
         if f.state != ev.state {

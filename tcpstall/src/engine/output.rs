@@ -249,6 +249,16 @@ pub enum Observation {
         boundary_s: Option<f64>,
         boundary_source: Option<BoundarySource>,
     },
+    /// A stalled flow ended by an RST (`sk_err` ECONNRESET / EPIPE at its
+    /// CLOSE): the peer restarted or a middlebox lost the connection's
+    /// state. `cause`: what the stall was attributed to until then.
+    StallReset {
+        class: StallClass,
+        cause: super::why::StallCause,
+        cookie: u64,
+        remote: SocketAddr,
+        errno: u32,
+    },
     /// The flow table was full: the least recently used flow was dropped.
     FlowEvicted { remote: SocketAddr, active: bool },
 }
@@ -297,6 +307,8 @@ pub struct EngineStats {
     pub streaks_closed: u64,
     pub streaks_evicted: u64,
     pub stalls_started: u64,
+    /// Stalled flows ended by an RST.
+    pub stalls_reset: u64,
     pub timeouts: u64,
     /// Timeouts that had a prediction.
     pub timeouts_predicted: u64,

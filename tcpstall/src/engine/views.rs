@@ -23,7 +23,7 @@ pub struct Gauges {
 impl Engine {
     /// The primary stall class of a flow at `now` (read-only: overdue streaks
     /// and episodes count as ended even before `tick` runs).
-    fn classify(&self, f: &Flow, now_ns: u64) -> Option<StallClass> {
+    pub(super) fn classify(&self, f: &Flow, now_ns: u64) -> Option<StallClass> {
         if f.timed_out {
             return None;
         }
@@ -96,16 +96,8 @@ impl Engine {
         };
         let pred = Self::horizon_of(f, class);
         let hz = self.hz.hz();
-        let unsent = f.streak.is_none() && f.persist.is_some_and(|p| p.window_open);
         let zw = f.persist.filter(|p| !p.window_open);
-        let (cause, cause_evidence) = why::decide(&why::Facts {
-            evidence: f.evidence,
-            unsent,
-            zero_window: class == StallClass::ZeroWindow,
-            close_wait: class == StallClass::CloseWait,
-            drops_visible: self.cfg.drops_visible,
-            reason_names: &self.cfg.drop_reason_names,
-        });
+        let (cause, cause_evidence) = self.cause_of(f, class);
         StallView {
             class,
             since_ns: since,
@@ -158,6 +150,18 @@ impl Engine {
                 zero_window_episodes: f.history.zero_window_episodes,
             },
         }
+    }
+
+    /// Why `f` stalls in `class`, with the evidence.
+    pub(super) fn cause_of(&self, f: &Flow, class: StallClass) -> (why::StallCause, why::CauseEvidence) {
+        why::decide(&why::Facts {
+            evidence: f.evidence,
+            unsent: f.streak.is_none() && f.persist.is_some_and(|p| p.window_open),
+            zero_window: class == StallClass::ZeroWindow,
+            close_wait: class == StallClass::CloseWait,
+            drops_visible: self.cfg.drops_visible,
+            reason_names: &self.cfg.drop_reason_names,
+        })
     }
 
     /// Every stalled flow, most urgent first: smallest seconds-to-timeout

@@ -35,6 +35,9 @@ pub const EHOSTUNREACH: u32 = 113;
 /// `-EBUSY`: the kernel did not retransmit because the previous copy is
 /// still in a local queue (`skb_still_in_host_queue`): not a drop.
 pub const EBUSY: i32 = 16;
+/// `tcp_reset()`'s `sk_err`: ECONNRESET (EPIPE in CLOSE_WAIT).
+pub const ECONNRESET: u32 = 104;
+pub const EPIPE: u32 = 32;
 
 /// Why a flow stalls. The label strings are fixed (a bounded metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -134,6 +134,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassCauseLabels {
+    class: &'static str,
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -278,6 +284,7 @@ pub struct Metrics {
     event_delivery: Histogram,
     ringbuf_dropped: Counter,
     episode_filter_errors: Counter,
+    stall_resets: Family<ClassCauseLabels, Counter>,
     decode_errors: Counter,
     flows_tracked: Gauge,
     flow_evictions: Counter,
@@ -466,6 +473,14 @@ impl Metrics {
             }
             Observation::FlowEvicted { .. } => {
                 self.flow_evictions.inc();
+            }
+            Observation::StallReset { class, cause, .. } => {
+                self.stall_resets
+                    .get_or_create(&ClassCauseLabels {
+                        class: class.as_str(),
+                        cause: cause.as_str(),
+                    })
+                    .inc();
             }
             Observation::StreakEnded { stalled: false, .. }
             | Observation::ZeroWindowProbe { .. }

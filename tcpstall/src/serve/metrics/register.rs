@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 
 use super::{
-    BuildLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter, FloatGauge,
+    BuildLabels, ClassCauseLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter, FloatGauge,
     FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics, MetricsConfig, OutcomeLabels,
     PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters, ProgramLabels, RemoteLabeler,
     RemoteLabels, RetransmitLabels, stall_duration_histogram,
@@ -149,6 +149,12 @@ impl Metrics {
             "Kernel events lost because the ring buffer was full (raise --ringbuf-bytes)",
             ringbuf_dropped.clone(),
         );
+        let stall_resets = Family::<ClassCauseLabels, Counter>::default();
+        registry.register(
+            "tcpstall_stall_resets",
+            "Stalled sockets ended by an RST (the peer restarted, or a middlebox lost the connection's state: cause reset), by class and by the cause the stall had until then; the socket leaves /api/v1/stalls at once",
+            stall_resets.clone(),
+        );
         let episode_filter_errors = Counter::default();
         registry.register(
             "tcpstall_drop_filter_errors",
@@ -275,6 +281,7 @@ impl Metrics {
             event_delivery,
             ringbuf_dropped,
             episode_filter_errors,
+            stall_resets,
             decode_errors,
             flows_tracked,
             flow_evictions,
