@@ -304,6 +304,17 @@ impl Engine {
         p.next_due_ns = ev.ts_ns.saturating_add(interval);
         p.next_interval_ns = interval;
         let (first, probes) = (p.first_probe_ns, p.probes);
+        // Unanswered probes of data that never left count like RTO
+        // expiries: a `retransmit` stall from `min_rto_streak` on.
+        if window_open
+            && sock.probes_out.saturating_add(1) >= self.cfg.min_rto_streak
+            && f.announced & StallClass::Retransmit.bit() == 0
+        {
+            p.stalled = true;
+            f.announced |= StallClass::Retransmit.bit();
+            self.sink
+                .stall_started(StallClass::Retransmit, f.cookie, f.remote, ev.ts_ns);
+        }
         // tcp_probe_timer(): UTO since the first probe, or too many
         // unanswered probes (orphans: the orphan rule).
         let uto = f.user_timeout_ms;

@@ -246,7 +246,14 @@ impl Engine {
 
     pub(super) fn end_persist(f: &mut Flow, sink: &mut Sink, end_ns: u64) {
         if let Some(p) = f.persist.take() {
-            sink.persist_ended(f.remote, &p, end_ns);
+            if p.window_open {
+                // Data that never left: announced as a retransmit stall.
+                if f.streak.is_none() {
+                    f.announced &= !StallClass::Retransmit.bit();
+                }
+            } else {
+                sink.persist_ended(f.remote, &p, end_ns);
+            }
             f.announced &= !StallClass::ZeroWindow.bit();
             if f.streak.is_none() {
                 f.prediction = None;
