@@ -226,7 +226,16 @@ fn cause_reset_ends_a_silent_stall() {
     let _reset = link
         .b
         .reject_input(&format!("ip saddr {}", link.a_ip), "tcp reset");
-    let line = agent.wait_log(Duration::from_secs(20), "the stall's end by reset", |v| {
+    let close = agent.wait_log(Duration::from_secs(20), "the socket's CLOSE", |v| {
+        v["message"] == "event"
+            && ev_u64(v, "cookie") == cookie
+            && ev_str(v, "kind") == "state"
+            && ev_str(v, "state") == "CLOSE"
+    });
+    assert_eq!(ev_u64(&close, "sk_err"), 104, "closed without ECONNRESET: {close}");
+    // Events are logged as read, observations after the batch is folded
+    // in: the reset line follows the CLOSE event's line.
+    let line = agent.wait_log(Duration::from_secs(5), "the stall's end by reset", |v| {
         v["message"] == "stall ended by a reset (RST)" && ev_u64(v, "cookie") == cookie
     });
     assert_eq!(ev_str(&line, "cause"), "peer_silent", "{line}");
