@@ -135,9 +135,19 @@ fn events_of(agent: &Agent, cookie: u64) -> Vec<Value> {
 /// reverted, RFC 6069) and the kernel keeps retransmitting: the flow is
 /// listed as a retransmit stall with cause `unreachable` and the errno,
 /// within two write-timer expiries of the first event that carried it.
-fn unreachable_scenario(link: &Link, client_ip: std::net::IpAddr, server: SocketAddr, reject: &str) {
+fn unreachable_scenario(
+    link: &Link,
+    client_ip: std::net::IpAddr,
+    server: SocketAddr,
+    reject: &str,
+) {
     let mut agent = Agent::start(&[]);
-    drop(drain_server_in(&link.b, server, Duration::from_secs(300), None));
+    drop(drain_server_in(
+        &link.b,
+        server,
+        Duration::from_secs(300),
+        None,
+    ));
     let mut client = connect_in(&link.a, server);
     let local = client.local_addr().expect("local addr");
     std::io::Write::write_all(&mut client, b"hello").expect("first write");
@@ -190,12 +200,7 @@ fn cause_unreachable_icmpv6_address_unreachable() {
     let link = Link::new("unr6", 152);
     let (a6, b6) = link_ipv6(&link, "unr6", 152);
     let server = SocketAddr::from((b6, 8080));
-    unreachable_scenario(
-        &link,
-        a6.into(),
-        server,
-        "icmpv6 type addr-unreachable",
-    );
+    unreachable_scenario(&link, a6.into(), server, "icmpv6 type addr-unreachable");
 }
 
 /// reset: a stall ended by an RST (the peer restarted, or a middlebox that
@@ -220,7 +225,10 @@ fn cause_reset_ends_a_silent_stall() {
     });
     let ev = &view["cause_evidence"];
     assert_eq!(ev["circumstantial"], true, "{view}");
-    assert!(ev["local_drops"].is_null() && ev["soft_error"].is_null(), "{view}");
+    assert!(
+        ev["local_drops"].is_null() && ev["soft_error"].is_null(),
+        "{view}"
+    );
     let cookie = ev_u64(&view, "cookie");
     drop(silent);
     let _reset = link
@@ -232,7 +240,11 @@ fn cause_reset_ends_a_silent_stall() {
             && ev_str(v, "kind") == "state"
             && ev_str(v, "state") == "CLOSE"
     });
-    assert_eq!(ev_u64(&close, "sk_err"), 104, "closed without ECONNRESET: {close}");
+    assert_eq!(
+        ev_u64(&close, "sk_err"),
+        104,
+        "closed without ECONNRESET: {close}"
+    );
     // Events are logged as read, observations after the batch is folded
     // in: the reset line follows the CLOSE event's line.
     let line = agent.wait_log(Duration::from_secs(5), "the stall's end by reset", |v| {

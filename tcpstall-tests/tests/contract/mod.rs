@@ -43,7 +43,7 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     m.insert("tcpstall_timeouts_total", (Counter, vec![]));
     m.insert(
         "tcpstall_stall_resets_total",
-        (Counter, vec!["class", "cause"]),
+        (Counter, vec!["cause"]),
     );
     m.insert("tcpstall_drop_filter_errors_total", (Counter, vec![]));
     m.insert("tcpstall_stalled_sockets", (Gauge, vec!["class"]));

@@ -122,7 +122,9 @@ impl Pipeline {
             return;
         };
         self.episode_cookies.clear();
-        self.state.engine().episode_cookies(&mut self.episode_cookies);
+        self.state
+            .engine()
+            .episode_cookies(&mut self.episode_cookies);
         let failed = filter.sync(&self.episode_cookies);
         if failed > 0 {
             self.state.metrics.episode_filter_failed(failed);

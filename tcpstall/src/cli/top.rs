@@ -81,8 +81,8 @@ impl StallRow {
             &self.local,
             &self.remote,
         ]
-            .iter()
-            .any(|x| x.to_lowercase().contains(&f))
+        .iter()
+        .any(|x| x.to_lowercase().contains(&f))
     }
 }
 

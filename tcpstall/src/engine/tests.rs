@@ -1918,7 +1918,11 @@ fn unsent_data_is_a_local_drop_retransmit_stall_with_its_horizon() {
     assert_eq!(v.len(), 1, "{v:?}");
     assert_eq!(v[0].class, StallClass::Retransmit);
     assert_eq!(v[0].cause, StallCause::LocalDrop);
-    assert!(v[0].cause_evidence.circumstantial, "{:?}", v[0].cause_evidence);
+    assert!(
+        v[0].cause_evidence.circumstantial,
+        "{:?}",
+        v[0].cause_evidence
+    );
     assert_eq!(v[0].rto_streak, 2);
     assert_eq!(v[0].zero_window_probes, None);
     // retries2 = 5: the expiry finding probes_out 5 kills it; from

@@ -41,7 +41,9 @@ impl Engine {
         if let Some(p) = f.persist
             && p.window_open
         {
-            let live = now_ns <= p.next_due_ns.saturating_add(self.grace_ns(p.next_interval_ns));
+            let live = now_ns
+                <= p.next_due_ns
+                    .saturating_add(self.grace_ns(p.next_interval_ns));
             return (live && p.probes_out.saturating_add(1) >= self.cfg.min_rto_streak)
                 .then_some(StallClass::Retransmit);
         }
@@ -153,7 +155,11 @@ impl Engine {
     }
 
     /// Why `f` stalls in `class`, with the evidence.
-    pub(super) fn cause_of(&self, f: &Flow, class: StallClass) -> (why::StallCause, why::CauseEvidence) {
+    pub(super) fn cause_of(
+        &self,
+        f: &Flow,
+        class: StallClass,
+    ) -> (why::StallCause, why::CauseEvidence) {
         why::decide(&why::Facts {
             evidence: f.evidence,
             unsent: f.streak.is_none() && f.persist.is_some_and(|p| p.window_open),

@@ -333,7 +333,11 @@ mod tests {
             ..facts(Evidence::default())
         });
         assert_eq!(c, StallCause::Unknown);
-        assert!(ev.summary.contains("cannot be told apart"), "{}", ev.summary);
+        assert!(
+            ev.summary.contains("cannot be told apart"),
+            "{}",
+            ev.summary
+        );
         // Unsent data needs no drop tracing: the socket's state says it.
         let (c, ev) = decide(&Facts {
             drops_visible: false,

@@ -405,7 +405,10 @@ mod tests {
         raw.ack_seq = 6;
         raw.sock.err_soft = 113;
         let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
-        assert_eq!((ev.kind, ev.ack_seq, ev.err_soft), (EventKind::Drop, 6, 113));
+        assert_eq!(
+            (ev.kind, ev.ack_seq, ev.err_soft),
+            (EventKind::Drop, 6, 113)
+        );
         raw.kind = kind::RETRANSMIT_ERROR;
         raw.ack_seq = (-1i32) as u32;
         let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();

@@ -617,7 +617,8 @@ impl Btf {
             return out;
         };
         for i in 0..usize::from(t.vlen) {
-            let (Ok(name_off), Ok(val)) = (self.word(t.extra + 8 * i), self.word(t.extra + 8 * i + 4))
+            let (Ok(name_off), Ok(val)) =
+                (self.word(t.extra + 8 * i), self.word(t.extra + 8 * i + 4))
             else {
                 break;
             };

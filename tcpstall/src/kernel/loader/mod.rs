@@ -30,7 +30,9 @@ mod stats;
 mod sweep;
 
 use attach::{AttachEnv, attach_probe};
-pub use stats::{EpisodeFilter, KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo};
+pub use stats::{
+    EpisodeFilter, KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo,
+};
 use sweep::check_socket_constants;
 pub use sweep::{SweepError, SweepOutput, SweepRun, parse_sweep_records};
 

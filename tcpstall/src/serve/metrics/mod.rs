@@ -134,8 +134,7 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassCauseLabels {
-    class: &'static str,
+struct CauseLabels {
     cause: &'static str,
 }
 
@@ -284,7 +283,7 @@ pub struct Metrics {
     event_delivery: Histogram,
     ringbuf_dropped: Counter,
     episode_filter_errors: Counter,
-    stall_resets: Family<ClassCauseLabels, Counter>,
+    stall_resets: Family<CauseLabels, Counter>,
     decode_errors: Counter,
     flows_tracked: Gauge,
     flow_evictions: Counter,
@@ -474,10 +473,9 @@ impl Metrics {
             Observation::FlowEvicted { .. } => {
                 self.flow_evictions.inc();
             }
-            Observation::StallReset { class, cause, .. } => {
+            Observation::StallReset { cause, .. } => {
                 self.stall_resets
-                    .get_or_create(&ClassCauseLabels {
-                        class: class.as_str(),
+                    .get_or_create(&CauseLabels {
                         cause: cause.as_str(),
                     })
                     .inc();

@@ -12,10 +12,10 @@ use prometheus_client::{
 };
 
 use super::{
-    BuildLabels, ClassCauseLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter, FloatGauge,
-    FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics, MetricsConfig, OutcomeLabels,
-    PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters, ProgramLabels, RemoteLabeler,
-    RemoteLabels, RetransmitLabels, stall_duration_histogram,
+    BuildLabels, CauseLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels,
+    FloatCounter, FloatGauge, FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics,
+    MetricsConfig, OutcomeLabels, PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters,
+    ProgramLabels, RemoteLabeler, RemoteLabels, RetransmitLabels, stall_duration_histogram,
 };
 use crate::{
     engine::{StallClass, StreakOutcome},
@@ -149,10 +149,13 @@ impl Metrics {
             "Kernel events lost because the ring buffer was full (raise --ringbuf-bytes)",
             ringbuf_dropped.clone(),
         );
-        let stall_resets = Family::<ClassCauseLabels, Counter>::default();
+        let stall_resets = Family::<CauseLabels, Counter>::default();
+        for c in crate::engine::StallCause::ALL {
+            stall_resets.get_or_create(&CauseLabels { cause: c.as_str() });
+        }
         registry.register(
             "tcpstall_stall_resets",
-            "Stalled sockets ended by an RST (the peer restarted, or a middlebox lost the connection's state: cause reset), by class and by the cause the stall had until then; the socket leaves /api/v1/stalls at once",
+            "Stalled sockets ended by an RST (the peer restarted, or a middlebox lost the connection's state: cause reset), by the cause the stall had until then; the socket leaves /api/v1/stalls at once",
             stall_resets.clone(),
         );
         let episode_filter_errors = Counter::default();

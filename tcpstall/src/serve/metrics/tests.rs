@@ -214,6 +214,7 @@ fn contract_names_types_and_help() {
         ("tcpstall_retransmits", "counter"),
         ("tcpstall_rto_expirations", "counter"),
         ("tcpstall_timeouts", "counter"),
+        ("tcpstall_stall_resets", "counter"),
         ("tcpstall_stalled_sockets", "gauge"),
         ("tcpstall_sockets_near_timeout", "gauge"),
         ("tcpstall_stall_duration_seconds", "histogram"),
@@ -229,6 +230,7 @@ fn contract_names_types_and_help() {
         ("tcpstall_events", "counter"),
         ("tcpstall_event_delivery_seconds", "histogram"),
         ("tcpstall_ringbuf_dropped_events", "counter"),
+        ("tcpstall_drop_filter_errors", "counter"),
         ("tcpstall_decode_errors", "counter"),
         ("tcpstall_probe_attached", "gauge"),
         ("tcpstall_probe_missed_runs", "counter"),
@@ -776,4 +778,30 @@ fn conversion_of_other_openmetrics_constructs() {
          # HELP b_info B.\n# TYPE b_info gauge\nb_info{v=\"1\"} 1\n\
          # HELP c C.\n# TYPE c untyped\nc 2\n"
     );
+}
+
+/// A stall ended by an RST is counted under the cause it had; every cause
+/// has its series from the start (a closed label set, zeros included).
+/// Mutation: counting `StallCause::Unknown` instead of `cause` fails it.
+#[test]
+fn stall_resets_are_counted_by_cause() {
+    let m = Metrics::new(&cfg(100, 50), &plan());
+    m.observe(&Observation::StallReset {
+        class: StallClass::Retransmit,
+        cause: crate::engine::StallCause::PeerSilent,
+        cookie: 7,
+        remote: addr("10.0.0.2:8080"),
+        errno: 104,
+    });
+    let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+    assert!(
+        text.contains("tcpstall_stall_resets_total{cause=\"peer_silent\"} 1\n"),
+        "{text}"
+    );
+    for c in crate::engine::StallCause::ALL {
+        assert!(
+            text.contains(&format!("tcpstall_stall_resets_total{{cause=\"{}\"}}", c.as_str())),
+            "{c:?}: {text}"
+        );
+    }
 }

@@ -404,7 +404,7 @@ async fn a_stalled_flow_everywhere() {
 
     let (_, _, text) = get(&s, "/metrics").await;
     let labels = format!(
-        "{{class=\"retransmit\",local=\"{local}\",remote=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
+        "{{class=\"retransmit\",cause=\"peer_silent\",local=\"{local}\",remote=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
     );
     for name in [
         "tcpstall_socket_seconds_to_timeout",
