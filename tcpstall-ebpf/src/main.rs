@@ -495,7 +495,10 @@ fn ack_after(ctx: &BtfTracePointContext, l: &KernelLayout, una: u32) -> Result<u
         return Err(Skip);
     }
     let ack = read(skb.wrapping_add(cb.offset as u64), ack_field) as u32;
-    if (ack.wrapping_sub(una) as i32) <= 0 {
+    // 0: no acknowledgment number (an RST answering a segment that had
+    // ACK set carries none: `tcp_v4_send_reset()`, nf_reject), which would
+    // read as "after snd_una" whenever snd_una is in the upper half.
+    if ack == 0 || (ack.wrapping_sub(una) as i32) <= 0 {
         return Err(Skip);
     }
     Ok(ack)

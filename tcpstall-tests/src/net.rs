@@ -285,7 +285,12 @@ impl Conn {
     /// Connect to a fresh reading server on `port` in `link.b`, optionally set
     /// TCP_USER_TIMEOUT, and exchange a first acknowledged write.
     pub fn establish(link: &Link, port: u16, user_timeout_ms: Option<u32>) -> Conn {
-        let server = SocketAddr::from((link.b_ip, port));
+        Self::establish_to(link, SocketAddr::from((link.b_ip, port)), user_timeout_ms)
+    }
+
+    /// As [`Conn::establish`], to `server` (an address of `link.b`, e.g.
+    /// its IPv6 one).
+    pub fn establish_to(link: &Link, server: SocketAddr, user_timeout_ms: Option<u32>) -> Conn {
         // Longer than any horizon a test waits for: the server must not
         // close first (its FIN is not blackholed and would end the stall).
         drop(drain_server_in(

@@ -142,21 +142,13 @@ fn unreachable_scenario(
     reject: &str,
 ) {
     let mut agent = Agent::start(&[]);
-    drop(drain_server_in(
-        &link.b,
-        server,
-        Duration::from_secs(300),
-        None,
-    ));
-    let mut client = connect_in(&link.a, server);
-    let local = client.local_addr().expect("local addr");
-    std::io::Write::write_all(&mut client, b"hello").expect("first write");
-    wait_all_acked(&client, 5, Duration::from_secs(10));
+    let mut conn = Conn::establish_to(link, server, None);
+    let local = conn.local;
     let family = if client_ip.is_ipv4() { "ip" } else { "ip6" };
     let _reject = link
         .b
         .reject_input(&format!("{family} saddr {client_ip}"), reject);
-    std::io::Write::write_all(&mut client, &[b'x'; 1000]).expect("write");
+    std::io::Write::write_all(&mut conn.client, &[b'x'; 1000]).expect("write");
 
     let (view, seen_ns) = wait_cause(&agent, local, server, "unreachable", |v| {
         v["class"] == "retransmit"

@@ -248,6 +248,18 @@ pub fn rearmed_timer_fire(expires: u64, callback: u64, hz: u32) -> u64 {
     timer_wheel_fire(expires, callback.saturating_add(1), hz)
 }
 
+/// Jiffies from a callback at `j` to the expiry of the timer it re-arms
+/// `interval` ahead: the timer wheel's rounding when `wheel`, else exact.
+fn rearmed_step(j: u64, interval: u64, hz: u32, wheel: bool) -> u64 {
+    if wheel {
+        rearmed_timer_fire(j.saturating_add(interval), j, hz)
+            .saturating_sub(j)
+            .max(1)
+    } else {
+        interval
+    }
+}
+
 /// The state at one RTO expiry (the write timer fired with
 /// `icsk_pending == ICSK_TIME_RETRANS`), as seen before the kernel handled
 /// it.
@@ -335,13 +347,7 @@ pub fn predict_rto_death(w: &RtoWalk) -> Option<Death> {
                 rto.min(msecs_to_jiffies(remaining as u64, hz))
             };
         }
-        let dt = if wheel {
-            rearmed_timer_fire(j.saturating_add(interval), j, hz)
-                .saturating_sub(j)
-                .max(1)
-        } else {
-            interval
-        };
+        let dt = rearmed_step(j, interval, hz, wheel);
         // Closed form for the (rare) very long tail at rto_max: skip whole
         // steps while far from the deadline (no clamp can apply there).
         if step >= MAX_EXACT_STEPS && rto == max_j {
@@ -442,13 +448,7 @@ pub fn predict_probe_count_death(w: &ProbeWalk) -> Option<u64> {
         }
         let ms = (base << backoff.min(cap_shift)).min(w.rto_max_ms.max(1));
         let interval = msecs_to_jiffies(ms, hz).max(1);
-        let dt = if wheel {
-            rearmed_timer_fire(j.saturating_add(interval), j, hz)
-                .saturating_sub(j)
-                .max(1)
-        } else {
-            interval
-        };
+        let dt = rearmed_step(j, interval, hz, wheel);
         elapsed_j = elapsed_j.saturating_add(dt);
         j = j.saturating_add(dt);
         probes += 1;

@@ -12,10 +12,10 @@ use prometheus_client::{
 };
 
 use super::{
-    BuildLabels, CauseLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels,
-    FloatCounter, FloatGauge, FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics,
-    MetricsConfig, OutcomeLabels, PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters,
-    ProgramLabels, RemoteLabeler, RemoteLabels, RetransmitLabels, stall_duration_histogram,
+    BuildLabels, CauseLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter,
+    FloatGauge, FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics, MetricsConfig,
+    OutcomeLabels, PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters, ProgramLabels,
+    RemoteLabeler, RemoteLabels, RetransmitLabels, stall_duration_histogram,
 };
 use crate::{
     engine::{StallClass, StreakOutcome},
@@ -151,7 +151,7 @@ impl Metrics {
         );
         let stall_resets = Family::<CauseLabels, Counter>::default();
         for c in crate::engine::StallCause::ALL {
-            stall_resets.get_or_create(&CauseLabels { cause: c.as_str() });
+            drop(stall_resets.get_or_create(&CauseLabels { cause: c.as_str() }));
         }
         registry.register(
             "tcpstall_stall_resets",

@@ -800,7 +800,10 @@ fn stall_resets_are_counted_by_cause() {
     );
     for c in crate::engine::StallCause::ALL {
         assert!(
-            text.contains(&format!("tcpstall_stall_resets_total{{cause=\"{}\"}}", c.as_str())),
+            text.contains(&format!(
+                "tcpstall_stall_resets_total{{cause=\"{}\"}}",
+                c.as_str()
+            )),
             "{c:?}: {text}"
         );
     }
