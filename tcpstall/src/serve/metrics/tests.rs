@@ -276,7 +276,15 @@ fn contract_names_types_and_help() {
             Some(0.0)
         );
     }
-    for k in ["retransmit", "write_timer", "state", "error_report", "ack"] {
+    for k in [
+        "retransmit",
+        "write_timer",
+        "state",
+        "error_report",
+        "ack",
+        "drop",
+        "retransmit_error",
+    ] {
         assert_eq!(
             sample(&text, &format!("tcpstall_events_total{{kind=\"{k}\"}}")),
             Some(0.0)
@@ -305,7 +313,7 @@ fn contract_names_types_and_help() {
         ),
         Some(1.0)
     );
-    assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 5);
+    assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 7);
     assert_eq!(
         lines_of(&text, "tcpstall_stall_duration_seconds_count").len(),
         3
