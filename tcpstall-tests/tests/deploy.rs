@@ -870,6 +870,28 @@ fn runbook_urls_resolve_to_runbook_anchors() {
             ));
         }
     }
+    // `cause_runbook_url` (the stall alerts) ends in `#cause-{{ $labels.cause }}`:
+    // every stall cause (and `reset`, counted) has its section.
+    for a in alerts(&yaml(RULES)["groups"]) {
+        if let Some(url) = a.annotations.get("cause_runbook_url")
+            && !url.ends_with("docs/runbook.md#cause-{{ $labels.cause }}")
+        {
+            problems.push(format!("{}: cause_runbook_url `{url}`", a.name));
+        }
+    }
+    for c in [
+        "peer_silent",
+        "unreachable",
+        "local_drop",
+        "peer_not_reading",
+        "app_not_closing",
+        "unknown",
+        "reset",
+    ] {
+        if !anchors.contains(&format!("cause-{c}")) {
+            problems.push(format!("{RUNBOOK}: no section for cause {c} (#cause-{c})"));
+        }
+    }
     // In-page links of the runbook itself.
     let mut rest = md.as_str();
     while let Some(p) = rest.find("](#") {
