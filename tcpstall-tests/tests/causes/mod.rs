@@ -31,16 +31,35 @@ fn wait_cause(
     cause: &str,
     check: impl Fn(&Value) -> bool,
 ) -> (Value, u64) {
-    let v = wait_until(
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        &format!("{local} -> {remote} never listed with cause {cause}"),
-        || match agent.stall_of(local, remote) {
-            Some(v) if v["cause"] == cause && check(&v) => Ok(v),
-            other => Err(format!("{other:?}")),
-        },
-    );
-    (v, monotonic_ns())
+    let deadline = monotonic_ns() + 20_000_000_000;
+    let mut last = None;
+    while monotonic_ns() < deadline {
+        match agent.stall_of(local, remote) {
+            Some(v) if v["cause"] == cause && check(&v) => return (v, monotonic_ns()),
+            other => last = other.or(last),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The flow's own record, for the failure message.
+    let events: Vec<String> = agent
+        .events()
+        .iter()
+        .filter(|e| {
+            ev_str(e, "local") == local.to_string() || ev_str(e, "remote") == remote.to_string()
+        })
+        .map(|e| {
+            format!(
+                "{} ack_seq={} err_soft={}",
+                fmt_event(e),
+                ev_u64(e, "ack_seq"),
+                ev_u64(e, "err_soft")
+            )
+        })
+        .collect();
+    panic!(
+        "{local} -> {remote} never listed with cause {cause} in 20 s; last listed: {last:?}; its events:\n{}",
+        events.join("\n")
+    )
 }
 
 /// The flow's write-timer expiries the agent logged strictly between `from`
