@@ -434,12 +434,11 @@ pub fn predict_probe_count_death(w: &ProbeWalk) -> Option<u64> {
     let base = w.rto_ms.max(TCP_RTO_MIN_MS);
     let cap_shift = (TCP_RTO_MAX_MS / TCP_RTO_MIN_MS).ilog2() + 1;
     let wheel = w.timer_wheel && w.at_jiffies != 0;
-    let mut probes = w.probes_out;
     let mut backoff = w.backoff;
     let mut j = w.at_jiffies;
     let mut elapsed_j: u64 = 0;
     // Bounded: tcp_retries2 is a u8 sysctl.
-    for _ in 0..=256u32 {
+    for probes in w.probes_out..=w.probes_out.saturating_add(256) {
         if probes >= w.limit {
             return Some(w.at_ns.saturating_add(jiffies_to_ns(elapsed_j, hz)));
         }
@@ -451,7 +450,6 @@ pub fn predict_probe_count_death(w: &ProbeWalk) -> Option<u64> {
         let dt = rearmed_step(j, interval, hz, wheel);
         elapsed_j = elapsed_j.saturating_add(dt);
         j = j.saturating_add(dt);
-        probes += 1;
     }
     None
 }
