@@ -256,6 +256,8 @@ impl Engine {
             next_due_ns: next_ns,
             next_interval_ns: last_interval * horizon::NSEC_PER_MSEC,
             stalled: false,
+            // Seeded only for a zero window (see `classify_snapshot`).
+            window_open: false,
         });
         let _ = StallClass::ZeroWindow;
         true

@@ -235,6 +235,7 @@ impl Engine {
             f.packets_out = ev.packets_out;
             f.total_retrans = f.total_retrans.max(ev.total_retrans);
             if let Some(s) = ev.sock {
+                f.evidence.soft_error = ev.err_soft;
                 f.backoff = s.backoff;
                 f.user_timeout_ms = s.user_timeout_ms;
                 f.syn_retries = s.syn_retries;
@@ -277,7 +278,14 @@ impl Engine {
 
     pub(super) fn end_persist(f: &mut Flow, sink: &mut Sink, end_ns: u64) {
         if let Some(p) = f.persist.take() {
-            sink.persist_ended(f.remote, &p, end_ns);
+            if p.window_open {
+                // Data that never left: announced as a retransmit stall.
+                if f.streak.is_none() {
+                    f.announced &= !StallClass::Retransmit.bit();
+                }
+            } else {
+                sink.persist_ended(f.remote, &p, end_ns);
+            }
             f.announced &= !StallClass::ZeroWindow.bit();
             if f.streak.is_none() {
                 f.prediction = None;
@@ -332,6 +340,9 @@ impl Engine {
                 _ => ev.ts_ns,
             };
             f.history.streaks += 1;
+            if f.persist.is_none() {
+                f.new_episode_evidence();
+            }
             sink.stats.streaks_started += 1;
             sink.remotes.counters(f.remote, ev.ts_ns).streaks += 1;
             f.streak = Some(Streak {

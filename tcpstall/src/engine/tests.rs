@@ -1961,3 +1961,171 @@ fn connect_without_syn_retries_fields_says_why() {
         Some(horizon::NoPrediction::SynRetriesUnknown)
     );
 }
+
+// ----- why it stalls (cause) ------------------------------------------------
+
+impl Sock {
+    /// Window-probe expiry with the peer's window open and nothing in
+    /// flight: the data never left (a failed local transmit).
+    fn unsent_probe(&self, ts: u64, backoff: u32, probes_out: u32) -> SockEvent {
+        let mut e = self.probe(ts, backoff, probes_out);
+        if let Some(f) = e.sock.as_mut() {
+            f.snd_wnd = 64_240;
+        }
+        e
+    }
+
+    /// `skb:kfree_skb` of one of the socket's packets.
+    fn dropped(&self, ts: u64, reason: u32) -> SockEvent {
+        let mut e = self.base(EventKind::Drop, ts);
+        e.sock = Some(self.fields(3, 0, 0, ts));
+        e.ack_seq = reason;
+        e
+    }
+}
+
+/// Probe expiries of data that never left, as `tcp_send_probe0()` arms
+/// them: `max(rto, 200 ms) << backoff` after each (rto 51 jiffies, 204 ms),
+/// starting 204 ms after the write. Returns the expiry instants.
+fn unsent_probe_times(n: u32) -> Vec<u64> {
+    let mut t = T0;
+    (0..n)
+        .map(|b| {
+            t += (204 * MS) << b;
+            t
+        })
+        .collect()
+}
+
+/// The local-drop scenario in the engine: listed as a `retransmit` stall
+/// from the second unanswered probe (`icsk_probes_out + 1 >= 2`), cause
+/// `local_drop` (circumstantial until a drop record names the reason), in
+/// the drop filter's episodes, and its ETIMEDOUT predicted by the count
+/// rule. Mutation: `window_open = false` in `on_probe` leaves it unlisted.
+#[test]
+fn unsent_data_is_a_local_drop_retransmit_stall_with_its_horizon() {
+    let s = Sock::new(70);
+    let mut e = Engine::new(EngineConfig {
+        timer_wheel: false,
+        drop_reason_names: vec!["NOT_SPECIFIED".into(), "X".into(), "NETFILTER_DROP".into()],
+        ..cfg()
+    })
+    .unwrap();
+    let t = unsent_probe_times(6);
+    e.ingest(&s.unsent_probe(t[0], 0, 0));
+    assert!(e.stalls(t[0] + MS).is_empty(), "one probe is no stall");
+    e.ingest(&s.unsent_probe(t[1], 1, 1));
+    let v = e.stalls(t[1] + MS);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].class, StallClass::Retransmit);
+    assert_eq!(v[0].cause, StallCause::LocalDrop);
+    assert!(
+        v[0].cause_evidence.circumstantial,
+        "{:?}",
+        v[0].cause_evidence
+    );
+    assert_eq!(v[0].rto_streak, 2);
+    assert_eq!(v[0].zero_window_probes, None);
+    // retries2 = 5: the expiry finding probes_out 5 kills it; from
+    // probes_out 1 (backoff 1) four more intervals: 204 ms << 2, 3, 4, 5.
+    let death = t[1] + 204 * MS * (4 + 8 + 16 + 32);
+    assert_eq!(v[0].predicted_timeout_ns, Some(death));
+    assert_eq!(
+        v[0].boundary_source,
+        Some(super::BoundarySource::Retries2(5))
+    );
+    let mut cookies = Vec::new();
+    e.episode_cookies(&mut cookies);
+    assert_eq!(cookies, vec![70]);
+
+    // The kernel's drop record: evidence, not inference.
+    e.ingest(&s.dropped(t[1] + 10 * MS, 2));
+    e.ingest(&s.unsent_probe(t[2], 2, 2));
+    let v = e.stalls(t[2] + MS);
+    assert_eq!(v[0].cause, StallCause::LocalDrop);
+    let ev = &v[0].cause_evidence;
+    assert!(!ev.circumstantial, "{ev:?}");
+    assert_eq!(ev.local_drops, Some(1));
+    assert_eq!(ev.drop_reason.as_deref(), Some("NETFILTER_DROP"));
+    assert_eq!(v[0].predicted_timeout_ns, Some(death), "the same horizon");
+}
+
+/// A window too small for the next segment, with a live peer: each probe
+/// is answered (`icsk_probes_out` stays 0), so no stall and no episode.
+#[test]
+fn answered_probes_with_an_open_window_are_no_stall() {
+    let s = Sock::new(71);
+    let mut e = engine();
+    for (i, &t) in unsent_probe_times(6).iter().enumerate() {
+        e.ingest(&s.unsent_probe(t, i as u32, 0));
+        assert!(e.stalls(t + MS).is_empty());
+    }
+    let mut cookies = Vec::new();
+    e.episode_cookies(&mut cookies);
+    assert!(cookies.is_empty());
+}
+
+/// An RTO streak's cause from the evidence on the socket: a drop record or
+/// a failed retransmission (not -EBUSY) is `local_drop`, an unreachable
+/// ICMP soft error `unreachable`, nothing `peer_silent` (circumstantial),
+/// and `unknown` where the kernel shows no local drops.
+#[test]
+fn rto_stall_cause_follows_the_evidence() {
+    let run = |cfg: EngineConfig, extra: &dyn Fn(&Sock, u64) -> Vec<SockEvent>| {
+        let s = Sock::new(72);
+        let mut e = Engine::new(cfg).unwrap();
+        let mut t = T0;
+        let stamp = ms_stamp(t);
+        for r in 0..3u32 {
+            t += (200 * MS) << r;
+            let mut ev = s.rto(t, r, stamp, 50 << r, 1_000);
+            ev.err_soft = 0;
+            e.ingest(&ev);
+            for x in extra(&s, t) {
+                e.ingest(&x);
+            }
+        }
+        let v = e.stalls(t + MS);
+        assert_eq!(v.len(), 1, "{v:?}");
+        (v[0].cause, v[0].cause_evidence.clone())
+    };
+    let none = |_: &Sock, _: u64| Vec::new();
+    let (c, ev) = run(cfg(), &none);
+    assert_eq!(c, StallCause::PeerSilent);
+    assert!(ev.circumstantial);
+    let (c, _) = run(
+        EngineConfig {
+            drops_visible: false,
+            ..cfg()
+        },
+        &none,
+    );
+    assert_eq!(c, StallCause::Unknown);
+    let (c, ev) = run(cfg(), &|s: &Sock, t| vec![s.dropped(t + MS, 7)]);
+    assert_eq!(c, StallCause::LocalDrop);
+    assert_eq!(ev.local_drops, Some(3));
+    assert_eq!(ev.drop_reason.as_deref(), Some("reason 7"));
+    let failed = |err: i32| {
+        move |s: &Sock, t: u64| {
+            let mut x = s.base(EventKind::RetransmitError, t + MS);
+            x.ack_seq = err as u32;
+            vec![x]
+        }
+    };
+    let (c, ev) = run(cfg(), &failed(-1));
+    assert_eq!(c, StallCause::LocalDrop);
+    assert_eq!(ev.send_error.as_deref(), Some("EPERM"));
+    assert_eq!(run(cfg(), &failed(-16)).0, StallCause::PeerSilent);
+    // The soft error rides on every snapshot of the socket.
+    let icmp = |s: &Sock, t: u64| {
+        let mut y = s.base(EventKind::RetransmitError, t + MS);
+        y.ack_seq = (-16i32) as u32;
+        y.sock = Some(s.fields(0, 0, 0, t));
+        y.err_soft = 113;
+        vec![y]
+    };
+    let (c, ev) = run(cfg(), &icmp);
+    assert_eq!(c, StallCause::Unreachable);
+    assert_eq!(ev.soft_error.as_deref(), Some("EHOSTUNREACH"));
+    assert!(!ev.circumstantial);
+}

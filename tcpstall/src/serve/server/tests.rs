@@ -58,6 +58,7 @@ fn plan(write_timer_attached: bool) -> Plan {
             },
         ],
         fields: String::new(),
+        drop_reasons: Vec::new(),
     }
 }
 
@@ -170,6 +171,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
         rto_expired_verdict: false,
         sk_err: 0,
         ack_seq: 0,
+        err_soft: 0,
     }
 }
 
@@ -459,7 +461,7 @@ async fn a_stalled_flow_everywhere() {
 
     let (_, _, text) = get(&s, "/metrics").await;
     let labels = format!(
-        "{{class=\"retransmit\",local=\"{local}\",remote=\"{remote}\",direction=\"initiated\",peer=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
+        "{{class=\"retransmit\",cause=\"peer_silent\",local=\"{local}\",remote=\"{remote}\",direction=\"initiated\",peer=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
     );
     for name in [
         "tcpstall_socket_seconds_to_timeout",
