@@ -44,6 +44,8 @@ mod flow;
 mod flow_key;
 mod handlers;
 pub mod horizon;
+#[cfg(test)]
+mod kernel_model;
 pub mod hz;
 mod output;
 mod remote;
