@@ -295,11 +295,20 @@ fn sweep_risks_lists_sockets_without_timeout() {
 const LOSS_FLOWS: usize = 300;
 const LOSS_PERIOD_S: u64 = 5;
 
+/// What [`stalled_flows_after_loss`] saw.
+struct LossRepair {
+    /// The most stalled flows the API reported at once.
+    best: usize,
+    /// `tcpstall_sweeps_total` by reason at the end.
+    loss_sweeps: f64,
+    interval_sweeps: f64,
+}
+
 /// 300 blackholed flows through a 4 KiB ring buffer, the agent started with
 /// `--ringbuf-bytes 4096` plus `extra_args`. Waits for the counted drops,
 /// then returns the most stalled flows the API reported at once within two
 /// sweep periods after the loss (stops early at 95 %).
-fn stalled_flows_after_loss(tag: &str, subnet: u8, extra_args: &[&str]) -> usize {
+fn stalled_flows_after_loss(tag: &str, subnet: u8, extra_args: &[&str]) -> LossRepair {
     require_tools();
     const FLOWS: usize = LOSS_FLOWS;
     const PERIOD_S: u64 = LOSS_PERIOD_S;
@@ -364,26 +373,41 @@ fn stalled_flows_after_loss(tag: &str, subnet: u8, extra_args: &[&str]) -> usize
         thread::sleep(Duration::from_millis(200));
     }
     let m = agent.metrics();
+    let loss_sweeps = metric_sum(&m, "tcpstall_sweeps_total", &[("reason", "loss")]).unwrap_or(0.0);
+    let interval_sweeps =
+        metric_sum(&m, "tcpstall_sweeps_total", &[("reason", "interval")]).unwrap_or(0.0);
     eprintln!(
-        "SWEEP REPAIR | {extra_args:?} | {best}/{FLOWS} stalled flows reported | dropped {} | loss sweeps {} | interval sweeps {}",
+        "SWEEP REPAIR | {extra_args:?} | {best}/{FLOWS} stalled flows reported | dropped {} | loss sweeps {loss_sweeps} | interval sweeps {interval_sweeps}",
         metric_sum(&m, "tcpstall_ringbuf_dropped_events_total", &[]).unwrap_or(0.0),
-        metric_sum(&m, "tcpstall_sweeps_total", &[("reason", "loss")]).unwrap_or(0.0),
-        metric_sum(&m, "tcpstall_sweeps_total", &[("reason", "interval")]).unwrap_or(0.0)
     );
     drop(clients);
-    best
+    LossRepair {
+        best,
+        loss_sweeps,
+        interval_sweeps,
+    }
 }
 
-/// Event loss repaired: 300 blackholed flows through a 4 KiB ring buffer.
-/// Drops are counted, and within two sweep periods after the loss the API
-/// reports at least 95 % of the stalled flows.
+/// Event loss repaired by the loss sweep alone: 300 blackholed flows
+/// through a 4 KiB ring buffer, the periodic sweep off (`--sweep-interval
+/// 0`), so nothing but a sweep triggered by the counted drops can report
+/// the flows whose events were lost. Drops are counted, a `reason="loss"`
+/// sweep ran, no periodic one, and within 10 s of the loss (loss sweeps are
+/// at least 2 s apart) the API reports at least 95 % of the stalled flows.
+/// Mutation: `SweepPolicy::loss` never arming the sweep (`if self.on_loss`
+/// -> `if false`) fails it (no loss sweep, the flows unreported).
 #[test]
 fn sweep_repairs_event_loss() {
-    let period = LOSS_PERIOD_S.to_string();
-    let best = stalled_flows_after_loss("swl", 47, &["--sweep-interval", &period]);
+    let r = stalled_flows_after_loss("swl", 47, &["--sweep-interval", "0"]);
+    assert_eq!(r.interval_sweeps, 0.0, "the periodic sweep is off");
     assert!(
-        best * 100 >= LOSS_FLOWS * 95,
-        "only {best} of {LOSS_FLOWS} stalled flows reported within {} s of the loss",
+        r.loss_sweeps >= 1.0,
+        "no sweep with reason=\"loss\" ran after the counted drops"
+    );
+    assert!(
+        r.best * 100 >= LOSS_FLOWS * 95,
+        "only {} of {LOSS_FLOWS} stalled flows reported within {} s of the loss",
+        r.best,
         2 * LOSS_PERIOD_S
     );
 }
@@ -568,7 +592,7 @@ fn retransmit_cause_dropped_segment_is_fast() {
 #[test]
 fn sweep_off_leaves_event_loss_unrepaired() {
     let best =
-        stalled_flows_after_loss("swm", 51, &["--sweep-interval", "0", "--no-sweep-on-loss"]);
+        stalled_flows_after_loss("swm", 51, &["--sweep-interval", "0", "--no-sweep-on-loss"]).best;
     assert!(
         best * 100 < LOSS_FLOWS * 95,
         "{best} of {LOSS_FLOWS} stalled flows reported without the repair: \

@@ -44,9 +44,9 @@ mod flow;
 mod flow_key;
 mod handlers;
 pub mod horizon;
+pub mod hz;
 #[cfg(test)]
 mod kernel_model;
-pub mod hz;
 mod output;
 mod remote;
 pub mod seed;

@@ -281,7 +281,10 @@ impl Blackhole {
             callback_latency_ns: TIMER_CALLBACK_LATENCY_NS,
         }
         .run(|j| ts_of_jiffies(self.sock.hz, j), 100_000);
-        assert!(x.last().is_some_and(|e| e.fatal), "the model never killed the socket");
+        assert!(
+            x.last().is_some_and(|e| e.fatal),
+            "the model never killed the socket"
+        );
         (tlp_j, x)
     }
 
@@ -334,7 +337,15 @@ impl Blackhole {
             // tracepoint fires before the episode's first retransmission
             // sets retrans_stamp.
             let r = x.retransmits + u32::from(self.incremented_before);
-            let mut e = s.retransmit(ts + 5_000, 0, r, x.retrans_stamp, x.rto_j as u32, 1_000, backoff);
+            let mut e = s.retransmit(
+                ts + 5_000,
+                0,
+                r,
+                x.retrans_stamp,
+                x.rto_j as u32,
+                1_000,
+                backoff,
+            );
             e.jiffies = x.jiffies;
             out.push(e);
         }
@@ -496,9 +507,7 @@ fn s1_blackhole_retries2_5_tlp_first() {
     // retrans_stamp is the first RTO's retransmission (a loss probe does
     // not set it; the replay fixtures show the same).
     let first_rto_ts = bh.expiries().1[0].ts_ns;
-    assert!(
-        (v.unacked_age_s.unwrap() - (*now - first_rto_ts / MS * MS) as f64 / 1e9).abs() < 1e-6
-    );
+    assert!((v.unacked_age_s.unwrap() - (*now - first_rto_ts / MS * MS) as f64 / 1e9).abs() < 1e-6);
     // One timeout, matched to its prediction.
     let t = timeouts(&obs);
     assert_eq!(t.len(), 1);
@@ -616,7 +625,13 @@ fn s1_retries2_table_accuracy() {
                 assert!(views.iter().any(|(now, v)| v.near_horizon && *now < death));
                 // The boundary is T(retries2).
                 let b = views[0].1.boundary_s.unwrap();
-                let expect = kernel_model::tcp_model_timeout_ms(retries2, u64::from(hz / 5), u64::from(hz) * 120, u64::from(hz)) as f64 / 1e3;
+                let expect = kernel_model::tcp_model_timeout_ms(
+                    retries2,
+                    u64::from(hz / 5),
+                    u64::from(hz) * 120,
+                    u64::from(hz),
+                ) as f64
+                    / 1e3;
                 assert!((b - expect).abs() < 1e-9);
             }
         }
@@ -2045,4 +2060,201 @@ fn cookieless_sweep_snapshot_seeds_a_stall_and_merges_with_its_cookie() {
     assert_eq!(v[0].cookie, 77);
     assert_eq!(v[0].rto_streak, 4);
     assert_eq!(e.flows_tracked(), 1);
+}
+
+// ----- sweep seeding (seed.rs) --------------------------------------------
+
+/// A sweep snapshot of `bh`'s socket `after_ns` after its RTO expiry `k`:
+/// the state the kernel model holds then (the next expiry's
+/// `icsk_retransmits`, doubled RTO and armed timer), and the model's
+/// expiries.
+fn rto_snapshot(bh: &Blackhole, k: usize, after_ns: u64) -> (SockEvent, Vec<kernel_model::Expiry>) {
+    let (_, x) = bh.expiries();
+    let next = x[k + 1];
+    let ts = x[k].ts_ns + after_ns;
+    assert!(
+        ts < next.ts_ns,
+        "the snapshot must come before the next expiry"
+    );
+    let mut ev = bh.sock.rto(
+        ts,
+        next.retransmits,
+        next.retrans_stamp,
+        next.rto_j as u32,
+        1_000,
+    );
+    ev.kind = EventKind::Sweep;
+    ev.mechanism = Mechanism::Sweep;
+    let f = ev.sock.as_mut().unwrap();
+    f.backoff = next.retransmits;
+    f.timer_expires = next.timer_expires;
+    (ev, x)
+}
+
+/// An RTO backoff seen first by a sweep, at every point of a blackhole (from
+/// the second RTO on), for both boundary sources: the flow is listed at once
+/// with the RTOs it had, its boundary's source, and the death the kernel
+/// model gives (within a jiffy); the events that follow continue the flow to
+/// one matched timeout.
+/// Mutations: `seed_rto`'s anchor at the pending timer instead of the
+/// expiry that armed it (`last_j = timer_expires`) fails "prediction off";
+/// `st.rtos = r` -> `r - 1` fails the streak count.
+#[test]
+fn sweep_seeds_an_rto_backoff_per_boundary_source() {
+    for (uto, retries2, source) in [
+        (0u32, 5u32, BoundarySource::Retries2(5)),
+        (0, 8, BoundarySource::Retries2(8)),
+        (20_000, 15, BoundarySource::UserTimeout),
+        (9_000, 3, BoundarySource::UserTimeout),
+    ] {
+        let mut s = Sock::new(90);
+        s.uto = uto;
+        s.sysctls = Some(sysctls(retries2));
+        let bh = Blackhole::new(s, T0);
+        let n = bh.expiries().1.len();
+        for k in 1..n - 1 {
+            let (snap, x) = rto_snapshot(&bh, k, 30 * MS);
+            let what = format!("uto {uto} retries2 {retries2}, snapshot after expiry {k} of {n}");
+            let fatal = x.last().unwrap().ts_ns;
+            let mut e = engine();
+            e.ingest(&snap);
+            let v = e.stalls(snap.ts_ns);
+            assert_eq!(v.len(), 1, "{what}: not listed");
+            assert_eq!(v[0].class, StallClass::Retransmit, "{what}");
+            assert_eq!(v[0].rto_streak, k as u32 + 1, "{what}: RTOs so far");
+            assert_eq!(v[0].boundary_source, Some(source), "{what}");
+            let p = v[0]
+                .predicted_timeout_ns
+                .unwrap_or_else(|| panic!("{what}: no prediction"));
+            // A snapshot carries jiffies and its own instant, not the instant
+            // of a jiffy's tick: the expiry that armed the timer is placed
+            // up to one jiffy late (the snapshot's phase in its jiffy), never
+            // more. The events that follow give the exact instants again.
+            let jiffy = S / u64::from(HZ);
+            assert!(
+                fatal.saturating_sub(MS) < p && p < fatal + jiffy,
+                "{what}: prediction off by {:.3} ms",
+                (p as f64 - fatal as f64) / 1e6
+            );
+            assert_eq!(e.stats().sweep_seeded, 1, "{what}");
+            // The events after the snapshot continue the same flow.
+            for ev in bh.run().0.iter().filter(|ev| ev.ts_ns > snap.ts_ns) {
+                e.ingest(ev);
+            }
+            let obs = drain(&mut e);
+            let t = timeouts(&obs);
+            assert_eq!(t.len(), 1, "{what}");
+            let Observation::Timeout {
+                prediction_error_s, ..
+            } = t[0]
+            else {
+                unreachable!()
+            };
+            let err = prediction_error_s.unwrap_or_else(|| panic!("{what}: unpredicted"));
+            // Matched to the snapshot's own prediction when no expiry came
+            // between it and the fatal one (then within the jiffy above).
+            let bound = if k + 2 == n {
+                jiffy as f64 / 1e9
+            } else {
+                0.001
+            };
+            assert!(err.abs() < bound, "{what}: error {err}");
+            let ends = streak_ends(&obs);
+            assert_eq!(
+                ends,
+                vec![(StreakOutcome::TimedOut, n as u32, true)],
+                "{what}"
+            );
+        }
+    }
+}
+
+/// `tcp_probe0_base`: `max(icsk_rto, TCP_RTO_MIN)`, in ms at HZ 250.
+fn probe0_base_ms(rto_j: u64) -> u64 {
+    (rto_j * 4).max(200)
+}
+
+/// A zero-window sender seen first by a sweep: `tcp_check_probe_timer()`
+/// armed the first probe `tcp_probe0_base` after the window closed, and each
+/// probe sent with `icsk_backoff` b re-armed the timer `base << (b + 1)`
+/// later (`tcp_send_probe0`). A snapshot with backoff 6 and the next probe
+/// 1 s away: the window closed `base + sum(base << (b + 1), b < 6) - 1 s`
+/// ago; with a user timeout the kernel aborts at the first probe expiry
+/// `UTO` after the first probe (`tcp_probe_timer`, clamped to that instant).
+/// Mutation: `seed_persist` counting one probe less (`for b in
+/// 0..backoff.min(64)` -> `0..backoff.min(64).saturating_sub(1)`) fails the
+/// age.
+#[test]
+fn sweep_seeds_a_zero_window_sender_per_boundary_source() {
+    for uto in [0u32, 120_000] {
+        let mut s = Sock::new(91);
+        s.uto = uto;
+        let now = T0 + 100 * S;
+        let mut snap = s.probe(now, 6, 6);
+        snap.kind = EventKind::Sweep;
+        snap.mechanism = Mechanism::Sweep;
+        snap.rto_jiffies = 51;
+        snap.sock.as_mut().unwrap().timer_expires = jiffies_at(HZ, now) + u64::from(HZ);
+        let base = probe0_base_ms(51);
+        let sent: u64 = (0..6).map(|b| base << (b + 1)).sum();
+        let closed_ago_ms = base + sent - 1_000;
+        let mut e = engine();
+        e.ingest(&snap);
+        let v = e.stalls(now);
+        assert_eq!(v.len(), 1, "uto {uto}: not listed");
+        assert_eq!(v[0].class, StallClass::ZeroWindow, "uto {uto}");
+        let age = v[0].zero_window_s.unwrap();
+        assert!(
+            (age - closed_ago_ms as f64 / 1e3).abs() < 0.01,
+            "uto {uto}: zero window for {age} s, the kernel's probes say {} s",
+            closed_ago_ms as f64 / 1e3
+        );
+        if uto == 0 {
+            assert_eq!(v[0].predicted_timeout_ns, None);
+            assert_eq!(v[0].boundary_source, None);
+        } else {
+            let first_probe = now - (closed_ago_ms - base) * MS;
+            assert_eq!(v[0].boundary_source, Some(BoundarySource::UserTimeout));
+            let p = v[0]
+                .predicted_timeout_ns
+                .expect("a prediction with a user timeout");
+            assert!(
+                p.abs_diff(first_probe + u64::from(uto) * MS) < MS,
+                "predicted {} s after the first probe",
+                (p as f64 - first_probe as f64) / 1e9
+            );
+        }
+    }
+}
+
+/// A CLOSE_WAIT socket seen first by a sweep: the peer's FIN was the last
+/// segment it received (`rcv_tstamp`, jiffies), 70 s ago; listed past the
+/// 60 s threshold with that age. A FIN 30 s ago is not a stall yet.
+/// Mutation: `close_wait_since_ns = Some(ev.ts_ns)` (the age ignored) fails
+/// "not listed".
+#[test]
+fn sweep_seeds_a_close_wait_socket_from_its_last_segment() {
+    for (ago_s, listed) in [(70u64, true), (30, false)] {
+        let s = Sock::new(92);
+        let now = T0 + 500 * S;
+        let mut snap = s.base(EventKind::Sweep, now);
+        snap.mechanism = Mechanism::Sweep;
+        snap.state = TcpState::CloseWait;
+        snap.packets_out = 0;
+        let mut f = s.fields(0, 0, 0, now);
+        f.rcv_tstamp = (jiffies_at(HZ, now) - ago_s * u64::from(HZ)) as u32;
+        f.timer_expires = 0;
+        snap.sock = Some(f);
+        let mut e = engine();
+        e.ingest(&snap);
+        let v = e.stalls(now);
+        if !listed {
+            assert!(v.is_empty(), "FIN {ago_s} s ago: {v:?}");
+            continue;
+        }
+        assert_eq!(v.len(), 1, "FIN {ago_s} s ago: not listed");
+        assert_eq!(v[0].class, StallClass::CloseWait);
+        let age = v[0].close_wait_age_s.unwrap();
+        assert!((age - ago_s as f64).abs() < 0.01, "close_wait_age_s {age}");
+    }
 }

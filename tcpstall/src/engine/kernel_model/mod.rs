@@ -89,7 +89,11 @@ pub(crate) fn tcp_model_timeout_ms(boundary: u32, rto_base_j: u64, rto_max_j: u6
 
 /// `tcp_orphan_retries()` (without the `sk_err_soft` case).
 pub(crate) fn tcp_orphan_retries(configured: u32, alive: bool) -> u32 {
-    if configured == 0 && alive { 8 } else { configured }
+    if configured == 0 && alive {
+        8
+    } else {
+        configured
+    }
 }
 
 /// What `tcp_write_timeout()` reads of a socket (ESTABLISHED-like states).
@@ -130,7 +134,10 @@ impl KernelSock {
         } else {
             tcp_model_timeout_ms(retry_until, tcp_rto_min(self.hz), self.rto_max_j, self.hz)
         };
-        (now_ms.wrapping_sub(retrans_stamp).wrapping_sub(timeout as u32) as i32) >= 0
+        (now_ms
+            .wrapping_sub(retrans_stamp)
+            .wrapping_sub(timeout as u32) as i32)
+            >= 0
     }
 
     /// `tcp_clamp_rto_to_user_timeout()`: the interval (jiffies) the timer is
@@ -216,9 +223,12 @@ impl Blackholed {
             let j = wheel_bucket_expiry(self.timer_expires, clk, hz);
             let ts_ns = jiffy_ns(j) + self.callback_latency_ns;
             let now_ms = (ts_ns / MS_NS) as u32;
-            let fatal =
-                self.sock
-                    .timed_out(self.icsk_retransmits, now_ms, self.retrans_stamp, self.icsk_rto_j);
+            let fatal = self.sock.timed_out(
+                self.icsk_retransmits,
+                now_ms,
+                self.retrans_stamp,
+                self.icsk_rto_j,
+            );
             out.push(Expiry {
                 jiffies: j,
                 ts_ns,
@@ -236,7 +246,10 @@ impl Blackholed {
             }
             self.icsk_retransmits += 1;
             self.icsk_rto_j = (self.icsk_rto_j << 1).min(self.sock.rto_max_j);
-            self.timer_expires = j + self.sock.clamp_rto(self.icsk_rto_j, now_ms, self.retrans_stamp);
+            self.timer_expires =
+                j + self
+                    .sock
+                    .clamp_rto(self.icsk_rto_j, now_ms, self.retrans_stamp);
             // Re-armed from the callback: the base clock reads j + 1.
             clk = j + 1;
         }

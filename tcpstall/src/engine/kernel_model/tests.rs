@@ -132,19 +132,28 @@ fn model_rules_match_every_recorded_expiry() {
         let last = x.len() - 1;
         // The first RTO was armed from the loss probe's callback.
         let bucket = wheel_bucket_expiry(n(&x[0], "timer_expires"), r.probe_jiffies + 1, r.hz);
-        assert!(bucket <= n(&x[0], "jiffies"), "{name}: first expiry before its bucket");
+        assert!(
+            bucket <= n(&x[0], "jiffies"),
+            "{name}: first expiry before its bucket"
+        );
         for (i, e) in x.iter().enumerate() {
             let now_ms = (n(e, "ts_ns") / 1_000_000) as u32;
             let stamp = n(e, "retrans_stamp") as u32;
             let rto = n(e, "rto_jiffies");
-            let dead = r.sock.timed_out(n(e, "retransmits") as u32, now_ms, stamp, rto);
+            let dead = r
+                .sock
+                .timed_out(n(e, "retransmits") as u32, now_ms, stamp, rto);
             assert_eq!(dead, i == last, "{name}: verdict at expiry {i}");
             if i == last {
                 break;
             }
             let next = &x[i + 1];
             let doubled = (rto << 1).min(r.sock.rto_max_j);
-            assert_eq!(n(next, "rto_jiffies"), doubled, "{name}: RTO after expiry {i}");
+            assert_eq!(
+                n(next, "rto_jiffies"),
+                doubled,
+                "{name}: RTO after expiry {i}"
+            );
             let stamp_after = n(next, "retrans_stamp") as u32;
             let interval = r.sock.clamp_rto(doubled, now_ms, stamp_after);
             // Re-armed after the retransmission: in the callback's jiffy, or
@@ -211,6 +220,9 @@ fn model_run_dies_at_the_recorded_expiry() {
         }
         // Late callbacks shift every later expiry (each re-arms from its
         // own jiffy); the recorded ones are at most 3 jiffies late.
-        assert!(lateness <= 8, "{name}: model and kernel {lateness} jiffies apart");
+        assert!(
+            lateness <= 8,
+            "{name}: model and kernel {lateness} jiffies apart"
+        );
     }
 }
