@@ -242,6 +242,15 @@ impl Blackhole {
         }
     }
 
+    /// `icsk_rto_max` in the events (6.15+): set when not the default.
+    fn icsk_rto_max(&self) -> u32 {
+        if self.rto_max == 120 * u64::from(self.sock.hz) {
+            0
+        } else {
+            self.rto_max as u32
+        }
+    }
+
     /// The socket as the kernel model sees it.
     fn kernel(&self) -> KernelSock {
         let s = self.sock;
@@ -308,6 +317,7 @@ impl Blackhole {
                 let f = e.sock.as_mut().unwrap();
                 f.backoff = backoff;
                 f.timer_expires = x.timer_expires;
+                f.rto_max_jiffies = self.icsk_rto_max();
                 out.push(e);
             }
             if x.fatal {
@@ -347,6 +357,7 @@ impl Blackhole {
                 backoff,
             );
             e.jiffies = x.jiffies;
+            e.sock.as_mut().unwrap().rto_max_jiffies = self.icsk_rto_max();
             out.push(e);
         }
         unreachable!("expiries end with the fatal one")
@@ -1984,6 +1995,59 @@ proptest! {
         prop_assert_eq!(streak_ends(&obs).len(), 1);
     }
 
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        cases: 3_000,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x7c9_57a12),
+        ..ProptestConfig::default()
+    })]
+
+    /// Orphans (`SOCK_DEAD`: the `tcp_orphan_retries` rule, a configured 0
+    /// meaning 8 while `icsk_rto < rto_max`), a changed `rto_max` (6.15+
+    /// `icsk_rto_max`, 1 to 120 s) and long `tcp_retries2`, with or without
+    /// a user timeout (which wins for orphans too): the engine's prediction
+    /// lands on the kernel model's death.
+    #[test]
+    fn prop_orphan_and_rto_max_prediction_exact(
+        hz in prop::sample::select(vec![100u32, 250, 300, 1000]),
+        retries2 in 2u32..16,
+        orphan in any::<bool>(),
+        orphan_retries in 0u32..5,
+        rto_max_s in prop::sample::select(vec![1u64, 3, 5, 30, 120]),
+        uto in prop::option::of(1_000u32..60_000),
+        tlp in any::<bool>(),
+        start_ms in 0u64..100_000,
+    ) {
+        let mut s = Sock::new(2);
+        s.hz = hz;
+        s.orphan = orphan;
+        s.sysctls = Some(NetnsSysctls {
+            tcp_retries2: retries2,
+            tcp_orphan_retries: orphan_retries,
+            tcp_rto_max_ms: None,
+        });
+        s.uto = uto.unwrap_or(0);
+        let mut bh = Blackhole::new(s, T0 + start_ms * MS);
+        bh.tlp = tlp;
+        bh.rto0 = (hz / 5).max(1);
+        bh.rto_max = rto_max_s * u64::from(hz);
+        let e = Engine::new(EngineConfig { hz: Some(hz), ..EngineConfig::default() }).unwrap();
+        let (_, obs, _, _) = run_s1(&bh, e);
+        let t = timeouts(&obs);
+        prop_assert_eq!(t.len(), 1);
+        let rtos = streak_ends(&obs).first().map_or(0, |&(_, r, _)| r);
+        let Observation::Timeout { prediction_error_s, .. } = t[0] else { unreachable!() };
+        if rtos >= MIN_RTOS_PREDICTED {
+            prop_assert!(prediction_error_s.is_some(), "death at RTO {} was not predicted", rtos);
+        }
+        if let Some(err) = prediction_error_s {
+            prop_assert!(err.abs() < 0.001, "error {}", err);
+        }
+        prop_assert_eq!(streak_ends(&obs).len(), 1);
+    }
 }
 
 /// The one random-seed failure `prop_blackhole_prediction_exact` used to
