@@ -123,6 +123,10 @@ enum Cmd {
         /// Only list the mutants (no build, no test).
         #[arg(long)]
         list: bool,
+        /// Mutate only the files matching this glob (inside the target),
+        /// e.g. tcpstall/src/engine/horizon/mod.rs.
+        #[arg(long, value_name = "GLOB")]
+        only: Option<String>,
     },
     /// Run the scenario tests inside Debian kernels under QEMU (TCG).
     VmTest {
@@ -162,6 +166,7 @@ fn main() -> anyhow::Result<()> {
             targets,
             budget_minutes,
             list,
-        } => cmd::mutants::run(targets, budget_minutes, list),
+            only,
+        } => cmd::mutants::run(targets, budget_minutes, list, only),
     }
 }

@@ -46,7 +46,12 @@ fn test_filters(target: &str) -> &'static [&'static str] {
     }
 }
 
-pub fn run(targets: Vec<String>, budget_minutes: u64, list: bool) -> anyhow::Result<()> {
+pub fn run(
+    targets: Vec<String>,
+    budget_minutes: u64,
+    list: bool,
+    only: Option<String>,
+) -> anyhow::Result<()> {
     let chosen: Vec<&(&str, &[&str])> = if targets.is_empty() {
         TARGETS.iter().collect()
     } else {
@@ -88,8 +93,16 @@ pub fn run(targets: Vec<String>, budget_minutes: u64, list: bool) -> anyhow::Res
             .args(["--timeout", "300", "--build-timeout", "900"])
             .arg("--output")
             .arg(&out);
-        for f in *files {
-            cmd.args(["--file", f]);
+        // `--only`: a narrower glob inside the target (e.g. one file).
+        match &only {
+            Some(glob) => {
+                cmd.args(["--file", glob]);
+            }
+            None => {
+                for f in *files {
+                    cmd.args(["--file", f]);
+                }
+            }
         }
         for e in EXCLUDED {
             cmd.args(["--exclude", e]);
