@@ -6,32 +6,16 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::kernel_model::{self, Blackholed, KernelSock};
+use super::testkit::{HZ, MS, S, Sock, T0, jiffies_at, ms_stamp, sysctls};
 use super::*;
-use crate::kernel::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState};
+use crate::kernel::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, TcpState};
 
-const HZ: u32 = 250;
-const MS: u64 = 1_000_000;
-const S: u64 = 1_000_000_000;
-/// Monotonic base of the tests (an hour of uptime).
-const T0: u64 = 3_600 * S;
-
-/// jiffies consistent with the boot offset for HZ at monotonic `ts`.
-fn jiffies_at(hz: u32, ts: u64) -> u64 {
-    let j = u128::from(ts) * u128::from(hz) / u128::from(S);
-    ((1u64 << 32) - 300 * u64::from(hz)).wrapping_add(j as u64)
-}
-
+/// Monotonic ns of jiffy `j` for the kernel model's clock (the inverse of
+/// [`jiffies_at`]), computed here rather than with the engine's
+/// `jiffies_to_ns`: the simulated kernel shares no function with the engine.
 fn ts_of_jiffies(hz: u32, j: u64) -> u64 {
     let j0 = (1u64 << 32) - 300 * u64::from(hz);
     (u128::from(j - j0) * u128::from(S) / u128::from(hz)) as u64
-}
-
-fn sysctls(retries2: u32) -> NetnsSysctls {
-    NetnsSysctls {
-        tcp_retries2: retries2,
-        tcp_orphan_retries: 0,
-        tcp_rto_max_ms: None,
-    }
 }
 
 fn cfg() -> EngineConfig {
@@ -43,156 +27,6 @@ fn cfg() -> EngineConfig {
 
 fn engine() -> Engine {
     Engine::new(cfg()).unwrap()
-}
-
-/// One simulated socket.
-#[derive(Clone, Copy)]
-struct Sock {
-    cookie: u64,
-    skaddr: u64,
-    local: SocketAddr,
-    remote: SocketAddr,
-    netns: u32,
-    sysctls: Option<NetnsSysctls>,
-    uto: u32,
-    orphan: bool,
-    hz: u32,
-    mechanism: Mechanism,
-}
-
-impl Sock {
-    fn new(cookie: u64) -> Self {
-        Self {
-            cookie,
-            skaddr: 0xffff_8880_0000_0000 + cookie * 0x1000,
-            local: SocketAddr::from(([10, 0, 0, 1], 40_000 + (cookie % 20_000) as u16)),
-            remote: SocketAddr::from(([10, 0, 0, 2], 8080)),
-            netns: 4_026_532_000,
-            sysctls: Some(sysctls(5)),
-            uto: 0,
-            orphan: false,
-            hz: HZ,
-            mechanism: Mechanism::TpBtf,
-        }
-    }
-
-    fn to(mut self, remote: &str) -> Self {
-        self.remote = remote.parse().unwrap();
-        self
-    }
-
-    fn base(&self, kind: EventKind, ts: u64) -> SockEvent {
-        SockEvent {
-            kind,
-            mechanism: self.mechanism,
-            ts_ns: ts,
-            jiffies: jiffies_at(self.hz, ts),
-            cookie: self.cookie,
-            skaddr: self.skaddr,
-            netns: self.netns,
-            cgroup_id: 0,
-            local: self.local,
-            remote: self.remote,
-            state: TcpState::Established,
-            old_state: TcpState::Established,
-            sock: None,
-            retransmits: 0,
-            rto_jiffies: 0,
-            snd_una: 1_000,
-            packets_out: 1,
-            retrans_out: 0,
-            total_retrans: 0,
-            netns_sysctls: self.sysctls,
-            orphan: self.orphan,
-            rto_expired_verdict: false,
-            sk_err: 0,
-            ack_seq: 0,
-        }
-    }
-
-    fn fields(&self, pending: u32, stamp: u32, backoff: u32, ts: u64) -> SockFields {
-        SockFields {
-            backoff,
-            probes_out: 0,
-            pending,
-            ca_state: 0,
-            rto_max_jiffies: 0,
-            user_timeout_ms: self.uto,
-            retrans_stamp: stamp,
-            usec_ts: false,
-            snd_wnd: 65_535,
-            lsndtime: 0,
-            rcv_tstamp: 0,
-            timer_expires: jiffies_at(self.hz, ts).saturating_sub(1),
-        }
-    }
-
-    /// `tcp_retransmit_skb`: `pending` 5 = loss probe, 1 = fast retransmit,
-    /// 0 = sent by an RTO expiry.
-    #[allow(clippy::too_many_arguments)]
-    fn retransmit(
-        &self,
-        ts: u64,
-        pending: u32,
-        retransmits: u32,
-        stamp: u32,
-        rto: u32,
-        snd_una: u32,
-        backoff: u32,
-    ) -> SockEvent {
-        let mut e = self.base(EventKind::Retransmit, ts);
-        e.sock = Some(self.fields(pending, stamp, backoff, ts));
-        e.retransmits = retransmits;
-        e.rto_jiffies = rto;
-        e.snd_una = snd_una;
-        e
-    }
-
-    /// Write timer expiry with an RTO pending.
-    fn rto(&self, ts: u64, retransmits: u32, stamp: u32, rto: u32, snd_una: u32) -> SockEvent {
-        let mut e = self.base(EventKind::WriteTimer, ts);
-        e.sock = Some(self.fields(1, stamp, retransmits, ts));
-        e.retransmits = retransmits;
-        e.rto_jiffies = rto;
-        e.snd_una = snd_una;
-        e
-    }
-
-    /// Zero-window probe timer expiry.
-    fn probe(&self, ts: u64, backoff: u32, probes_out: u32) -> SockEvent {
-        let mut e = self.base(EventKind::WriteTimer, ts);
-        let mut f = self.fields(3, 0, backoff, ts);
-        f.snd_wnd = 0;
-        f.probes_out = probes_out;
-        e.sock = Some(f);
-        e.packets_out = 0;
-        e.rto_jiffies = 51;
-        e
-    }
-
-    fn state(&self, ts: u64, old: TcpState, new: TcpState) -> SockEvent {
-        let mut e = self.base(EventKind::State, ts);
-        e.old_state = old;
-        e.state = new;
-        e.netns_sysctls = None;
-        e
-    }
-
-    fn close(&self, ts: u64) -> SockEvent {
-        self.state(ts, TcpState::Established, TcpState::Close)
-    }
-
-    fn error(&self, ts: u64, errno: u32) -> SockEvent {
-        let mut e = self.base(EventKind::ErrorReport, ts);
-        e.sk_err = errno;
-        e.state = TcpState::Close;
-        e.netns_sysctls = None;
-        e
-    }
-}
-
-fn ms_stamp(ts: u64) -> u32 {
-    (ts / MS) as u32
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
