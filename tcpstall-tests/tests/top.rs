@@ -227,8 +227,8 @@ fn top_shows_the_stall_with_a_running_countdown() {
     let m0 = monotonic_ns();
     let pane = tmux.capture();
     let m1 = monotonic_ns();
-    let shown = countdown_of(&pane, &local)
-        .unwrap_or_else(|| panic!("the capture lost the row:\n{pane}"));
+    let shown =
+        countdown_of(&pane, &local).unwrap_or_else(|| panic!("the capture lost the row:\n{pane}"));
     let api = agent
         .stall_of(local_addr, remote_addr)
         .unwrap_or_else(|| panic!("the API lost the flow"));

@@ -62,7 +62,7 @@ pub(crate) fn jiffies_to_msecs(j: u64, hz: u64) -> u64 {
     if 1000 % hz == 0 {
         j * (1000 / hz)
     } else {
-        (j * 1000 + hz - 1) / hz
+        (j * 1000).div_ceil(hz)
     }
 }
 
