@@ -6,17 +6,27 @@ use serde_json::Value;
 
 use super::*;
 
-const FIXTURES: &[&str] = &[
-    "6.18-s1-retries2-3",
-    "6.18-s1-retries2-5",
-    "6.18-s2-user-timeout-4000",
-    "6.1-s1-retries2-3",
-    "6.1-s1-retries2-5",
-    "6.1-s2-user-timeout-4000",
-    "6.12-s1-retries2-3",
-    "6.12-s1-retries2-5",
-    "6.12-s2-user-timeout-4000",
-];
+/// Every replay fixture (`tcpstall-tests/tests/replay.rs` holds the set
+/// complete: 6.1, 6.12 and 6.18, S1 and S2).
+fn fixtures() -> Vec<String> {
+    let dir = format!(
+        "{}/../tcpstall-tests/fixtures/replay",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|e| {
+            let name = e.expect("entry").file_name().to_string_lossy().into_owned();
+            name.trim_end_matches(".jsonl").to_owned()
+        })
+        .collect();
+    names.sort();
+    assert!(
+        names.len() >= 9,
+        "replay fixtures missing in {dir}: {names:?}"
+    );
+    names
+}
 
 /// `tcp_retries2` 15 is "924.6 seconds" (tcp(7)); the orphan default 8 is
 /// ">100 seconds with minimal RTO of 200msec" (tcp_timer.c); 3 and 5 are the
@@ -126,7 +136,7 @@ fn recorded(name: &str) -> Recorded {
 #[test]
 fn model_rules_match_every_recorded_expiry() {
     let mut report = Vec::new();
-    for name in FIXTURES {
+    for name in &fixtures() {
         let r = recorded(name);
         let x = &r.expiries;
         let last = x.len() - 1;
@@ -184,7 +194,7 @@ fn model_rules_match_every_recorded_expiry() {
 /// more than the callbacks' recorded lateness.
 #[test]
 fn model_run_dies_at_the_recorded_expiry() {
-    for name in FIXTURES {
+    for name in &fixtures() {
         let r = recorded(name);
         let first = &r.expiries[0];
         let (j0, ts0) = (n(first, "jiffies"), n(first, "ts_ns"));
