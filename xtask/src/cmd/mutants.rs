@@ -91,6 +91,9 @@ pub fn run(
             .arg("mutants")
             .args(["--package", "tcpstall", "--in-place", "--no-shuffle"])
             .args(["--timeout", "300", "--build-timeout", "900"])
+            // Every cargo command in release (the profile the tests are
+            // warm in), not only `cargo test`'s run.
+            .arg("--cargo-arg=--release")
             .arg("--output")
             .arg(&out);
         // `--only`: a narrower glob inside the target (e.g. one file).
@@ -112,7 +115,7 @@ pub fn run(
         }
         // cargo test arguments, then the test binary's (the unit tests of
         // the target only).
-        cmd.args(["--", "--release", "--lib", "--"]);
+        cmd.args(["--", "--lib", "--"]);
         cmd.args(test_filters(name));
         step(&format!(
             "cargo-mutants on {name} ({}), at most {} min",
@@ -140,6 +143,7 @@ fn run_until(cmd: &mut Command, budget: Duration) -> anyhow::Result<bool> {
     loop {
         if let Some(status) = child.try_wait()? {
             // Exit 2: mutants survived, 3: timeouts; both are results.
+            // Interrupted at the budget is handled below.
             if !matches!(status.code(), Some(0 | 2 | 3)) {
                 bail!("cargo-mutants failed ({status}); see its output above");
             }
