@@ -45,6 +45,8 @@ mod flow_key;
 mod handlers;
 pub mod horizon;
 pub mod hz;
+#[cfg(test)]
+mod kernel_model;
 mod output;
 mod remote;
 pub mod seed;

@@ -2,6 +2,8 @@
 //! retransmission streaks, zero-window episodes, the kernel's verdict at an
 //! RTO expiry and the death prediction.
 
+use tcpstall_common::pending;
+
 use crate::kernel::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, TcpState};
 
 use super::flow::Anchor;
@@ -170,8 +172,13 @@ impl Engine {
                 true
             }
             (Some(ep), 0) => {
-                // Still 0: only the retransmission of the RTO that was seen
-                // before the stamp got set continues the episode.
+                // Still 0: the retransmission of the RTO that was seen
+                // before the stamp got set continues the episode. So does the
+                // first RTO after a loss probe (a probe never sets
+                // retrans_stamp; the RTO's retransmission will): the same
+                // loss, re-anchored at this expiry, where the kernel's
+                // boundary will count from. ACK progress in between already
+                // ended the streak (`recovered`).
                 if ep.stamp == 0 && same_rto_as_anchor {
                     false
                 } else {
@@ -179,7 +186,7 @@ impl Engine {
                         stamp: 0,
                         start_ns: ev.ts_ns,
                     });
-                    true
+                    !(ep.stamp == 0 && Self::is_rto_expiry(ev))
                 }
             }
             (Some(ep), s) if ep.stamp == s => false,
@@ -299,6 +306,16 @@ impl Engine {
     pub(super) fn acked(st: &Streak, ev: &SockEvent) -> bool {
         let una = ev.snd_una != 0 && st.snd_una_last != 0 && seq_after(ev.snd_una, st.snd_una_last);
         una || (Self::knows_retransmits(ev) && ev.retransmits < st.last_retransmits)
+    }
+
+    /// An RTO expiry: the write timer with `ICSK_TIME_RETRANS` pending, or
+    /// the retransmission it sends (`icsk_pending` 0 in the event).
+    fn is_rto_expiry(ev: &SockEvent) -> bool {
+        match (ev.kind, ev.sock) {
+            (EventKind::WriteTimer, Some(s)) => s.pending == pending::RETRANS,
+            (EventKind::Retransmit, Some(s)) => s.pending == 0,
+            _ => false,
+        }
     }
 
     pub(super) fn knows_retransmits(ev: &SockEvent) -> bool {
