@@ -4,7 +4,7 @@
 //! removes it on drop, also when a test fails.
 //!
 //! Which test files need root: `scenarios`, `behaviour`, `sweep`, `top`,
-//! `k8s`, `image`, `privileges` and `prometheus_e2e` run the real agent and
+//! `k8s`, `guard`, `image`, `privileges` and `prometheus_e2e` run the real agent and
 //! the kernel programs (`cargo xtask test` runs them as root); `deploy`,
 //! `kustomize` and `replay` need no root.
 //!
@@ -20,7 +20,8 @@
 //! - [`agent`]: the [`Agent`] harness and its event readers;
 //! - [`witness`]: the ftrace [`TraceWitness`];
 //! - [`prometheus`]: exposition and Grafana query helpers;
-//! - [`k8s`]: `setpriv` and `kubernetes-validate` helpers.
+//! - [`k8s`]: `setpriv` and `kubernetes-validate` helpers, kubelet-style
+//!   pod cgroups and processes started in them, containerd task specs.
 
 pub mod agent;
 pub mod k8s;

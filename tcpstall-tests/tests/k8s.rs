@@ -24,76 +24,16 @@ use std::{
 };
 
 use serde_json::Value;
-use tcpstall_tests::{Agent, Link, drain, ev_str, listen_in, metric_sum, require, require_tools};
+use tcpstall_tests::{
+    Agent, Cgroups, Link, Proc, cgroup2_root, drain, ev_str, listen_in, metric_sum, require_tools,
+    spawn_in_cgroup,
+};
 
 const POD_UID: &str = "0b3c7a51-7e0d-4c2a-9f43-5a1d2e3f4a5b";
 const HOSTNET_UID: &str = "9f8e7d6c-5b4a-4392-8170-6e5d4c3b2a19";
 const APP_ID: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 const PAUSE_ID: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
 const HOSTNET_ID: &str = "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3";
-
-fn cgroup2_root() -> PathBuf {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mount = pre.split_whitespace().nth(4)?;
-        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount))
-    });
-    require(
-        root.is_some(),
-        "a cgroup2 mount",
-        "mount cgroup2 (pure v2 or hybrid host)",
-    );
-    root.unwrap()
-}
-
-/// cgroup directories created for the test; removed (deepest first) on drop,
-/// after the processes in them were killed.
-struct Cgroups {
-    created: Vec<PathBuf>,
-}
-
-impl Cgroups {
-    fn make(&mut self, root: &Path, rel: &str) -> PathBuf {
-        let mut p = root.to_path_buf();
-        for seg in rel.split('/').filter(|s| !s.is_empty()) {
-            p.push(seg);
-            if !p.exists() {
-                fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-                self.created.push(p.clone());
-            }
-        }
-        p
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for d in self.created.iter().rev() {
-            if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
-                for pid in procs.lines() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            }
-            for _ in 0..50 {
-                if fs::remove_dir(d).is_ok() || !d.exists() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Scratch(PathBuf);
 
@@ -116,54 +56,20 @@ fn named_shell(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// Start `shell -c script`, optionally in a network namespace; the script's
-/// first command moves the shell into `cgroup` (before any socket exists).
+/// Start `shell -c script` in `cgroup`, optionally in a network namespace.
 fn spawn(netns: Option<&str>, shell: &Path, cgroup: &Path, script: &str) -> Proc {
-    // Join the cgroup first (`ip netns exec` remounts /sys, hiding the
-    // cgroup2 mount), then enter the namespace and exec the named shell:
-    // one pid throughout.
-    let mut c = Command::new("/bin/bash");
-    c.args([
-        "-c",
-        "echo $$ > \"$1\"/cgroup.procs || exit 1; shift; exec \"$@\"",
-        "_",
-    ])
-    .arg(cgroup);
-    if let Some(ns) = netns {
-        c.args(["ip", "netns", "exec", ns]);
-    }
-    let child = c
-        .arg(shell)
-        .args(["-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id().to_string();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !fs::read_to_string(cgroup.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l == pid)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} did not join {}",
-            cgroup.display()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    Proc(child)
+    spawn_in_cgroup(
+        netns,
+        cgroup,
+        shell,
+        &["-c", script],
+        Stdio::null(),
+        Stdio::null(),
+    )
 }
 
 fn containerd_spec(kind: &str, name: &str, pod: &str, ns: &str, uid: &str) -> String {
-    format!(
-        r#"{{"ociVersion":"1.1.0","process":{{"env":["PATH=/bin"]}},"annotations":{{
-        "io.kubernetes.cri.container-type":"{kind}","io.kubernetes.cri.container-name":"{name}",
-        "io.kubernetes.cri.sandbox-id":"{PAUSE_ID}","io.kubernetes.cri.sandbox-name":"{pod}",
-        "io.kubernetes.cri.sandbox-namespace":"{ns}","io.kubernetes.cri.sandbox-uid":"{uid}"}}}}"#
-    )
+    tcpstall_tests::containerd_spec(kind, name, pod, ns, uid, PAUSE_ID)
 }
 
 fn wait_stall(agent: &Agent, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
@@ -189,9 +95,7 @@ fn pods_containers_and_processes_from_cgroups_and_runtime_state() {
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).unwrap();
     let _scratch = Scratch(tmp.clone());
-    let mut cgroups = Cgroups {
-        created: Vec::new(),
-    };
+    let mut cgroups = Cgroups::default();
 
     // Runtime state: containerd bundles (app + its sandbox), CRI-O config
     // for the hostNetwork pod.

@@ -12,7 +12,8 @@
 //! | `engine` | `kernel::event` only (the decoded event type) |
 //! | `sweep` | `kernel`, `engine` |
 //! | `identity` | `engine` (the stall view a flow reference is made from) |
-//! | `serve` | `kernel`, `engine`, `sweep`, `identity` |
+//! | `guard` | `kernel`, `identity` |
+//! | `serve` | `kernel`, `engine`, `sweep`, `identity`, `guard` |
 //! | `cli` | `kernel`, `engine`, `identity` |
 //! | `app` | every wing |
 //!
@@ -33,11 +34,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("engine", &["kernel::event"]),
     ("sweep", &["kernel", "engine"]),
     ("identity", &["engine"]),
-    ("serve", &["kernel", "engine", "sweep", "identity"]),
+    ("guard", &["kernel", "identity"]),
+    ("serve", &["kernel", "engine", "sweep", "identity", "guard"]),
     ("cli", &["kernel", "engine", "identity"]),
     (
         "app",
-        &["kernel", "engine", "sweep", "identity", "serve", "cli"],
+        &["kernel", "engine", "sweep", "identity", "guard", "serve", "cli"],
     ),
 ];
 

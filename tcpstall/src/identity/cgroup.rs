@@ -155,6 +155,11 @@ impl CgroupIndex {
         self.by_id.get(&id).map(String::as_str)
     }
 
+    /// Every cgroup of the last walk (id, path).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.by_id.iter().map(|(id, p)| (*id, p.as_str()))
+    }
+
     /// Rebuild the map (depth first; directories that vanish are skipped).
     pub fn walk(&mut self) {
         let Some(root) = self.root.clone() else {

@@ -241,6 +241,8 @@ fn contract_names_types_and_help() {
         ("tcpstall_sweep_sockets_visited", "counter"),
         ("tcpstall_sweep_tcp_sockets", "gauge"),
         ("tcpstall_sockets_without_timeout", "gauge"),
+        ("tcpstall_guard_sockets", "counter"),
+        ("tcpstall_guard_reload_failures", "counter"),
     ];
     let types: Vec<(&str, &str)> = text
         .lines()
