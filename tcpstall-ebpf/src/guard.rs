@@ -42,8 +42,7 @@ use crate::{AF_INET, AF_INET6, Direct, Plain, Skip, Source, layout, now, ops_fie
 static RULES: HashMap<u64, GuardRule> = HashMap::with_max_entries(guard::MAX_RULES, 0);
 
 #[map(name = "TCPSTALL_GUARD_SOCKETS")]
-static SOCKETS: LruHashMap<u64, GuardRecord> =
-    LruHashMap::with_max_entries(guard::MAX_SOCKETS, 0);
+static SOCKETS: LruHashMap<u64, GuardRecord> = LruHashMap::with_max_entries(guard::MAX_SOCKETS, 0);
 
 const SOL_SOCKET: i32 = 1;
 const SO_KEEPALIVE: i32 = 9;

@@ -112,7 +112,9 @@ impl Drop for Cgroups {
         for d in self.created.iter().rev() {
             if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
                 for pid in procs.lines() {
-                    let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+                    let _ = std::process::Command::new("kill")
+                        .args(["-9", pid])
+                        .status();
                 }
             }
             for _ in 0..50 {

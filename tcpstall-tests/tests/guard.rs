@@ -25,7 +25,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{BufRead, BufReader, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{ChildStdin, Stdio},
     sync::mpsc::{self, Receiver},
@@ -206,14 +206,37 @@ fn guard_doc(agent: &Agent) -> Value {
 
 fn established_in(link_ns: &str) -> String {
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", link_ns, "ss", "-tnH", "state", "established"])
+        .args([
+            "netns",
+            "exec",
+            link_ns,
+            "ss",
+            "-tnH",
+            "state",
+            "established",
+        ])
         .output()
         .expect("ss");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The preferred program (`tcpstall_guard_direct`).
 #[test]
 fn guard_arms_timeouts_per_pod_rule() {
+    scenario(&[], "tcpstall_guard_direct");
+}
+
+/// The last fallback (`tcpstall_guard_plain`: no socket pointer passed to a
+/// helper), chosen by refusing the direct one as a kernel would.
+#[test]
+fn guard_plain_fallback_arms_timeouts_per_pod_rule() {
+    scenario(
+        &["--deny-program", "tcpstall_guard_direct"],
+        "tcpstall_guard_plain",
+    );
+}
+
+fn scenario(extra: &[&str], program: &str) {
     require_tools();
     require(
         Path::new("/usr/bin/python3").exists(),
@@ -267,18 +290,31 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
 
     let link = Link::new("grd", 77);
     link.a.sysctl("net.ipv4.tcp_retries2", "15");
-    let agent = Agent::start(&[
+    let (containerd, crio) = (tmp.join("containerd"), tmp.join("crio"));
+    let (kubelet, docker) = (tmp.join("kubelet"), tmp.join("docker"));
+    let mut args = vec![
         "--containerd-state",
-        &tmp.join("containerd").to_string_lossy(),
+        containerd.to_str().unwrap(),
         "--crio-state",
-        &tmp.join("crio").to_string_lossy(),
+        crio.to_str().unwrap(),
         "--kubelet-root",
-        &tmp.join("kubelet").to_string_lossy(),
+        kubelet.to_str().unwrap(),
         "--docker-root",
-        &tmp.join("docker").to_string_lossy(),
+        docker.to_str().unwrap(),
         "--guard-policy",
-        &policy.to_string_lossy(),
-    ]);
+        policy.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&args);
+    let (_, plan) = agent.http_get("/api/v1/plan");
+    let plan: Value = serde_json::from_str(&plan).expect("plan JSON");
+    let guard_probe = plan["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["probe"] == "guard")
+        .expect("guard probe in the plan");
+    assert_eq!(guard_probe["program"], program, "{guard_probe}");
     // Every rule's pod cgroup is in the kernel map before any socket.
     wait_until(
         Duration::from_secs(15),
@@ -330,20 +366,36 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
     let c_pool = pool_idle.next("pool client", t);
 
     // What the applications see right after connect.
-    assert_eq!(c_shop_plain["user_timeout"], 10_000, "enforced: {c_shop_plain}");
+    assert_eq!(
+        c_shop_plain["user_timeout"], 10_000,
+        "enforced: {c_shop_plain}"
+    );
     assert_eq!(c_shop_own["user_timeout"], 3_000, "kept: {c_shop_own}");
-    assert_eq!(c_lab_plain["user_timeout"], 0, "dry-run changes nothing: {c_lab_plain}");
+    assert_eq!(
+        c_lab_plain["user_timeout"], 0,
+        "dry-run changes nothing: {c_lab_plain}"
+    );
     assert_eq!(c_lab_own["user_timeout"], 3_000, "{c_lab_own}");
     assert_eq!(c_dev["user_timeout"], 0, "outside every rule: {c_dev}");
     assert_eq!(c_dev["keepalive"], 0, "{c_dev}");
     assert_eq!(
-        (&c_pool["keepalive"], &c_pool["keepidle"], &c_pool["keepcnt"], &c_pool["user_timeout"]),
-        (&Value::from(1), &Value::from(2), &Value::from(2), &Value::from(0)),
+        (
+            &c_pool["keepalive"],
+            &c_pool["keepidle"],
+            &c_pool["keepcnt"],
+            &c_pool["user_timeout"]
+        ),
+        (
+            &Value::from(1),
+            &Value::from(2),
+            &Value::from(2),
+            &Value::from(0)
+        ),
         "keepalive rule: {c_pool}"
     );
 
     // Passive: the server pod's rule arms the accepted socket.
-    let mut db_server = python(&link.b.name, &db, SERVER, &[&host, "9001"]);
+    let db_server = python(&link.b.name, &db, SERVER, &[&host, "9001"]);
     db_server.next("db server listening", t);
     let db_client = connect_in(&link.a, SocketAddr::from((link.b_ip, 9001)));
     let accepted = db_server.next("db server accepted", t);
@@ -437,7 +489,11 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
     let pool_rec = rec(&c_pool);
     assert_eq!(strs(&pool_rec["actions"]), vec!["keepalive"], "{pool_rec}");
     assert_eq!(
-        (&pool_rec["keepalive_idle_s"], &pool_rec["keepalive_interval_s"], &pool_rec["keepalive_count"]),
+        (
+            &pool_rec["keepalive_idle_s"],
+            &pool_rec["keepalive_interval_s"],
+            &pool_rec["keepalive_count"]
+        ),
         (&Value::from(2), &Value::from(1), &Value::from(2))
     );
 
@@ -447,16 +503,30 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
         metric_sum(
             &m,
             "tcpstall_guard_sockets_total",
-            &[("namespace", ns), ("rule", rule), ("action", action), ("mode", mode)],
+            &[
+                ("namespace", ns),
+                ("rule", rule),
+                ("action", action),
+                ("mode", mode),
+            ],
         )
     };
-    assert_eq!(count(&shop.namespace, "shop-10s", "user_timeout", "enforce"), Some(1.0));
+    assert_eq!(
+        count(&shop.namespace, "shop-10s", "user_timeout", "enforce"),
+        Some(1.0)
+    );
     assert_eq!(
         count(&shop.namespace, "shop-10s", "kept_user_timeout", "enforce"),
         Some(1.0)
     );
-    assert_eq!(count(&lab.namespace, "lab-dry", "user_timeout", "dry-run"), Some(1.0));
-    assert_eq!(count(&db.namespace, "db-server", "user_timeout", "enforce"), Some(1.0));
+    assert_eq!(
+        count(&lab.namespace, "lab-dry", "user_timeout", "dry-run"),
+        Some(1.0)
+    );
+    assert_eq!(
+        count(&db.namespace, "db-server", "user_timeout", "enforce"),
+        Some(1.0)
+    );
     assert_eq!(
         count(&dev.namespace, "", "user_timeout", "enforce"),
         None,
@@ -511,7 +581,10 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
         "the keepalive client died {ka_after:.2} s after the blackhole (rule horizon 4 s)"
     );
     let est = established_in(&link.a.name);
-    for (what, c, p) in [("unguarded", &c_dev, &dev_plain), ("dry-run", &c_lab_plain, &lab_plain)] {
+    for (what, c, p) in [
+        ("unguarded", &c_dev, &dev_plain),
+        ("dry-run", &c_lab_plain, &lab_plain),
+    ] {
         assert!(
             p.lines.try_recv().is_err(),
             "the {what} client must still hang (924.6 s horizon)"

@@ -394,7 +394,9 @@ fn guard_component_mounts_a_valid_dry_run_policy() {
             .collect()
     };
     assert!(
-        !env_names(&base).iter().any(|n| n == "TCPSTALL_GUARD_POLICY"),
+        !env_names(&base)
+            .iter()
+            .any(|n| n == "TCPSTALL_GUARD_POLICY"),
         "the guard must be off in the base"
     );
     let docs = documents(&render("deploy/kubernetes/overlays/guard"));

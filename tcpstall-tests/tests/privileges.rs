@@ -134,9 +134,7 @@ fn manifest_capabilities_run_doctor_s1_and_refuse_program_stats() {
         "with exactly {caps:?} the agent chooses other mechanisms"
     );
     assert!(
-        limited
-            .iter()
-            .any(|(p, m)| p == "guard" && m == "sock_ops"),
+        limited.iter().any(|(p, m)| p == "guard" && m == "sock_ops"),
         "the guard's program must attach with exactly {caps:?}: {limited:?}"
     );
 
@@ -167,7 +165,8 @@ fn manifest_capabilities_run_doctor_s1_and_refuse_program_stats() {
     // the socket's netns gives the socket's inode.
     link.a.exec("sleep 300 >/dev/null 2>&1 &");
     // The guard on, with a rule for a cgroup of nobody's.
-    let policy = std::env::temp_dir().join(format!("tcpstall-priv-guard-{}.toml", std::process::id()));
+    let policy =
+        std::env::temp_dir().join(format!("tcpstall-priv-guard-{}.toml", std::process::id()));
     std::fs::write(
         &policy,
         "[[rule]]\ncgroup = \"/tcpstall-privileges-test-none\"\nuser_timeout = \"10s\"\n",

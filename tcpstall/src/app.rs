@@ -162,9 +162,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 .probes
                 .iter()
                 .find(|p| p.probe == crate::kernel::probes::GUARD)
-                .map_or_else(|| "no guard probe".to_owned(), |p| p.outcome().err().unwrap_or_default());
+                .map_or_else(
+                    || "no guard probe".to_owned(),
+                    |p| p.outcome().err().unwrap_or_default(),
+                );
             error!(why = %why, "guard off: its kernel program could not be attached (tcpstall doctor); sockets are not changed");
-            *state.guard_off.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            *state
+                .guard_off
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
                 Some(format!("kernel: {why}"));
             None
         }
@@ -174,8 +180,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             } else {
                 "no --guard-policy"
             };
-            *state.guard_off.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                Some(why.to_owned());
+            *state
+                .guard_off
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why.to_owned());
             None
         }
     };

@@ -39,7 +39,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("cli", &["kernel", "engine", "identity"]),
     (
         "app",
-        &["kernel", "engine", "sweep", "identity", "guard", "serve", "cli"],
+        &[
+            "kernel", "engine", "sweep", "identity", "guard", "serve", "cli",
+        ],
     ),
 ];
 

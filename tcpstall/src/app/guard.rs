@@ -77,9 +77,7 @@ impl GuardRunner {
             .cgroups
             .entries()
             .map(|(id, path)| {
-                let pod = ids
-                    .pod_of_cgroup_path(path)
-                    .map(|p| (p.namespace, p.pod));
+                let pod = ids.pod_of_cgroup_path(path).map(|p| (p.namespace, p.pod));
                 (id, path.to_owned(), pod)
             })
             .collect();
@@ -134,5 +132,6 @@ impl GuardRunner {
 /// The policy before anything is loaded (an invalid one stops the agent
 /// with its one-line error).
 pub(super) fn load_policy(path: &Path) -> anyhow::Result<Guard> {
-    Guard::load(path).map_err(|e| anyhow::anyhow!("{e}; fix the file or run without --guard-policy"))
+    Guard::load(path)
+        .map_err(|e| anyhow::anyhow!("{e}; fix the file or run without --guard-policy"))
 }

@@ -331,12 +331,12 @@ impl Guard {
             }
             let who = match (&ns, &pod) {
                 (Some(n), Some(p)) if !p.is_empty() => format!("{n}/{p}"),
-                _ => entry.as_ref().map_or_else(
-                    || format!("cgroup {}", r.cgroup_id),
-                    |e| e.path.clone(),
-                ),
+                _ => entry
+                    .as_ref()
+                    .map_or_else(|| format!("cgroup {}", r.cgroup_id), |e| e.path.clone()),
             };
-            if s.changes() && self.logged.len() < MAX_LOGGED
+            if s.changes()
+                && self.logged.len() < MAX_LOGGED
                 && self.logged.insert((who.clone(), rule.clone()))
             {
                 logs.push(FirstGuard {

@@ -209,9 +209,9 @@ impl Policy {
             message,
         };
         let raw: RawPolicy = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map_or(1, |s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let line = e.span().map_or(1, |s| {
+                text[..s.start.min(text.len())].matches('\n').count() + 1
+            });
             err(line, e.message().trim().to_owned())
         })?;
         // The line of each `[[rule]]` header, in order.
@@ -245,7 +245,9 @@ impl Policy {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             {
-                return Err(e("name must be non-empty letters, digits, `-`, `_`, `.`".into()));
+                return Err(e(
+                    "name must be non-empty letters, digits, `-`, `_`, `.`".into()
+                ));
             }
             if !names.insert(name.clone()) {
                 return Err(e("a rule of that name comes earlier".into()));

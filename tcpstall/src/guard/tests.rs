@@ -54,7 +54,13 @@ fn parses_rules_with_their_lines_and_modes() {
     assert_eq!(p.rules[2].user_timeout_ms, Some(60_000));
     let k = p.rules[1].kernel(2);
     assert_eq!(
-        (k.keepidle_s, k.keepintvl_s, k.keepcnt, k.rule, k.user_timeout_ms),
+        (
+            k.keepidle_s,
+            k.keepintvl_s,
+            k.keepcnt,
+            k.rule,
+            k.user_timeout_ms
+        ),
         (30, 5, 3, 2, 0)
     );
     assert_eq!(k.flags, rule_flag::ENFORCE | rule_flag::KEEPALIVE);
@@ -69,7 +75,10 @@ fn parses_rules_with_their_lines_and_modes() {
 fn first_match_wins() {
     let p = pol();
     let name = |t: &Target<'_>| p.first_match(t).map(|(_, r)| r.name.as_str());
-    assert_eq!(name(&t("/k", Some("shop"), Some("web-1"))), Some("shop-web"));
+    assert_eq!(
+        name(&t("/k", Some("shop"), Some("web-1"))),
+        Some("shop-web")
+    );
     assert_eq!(name(&t("/k", Some("shop"), Some("db-0"))), Some("shop"));
     assert_eq!(name(&t("/k", Some("other"), Some("web-1"))), None);
     assert_eq!(name(&t("/k", None, None)), None);
@@ -81,10 +90,7 @@ fn first_match_wins() {
         name(&t("/system.slice/batch.service/sub", None, None)),
         Some("batch")
     );
-    assert_eq!(
-        name(&t("/system.slice/batch.service2", None, None)),
-        None
-    );
+    assert_eq!(name(&t("/system.slice/batch.service2", None, None)), None);
 }
 
 #[test]
@@ -102,22 +108,49 @@ fn globs() {
 #[test]
 fn invalid_policies_name_the_line() {
     let cases = [
-        ("mode = \"enforce\"\n[[rule]]\nnamespace = \"a\"\nuser_timeout = \"10x\"\n", 2, "user_timeout"),
-        ("[[rule]]\nnamespace = \"a\"\nusr_timeout = \"10s\"\n", 3, "unknown field"),
+        (
+            "mode = \"enforce\"\n[[rule]]\nnamespace = \"a\"\nuser_timeout = \"10x\"\n",
+            2,
+            "user_timeout",
+        ),
+        (
+            "[[rule]]\nnamespace = \"a\"\nusr_timeout = \"10s\"\n",
+            3,
+            "unknown field",
+        ),
         ("[[rule]]\nnamespace = \"a\"\n", 1, "sets nothing"),
         ("\n[[rule]]\nuser_timeout = \"10s\"\n", 2, "matches nothing"),
         ("mode = \"on\"\n", 1, "expected \"dry-run\" or \"enforce\""),
-        ("[[rule]]\nnamespace = \"a\"\nkeepalive = { count = 500 }\n", 1, "count = 500"),
-        ("[[rule]]\nnamespace = \"a\"\nkeepalive = { idle = \"1500ms\" }\n", 1, "whole seconds"),
-        ("[[rule]]\ncgroup = \"system.slice\"\nuser_timeout = \"1s\"\n", 1, "starting with `/`"),
-        ("[[rule]]\nname = \"x\"\nnamespace = \"a\"\nuser_timeout = \"1s\"\n[[rule]]\nname = \"x\"\nnamespace = \"b\"\nuser_timeout = \"1s\"\n", 5, "comes earlier"),
+        (
+            "[[rule]]\nnamespace = \"a\"\nkeepalive = { count = 500 }\n",
+            1,
+            "count = 500",
+        ),
+        (
+            "[[rule]]\nnamespace = \"a\"\nkeepalive = { idle = \"1500ms\" }\n",
+            1,
+            "whole seconds",
+        ),
+        (
+            "[[rule]]\ncgroup = \"system.slice\"\nuser_timeout = \"1s\"\n",
+            1,
+            "starting with `/`",
+        ),
+        (
+            "[[rule]]\nname = \"x\"\nnamespace = \"a\"\nuser_timeout = \"1s\"\n[[rule]]\nname = \"x\"\nnamespace = \"b\"\nuser_timeout = \"1s\"\n",
+            5,
+            "comes earlier",
+        ),
         ("[[rule]\n", 1, ""),
     ];
     for (text, line, needle) in cases {
         let e = Policy::parse(text, "p.toml").expect_err(text);
         assert_eq!(e.line, line, "{text}: {e}");
         let msg = e.to_string();
-        assert!(msg.starts_with(&format!("guard policy p.toml, line {line}: ")), "{msg}");
+        assert!(
+            msg.starts_with(&format!("guard policy p.toml, line {line}: ")),
+            "{msg}"
+        );
         assert!(msg.contains(needle), "{text}: {msg}");
         assert_eq!(msg.lines().count(), 1, "{msg}");
     }
@@ -142,7 +175,11 @@ fn failed_reload_keeps_the_last_good_policy() {
     assert_eq!(e.line, 2);
     assert_eq!(g.policy.rules.len(), 3);
     assert!(g.last_error.as_deref().unwrap().contains("line 2"));
-    std::fs::write(&path, "[[rule]]\nnamespace = \"x\"\nuser_timeout = \"5s\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[[rule]]\nnamespace = \"x\"\nuser_timeout = \"5s\"\n",
+    )
+    .unwrap();
     g.reload().unwrap();
     assert_eq!(g.policy.rules.len(), 1);
     assert_eq!(g.last_error, None);
@@ -162,7 +199,12 @@ fn guard() -> Guard {
 #[test]
 fn sync_sends_only_changes() {
     let mut g = guard();
-    let seen = |v: &[(u64, &'static str, Option<&'static str>, Option<&'static str>)]| {
+    let seen = |v: &[(
+        u64,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    )]| {
         v.iter()
             .map(|&(id, path, namespace, pod)| Seen {
                 id,
@@ -226,7 +268,12 @@ fn ingest_counts_logs_once_and_keeps_sockets() {
         vec![
             ("shop".into(), "shop-web".into(), "user_timeout", "dry-run"),
             ("shop".into(), "shop-web".into(), "user_timeout", "dry-run"),
-            ("shop".into(), "shop-web".into(), "kept_user_timeout", "dry-run"),
+            (
+                "shop".into(),
+                "shop-web".into(),
+                "kept_user_timeout",
+                "dry-run"
+            ),
         ]
     );
     assert_eq!(l.len(), 1);
@@ -250,7 +297,9 @@ fn ingest_counts_logs_once_and_keeps_sockets() {
 fn kept_sockets_are_bounded() {
     let mut g = guard();
     let n = MAX_SOCKETS_KEPT as u64 + 10;
-    let recs: Vec<_> = (1..=n).map(|c| record(c, 9, 1, action::USER_TIMEOUT)).collect();
+    let recs: Vec<_> = (1..=n)
+        .map(|c| record(c, 9, 1, action::USER_TIMEOUT))
+        .collect();
     g.ingest(&recs);
     assert_eq!(g.sockets().count(), MAX_SOCKETS_KEPT);
     assert!(g.socket(1).is_none());

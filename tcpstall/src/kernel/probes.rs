@@ -52,9 +52,7 @@ impl Attach {
                 format!("tp_btf/timer_expire_entry [function == {callback}]")
             }
             Attach::SockOps => "cgroup/sock_ops (RTO_CB)".to_owned(),
-            Attach::SockOpsGuard => {
-                "cgroup/sock_ops (ESTABLISHED_CB: bpf_setsockopt)".to_owned()
-            }
+            Attach::SockOpsGuard => "cgroup/sock_ops (ESTABLISHED_CB: bpf_setsockopt)".to_owned(),
             Attach::Iter { target } => format!("iter/{target}"),
         }
     }

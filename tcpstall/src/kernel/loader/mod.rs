@@ -31,8 +31,8 @@ mod stats;
 mod sweep;
 
 use attach::{AttachEnv, attach_probe};
-pub use stats::{KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo};
 pub use guard::GuardMaps;
+pub use stats::{KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo};
 use sweep::check_socket_constants;
 pub use sweep::{SweepError, SweepOutput, SweepRun, parse_sweep_records};
 

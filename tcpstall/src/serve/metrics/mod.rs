@@ -329,7 +329,13 @@ fn outcome_index(o: StreakOutcome) -> usize {
 impl Metrics {
     /// `tcpstall_guard_sockets_total`: one socket the guard acted on (or
     /// would have), per action.
-    pub fn guard_socket(&self, namespace: &str, rule: &str, action: &'static str, mode: &'static str) {
+    pub fn guard_socket(
+        &self,
+        namespace: &str,
+        rule: &str,
+        action: &'static str,
+        mode: &'static str,
+    ) {
         self.guard_sockets
             .get_or_create(&GuardLabels {
                 namespace: namespace.to_owned(),

@@ -422,15 +422,15 @@ fn guard_json(state: &AgentState) -> Response {
         .clone();
     let guard = state.guard();
     let g = guard.as_ref();
-    let sockets: Vec<_> = g
-        .map(|g| g.sockets().rev().collect())
-        .unwrap_or_default();
+    let sockets: Vec<_> = g.map(|g| g.sockets().rev().collect()).unwrap_or_default();
     json_response(&GuardDoc {
         generated_at: wall(now, offset),
         enabled: g.is_some(),
         off_reason: off,
         policy_file: g.map(|g| g.path.display().to_string()),
-        rules: g.map(|g| g.policy.rules.iter().collect()).unwrap_or_default(),
+        rules: g
+            .map(|g| g.policy.rules.iter().collect())
+            .unwrap_or_default(),
         last_reload_error: g.and_then(|g| g.last_error.as_deref()),
         reloads: g.map_or(0, |g| g.reloads),
         cgroups: g.map(|g| g.cgroups()).unwrap_or_default(),
