@@ -35,8 +35,8 @@ use std::{
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Cgroups, Link, Proc, cgroup2_root, connect_in, containerd_spec, ev_str, listen_in,
-    metric_sum, require, require_tools, spawn_in_cgroup, wait_until,
+    Agent, Cgroups, Link, Proc, Scratch, cgroup2_root, connect_in, containerd_spec, ev_str,
+    listen_in, metric_sum, require, require_tools, spawn_in_cgroup, wait_until, write_file,
 };
 
 const CLIENT: &str = r#"
@@ -77,19 +77,6 @@ print(json.dumps({"local": "%s:%d" % c.getsockname(), "peer": "%s:%d" % peer,
 sys.stdin.readline()
 "#;
 
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn write(p: &Path, text: &str) {
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, text).unwrap();
-}
-
 /// A pod of this run: unique UID, container and sandbox IDs (concurrent
 /// runs of other tests on the machine never resolve to it).
 struct Pod {
@@ -109,11 +96,11 @@ fn make_pod(
     let uid = format!("{pid:08x}-6a7d-4c2a-9f43-{idx:012x}");
     let app = format!("{idx:02x}{}{pid:08x}", "a".repeat(54));
     let sandbox = format!("{idx:02x}{}{pid:08x}", "b".repeat(54));
-    write(
+    write_file(
         &tasks.join(&app).join("config.json"),
         &containerd_spec("container", "app", name, namespace, &uid, &sandbox),
     );
-    write(
+    write_file(
         &tasks.join(&sandbox).join("config.json"),
         &containerd_spec("sandbox", "", name, namespace, &uid, &sandbox),
     );
@@ -258,7 +245,7 @@ fn scenario(extra: &[&str], program: &str) {
     let db = make_pod(&mut cgroups, &cg_root, &tasks, 4, &ns("db"), "postgres-0");
     let pool = make_pod(&mut cgroups, &cg_root, &tasks, 5, &ns("pool"), "worker-0");
     let policy = tmp.join("guard.toml");
-    write(
+    write_file(
         &policy,
         &format!(
             r#"mode = "enforce"

@@ -18,15 +18,15 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Cgroups, Link, Proc, cgroup2_root, drain, ev_str, listen_in, metric_sum, require_tools,
-    spawn_in_cgroup,
+    Agent, Cgroups, Link, Proc, Scratch, cgroup2_root, drain, ev_str, listen_in, metric_sum,
+    require_tools, spawn_in_cgroup, write_file,
 };
 
 const POD_UID: &str = "0b3c7a51-7e0d-4c2a-9f43-5a1d2e3f4a5b";
@@ -34,19 +34,6 @@ const HOSTNET_UID: &str = "9f8e7d6c-5b4a-4392-8170-6e5d4c3b2a19";
 const APP_ID: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 const PAUSE_ID: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
 const HOSTNET_ID: &str = "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3";
-
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn write(p: &Path, text: &str) {
-    fs::create_dir_all(p.parent().unwrap()).unwrap();
-    fs::write(p, text).unwrap();
-}
 
 /// A copy of bash under `name` (its comm), for a recognisable process.
 fn named_shell(dir: &Path, name: &str) -> PathBuf {
@@ -102,15 +89,15 @@ fn pods_containers_and_processes_from_cgroups_and_runtime_state() {
     let containerd = tmp.join("containerd");
     let crio = tmp.join("crio");
     let tasks = containerd.join("io.containerd.runtime.v2.task/k8s.io");
-    write(
+    write_file(
         &tasks.join(APP_ID).join("config.json"),
         &containerd_spec("container", "app", "web-7d9f-abcde", "shop", POD_UID),
     );
-    write(
+    write_file(
         &tasks.join(PAUSE_ID).join("config.json"),
         &containerd_spec("sandbox", "", "web-7d9f-abcde", "shop", POD_UID),
     );
-    write(
+    write_file(
         &crio
             .join("overlay-containers")
             .join(HOSTNET_ID)

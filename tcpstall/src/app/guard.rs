@@ -14,6 +14,9 @@ use crate::{
     serve::state::AgentState,
 };
 
+/// A walked cgroup: id, path, (namespace, pod) when it is a pod's.
+type Found = (u64, String, Option<(String, String)>);
+
 pub(super) struct GuardRunner {
     maps: GuardMaps,
     cgroups: CgroupIndex,
@@ -73,7 +76,7 @@ impl GuardRunner {
     fn sync(&mut self, state: &AgentState) {
         self.cgroups.walk();
         let ids = &mut self.ids;
-        let found: Vec<(u64, String, Option<(String, String)>)> = self
+        let found: Vec<Found> = self
             .cgroups
             .entries()
             .map(|(id, path)| {
