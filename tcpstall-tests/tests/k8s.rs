@@ -18,15 +18,15 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Cgroups, Link, Proc, Scratch, cgroup2_root, drain, ev_str, listen_in, metric_sum,
-    require_tools, spawn_in_cgroup, write_file,
+    Agent, ExpectedOwner, Link, assert_owner_named, drain, ev_str, listen_in, require,
+    require_tools,
 };
 
 const POD_UID: &str = "0b3c7a51-7e0d-4c2a-9f43-5a1d2e3f4a5b";
@@ -34,6 +34,82 @@ const HOSTNET_UID: &str = "9f8e7d6c-5b4a-4392-8170-6e5d4c3b2a19";
 const APP_ID: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 const PAUSE_ID: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
 const HOSTNET_ID: &str = "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3";
+
+fn cgroup2_root() -> PathBuf {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mount = pre.split_whitespace().nth(4)?;
+        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount))
+    });
+    require(
+        root.is_some(),
+        "a cgroup2 mount",
+        "mount cgroup2 (pure v2 or hybrid host)",
+    );
+    root.unwrap()
+}
+
+/// cgroup directories created for the test; removed (deepest first) on drop,
+/// after the processes in them were killed.
+struct Cgroups {
+    created: Vec<PathBuf>,
+}
+
+impl Cgroups {
+    fn make(&mut self, root: &Path, rel: &str) -> PathBuf {
+        let mut p = root.to_path_buf();
+        for seg in rel.split('/').filter(|s| !s.is_empty()) {
+            p.push(seg);
+            if !p.exists() {
+                fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+                self.created.push(p.clone());
+            }
+        }
+        p
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for d in self.created.iter().rev() {
+            if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            for _ in 0..50 {
+                if fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write(p: &Path, text: &str) {
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, text).unwrap();
+}
 
 /// A copy of bash under `name` (its comm), for a recognisable process.
 fn named_shell(dir: &Path, name: &str) -> PathBuf {
@@ -43,20 +119,54 @@ fn named_shell(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// Start `shell -c script` in `cgroup`, optionally in a network namespace.
+/// Start `shell -c script`, optionally in a network namespace; the script's
+/// first command moves the shell into `cgroup` (before any socket exists).
 fn spawn(netns: Option<&str>, shell: &Path, cgroup: &Path, script: &str) -> Proc {
-    spawn_in_cgroup(
-        netns,
-        cgroup,
-        shell,
-        &["-c", script],
-        Stdio::null(),
-        Stdio::null(),
-    )
+    // Join the cgroup first (`ip netns exec` remounts /sys, hiding the
+    // cgroup2 mount), then enter the namespace and exec the named shell:
+    // one pid throughout.
+    let mut c = Command::new("/bin/bash");
+    c.args([
+        "-c",
+        "echo $$ > \"$1\"/cgroup.procs || exit 1; shift; exec \"$@\"",
+        "_",
+    ])
+    .arg(cgroup);
+    if let Some(ns) = netns {
+        c.args(["ip", "netns", "exec", ns]);
+    }
+    let child = c
+        .arg(shell)
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fs::read_to_string(cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == pid)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} did not join {}",
+            cgroup.display()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    Proc(child)
 }
 
 fn containerd_spec(kind: &str, name: &str, pod: &str, ns: &str, uid: &str) -> String {
-    tcpstall_tests::containerd_spec(kind, name, pod, ns, uid, PAUSE_ID)
+    format!(
+        r#"{{"ociVersion":"1.1.0","process":{{"env":["PATH=/bin"]}},"annotations":{{
+        "io.kubernetes.cri.container-type":"{kind}","io.kubernetes.cri.container-name":"{name}",
+        "io.kubernetes.cri.sandbox-id":"{PAUSE_ID}","io.kubernetes.cri.sandbox-name":"{pod}",
+        "io.kubernetes.cri.sandbox-namespace":"{ns}","io.kubernetes.cri.sandbox-uid":"{uid}"}}}}"#
+    )
 }
 
 fn wait_stall(agent: &Agent, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
@@ -82,22 +192,24 @@ fn pods_containers_and_processes_from_cgroups_and_runtime_state() {
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).unwrap();
     let _scratch = Scratch(tmp.clone());
-    let mut cgroups = Cgroups::default();
+    let mut cgroups = Cgroups {
+        created: Vec::new(),
+    };
 
     // Runtime state: containerd bundles (app + its sandbox), CRI-O config
     // for the hostNetwork pod.
     let containerd = tmp.join("containerd");
     let crio = tmp.join("crio");
     let tasks = containerd.join("io.containerd.runtime.v2.task/k8s.io");
-    write_file(
+    write(
         &tasks.join(APP_ID).join("config.json"),
         &containerd_spec("container", "app", "web-7d9f-abcde", "shop", POD_UID),
     );
-    write_file(
+    write(
         &tasks.join(PAUSE_ID).join("config.json"),
         &containerd_spec("sandbox", "", "web-7d9f-abcde", "shop", POD_UID),
     );
-    write_file(
+    write(
         &crio
             .join("overlay-containers")
             .join(HOSTNET_ID)
@@ -194,46 +306,20 @@ fn pods_containers_and_processes_from_cgroups_and_runtime_state() {
         },
         "the app's S1 flow",
     );
-    assert_eq!(ev_str(&v, "pod"), "web-7d9f-abcde", "{v}");
-    assert_eq!(ev_str(&v, "namespace"), "shop", "{v}");
-    assert_eq!(ev_str(&v, "container"), "app", "{v}");
-    assert_eq!(ev_str(&v, "container_id"), APP_ID, "{v}");
-    assert_eq!(ev_str(&v, "pod_uid"), POD_UID, "{v}");
-    assert_eq!(
-        v["process"]["pid"].as_u64(),
-        Some(u64::from(app.0.id())),
-        "{v}"
+    assert_owner_named(
+        &mut agent,
+        &v,
+        server_addr,
+        &ExpectedOwner {
+            pod: "web-7d9f-abcde",
+            namespace: "shop",
+            pod_uid: POD_UID,
+            container: "app",
+            container_id: APP_ID,
+            pid: u64::from(app.0.id()),
+            comm: "shop-app",
+        },
     );
-    assert_eq!(v["process"]["comm"].as_str(), Some("shop-app"), "{v}");
-    let m = agent.metrics();
-    assert!(
-        metric_sum(
-            &m,
-            "tcpstall_socket_stall_seconds",
-            &[
-                ("local", &app_local.to_string()),
-                ("pod", "web-7d9f-abcde"),
-                ("namespace", "shop"),
-                ("container", "app")
-            ]
-        )
-        .is_some(),
-        "per-flow series with the app's pod labels:\n{}",
-        m.lines()
-            .filter(|l| l.starts_with("tcpstall_socket_stall_seconds"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let line = agent.wait_log(
-        Duration::from_secs(10),
-        "stall started log of the app",
-        |l| l["message"] == "stall started" && l["remote"] == server_addr.to_string(),
-    );
-    assert_eq!(ev_str(&line, "pod"), "web-7d9f-abcde", "{line}");
-    assert_eq!(ev_str(&line, "namespace"), "shop", "{line}");
-    assert_eq!(ev_str(&line, "container"), "app", "{line}");
-    assert_eq!(ev_str(&line, "comm"), "shop-app", "{line}");
-    assert_eq!(line["pid"].as_u64(), Some(u64::from(app.0.id())), "{line}");
 
     // hostNetwork pod (socket in the host netns) and a plain host process:
     // CLOSE_WAIT on loopback (the test's listener closes at once).

@@ -148,7 +148,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         netns_refresh: POD_REFRESH,
     };
     let pods = Identities::new(&identity_cfg);
-    let state = Arc::new(AgentState::new(engine, metrics, pods, loaded.plan.clone()));
+    let mut state = AgentState::new(engine, metrics, pods, loaded.plan.clone());
+    state.liveness_timeout = settings.liveness_timeout;
+    let state = Arc::new(state);
     let mut guard_runner = match (policy, loaded.take_guard()?) {
         (Some(policy), Some(maps)) => Some(guard::GuardRunner::start(
             maps,

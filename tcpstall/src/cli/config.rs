@@ -239,6 +239,11 @@ pub struct RunArgs {
     /// Kill switch: do not attach the guard even with --guard-policy.
     #[arg(long, env = "TCPSTALL_NO_GUARD")]
     pub no_guard: bool,
+    /// `/healthz` fails (and the kubelet restarts the agent) when the event
+    /// loop's heartbeat, which ticks every second even on an idle node, is
+    /// older than this [default: 60].
+    #[arg(long, value_name = "SECS", env = "TCPSTALL_LIVENESS_TIMEOUT")]
+    pub liveness_timeout: Option<f64>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -276,6 +281,7 @@ pub struct FileConfig {
     pub kubelet_root: Option<PathBuf>,
     pub guard_policy: Option<PathBuf>,
     pub no_guard: Option<bool>,
+    pub liveness_timeout: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -329,6 +335,8 @@ pub struct Settings {
     pub guard_policy: Option<PathBuf>,
     /// `--no-guard`: the kill switch (wins over the policy).
     pub no_guard: bool,
+    /// `/healthz` fails when the event loop's heartbeat is older.
+    pub liveness_timeout: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9977";
@@ -366,6 +374,8 @@ impl Default for Settings {
             runtimes: crate::identity::RuntimeRoots::default(),
             guard_policy: None,
             no_guard: false,
+            // serve::state::LIVENESS_TIMEOUT (the server's own default).
+            liveness_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -561,6 +571,17 @@ impl Settings {
                     .clone()
                     .or(f.kubelet_root)
                     .unwrap_or(d.runtimes.kubelet),
+            },
+            liveness_timeout: match a.liveness_timeout.or(f.liveness_timeout) {
+                Some(v) if v > 0.0 => secs("liveness_timeout", v)?,
+                Some(v) => {
+                    return Err(SettingsError::Invalid {
+                        key: "liveness_timeout",
+                        value: v.to_string(),
+                        why: "expected a number of seconds > 0",
+                    });
+                }
+                None => d.liveness_timeout,
             },
         })
     }

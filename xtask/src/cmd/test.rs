@@ -102,6 +102,8 @@ pub fn run(
         "--test",
         "guard",
         "--test",
+        "containerd",
+        "--test",
         "behaviour",
         "--",
         "--test-threads=1",
