@@ -221,6 +221,8 @@ impl Drop for Scratch {
 pub fn write_file(p: &std::path::Path, text: &str) {
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(p, text).unwrap();
+}
+
 /// Who the agent must name as a stalled socket's owner.
 #[derive(Debug)]
 pub struct ExpectedOwner<'a> {

@@ -462,6 +462,8 @@ fn guard_component_mounts_a_valid_dry_run_policy() {
     );
     let caps = |docs: &[Yaml]| container(docs)["securityContext"]["capabilities"].clone();
     assert_eq!(caps(&docs), caps(&base), "no capability beyond the base's");
+}
+
 /// Copies `deploy/` into a scratch directory (the overlays reference
 /// `../../base`, `../../../grafana`, ... relatively) and returns the copy's
 /// `deploy/kubernetes`.
