@@ -575,12 +575,137 @@ impl SweepRecord {
     }
 }
 
+/// The guard (`tcpstall_guard_*` sock_ops programs): timeouts armed on
+/// sockets whose applications left them unset, per cgroup.
+pub mod guard {
+    use core::mem::size_of;
+
+    /// Hash map: cgroup v2 id (u64) -> [`GuardRule`], filled by the agent
+    /// from the policy as cgroups appear.
+    pub const RULES_MAP: &str = "TCPSTALL_GUARD_RULES";
+    /// LRU hash map: socket cookie (u64) -> [`GuardRecord`], one per socket
+    /// the guard acted on (or would have, dry-run); the agent consumes and
+    /// deletes each entry.
+    pub const SOCKETS_MAP: &str = "TCPSTALL_GUARD_SOCKETS";
+    pub const MAX_RULES: u32 = 65_536;
+    pub const MAX_SOCKETS: u32 = 16_384;
+    /// Program with plain loads through the typed socket (tried first).
+    pub const DIRECT_PROGRAM: &str = "tcpstall_guard_direct";
+    /// The last fallback: the socket's address probe-read from the context
+    /// (`bpf_sock_ops_kern.sk`), its fields probe-read; no socket pointer
+    /// passed to any helper.
+    pub const PLAIN_PROGRAM: &str = "tcpstall_guard_plain";
+
+    /// Bits of [`GuardRule::flags`].
+    pub mod rule_flag {
+        /// Change the socket (else dry-run: report only).
+        pub const ENFORCE: u32 = 1 << 0;
+        /// Turn on SO_KEEPALIVE when the application left it off.
+        pub const KEEPALIVE: u32 = 1 << 1;
+    }
+
+    /// Bits of [`GuardRecord::actions`]: what the guard set (or, dry-run,
+    /// would set). `KEPT_*`: the application had its own value, left as is.
+    pub mod action {
+        pub const USER_TIMEOUT: u32 = 1 << 0;
+        pub const KEEPALIVE: u32 = 1 << 1;
+        pub const KEEPIDLE: u32 = 1 << 2;
+        pub const KEEPINTVL: u32 = 1 << 3;
+        pub const KEEPCNT: u32 = 1 << 4;
+        pub const KEPT_USER_TIMEOUT: u32 = 1 << 8;
+        pub const KEPT_KEEPALIVE: u32 = 1 << 9;
+        /// A `bpf_setsockopt` call failed ([`super::GuardRecord::error`]).
+        pub const FAILED: u32 = 1 << 15;
+        /// Passive side (accepted socket); else active (connect).
+        pub const PASSIVE: u32 = 1 << 16;
+        /// The rule was in enforce mode (else dry-run).
+        pub const ENFORCED: u32 = 1 << 17;
+    }
+
+    /// One rule as the kernel applies it (0 = the rule leaves it alone).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct GuardRule {
+        pub user_timeout_ms: u32,
+        /// TCP_KEEPIDLE, TCP_KEEPINTVL (seconds), TCP_KEEPCNT.
+        pub keepidle_s: u32,
+        pub keepintvl_s: u32,
+        pub keepcnt: u32,
+        /// The rule's id (its 1-based position in the policy).
+        pub rule: u32,
+        /// Bits from [`rule_flag`].
+        pub flags: u32,
+    }
+    pub const GUARD_RULE_SIZE: usize = 24;
+    const _: () = assert!(size_of::<GuardRule>() == GUARD_RULE_SIZE);
+
+    /// What the guard did to one socket (or would have done).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct GuardRecord {
+        pub cookie: u64,
+        pub cgroup_id: u64,
+        /// CLOCK_MONOTONIC ns.
+        pub ts_ns: u64,
+        pub saddr: [u8; 16],
+        pub daddr: [u8; 16],
+        pub rule: u32,
+        /// Bits from [`action`].
+        pub actions: u32,
+        /// The values found on the socket before (0 = unset).
+        pub found_user_timeout_ms: u32,
+        /// The values set (or that would be set).
+        pub user_timeout_ms: u32,
+        pub keepidle_s: u32,
+        pub keepintvl_s: u32,
+        pub keepcnt: u32,
+        /// The first failing `bpf_setsockopt`'s return (negative errno).
+        pub error: i32,
+        pub netns: u32,
+        pub family: u16,
+        pub sport: u16,
+        pub dport: u16,
+        pub _reserved: u16,
+        pub _reserved2: u32,
+    }
+    pub const GUARD_RECORD_SIZE: usize = 104;
+    const _: () = assert!(size_of::<GuardRecord>() == GUARD_RECORD_SIZE);
+
+    impl GuardRecord {
+        pub const fn zeroed() -> Self {
+            Self {
+                cookie: 0,
+                cgroup_id: 0,
+                ts_ns: 0,
+                saddr: [0; 16],
+                daddr: [0; 16],
+                rule: 0,
+                actions: 0,
+                found_user_timeout_ms: 0,
+                user_timeout_ms: 0,
+                keepidle_s: 0,
+                keepintvl_s: 0,
+                keepcnt: 0,
+                error: 0,
+                netns: 0,
+                family: 0,
+                sport: 0,
+                dport: 0,
+                _reserved: 0,
+                _reserved2: 0,
+            }
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both types are `repr(C)`, contain only integers and arrays of
+    // SAFETY: these types are `repr(C)`, contain only integers and arrays of
     // integers, have no padding (asserted by size above) and every bit pattern
     // is a valid value.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::SweepRecord {}
+    unsafe impl aya::Pod for super::guard::GuardRule {}
+    unsafe impl aya::Pod for super::guard::GuardRecord {}
 }

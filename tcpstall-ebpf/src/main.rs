@@ -35,6 +35,7 @@ use tcpstall_common::{
     pending, source, stat,
 };
 
+mod guard;
 mod kfunc;
 pub mod snapshot;
 use snapshot::{Copied, Direct, Plain, Probe, Source, is_tcp, read};

@@ -1,6 +1,7 @@
 //! Kubernetes helpers: exact capability sets through `setpriv` and checks
 //! of `kubernetes-validate` output; a real containerd node driven through
-//! the CRI API ([`containerd`], [`cri`]).
+//! the CRI API ([`containerd`], [`cri`]); kubelet-style pod cgroups
+//! ([`Cgroups`]) and processes started in them, containerd task specs.
 
 pub mod containerd;
 pub mod cri;
@@ -69,6 +70,157 @@ pub fn assert_kubernetes_validate(
             "{what}: unexpected kubernetes-validate diagnostic: {line}"
         );
     }
+}
+
+/// The host's cgroup2 mount (fails the test, naming the fix, without one).
+pub fn cgroup2_root() -> std::path::PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mount = pre.split_whitespace().nth(4)?;
+        (post.split_whitespace().next()? == "cgroup2").then(|| std::path::PathBuf::from(mount))
+    });
+    crate::require(
+        root.is_some(),
+        "a cgroup2 mount",
+        "mount cgroup2 (pure v2 or hybrid host)",
+    );
+    root.unwrap()
+}
+
+/// cgroup directories created for a test (kubelet-style pod and container
+/// cgroups); removed (deepest first) on drop, after the processes in them
+/// were killed.
+#[derive(Default)]
+pub struct Cgroups {
+    created: Vec<std::path::PathBuf>,
+}
+
+impl Cgroups {
+    /// `root/rel`, creating each missing level.
+    pub fn make(&mut self, root: &std::path::Path, rel: &str) -> std::path::PathBuf {
+        let mut p = root.to_path_buf();
+        for seg in rel.split('/').filter(|s| !s.is_empty()) {
+            p.push(seg);
+            if !p.exists() {
+                std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+                self.created.push(p.clone());
+            }
+        }
+        p
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for d in self.created.iter().rev() {
+            if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines() {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-9", pid])
+                        .status();
+                }
+            }
+            for _ in 0..50 {
+                if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `program args...` inside `cgroup` (joined before anything else
+/// runs, so every socket it creates is the cgroup's), optionally in a
+/// network namespace: one pid throughout. Waits until the pid is in the
+/// cgroup. `stdin`/`stdout` as given; stderr is inherited.
+pub fn spawn_in_cgroup(
+    netns: Option<&str>,
+    cgroup: &std::path::Path,
+    program: &std::path::Path,
+    args: &[&str],
+    stdin: std::process::Stdio,
+    stdout: std::process::Stdio,
+) -> Proc {
+    // Join the cgroup first (`ip netns exec` remounts /sys, hiding the
+    // cgroup2 mount), then enter the namespace and exec the program.
+    let mut c = std::process::Command::new("/bin/bash");
+    c.args([
+        "-c",
+        "echo $$ > \"$1\"/cgroup.procs || exit 1; shift; exec \"$@\"",
+        "_",
+    ])
+    .arg(cgroup);
+    if let Some(ns) = netns {
+        c.args(["ip", "netns", "exec", ns]);
+    }
+    let child = c
+        .arg(program)
+        .args(args)
+        .stdin(stdin)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == pid)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} did not join {}",
+            cgroup.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Proc(child)
+}
+
+/// The OCI `config.json` of a containerd task with the CRI annotations the
+/// agent reads (`kind`: `container` or `sandbox`).
+pub fn containerd_spec(
+    kind: &str,
+    name: &str,
+    pod: &str,
+    ns: &str,
+    uid: &str,
+    sandbox_id: &str,
+) -> String {
+    format!(
+        r#"{{"ociVersion":"1.1.0","process":{{"env":["PATH=/bin"]}},"annotations":{{
+        "io.kubernetes.cri.container-type":"{kind}","io.kubernetes.cri.container-name":"{name}",
+        "io.kubernetes.cri.sandbox-id":"{sandbox_id}","io.kubernetes.cri.sandbox-name":"{pod}",
+        "io.kubernetes.cri.sandbox-namespace":"{ns}","io.kubernetes.cri.sandbox-uid":"{uid}"}}}}"#
+    )
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `text` to `p`, creating its parent directories.
+pub fn write_file(p: &std::path::Path, text: &str) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, text).unwrap();
 }
 
 /// Who the agent must name as a stalled socket's owner.

@@ -4,7 +4,7 @@
 //! removes it on drop, also when a test fails.
 //!
 //! Which test files need root: `scenarios`, `behaviour`, `sweep`, `top`,
-//! `k8s`, `containerd`, `image`, `privileges` and `prometheus_e2e` run the
+//! `k8s`, `containerd`, `guard`, `image`, `privileges` and `prometheus_e2e` run the
 //! real agent and the kernel programs (`cargo xtask test` runs them as root); `deploy`,
 //! `kustomize` and `replay` need no root.
 //!
@@ -21,7 +21,9 @@
 //! - [`witness`]: the ftrace [`TraceWitness`];
 //! - [`prometheus`]: exposition and Grafana query helpers;
 //! - [`k8s`]: `setpriv` and `kubernetes-validate` helpers; a CRI client
-//!   ([`k8s::cri`]) and a private containerd node ([`k8s::containerd`]).
+//!   ([`k8s::cri`]) and a private containerd node ([`k8s::containerd`]);
+//!   kubelet-style pod cgroups and processes started in them, containerd
+//!   task specs (the guard's test).
 
 pub mod agent;
 pub mod k8s;

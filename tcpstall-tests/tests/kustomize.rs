@@ -402,6 +402,68 @@ fn kube_prometheus_stack_overlay() {
     );
 }
 
+/// The guard is off in the base and on with its component: the policy
+/// ConfigMap is mounted read-only where TCPSTALL_GUARD_POLICY points, the
+/// policy parses (as the agent parses it), starts in dry-run, and the
+/// capability set is the base's. Mutation: `mode = "enforce"` in the
+/// component's ConfigMap fails the dry-run assertion.
+#[test]
+fn guard_component_mounts_a_valid_dry_run_policy() {
+    let base = documents(&render("deploy/kubernetes/base"));
+    let env_names = |docs: &[Yaml]| -> Vec<String> {
+        container(docs)["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert!(
+        !env_names(&base)
+            .iter()
+            .any(|n| n == "TCPSTALL_GUARD_POLICY"),
+        "the guard must be off in the base"
+    );
+    let docs = documents(&render("deploy/kubernetes/overlays/guard"));
+    let c = container(&docs);
+    let path = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("TCPSTALL_GUARD_POLICY"))
+        .and_then(|e| e["value"].as_str())
+        .expect("TCPSTALL_GUARD_POLICY in the guard overlay")
+        .to_owned();
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"].as_str() == Some("guard-policy"))
+        .expect("guard-policy mount");
+    let dir = mount["mountPath"].as_str().unwrap();
+    assert_eq!(mount["readOnly"].as_bool(), Some(true));
+    let key = path
+        .strip_prefix(&format!("{dir}/"))
+        .unwrap_or_else(|| panic!("{path} is not under the mount {dir}"));
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "tcpstall-guard-policy")
+        .expect("policy ConfigMap");
+    assert_eq!(cm["metadata"]["namespace"].as_str(), Some("tcpstall"));
+    let text = cm["data"][key].as_str().expect("policy in the ConfigMap");
+    let policy = tcpstall::guard::Policy::parse(text, key).expect("the shipped policy parses");
+    assert!(!policy.rules.is_empty());
+    assert!(
+        policy
+            .rules
+            .iter()
+            .all(|r| r.mode == tcpstall::guard::Mode::DryRun),
+        "the shipped policy starts in dry-run"
+    );
+    let caps = |docs: &[Yaml]| container(docs)["securityContext"]["capabilities"].clone();
+    assert_eq!(caps(&docs), caps(&base), "no capability beyond the base's");
+}
+
 /// Copies `deploy/` into a scratch directory (the overlays reference
 /// `../../base`, `../../../grafana`, ... relatively) and returns the copy's
 /// `deploy/kubernetes`.

@@ -9,7 +9,9 @@
 //!   write-timer probe; CAP_NET_ADMIN: sock_ops attach);
 //! - an S1 stall (blackholed peer) is detected and its process named
 //!   (CAP_SYS_PTRACE: the test process's /proc/<pid>/fd);
-//! - `--program-stats` (needs CAP_SYS_ADMIN) fails with one line naming it.
+//! - `--program-stats` (needs CAP_SYS_ADMIN) fails with one line naming it;
+//! - the guard's sock_ops program attaches (doctor) and the agent runs with
+//!   a guard policy (`/api/v1/guard` enabled) with exactly that set.
 //!
 //! Privileged: run through `cargo xtask test`.
 
@@ -131,6 +133,10 @@ fn manifest_capabilities_run_doctor_s1_and_refuse_program_stats() {
         limited, full,
         "with exactly {caps:?} the agent chooses other mechanisms"
     );
+    assert!(
+        limited.iter().any(|(p, m)| p == "guard" && m == "sock_ops"),
+        "the guard's program must attach with exactly {caps:?}: {limited:?}"
+    );
 
     // 2. --program-stats needs more: one clear line naming the capability.
     let out = Command::new(&wrap[0])
@@ -158,7 +164,22 @@ fn manifest_capabilities_run_doctor_s1_and_refuse_program_stats() {
     // does (killed with the namespace): /proc/<pid>/net/tcp of a process in
     // the socket's netns gives the socket's inode.
     link.a.exec("sleep 300 >/dev/null 2>&1 &");
-    let agent = Agent::start_via(&wrap, &[]);
+    // The guard on, with a rule for a cgroup of nobody's.
+    let policy =
+        std::env::temp_dir().join(format!("tcpstall-priv-guard-{}.toml", std::process::id()));
+    std::fs::write(
+        &policy,
+        "[[rule]]\ncgroup = \"/tcpstall-privileges-test-none\"\nuser_timeout = \"10s\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start_via(&wrap, &["--guard-policy", &policy.to_string_lossy()]);
+    let (code, body) = agent.http_get("/api/v1/guard");
+    let guard: Value = serde_json::from_str(&body).expect("guard JSON");
+    assert_eq!(
+        (code, guard["enabled"].as_bool()),
+        (200, Some(true)),
+        "the guard must run with exactly {caps:?}: {body}"
+    );
     // The agent really runs with exactly that set.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid().unwrap())).unwrap();
     let eff = status
@@ -203,6 +224,7 @@ fn manifest_capabilities_run_doctor_s1_and_refuse_program_stats() {
     );
     drop(client);
     drop(agent);
+    let _ = std::fs::remove_file(&policy);
     // The server thread ends on its read timeout; not waited for.
     drop(server);
 }

@@ -55,6 +55,7 @@ const FINAL_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// The final drain ends once the ring stays empty this long.
 const FINAL_DRAIN_QUIET: Duration = Duration::from_millis(100);
 
+mod guard;
 mod logs;
 mod pipeline;
 
@@ -80,17 +81,30 @@ pub fn engine_config(s: &Settings, hz: Option<u32>) -> EngineConfig {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // The guard's policy first: an invalid one is the whole output.
+    let policy = match (&settings.guard_policy, settings.no_guard) {
+        (Some(path), false) => Some(guard::load_policy(path)?),
+        _ => None,
+    };
+    let mut disabled = Vec::new();
+    if settings.no_ack_probe {
+        disabled.push((crate::kernel::probes::ACK, "--no-ack-probe"));
+    }
+    if policy.is_none() {
+        let why = if settings.no_guard {
+            "--no-guard"
+        } else {
+            "no --guard-policy"
+        };
+        disabled.push((crate::kernel::probes::GUARD, why));
+    }
     let opts = LoaderOptions {
         ringbuf_bytes: settings.ringbuf_bytes,
         force_write_timer: settings.mechanism,
         cgroup: settings.cgroup.clone(),
         btf_path: settings.btf.clone(),
         try_all: false,
-        disabled: if settings.no_ack_probe {
-            vec![(crate::kernel::probes::ACK, "--no-ack-probe")]
-        } else {
-            Vec::new()
-        },
+        disabled,
         denied: settings.deny_programs.clone(),
     };
     // Before loading anything: the one line is the whole output.
@@ -138,18 +152,58 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     log_features(&features);
     metrics.set_features(&features);
-    let pods = Identities::new(&IdentityConfig {
+    let identity_cfg = IdentityConfig {
         proc_root: settings.proc_root.clone(),
         cgroup2_root: facts::cgroup2_root(),
         runtimes: settings.runtimes.clone(),
         netns_refresh: POD_REFRESH,
-    });
+    };
+    let pods = Identities::new(&identity_cfg);
     let mut state = AgentState::new(engine, metrics, pods, loaded.plan.clone());
     state.liveness_timeout = settings.liveness_timeout;
     let state = Arc::new(state);
+    let mut guard_runner = match (policy, loaded.take_guard()?) {
+        (Some(policy), Some(maps)) => Some(guard::GuardRunner::start(
+            maps,
+            policy,
+            &identity_cfg,
+            &state,
+        )),
+        (Some(_), None) => {
+            let why = loaded
+                .plan
+                .probes
+                .iter()
+                .find(|p| p.probe == crate::kernel::probes::GUARD)
+                .map_or_else(
+                    || "no guard probe".to_owned(),
+                    |p| p.outcome().err().unwrap_or_default(),
+                );
+            error!(why = %why, "guard off: its kernel program could not be attached (tcpstall doctor); sockets are not changed");
+            *state
+                .guard_off
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(format!("kernel: {why}"));
+            None
+        }
+        (None, _) => {
+            let why = if settings.no_guard {
+                "--no-guard"
+            } else {
+                "no --guard-policy"
+            };
+            *state
+                .guard_off
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why.to_owned());
+            None
+        }
+    };
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -231,6 +285,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 pipeline.tick(&stats);
+                if let Some(g) = guard_runner.as_mut() {
+                    g.tick(&state);
+                }
                 if std::mem::take(&mut pipeline.lost_events) {
                     policy.loss();
                 }
@@ -261,6 +318,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 error!(error = %format!("{e:#}"), "stopping");
                 failure = Some(e);
                 break;
+            }
+            _ = sighup.recv() => {
+                match guard_runner.as_mut() {
+                    Some(g) => { info!("SIGHUP: reloading the guard policy"); g.reload(&state); }
+                    None => info!("SIGHUP: nothing to reload (the guard is off)"),
+                }
             }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
@@ -326,7 +389,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "tcpstall stopped"
     );
 
-    // 4. Detach every probe.
+    // 4. Detach every probe (the guard's too: sockets it changed keep
+    // their options).
+    drop(guard_runner);
     drop(pipeline);
     drop(reader);
     drop(loaded);

@@ -12,7 +12,8 @@
 //! | `engine` | `kernel::event` only (the decoded event type) |
 //! | `identity` | `engine` (the stall view a flow reference is made from) |
 //! | `sweep` | `kernel`, `engine`, `identity` (the holders and pods of swept sockets) |
-//! | `serve` | `kernel`, `engine`, `sweep`, `identity` |
+//! | `guard` | `kernel`, `identity` |
+//! | `serve` | `kernel`, `engine`, `sweep`, `identity`, `guard` |
 //! | `cli` | `kernel`, `engine`, `identity` |
 //! | `app` | every wing |
 //!
@@ -33,11 +34,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("engine", &["kernel::event"]),
     ("identity", &["engine"]),
     ("sweep", &["kernel", "engine", "identity"]),
-    ("serve", &["kernel", "engine", "sweep", "identity"]),
+    ("guard", &["kernel", "identity"]),
+    ("serve", &["kernel", "engine", "sweep", "identity", "guard"]),
     ("cli", &["kernel", "engine", "identity"]),
     (
         "app",
-        &["kernel", "engine", "sweep", "identity", "serve", "cli"],
+        &[
+            "kernel", "engine", "sweep", "identity", "guard", "serve", "cli",
+        ],
     ),
 ];
 

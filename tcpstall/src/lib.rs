@@ -11,6 +11,9 @@
 //!   sweep, the hang-forever audit, the sweep cycle, the features built on it.
 //! - [`identity`]: socket -> pod, container (cgroup id, runtime state),
 //!   process; network namespace -> pod as the cgroup v1 fallback.
+//! - [`guard`]: the opt-in guard: its policy (which cgroups, pods and
+//!   namespaces get which TCP_USER_TIMEOUT / keepalive), the rules handed to
+//!   its kernel program, and what that program reports it did.
 //! - [`serve`]: the shared agent state and health, the HTTP server, the
 //!   Prometheus metric contract, incidents, the agent's own CPU and memory.
 //! - [`cli`]: command line and config file, `tcpstall doctor`, `tcpstall top`.
@@ -19,6 +22,7 @@
 pub mod app;
 pub mod cli;
 pub mod engine;
+pub mod guard;
 pub mod identity;
 pub mod kernel;
 pub mod serve;

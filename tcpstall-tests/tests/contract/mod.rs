@@ -99,6 +99,11 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
         "tcpstall_sockets_without_timeout",
         (Gauge, vec!["namespace", "pod"]),
     );
+    m.insert(
+        "tcpstall_guard_sockets_total",
+        (Counter, vec!["namespace", "rule", "action", "mode"]),
+    );
+    m.insert("tcpstall_guard_reload_failures_total", (Counter, vec![]));
     m.insert("process_cpu_seconds_total", (Counter, vec![]));
     m.insert("process_resident_memory_bytes", (Gauge, vec![]));
     m.insert("tcpstall_events_total", (Counter, vec!["kind"]));

@@ -28,6 +28,11 @@ pub(super) fn log_plan(plan: &loader::Plan) {
                 not_used = %failed.join("; "),
                 "probe attached"
             ),
+            None if p.disabled.is_some() => info!(
+                probe = p.probe,
+                flag = p.disabled.unwrap_or_default(),
+                "probe off (configured)"
+            ),
             None => warn!(probe = p.probe, why = %failed.join("; "), "probe not attached"),
         }
     }

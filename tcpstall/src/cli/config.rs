@@ -230,6 +230,15 @@ pub struct RunArgs {
     /// kubelet root directory (pods/<uid>/etc-hosts) [default: /var/lib/kubelet].
     #[arg(long, value_name = "DIR", env = "TCPSTALL_KUBELET_ROOT")]
     pub kubelet_root: Option<PathBuf>,
+    /// The guard's policy (TOML): arm TCP_USER_TIMEOUT / keepalive on new
+    /// connections whose application left them unset, per namespace, pod or
+    /// cgroup (see README "The guard"). Reloaded on SIGHUP and when the file
+    /// changes; an invalid reload keeps the last good policy. Off without it.
+    #[arg(long, value_name = "FILE", env = "TCPSTALL_GUARD_POLICY")]
+    pub guard_policy: Option<PathBuf>,
+    /// Kill switch: do not attach the guard even with --guard-policy.
+    #[arg(long, env = "TCPSTALL_NO_GUARD")]
+    pub no_guard: bool,
     /// `/healthz` fails (and the kubelet restarts the agent) when the event
     /// loop's heartbeat, which ticks every second even on an idle node, is
     /// older than this [default: 60].
@@ -270,6 +279,8 @@ pub struct FileConfig {
     pub crio_state: Option<PathBuf>,
     pub docker_root: Option<PathBuf>,
     pub kubelet_root: Option<PathBuf>,
+    pub guard_policy: Option<PathBuf>,
+    pub no_guard: Option<bool>,
     pub liveness_timeout: Option<f64>,
 }
 
@@ -320,6 +331,10 @@ pub struct Settings {
     pub max_incidents: usize,
     /// containerd / CRI-O / Docker / kubelet state roots.
     pub runtimes: crate::identity::RuntimeRoots,
+    /// The guard's policy file (None: the guard is off).
+    pub guard_policy: Option<PathBuf>,
+    /// `--no-guard`: the kill switch (wins over the policy).
+    pub no_guard: bool,
     /// `/healthz` fails when the event loop's heartbeat is older.
     pub liveness_timeout: Duration,
 }
@@ -357,6 +372,8 @@ impl Default for Settings {
             node_name: String::new(),
             max_incidents: 100,
             runtimes: crate::identity::RuntimeRoots::default(),
+            guard_policy: None,
+            no_guard: false,
             // serve::state::LIVENESS_TIMEOUT (the server's own default).
             liveness_timeout: Duration::from_secs(60),
         }
@@ -525,6 +542,8 @@ impl Settings {
             startup_sweep: !(a.no_startup_sweep || f.no_startup_sweep.unwrap_or(!d.startup_sweep)),
             sweep_on_loss: !(a.no_sweep_on_loss || f.no_sweep_on_loss.unwrap_or(!d.sweep_on_loss)),
             node_name: node_name(a.node_name.clone().or(f.node_name))?,
+            guard_policy: a.guard_policy.clone().or(f.guard_policy),
+            no_guard: a.no_guard || f.no_guard.unwrap_or(d.no_guard),
             max_incidents: positive(
                 "max_incidents",
                 a.max_incidents

@@ -166,6 +166,11 @@ impl CgroupIndex {
         self.by_id.get(&id).map(String::as_str)
     }
 
+    /// Every cgroup of the last walk (id, path).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.by_id.iter().map(|(id, p)| (*id, p.as_str()))
+    }
+
     /// Whether a miss on `id` at `now` walks the hierarchy again.
     fn needs_walk(&self, id: u64, now: Instant) -> bool {
         let Some(last) = self.last_walk else {

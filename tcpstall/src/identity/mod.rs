@@ -137,6 +137,12 @@ impl Identities {
         self.netns.lookup(netns, now)
     }
 
+    /// The pod and container a cgroup path (relative to the cgroup2 root)
+    /// belongs to, if it is a pod's (the guard's matching).
+    pub fn pod_of_cgroup_path(&mut self, path: &str) -> Option<PodIdentity> {
+        self.by_cgroup(path)
+    }
+
     fn by_netns(&mut self, f: &FlowRef, now: Instant) -> Option<PodIdentity> {
         self.netns.lookup(u64::from(f.netns), now).cloned()
     }

@@ -3,7 +3,9 @@
 //! mechanism reads. The loader walks this table, trying each mechanism for
 //! real; `tcpstall doctor` prints it with the outcome.
 
-use tcpstall_common::{SWEEP_DIRECT_PROGRAM, SWEEP_PLAIN_PROGRAM, SWEEP_PROGRAM, field, program};
+use tcpstall_common::{
+    SWEEP_DIRECT_PROGRAM, SWEEP_PLAIN_PROGRAM, SWEEP_PROGRAM, field, guard, program,
+};
 
 use crate::kernel::event::Mechanism;
 
@@ -21,6 +23,9 @@ pub enum Attach {
     TimerTracepoint { callback: &'static str },
     /// cgroup `sock_ops` on the cgroup2 root.
     SockOps,
+    /// cgroup `sock_ops` on the cgroup2 root, the guard's: sets socket
+    /// options at establishment (`bpf_setsockopt`), observes nothing.
+    SockOpsGuard,
     /// BPF iterator `iter/<target>`: loaded at start-up, run on demand (one
     /// run = one sweep), attached to no hook.
     Iter { target: &'static str },
@@ -33,7 +38,7 @@ impl Attach {
             Attach::Fentry { .. } => Mechanism::Fentry,
             Attach::Kprobe { .. } => Mechanism::Kprobe,
             Attach::TimerTracepoint { .. } => Mechanism::TimerTracepoint,
-            Attach::SockOps => Mechanism::SockOps,
+            Attach::SockOps | Attach::SockOpsGuard => Mechanism::SockOps,
             Attach::Iter { .. } => Mechanism::Sweep,
         }
     }
@@ -47,6 +52,7 @@ impl Attach {
                 format!("tp_btf/timer_expire_entry [function == {callback}]")
             }
             Attach::SockOps => "cgroup/sock_ops (RTO_CB)".to_owned(),
+            Attach::SockOpsGuard => "cgroup/sock_ops (ESTABLISHED_CB: bpf_setsockopt)".to_owned(),
             Attach::Iter { target } => format!("iter/{target}"),
         }
     }
@@ -168,6 +174,21 @@ const DROP_FIELDS: &[usize] = &[
     field::SKC_RCV_SADDR,
     field::SKC_DPORT,
     field::SKC_NUM,
+];
+
+pub const GUARD: &str = "guard";
+
+/// What the guard reads: the socket's cgroup id and the values the
+/// application may have set.
+const GUARD_FIELDS: &[usize] = &[
+    field::SK_CGROUP,
+    field::CGROUP_KN,
+    field::KERNFS_NODE_ID,
+    field::ICSK_USER_TIMEOUT,
+    field::SK_FLAGS,
+    field::TP_KEEPALIVE_TIME,
+    field::TP_KEEPALIVE_INTVL,
+    field::TP_KEEPALIVE_PROBES,
 ];
 
 /// The note of the sweep's last fallback.
@@ -500,6 +521,28 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: SWEEP_PLAIN_PROGRAM,
                 fields: SOCK_FIELDS,
                 note: SWEEP_PLAIN_NOTE,
+                rdonly_cast: false,
+            },
+        ],
+    },
+    ProbeSpec {
+        name: GUARD,
+        purpose: "the guard: arms TCP_USER_TIMEOUT / keepalive the application left unset, per the policy (--guard-policy); off without one",
+        required: false,
+        offered_by: &[],
+        candidates: &[
+            Candidate {
+                attach: Attach::SockOpsGuard,
+                program: guard::DIRECT_PROGRAM,
+                fields: GUARD_FIELDS,
+                note: "plain loads through the typed tcp_sock of the context's sk (bpf_skc_to_tcp_sock, 5.9+); bpf_setsockopt of TCP_USER_TIMEOUT, TCP_KEEPIDLE/INTVL/CNT, SO_KEEPALIVE (5.9+)",
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::SockOpsGuard,
+                program: guard::PLAIN_PROGRAM,
+                fields: GUARD_FIELDS,
+                note: "the last fallback: the socket's address probe-read from the kernel's context (bpf_sock_ops_kern.sk), its fields probe-read; no socket pointer passed to any helper",
                 rdonly_cast: false,
             },
         ],

@@ -126,7 +126,7 @@ impl Health {
         let optional: Vec<&str> = plan
             .probes
             .iter()
-            .filter(|p| !p.required && p.chosen.is_none())
+            .filter(|p| !p.required && p.chosen.is_none() && p.disabled.is_none())
             .map(|p| p.probe)
             .collect();
         if optional.is_empty() {
@@ -157,6 +157,10 @@ pub struct AgentState {
     pub request_timeout: Duration,
     /// The hang-forever audit of the last sweep (None: no sweep yet).
     pub risks: Mutex<Option<crate::sweep::risks::RiskReport>>,
+    /// The guard (None: off; `guard_off` says why).
+    pub guard: Mutex<Option<crate::guard::Guard>>,
+    /// Why the guard is off (None: on, or never asked for).
+    pub guard_off: Mutex<Option<String>>,
 }
 
 impl AgentState {
@@ -172,12 +176,19 @@ impl AgentState {
             liveness_timeout: LIVENESS_TIMEOUT,
             request_timeout: REQUEST_TIMEOUT,
             risks: Mutex::new(None),
+            guard: Mutex::new(None),
+            guard_off: Mutex::new(None),
         }
     }
 
     /// The engine, also after a panic elsewhere (its state is still usable).
     pub fn engine(&self) -> MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The guard's state (None: off).
+    pub fn guard(&self) -> MutexGuard<'_, Option<crate::guard::Guard>> {
+        self.guard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn pods(&self) -> MutexGuard<'_, Identities> {

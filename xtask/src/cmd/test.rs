@@ -100,6 +100,8 @@ pub fn run(
         "--test",
         "k8s",
         "--test",
+        "guard",
+        "--test",
         "containerd",
         "--test",
         "behaviour",

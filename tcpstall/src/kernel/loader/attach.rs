@@ -25,6 +25,9 @@ pub(super) struct AttachEnv<'a> {
     pub(super) cgroup: Option<PathBuf>,
     /// The `struct socket` offsets the sweep programs assume (why not).
     pub(super) socket_constants: Result<(), String>,
+    /// `bpf_sock_ops_kern.sk` at offset 0, as the guard's plain program
+    /// assumes (why not).
+    pub(super) sock_ops_kern_sk: Result<(), String>,
 }
 
 pub(super) fn attach_probe(
@@ -195,7 +198,10 @@ fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<
             p.load(target, env.btf)
                 .map_err(|e| format!("load: {}", chain(&e)))
         }
-        Attach::SockOps => {
+        Attach::SockOps | Attach::SockOpsGuard => {
+            if cand.program == tcpstall_common::guard::PLAIN_PROGRAM {
+                env.sock_ops_kern_sk.clone()?;
+            }
             let dir = env.cgroup.as_ref().ok_or_else(|| {
                 "no cgroup2 mount found (mount -t cgroup2 none /sys/fs/cgroup)".to_owned()
             })?;

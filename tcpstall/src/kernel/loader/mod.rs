@@ -26,10 +26,12 @@ use super::{
 };
 
 mod attach;
+mod guard;
 mod stats;
 mod sweep;
 
 use attach::{AttachEnv, attach_probe};
+pub use guard::GuardMaps;
 pub use stats::{
     EpisodeFilter, KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo,
 };
@@ -343,6 +345,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         timer_addr: timer_addr.map_err(|e| e.to_string()),
         cgroup: opts.cgroup.clone().or_else(facts::cgroup2_root),
         socket_constants: check_socket_constants(&our_btf),
+        sock_ops_kern_sk: guard::check_sock_ops_kern(&our_btf),
     };
     let mut statuses = Vec::new();
     for spec in PROBES {

@@ -139,6 +139,14 @@ struct CauseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardLabels {
+    namespace: String,
+    rule: String,
+    action: &'static str,
+    mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -309,6 +317,8 @@ pub struct Metrics {
     flow_evictions: Counter,
     heartbeat_age: FloatGauge,
     programs: ProgramCounters,
+    guard_sockets: Family<GuardLabels, Counter>,
+    guard_reload_failures: Counter,
     /// The socket sweep's metrics.
     pub sweep: crate::sweep::SweepMetrics,
     /// Serialises "replace the live values, then encode" between scrapes.
@@ -351,6 +361,30 @@ fn outcome_index(o: StreakOutcome) -> usize {
 }
 
 impl Metrics {
+    /// `tcpstall_guard_sockets_total`: one socket the guard acted on (or
+    /// would have), per action.
+    pub fn guard_socket(
+        &self,
+        namespace: &str,
+        rule: &str,
+        action: &'static str,
+        mode: &'static str,
+    ) {
+        self.guard_sockets
+            .get_or_create(&GuardLabels {
+                namespace: namespace.to_owned(),
+                rule: rule.to_owned(),
+                action,
+                mode,
+            })
+            .inc();
+    }
+
+    /// `tcpstall_guard_reload_failures_total`.
+    pub fn guard_reload_failed(&self) {
+        self.guard_reload_failures.inc();
+    }
+
     /// `tcpstall_feature`: one series per feature and state, 1 for the
     /// state it is in.
     pub fn set_features(&self, features: &[crate::sweep::features::FeatureStatus]) {

@@ -13,7 +13,7 @@ use prometheus_client::{
 
 use super::{
     BuildLabels, CauseLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter,
-    FloatGauge, FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics, MetricsConfig,
+    FloatGauge, FlowLabels, HistogramFamily, GuardLabels, IncidentLabels, KindLabels, Metrics, MetricsConfig,
     OutcomeLabels, PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters, ProgramLabels,
     RemoteLabeler, RemoteLabels, RetransmitLabels, stall_duration_histogram,
 };
@@ -259,6 +259,18 @@ impl Metrics {
             })
             .set(1);
 
+        let guard_sockets = Family::<GuardLabels, Counter>::default();
+        registry.register(
+            "tcpstall_guard_sockets",
+            "Sockets the guard acted on at establishment, by the pod's namespace (empty for non-pod cgroups), policy rule, action (user_timeout, keepalive: set, or in dry-run would be set; kept_user_timeout, kept_keepalive: the application had its own value, left as is; failed: bpf_setsockopt refused) and mode (dry-run, enforce); a socket counts once per action",
+            guard_sockets.clone(),
+        );
+        let guard_reload_failures = Counter::default();
+        registry.register(
+            "tcpstall_guard_reload_failures",
+            "Guard policy reloads refused (invalid file): the last good policy stays in force; the log line names the line",
+            guard_reload_failures.clone(),
+        );
         let sweep = crate::sweep::SweepMetrics::register(&mut registry);
         Self {
             registry,
@@ -296,6 +308,8 @@ impl Metrics {
             flow_evictions,
             heartbeat_age,
             programs,
+            guard_sockets,
+            guard_reload_failures,
             sweep,
             features,
             render_lock: Mutex::new(()),

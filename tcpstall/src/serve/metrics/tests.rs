@@ -210,7 +210,18 @@ fn contract_names_types_and_help() {
     m.process(&p(2.5, 4096));
     m.process(&p(2.0, 8192));
     m.process(&p(3.25, 8192));
+    // A family with labels has no series (and no TYPE line) until one is
+    // counted.
+    m.guard_socket("shop", "shop-30s", "user_timeout", "enforce");
     let text = m.render(&live, Format::OpenMetrics).unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            "tcpstall_guard_sockets_total{namespace=\"shop\",rule=\"shop-30s\",action=\"user_timeout\",mode=\"enforce\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(sample(&text, "process_cpu_seconds_total"), Some(3.25));
     assert_eq!(sample(&text, "process_resident_memory_bytes"), Some(8192.0));
     let expected = [
@@ -250,6 +261,8 @@ fn contract_names_types_and_help() {
         ("tcpstall_sweep_sockets_visited", "counter"),
         ("tcpstall_sweep_tcp_sockets", "gauge"),
         ("tcpstall_sockets_without_timeout", "gauge"),
+        ("tcpstall_guard_sockets", "counter"),
+        ("tcpstall_guard_reload_failures", "counter"),
     ];
     let types: Vec<(&str, &str)> = text
         .lines()

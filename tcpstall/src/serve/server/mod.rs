@@ -8,6 +8,7 @@
 //! | `GET /api/v1/stalls` | every stalled flow, most urgent first, with pod identity and wall-clock instants |
 //! | `GET /api/v1/remotes` | per-remote aggregation (top K remotes, the rest summed) |
 //! | `GET /api/v1/risks` | the hang-forever audit of the last sweep: established sockets without SO_KEEPALIVE and TCP_USER_TIMEOUT, longest idle first, bounded |
+//! | `GET /api/v1/guard` | the guard: its rules, the cgroups each covers, the sockets it acted on (or would have, dry-run) |
 //! | `GET /api/v1/plan` | the probe plan: the mechanism chosen per probe and why the others were not |
 //!
 //! Requests never hold the engine lock for longer than computing a view;
@@ -89,11 +90,34 @@ struct StallEntry<'a> {
     pod_uid: Option<&'a str>,
     /// A process holding the socket (pid, comm).
     process: Option<&'a ProcessInfo>,
+    /// The guard rule that armed (or, dry-run, would arm) this socket's
+    /// timeouts at establishment; None: no rule acted on it.
+    guarded_by: Option<GuardedBy>,
     /// Who opened the connection: `initiated` or `accepted`.
     direction: Direction,
     /// The incident's `remote` label: the peer address for an initiated
     /// connection, the peer IP with our listening port for an accepted one.
     peer_service: String,
+}
+
+/// `guarded_by` of a stalled socket.
+#[derive(Serialize)]
+struct GuardedBy {
+    rule: String,
+    mode: crate::guard::Mode,
+    /// What the guard set (would set); empty: the application had its own.
+    actions: Vec<&'static str>,
+    kept: Vec<&'static str>,
+}
+
+fn guarded_by(g: Option<&crate::guard::Guard>, cookie: u64) -> Option<GuardedBy> {
+    let s = g?.socket(cookie)?;
+    Some(GuardedBy {
+        rule: s.rule.clone(),
+        mode: s.mode,
+        actions: s.actions.clone(),
+        kept: s.kept.clone(),
+    })
 }
 
 fn nonempty(s: &str) -> Option<&str> {
@@ -142,6 +166,7 @@ fn stalls_json(state: &AgentState) -> Response {
     let views = state.engine().stalls(now);
     let offset = facts::realtime_offset_ns();
     let owners = state.owners(&views);
+    let guard = state.guard();
     let directions = state.directions(&views);
     let stalls: Vec<StallEntry<'_>> = views
         .iter()
@@ -159,8 +184,10 @@ fn stalls_json(state: &AgentState) -> Response {
             container_id: p.as_ref().and_then(|p| nonempty(&p.container_id)),
             pod_uid: p.as_ref().and_then(|p| nonempty(&p.pod_uid)),
             process: proc_.as_ref(),
+            guarded_by: guarded_by(guard.as_ref(), v.cookie),
         })
         .collect();
+    drop(guard);
     json_response(&StallsDoc {
         generated_at: wall(now, offset),
         now_ns: now,
@@ -301,6 +328,10 @@ struct RiskDocEntry<'a> {
     pod: Option<&'a str>,
     namespace: Option<&'a str>,
     container: Option<&'a str>,
+    /// The guard rule covering the socket's cgroup now: it is not changed
+    /// (the guard acts at establishment only) and would be guarded on
+    /// reconnect. None: no rule covers it (or the guard is off).
+    guarded_on_reconnect_by: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -336,15 +367,30 @@ fn risks_json(state: &AgentState) -> Response {
             .map(|r| pods.pod(&crate::identity::FlowRef::owner(r.netns, r.cgroup_id), t))
             .collect()
     };
+    let rules: Vec<Option<String>> = {
+        let guard = state.guard();
+        report
+            .listed
+            .iter()
+            .map(|r| {
+                guard
+                    .as_ref()
+                    .and_then(|g| g.cgroup(r.cgroup_id))
+                    .map(|c| c.rule.clone())
+            })
+            .collect()
+    };
     let risks = report
         .listed
         .iter()
         .zip(&ids)
-        .map(|(r, p)| RiskDocEntry {
+        .zip(rules)
+        .map(|((r, p), rule)| RiskDocEntry {
             risk: r,
             pod: p.as_ref().and_then(|p| nonempty(&p.pod)),
             namespace: p.as_ref().and_then(|p| nonempty(&p.namespace)),
             container: p.as_ref().and_then(|p| nonempty(&p.container)),
+            guarded_on_reconnect_by: rule,
         })
         .collect::<Vec<_>>();
     json_response(&RisksDoc {
@@ -358,6 +404,58 @@ fn risks_json(state: &AgentState) -> Response {
     })
 }
 
+async fn guard_handler(State(state): State<Arc<AgentState>>) -> Response {
+    blocking(state, guard_json).await
+}
+
+/// `/api/v1/guard`.
+#[derive(Serialize)]
+struct GuardDoc<'a> {
+    generated_at: String,
+    enabled: bool,
+    /// Why the guard is off (kill switch, no policy, kernel).
+    off_reason: Option<String>,
+    policy_file: Option<String>,
+    /// The rules in force (the last good policy).
+    rules: Vec<&'a crate::guard::Rule>,
+    /// Why the last reload failed (the rules above stay in force).
+    last_reload_error: Option<&'a str>,
+    reloads: u64,
+    /// Every cgroup a rule covers now.
+    cgroups: Vec<&'a crate::guard::CgroupEntry>,
+    /// Sockets the guard acted on (or would have: dry-run), newest first,
+    /// bounded.
+    count: usize,
+    sockets: Vec<&'a crate::guard::GuardedSocket>,
+}
+
+fn guard_json(state: &AgentState) -> Response {
+    let now = (state.clock)();
+    let offset = facts::realtime_offset_ns();
+    let off = state
+        .guard_off
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let guard = state.guard();
+    let g = guard.as_ref();
+    let sockets: Vec<_> = g.map(|g| g.sockets().rev().collect()).unwrap_or_default();
+    json_response(&GuardDoc {
+        generated_at: wall(now, offset),
+        enabled: g.is_some(),
+        off_reason: off,
+        policy_file: g.map(|g| g.path.display().to_string()),
+        rules: g
+            .map(|g| g.policy.rules.iter().collect())
+            .unwrap_or_default(),
+        last_reload_error: g.and_then(|g| g.last_error.as_deref()),
+        reloads: g.map_or(0, |g| g.reloads),
+        cgroups: g.map(|g| g.cgroups()).unwrap_or_default(),
+        count: sockets.len(),
+        sockets,
+    })
+}
+
 async fn plan_handler(State(state): State<Arc<AgentState>>) -> Response {
     json_response(&state.plan)
 }
@@ -365,7 +463,7 @@ async fn plan_handler(State(state): State<Arc<AgentState>>) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found; endpoints: /metrics /healthz /readyz /api/v1/stalls /api/v1/remotes /api/v1/risks /api/v1/plan\n",
+        "not found; endpoints: /metrics /healthz /readyz /api/v1/stalls /api/v1/remotes /api/v1/risks /api/v1/guard /api/v1/plan\n",
     )
         .into_response()
 }
@@ -380,6 +478,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/api/v1/remotes", get(remotes_handler))
         .route("/api/v1/plan", get(plan_handler))
         .route("/api/v1/risks", get(risks_handler))
+        .route("/api/v1/guard", get(guard_handler))
         .fallback(not_found)
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
