@@ -267,7 +267,7 @@ impl Pipeline {
             SweepResult {
                 sockets,
                 bad,
-                report,
+                mut report,
             },
         ) = match out {
             Ok(o) => o,
@@ -343,12 +343,16 @@ impl Pipeline {
             }
         }
         self.state.metrics.sweep.without_timeout(&per_pod);
+        // Sockets the kernel skipped (no record) still count as TCP
+        // sockets, and as established ones in the audit's summary.
+        report.established += out.skipped_established as usize;
+        let tcp_sockets = sockets.len() + out.skipped as usize;
         let elapsed = t0.elapsed();
         self.state.metrics.sweep.ran(
             reason,
             elapsed.as_secs_f64(),
             out.socket_files,
-            sockets.len(),
+            tcp_sockets,
         );
         let at_risk = report.total;
         *self
@@ -362,7 +366,8 @@ impl Pipeline {
             reason = reason.as_str(),
             duration_ms = elapsed.as_secs_f64() * 1e3,
             socket_files = out.socket_files,
-            tcp_sockets = sockets.len(),
+            tcp_sockets,
+            records = sockets.len(),
             seeded = st.sweep_seeded - seeded_before,
             repaired = st.sweep_repaired - repaired_before,
             without_timeout = at_risk,

@@ -22,6 +22,11 @@ pub struct SweepOutput {
     pub socket_files: u64,
     /// Records that did not fit in the iterator's buffer (lost).
     pub overflow: u64,
+    /// TCP sockets skipped in the kernel (no record: idle with a timeout
+    /// set, listeners, ...; counted per file holding them, not
+    /// de-duplicated), and the established ones among them.
+    pub skipped: u64,
+    pub skipped_established: u64,
 }
 
 /// A started sweep: the iterator's file, read with [`SweepRun::read`]
@@ -71,6 +76,12 @@ impl SweepRun {
             overflow: after
                 .sweep_overflow
                 .saturating_sub(self.before.sweep_overflow),
+            skipped: after
+                .sweep_skipped
+                .saturating_sub(self.before.sweep_skipped),
+            skipped_established: after
+                .sweep_skipped_established
+                .saturating_sub(self.before.sweep_skipped_established),
         })
     }
 }
