@@ -669,3 +669,69 @@ fn write_timer_program_fields_per_mechanism() {
         drop(conn);
     }
 }
+
+/// The ring's wake-up follows the reader's mode (`TCPSTALL_READER`): a
+/// reader asleep on the ring's fd (as the agent is on a quiet node) is
+/// woken by the kernel when a record arrives, and the record is there.
+/// `poll(2)` is entered before the connection is made, so only a wake-up
+/// ends it (a ring with data when poll starts returns at once, which other
+/// traffic on the node may also cause: that passes too, but a broken
+/// wake-up leaves the poll to its 30 s timeout).
+/// Mutation: `emit` submitting with `BPF_RB_NO_WAKEUP` while the reader is
+/// asleep (flags 0 -> NO_WAKEUP) -> "the asleep reader was not woken".
+#[test]
+fn ring_wakes_the_asleep_reader() {
+    use tcpstall::kernel::{
+        event::{EventKind, SockEvent},
+        loader::{self, LoaderOptions},
+    };
+    use tcpstall::kernel::reader::ASLEEP;
+    require_tools();
+    let link = Link::new("rwk", 144);
+    let server = SocketAddr::new(link.b_ip.into(), 8080);
+    let listener = listen_in(&link.b, server);
+    let mut loaded = loader::load(&LoaderOptions::default()).expect("loading the probes");
+    let mut ring = loaded.take_events().expect("ring");
+    let mut mode = loaded.take_reader_mode().expect("reader mode map");
+    mode.set(0, ASLEEP, 0).expect("set the reader asleep");
+    while ring.next().is_some() {}
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&ring);
+    let poller = thread::spawn(move || {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the ring (and its fd) outlives the join.
+        unsafe { libc::poll(&mut p, 1, 30_000) }
+    });
+    // Let the poller block first (if it has not, data waiting makes poll
+    // return at once: the test still holds).
+    thread::sleep(Duration::from_millis(300));
+    let client = connect_in(&link.a, server);
+    let accepted = listener.accept().expect("accept");
+    let ready = poller.join().expect("poller");
+    assert_eq!(ready, 1, "the asleep reader was not woken within 30 s");
+    // Our connection's events are in the ring (read until seen: other
+    // traffic on the node shares it).
+    let local = client.local_addr().expect("local");
+    let netns = link.a.inode();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "no state event of our connection in the ring",
+        || {
+            while let Some(item) = ring.next() {
+                if let Ok(ev) = SockEvent::decode(&item)
+                    && ev.kind == EventKind::State
+                    && u64::from(ev.netns) == netns
+                    && ev.local == local
+                {
+                    return Ok(());
+                }
+            }
+            Err("not yet".to_owned())
+        },
+    );
+    drop((client, accepted));
+}

@@ -28,7 +28,7 @@ use std::{
 };
 
 use aya::maps::{Array, MapData, RingBuf};
-use tcpstall_common::reader::{ASLEEP, POLLING};
+pub use tcpstall_common::reader::{ASLEEP, POLLING};
 use tokio::io::unix::AsyncFd;
 
 use crate::kernel::event::{DecodeError, SockEvent};
