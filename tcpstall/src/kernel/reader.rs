@@ -36,7 +36,7 @@ use crate::kernel::event::{DecodeError, SockEvent};
 /// How often the ring is read while events keep arriving.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Without a record for this long, the reader sleeps on the ring's fd.
-pub const IDLE_AFTER: Duration = Duration::from_millis(100);
+pub const IDLE_AFTER: Duration = Duration::from_millis(30);
 /// While asleep, the ring is still read this often (a bound on the delay
 /// of a record whose wake-up raced with the switch to asleep).
 pub const ASLEEP_POLL: Duration = Duration::from_secs(1);

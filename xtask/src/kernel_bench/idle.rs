@@ -3,7 +3,7 @@
 //! sweep at scale:
 //!
 //! - **idle**: `--idle-sockets` established loopback sockets in a
-//!   namespace of the bench, held open by this process, no traffic; the
+//!   namespace of the bench, held open by child processes, no traffic; the
 //!   agent (defaults but `--sweep-interval 0`, so the window holds no
 //!   sweep) runs for `--idle`: its CPU (every thread's `schedstat`, ns)
 //!   per second of wall time. Beside it, one `ss -tinoH` dump of the same
@@ -39,42 +39,34 @@ use tcpstall_tests::Netns;
 
 use super::{Delivery, agent_stats, procs::Agent, traffic::run_in};
 
-/// Connections per listener (ephemeral ports run out at about 28,000 per
-/// destination).
-const PER_LISTENER: usize = 12_500;
+/// Connections per holder process (both ends: 12,500 descriptors, under
+/// the 20,000 RLIMIT_NOFILE hard limit CI has, which cannot be raised
+/// without CAP_SYS_RESOURCE; and under the about 28,000 ephemeral ports
+/// per destination: one listener per holder).
+const PER_HOLDER: usize = 6_250;
 
-/// Established loopback connections inside one namespace, both ends open
-/// in this process; closed on drop (with the namespace).
+/// Established loopback connections inside one namespace, both ends held
+/// by child processes (one listener each); killed on drop (then the
+/// namespace goes).
 pub struct Held {
     pub ns: Netns,
-    streams: Vec<TcpStream>,
-    listeners: usize,
+    holders: Vec<libc::pid_t>,
+    sockets: usize,
 }
 
-fn raise_nofile(want: u64) -> anyhow::Result<()> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on this process.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        if lim.rlim_cur >= want {
-            return Ok(());
-        }
-        lim.rlim_cur = want;
-        lim.rlim_max = lim.rlim_max.max(want);
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            bail!(
-                "raising RLIMIT_NOFILE to {want} for the bench's sockets: {}",
-                std::io::Error::last_os_error()
-            );
+impl Drop for Held {
+    fn drop(&mut self) {
+        for pid in self.holders.drain(..) {
+            // SAFETY: our own children.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
         }
     }
-    Ok(())
 }
 
-fn keepalive(s: &TcpStream) -> anyhow::Result<()> {
+fn keepalive(s: &TcpStream) -> std::io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: setsockopt on our own socket with an int option.
     let r = unsafe {
@@ -87,58 +79,100 @@ fn keepalive(s: &TcpStream) -> anyhow::Result<()> {
         )
     };
     if r != 0 {
-        bail!("SO_KEEPALIVE: {}", std::io::Error::last_os_error());
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// In a holder child: enter the namespace, open `n` connections to a
+/// listener on `port`, SO_KEEPALIVE on each accepted end.
+fn hold(netns: &str, port: u16, n: usize) -> std::io::Result<Vec<TcpStream>> {
+    let f = std::fs::File::open(netns)?;
+    // SAFETY: valid fd; this (child) process changes namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let l = TcpListener::bind(addr)?;
+    let acceptor = thread::spawn(move || -> std::io::Result<Vec<TcpStream>> {
+        (0..n)
+            .map(|_| {
+                let s = l.accept()?.0;
+                keepalive(&s)?;
+                Ok(s)
+            })
+            .collect()
+    });
+    let mut all = Vec::with_capacity(2 * n);
+    for _ in 0..n {
+        all.push(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?);
+    }
+    all.extend(
+        acceptor
+            .join()
+            .map_err(|_| std::io::Error::other("acceptor panicked"))??,
+    );
+    Ok(all)
 }
 
 impl Held {
     pub fn new(tag: &str) -> Held {
         Held {
             ns: Netns::new(tag),
-            streams: Vec::new(),
-            listeners: 0,
+            holders: Vec::new(),
+            sockets: 0,
         }
     }
 
     pub fn sockets(&self) -> usize {
-        self.streams.len()
+        self.sockets
     }
 
-    /// Opens connections until `sockets` sockets (both ends) are held.
+    /// Adds holder processes until `sockets` sockets (both ends) are held.
     pub fn grow_to(&mut self, sockets: usize) -> anyhow::Result<()> {
-        raise_nofile(sockets as u64 + 16_384)?;
-        while self.streams.len() < sockets {
-            let n = ((sockets - self.streams.len()) / 2).clamp(1, PER_LISTENER);
-            let port = 9100 + self.listeners as u16;
-            self.listeners += 1;
-            let got = run_in(&self.ns.name, move || {
-                let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-                let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
-                let acceptor = thread::spawn(move || -> anyhow::Result<Vec<TcpStream>> {
-                    (0..n)
-                        .map(|_| {
-                            let s = l.accept().context("accept")?.0;
-                            keepalive(&s)?;
-                            Ok(s)
-                        })
-                        .collect()
-                });
-                let mut all = Vec::with_capacity(2 * n);
-                for _ in 0..n {
-                    all.push(
-                        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                            .with_context(|| format!("connect {addr}"))?,
-                    );
+        let netns = format!("/run/netns/{}", self.ns.name);
+        while self.sockets < sockets {
+            let n = ((sockets - self.sockets) / 2).clamp(1, PER_HOLDER);
+            let port = 9100 + self.holders.len() as u16;
+            let mut fds = [0; 2];
+            // SAFETY: plain syscalls; the child only connects, reports on
+            // the pipe and sleeps until killed.
+            if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+                bail!("pipe: {}", std::io::Error::last_os_error());
+            }
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                bail!("fork: {}", std::io::Error::last_os_error());
+            }
+            if pid == 0 {
+                let ok = match hold(&netns, port, n) {
+                    Ok(held) => {
+                        unsafe { libc::write(fds[1], b"k".as_ptr().cast(), 1) };
+                        Some(held)
+                    }
+                    Err(_) => None,
+                };
+                if ok.is_none() {
+                    unsafe { libc::_exit(1) };
                 }
-                all.extend(
-                    acceptor
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("acceptor panicked"))??,
-                );
-                Ok(all)
-            })?;
-            self.streams.extend(got);
+                loop {
+                    thread::sleep(Duration::from_secs(3600));
+                    std::hint::black_box(&ok);
+                }
+            }
+            self.holders.push(pid);
+            let mut b = [0u8; 1];
+            // SAFETY: reading one byte from our pipe (EOF if the child died).
+            let got = unsafe {
+                libc::close(fds[1]);
+                let r = libc::read(fds[0], b.as_mut_ptr().cast(), 1);
+                libc::close(fds[0]);
+                r
+            };
+            if got != 1 {
+                bail!("a socket holder failed to open {n} connections on 127.0.0.1:{port} in {}", self.ns.name);
+            }
+            self.sockets += 2 * n;
         }
         Ok(())
     }
@@ -176,9 +210,21 @@ fn ss_dump_cpu(ns: &str) -> anyhow::Result<f64> {
     let mut v = Vec::new();
     for _ in 0..3 {
         let before = children_cpu();
-        let st = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "ss", "-tinoH"])
-            .stdout(std::process::Stdio::null())
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))?;
+        let fd = f.as_raw_fd();
+        let mut cmd = std::process::Command::new("ss");
+        cmd.arg("-tinoH").stdout(std::process::Stdio::null());
+        // SAFETY: setns between fork and exec (async-signal-safe): `ss`
+        // itself runs in the namespace, with no `ip netns exec` around it.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let st = cmd
             .status()
             .context("running `ss` (apt-get install iproute2)")?;
         if !st.success() {
