@@ -800,11 +800,26 @@ fn sweep_skips_in_the_kernel_only_what_cannot_matter() {
             out.skipped,
             out.skipped_established
         );
-        assert!(ours(&idle_no_timeout), "{program}: idle without a timeout: no record");
-        assert!(!ours(&idle_keepalive), "{program}: idle with SO_KEEPALIVE: a record");
-        assert!(!ours(&idle_user_timeout), "{program}: idle with TCP_USER_TIMEOUT: a record");
-        assert!(ours(&close_wait), "{program}: CLOSE_WAIT with SO_KEEPALIVE: no record");
-        assert!(ours(&in_flight), "{program}: data in flight with SO_KEEPALIVE: no record");
+        assert!(
+            ours(&idle_no_timeout),
+            "{program}: idle without a timeout: no record"
+        );
+        assert!(
+            !ours(&idle_keepalive),
+            "{program}: idle with SO_KEEPALIVE: a record"
+        );
+        assert!(
+            !ours(&idle_user_timeout),
+            "{program}: idle with TCP_USER_TIMEOUT: a record"
+        );
+        assert!(
+            ours(&close_wait),
+            "{program}: CLOSE_WAIT with SO_KEEPALIVE: no record"
+        );
+        assert!(
+            ours(&in_flight),
+            "{program}: data in flight with SO_KEEPALIVE: no record"
+        );
         assert!(
             out.skipped_established >= 2 && out.skipped >= out.skipped_established,
             "{program}: skipped {} ({} established)",

@@ -30,9 +30,9 @@ use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use tcpstall::kernel::loader::{self, LoaderOptions};
+use tcpstall::kernel::probes::SWEEP;
 use tcpstall::sweep;
 use tcpstall::sweep::risks;
-use tcpstall::kernel::probes::SWEEP;
 
 const CONNECTIONS: usize = 50_000;
 /// Processes holding the sockets: RLIMIT_NOFILE cannot be raised past the

@@ -679,11 +679,11 @@ fn write_timer_program_fields_per_mechanism() {
 /// asleep (flags 0 -> NO_WAKEUP) -> "the asleep reader was not woken".
 #[test]
 fn ring_wakes_the_asleep_reader() {
+    use tcpstall::kernel::reader::ASLEEP;
     use tcpstall::kernel::{
         event::{EventKind, SockEvent},
         loader::{self, LoaderOptions},
     };
-    use tcpstall::kernel::reader::ASLEEP;
     require_tools();
     let link = Link::new("rwk", 144);
     let server = SocketAddr::new(link.b_ip.into(), 8080);
@@ -701,7 +701,11 @@ fn ring_wakes_the_asleep_reader() {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&ring);
     // SAFETY: plain syscalls; `ep` is closed below, the ring outlives it.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    assert!(ep >= 0, "epoll_create1: {}", std::io::Error::last_os_error());
+    assert!(
+        ep >= 0,
+        "epoll_create1: {}",
+        std::io::Error::last_os_error()
+    );
     let mut add = libc::epoll_event {
         events: libc::EPOLLIN as u32,
         u64: 1,

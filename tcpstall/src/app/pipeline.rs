@@ -348,12 +348,10 @@ impl Pipeline {
         report.established += out.skipped_established as usize;
         let tcp_sockets = sockets.len() + out.skipped as usize;
         let elapsed = t0.elapsed();
-        self.state.metrics.sweep.ran(
-            reason,
-            elapsed.as_secs_f64(),
-            out.socket_files,
-            tcp_sockets,
-        );
+        self.state
+            .metrics
+            .sweep
+            .ran(reason, elapsed.as_secs_f64(), out.socket_files, tcp_sockets);
         let at_risk = report.total;
         *self
             .state

@@ -170,7 +170,10 @@ impl Held {
                 r
             };
             if got != 1 {
-                bail!("a socket holder failed to open {n} connections on 127.0.0.1:{port} in {}", self.ns.name);
+                bail!(
+                    "a socket holder failed to open {n} connections on 127.0.0.1:{port} in {}",
+                    self.ns.name
+                );
             }
             self.sockets += 2 * n;
         }

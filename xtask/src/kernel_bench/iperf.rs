@@ -45,11 +45,7 @@ pub fn median(v: &[f64]) -> f64 {
 
 /// Per-round ratios `with[r] / without[r]`: median, min, max.
 pub fn paired_ratios(without: &[f64], with: &[f64]) -> (f64, f64, f64) {
-    let r: Vec<f64> = without
-        .iter()
-        .zip(with)
-        .map(|(a, b)| b / a)
-        .collect();
+    let r: Vec<f64> = without.iter().zip(with).map(|(a, b)| b / a).collect();
     let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (median(&r), lo, hi)

@@ -14,7 +14,9 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::Iter,
 };
-use tcpstall_common::{EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, READER_MAP, STATS_MAP, layout_flag};
+use tcpstall_common::{
+    EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, READER_MAP, STATS_MAP, layout_flag,
+};
 
 use super::{
     btf::Btf,
