@@ -1513,128 +1513,238 @@ fn rto_expiry_storm_agent_started_mid_episode() {
     rto_storm("stormm", 92, true);
 }
 
-/// The RTO storm (see [`rto_expiry_storm_every_expiry_seen`]);
+/// The RTO storm (see [`rto_expiry_storm_every_expiry_seen`]), in named
+/// steps: [`StormRun::drive`] makes the flows stall and die with the agent
+/// and the witness recording, [`StormCheck::flow`] compares each flow's
+/// events with the witness, [`StormCheck::kernel_runs`] weighs unseen
+/// retransmissions against the kernel's run count, then the findings are
+/// printed ([`StormCheck::report`]) and asserted ([`StormCheck::assert_clean`]).
 /// `agent_mid_episode`: start the agent 1 s after the flows entered their
 /// RTO episodes instead of before they connect. A gap is reported with the
 /// event before and after it (backoff, retransmits, timer_expires, jiffies,
 /// mechanism), every event of the socket between them, and whether the
 /// before-event's timer was due (`expires <= jiffies`).
 fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
-    require_tools();
-    const FLOWS: usize = 120;
-    let link = Link::new(tag, subnet);
-    require(
-        std::path::Path::new("/proc/sys/net/ipv4/tcp_rto_max_ms").exists(),
-        "net.ipv4.tcp_rto_max_ms (Linux 6.15+) for a fast RTO storm",
-        "run this test on a 6.15+ kernel (the host), not in the 6.1/6.12 guests",
-    );
-    link.a.sysctl("net.ipv4.tcp_rto_max_ms", "1000");
-    link.a.sysctl("net.ipv4.tcp_retries2", "20");
-    const PORT: u16 = 8090;
-    // The witness: every TCP write-timer expiry and every retransmission to
-    // the server port, as an ftrace instance of the test's own records them
-    // from the same tracepoint calls the agent's programs run in.
-    let witness = TraceWitness::start(
-        &format!("tcpstall-{tag}"),
-        &[
-            (
-                "timer/timer_expire_entry",
-                kallsyms_addr("tcp_write_timer").map(|a| format!("function == {a:#x}")),
-            ),
-            ("tcp/tcp_retransmit_skb", Some(format!("dport == {PORT}"))),
-        ],
-    );
-    // `--program-stats`: the kernel counts each program's runs, which tells
-    // whether it ran the agent's programs for what the witness saw.
-    const AGENT_ARGS: &[&str] = &["--program-stats"];
-    let mut agent = (!agent_mid_episode).then(|| Agent::start(AGENT_ARGS));
-    let mut attached_ns = monotonic_ns();
-    let server = SocketAddr::from((link.b_ip, PORT));
-    reading_server_in(&link.b, server);
-    let mut conns = Vec::new();
-    for _ in 0..FLOWS {
-        let mut c = connect_in(&link.a, server);
-        c.write_all(b"hello").expect("first write");
-        conns.push(c);
+    let run = StormRun::drive(tag, subnet, agent_mid_episode);
+    let mut check = StormCheck::default();
+    for local in &run.locals {
+        check.flow(&run, *local);
     }
-    for c in &conns {
-        wait_all_acked(c, 5, Duration::from_secs(30));
-    }
-    let locals: Vec<SocketAddr> = conns
-        .iter()
-        .map(|c| c.local_addr().expect("local"))
-        .collect();
-    let blackhole = link.b.blackhole_from(link.a_ip);
-    let readers: Vec<_> = conns
-        .into_iter()
-        .map(|mut c| {
-            c.write_all(&[b'x'; 1000])
-                .expect("write into the blackhole");
-            thread::spawn(move || {
-                c.set_read_timeout(Some(Duration::from_secs(120)))
-                    .expect("timeout");
-                let mut buf = [0u8; 16];
-                c.read(&mut buf).expect_err("read must fail").raw_os_error()
+    check.kernel_runs(&run);
+    check.report(&run);
+    check.assert_clean(&run);
+}
+
+/// Flows of the RTO storm.
+const STORM_FLOWS: usize = 120;
+/// The storm's server port (the witness filters on it).
+const STORM_PORT: u16 = 8090;
+
+/// What one RTO storm left to check: the agent's logs and the witness's
+/// records.
+struct StormRun {
+    tag: String,
+    agent_mid_episode: bool,
+    server: SocketAddr,
+    /// Each flow's client address.
+    locals: Vec<SocketAddr>,
+    /// When the agent's programs were attached and detached (monotonic).
+    attached_ns: u64,
+    detached_ns: u64,
+    summary: Value,
+    malformed: Vec<Value>,
+    events: Vec<Value>,
+    witness: Witnessed,
+}
+
+impl StormRun {
+    /// Sets the storm up (a link, RTO max 1 s, retries2 20 in the client's
+    /// namespace, the witness, the agent with `--program-stats`), stalls
+    /// [`STORM_FLOWS`] flows into a blackhole, waits until every one has
+    /// died with ETIMEDOUT and the agent logged the last verdict, and stops
+    /// the agent.
+    fn drive(tag: &str, subnet: u8, agent_mid_episode: bool) -> Self {
+        require_tools();
+        let link = Link::new(tag, subnet);
+        require(
+            std::path::Path::new("/proc/sys/net/ipv4/tcp_rto_max_ms").exists(),
+            "net.ipv4.tcp_rto_max_ms (Linux 6.15+) for a fast RTO storm",
+            "run this test on a 6.15+ kernel (the host), not in the 6.1/6.12 guests",
+        );
+        link.a.sysctl("net.ipv4.tcp_rto_max_ms", "1000");
+        link.a.sysctl("net.ipv4.tcp_retries2", "20");
+        // The witness: every TCP write-timer expiry and every retransmission to
+        // the server port, as an ftrace instance of the test's own records them
+        // from the same tracepoint calls the agent's programs run in.
+        let witness = TraceWitness::start(
+            &format!("tcpstall-{tag}"),
+            &[
+                (
+                    "timer/timer_expire_entry",
+                    kallsyms_addr("tcp_write_timer").map(|a| format!("function == {a:#x}")),
+                ),
+                (
+                    "tcp/tcp_retransmit_skb",
+                    Some(format!("dport == {STORM_PORT}")),
+                ),
+            ],
+        );
+        // `--program-stats`: the kernel counts each program's runs, which tells
+        // whether it ran the agent's programs for what the witness saw.
+        const AGENT_ARGS: &[&str] = &["--program-stats"];
+        let mut agent = (!agent_mid_episode).then(|| Agent::start(AGENT_ARGS));
+        let mut attached_ns = monotonic_ns();
+        let server = SocketAddr::from((link.b_ip, STORM_PORT));
+        reading_server_in(&link.b, server);
+        let mut conns = Vec::new();
+        for _ in 0..STORM_FLOWS {
+            let mut c = connect_in(&link.a, server);
+            c.write_all(b"hello").expect("first write");
+            conns.push(c);
+        }
+        for c in &conns {
+            wait_all_acked(c, 5, Duration::from_secs(30));
+        }
+        let locals: Vec<SocketAddr> = conns
+            .iter()
+            .map(|c| c.local_addr().expect("local"))
+            .collect();
+        let blackhole = link.b.blackhole_from(link.a_ip);
+        let readers: Vec<_> = conns
+            .into_iter()
+            .map(|mut c| {
+                c.write_all(&[b'x'; 1000])
+                    .expect("write into the blackhole");
+                thread::spawn(move || {
+                    c.set_read_timeout(Some(Duration::from_secs(120)))
+                        .expect("timeout");
+                    let mut buf = [0u8; 16];
+                    c.read(&mut buf).expect_err("read must fail").raw_os_error()
+                })
             })
-        })
-        .collect();
-    if agent_mid_episode {
-        thread::sleep(Duration::from_secs(1));
-        agent = Some(Agent::start(AGENT_ARGS));
-        attached_ns = monotonic_ns();
+            .collect();
+        if agent_mid_episode {
+            thread::sleep(Duration::from_secs(1));
+            agent = Some(Agent::start(AGENT_ARGS));
+            attached_ns = monotonic_ns();
+        }
+        let mut agent = agent.expect("agent started");
+        for r in readers {
+            assert_eq!(r.join().expect("reader"), Some(libc::ETIMEDOUT));
+        }
+        agent.wait_log(Duration::from_secs(30), "the last verdict", |v| {
+            v["message"] == "event"
+                && ev_str(v, "kind") == "error_report"
+                && locals
+                    .last()
+                    .is_some_and(|l| ev_str(v, "local") == l.to_string())
+        });
+        drop(blackhole);
+        let detached_ns = monotonic_ns();
+        let logs = agent.stop();
+        let summary = logs
+            .iter()
+            .find(|v| v["message"] == "tcpstall stopped")
+            .expect("shutdown summary")
+            .clone();
+        let with = |m: &str| -> Vec<Value> {
+            logs.iter().filter(|v| v["message"] == m).cloned().collect()
+        };
+        StormRun {
+            tag: tag.to_owned(),
+            agent_mid_episode,
+            server,
+            locals,
+            attached_ns,
+            detached_ns,
+            summary,
+            malformed: with("malformed event from the kernel"),
+            events: with("event"),
+            witness: Witnessed::new(witness.finish()),
+        }
     }
-    let mut agent = agent.expect("agent started");
-    for r in readers {
-        assert_eq!(r.join().expect("reader"), Some(libc::ETIMEDOUT));
-    }
-    agent.wait_log(Duration::from_secs(30), "the last verdict", |v| {
-        v["message"] == "event"
-            && ev_str(v, "kind") == "error_report"
-            && locals
-                .last()
-                .is_some_and(|l| ev_str(v, "local") == l.to_string())
-    });
-    drop(blackhole);
-    let detached_ns = monotonic_ns();
-    let logs = agent.stop();
-    let summary = logs
-        .iter()
-        .find(|v| v["message"] == "tcpstall stopped")
-        .expect("shutdown summary");
-    let malformed: Vec<&Value> = logs
-        .iter()
-        .filter(|v| v["message"] == "malformed event from the kernel")
-        .collect();
-    let events: Vec<Value> = logs
-        .iter()
-        .filter(|v| v["message"] == "event")
-        .cloned()
-        .collect();
-    let witness = Witnessed::new(witness.finish());
-    let mut expiries = 0;
-    let mut gaps = Vec::new();
-    let mut blackouts = Vec::new();
-    // Gaps the witness saw and both of the agent's programs missed: the
-    // agent's loss unless the kernel's run count shows it did not run them.
-    let mut unrun = Vec::new();
-    let mut unrun_retransmits = 0;
-    let mut unwitnessed = Vec::new();
-    let mut first_seen = std::collections::BTreeMap::<u64, usize>::new();
-    for local in &locals {
-        // The socket's events by cookie, plus those of its 4-tuple without
-        // one (a timer event before any program asked for the cookie).
-        let mut flow = flow_events(&events, *local, server);
+
+    /// The socket's events by cookie, plus those of its 4-tuple without
+    /// one (a timer event before any program asked for the cookie), in
+    /// time order.
+    fn flow(&self, local: SocketAddr) -> Vec<Value> {
+        let mut flow = flow_events(&self.events, local, self.server);
         flow.extend(
-            events
+            self.events
                 .iter()
                 .filter(|e| {
                     ev_u64(e, "cookie") == 0
                         && ev_str(e, "local") == local.to_string()
-                        && ev_str(e, "remote") == server.to_string()
+                        && ev_str(e, "remote") == self.server.to_string()
                 })
                 .cloned(),
         );
         flow.sort_by_key(|e| ev_u64(e, "ts_ns"));
+        flow
+    }
+}
+
+/// An unseen stretch the kernel's run count may explain: what, the event
+/// before it (if any) and after it.
+type Unrun = (String, Option<Value>, Value);
+
+/// The storm's findings, flow by flow, then against the kernel's run count.
+#[derive(Default)]
+struct StormCheck {
+    expiries: usize,
+    /// Expiries without an event that nothing explains: the test fails.
+    gaps: Vec<String>,
+    /// Expiries whose tracepoints reached neither the agent nor the witness.
+    blackouts: Vec<String>,
+    /// Gaps the witness saw and both of the agent's programs missed: the
+    /// agent's loss unless the kernel's run count shows it did not run them.
+    unrun: Vec<Unrun>,
+    unrun_retransmits: usize,
+    /// Sockets where the witness saw fewer expiries than the agent.
+    unwitnessed: Vec<String>,
+    /// Flows per retransmit count of the first expiry seen.
+    first_seen: std::collections::BTreeMap<u64, usize>,
+    /// Runs of the retransmit program and witnessed retransmissions while
+    /// attached ([`Self::kernel_runs`]).
+    runs: usize,
+    witnessed: usize,
+    unrun_tolerated: bool,
+}
+
+/// A gap's report: the event before and after it, whether the before
+/// event's timer was due, and every event of the socket in between.
+fn gap_report(
+    local: SocketAddr,
+    flow: &[Value],
+    what: &str,
+    before: Option<&Value>,
+    after: Option<&Value>,
+) -> String {
+    let (lo, hi) = (
+        before.map_or(0, |e| ev_u64(e, "ts_ns")),
+        after.map_or(u64::MAX, |e| ev_u64(e, "ts_ns")),
+    );
+    let between: Vec<String> = flow
+        .iter()
+        .filter(|e| (lo..=hi).contains(&ev_u64(e, "ts_ns")))
+        .map(fmt_event)
+        .collect();
+    let due = before.map(|e| ev_u64(e, "timer_expires") <= ev_u64(e, "jiffies"));
+    format!(
+        "{local}: {what}\n  before: {}\n  after:  {}\n  before-event timer due: {due:?}\n  events of the socket from before to after:\n    {}",
+        before.map_or("-".into(), fmt_event),
+        after.map_or("-".into(), fmt_event),
+        between.join("\n    ")
+    )
+}
+
+impl StormCheck {
+    /// One flow: its RTO expiries in order against the witness (the first
+    /// expiries before the attach, every step between two expiries, the
+    /// fatal expiry against the ETIMEDOUT verdict).
+    fn flow(&mut self, run: &StormRun, local: SocketAddr) {
+        let witness = &run.witness;
+        let flow = run.flow(local);
         let timers: Vec<&Value> = flow
             .iter()
             .filter(|e| ev_str(e, "kind") == "write_timer" && ev_u64(e, "pending") == 1)
@@ -1653,43 +1763,28 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
         let Some(verdict) = verdict else {
             panic!("{local}: no ETIMEDOUT verdict logged")
         };
-        expiries += timers.len();
+        self.expiries += timers.len();
         let (Some(first), Some(last)) = (timers.first(), timers.last()) else {
             panic!("{local}: no RTO expiry seen: {flow:#?}")
         };
-        *first_seen.entry(ev_u64(first, "retransmits")).or_default() += 1;
-        let mut report = |what: String, before: Option<&Value>, after: Option<&Value>| {
-            let (lo, hi) = (
-                before.map_or(0, |e| ev_u64(e, "ts_ns")),
-                after.map_or(u64::MAX, |e| ev_u64(e, "ts_ns")),
-            );
-            let between: Vec<String> = flow
-                .iter()
-                .filter(|e| (lo..=hi).contains(&ev_u64(e, "ts_ns")))
-                .map(fmt_event)
-                .collect();
-            let due = before.map(|e| ev_u64(e, "timer_expires") <= ev_u64(e, "jiffies"));
-            gaps.push(format!(
-                "{local}: {what}\n  before: {}\n  after:  {}\n  before-event timer due: {due:?}\n  events of the socket from before to after:\n    {}",
-                before.map_or("-".into(), fmt_event),
-                after.map_or("-".into(), fmt_event),
-                between.join("\n    ")
-            ));
-        };
-        if !agent_mid_episode && ev_u64(first, "retransmits") != 0 {
+        *self
+            .first_seen
+            .entry(ev_u64(first, "retransmits"))
+            .or_default() += 1;
+        if !run.agent_mid_episode && ev_u64(first, "retransmits") != 0 {
             // From the attach to the first expiry seen: the tail-loss probe's
             // retransmission and those of the unseen expiries.
-            let (lo, hi) = (attached_ns, ev_u64(first, "ts_ns") - 50_000_000);
+            let (lo, hi) = (run.attached_ns, ev_u64(first, "ts_ns") - 50_000_000);
             let ours = our_retransmits(lo, hi);
-            let seen = witness.in_window(*local, lo, hi);
+            let seen = witness.in_window(local, lo, hi);
             let what = format!(
                 "first expiry(ies) unseen: first event has retransmits {}; before it the agent has {ours} retransmit events, the witness {seen}",
                 ev_u64(first, "retransmits")
             );
-            let lines = witness.lines_in_window(*local, lo, hi);
+            let lines = witness.lines_in_window(local, lo, hi);
             if seen.reliable && seen.retransmits > ours {
-                unrun_retransmits += seen.retransmits - ours;
-                unrun.push((
+                self.unrun_retransmits += seen.retransmits - ours;
+                self.unrun.push((
                     format!(
                         "{local}: {what}:\n    witness: {}",
                         lines.join("\n    witness: ")
@@ -1698,178 +1793,219 @@ fn rto_storm(tag: &str, subnet: u8, agent_mid_episode: bool) {
                     Value::clone(first),
                 ));
             } else {
-                report(
-                    format!("{what}:\n    witness: {}", lines.join("\n    witness: ")),
+                self.gaps.push(gap_report(
+                    local,
+                    &flow,
+                    &format!("{what}:\n    witness: {}", lines.join("\n    witness: ")),
                     None,
                     Some(first),
-                );
+                ));
             }
         }
         // The witness clears a gap only for a socket where it saw at least
         // every expiry the agent saw (a witness that sees nothing clears
         // nothing).
-        let witness_total = witness.in_window(*local, 0, u64::MAX);
+        let witness_total = witness.in_window(local, 0, u64::MAX);
         if witness_total.timer_hits < timers.len() {
-            unwitnessed.push(format!(
+            self.unwitnessed.push(format!(
                 "{local}: {witness_total}, the agent {} expiries",
                 timers.len()
             ));
         }
         for w in timers.windows(2) {
             let (a, b) = (ev_u64(w[0], "retransmits"), ev_u64(w[1], "retransmits"));
-            if b != a + 1 {
-                // Between the two expiries' own handling (RTOs here are
-                // 200 ms or more apart, an expiry's retransmission follows
-                // its timer within microseconds): what reached a probe there.
-                let (lo, hi) = (
-                    ev_u64(w[0], "ts_ns") + 50_000_000,
-                    ev_u64(w[1], "ts_ns") - 50_000_000,
-                );
-                let ours = our_retransmits(lo, hi);
-                let seen = witness.in_window(*local, lo, hi);
-                let what = format!(
-                    "retransmits {a} -> {b} ({} unseen); in between the agent has {ours} retransmit events, the witness {seen}",
-                    b.saturating_sub(a + 1)
-                );
-                if ours == 0 && seen.reached_no_probe() && witness_total.timer_hits >= timers.len()
-                {
-                    blackouts.push(format!("{local}: {what}"));
-                } else if seen.reliable && seen.retransmits > ours {
-                    unrun_retransmits += seen.retransmits - ours;
-                    unrun.push((
-                        format!(
-                            "{local}: {what}:\n    witness: {}",
-                            witness
-                                .lines_in_window(*local, lo, hi)
-                                .join("\n    witness: ")
-                        ),
-                        Some(Value::clone(w[0])),
-                        Value::clone(w[1]),
-                    ));
-                } else {
-                    let lines = witness.lines_in_window(*local, lo, hi);
-                    report(
-                        format!("{what}:\n    witness: {}", lines.join("\n    witness: ")),
-                        Some(w[0]),
-                        Some(w[1]),
-                    );
-                }
+            if b == a + 1 {
+                continue;
+            }
+            // Between the two expiries' own handling (RTOs here are
+            // 200 ms or more apart, an expiry's retransmission follows
+            // its timer within microseconds): what reached a probe there.
+            let (lo, hi) = (
+                ev_u64(w[0], "ts_ns") + 50_000_000,
+                ev_u64(w[1], "ts_ns") - 50_000_000,
+            );
+            let ours = our_retransmits(lo, hi);
+            let seen = witness.in_window(local, lo, hi);
+            let what = format!(
+                "retransmits {a} -> {b} ({} unseen); in between the agent has {ours} retransmit events, the witness {seen}",
+                b.saturating_sub(a + 1)
+            );
+            let lines = witness.lines_in_window(local, lo, hi);
+            if ours == 0 && seen.reached_no_probe() && witness_total.timer_hits >= timers.len() {
+                self.blackouts.push(format!("{local}: {what}"));
+            } else if seen.reliable && seen.retransmits > ours {
+                self.unrun_retransmits += seen.retransmits - ours;
+                self.unrun.push((
+                    format!(
+                        "{local}: {what}:\n    witness: {}",
+                        lines.join("\n    witness: ")
+                    ),
+                    Some(Value::clone(w[0])),
+                    Value::clone(w[1]),
+                ));
+            } else {
+                self.gaps.push(gap_report(
+                    local,
+                    &flow,
+                    &format!("{what}:\n    witness: {}", lines.join("\n    witness: ")),
+                    Some(w[0]),
+                    Some(w[1]),
+                ));
             }
         }
-
         // The fatal expiry: the handler gives up before counting it, so
         // the verdict carries the count of the last expiry's event.
         if ev_u64(last, "retransmits") != ev_u64(verdict, "retransmits")
             || ev_u64(verdict, "ts_ns") < ev_u64(last, "ts_ns")
         {
-            report(
-                "the fatal expiry unseen (last event != verdict)".into(),
+            self.gaps.push(gap_report(
+                local,
+                &flow,
+                "the fatal expiry unseen (last event != verdict)",
                 Some(last),
                 Some(verdict),
-            );
+            ));
         }
         assert!(
-            timers.len() >= if agent_mid_episode { 10 } else { 15 },
+            timers.len() >= if run.agent_mid_episode { 10 } else { 15 },
             "{local}: only {} expiries seen",
             timers.len()
         );
     }
-    // The kernel's run count of the retransmit program against the
-    // retransmissions of the storm's sockets the witness saw while the
-    // programs were attached (other sockets' retransmissions only add runs).
-    let runs = ev_str(summary, "program_runs")
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| k.starts_with("tcpstall_retransmit"))
-        .map(|(_, v)| v.parse::<usize>().unwrap_or(0))
-        .sum::<usize>();
-    let witnessed = witness.retransmits_between(attached_ns, detached_ns);
-    let kernel_skipped = witnessed.saturating_sub(runs);
-    let unrun_tolerated =
-        !unrun.is_empty() && witness.lost.is_none() && kernel_skipped >= unrun_retransmits;
-    if !unrun.is_empty() {
-        if unrun_tolerated {
+
+    /// The kernel's run count of the retransmit program against the
+    /// retransmissions of the storm's sockets the witness saw while the
+    /// programs were attached (other sockets' retransmissions only add
+    /// runs): unseen retransmissions are tolerated only as runs the kernel
+    /// did not make; otherwise each is a gap.
+    fn kernel_runs(&mut self, run: &StormRun) {
+        self.runs = ev_str(&run.summary, "program_runs")
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| k.starts_with("tcpstall_retransmit"))
+            .map(|(_, v)| v.parse::<usize>().unwrap_or(0))
+            .sum::<usize>();
+        self.witnessed = run
+            .witness
+            .retransmits_between(run.attached_ns, run.detached_ns);
+        let kernel_skipped = self.witnessed.saturating_sub(self.runs);
+        self.unrun_tolerated = !self.unrun.is_empty()
+            && run.witness.lost.is_none()
+            && kernel_skipped >= self.unrun_retransmits;
+        if self.unrun.is_empty() {
+            return;
+        }
+        if self.unrun_tolerated {
             eprintln!(
-                "RUNS THE KERNEL DID NOT MAKE: the witness saw {witnessed} retransmissions of the storm's sockets while the agent's programs were attached, the kernel ran the agent's retransmit program {runs} times (no recursion miss counted): {kernel_skipped} runs not made, which covers the {unrun_retransmits} retransmissions of these gaps:\n{}",
-                unrun
+                "RUNS THE KERNEL DID NOT MAKE: the witness saw {} retransmissions of the storm's sockets while the agent's programs were attached, the kernel ran the agent's retransmit program {} times (no recursion miss counted): {kernel_skipped} runs not made, which covers the {} retransmissions of these gaps:\n{}",
+                self.witnessed,
+                self.runs,
+                self.unrun_retransmits,
+                self.unrun
                     .iter()
                     .map(|(w, _, _)| w.as_str())
                     .collect::<Vec<_>>()
                     .join("\n")
             );
         } else {
-            for (what, before, after) in &unrun {
-                gaps.push(format!(
-                    "{what}\n  (the kernel ran the retransmit program {runs} times for {witnessed} witnessed retransmissions)\n  before: {}\n  after:  {}",
+            for (what, before, after) in &self.unrun {
+                self.gaps.push(format!(
+                    "{what}\n  (the kernel ran the retransmit program {} times for {} witnessed retransmissions)\n  before: {}\n  after:  {}",
+                    self.runs,
+                    self.witnessed,
                     before.as_ref().map_or("-".into(), fmt_event),
                     fmt_event(after)
                 ));
             }
         }
     }
-    eprintln!(
-        "RTO storm{}: {} flows, {expiries} expiries seen, {} gaps, {} expiries that reached no probe (the witness: {}), {} gaps in runs the kernel did not make (retransmit program runs {runs}, witnessed retransmissions {witnessed}), first count seen per flow {first_seen:?}, malformed {}; summary {summary}",
-        if agent_mid_episode {
-            " (agent started mid-episode)"
+
+    /// The storm's summary line on stderr and in the test notes (printed
+    /// after `cargo xtask test` whether it passed or not), and the
+    /// kernel-side gaps, if any.
+    fn report(&self, run: &StormRun) {
+        let (runs, witnessed) = (self.runs, self.witnessed);
+        let tolerated = if self.unrun_tolerated {
+            self.unrun.len()
         } else {
-            ""
-        },
-        locals.len(),
-        gaps.len(),
-        blackouts.len(),
-        witness.lost.clone().unwrap_or_else(|| format!(
-            "complete, {} sockets where it saw fewer expiries than the agent{}",
-            unwitnessed.len(),
-            if unwitnessed.is_empty() {
-                String::new()
+            0
+        };
+        let summary = &run.summary;
+        eprintln!(
+            "RTO storm{}: {} flows, {} expiries seen, {} gaps, {} expiries that reached no probe (the witness: {}), {tolerated} gaps in runs the kernel did not make (retransmit program runs {runs}, witnessed retransmissions {witnessed}), first count seen per flow {:?}, malformed {}; summary {summary}",
+            if run.agent_mid_episode {
+                " (agent started mid-episode)"
             } else {
-                format!(": {}", unwitnessed.join("; "))
-            }
-        )),
-        if unrun_tolerated { unrun.len() } else { 0 },
-        malformed.len(),
-    );
-    test_note(&format!(
-        "{tag}: {} flows, {expiries} expiries seen, {} gaps failed, {} kernel-side (no probe reached), {} in runs the kernel did not make; retransmit program runs {runs} for {witnessed} witnessed retransmissions; witness {}; submitted {}, dropped {}, missed_runs {}, timer_not_due {}",
-        locals.len(),
-        gaps.len(),
-        blackouts.len(),
-        if unrun_tolerated { unrun.len() } else { 0 },
-        witness.lost.as_deref().unwrap_or("complete"),
-        summary["submitted"],
-        summary["dropped"],
-        summary["missed_runs"],
-        summary["timer_not_due"],
-    ));
-    if !blackouts.is_empty() {
-        eprintln!(
-            "KERNEL-SIDE GAPS: RTO expiries the kernel handled (icsk_retransmits moved on) whose tracepoints reached neither the agent's programs nor the ftrace witness:\n{}",
-            blackouts.join("\n")
+                ""
+            },
+            run.locals.len(),
+            self.expiries,
+            self.gaps.len(),
+            self.blackouts.len(),
+            run.witness.lost.clone().unwrap_or_else(|| format!(
+                "complete, {} sockets where it saw fewer expiries than the agent{}",
+                self.unwitnessed.len(),
+                if self.unwitnessed.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", self.unwitnessed.join("; "))
+                }
+            )),
+            self.first_seen,
+            run.malformed.len(),
+        );
+        test_note(&format!(
+            "{}: {} flows, {} expiries seen, {} gaps failed, {} kernel-side (no probe reached), {tolerated} in runs the kernel did not make; retransmit program runs {runs} for {witnessed} witnessed retransmissions; witness {}; submitted {}, dropped {}, missed_runs {}, timer_not_due {}",
+            run.tag,
+            run.locals.len(),
+            self.expiries,
+            self.gaps.len(),
+            self.blackouts.len(),
+            run.witness.lost.as_deref().unwrap_or("complete"),
+            summary["submitted"],
+            summary["dropped"],
+            summary["missed_runs"],
+            summary["timer_not_due"],
+        ));
+        if !self.blackouts.is_empty() {
+            eprintln!(
+                "KERNEL-SIDE GAPS: RTO expiries the kernel handled (icsk_retransmits moved on) whose tracepoints reached neither the agent's programs nor the ftrace witness:\n{}",
+                self.blackouts.join("\n")
+            );
+        }
+    }
+
+    /// No drop, no missed run, no malformed record, no gap.
+    fn assert_clean(&self, run: &StormRun) {
+        let summary = &run.summary;
+        assert_eq!(summary["dropped"], 0, "ring buffer drops: {summary}");
+        assert_eq!(
+            summary["missed_runs"], 0,
+            "kernel-skipped program runs: {summary}"
+        );
+        assert!(
+            run.malformed.is_empty(),
+            "malformed records: {:#?}",
+            run.malformed
+        );
+        if !self.gaps.is_empty() {
+            // What else ran on the machine: other agents, other BPF programs.
+            eprintln!(
+                "processes: {}\nBPF programs loaded: {}",
+                sh(
+                    "ps -eo pid,etimes,comm,args | grep -E 'tcpstall|bpftrace|podman|conmon' | grep -v grep || true"
+                ),
+                sh(
+                    "bpftool prog list 2>/dev/null | grep -E '^[0-9]+:' | awk '{print $2, $4}' | sort | uniq -c || true"
+                ),
+            );
+        }
+        assert!(
+            self.gaps.is_empty(),
+            "RTO expiries without an event:\n{}",
+            self.gaps.join("\n")
         );
     }
-    assert_eq!(summary["dropped"], 0, "ring buffer drops: {summary}");
-    assert_eq!(
-        summary["missed_runs"], 0,
-        "kernel-skipped program runs: {summary}"
-    );
-    assert!(malformed.is_empty(), "malformed records: {malformed:#?}");
-    if !gaps.is_empty() {
-        // What else ran on the machine: other agents, other BPF programs.
-        eprintln!(
-            "processes: {}\nBPF programs loaded: {}",
-            sh(
-                "ps -eo pid,etimes,comm,args | grep -E 'tcpstall|bpftrace|podman|conmon' | grep -v grep || true"
-            ),
-            sh(
-                "bpftool prog list 2>/dev/null | grep -E '^[0-9]+:' | awk '{print $2, $4}' | sort | uniq -c || true"
-            ),
-        );
-    }
-    assert!(
-        gaps.is_empty(),
-        "RTO expiries without an event:\n{}",
-        gaps.join("\n")
-    );
 }
 
 /// The agent's start-up line names the sweep iterator it loaded: the one

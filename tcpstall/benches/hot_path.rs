@@ -31,11 +31,12 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use tcpstall::engine::horizon::{self, BoundaryRule};
+use tcpstall::engine::testkit::{
+    HZ, MS, S, Sock, T0, jiffies_at, ms_stamp, sysctls, ts_of_jiffies,
+};
 use tcpstall::engine::{Engine, EngineConfig};
 use tcpstall::kernel::btf::Btf;
-use tcpstall::kernel::event::{
-    EventKind, Mechanism, NetnsSysctls, SockEvent, SockFields, TcpState,
-};
+use tcpstall::kernel::event::{EventKind, SockEvent, TcpState};
 use tcpstall::kernel::{facts, layout};
 use tcpstall_common::{EVENT_SIZE, Event, flag, kind, source};
 
@@ -100,43 +101,16 @@ fn rss_bytes() -> u64 {
     pages * u64::try_from(page).unwrap_or(4_096)
 }
 
-// ----- time and sockets (kernel-faithful, as in the engine tests) ----------
+// ----- time and sockets (the engine tests' builders, engine::testkit) -----
 
-const HZ: u32 = 250;
 const US: u64 = 1_000;
-const MS: u64 = 1_000_000;
-const S: u64 = 1_000_000_000;
-/// Monotonic base (an hour of uptime).
-const T0: u64 = 3_600 * S;
-/// jiffies at monotonic 0 (the kernel starts 5 minutes before the wrap).
-const J0: u64 = (1u64 << 32) - 300 * HZ as u64;
 /// Flow table size of the production default.
 const MAX_FLOWS: usize = 65_536;
-/// Kernel addresses of `struct sock`: unique per cookie, except in the
-/// healthy churn, where every socket closes and the slab reuses its address
-/// (`SKADDR_SLAB` slots).
+/// Kernel addresses of `struct sock`: unique per cookie (`Sock::new`), except
+/// in the healthy churn, where every socket closes and the slab reuses its
+/// address (`SKADDR_SLAB` slots).
 const SKADDR_BASE: u64 = 0xffff_8880_0000_0000;
 const SKADDR_SLAB: u64 = 1 << 16;
-
-fn jiffies_at(ts: u64) -> u64 {
-    J0.wrapping_add((u128::from(ts) * u128::from(HZ) / u128::from(S)) as u64)
-}
-
-fn ts_of_jiffies(j: u64) -> u64 {
-    horizon::jiffies_to_ns(j - J0, HZ)
-}
-
-fn ms_stamp(ts: u64) -> u32 {
-    (ts / MS) as u32
-}
-
-fn sysctls(retries2: u32) -> NetnsSysctls {
-    NetnsSysctls {
-        tcp_retries2: retries2,
-        tcp_orphan_retries: 0,
-        tcp_rto_max_ms: None,
-    }
-}
 
 fn engine_cfg() -> EngineConfig {
     EngineConfig {
@@ -162,112 +136,6 @@ impl Rng {
     /// True with probability `per_mille` / 1000.
     fn chance(&mut self, per_mille: u64) -> bool {
         self.below(1_000) < per_mille
-    }
-}
-
-/// One simulated socket.
-#[derive(Clone, Copy)]
-struct Sock {
-    cookie: u64,
-    skaddr: u64,
-    local: SocketAddr,
-    remote: SocketAddr,
-    netns: u32,
-    sysctls: Option<NetnsSysctls>,
-}
-
-impl Sock {
-    fn new(cookie: u64, local: SocketAddr, remote: SocketAddr, netns: u32) -> Self {
-        Self {
-            cookie,
-            skaddr: SKADDR_BASE + cookie * 0x1000,
-            local,
-            remote,
-            netns,
-            sysctls: Some(sysctls(15)),
-        }
-    }
-
-    fn base(&self, kind: EventKind, ts: u64) -> SockEvent {
-        SockEvent {
-            kind,
-            mechanism: Mechanism::TpBtf,
-            ts_ns: ts,
-            jiffies: jiffies_at(ts),
-            cookie: self.cookie,
-            skaddr: self.skaddr,
-            netns: self.netns,
-            cgroup_id: 0,
-            local: self.local,
-            remote: self.remote,
-            state: TcpState::Established,
-            old_state: TcpState::Established,
-            sock: None,
-            retransmits: 0,
-            rto_jiffies: 0,
-            snd_una: 1_000 + (self.cookie as u32 & 0xffff),
-            packets_out: 1,
-            retrans_out: 0,
-            total_retrans: 0,
-            netns_sysctls: self.sysctls,
-            orphan: false,
-            rto_expired_verdict: false,
-            sk_err: 0,
-            ack_seq: 0,
-        }
-    }
-
-    fn fields(&self, pending: u32, stamp: u32, backoff: u32, ts: u64) -> SockFields {
-        SockFields {
-            backoff,
-            probes_out: 0,
-            pending,
-            ca_state: 0,
-            rto_max_jiffies: 0,
-            user_timeout_ms: 0,
-            retrans_stamp: stamp,
-            usec_ts: false,
-            snd_wnd: 65_535,
-            lsndtime: 0,
-            rcv_tstamp: 0,
-            timer_expires: jiffies_at(ts).saturating_sub(1),
-        }
-    }
-
-    /// `tcp_retransmit_skb`: `pending` 5 = loss probe, 1 = fast retransmit,
-    /// 0 = sent by an RTO expiry.
-    fn retransmit(&self, ts: u64, pending: u32, retransmits: u32, stamp: u32) -> SockEvent {
-        let mut e = self.base(EventKind::Retransmit, ts);
-        e.sock = Some(self.fields(pending, stamp, retransmits, ts));
-        e.retransmits = retransmits;
-        e.rto_jiffies = 51;
-        e.total_retrans = retransmits + 1;
-        e
-    }
-
-    /// Write timer expiry with an RTO pending.
-    fn rto(&self, ts: u64, retransmits: u32, stamp: u32, rto: u32, backoff: u32) -> SockEvent {
-        let mut e = self.base(EventKind::WriteTimer, ts);
-        e.sock = Some(self.fields(1, stamp, backoff, ts));
-        e.retransmits = retransmits;
-        e.rto_jiffies = rto;
-        e
-    }
-
-    fn state(&self, ts: u64, old: TcpState, new: TcpState) -> SockEvent {
-        let mut e = self.base(EventKind::State, ts);
-        e.old_state = old;
-        e.state = new;
-        e.netns_sysctls = None;
-        e
-    }
-
-    fn error(&self, ts: u64, errno: u32) -> SockEvent {
-        let mut e = self.base(EventKind::ErrorReport, ts);
-        e.sk_err = errno;
-        e.state = TcpState::Close;
-        e.netns_sysctls = None;
-        e
     }
 }
 
@@ -378,7 +246,7 @@ impl Healthy {
             let outgoing = r.chance(600);
             let mut s = if outgoing {
                 let port = 32_768 + (cookie % 28_000) as u16;
-                Sock::new(cookie, node(port), backend(r.below(200)), netns)
+                Sock::between(cookie, node(port), backend(r.below(200)), netns)
             } else {
                 let c = r.below(4_096);
                 let client = v4(
@@ -388,7 +256,7 @@ impl Healthy {
                     (c % 256) as u8,
                     32_768 + r.below(28_000) as u16,
                 );
-                Sock::new(cookie, node(8_080), client, netns)
+                Sock::between(cookie, node(8_080), client, netns)
             };
             // Reused by the slab 65,536 connections later, long closed.
             s.skaddr = SKADDR_BASE + (cookie % SKADDR_SLAB) * 0x1000;
@@ -414,17 +282,17 @@ impl Healthy {
                 // same episode; ACKs then flow again (no event: the streak
                 // ends at FIN_WAIT2, at close or when its expiry is overdue).
                 let tlp = est + life / 2;
-                out.push(s.retransmit(tlp, 5, 0, 0));
+                out.push(s.retransmit(tlp, 5, 0, 0, 51, s.snd_una, 0));
                 let stamp = ms_stamp(tlp);
                 let mut t = tlp;
                 if loss < 15 {
                     t = tlp + rtt;
-                    out.push(s.retransmit(t, 1, 0, stamp));
+                    out.push(s.retransmit(t, 1, 0, stamp, 51, s.snd_una, 0));
                 }
                 if loss < 10 {
                     t = tlp + 204 * MS;
-                    out.push(s.rto(t, 0, stamp, 51, 0));
-                    out.push(s.retransmit(t + 5 * US, 0, 1, stamp));
+                    out.push(s.rto(t, 0, stamp, 51, s.snd_una));
+                    out.push(s.retransmit(t + 5 * US, 0, 1, stamp, 51, s.snd_una, 1));
                     t += 5 * US;
                 }
                 end = end.max(t + 2 * rtt);
@@ -469,11 +337,11 @@ fn blackhole(s: &Sock, send_ts: u64, out: &mut Vec<SockEvent>) -> u64 {
         rule.at(horizon::jiffies_to_msecs(rto_j, HZ), max_ms, 200)
             .ms
     };
-    let mut j = jiffies_at(send_ts);
+    let mut j = jiffies_at(HZ, send_ts);
     let (mut r, mut backoff, mut rto) = (0u32, 0u32, 51u64);
     let jt = horizon::timer_wheel_fire(j + u64::from(HZ) / 5, j, HZ);
-    let tlp_ts = ts_of_jiffies(jt);
-    let mut e = s.retransmit(tlp_ts, 5, 0, 0);
+    let tlp_ts = ts_of_jiffies(HZ, jt);
+    let mut e = s.retransmit(tlp_ts, 5, 0, 0, 51, s.snd_una, 0);
     e.rto_jiffies = rto as u32;
     out.push(e);
     let stamp = tlp_ts / MS;
@@ -481,8 +349,9 @@ fn blackhole(s: &Sock, send_ts: u64, out: &mut Vec<SockEvent>) -> u64 {
     let mut next = horizon::timer_wheel_fire(j + rto, j, HZ);
     loop {
         j = next;
-        let ts = ts_of_jiffies(j);
-        let mut e = s.rto(ts, r, stamp as u32, rto as u32, backoff);
+        let ts = ts_of_jiffies(HZ, j);
+        let mut e = s.rto(ts, r, stamp as u32, rto as u32, s.snd_una);
+        e.sock.as_mut().expect("fields").backoff = backoff;
         e.jiffies = j;
         out.push(e);
         if r > 0 && ts / MS - stamp >= boundary_ms(rto) {
@@ -492,7 +361,7 @@ fn blackhole(s: &Sock, send_ts: u64, out: &mut Vec<SockEvent>) -> u64 {
             return death + US;
         }
         r += 1;
-        let mut e = s.retransmit(ts + 5 * US, 0, r, stamp as u32);
+        let mut e = s.retransmit(ts + 5 * US, 0, r, stamp as u32, 51, s.snd_una, r);
         e.rto_jiffies = rto as u32;
         e.sock.as_mut().expect("fields").backoff = backoff;
         e.jiffies = j;
@@ -512,7 +381,7 @@ fn blackholes(n: u64, first_cookie: u64, t: u64) -> (Vec<SockEvent>, u64) {
         let cookie = first_cookie + i;
         let s = Sock {
             sysctls: Some(sysctls(5)),
-            ..Sock::new(
+            ..Sock::between(
                 cookie,
                 node(32_768 + (cookie % 28_000) as u16),
                 backend(i % 10),
@@ -541,14 +410,14 @@ fn fill_idle(
     let mut last = t;
     for i in 0..n {
         let cookie = first_cookie + i;
-        let s = Sock::new(
+        let s = Sock::between(
             cookie,
             node(32_768 + (cookie % 28_000) as u16),
             backend(rng.below(256)),
             4_026_532_000 + (i % 32) as u32,
         );
         last = t + i * spacing;
-        batch.push(s.retransmit(last, 5, 0, 0));
+        batch.push(s.retransmit(last, 5, 0, 0, 51, s.snd_una, 0));
         if batch.len() == BATCH {
             drive(e, &batch, next_tick);
             batch.clear();
@@ -573,7 +442,7 @@ fn raw_bytes(ev: &Event) -> [u8; EVENT_SIZE] {
 fn raw_retransmit(i: u64) -> Event {
     let mut ev = Event::zeroed();
     ev.ts_ns = T0 + i * 37 * US;
-    ev.jiffies = jiffies_at(ev.ts_ns);
+    ev.jiffies = jiffies_at(HZ, ev.ts_ns);
     ev.sock.cookie = 100_000 + i;
     ev.sock.skaddr = 0xffff_8880_1234_0000 + i * 0x1000;
     ev.sock.timer_expires = ev.jiffies + 51;
@@ -873,13 +742,13 @@ fn bench_full_table(c: &mut Criterion) {
         (0..NEW)
             .map(|i| {
                 let c = cookie + i;
-                let s = Sock::new(
+                let s = Sock::between(
                     c,
                     node(32_768 + (c % 28_000) as u16),
                     backend(c % 256),
                     4_026_532_000 + (c % 32) as u32,
                 );
-                s.retransmit(t + i * 50 * US, 5, 0, 0)
+                s.retransmit(t + i * 50 * US, 5, 0, 0, 51, s.snd_una, 0)
             })
             .collect()
     }
@@ -948,7 +817,7 @@ fn bench_full_table(c: &mut Criterion) {
                     c.old_state = TcpState::Established;
                     c.state = TcpState::Close;
                     c.ts_ns = end + i as u64 * US;
-                    c.jiffies = jiffies_at(c.ts_ns);
+                    c.jiffies = jiffies_at(HZ, c.ts_ns);
                     c
                 })
                 .collect();

@@ -10,8 +10,8 @@
 //! |---|---|
 //! | `kernel` | nothing |
 //! | `engine` | `kernel::event` only (the decoded event type) |
-//! | `sweep` | `kernel`, `engine` |
 //! | `identity` | `engine` (the stall view a flow reference is made from) |
+//! | `sweep` | `kernel`, `engine`, `identity` (the holders and pods of swept sockets) |
 //! | `serve` | `kernel`, `engine`, `sweep`, `identity` |
 //! | `cli` | `kernel`, `engine`, `identity` |
 //! | `app` | every wing |
@@ -31,8 +31,8 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("kernel", &[]),
     ("engine", &["kernel::event"]),
-    ("sweep", &["kernel", "engine"]),
     ("identity", &["engine"]),
+    ("sweep", &["kernel", "engine", "identity"]),
     ("serve", &["kernel", "engine", "sweep", "identity"]),
     ("cli", &["kernel", "engine", "identity"]),
     (

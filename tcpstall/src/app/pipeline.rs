@@ -1,7 +1,7 @@
 //! The event loop's state between batches ([`Pipeline`]): ingesting decoded
 //! batches into the engine and the metrics, ticking, reading the kernel-side
-//! counters, and starting and folding in socket sweeps (the sweep's own
-//! work is in [`crate::sweep::cycle`]).
+//! counters, and calling the socket sweep's steps in order around the hold
+//! (the sweep's own work is in [`crate::sweep::cycle`]).
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 use super::logs::{log_event, log_observation};
 use crate::{
     engine::{Observation, StallView},
-    identity::{Owner, ProcessInfo},
+    identity::Owner,
     kernel::{
         event::{DecodeError, SockEvent},
         facts,
@@ -19,8 +19,8 @@ use crate::{
     },
     serve::state::AgentState,
     sweep::{
-        Offer, PodLabels, SweepHold, SweepReason,
-        cycle::{self, PendingSweep, SweepResult, merge_by_time},
+        Offer, SweepHold, SweepReason,
+        cycle::{self, PendingSweep, SweepResult},
     },
 };
 
@@ -200,11 +200,10 @@ impl Pipeline {
 }
 
 impl Pipeline {
-    /// Starts one sweep: first the events already in the ring (older than
-    /// the sweep) are ingested, then the iterator is attached and read, and
-    /// its records decoded and audited, on a blocking thread: the event loop
-    /// keeps reading the ring and serving HTTP meanwhile. [`Self::finish_sweep`]
-    /// folds the result in. None: the sweep could not start (logged, counted).
+    /// Starts one sweep ([`cycle::start`]): first the events already in the
+    /// ring (older than the sweep) are ingested and the hold starts, then
+    /// the iterator runs on a blocking thread. [`Self::finish_sweep`] folds
+    /// the result in. None: the sweep could not start (logged, counted).
     pub(super) fn start_sweep(
         &mut self,
         loaded: &mut loader::Loaded,
@@ -215,34 +214,23 @@ impl Pipeline {
     ) -> Option<PendingSweep> {
         reader.drain_ready(batch);
         self.ingest_events(batch);
-        let t0 = Instant::now();
         self.hold.start();
-        let run = match loaded.start_sweep(stats) {
-            Ok(r) => Arc::new(r),
-            Err(e) => {
-                self.state.metrics.sweep.failed();
-                // Nothing was read since the hold started.
-                self.events = self.hold.finish();
-                self.ingest_events(&mut Vec::new());
-                error!(error = %e, reason = reason.as_str(), "socket sweep failed");
-                return None;
-            }
-        };
         let hz = self.state.engine().hz().0;
-        let r = run.clone();
-        let task = tokio::task::spawn_blocking(move || cycle::read_and_audit(&r, hz, RISKS_LISTED));
-        Some(PendingSweep {
-            reason,
-            t0,
-            run,
-            task,
-        })
+        match cycle::start(loaded, stats, hz, RISKS_LISTED, reason) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let held = self.hold.finish();
+                self.sweep_failed(reason, &e, held);
+                None
+            }
+        }
     }
 
     /// Folds a finished sweep in: first every event the ring holds now
     /// (those older than the snapshots included; newer ones make the engine
     /// ignore a snapshot: it never rolls a flow back, never resurrects a
-    /// closed one), then the snapshots, then the audit.
+    /// closed one), then the snapshots ([`cycle::seed`]), then the audit
+    /// and its owners ([`cycle::owners_per_pod`]).
     pub(super) fn finish_sweep(
         &mut self,
         pending: PendingSweep,
@@ -258,30 +246,13 @@ impl Pipeline {
         reader.drain_ready(batch);
         self.ingest_events(batch);
         let held = self.hold.finish();
-        let out = result
-            .map_err(|e| loader::SweepError::Run(format!("sweep thread: {e}")))
-            .and_then(|r| r)
-            .and_then(|r| Ok((run.finish(Vec::new(), stats)?, r)));
-        let (
-            out,
-            SweepResult {
-                sockets,
-                bad,
-                mut report,
-            },
-        ) = match out {
+        let (out, mut r) = match cycle::finish(&run, result, stats) {
             Ok(o) => o,
-            Err(e) => {
-                self.state.metrics.sweep.failed();
-                error!(error = %e, reason = reason.as_str(), "socket sweep failed");
-                self.events = held;
-                self.ingest_events(&mut Vec::new());
-                return;
-            }
+            Err(e) => return self.sweep_failed(reason, &e, held),
         };
-        if bad > 0 {
-            self.decode_errors += bad as u64;
-            error!(records = bad, "malformed sweep records from the kernel");
+        if r.bad > 0 {
+            self.decode_errors += r.bad as u64;
+            error!(records = r.bad, "malformed sweep records from the kernel");
         }
         if out.overflow > 0 {
             warn!(
@@ -289,75 +260,39 @@ impl Pipeline {
                 "sweep records did not fit the iterator buffer"
             );
         }
-        let (seeded_before, repaired_before) = {
+        let stalled = cycle::stalled(&r.sockets);
+        let (before, observations) = {
             let mut engine = self.state.engine();
-            let st = engine.stats();
-            let mut snapshots: Vec<&SockEvent> = sockets
-                .iter()
-                .map(|s| &s.ev)
-                .filter(|ev| crate::engine::seed::classify_snapshot(ev).is_some())
-                .collect();
-            snapshots.sort_by_key(|ev| ev.ts_ns);
-            for ev in merge_by_time(&snapshots, &held) {
-                engine.ingest(ev);
-            }
-            self.observations.extend(engine.drain_observations());
-            (st.sweep_seeded, st.sweep_repaired)
+            let before = engine.stats();
+            (before, cycle::seed(&mut engine, &stalled, &held))
         };
-        let mut per_pod: std::collections::HashMap<PodLabels, usize> = Default::default();
-        {
-            let t = Instant::now();
-            let mut pods = self
+        self.observations.extend(observations);
+        let per_pod = cycle::owners_per_pod(
+            &mut self
                 .state
                 .pods
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // The sweep saw each socket's holder: the process resolver
-            // needs no /proc scan for the stalled ones.
-            for sk in sockets
-                .iter()
-                .filter(|sk| crate::engine::seed::classify_snapshot(&sk.ev).is_some())
-            {
-                pods.learn_process(
-                    crate::identity::SocketKey {
-                        netns: sk.ev.netns,
-                        local: sk.ev.local,
-                        remote: sk.ev.remote,
-                    },
-                    ProcessInfo {
-                        pid: sk.pid,
-                        comm: sk.comm.to_string_lossy(),
-                    },
-                    t,
-                );
-            }
-            // The same identity as stalls: the socket's cgroup first, the
-            // network namespace where there is no cgroup id.
-            for (&(netns, cgroup_id), &n) in &report.by_owner {
-                let id = pods.pod(&crate::identity::FlowRef::owner(netns, cgroup_id), t);
-                let l = PodLabels {
-                    namespace: id.as_ref().map(|p| p.namespace.clone()).unwrap_or_default(),
-                    pod: id.map(|p| p.pod).unwrap_or_default(),
-                };
-                *per_pod.entry(l).or_default() += n;
-            }
-        }
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            &stalled,
+            &r.report,
+            Instant::now(),
+        );
         self.state.metrics.sweep.without_timeout(&per_pod);
         // Sockets the kernel skipped (no record) still count as TCP
         // sockets, and as established ones in the audit's summary.
-        report.established += out.skipped_established as usize;
-        let tcp_sockets = sockets.len() + out.skipped as usize;
+        r.report.established += out.skipped_established as usize;
+        let tcp_sockets = r.sockets.len() + out.skipped as usize;
         let elapsed = t0.elapsed();
         self.state
             .metrics
             .sweep
             .ran(reason, elapsed.as_secs_f64(), out.socket_files, tcp_sockets);
-        let at_risk = report.total;
+        let at_risk = r.report.total;
         *self
             .state
             .risks
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r.report);
         self.apply_observations();
         let st = self.state.engine().stats();
         info!(
@@ -365,11 +300,20 @@ impl Pipeline {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             socket_files = out.socket_files,
             tcp_sockets,
-            records = sockets.len(),
-            seeded = st.sweep_seeded - seeded_before,
-            repaired = st.sweep_repaired - repaired_before,
+            records = r.sockets.len(),
+            seeded = st.sweep_seeded - before.sweep_seeded,
+            repaired = st.sweep_repaired - before.sweep_repaired,
             without_timeout = at_risk,
             "socket sweep"
         );
+    }
+
+    /// A sweep that failed: counted and logged; the events held meanwhile
+    /// go to the engine now (none lost).
+    fn sweep_failed(&mut self, reason: SweepReason, e: &loader::SweepError, held: Vec<SockEvent>) {
+        self.state.metrics.sweep.failed();
+        error!(error = %e, reason = reason.as_str(), "socket sweep failed");
+        self.events = held;
+        self.ingest_events(&mut Vec::new());
     }
 }

@@ -50,6 +50,8 @@ mod remote;
 pub mod seed;
 mod sink;
 mod streak;
+#[doc(hidden)]
+pub mod testkit;
 mod tick;
 mod views;
 

@@ -48,6 +48,7 @@ mod cpio;
 mod host;
 mod init;
 mod initramfs;
+mod kernel_names;
 mod modules;
 mod qemu;
 
