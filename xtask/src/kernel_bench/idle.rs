@@ -6,7 +6,7 @@
 //!   namespace of the bench, held open by child processes, no traffic; the
 //!   agent (defaults but `--sweep-interval 0`, so the window holds no
 //!   sweep) runs for `--idle`: its CPU (every thread's `schedstat`, ns)
-//!   per second of wall time. Beside it, one `ss -tinoH` dump of the same
+//!   per second of wall time (threads sampled every 20 ms). Beside it, one `ss -tinoH` dump of the same
 //!   namespace (CPU of the child, `getrusage`).
 //! - **from idle**: single short connections 1 s apart (each reaches an
 //!   asleep reader): event delivery delay, kernel timestamp to the agent's
@@ -181,31 +181,64 @@ impl Held {
     }
 }
 
-/// CPU time (ns) of every live thread of `pid` (`/proc/PID/task/*/schedstat`).
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).context("agent threads")? {
-        let t = t?;
-        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-            total += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+/// CPU time (ns) so far of each live thread of `pid`
+/// (`/proc/PID/task/TID/schedstat`).
+fn thread_cpu_ns(pid: u32) -> std::collections::HashMap<u32, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        {
+            out.insert(tid, ns);
         }
     }
-    Ok(total)
+    out
 }
 
 /// Runs `f` and returns the CPU seconds the agent spent meanwhile, and the
-/// wall seconds.
+/// wall seconds. Its threads are sampled every 20 ms (a thread that exits
+/// takes its schedstat with it; one born meanwhile counts from 0), so the
+/// sum is exact to the nanosecond but for a thread that lives under 20 ms.
 fn agent_cpu(agent: &Agent, f: impl FnOnce()) -> anyhow::Result<(f64, f64)> {
-    let c0 = cpu_ns(agent.pid())?;
+    let pid = agent.pid();
+    let first = thread_cpu_ns(pid);
+    if first.is_empty() {
+        bail!("no threads of the agent (pid {pid}) in /proc");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let sampler = thread::spawn(move || {
+        let mut last = thread_cpu_ns(pid);
+        while !s.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(20));
+            for (tid, ns) in thread_cpu_ns(pid) {
+                last.insert(tid, ns);
+            }
+        }
+        for (tid, ns) in thread_cpu_ns(pid) {
+            last.insert(tid, ns);
+        }
+        last
+    });
     let t0 = Instant::now();
     f();
     let wall = t0.elapsed().as_secs_f64();
-    let c1 = cpu_ns(agent.pid())?;
-    Ok((c1.saturating_sub(c0) as f64 / 1e9, wall))
+    stop.store(true, Ordering::Relaxed);
+    let last = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("CPU sampler panicked"))?;
+    let spent: u64 = last
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(first.get(tid).copied().unwrap_or(0)))
+        .sum();
+    Ok((spent as f64 / 1e9, wall))
 }
 
 /// CPU seconds of one `ss -tinoH` dump of namespace `ns` (median of 3).
