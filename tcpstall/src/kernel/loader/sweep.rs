@@ -60,7 +60,7 @@ impl SweepRun {
         Ok(records)
     }
 
-    /// The sweep's output, with the visited / overflow counters (read
+    /// The sweep's output, with the visited / overflow / skipped counters (read
     /// after [`Self::read`] returned).
     pub fn finish(
         &self,
@@ -68,20 +68,16 @@ impl SweepRun {
         stats: &StatsReader,
     ) -> Result<SweepOutput, SweepError> {
         let after = stats.read().map_err(|e| SweepError::Run(chain(&e)))?;
+        // What the kernel counted during this sweep.
+        let during = |counter: fn(&KernelStats) -> u64| {
+            counter(&after).saturating_sub(counter(&self.before))
+        };
         Ok(SweepOutput {
             records,
-            socket_files: after
-                .sweep_socket_files
-                .saturating_sub(self.before.sweep_socket_files),
-            overflow: after
-                .sweep_overflow
-                .saturating_sub(self.before.sweep_overflow),
-            skipped: after
-                .sweep_skipped
-                .saturating_sub(self.before.sweep_skipped),
-            skipped_established: after
-                .sweep_skipped_established
-                .saturating_sub(self.before.sweep_skipped_established),
+            socket_files: during(|s| s.sweep_socket_files),
+            overflow: during(|s| s.sweep_overflow),
+            skipped: during(|s| s.sweep_skipped),
+            skipped_established: during(|s| s.sweep_skipped_established),
         })
     }
 }
