@@ -69,11 +69,14 @@ generate() {
 # The Prometheus Operator only loads PrometheusRules matched by the
 # Prometheus resource's ruleSelector / ruleNamespaceSelector: add the labels
 # your installation selects on (kube-prometheus-stack: `release: <name>`).
+# Applied through the kustomize component
+# deploy/kubernetes/components/prometheusrule, which puts it in the overlay's
+# namespace (no namespace here); the kube-prometheus-stack overlay adds the
+# `release` label.
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:
   name: tcpstall
-  namespace: tcpstall
   labels:
     app.kubernetes.io/name: tcpstall
     app.kubernetes.io/component: alerting-rules

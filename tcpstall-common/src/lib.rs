@@ -128,6 +128,9 @@ pub mod flag {
     pub const RTO_EXPIRED: u16 = 1 << 4;
     /// `SOCK_KEEPOPEN` (SO_KEEPALIVE) is set in `sk_flags`.
     pub const KEEPOPEN: u16 = 1 << 5;
+    /// The kernel has `net.ipv4.tcp_syn_linear_timeouts` (its BTF has the
+    /// field): [`SockSnapshot::netns_syn_linear_timeouts`] is meaningful.
+    pub const SYN_LINEAR: u16 = 1 << 6;
 }
 
 /// `icsk_pending` values (include/net/inet_connection_sock.h).
@@ -236,8 +239,12 @@ pub struct SockSnapshot {
     /// The socket's netns `tcp_retries2`, `tcp_orphan_retries` (`u8` sysctls).
     pub retries2: u8,
     pub orphan_retries: u8,
-    /// Zero (keeps the struct free of implicit padding).
-    pub _reserved: [u8; 3],
+    /// `icsk_syn_retries` (TCP_SYNCNT; 0 = the netns `tcp_syn_retries`).
+    pub syn_retries: u8,
+    /// The socket's netns `tcp_syn_retries` and `tcp_syn_linear_timeouts`
+    /// (the latter valid with [`flag::SYN_LINEAR`]).
+    pub netns_syn_retries: u8,
+    pub netns_syn_linear_timeouts: u8,
 }
 
 pub const SOCK_SNAPSHOT_SIZE: usize = 136;
@@ -278,7 +285,9 @@ impl SockSnapshot {
             ca_state: 0,
             retries2: 0,
             orphan_retries: 0,
-            _reserved: [0; 3],
+            syn_retries: 0,
+            netns_syn_retries: 0,
+            netns_syn_linear_timeouts: 0,
         }
     }
 }
@@ -428,7 +437,14 @@ pub mod field {
     /// From the start of `struct kernfs_node`: `id` (u64; the cgroup id, equal
     /// to the inode number of the cgroup directory).
     pub const KERNFS_NODE_ID: usize = 47;
-    pub const COUNT: usize = 48;
+    /// `icsk_syn_retries` (TCP_SYNCNT, 0 = the netns sysctl).
+    pub const ICSK_SYN_RETRIES: usize = 48;
+    /// From the start of `struct net`: `ipv4.sysctl_tcp_syn_retries`.
+    pub const NET_TCP_SYN_RETRIES: usize = 49;
+    /// From the start of `struct net`: `ipv4.sysctl_tcp_syn_linear_timeouts`
+    /// (6.5+; absent before).
+    pub const NET_TCP_SYN_LINEAR_TIMEOUTS: usize = 50;
+    pub const COUNT: usize = 51;
 }
 
 /// Bits of [`KernelLayout::flags`].

@@ -368,12 +368,18 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     let mut flags = flag::SOCK_FIELDS;
     let net = sk.follow(&f[field::SKC_NET]);
     let (mut netns, mut retries2, mut orphan_retries, mut netns_rto_max_ms) = (0, 0, 0, 0);
+    let (mut syn_retries, mut syn_linear) = (0, 0);
     if !net.is_null() {
         netns = net.get(&f[field::NET_NS_INUM]) as u32;
         retries2 = net.get(&f[field::NET_TCP_RETRIES2]) as u8;
         orphan_retries = net.get(&f[field::NET_TCP_ORPHAN_RETRIES]) as u8;
         netns_rto_max_ms = net.get(&f[field::NET_TCP_RTO_MAX_MS]) as u32;
+        syn_retries = net.get(&f[field::NET_TCP_SYN_RETRIES]) as u8;
+        syn_linear = net.get(&f[field::NET_TCP_SYN_LINEAR_TIMEOUTS]) as u8;
         flags |= flag::NETNS_SYSCTLS;
+        if f[field::NET_TCP_SYN_LINEAR_TIMEOUTS].is_present() {
+            flags |= flag::SYN_LINEAR;
+        }
     }
     let mut cgroup_id = 0;
     let cgroup = sk.follow(&f[field::SK_CGROUP]);
@@ -417,7 +423,9 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     out.ca_state = sk.get(&f[field::ICSK_CA_STATE]) as u8;
     out.retries2 = retries2;
     out.orphan_retries = orphan_retries;
-    out._reserved = [0; 3];
+    out.syn_retries = sk.get(&f[field::ICSK_SYN_RETRIES]) as u8;
+    out.netns_syn_retries = syn_retries;
+    out.netns_syn_linear_timeouts = syn_linear;
 }
 
 /// An IPv4 address (network order as loaded) in the 16-byte slot.

@@ -4,8 +4,8 @@
 //! removes it on drop, also when a test fails.
 //!
 //! Which test files need root: `scenarios`, `behaviour`, `sweep`, `top`,
-//! `k8s`, `image`, `privileges` and `prometheus_e2e` run the real agent and
-//! the kernel programs (`cargo xtask test` runs them as root); `deploy`,
+//! `k8s`, `containerd`, `image`, `privileges` and `prometheus_e2e` run the
+//! real agent and the kernel programs (`cargo xtask test` runs them as root); `deploy`,
 //! `kustomize` and `replay` need no root.
 //!
 //! Prerequisites are checked loudly: a missing one fails the test with a line
@@ -20,7 +20,8 @@
 //! - [`agent`]: the [`Agent`] harness and its event readers;
 //! - [`witness`]: the ftrace [`TraceWitness`];
 //! - [`prometheus`]: exposition and Grafana query helpers;
-//! - [`k8s`]: `setpriv` and `kubernetes-validate` helpers.
+//! - [`k8s`]: `setpriv` and `kubernetes-validate` helpers; a CRI client
+//!   ([`k8s::cri`]) and a private containerd node ([`k8s::containerd`]).
 
 pub mod agent;
 pub mod k8s;

@@ -160,6 +160,47 @@ impl Drop for Blackhole<'_> {
     }
 }
 
+/// A process living in a namespace (as a pod's pause container does), so
+/// that tools reading a namespace through `/proc/<pid>/net` find one; killed
+/// on drop.
+pub struct Resident {
+    child: std::process::Child,
+}
+
+impl Netns {
+    /// Starts a `sleep` inside the namespace for as long as the guard lives.
+    pub fn resident(&self) -> Resident {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "sleep", "3600"])
+            .spawn()
+            .unwrap_or_else(|e| panic!("ip netns exec {} sleep: {e}", self.name));
+        // Until the exec, the child is still in the caller's namespace.
+        let want = self.inode();
+        let ns = format!("/proc/{}/ns/net", child.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&ns).is_ok_and(|m| m.ino() == want) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resident process never entered {}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Resident { child }
+    }
+}
+
+impl Drop for Resident {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Two namespaces joined by a veth pair: `a` has 10.{net}.{sub}.1, `b` .2.
 pub struct Link {
     pub a: Netns,
@@ -450,4 +491,83 @@ pub fn fill_send_buffer(s: &TcpStream) -> u64 {
     }
     s.set_nonblocking(false).expect("blocking");
     sent
+}
+
+/// Per-socket options of [`spawn_connect_in`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectOpts {
+    /// TCP_SYNCNT.
+    pub syncnt: Option<u32>,
+    /// TCP_USER_TIMEOUT (ms).
+    pub user_timeout_ms: Option<u32>,
+}
+
+/// A blocking `connect()` from `local` (bound first, so the test knows the
+/// socket's address before the handshake) to `remote`, on a thread inside
+/// `ns`. The thread yields (the instant `connect()` was called, the instant
+/// it returned, its errno: None on success).
+pub fn spawn_connect_in(
+    ns: &Netns,
+    local: SocketAddr,
+    remote: SocketAddr,
+    opts: ConnectOpts,
+) -> thread::JoinHandle<(u64, u64, Option<i32>)> {
+    let path = format!("/run/netns/{}", ns.name);
+    thread::spawn(move || {
+        let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: valid fd; only this thread changes namespace.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        let (SocketAddr::V4(l), SocketAddr::V4(rm)) = (local, remote) else {
+            panic!("spawn_connect_in: IPv4 only ({local} -> {remote})");
+        };
+        // SAFETY: plain socket calls on a descriptor this thread owns; every
+        // buffer is a valid local of the right size.
+        unsafe {
+            let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(s >= 0, "socket: {}", std::io::Error::last_os_error());
+            let set = |opt: libc::c_int, v: u32| {
+                let v = v as libc::c_int;
+                let r = libc::setsockopt(
+                    s,
+                    libc::IPPROTO_TCP,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+                assert_eq!(
+                    r,
+                    0,
+                    "setsockopt {opt}: {}",
+                    std::io::Error::last_os_error()
+                );
+            };
+            if let Some(n) = opts.syncnt {
+                set(libc::TCP_SYNCNT, n);
+            }
+            if let Some(ms) = opts.user_timeout_ms {
+                set(libc::TCP_USER_TIMEOUT, ms);
+            }
+            let sin = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let la = sin(l);
+            let r = libc::bind(s, (&la as *const libc::sockaddr_in).cast(), len);
+            assert_eq!(r, 0, "bind {local}: {}", std::io::Error::last_os_error());
+            let ra = sin(rm);
+            let start = monotonic_ns();
+            let r = libc::connect(s, (&ra as *const libc::sockaddr_in).cast(), len);
+            let end = monotonic_ns();
+            let errno =
+                (r != 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            libc::close(s);
+            (start, end, errno)
+        }
+    })
 }

@@ -587,3 +587,192 @@ fn live_metrics_match_the_deploy_contract() {
     );
     drop(client);
 }
+
+/// `remote` is the peer service: fifty connections of one client host to a
+/// server whose clients stopped acknowledging are ONE incident, labelled
+/// with the client's IP and the server's listening port and
+/// `direction="accepted"`, not fifty (one per client ephemeral port). Real
+/// sockets in two namespaces; the server's namespace has a resident process,
+/// as a pod has its pause container, through which the agent reads the
+/// namespace's listening sockets.
+/// Mutation: `peer_service` returning `remote` for `Direction::Accepted`
+/// (tcpstall/src/identity/listen.rs) -> fails with "no single incident of 50
+/// sockets" listing fifty one-socket incidents.
+#[test]
+fn fifty_clients_of_one_stalled_server_are_one_incident() {
+    require_tools();
+    const N: usize = 50;
+    let link = Link::new("fci", 86);
+    let _pause = link.b.resident();
+    let agent = Agent::start(&[]);
+    let server = SocketAddr::from((link.b_ip, 8080));
+    let listener = listen_in(&link.b, server);
+    let clients: Vec<std::net::TcpStream> = (0..N).map(|_| connect_in(&link.a, server)).collect();
+    let mut accepted: Vec<std::net::TcpStream> = (0..N)
+        .map(|_| listener.accept().expect("accept").0)
+        .collect();
+    // The client host stops acknowledging: every server socket retransmits.
+    let _blackhole = link.a.blackhole_from(link.b_ip);
+    for s in &mut accepted {
+        s.write_all(&[b'r'; 1000]).expect("server write");
+    }
+    let client_ip = format!("remote=\"{}:", link.a_ip);
+    let ours = |text: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("tcpstall_incident_stalled_sockets{") && l.contains(&client_ip)
+            })
+            .filter_map(|l| {
+                let (series, v) = l.rsplit_once(' ')?;
+                Some((series.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    let incidents = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        "no single incident of 50 sockets",
+        || {
+            let got = ours(&agent.metrics());
+            if got.iter().any(|(_, v)| *v == N as f64) {
+                Ok(got)
+            } else {
+                Err(format!("{got:#?}"))
+            }
+        },
+    );
+    assert_eq!(
+        incidents.len(),
+        1,
+        "one incident for the client host: {incidents:#?}"
+    );
+    let (series, _) = &incidents[0];
+    for want in [
+        format!("remote=\"{}:8080\"", link.a_ip),
+        "direction=\"accepted\"".to_owned(),
+        "class=\"retransmit\"".to_owned(),
+    ] {
+        assert!(series.contains(&want), "{want} missing: {series}");
+    }
+    // The API names each flow's direction and peer service too.
+    let flows: Vec<Value> = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        "the API does not list the 50 stalled server flows",
+        || {
+            let all = agent.stalls();
+            let ours: Vec<Value> = all
+                .iter()
+                .filter(|v| ev_str(v, "local") == server.to_string())
+                .cloned()
+                .collect();
+            if ours.len() == N {
+                Ok(ours)
+            } else {
+                Err(format!(
+                    "{} of ours among {} stalls: {:#?}",
+                    ours.len(),
+                    all.len(),
+                    all.iter().take(3).collect::<Vec<_>>()
+                ))
+            }
+        },
+    );
+    for f in &flows {
+        assert_eq!(f["direction"], "accepted", "{f}");
+        assert_eq!(f["peer_service"], format!("{}:8080", link.a_ip), "{f}");
+    }
+    // Abort the server sockets (SO_LINGER 0: reset and freed at close):
+    // closed normally they would linger in FIN_WAIT1, retransmitting to the
+    // blackholed clients for minutes, and fill later tests' flow tables
+    // (`max_flows_evicts_the_least_recently_used` runs with 4 slots).
+    let abort = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    for s in &accepted {
+        // SAFETY: valid fd and option buffer.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&abort as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    drop(accepted);
+    drop(clients);
+}
+
+/// Liveness: with only the agent's event-loop thread stopped (ptrace
+/// interrupt of the main thread, which polls the event loop; the HTTP
+/// server's worker threads keep answering), `/healthz` fails once the
+/// loop's heartbeat is older than `--liveness-timeout`, and passes again
+/// once the thread runs. An idle agent is live: nothing happens on the node
+/// during the test, the heartbeat ticks anyway.
+/// Mutation: `healthz` answering `ok` without `health.liveness(..)` ->
+/// fails with "/healthz never failed while the event loop was stopped".
+#[test]
+fn healthz_fails_while_the_event_loop_is_stopped() {
+    require_tools();
+    let agent = Agent::start(&["--liveness-timeout", "2"]);
+    agent.wait_ready(Duration::from_secs(30));
+    // Idle for longer than the timeout: still live.
+    thread::sleep(Duration::from_secs(3));
+    let (status, body) = agent.http_get("/healthz");
+    assert_eq!(status, 200, "an idle agent is live: {body}");
+    let pid = agent.pid().expect("running") as libc::pid_t;
+    struct Traced(libc::pid_t);
+    impl Drop for Traced {
+        fn drop(&mut self) {
+            // SAFETY: detaching our own tracee; resumes it.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
+        }
+    }
+    // SAFETY: seize and interrupt the thread `pid` (the main thread only).
+    let r = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+    assert_eq!(
+        r,
+        0,
+        "PTRACE_SEIZE {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+    let traced = Traced(pid);
+    // SAFETY: as above.
+    let r = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0) };
+    assert_eq!(
+        r,
+        0,
+        "PTRACE_INTERRUPT: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut st = 0;
+    // SAFETY: waiting for our tracee's stop.
+    let w = unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
+    assert_eq!(w, pid, "waitpid: {}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFSTOPPED(st),
+        "the main thread did not stop: {st:#x}"
+    );
+    let healthz_becomes = |want: u16, what: &str| {
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            what,
+            || match agent.http_get("/healthz") {
+                (s, body) if s == want => Ok(body),
+                (s, body) => Err(format!("{s} {body}")),
+            },
+        )
+    };
+    let body = healthz_becomes(
+        503,
+        "/healthz never failed while the event loop was stopped",
+    );
+    assert!(body.contains("no progress"), "{body}");
+    drop(traced);
+    healthz_becomes(200, "/healthz did not recover after the event loop resumed");
+}

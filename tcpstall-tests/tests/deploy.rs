@@ -139,7 +139,7 @@ use contract::{INCIDENT_LABELS, Kind, TARGET_LABELS, contract};
 /// Closed label value sets.
 fn label_values(label: &str) -> Option<&'static [&'static str]> {
     match label {
-        "class" => Some(&["retransmit", "zero_window", "close_wait"]),
+        "class" => Some(&["retransmit", "zero_window", "close_wait", "connect"]),
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
         "kind" => Some(&["retransmit", "write_timer", "state", "error_report", "ack"]),
         "cause" => Some(&["rto", "tlp", "fast", "syn", "unknown"]),
@@ -710,6 +710,15 @@ fn runbook_base_url_is_configurable() {
 // Alertmanager routing example
 // ---------------------------------------------------------------------------
 
+/// A YAML sequence of strings.
+fn strings(v: &Yaml) -> Vec<&str> {
+    v.as_sequence()
+        .expect("a sequence")
+        .iter()
+        .map(|v| v.as_str().expect("a string"))
+        .collect()
+}
+
 #[test]
 fn alertmanager_example_routes_by_severity_and_inhibits() {
     let amtool = Tool::amtool();
@@ -750,12 +759,7 @@ fn alertmanager_example_routes_by_severity_and_inhibits() {
                 && r["target_matchers"][0] == "alertname=\"TCPStallPersistent\""
         })
         .expect("an inhibit rule NearTimeout -> Persistent");
-    let equal: Vec<&str> = inhibit["equal"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let equal = strings(&inhibit["equal"]);
     let mut incident: BTreeSet<&str> = INCIDENT_LABELS.iter().copied().collect();
     incident.extend(TARGET_LABELS);
     for l in &equal {
@@ -764,10 +768,25 @@ fn alertmanager_example_routes_by_severity_and_inhibits() {
             "inhibit on `{l}`, not an incident label"
         );
     }
-    for l in ["pod", "remote"] {
+    for l in ["pod", "remote", "direction"] {
         assert!(
             equal.contains(&l),
             "inhibit must be per incident: {equal:?}"
+        );
+    }
+    // One notification per incident: the stall route groups by every label
+    // that tells incidents apart.
+    let stall_route = am["route"]["routes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| r["matchers"][0] == "alertname=~\"TCPStall.*\"")
+        .expect("the TCPStall route");
+    let group_by = strings(&stall_route["group_by"]);
+    for l in INCIDENT_LABELS.iter().filter(|l| **l != "class") {
+        assert!(
+            group_by.contains(l),
+            "the TCPStall route must group by {l}: {group_by:?}"
         );
     }
 }
@@ -922,6 +941,8 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
     }
     // Selection variables: label_values(<expr>, <label>), "All" = `.*`.
     for (name, label) in [
+        ("cluster", "cluster"),
+        ("job", "job"),
         ("node", "node"),
         ("namespace", "namespace"),
         ("pod", "pod"),
@@ -985,11 +1006,14 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
                 ));
             }
             let e = t["expr"].as_str().unwrap_or("");
-            if !e.contains("$node") {
-                problems.push(format!(
-                    "panel `{}`: query does not filter on $node",
-                    p["title"]
-                ));
+            // Multi-cluster Prometheus: every query honours cluster and job.
+            for v in ["$cluster", "$job", "$node"] {
+                if !e.contains(v) {
+                    problems.push(format!(
+                        "panel `{}`: query does not filter on {v}",
+                        p["title"]
+                    ));
+                }
             }
             // Series with pod and remote labels honour the whole selection.
             if e.contains("tcpstall_incident_") || e.contains("tcpstall_socket_") {
@@ -1037,6 +1061,7 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
         "drops",
         "probes attached",
         "flows tracked",
+        "heartbeat",
     ] {
         if !titles.iter().any(|t| t.contains(want)) {
             problems.push(format!("no panel titled like `{want}`"));
@@ -1099,11 +1124,11 @@ fn kubernetes_validate_strict() {
         .map(|d| d["kind"].as_str().unwrap_or("?").to_string())
         .collect();
     for k in [
-        "Namespace",
         "ServiceAccount",
         "DaemonSet",
         "Service",
         "ServiceMonitor",
+        "PrometheusRule",
     ] {
         assert!(
             kinds.iter().any(|x| x == k),
@@ -1251,11 +1276,6 @@ fn daemonset_has_what_the_agent_needs() {
         Some("None"),
         "headless Service"
     );
-    assert_eq!(
-        svc["metadata"]["name"].as_str(),
-        Some("tcpstall"),
-        "Service name = job label `tcpstall`"
-    );
     assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(9977));
     assert_eq!(
         svc["spec"]["selector"],
@@ -1275,8 +1295,12 @@ fn daemonset_has_what_the_agent_needs() {
         Some(true),
         "per-flow pod/namespace labels must survive"
     );
-    assert!(
-        sm["spec"]["jobLabel"].is_null(),
-        "jobLabel would change job=\"tcpstall\""
+    // The job label is the value of the Service label named by jobLabel:
+    // `tcpstall`, which TCPStallAgentDown matches.
+    let job_label = sm["spec"]["jobLabel"].as_str().expect("jobLabel");
+    assert_eq!(
+        svc["metadata"]["labels"][job_label].as_str(),
+        Some("tcpstall"),
+        "jobLabel {job_label} must give job=\"tcpstall\""
     );
 }

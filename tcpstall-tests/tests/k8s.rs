@@ -24,7 +24,10 @@ use std::{
 };
 
 use serde_json::Value;
-use tcpstall_tests::{Agent, Link, drain, ev_str, listen_in, metric_sum, require, require_tools};
+use tcpstall_tests::{
+    Agent, ExpectedOwner, Link, assert_owner_named, drain, ev_str, listen_in, require,
+    require_tools,
+};
 
 const POD_UID: &str = "0b3c7a51-7e0d-4c2a-9f43-5a1d2e3f4a5b";
 const HOSTNET_UID: &str = "9f8e7d6c-5b4a-4392-8170-6e5d4c3b2a19";
@@ -303,46 +306,20 @@ fn pods_containers_and_processes_from_cgroups_and_runtime_state() {
         },
         "the app's S1 flow",
     );
-    assert_eq!(ev_str(&v, "pod"), "web-7d9f-abcde", "{v}");
-    assert_eq!(ev_str(&v, "namespace"), "shop", "{v}");
-    assert_eq!(ev_str(&v, "container"), "app", "{v}");
-    assert_eq!(ev_str(&v, "container_id"), APP_ID, "{v}");
-    assert_eq!(ev_str(&v, "pod_uid"), POD_UID, "{v}");
-    assert_eq!(
-        v["process"]["pid"].as_u64(),
-        Some(u64::from(app.0.id())),
-        "{v}"
+    assert_owner_named(
+        &mut agent,
+        &v,
+        server_addr,
+        &ExpectedOwner {
+            pod: "web-7d9f-abcde",
+            namespace: "shop",
+            pod_uid: POD_UID,
+            container: "app",
+            container_id: APP_ID,
+            pid: u64::from(app.0.id()),
+            comm: "shop-app",
+        },
     );
-    assert_eq!(v["process"]["comm"].as_str(), Some("shop-app"), "{v}");
-    let m = agent.metrics();
-    assert!(
-        metric_sum(
-            &m,
-            "tcpstall_socket_stall_seconds",
-            &[
-                ("local", &app_local.to_string()),
-                ("pod", "web-7d9f-abcde"),
-                ("namespace", "shop"),
-                ("container", "app")
-            ]
-        )
-        .is_some(),
-        "per-flow series with the app's pod labels:\n{}",
-        m.lines()
-            .filter(|l| l.starts_with("tcpstall_socket_stall_seconds"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let line = agent.wait_log(
-        Duration::from_secs(10),
-        "stall started log of the app",
-        |l| l["message"] == "stall started" && l["remote"] == server_addr.to_string(),
-    );
-    assert_eq!(ev_str(&line, "pod"), "web-7d9f-abcde", "{line}");
-    assert_eq!(ev_str(&line, "namespace"), "shop", "{line}");
-    assert_eq!(ev_str(&line, "container"), "app", "{line}");
-    assert_eq!(ev_str(&line, "comm"), "shop-app", "{line}");
-    assert_eq!(line["pid"].as_u64(), Some(u64::from(app.0.id())), "{line}");
 
     // hostNetwork pod (socket in the host netns) and a plain host process:
     // CLOSE_WAIT on loopback (the test's listener closes at once).

@@ -111,11 +111,14 @@ fn sock_event(v: &Value) -> SockEvent {
         lsndtime: u32_opt(v, "lsndtime").unwrap_or(0),
         rcv_tstamp: u32_opt(v, "rcv_tstamp").unwrap_or(0),
         timer_expires: v["timer_expires"].as_u64().unwrap_or(0),
+        syn_retries: u32_opt(v, "syn_retries").unwrap_or(0),
     });
     let netns_sysctls = u32_opt(v, "tcp_retries2").map(|r| NetnsSysctls {
         tcp_retries2: r,
         tcp_orphan_retries: u32_opt(v, "tcp_orphan_retries").unwrap_or(0),
         tcp_rto_max_ms: u32_opt(v, "tcp_rto_max_ms"),
+        tcp_syn_retries: u32_opt(v, "tcp_syn_retries").unwrap_or(0),
+        tcp_syn_linear_timeouts: u32_opt(v, "tcp_syn_linear_timeouts"),
     });
     SockEvent {
         kind: by_name(EventKind::ALL, s("kind"), EventKind::as_str),

@@ -16,6 +16,10 @@ use tcpstall_tests::*;
 #[path = "programs/mod.rs"]
 mod programs;
 
+/// connect() to a dead backend: listed and predicted (SYN_SENT).
+#[path = "connect/mod.rs"]
+mod connect;
+
 /// The kernel's record of a socket's death and the prediction bound.
 #[path = "horizon_truth/mod.rs"]
 mod horizon_truth;

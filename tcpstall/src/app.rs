@@ -134,7 +134,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         runtimes: settings.runtimes.clone(),
         netns_refresh: POD_REFRESH,
     });
-    let state = Arc::new(AgentState::new(engine, metrics, pods, loaded.plan.clone()));
+    let mut state = AgentState::new(engine, metrics, pods, loaded.plan.clone());
+    state.liveness_timeout = settings.liveness_timeout;
+    let state = Arc::new(state);
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -263,3 +263,67 @@ fn the_parser_sees_grouped_and_plain_paths() {
     assert!(allows("serve", "sweep::risks"));
     assert!(!allows("sweep", "serve::metrics"));
 }
+
+/// The README's layout table (section "Layout") against the tree: every
+/// wing has a row (`tcpstall/src/<wing>/`, or `<wing>.rs` for a wing that
+/// is a file with a folder of submodules), and that row names each of the
+/// wing's modules (`name` for `name.rs`, `name/` or `name` for a folder;
+/// `mod.rs` excepted). A module added, renamed or moved without the README
+/// fails here, naming the row and the module.
+/// Mutation: `sweep/cycle.rs` renamed in the README's sweep row (`cycle` ->
+/// `cycles`) fails with "README row tcpstall/src/sweep/ does not name
+/// cycle".
+#[test]
+fn readme_layout_names_every_module() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("../README.md")).expect("README.md");
+    let layout = readme
+        .split("\n## Layout\n")
+        .nth(1)
+        .expect("README has a \"## Layout\" section")
+        .split("\n## ")
+        .next()
+        .unwrap_or_default();
+    let src = root.join("src");
+    let mut missing = Vec::new();
+    for (wing, _) in ALLOWED {
+        let dir = src.join(wing);
+        if !dir.is_dir() {
+            continue;
+        }
+        let key = format!("| `tcpstall/src/{wing}/` |");
+        let file_key = format!("| `tcpstall/src/{wing}.rs` |");
+        let Some(row) = layout
+            .lines()
+            .find(|l| l.starts_with(&key) || l.starts_with(&file_key))
+        else {
+            missing.push(format!("README has no row {key}"));
+            continue;
+        };
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .expect("wing folder")
+            .map(|e| e.expect("entry").path())
+            .filter_map(|p| {
+                let name = p.file_name()?.to_string_lossy().into_owned();
+                if p.is_dir() {
+                    Some(name)
+                } else {
+                    name.strip_suffix(".rs")
+                        .filter(|n| *n != "mod")
+                        .map(str::to_owned)
+                }
+            })
+            .collect();
+        names.sort();
+        for n in names {
+            if !row.contains(&format!("`{n}`")) && !row.contains(&format!("`{n}/`")) {
+                missing.push(format!("README row tcpstall/src/{wing}/ does not name {n}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "README's layout section does not match the tree:\n{}",
+        missing.join("\n")
+    );
+}

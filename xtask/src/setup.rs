@@ -38,8 +38,15 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "python3-pip",
     // deploy/kubernetes: `kubectl kustomize` renders the overlays.
     "kubectl",
-    // setpriv (capability-set test), unshare.
+    // setpriv (capability-set test), unshare, nsenter.
     "util-linux",
+    // tests/containerd.rs: a real containerd (CRI plugin) with runc and the
+    // CNI bridge plugin; its images are built by podman from a static busybox.
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+    "podman",
 ];
 
 /// Debian packages `cargo xtask bench --kernel` needs (installed by

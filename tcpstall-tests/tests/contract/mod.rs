@@ -10,6 +10,8 @@ pub const FLOW_LABELS: &[&str] = &[
     "class",
     "local",
     "remote",
+    "direction",
+    "peer",
     "netns",
     "pod",
     "namespace",
@@ -17,11 +19,12 @@ pub const FLOW_LABELS: &[&str] = &[
 ];
 
 /// Labels of the incident series (every stalled socket, grouped).
-pub const INCIDENT_LABELS: &[&str] = &["node", "class", "namespace", "pod", "remote"];
+pub const INCIDENT_LABELS: &[&str] = &["node", "class", "namespace", "pod", "remote", "direction"];
 
 /// Labels attached at scrape time (job/instance by Prometheus, node/agent_pod
-/// by the ServiceMonitor relabelings).
-pub const TARGET_LABELS: &[&str] = &["job", "instance", "node", "agent_pod"];
+/// by the ServiceMonitor relabelings; `cluster` as an external or target label
+/// of a multi-cluster setup, kept by every aggregation of the rules).
+pub const TARGET_LABELS: &[&str] = &["job", "instance", "node", "agent_pod", "cluster"];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kind {
@@ -107,6 +110,7 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     );
     m.insert("tcpstall_flows_tracked", (Gauge, vec![]));
     m.insert("tcpstall_flow_evictions_total", (Counter, vec![]));
+    m.insert("tcpstall_event_loop_heartbeat_age_seconds", (Gauge, vec![]));
     m.insert("tcpstall_build_info", (Gauge, vec!["version", "kernel"]));
     m
 }

@@ -103,6 +103,9 @@ pub(super) fn log_event(e: &SockEvent) {
         rcv_tstamp = s.map(|s| s.rcv_tstamp),
         tcp_orphan_retries = n.map(|n| n.tcp_orphan_retries),
         tcp_rto_max_ms = n.and_then(|n| n.tcp_rto_max_ms),
+        syn_retries = s.map(|s| s.syn_retries),
+        tcp_syn_retries = n.map(|n| n.tcp_syn_retries),
+        tcp_syn_linear_timeouts = n.and_then(|n| n.tcp_syn_linear_timeouts),
         rto_expired_verdict = e.rto_expired_verdict,
         "event"
     );

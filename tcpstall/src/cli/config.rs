@@ -230,6 +230,11 @@ pub struct RunArgs {
     /// kubelet root directory (pods/<uid>/etc-hosts) [default: /var/lib/kubelet].
     #[arg(long, value_name = "DIR", env = "TCPSTALL_KUBELET_ROOT")]
     pub kubelet_root: Option<PathBuf>,
+    /// `/healthz` fails (and the kubelet restarts the agent) when the event
+    /// loop's heartbeat, which ticks every second even on an idle node, is
+    /// older than this [default: 60].
+    #[arg(long, value_name = "SECS", env = "TCPSTALL_LIVENESS_TIMEOUT")]
+    pub liveness_timeout: Option<f64>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -265,6 +270,7 @@ pub struct FileConfig {
     pub crio_state: Option<PathBuf>,
     pub docker_root: Option<PathBuf>,
     pub kubelet_root: Option<PathBuf>,
+    pub liveness_timeout: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -314,6 +320,8 @@ pub struct Settings {
     pub max_incidents: usize,
     /// containerd / CRI-O / Docker / kubelet state roots.
     pub runtimes: crate::identity::RuntimeRoots,
+    /// `/healthz` fails when the event loop's heartbeat is older.
+    pub liveness_timeout: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9977";
@@ -349,6 +357,8 @@ impl Default for Settings {
             node_name: String::new(),
             max_incidents: 100,
             runtimes: crate::identity::RuntimeRoots::default(),
+            // serve::state::LIVENESS_TIMEOUT (the server's own default).
+            liveness_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -542,6 +552,17 @@ impl Settings {
                     .clone()
                     .or(f.kubelet_root)
                     .unwrap_or(d.runtimes.kubelet),
+            },
+            liveness_timeout: match a.liveness_timeout.or(f.liveness_timeout) {
+                Some(v) if v > 0.0 => secs("liveness_timeout", v)?,
+                Some(v) => {
+                    return Err(SettingsError::Invalid {
+                        key: "liveness_timeout",
+                        value: v.to_string(),
+                        why: "expected a number of seconds > 0",
+                    });
+                }
+                None => d.liveness_timeout,
             },
         })
     }

@@ -141,6 +141,8 @@ pub(crate) struct Flow {
     pub rto_jiffies: u32,
     pub rto_max_jiffies: u32,
     pub user_timeout_ms: u32,
+    /// `icsk_syn_retries` (TCP_SYNCNT; 0 = the netns sysctl).
+    pub syn_retries: u32,
     pub usec_ts: bool,
     pub snd_una: u32,
     pub packets_out: u32,
@@ -190,6 +192,7 @@ impl Flow {
             rto_jiffies: 0,
             rto_max_jiffies: 0,
             user_timeout_ms: 0,
+            syn_retries: 0,
             usec_ts: false,
             snd_una: 0,
             packets_out: 0,

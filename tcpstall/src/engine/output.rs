@@ -19,16 +19,25 @@ pub enum StallClass {
     ZeroWindow,
     /// In CLOSE_WAIT longer than `close_wait_after`.
     CloseWait,
+    /// `connect()` retransmitting its SYN (SYN_SENT) from the first SYN
+    /// retransmission: the peer cannot be reached at all.
+    Connect,
 }
 
 impl StallClass {
-    pub const ALL: [StallClass; 3] = [Self::Retransmit, Self::ZeroWindow, Self::CloseWait];
+    pub const ALL: [StallClass; 4] = [
+        Self::Retransmit,
+        Self::ZeroWindow,
+        Self::CloseWait,
+        Self::Connect,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Retransmit => "retransmit",
             Self::ZeroWindow => "zero_window",
             Self::CloseWait => "close_wait",
+            Self::Connect => "connect",
         }
     }
 
@@ -37,6 +46,7 @@ impl StallClass {
             Self::Retransmit => 1,
             Self::ZeroWindow => 2,
             Self::CloseWait => 4,
+            Self::Connect => 8,
         }
     }
 }
@@ -48,6 +58,7 @@ pub struct StalledCounts {
     pub retransmit: usize,
     pub zero_window: usize,
     pub close_wait: usize,
+    pub connect: usize,
 }
 
 impl StalledCounts {
@@ -56,6 +67,7 @@ impl StalledCounts {
             StallClass::Retransmit => self.retransmit,
             StallClass::ZeroWindow => self.zero_window,
             StallClass::CloseWait => self.close_wait,
+            StallClass::Connect => self.connect,
         }
     }
 
@@ -64,11 +76,12 @@ impl StalledCounts {
             StallClass::Retransmit => self.retransmit += 1,
             StallClass::ZeroWindow => self.zero_window += 1,
             StallClass::CloseWait => self.close_wait += 1,
+            StallClass::Connect => self.connect += 1,
         }
     }
 
     pub fn total(&self) -> usize {
-        self.retransmit + self.zero_window + self.close_wait
+        self.retransmit + self.zero_window + self.close_wait + self.connect
     }
 
     /// `(class, count)` for every class, zeros included.
@@ -110,6 +123,9 @@ pub struct StallView {
     pub predicted_timeout_ns: Option<u64>,
     /// Negative when overdue.
     pub seconds_to_timeout: Option<f64>,
+    /// Why there is no predicted timeout where one is expected (e.g. a
+    /// kernel that lacks a field the rule needs); None otherwise.
+    pub no_prediction_reason: Option<super::horizon::NoPrediction>,
     /// Share of the boundary consumed (`unacked_age / boundary`).
     pub horizon_fraction: Option<f64>,
     pub near_horizon: bool,
@@ -344,6 +360,7 @@ impl RemoteLive {
         self.stalled.retransmit += o.stalled.retransmit;
         self.stalled.zero_window += o.stalled.zero_window;
         self.stalled.close_wait += o.stalled.close_wait;
+        self.stalled.connect += o.stalled.connect;
         self.near_timeout += o.near_timeout;
     }
 }

@@ -4,9 +4,13 @@
 
 use crate::kernel::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, TcpState};
 
+use super::flow::Anchor;
 use super::flow::{Episode, Flow, Prediction, Streak};
 use super::flow_key::merge_addr;
-use super::horizon::{self, BoundaryRule, NSEC_PER_MSEC, NSEC_PER_SEC, RtoWalk, TCP_RTO_MIN_MS};
+use super::horizon::{
+    self, BoundaryRule, NSEC_PER_MSEC, NSEC_PER_SEC, NoPrediction, RtoWalk, SynLimits,
+    TCP_RTO_MIN_MS, TCP_TIMEOUT_INIT_MS,
+};
 use super::sink::Sink;
 use super::{Engine, StallClass, StreakOutcome, dur_ns};
 
@@ -52,14 +56,40 @@ impl Engine {
         horizon::jiffies_to_ns(j, self.hz.hz())
     }
 
+    /// The rule `tcp_write_timeout()` applies at the expiry `a`, the SYN_SENT
+    /// retry limits and the base of `tcp_model_timeout` (200 ms, or the
+    /// initial RTO in SYN_SENT). Err: no prediction, and why (None: no
+    /// reason worth telling, e.g. SYN_RECV or unknown sysctls).
+    pub(super) fn rule_at(
+        &self,
+        f: &Flow,
+        a: &Anchor,
+    ) -> Result<(BoundaryRule, Option<SynLimits>, u64), Option<NoPrediction>> {
+        if f.state == TcpState::SynSent {
+            let (rule, lim) =
+                horizon::syn_rule(f.user_timeout_ms, f.syn_retries, self.sysctls_of(f))
+                    .map_err(Some)?;
+            let hz = self.hz.hz();
+            let init_j = horizon::syn_initial_rto(
+                u64::from(a.rto_jiffies),
+                a.retransmits,
+                lim.linear,
+                self.rto_max_j(f),
+            )
+            .unwrap_or_else(|| horizon::msecs_to_jiffies(TCP_TIMEOUT_INIT_MS, hz));
+            return Ok((rule, Some(lim), horizon::jiffies_to_msecs(init_j, hz)));
+        }
+        if a.window_shrunk || is_syn_state(f.state) {
+            return Err(None);
+        }
+        Ok((self.rule_of(f).ok_or(None)?, None, TCP_RTO_MIN_MS))
+    }
+
     /// Death prediction from the flow's last RTO expiry.
     fn predict(&self, f: &Flow) -> Option<Prediction> {
         let a = f.anchor?;
         let ep = f.episode?;
-        if a.window_shrunk || is_syn_state(f.state) {
-            return None;
-        }
-        let rule = self.rule_of(f)?;
+        let (rule, syn, base_ms) = self.rule_at(f, &a).ok()?;
         let walk = RtoWalk {
             start_ns: ep.start_ns,
             at_ns: a.at_ns,
@@ -69,8 +99,9 @@ impl Engine {
             rto_max_jiffies: self.rto_max_j(f),
             hz: self.hz.hz(),
             rule,
-            base_ms: TCP_RTO_MIN_MS,
+            base_ms,
             timer_wheel: self.cfg.timer_wheel,
+            syn,
         };
         let d = horizon::predict_rto_death(&walk)?;
         Some(Prediction {
@@ -92,17 +123,17 @@ impl Engine {
             return Some(false);
         }
         let a = f.anchor?;
-        if a.window_shrunk || is_syn_state(f.state) {
-            return None;
-        }
+        let (rule, syn, base_ms) = self.rule_at(f, &a).ok()?;
         let ep = f.episode?;
-        let rule = self.rule_of(f)?;
+        if syn.is_some_and(|s| ev.retransmits >= s.max_retransmits) {
+            return Some(true);
+        }
         let hz = self.hz.hz();
         let max_ms = horizon::jiffies_to_msecs(self.rto_max_j(f), hz);
         let b = rule.at(
             horizon::jiffies_to_msecs(u64::from(ev.rto_jiffies), hz),
             max_ms,
-            TCP_RTO_MIN_MS,
+            base_ms,
         );
         Some(ev.ts_ns.saturating_sub(ep.start_ns) >= b.ms.saturating_mul(NSEC_PER_MSEC))
     }
@@ -206,6 +237,7 @@ impl Engine {
             if let Some(s) = ev.sock {
                 f.backoff = s.backoff;
                 f.user_timeout_ms = s.user_timeout_ms;
+                f.syn_retries = s.syn_retries;
                 f.rto_max_jiffies = s.rto_max_jiffies;
                 f.usec_ts = s.usec_ts;
                 f.snd_wnd = Some(s.snd_wnd);
@@ -235,7 +267,7 @@ impl Engine {
             StreakOutcome::Closed => f.history.closed += 1,
         }
         sink.streak_ended(f.remote, &st, outcome, end_ns);
-        f.announced &= !StallClass::Retransmit.bit();
+        f.announced &= !(StallClass::Retransmit.bit() | StallClass::Connect.bit());
         if outcome == StreakOutcome::Recovered {
             f.anchor = None;
             f.prediction = None;
@@ -321,19 +353,28 @@ impl Engine {
         f.streak.as_mut().expect("just set")
     }
 
+    /// The class of a retransmission streak and the RTO count that makes
+    /// it a stall: a connect() is one from its first SYN retransmission.
+    pub(super) fn streak_class(&self, f: &Flow) -> (StallClass, u32) {
+        if f.state == TcpState::SynSent {
+            (StallClass::Connect, 1)
+        } else {
+            (StallClass::Retransmit, self.cfg.min_rto_streak)
+        }
+    }
+
     pub(super) fn check_retransmit_stall(&mut self, slot: u32, now_ns: u64) {
-        let min = self.cfg.min_rto_streak;
+        let (class, min) = self.streak_class(self.flows.flow(slot));
         let f = self.flows.flow_mut(slot);
         if let Some(st) = f.streak.as_mut()
             && !st.stalled
             && st.rtos >= min
         {
             st.stalled = true;
-            if f.announced & StallClass::Retransmit.bit() == 0 {
-                f.announced |= StallClass::Retransmit.bit();
+            if f.announced & class.bit() == 0 {
+                f.announced |= class.bit();
                 let (cookie, remote) = (f.cookie, f.remote);
-                self.sink
-                    .stall_started(StallClass::Retransmit, cookie, remote, now_ns);
+                self.sink.stall_started(class, cookie, remote, now_ns);
             }
         }
     }

@@ -33,6 +33,7 @@ pub fn sysctls(retries2: u32) -> NetnsSysctls {
         tcp_retries2: retries2,
         tcp_orphan_retries: 0,
         tcp_rto_max_ms: None,
+        ..Default::default()
     }
 }
 
@@ -131,6 +132,7 @@ impl Sock {
             lsndtime: 0,
             rcv_tstamp: 0,
             timer_expires: jiffies_at(self.hz, ts).saturating_sub(1),
+            syn_retries: 0,
         }
     }
 

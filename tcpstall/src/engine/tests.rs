@@ -513,6 +513,7 @@ fn rto_max_below_default() {
         tcp_retries2: 15,
         tcp_orphan_retries: 0,
         tcp_rto_max_ms: Some(60_000),
+        ..Default::default()
     });
     e.ingest(&ev);
     assert_eq!(e.stalls(T0 + 300 * MS)[0].boundary_s, Some(522.2));
@@ -788,6 +789,7 @@ fn orphan_dies_without_error_report() {
         tcp_retries2: 15,
         tcp_orphan_retries: 3,
         tcp_rto_max_ms: None,
+        ..Default::default()
     });
     let bh = Blackhole::new(s, T0);
     let (e, obs, death, views) = run_s1(&bh, engine());
@@ -914,8 +916,13 @@ fn syn_sent_and_window_shrink_get_no_prediction() {
     e.ingest(&a);
     e.ingest(&b);
     let v = e.stalls(T0 + 3 * S + MS);
-    assert_eq!(v[0].class, StallClass::Retransmit);
+    // A connect() (no tcp_syn_retries known here: no prediction, and why).
+    assert_eq!(v[0].class, StallClass::Connect);
     assert_eq!(v[0].predicted_timeout_ns, None);
+    assert_eq!(
+        v[0].no_prediction_reason,
+        Some(horizon::NoPrediction::SynRetriesUnknown)
+    );
     assert!(!v[0].near_horizon);
     // Zero window with data in flight: tcp_rtx_probe0_timed_out applies.
     let s = Sock::new(23);
@@ -1355,7 +1362,8 @@ fn stalls_sorted_most_urgent_first() {
         StalledCounts {
             retransmit: 2,
             zero_window: 1,
-            close_wait: 1
+            close_wait: 1,
+            connect: 0,
         }
     );
     assert_eq!(g.near_timeout, 1);
@@ -1367,7 +1375,8 @@ fn stalls_sorted_most_urgent_first() {
         vec![
             (StallClass::Retransmit, 2),
             (StallClass::ZeroWindow, 1),
-            (StallClass::CloseWait, 1)
+            (StallClass::CloseWait, 1),
+            (StallClass::Connect, 0)
         ]
     );
 }
@@ -1698,7 +1707,7 @@ proptest! {
         for (kind, ts, jiffies, cookie, retransmits, rto, stamp, (pending, backoff, rto_max, expires, usec, orphan), sys) in evs {
             let mut s = Sock::new(cookie);
             s.orphan = orphan;
-            s.sysctls = sys.map(|(r, o, m)| NetnsSysctls { tcp_retries2: r, tcp_orphan_retries: o, tcp_rto_max_ms: m });
+            s.sysctls = sys.map(|(r, o, m)| NetnsSysctls { tcp_retries2: r, tcp_orphan_retries: o, tcp_rto_max_ms: m , ..Default::default() });
             let kind = [EventKind::Retransmit, EventKind::WriteTimer, EventKind::State, EventKind::ErrorReport][kind as usize];
             let mut ev = s.base(kind, ts);
             ev.jiffies = jiffies;
@@ -1859,4 +1868,96 @@ fn cookieless_sweep_snapshot_seeds_a_stall_and_merges_with_its_cookie() {
     assert_eq!(v[0].cookie, 77);
     assert_eq!(v[0].rto_streak, 4);
     assert_eq!(e.flows_tracked(), 1);
+}
+
+// ----- connect(): SYN_SENT ------------------------------------------------
+
+/// connect() to a blackhole with `tcp_syn_retries` 4 and linear SYN
+/// timeouts (4): SYN at T0, RTO expiries at 1 2 3 4 5 7 11 19 35 s (icsk_rto
+/// 1 s until the count exceeds 4, then doubling), dead at 35 s with 8
+/// retransmissions (derived by hand from tcp_write_timeout() and
+/// tcp_retransmit_timer(); HZ 250: 1 s = 250 jiffies). Listed as
+/// `connect` from the first SYN retransmission, predicted from there.
+#[test]
+fn connect_blackhole_listed_at_first_syn_rto_and_predicted() {
+    let mut sock = Sock::new(7);
+    sock.sysctls = Some(NetnsSysctls {
+        tcp_syn_retries: 4,
+        tcp_syn_linear_timeouts: Some(4),
+        ..sysctls(15)
+    });
+    let mut e = Engine::new(EngineConfig {
+        timer_wheel: false,
+        ..cfg()
+    })
+    .unwrap();
+    let stamp = ms_stamp(T0);
+    let expiries_s = [1u64, 2, 3, 4, 5, 7, 11, 19, 35];
+    let rto_j = [250u32, 250, 250, 250, 250, 500, 1_000, 2_000, 4_000];
+    let mut first = None;
+    for (r, (&at, &rto)) in expiries_s.iter().zip(&rto_j).enumerate() {
+        let ts = T0 + at * S;
+        let mut ev = sock.rto(ts, r as u32, stamp, rto, 1_000);
+        ev.state = TcpState::SynSent;
+        ev.packets_out = 1;
+        e.ingest(&ev);
+        let views = e.stalls(ts + MS);
+        if at == 35 {
+            break;
+        }
+        assert_eq!(views.len(), 1, "listed from the first SYN RTO ({at} s)");
+        let v = &views[0];
+        assert_eq!(v.class, StallClass::Connect);
+        assert_eq!(v.boundary_source, Some(BoundarySource::SynRetries(4)));
+        assert_eq!(v.boundary_s, Some(31.0));
+        assert_eq!(v.predicted_timeout_ns, Some(T0 + 35 * S), "at {at} s");
+        first.get_or_insert(at);
+    }
+    assert_eq!(first, Some(1));
+    let obs = drain(&mut e);
+    assert!(obs.contains(&Observation::StallStarted {
+        class: StallClass::Connect,
+        cookie: 7,
+        remote: sock.remote,
+    }));
+    let mut err = sock.error(T0 + 35 * S + MS, 110);
+    err.state = TcpState::Close;
+    e.ingest(&err);
+    e.tick(T0 + 40 * S);
+    let t = timeouts(&drain(&mut e));
+    assert_eq!(t.len(), 1);
+    let Observation::Timeout {
+        prediction_error_s,
+        first_prediction_error_s,
+        ..
+    } = t[0]
+    else {
+        unreachable!()
+    };
+    assert!(
+        prediction_error_s.unwrap().abs() < 0.01,
+        "{prediction_error_s:?}"
+    );
+    assert!(first_prediction_error_s.unwrap().abs() < 0.01);
+}
+
+/// A kernel whose BTF lacks both `icsk_syn_retries` and the netns
+/// `tcp_syn_retries` reads 0 for them: the connect is listed, without a
+/// prediction, and the API says why.
+#[test]
+fn connect_without_syn_retries_fields_says_why() {
+    let mut sock = Sock::new(8);
+    sock.sysctls = Some(sysctls(15));
+    let mut e = engine();
+    let mut ev = sock.rto(T0 + S, 0, ms_stamp(T0), 250, 1_000);
+    ev.state = TcpState::SynSent;
+    e.ingest(&ev);
+    let v = e.stalls(T0 + S + MS);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].class, StallClass::Connect);
+    assert_eq!(v[0].predicted_timeout_ns, None);
+    assert_eq!(
+        v[0].no_prediction_reason,
+        Some(horizon::NoPrediction::SynRetriesUnknown)
+    );
 }

@@ -26,14 +26,15 @@ impl Engine {
         if f.timed_out {
             return None;
         }
+        let (streak_class, min) = self.streak_class(f);
         if let Some(st) = f.streak
-            && st.rtos >= self.cfg.min_rto_streak
+            && st.rtos >= min
             && now_ns
                 <= st
                     .next_due_ns
                     .saturating_add(self.grace_ns(st.next_interval_ns))
         {
-            return Some(StallClass::Retransmit);
+            return Some(streak_class);
         }
         if let Some(p) = f.persist
             && now_ns.saturating_sub(p.since_ns) >= dur_ns(self.cfg.zero_window_after)
@@ -54,7 +55,9 @@ impl Engine {
     /// The prediction relevant to a class: (death, boundary ms, source, start).
     fn horizon_of(f: &Flow, class: StallClass) -> Option<Prediction> {
         match class {
-            StallClass::Retransmit => f.prediction.filter(|_| f.streak.is_some()),
+            StallClass::Retransmit | StallClass::Connect => {
+                f.prediction.filter(|_| f.streak.is_some())
+            }
             StallClass::ZeroWindow => f.prediction.filter(|_| f.persist.is_some()),
             StallClass::CloseWait => f
                 .prediction
@@ -74,7 +77,9 @@ impl Engine {
 
     fn view(&self, f: &Flow, class: StallClass, now_ns: u64) -> StallView {
         let since = match class {
-            StallClass::Retransmit => f.streak.map_or(now_ns, |st| st.start_ns),
+            StallClass::Retransmit | StallClass::Connect => {
+                f.streak.map_or(now_ns, |st| st.start_ns)
+            }
             StallClass::ZeroWindow => f.persist.map_or(now_ns, |p| p.since_ns),
             StallClass::CloseWait => f.close_wait_since_ns.unwrap_or(now_ns),
         };
@@ -104,6 +109,11 @@ impl Engine {
             boundary_source: pred.map(|p| p.source),
             predicted_timeout_ns: pred.map(|p| p.death_ns),
             seconds_to_timeout: pred.map(|p| signed_secs(p.death_ns, now_ns)),
+            no_prediction_reason: if pred.is_none() {
+                f.anchor.and_then(|a| self.rule_at(f, &a).err().flatten())
+            } else {
+                None
+            },
             horizon_fraction: pred.filter(|p| p.boundary_ms > 0).map(|p| {
                 secs(now_ns.saturating_sub(p.start_ns)) / (p.boundary_ms as f64 / 1_000.0)
             }),

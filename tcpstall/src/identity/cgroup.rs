@@ -110,11 +110,21 @@ pub fn parse_kubelet_path(path: &str) -> Option<KubeletCgroup> {
     })
 }
 
+/// How soon a miss on an id above every id seen so far walks again. cgroup2
+/// ids only grow (kernfs allocates them cyclically upwards, with a
+/// generation above), so such an id is a cgroup created since the last walk:
+/// a pod that stalls right after it started must not wait out `min_rescan`
+/// (its `stall started` line is resolved once).
+pub const NEW_CGROUP_RESCAN: Duration = Duration::from_millis(100);
+
 /// cgroup id -> path (relative to the cgroup2 root, starting with `/`).
 pub struct CgroupIndex {
     root: Option<PathBuf>,
     by_id: HashMap<u64, String>,
     last_walk: Option<Instant>,
+    /// The highest id seen by a walk or looked up after one: a miss above
+    /// it walks again after [`NEW_CGROUP_RESCAN`], once per new id.
+    newest: u64,
     min_rescan: Duration,
     max_entries: usize,
     /// Walks done (for tests and logs).
@@ -128,6 +138,7 @@ impl CgroupIndex {
             root,
             by_id: HashMap::new(),
             last_walk: None,
+            newest: 0,
             min_rescan,
             max_entries,
             walks: 0,
@@ -139,20 +150,29 @@ impl CgroupIndex {
     }
 
     /// The path of cgroup `id`, walking the hierarchy again on a miss (at
-    /// most once per `min_rescan`).
+    /// most once per `min_rescan`, or per [`NEW_CGROUP_RESCAN`] for an id
+    /// newer than every id seen).
     pub fn path(&mut self, id: u64, now: Instant) -> Option<&str> {
         if id == 0 || self.root.is_none() {
             return None;
         }
-        if !self.by_id.contains_key(&id)
-            && self
-                .last_walk
-                .is_none_or(|t| now.duration_since(t) >= self.min_rescan)
-        {
+        if !self.by_id.contains_key(&id) && self.needs_walk(id, now) {
             self.walk();
             self.last_walk = Some(now);
+            // Not found now, it walks again only after `min_rescan` (a
+            // cgroup that vanished at once, or an id from elsewhere).
+            self.newest = self.newest.max(id);
         }
         self.by_id.get(&id).map(String::as_str)
+    }
+
+    /// Whether a miss on `id` at `now` walks the hierarchy again.
+    fn needs_walk(&self, id: u64, now: Instant) -> bool {
+        let Some(last) = self.last_walk else {
+            return true;
+        };
+        let since = now.saturating_duration_since(last);
+        since >= self.min_rescan || (id > self.newest && since >= NEW_CGROUP_RESCAN)
     }
 
     /// Rebuild the map (depth first; directories that vanish are skipped).
@@ -191,6 +211,7 @@ impl CgroupIndex {
                 }
             }
         }
+        self.newest = map.keys().copied().fold(self.newest, u64::max);
         self.by_id = map;
     }
 }
@@ -255,6 +276,48 @@ mod tests {
     }
 
     #[test]
+    fn a_cgroup_newer_than_the_last_walk_is_walked_for_at_once() {
+        let root = std::env::temp_dir().join(format!("tcpstall-cg-new-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("old")).unwrap();
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        let mut idx = CgroupIndex::new(Some(root.clone()), Duration::from_secs(2), 100);
+        let t0 = Instant::now();
+        idx.walk();
+        idx.last_walk = Some(t0);
+        // The decision, on ids around the newest seen.
+        idx.newest = 1000;
+        let ms = Duration::from_millis;
+        assert!(idx.needs_walk(1001, t0 + ms(100)), "new id: walk");
+        assert!(
+            !idx.needs_walk(1001, t0 + ms(50)),
+            "new id: not within 100 ms"
+        );
+        assert!(
+            !idx.needs_walk(999, t0 + ms(1999)),
+            "old id: not within min_rescan"
+        );
+        assert!(
+            idx.needs_walk(999, t0 + ms(2000)),
+            "old id: after min_rescan"
+        );
+        // A pod's cgroup created after the walk (its id above every id seen;
+        // inode numbers of this test's directories need not grow, so the
+        // newest is set below it): found 100 ms after the walk, not 2 s.
+        fs::create_dir_all(root.join("kubepods/pod")).unwrap();
+        let pod = ino(&root.join("kubepods/pod"));
+        idx.newest = pod - 1;
+        assert_eq!(idx.path(pod, t0 + ms(150)), Some("/kubepods/pod"));
+        assert_eq!(idx.walks, 2);
+        // A new id that is nowhere walks once, then waits for min_rescan.
+        let gone = idx.newest + 1_000_000;
+        assert_eq!(idx.path(gone, t0 + ms(300)), None);
+        assert_eq!(idx.path(gone, t0 + ms(500)), None);
+        assert_eq!(idx.walks, 3);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn not_a_pod() {
         for p in [
             "/",
@@ -285,8 +348,10 @@ mod tests {
         assert_eq!(idx.walks, 1);
         fs::create_dir_all(root.join("c")).unwrap();
         let c = ino(&root.join("c"));
-        // A miss walks again, but not twice within min_rescan.
-        assert_eq!(idx.path(c, t0), None);
+        // A miss on an id not above the newest seen (a vanished cgroup)
+        // walks again, but not twice within min_rescan.
+        assert!(idx.newest >= 1 && !idx.by_id.contains_key(&1));
+        assert_eq!(idx.path(1, t0), None);
         assert_eq!(idx.walks, 1);
         assert_eq!(idx.path(c, t0 + Duration::from_secs(6)), Some("/c"));
         assert_eq!(idx.walks, 2);

@@ -5,13 +5,16 @@
 //! - [`runtime`]: container ID / pod UID -> pod name, namespace, container
 //!   name (containerd, CRI-O, Docker state; the kubelet's pod directory);
 //! - [`process`]: socket -> pid and command, for stalled flows only;
-//! - [`netns`]: network namespace -> pod, from /proc (the fallback below).
+//! - [`netns`]: network namespace -> pod, from /proc (the fallback below);
+//! - [`listen`]: which side opened a connection (a local listening port
+//!   means accepted), for the peer-service `remote` label.
 //!
 //! Sockets without a cgroup id, and every socket on a cgroup v1-only host
 //! (no cgroup2 mount; the kernel reports the v2 root for every socket), fall
 //! back to the network namespace lookup of [`netns`].
 
 pub mod cgroup;
+pub mod listen;
 pub mod netns;
 pub mod process;
 pub mod runtime;
@@ -22,6 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use listen::{Direction, peer_service};
 pub use process::{ProcessInfo, SocketKey};
 pub use runtime::RuntimeRoots;
 
@@ -88,6 +92,7 @@ pub struct Identities {
     runtime: runtime::RuntimeState,
     procs: process::ProcessResolver,
     netns: PodResolver,
+    listen: listen::ListenIndex,
 }
 
 impl Identities {
@@ -97,6 +102,7 @@ impl Identities {
             runtime: runtime::RuntimeState::new(cfg.runtimes.clone(), MAX_CACHED),
             procs: process::ProcessResolver::new(&cfg.proc_root, MAX_CACHED, RESCAN_AFTER * 5),
             netns: PodResolver::new(&cfg.proc_root, cfg.netns_refresh),
+            listen: listen::ListenIndex::new(&cfg.proc_root),
         }
     }
 
@@ -117,6 +123,12 @@ impl Identities {
             // A cgroup that vanished (its pod is gone): unknown.
             None => None,
         }
+    }
+
+    /// Who opened the flow's connection (its local port listening in its
+    /// namespace: accepted).
+    pub fn direction(&mut self, f: &FlowRef, now: Instant) -> Direction {
+        self.listen.direction(f.netns, f.local, now)
     }
 
     /// The pod owning a network namespace (for views keyed by netns only;

@@ -93,7 +93,7 @@ pub fn find_inode(table: &str, local: SocketAddr, remote: SocketAddr) -> Option<
     })
 }
 
-fn netns_of(pid_dir: &Path) -> Option<u32> {
+pub(crate) fn netns_of(pid_dir: &Path) -> Option<u32> {
     let l = fs::read_link(pid_dir.join("ns/net")).ok()?;
     l.to_str()?
         .strip_prefix("net:[")?
@@ -102,7 +102,7 @@ fn netns_of(pid_dir: &Path) -> Option<u32> {
         .ok()
 }
 
-fn pids(proc_root: &Path) -> Vec<u32> {
+pub(crate) fn pids(proc_root: &Path) -> Vec<u32> {
     let Ok(dir) = fs::read_dir(proc_root) else {
         return Vec::new();
     };

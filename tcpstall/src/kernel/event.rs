@@ -198,14 +198,21 @@ pub struct SockFields {
     pub rcv_tstamp: u32,
     /// Write timer expiry (jiffies, 64 bit).
     pub timer_expires: u64,
+    /// `icsk_syn_retries` (TCP_SYNCNT; 0 = the netns `tcp_syn_retries`).
+    pub syn_retries: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NetnsSysctls {
     pub tcp_retries2: u32,
     pub tcp_orphan_retries: u32,
     /// `tcp_rto_max_ms` (6.15+); None where the kernel has no such sysctl.
     pub tcp_rto_max_ms: Option<u32>,
+    /// `tcp_syn_retries` (0: not read on this kernel).
+    pub tcp_syn_retries: u32,
+    /// `tcp_syn_linear_timeouts` (6.5+); None where the kernel has no such
+    /// sysctl (no linear SYN timeouts).
+    pub tcp_syn_linear_timeouts: Option<u32>,
 }
 
 /// The kernel's ETIMEDOUT errno.
@@ -276,11 +283,15 @@ impl SockEvent {
             lsndtime: raw.lsndtime,
             rcv_tstamp: raw.rcv_tstamp,
             timer_expires: raw.timer_expires,
+            syn_retries: raw.syn_retries.into(),
         });
         let netns_sysctls = (raw.flags & flag::NETNS_SYSCTLS != 0).then_some(NetnsSysctls {
             tcp_retries2: raw.retries2.into(),
             tcp_orphan_retries: raw.orphan_retries.into(),
             tcp_rto_max_ms: (raw.netns_rto_max_ms != 0).then_some(raw.netns_rto_max_ms),
+            tcp_syn_retries: raw.netns_syn_retries.into(),
+            tcp_syn_linear_timeouts: (raw.flags & flag::SYN_LINEAR != 0)
+                .then_some(raw.netns_syn_linear_timeouts.into()),
         });
         Ok(SockEvent {
             kind,

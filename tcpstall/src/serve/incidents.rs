@@ -1,7 +1,10 @@
 //! Incidents: every stalled socket counted once, grouped by what an on-call
-//! engineer acts on — the stall class, the owning pod and the remote
-//! endpoint. Fifty pooled connections from one pod to one dead database are
-//! one incident with `sockets = 50`, so an alert on these groups pages once.
+//! engineer acts on — the stall class, the owning pod and the peer service
+//! with the direction of the connections. Fifty pooled connections from one
+//! pod to one dead database are one incident with `sockets = 50`, and so are
+//! fifty connections of one client host to one stalled server pod (`remote`
+//! is then the client's IP with our listening port, `direction="accepted"`),
+//! so an alert on these groups pages once.
 //!
 //! Unlike the per-flow series (only the top-K most urgent flows), the groups
 //! cover every stalled socket: the sum of `sockets` over all groups of a class
@@ -16,7 +19,7 @@ use std::collections::HashMap;
 
 use crate::{
     engine::{StallClass, StallView},
-    identity::netns::PodIdentity,
+    identity::{Direction, netns::PodIdentity, peer_service},
 };
 
 /// The `remote` label of the overflow group.
@@ -28,7 +31,10 @@ pub struct IncidentKey {
     pub class: StallClass,
     pub namespace: String,
     pub pod: String,
+    /// The peer service ([`peer_service`]), or [`OTHER`].
     pub remote: String,
+    /// Who opened the connections (`None` for the overflow groups).
+    pub direction: Option<Direction>,
 }
 
 /// One group of stalled sockets.
@@ -79,16 +85,17 @@ impl Incident {
 /// `max_groups` incidents plus one overflow group per class, most urgent
 /// first (the overflow groups last).
 pub fn aggregate<'a>(
-    stalls: impl IntoIterator<Item = (&'a StallView, Option<&'a PodIdentity>)>,
+    stalls: impl IntoIterator<Item = (&'a StallView, Option<&'a PodIdentity>, Direction)>,
     max_groups: usize,
 ) -> Vec<Incident> {
     let mut groups: HashMap<IncidentKey, Incident> = HashMap::new();
-    for (v, pod) in stalls {
+    for (v, pod, direction) in stalls {
         let key = IncidentKey {
             class: v.class,
             namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
             pod: pod.map(|p| p.pod.clone()).unwrap_or_default(),
-            remote: v.remote.to_string(),
+            remote: peer_service(v.local, v.remote, direction).to_string(),
+            direction: Some(direction),
         };
         groups
             .entry(key.clone())
@@ -115,6 +122,7 @@ pub fn aggregate<'a>(
                     namespace: String::new(),
                     pod: String::new(),
                     remote: OTHER.to_owned(),
+                    direction: None,
                 }));
                 overflow.len() - 1
             }
@@ -164,6 +172,7 @@ mod tests {
             near_horizon: false,
             zero_window_probes: None,
             zero_window_unanswered: None,
+            no_prediction_reason: None,
             zero_window_s: None,
             close_wait_age_s: None,
             orphan: false,
@@ -198,7 +207,10 @@ mod tests {
                 )
             })
             .collect();
-        let got = aggregate(views.iter().map(|v| (v, Some(&p))), 100);
+        let got = aggregate(
+            views.iter().map(|v| (v, Some(&p), Direction::Initiated)),
+            100,
+        );
         assert_eq!(got.len(), 1, "{got:?}");
         let i = &got[0];
         assert_eq!(i.sockets, 50);
@@ -207,6 +219,41 @@ mod tests {
         assert_eq!(i.key.remote, "10.96.20.5:5432");
         assert_eq!(i.oldest_stall_s, 79.0);
         assert_eq!(i.earliest_timeout_s, Some(151.0));
+    }
+
+    /// Fifty clients' connections from one host to one stalled server pod:
+    /// the peer's ephemeral ports differ, the peer service (peer IP, our
+    /// listening port) does not. Initiated connections keep the peer port.
+    /// Mutation: `peer_service` returning `remote` for `Accepted` -> 50 groups.
+    #[test]
+    fn fifty_clients_of_one_server_port_are_one_incident() {
+        let p = pod("api-0");
+        let views: Vec<StallView> = (0..50u16)
+            .map(|i| {
+                let mut v = view(
+                    StallClass::Retransmit,
+                    8080,
+                    &format!("10.1.2.3:{}", 40_000 + i),
+                    10.0 + f64::from(i),
+                    Some(300.0),
+                );
+                v.cookie = u64::from(i) + 1;
+                v
+            })
+            .collect();
+        let got = aggregate(
+            views.iter().map(|v| (v, Some(&p), Direction::Accepted)),
+            100,
+        );
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].sockets, 50);
+        assert_eq!(got[0].key.remote, "10.1.2.3:8080");
+        assert_eq!(got[0].key.direction, Some(Direction::Accepted));
+        let got = aggregate(
+            views.iter().map(|v| (v, Some(&p), Direction::Initiated)),
+            100,
+        );
+        assert_eq!(got.len(), 50, "initiated: one service per peer port");
     }
 
     #[test]
@@ -218,10 +265,10 @@ mod tests {
         let v4 = view(StallClass::Retransmit, 4, "10.0.0.8:1", 5.0, Some(9.0));
         let got = aggregate(
             [
-                (&v1, Some(&a)),
-                (&v2, Some(&b)),
-                (&v3, Some(&a)),
-                (&v4, None),
+                (&v1, Some(&a), Direction::Initiated),
+                (&v2, Some(&b), Direction::Initiated),
+                (&v3, Some(&a), Direction::Initiated),
+                (&v4, None, Direction::Initiated),
             ],
             100,
         );
@@ -255,7 +302,7 @@ mod tests {
                 )
             }))
             .collect();
-        let got = aggregate(views.iter().map(|v| (v, None)), 10);
+        let got = aggregate(views.iter().map(|v| (v, None, Direction::Initiated)), 10);
         assert_eq!(got.len(), 12, "10 groups + one overflow per class: {got:?}");
         assert_eq!(got.iter().map(|i| i.sockets).sum::<usize>(), 33);
         // The 10 most urgent keep their labels.

@@ -14,7 +14,7 @@ use std::{
 use super::metrics::{Format, LiveView, Metrics, MetricsError};
 use crate::{
     engine::{Engine, StallView},
-    identity::{FlowRef, Identities, Owner, netns::PodIdentity},
+    identity::{Direction, FlowRef, Identities, Owner, netns::PodIdentity},
     kernel::{facts, loader::Plan},
 };
 
@@ -24,18 +24,61 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// this long.
 pub const READY_STALE_AFTER: Duration = Duration::from_secs(5);
 
-/// Liveness facts the event loop publishes for `/readyz`.
+/// `/healthz` fails when the event loop's heartbeat is older than this
+/// (`--liveness-timeout`): long enough for a start-up sweep of a busy node,
+/// short enough that a stuck agent is restarted within minutes.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Liveness facts the event loop publishes for `/readyz` and `/healthz`.
 #[derive(Debug, Default)]
 pub struct Health {
     /// CLOCK_MONOTONIC ns of the last time the event loop drained the ring
-    /// buffer (after a batch, or at a tick with nothing pending); 0 = never.
+    /// buffer (after a batch, or at its once-a-second tick, which runs in
+    /// the same loop as the ring-buffer reads and so is its heartbeat even on
+    /// an idle node); 0 = never.
     last_drain_ns: AtomicU64,
+    /// CLOCK_MONOTONIC ns when liveness started counting (the state's
+    /// creation): before the first heartbeat, `/healthz` measures from here.
+    since_ns: AtomicU64,
     stopping: AtomicBool,
 }
 
 impl Health {
+    /// Starts the liveness clock at `now_ns`.
+    pub fn new(now_ns: u64) -> Self {
+        let h = Self::default();
+        h.since_ns.store(now_ns, Ordering::Relaxed);
+        h
+    }
+
     pub fn drained(&self, now_ns: u64) {
         self.last_drain_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Seconds since the event loop's last heartbeat (or since the state was
+    /// created, before the first one).
+    pub fn heartbeat_age_s(&self, now_ns: u64) -> f64 {
+        let last = self
+            .last_drain_ns
+            .load(Ordering::Relaxed)
+            .max(self.since_ns.load(Ordering::Relaxed));
+        Duration::from_nanos(now_ns.saturating_sub(last)).as_secs_f64()
+    }
+
+    /// Ok when the event loop made progress within `timeout`, Err(reason)
+    /// otherwise (`/healthz`: the kubelet restarts the agent). Unlike
+    /// readiness, shutting down or a missing probe is not a failure: a
+    /// restart would not fix either.
+    pub fn liveness(&self, now_ns: u64, timeout: Duration) -> Result<(), String> {
+        let age = self.heartbeat_age_s(now_ns);
+        if age > timeout.as_secs_f64() {
+            return Err(format!(
+                "the event loop has made no progress for {age:.1} s (limit {} s, --liveness-timeout): \
+                 it is stuck; restart the agent",
+                timeout.as_secs_f64()
+            ));
+        }
+        Ok(())
     }
 
     pub fn set_stopping(&self) {
@@ -108,6 +151,8 @@ pub struct AgentState {
     pub clock: fn() -> u64,
     /// How long `/readyz` tolerates no drain.
     pub ready_stale_after: Duration,
+    /// How long `/healthz` tolerates no heartbeat of the event loop.
+    pub liveness_timeout: Duration,
     /// Per-request time limit.
     pub request_timeout: Duration,
     /// The hang-forever audit of the last sweep (None: no sweep yet).
@@ -121,9 +166,10 @@ impl AgentState {
             metrics,
             pods: Mutex::new(pods),
             plan,
-            health: Health::default(),
+            health: Health::new(facts::monotonic_ns()),
             clock: facts::monotonic_ns,
             ready_stale_after: READY_STALE_AFTER,
+            liveness_timeout: LIVENESS_TIMEOUT,
             request_timeout: REQUEST_TIMEOUT,
             risks: Mutex::new(None),
         }
@@ -138,27 +184,33 @@ impl AgentState {
         self.pods.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Pod identity of each view's socket (one resolver lock for all).
-    pub(crate) fn identities(&self, views: &[StallView]) -> Vec<Option<PodIdentity>> {
+    /// `f` of each view's flow, under one resolver lock for all.
+    fn per_flow<T>(
+        &self,
+        views: &[StallView],
+        mut f: impl FnMut(&mut Identities, &FlowRef, Instant) -> T,
+    ) -> Vec<T> {
         let now = Instant::now();
         let mut pods = self.pods();
         views
             .iter()
-            .map(|v| pods.pod(&FlowRef::of(v), now))
+            .map(|v| f(&mut pods, &FlowRef::of(v), now))
             .collect()
+    }
+
+    /// Pod identity and direction of each view's socket.
+    pub(crate) fn identities(&self, views: &[StallView]) -> Vec<(Option<PodIdentity>, Direction)> {
+        self.per_flow(views, |p, f, now| (p.pod(f, now), p.direction(f, now)))
+    }
+
+    /// Who opened each view's connection.
+    pub(crate) fn directions(&self, views: &[StallView]) -> Vec<Direction> {
+        self.per_flow(views, |p, f, now| p.direction(f, now))
     }
 
     /// Pod and process of each stalled flow (API).
     pub(crate) fn owners(&self, views: &[StallView]) -> Vec<Owner> {
-        let now = Instant::now();
-        let mut pods = self.pods();
-        views
-            .iter()
-            .map(|v| {
-                let f = FlowRef::of(v);
-                (pods.pod(&f, now), pods.process(&f, now))
-            })
-            .collect()
+        self.per_flow(views, |p, f, now| (p.pod(f, now), p.process(f, now)))
     }
 
     /// Encodes the metrics as of now (engine views under the lock, the rest
@@ -173,19 +225,27 @@ impl AgentState {
         // top-K get per-flow series.
         let mut pods = self.identities(&stalls);
         let incidents = super::incidents::aggregate(
-            stalls.iter().zip(pods.iter().map(Option::as_ref)),
+            stalls
+                .iter()
+                .zip(&pods)
+                .map(|(v, (p, d))| (v, p.as_ref(), *d)),
             self.metrics.max_incidents(),
         );
         stalls.truncate(self.metrics.top_k_flows());
         pods.truncate(stalls.len());
         let live = LiveView {
             gauges,
-            top: stalls.into_iter().zip(pods).collect(),
+            top: stalls
+                .into_iter()
+                .zip(pods)
+                .map(|(v, (p, d))| (v, p, d))
+                .collect(),
             incidents,
         };
         if let Some(p) = super::self_stats::sample() {
             self.metrics.process(&p);
         }
+        self.metrics.heartbeat_age(self.health.heartbeat_age_s(now));
         self.metrics.render(&live, format)
     }
 }

@@ -100,6 +100,8 @@ pub fn run(
         "--test",
         "k8s",
         "--test",
+        "containerd",
+        "--test",
         "behaviour",
         "--",
         "--test-threads=1",

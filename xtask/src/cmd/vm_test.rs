@@ -54,6 +54,10 @@ pub const VM_TESTS: &[&str] = &[
     "s1_horizon_retries2_5",
     "s2_user_timeout",
     "s1_recovery_clears_the_stall_at_once",
+    // connect() to a blackhole (SYN_SENT): tcp_syn_retries 4, TCP_SYNCNT 2,
+    // TCP_USER_TIMEOUT 5 s at once, each kernel against its own rules
+    // (linear SYN timeouts only where the sysctl exists).
+    "connect::connect_horizon",
     // S1 once per write-timer mechanism the guest kernel offers (fentry,
     // kprobe, timer tracepoint, sock_ops), each forced with --mechanism.
     "s1_with_every_working_write_timer_mechanism",

@@ -95,6 +95,11 @@ pub enum BoundarySource {
     /// Orphaned socket: `T(N)` with N the effective `tcp_orphan_retries`
     /// (a configured 0 means 8 while the RTO is below its maximum).
     OrphanRetries(u32),
+    /// SYN_SENT: `icsk_syn_retries ?: tcp_syn_retries` = N retries (plus the
+    /// linear ones), or `T(N, initial RTO)` since the first SYN.
+    SynRetries(u32),
+    /// SYN_SENT with TCP_SYNCNT set on the socket.
+    SynCount(u32),
 }
 
 impl BoundarySource {
@@ -104,6 +109,8 @@ impl BoundarySource {
             Self::Retries2(_) => "tcp_retries2",
             Self::UserTimeout => "user_timeout",
             Self::OrphanRetries(_) => "tcp_orphan_retries",
+            Self::SynRetries(_) => "tcp_syn_retries",
+            Self::SynCount(_) => "tcp_syncnt",
         }
     }
 }
@@ -114,6 +121,8 @@ impl fmt::Display for BoundarySource {
             Self::Retries2(n) => write!(f, "tcp_retries2={n}"),
             Self::UserTimeout => f.write_str("user_timeout"),
             Self::OrphanRetries(n) => write!(f, "tcp_orphan_retries={n}"),
+            Self::SynRetries(n) => write!(f, "tcp_syn_retries={n}"),
+            Self::SynCount(n) => write!(f, "tcp_syncnt={n}"),
         }
     }
 }
@@ -133,6 +142,10 @@ pub enum BoundaryRule {
     Retries2 { n: u32 },
     /// `SOCK_DEAD`: `tcp_orphan_retries` of the netns (as configured).
     Orphan { configured: u32 },
+    /// SYN_SENT: `T(n, initial RTO)` (`n = icsk_syn_retries ?: tcp_syn_retries`;
+    /// `per_socket`: from TCP_SYNCNT). The retry count limit is
+    /// [`SynLimits`].
+    Syn { n: u32, per_socket: bool },
 }
 
 /// A boundary evaluated at one RTO expiry.
@@ -185,8 +198,83 @@ impl BoundaryRule {
                     source: BoundarySource::OrphanRetries(n),
                 }
             }
+            Self::Syn { n, per_socket } => Boundary {
+                ms: model_timeout_ms(n, base_ms, rto_max_ms),
+                source: if per_socket {
+                    BoundarySource::SynCount(n)
+                } else {
+                    BoundarySource::SynRetries(n)
+                },
+            },
         }
     }
+}
+
+/// The retry-count side of `tcp_write_timeout()` in SYN_SENT: the socket
+/// dies at the expiry that finds `icsk_retransmits >= max_retransmits`
+/// (`icsk_syn_retries ?: tcp_syn_retries`, plus `tcp_syn_linear_timeouts`
+/// where the kernel has it), and `tcp_retransmit_timer()` keeps the RTO at
+/// its initial value for the first `linear + 1` expiries (it doubles only
+/// once the expiry count exceeds `linear`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynLimits {
+    pub max_retransmits: u32,
+    pub linear: u32,
+}
+
+/// Why a SYN_SENT socket has no prediction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoPrediction {
+    /// Neither `icsk_syn_retries` nor the netns `tcp_syn_retries` could be
+    /// read on this kernel.
+    SynRetriesUnknown,
+}
+
+/// The rule and limits of a SYN_SENT socket: `icsk_syn_retries` wins over
+/// the netns `tcp_syn_retries`; linear timeouts count only where the kernel
+/// has the sysctl (None: none). The user timeout replaces the time rule
+/// (the retry count still applies).
+pub fn syn_rule(
+    user_timeout_ms: u32,
+    syn_retries: u32,
+    sysctls: Option<NetnsSysctls>,
+) -> Result<(BoundaryRule, SynLimits), NoPrediction> {
+    let netns_n = sysctls.map_or(0, |s| s.tcp_syn_retries);
+    let (n, per_socket) = if syn_retries != 0 {
+        (syn_retries, true)
+    } else if netns_n != 0 {
+        (netns_n, false)
+    } else {
+        return Err(NoPrediction::SynRetriesUnknown);
+    };
+    let linear = sysctls.and_then(|s| s.tcp_syn_linear_timeouts).unwrap_or(0);
+    let rule = if user_timeout_ms != 0 {
+        BoundaryRule::UserTimeout {
+            ms: user_timeout_ms,
+        }
+    } else {
+        BoundaryRule::Syn { n, per_socket }
+    };
+    Ok((
+        rule,
+        SynLimits {
+            max_retransmits: n.saturating_add(linear),
+            linear,
+        },
+    ))
+}
+
+/// The initial RTO (`tcp_timeout_init()`, jiffies) of a SYN_SENT socket
+/// whose `icsk_rto` is `rto` at an expiry that found `retransmits`: the
+/// expiries after the `linear` first ones each doubled it. None once it may
+/// have been capped at `rto_max` (the caller then assumes TCP_TIMEOUT_INIT).
+pub fn syn_initial_rto(rto: u64, retransmits: u32, linear: u32, rto_max: u64) -> Option<u64> {
+    let doublings = retransmits.saturating_sub(linear);
+    if rto >= rto_max || doublings >= 63 {
+        return None;
+    }
+    Some((rto >> doublings).max(1))
 }
 
 /// `tcp_orphan_retries()`: 0 means 8 while the socket is "alive"
@@ -272,6 +360,8 @@ pub struct RtoWalk {
     pub base_ms: u64,
     /// Round each future expiry up like the kernel's timer wheel.
     pub timer_wheel: bool,
+    /// SYN_SENT: the retry-count limit and the linear first timeouts.
+    pub syn: Option<SynLimits>,
 }
 
 /// The predicted ETIMEDOUT.
@@ -315,16 +405,23 @@ pub fn predict_rto_death(w: &RtoWalk) -> Option<Death> {
         if deadline == u64::MAX {
             return None;
         }
+        // SYN_SENT: the retry count first.
+        let count_dead = w
+            .syn
+            .is_some_and(|s| retransmits >= u64::from(s.max_retransmits));
         // retransmits_timed_out(): never while icsk_retransmits == 0.
-        if retransmits > 0 && t >= deadline {
+        if count_dead || (retransmits > 0 && t >= deadline) {
             return Some(Death {
                 at_ns: t,
                 expiries_after: step,
                 boundary,
             });
         }
-        // The expiry retransmits, backs off and re-arms the timer.
-        rto = (rto * 2).min(max_j);
+        // The expiry retransmits, backs off (SYN_SENT: only past the
+        // linear ones) and re-arms the timer.
+        if w.syn.is_none_or(|s| retransmits + 1 > u64::from(s.linear)) {
+            rto = (rto * 2).min(max_j);
+        }
         let mut interval = rto;
         if let BoundaryRule::UserTimeout { ms } = w.rule {
             let elapsed_ms = t.saturating_sub(w.start_ns) / NSEC_PER_MSEC;

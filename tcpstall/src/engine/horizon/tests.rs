@@ -60,6 +60,7 @@ fn rule_selection_and_sources() {
         tcp_retries2: 5,
         tcp_orphan_retries: 0,
         tcp_rto_max_ms: None,
+        ..Default::default()
     };
     assert_eq!(
         BoundaryRule::select(0, false, Some(s)),
@@ -208,6 +209,7 @@ fn walk(start_ns: u64, at_ns: u64, retransmits: u32, rto: u32, rule: BoundaryRul
         rule,
         base_ms: TCP_RTO_MIN_MS,
         timer_wheel: false,
+        syn: None,
     }
 }
 
@@ -416,6 +418,7 @@ fn s1_tlp_first_with_timer_wheel_lands_near_observed() {
         rule: BoundaryRule::Retries2 { n: 5 },
         base_ms: TCP_RTO_MIN_MS,
         timer_wheel: true,
+        syn: None,
     };
     let d = predict_rto_death(&w).unwrap();
     assert_eq!(d.expiries_after, 5);
@@ -427,6 +430,7 @@ fn s1_tlp_first_with_timer_wheel_lands_near_observed() {
     // Without the wheel the prediction is the nominal 13.05 s.
     let nominal = predict_rto_death(&RtoWalk {
         timer_wheel: false,
+        syn: None,
         ..w
     })
     .unwrap();
@@ -462,6 +466,7 @@ fn clamped_rto_on_a_level_boundary_fires_like_the_kernel() {
         rule: BoundaryRule::UserTimeout { ms: 3_312 },
         base_ms: TCP_RTO_MIN_MS,
         timer_wheel: true,
+        syn: None,
     };
     assert_eq!(msecs_to_jiffies(252, HZ), 63);
     assert_eq!(rearmed_timer_fire(j + 63, j, HZ), j + 64);
@@ -588,6 +593,7 @@ proptest! {
             rule,
             base_ms: TCP_RTO_MIN_MS,
             timer_wheel: wheel,
+            syn: None,
         };
         let d = predict_rto_death(&w).unwrap();
         let (expect, prev) = naive(&w);
@@ -618,4 +624,200 @@ proptest! {
         let ts = (start_ms + age_ms) * MS + 123_456;
         prop_assert_eq!(stamp_to_ns(start_ms as u32, false, ts), start_ms * MS);
     }
+}
+
+// ----- SYN_SENT (connect) ----------------------------------------------------
+//
+// Expected values below are derived by hand from net/ipv4/tcp_timer.c, not
+// from this module: `tcp_write_timeout()` in SYN_SENT declares the socket
+// dead at the expiry that finds `icsk_retransmits >= retry_until + linear`
+// (retry_until = `icsk_syn_retries ?: tcp_syn_retries`, linear =
+// `tcp_syn_linear_timeouts`, 6.5+), or when `retransmits_timed_out()` holds:
+// `icsk_retransmits > 0 && now - retrans_stamp >= (UTO ?: T(retry_until,
+// tcp_timeout_init))`, `retrans_stamp` being the first SYN (`tcp_connect()`).
+// `tcp_retransmit_timer()` doubles `icsk_rto` only once the expiry count
+// (`icsk_backoff` / `total_rto` after its increment) exceeds `linear`.
+
+const SYN_HZ: u32 = 1_000;
+
+/// A walk from the first SYN RTO expiry (1 s after the SYN at 100 s),
+/// jiffies = ms, no timer wheel.
+fn first_syn_expiry(n: u32, linear: u32, uto_ms: u32) -> RtoWalk {
+    let s = NetnsSysctls {
+        tcp_syn_retries: n,
+        tcp_syn_linear_timeouts: Some(linear),
+        ..Default::default()
+    };
+    let (rule, syn) = syn_rule(uto_ms, 0, Some(s)).unwrap();
+    RtoWalk {
+        start_ns: 100 * NSEC_PER_SEC,
+        at_ns: 101 * NSEC_PER_SEC,
+        at_jiffies: 0,
+        retransmits: 0,
+        rto_jiffies: 1_000,
+        rto_max_jiffies: 120_000,
+        hz: SYN_HZ,
+        rule,
+        base_ms: 1_000,
+        timer_wheel: false,
+        syn: Some(syn),
+    }
+}
+
+fn death_after_syn_s(w: &RtoWalk) -> (f64, u32) {
+    let d = predict_rto_death(w).unwrap();
+    (
+        (d.at_ns - 100 * NSEC_PER_SEC) as f64 / 1e9,
+        d.expiries_after,
+    )
+}
+
+#[test]
+fn syn_retries_4_with_linear_timeouts() {
+    // Expiries 1 2 3 4 5 (RTO 1 s while the count <= 4), 7 11 19 35:
+    // at 35 s the count is 8 = 4 + 4 (and 35 >= T(4, 1 s) = 31).
+    assert_eq!(death_after_syn_s(&first_syn_expiry(4, 4, 0)), (35.0, 8));
+}
+
+#[test]
+fn syn_retries_4_without_linear_timeouts() {
+    // 6.1: expiries 1 3 7 15 31, the count is 4 at 31 s.
+    let mut w = first_syn_expiry(4, 0, 0);
+    w.syn = Some(SynLimits {
+        max_retransmits: 4,
+        linear: 0,
+    });
+    assert_eq!(death_after_syn_s(&w), (31.0, 4));
+}
+
+#[test]
+fn syn_retries_default_6() {
+    // With linear timeouts: 1 2 3 4 5 7 11 19 35 67 131, count 10 at 131 s
+    // (what connect() to a blackhole takes on 6.5+, plus timer lateness).
+    assert_eq!(death_after_syn_s(&first_syn_expiry(6, 4, 0)), (131.0, 10));
+    // Without: 1 3 7 15 31 63 127, count 6 at 127 s = T(6, 1 s).
+    assert_eq!(death_after_syn_s(&first_syn_expiry(6, 0, 0)), (127.0, 6));
+}
+
+#[test]
+fn syn_time_rule_ends_linear_retries_early() {
+    // tcp_syn_retries 1, linear 4: T(1, 1 s) = 3 s; expiries 1 2 3: at 3 s
+    // the count is 2 < 5 but 3 s have passed since the SYN.
+    let w = first_syn_expiry(1, 4, 0);
+    let d = predict_rto_death(&w).unwrap();
+    assert_eq!(d.boundary.ms, 3_000);
+    assert_eq!(d.boundary.source, BoundarySource::SynRetries(1));
+    assert_eq!(
+        (
+            (d.at_ns - 100 * NSEC_PER_SEC) / NSEC_PER_MSEC,
+            d.expiries_after
+        ),
+        (3_000, 2)
+    );
+}
+
+#[test]
+fn syn_user_timeout_shortens_and_clamps() {
+    // UTO 10 s, tcp_syn_retries 6, linear 4: expiries 1 2 3 4 5 7; the next
+    // one (7 + 4) is clamped to 10 s (tcp_clamp_rto_to_user_timeout), where
+    // 10 s >= UTO kills it.
+    let w = first_syn_expiry(6, 4, 10_000);
+    let d = predict_rto_death(&w).unwrap();
+    assert_eq!(d.boundary.source, BoundarySource::UserTimeout);
+    assert_eq!(
+        (
+            (d.at_ns - 100 * NSEC_PER_SEC) / NSEC_PER_MSEC,
+            d.expiries_after
+        ),
+        (10_000, 6)
+    );
+    // A user timeout longer than the retries cannot lengthen them: UTO
+    // 60 s, tcp_syn_retries 2, no linear: expiries 1 3 7, count 2 at 7 s.
+    let w = first_syn_expiry(2, 0, 60_000);
+    assert_eq!(death_after_syn_s(&w), (7.0, 2));
+}
+
+#[test]
+fn syn_walk_through_the_timer_wheel() {
+    // tcp_syn_retries 2, no linear, HZ 1000, the first expiry at jiffy
+    // 2^20 (a bucket boundary of every level). Re-armed from the callback
+    // with the wheel's clock at j + 1: 2000 jiffies -> delta 1999, level 2
+    // (>= 504, < 4032), 64-jiffy buckets: fires at j + 2048; then 4000 ->
+    // delta 3999, level 2: (j + 2048 + 4000) rounds up to j + 6080, where
+    // the count is 2.
+    let j = 1u64 << 20;
+    let mut w = first_syn_expiry(2, 0, 0);
+    w.syn = Some(SynLimits {
+        max_retransmits: 2,
+        linear: 0,
+    });
+    w.at_jiffies = j;
+    w.timer_wheel = true;
+    let d = predict_rto_death(&w).unwrap();
+    assert_eq!((d.at_ns - 101 * NSEC_PER_SEC) / NSEC_PER_MSEC, 6_080);
+    // Linear: tcp_syn_retries 1, linear 4 -> 1000-jiffy intervals round up
+    // to 1024 (delta 999: level 2); the time rule T(1) = 3 s from the SYN
+    // (1 s before j) holds at j + 2048 (3.048 s), the count (5) does not.
+    let mut w = first_syn_expiry(1, 4, 0);
+    w.at_jiffies = j;
+    w.timer_wheel = true;
+    let d = predict_rto_death(&w).unwrap();
+    assert_eq!(
+        (
+            (d.at_ns - 101 * NSEC_PER_SEC) / NSEC_PER_MSEC,
+            d.expiries_after
+        ),
+        (2_048, 2)
+    );
+}
+
+#[test]
+fn syn_rule_sources() {
+    let s = NetnsSysctls {
+        tcp_syn_retries: 6,
+        tcp_syn_linear_timeouts: Some(4),
+        ..Default::default()
+    };
+    // TCP_SYNCNT on the socket wins over the netns.
+    assert_eq!(
+        syn_rule(0, 3, Some(s)),
+        Ok((
+            BoundaryRule::Syn {
+                n: 3,
+                per_socket: true
+            },
+            SynLimits {
+                max_retransmits: 7,
+                linear: 4
+            }
+        ))
+    );
+    // A kernel without linear timeouts (no sysctl): none.
+    let old = NetnsSysctls {
+        tcp_syn_linear_timeouts: None,
+        ..s
+    };
+    assert_eq!(
+        syn_rule(0, 0, Some(old)).unwrap().1,
+        SynLimits {
+            max_retransmits: 6,
+            linear: 0
+        }
+    );
+    assert_eq!(
+        syn_rule(5_000, 0, Some(s)).unwrap().0,
+        BoundaryRule::UserTimeout { ms: 5_000 }
+    );
+    // Nothing readable: no prediction, with the reason.
+    assert_eq!(syn_rule(0, 0, None), Err(NoPrediction::SynRetriesUnknown));
+    assert_eq!(
+        syn_rule(0, 0, Some(NetnsSysctls::default())),
+        Err(NoPrediction::SynRetriesUnknown)
+    );
+    // Initial RTO back from icsk_rto: 4 s at the expiry with 6 retransmits
+    // and 4 linear ones = 2 doublings; 8 s after 3 without linear.
+    assert_eq!(syn_initial_rto(4_000, 6, 4, 120_000), Some(1_000));
+    assert_eq!(syn_initial_rto(8_000, 3, 0, 120_000), Some(1_000));
+    assert_eq!(syn_initial_rto(3_000, 2, 4, 120_000), Some(3_000));
+    assert_eq!(syn_initial_rto(120_000, 9, 0, 120_000), None);
 }

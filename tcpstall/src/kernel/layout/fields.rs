@@ -198,6 +198,16 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
         &[("kernfs_node", "id")], OPT, Value,
         "tell which cgroup (pod) a socket belongs to",
         "u64 (the cgroup id, inode number of the cgroup directory)"),
+    row(field::ICSK_SYN_RETRIES, "ICSK_SYN_RETRIES", "inet_connection_sock.icsk_syn_retries", Sock,
+        &[(ICSK, "icsk_syn_retries")], OPT, Value,
+        "predict when connect() gives up (TCP_SYNCNT)", "0 = the netns tcp_syn_retries"),
+    row(field::NET_TCP_SYN_RETRIES, "NET_TCP_SYN_RETRIES", "net.ipv4.sysctl_tcp_syn_retries", Net,
+        &[(NET, "ipv4.sysctl_tcp_syn_retries")], OPT, Value,
+        "predict when connect() gives up", "int, u8 on newer kernels"),
+    row(field::NET_TCP_SYN_LINEAR_TIMEOUTS, "NET_TCP_SYN_LINEAR_TIMEOUTS",
+        "net.ipv4.sysctl_tcp_syn_linear_timeouts", Net,
+        &[(NET, "ipv4.sysctl_tcp_syn_linear_timeouts")], OPT, Value,
+        "predict when connect() gives up (linear SYN timeouts)", "6.5+; absent: none"),
 ];
 
 // Every row sits at its own index.

@@ -40,7 +40,7 @@ use prometheus_client::{
 use super::incidents::Incident;
 use crate::{
     engine::{Gauges, Observation, StallView, StreakOutcome},
-    identity::netns::PodIdentity,
+    identity::{Direction, netns::PodIdentity, peer_service},
     kernel::{event::EventKind, loader::ProgramRuntime},
 };
 
@@ -165,6 +165,8 @@ struct IncidentLabels {
     namespace: String,
     pod: String,
     remote: String,
+    /// `initiated`, `accepted`, or empty for the overflow groups.
+    direction: &'static str,
 }
 
 /// Labels of the per-flow series (the alert rules' contract).
@@ -172,7 +174,13 @@ struct IncidentLabels {
 pub struct FlowLabels {
     pub class: &'static str,
     pub local: String,
+    /// The peer service, as in the incident series (for an accepted
+    /// connection: the peer's IP and our listening port).
     pub remote: String,
+    /// `initiated` or `accepted`.
+    pub direction: &'static str,
+    /// The peer's own address (ip:port).
+    pub peer: String,
     /// Network namespace inode.
     pub netns: String,
     /// Empty when the owning pod is unknown.
@@ -182,11 +190,13 @@ pub struct FlowLabels {
 }
 
 impl FlowLabels {
-    pub fn of(view: &StallView, pod: Option<&PodIdentity>) -> Self {
+    pub fn of(view: &StallView, pod: Option<&PodIdentity>, direction: Direction) -> Self {
         Self {
             class: view.class.as_str(),
             local: view.local.to_string(),
-            remote: view.remote.to_string(),
+            remote: peer_service(view.local, view.remote, direction).to_string(),
+            direction: direction.as_str(),
+            peer: view.remote.to_string(),
             netns: view.netns.to_string(),
             pod: pod.map(|p| p.pod.clone()).unwrap_or_default(),
             namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
@@ -226,11 +236,21 @@ struct RemoteSeries {
     rto_expirations: Counter,
 }
 
-/// First-seen bounded `remote` label values.
+/// A `remote` label value gives way to a new remote only after this long
+/// without an event: bounded by recent activity, not by who came first, and
+/// without churning series on a node that talks to more remotes than
+/// `--max-remote-labels` at once.
+pub const REMOTE_LABEL_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Bounded `remote` label values, kept by recent activity: at most `max`
+/// remotes have their own value; a new remote takes the place of the least
+/// recently active one once that one has been idle for
+/// [`REMOTE_LABEL_IDLE`] (its series are removed), and is counted under
+/// `other` while every labelled remote is busier than that.
 #[derive(Debug)]
 struct RemoteLabeler {
     max: usize,
-    known: HashMap<SocketAddr, RemoteSeries>,
+    known: HashMap<SocketAddr, (RemoteSeries, std::time::Instant)>,
     other: Option<RemoteSeries>,
 }
 
@@ -241,7 +261,7 @@ pub struct LiveView {
     /// The most urgent stalled flows first (as [`crate::engine::Engine::stalls`]
     /// returns them), with the owning pod when known. Only the first
     /// `top_k_flows` are exported.
-    pub top: Vec<(StallView, Option<PodIdentity>)>,
+    pub top: Vec<(StallView, Option<PodIdentity>, Direction)>,
     /// Every stalled socket, grouped ([`crate::serve::incidents::aggregate`]).
     pub incidents: Vec<Incident>,
 }
@@ -276,6 +296,7 @@ pub struct Metrics {
     decode_errors: Counter,
     flows_tracked: Gauge,
     flow_evictions: Counter,
+    heartbeat_age: FloatGauge,
     programs: ProgramCounters,
     /// The socket sweep's metrics.
     pub sweep: crate::sweep::SweepMetrics,
@@ -383,17 +404,44 @@ impl Metrics {
         }
     }
 
+    /// The event loop's heartbeat age (set at each scrape).
+    pub fn heartbeat_age(&self, age_s: f64) {
+        self.heartbeat_age.set(age_s);
+    }
+
     pub fn ringbuf_dropped(&self, n: u64) {
         if n > 0 {
             self.ringbuf_dropped.inc_by(n);
         }
     }
 
-    /// The counters of `remote`'s label value (its own, or `other`).
-    fn remote_counters(&self, remote: SocketAddr) -> RemoteSeries {
+    /// The counters of `remote`'s label value (its own, or `other`) for an
+    /// event at `now`.
+    fn remote_counters(&self, remote: SocketAddr, now: std::time::Instant) -> RemoteSeries {
         let mut r = lock(&self.remotes);
-        if let Some(c) = r.known.get(&remote) {
+        if let Some((c, last)) = r.known.get_mut(&remote) {
+            *last = (*last).max(now);
             return c.clone();
+        }
+        if r.known.len() >= r.max {
+            // The least recently active remote gives way if it is idle.
+            let lru = r
+                .known
+                .iter()
+                .min_by_key(|(_, (_, last))| *last)
+                .map(|(k, (c, last))| (*k, c.label.clone(), *last));
+            if let Some((k, label, last)) = lru
+                && now.saturating_duration_since(last) >= REMOTE_LABEL_IDLE
+            {
+                r.known.remove(&k);
+                for cause in crate::engine::cause::RetransmitCause::ALL {
+                    self.retransmits.remove(&RetransmitLabels {
+                        remote: label.clone(),
+                        cause: cause.as_str(),
+                    });
+                }
+                self.rto_expirations.remove(&RemoteLabels { remote: label });
+            }
         }
         if r.known.len() < r.max {
             let labels = RemoteLabels {
@@ -403,7 +451,7 @@ impl Metrics {
                 rto_expirations: self.rto_expirations.get_or_create_owned(&labels),
                 label: labels.remote,
             };
-            r.known.insert(remote, c.clone());
+            r.known.insert(remote, (c.clone(), now));
             return c;
         }
         r.other
@@ -421,9 +469,14 @@ impl Metrics {
 
     /// Folds one engine observation into the cumulative metrics.
     pub fn observe(&self, o: &Observation) {
+        self.observe_at(o, std::time::Instant::now());
+    }
+
+    /// [`Metrics::observe`] at a given instant (the `remote` labels' recency).
+    pub fn observe_at(&self, o: &Observation, now: std::time::Instant) {
         match *o {
             Observation::Retransmit { remote, cause, .. } => {
-                let label = self.remote_counters(remote).label;
+                let label = self.remote_counters(remote, now).label;
                 self.retransmits
                     .get_or_create(&RetransmitLabels {
                         remote: label,
@@ -432,7 +485,7 @@ impl Metrics {
                     .inc();
             }
             Observation::RtoExpiry { remote, .. } => {
-                self.remote_counters(remote).rto_expirations.inc();
+                self.remote_counters(remote, now).rto_expirations.inc();
             }
             Observation::StreakEnded {
                 outcome,
@@ -478,8 +531,8 @@ impl Metrics {
         self.socket_seconds_to_timeout.clear();
         self.socket_unacked_age.clear();
         self.socket_stall_seconds.clear();
-        for (view, pod) in live.top.iter().take(self.top_k_flows) {
-            let labels = FlowLabels::of(view, pod.as_ref());
+        for (view, pod, direction) in live.top.iter().take(self.top_k_flows) {
+            let labels = FlowLabels::of(view, pod.as_ref(), *direction);
             if let Some(s) = view.seconds_to_timeout.filter(|s| s.is_finite()) {
                 self.socket_seconds_to_timeout.get_or_create(&labels).set(s);
             }
@@ -501,6 +554,7 @@ impl Metrics {
                 namespace: i.key.namespace.clone(),
                 pod: i.key.pod.clone(),
                 remote: i.key.remote.clone(),
+                direction: i.key.direction.map_or("", Direction::as_str),
             };
             self.incident_sockets
                 .get_or_create(&labels)

@@ -225,6 +225,12 @@ impl Metrics {
             "Flows dropped from the full flow table (least recently used first)",
             flow_evictions.clone(),
         );
+        let heartbeat_age = FloatGauge::default();
+        registry.register(
+            "tcpstall_event_loop_heartbeat_age_seconds",
+            "Seconds since the event loop last made progress (drained the ring buffer or ran its once-a-second tick, which it does on an idle node too); /healthz fails above --liveness-timeout",
+            heartbeat_age.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         registry.register(
             "tcpstall_build_info",
@@ -271,6 +277,7 @@ impl Metrics {
             decode_errors,
             flows_tracked,
             flow_evictions,
+            heartbeat_age,
             programs,
             sweep,
             features,

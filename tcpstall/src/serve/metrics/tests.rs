@@ -102,6 +102,7 @@ fn view(class: StallClass, local: &str, remote: &str, to: Option<f64>) -> StallV
         near_horizon: to.is_some(),
         zero_window_probes: None,
         zero_window_unanswered: None,
+        no_prediction_reason: None,
         zero_window_s: None,
         close_wait_age_s: None,
         orphan: false,
@@ -155,6 +156,7 @@ fn contract_names_types_and_help() {
                 Some(3.0),
             ),
             None,
+            Direction::Initiated,
         )],
         incidents: vec![crate::serve::incidents::Incident {
             key: crate::serve::incidents::IncidentKey {
@@ -162,6 +164,7 @@ fn contract_names_types_and_help() {
                 namespace: "shop".into(),
                 pod: "orders-1".into(),
                 remote: "10.0.0.2:8080".into(),
+                direction: Some(Direction::Initiated),
             },
             sockets: 50,
             oldest_stall_s: 12.5,
@@ -170,7 +173,7 @@ fn contract_names_types_and_help() {
     };
     let text = m.render(&live, Format::OpenMetrics).unwrap();
     assert!(text.ends_with("# EOF\n"), "{text}");
-    let incident = "{node=\"node-a\",class=\"retransmit\",namespace=\"shop\",pod=\"orders-1\",remote=\"10.0.0.2:8080\"}";
+    let incident = "{node=\"node-a\",class=\"retransmit\",namespace=\"shop\",pod=\"orders-1\",remote=\"10.0.0.2:8080\",direction=\"initiated\"}";
     assert_eq!(
         sample(
             &text,
@@ -233,6 +236,7 @@ fn contract_names_types_and_help() {
         ("tcpstall_probe_run_seconds", "counter"),
         ("tcpstall_flows_tracked", "gauge"),
         ("tcpstall_flow_evictions", "counter"),
+        ("tcpstall_event_loop_heartbeat_age_seconds", "gauge"),
         ("tcpstall_build_info", "gauge"),
         ("tcpstall_sweeps", "counter"),
         ("tcpstall_sweep_failures", "counter"),
@@ -513,6 +517,64 @@ fn observations_feed_counters_and_histograms() {
     assert_eq!(m.ringbuf_dropped_total(), 3);
 }
 
+/// `remote` labels follow recent activity: a remote idle for
+/// REMOTE_LABEL_IDLE gives its label (and its series) to a new one, while
+/// busy remotes keep theirs and newcomers wait under `other`.
+/// Mutation: the idle check `>= REMOTE_LABEL_IDLE` -> `>= Duration::MAX`
+/// (first come, forever) -> fails at "E takes idle B's place".
+#[test]
+fn remote_labels_follow_recent_activity() {
+    use std::time::{Duration, Instant};
+    let m = Metrics::new(&cfg(3, 50), &plan());
+    let rtx = |r: &str, at: Instant| {
+        m.observe_at(
+            &Observation::Retransmit {
+                remote: addr(r),
+                rto: true,
+                cause: RetransmitCause::Rto,
+            },
+            at,
+        )
+    };
+    let t0 = Instant::now();
+    let later = |s: u64| t0 + Duration::from_secs(s);
+    // A first, then B, then C (B is the least recently active of B and C).
+    rtx("10.0.0.1:80", t0);
+    rtx("10.0.0.2:80", t0);
+    rtx("10.0.0.3:80", later(1));
+    // Full, everyone active a minute ago: D waits under `other`.
+    rtx("10.0.0.4:80", later(60));
+    let series = |m: &Metrics| {
+        let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+        lines_of(&text, "tcpstall_retransmits_total")
+            .iter()
+            .map(|l| l.split('"').nth(1).unwrap_or("").to_owned())
+            .collect::<BTreeSet<String>>()
+    };
+    assert_eq!(
+        series(&m),
+        BTreeSet::from(["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "other"].map(String::from))
+    );
+    // Eleven minutes on, A is active again; B and C have been idle since t0.
+    let t = REMOTE_LABEL_IDLE.as_secs() + 60;
+    rtx("10.0.0.1:80", later(t));
+    rtx("10.0.0.5:80", later(t));
+    let s = series(&m);
+    assert!(s.contains("10.0.0.5:80"), "E takes idle B's place: {s:?}");
+    assert!(!s.contains("10.0.0.2:80"), "B's series removed: {s:?}");
+    assert!(s.contains("10.0.0.1:80"), "A stays (active): {s:?}");
+    rtx("10.0.0.6:80", later(t));
+    // Now A, E, F are all fresh: G waits under `other`.
+    rtx("10.0.0.7:80", later(t));
+    assert_eq!(
+        series(&m),
+        BTreeSet::from(["10.0.0.1:80", "10.0.0.5:80", "10.0.0.6:80", "other"].map(String::from))
+    );
+    let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+    let rtos = lines_of(&text, "tcpstall_rto_expirations_total");
+    assert!(rtos.len() <= 4, "{rtos:?}");
+}
+
 #[test]
 fn remote_label_is_bounded_first_seen_then_other() {
     let m = Metrics::new(&cfg(3, 50), &plan());
@@ -613,20 +675,22 @@ fn per_flow_series_follow_the_top_k_set() {
                 retransmit: 2,
                 zero_window: 1,
                 close_wait: 0,
+                connect: 0,
             },
             near_timeout: 2,
             flows_tracked: 17,
         },
         top: vec![
-            (b.clone(), None),
-            (a.clone(), Some(pod.clone())),
-            (c.clone(), None),
+            (b.clone(), None, Direction::Accepted),
+            (a.clone(), Some(pod.clone()), Direction::Initiated),
+            (c.clone(), None, Direction::Initiated),
         ],
         incidents: vec![],
     };
     let text = m.render(&live, Format::OpenMetrics).unwrap();
-    let a_labels = "{class=\"retransmit\",local=\"10.0.0.1:40000\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"web-1\",namespace=\"shop\",container=\"0123456789ab\"}";
-    let b_labels = "{class=\"retransmit\",local=\"10.0.0.1:40001\",remote=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"\",namespace=\"\",container=\"\"}";
+    let a_labels = "{class=\"retransmit\",local=\"10.0.0.1:40000\",remote=\"10.0.0.2:8080\",direction=\"initiated\",peer=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"web-1\",namespace=\"shop\",container=\"0123456789ab\"}";
+    // `b` was accepted: its remote is the peer IP with our port.
+    let b_labels = "{class=\"retransmit\",local=\"10.0.0.1:40001\",remote=\"10.0.0.2:40001\",direction=\"accepted\",peer=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"\",namespace=\"\",container=\"\"}";
     assert_eq!(
         sample(
             &text,
@@ -670,7 +734,10 @@ fn per_flow_series_follow_the_top_k_set() {
     // no unacked age) has only the stall-seconds series.
     let live = LiveView {
         gauges: Gauges::default(),
-        top: vec![(b, None), (c, None)],
+        top: vec![
+            (b, None, Direction::Accepted),
+            (c, None, Direction::Initiated),
+        ],
         incidents: vec![],
     };
     let text = m.render(&live, Format::OpenMetrics).unwrap();

@@ -3,7 +3,7 @@
 //! | endpoint | answer |
 //! |---|---|
 //! | `GET /metrics` | every metric ([`crate::serve::metrics`]); OpenMetrics text unless the `Accept` header prefers `text/plain` (then Prometheus text 0.0.4) |
-//! | `GET /healthz` | 200 `ok`: the process serves requests |
+//! | `GET /healthz` | 200 `ok` while the event loop's heartbeat (every second, idle or not) is younger than `--liveness-timeout`; 503 with the reason otherwise (the kubelet restarts the agent) |
 //! | `GET /readyz` | 200 when every required probe is attached and the event loop drained the ring buffer within [`READY_STALE_AFTER`](super::state::READY_STALE_AFTER); 503 with the reason otherwise |
 //! | `GET /api/v1/stalls` | every stalled flow, most urgent first, with pod identity and wall-clock instants |
 //! | `GET /api/v1/remotes` | per-remote aggregation (top K remotes, the rest summed) |
@@ -41,7 +41,7 @@ use super::metrics::Format;
 use super::state::AgentState;
 use crate::{
     engine::StallView,
-    identity::{ProcessInfo, netns::PodIdentity},
+    identity::{Direction, ProcessInfo, netns::PodIdentity, peer_service},
     kernel::facts,
 };
 
@@ -89,6 +89,11 @@ struct StallEntry<'a> {
     pod_uid: Option<&'a str>,
     /// A process holding the socket (pid, comm).
     process: Option<&'a ProcessInfo>,
+    /// Who opened the connection: `initiated` or `accepted`.
+    direction: Direction,
+    /// The incident's `remote` label: the peer address for an initiated
+    /// connection, the peer IP with our listening port for an accepted one.
+    peer_service: String,
 }
 
 fn nonempty(s: &str) -> Option<&str> {
@@ -137,10 +142,14 @@ fn stalls_json(state: &AgentState) -> Response {
     let views = state.engine().stalls(now);
     let offset = facts::realtime_offset_ns();
     let owners = state.owners(&views);
+    let directions = state.directions(&views);
     let stalls: Vec<StallEntry<'_>> = views
         .iter()
         .zip(&owners)
-        .map(|(v, (p, proc_))| StallEntry {
+        .zip(directions)
+        .map(|((v, (p, proc_)), direction)| StallEntry {
+            direction,
+            peer_service: peer_service(v.local, v.remote, direction).to_string(),
             view: v,
             since: wall(v.since_ns, offset),
             predicted_timeout_at: v.predicted_timeout_ns.map(|t| wall(t, offset)),
@@ -245,8 +254,16 @@ async fn metrics_handler(State(state): State<Arc<AgentState>>, headers: HeaderMa
     .await
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(state): State<Arc<AgentState>>) -> Response {
+    let now = (state.clock)();
+    match state.health.liveness(now, state.liveness_timeout) {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not live: {reason}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(state): State<Arc<AgentState>>) -> Response {

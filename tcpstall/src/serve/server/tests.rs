@@ -152,6 +152,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
             lsndtime: 0,
             rcv_tstamp: 0,
             timer_expires: jiffies_at(ts).saturating_sub(1),
+            syn_retries: 0,
         }),
         retransmits,
         rto_jiffies: rto_j,
@@ -163,6 +164,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
             tcp_retries2: 5,
             tcp_orphan_retries: 0,
             tcp_rto_max_ms: None,
+            ..Default::default()
         }),
         orphan: false,
         rto_expired_verdict: false,
@@ -309,6 +311,58 @@ async fn health_and_readiness() {
     assert!(body.contains("write_timer"), "{body}");
 }
 
+/// Liveness: `/healthz` answers from the event loop's heartbeat (drained or
+/// ticked, every second even when idle). A loop that has made no progress
+/// for `--liveness-timeout` fails it with the reason, and the heartbeat age
+/// is exported; the agent is live again once the loop beats. Shutting down
+/// or a missing probe do not fail liveness (a restart fixes neither).
+/// Mutation: `healthz` answering `ok` without `health.liveness(..)` ->
+/// fails at "a stalled event loop must fail /healthz".
+#[tokio::test]
+async fn healthz_fails_when_the_event_loop_stalls() {
+    let mut st = Arc::try_unwrap(state()).ok().expect("sole owner");
+    st.liveness_timeout = Duration::from_secs(30);
+    // Started, no heartbeat yet: live (start-up counts from creation).
+    let s = Arc::new(st);
+    let (status, _, body) = get(&s, "/healthz").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
+    let now = facts::monotonic_ns();
+    s.health.drained(now);
+    // 31 s later without a beat (the clock moved, the loop did not).
+    let stalled = Arc::new(AgentState {
+        clock: || facts::monotonic_ns() + 31 * S,
+        ..Arc::try_unwrap(s).ok().expect("sole owner")
+    });
+    let (status, _, body) = get(&stalled, "/healthz").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a stalled event loop must fail /healthz: {body}"
+    );
+    assert!(
+        body.contains("no progress") && body.contains("--liveness-timeout"),
+        "{body}"
+    );
+    let (_, _, text) = get(&stalled, "/metrics").await;
+    let age: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tcpstall_event_loop_heartbeat_age_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no heartbeat age in {text}"));
+    assert!(age > 30.0, "{age}");
+    // The loop beats again: live.
+    stalled.health.drained(facts::monotonic_ns() + 31 * S);
+    let (status, _, _) = get(&stalled, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    // Stopping and a detached required probe are readiness, not liveness.
+    stalled.health.set_stopping();
+    let (status, _, _) = get(&stalled, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    let s = state_with(plan(false));
+    let (status, _, _) = get(&s, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn unknown_paths_wrong_methods_and_bodies() {
     let s = state();
@@ -393,6 +447,9 @@ async fn a_stalled_flow_everywhere() {
     assert!(st["seconds_to_timeout"].as_f64().is_some(), "{st}");
     assert!(st["unacked_age_s"].as_f64().is_some(), "{st}");
     assert!(st["pod"].is_null() && st["namespace"].is_null() && st["container"].is_null());
+    // A namespace the agent cannot read: initiated, the peer is the service.
+    assert_eq!(st["direction"], "initiated");
+    assert_eq!(st["peer_service"], remote.to_string());
     let since = st["since"].as_str().expect("since");
     let at = st["predicted_timeout_at"]
         .as_str()
@@ -402,7 +459,7 @@ async fn a_stalled_flow_everywhere() {
 
     let (_, _, text) = get(&s, "/metrics").await;
     let labels = format!(
-        "{{class=\"retransmit\",local=\"{local}\",remote=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
+        "{{class=\"retransmit\",local=\"{local}\",remote=\"{remote}\",direction=\"initiated\",peer=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
     );
     for name in [
         "tcpstall_socket_seconds_to_timeout",
