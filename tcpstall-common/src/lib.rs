@@ -30,6 +30,15 @@ pub mod reader {
     /// The reader polls the ring on its own: no wake-up per record.
     pub const POLLING: u32 = 1;
 }
+/// Hash map `u64 cookie -> u8` of the sockets in a loss episode (a
+/// retransmission streak or failing window probes), kept by the agent. The
+/// drop program ([`program::DROP_DIRECT`], [`program::DROP_PLAIN`]) reports
+/// only skbs owned by a socket in it: with no stall on the node it costs one
+/// load and, for skbs owned by a socket, one lookup per dropped packet.
+pub const EPISODES_MAP: &str = "TCPSTALL_EPISODES";
+/// Capacity of [`EPISODES_MAP`]; the agent inserts no more (the most urgent
+/// flows first).
+pub const EPISODES_MAX: u32 = 4_096;
 
 /// Default ring buffer size (bytes, power of two, multiple of the page size).
 pub const DEFAULT_RINGBUF_BYTES: u32 = 4 * 1024 * 1024;
@@ -79,6 +88,13 @@ pub mod program {
     pub const ACK_DIRECT: &str = "tcpstall_ack_direct";
     /// The socket read through `bpf_rdonly_cast` (6.2+; tried first).
     pub const ACK_CAST: &str = "tcpstall_ack_cast";
+    /// `tp_btf/kfree_skb` (5.17+: the drop reason argument), filtered in the
+    /// kernel to skbs owned by a socket in [`crate::EPISODES_MAP`]: `skb->sk`
+    /// with a plain load through the typed skb.
+    pub const DROP_DIRECT: &str = "tcpstall_drop_direct";
+    /// The last fallback: `skb->sk` and the cookie with probe reads from
+    /// plain addresses.
+    pub const DROP_PLAIN: &str = "tcpstall_drop_plain";
 }
 
 /// Event kinds ([`Event::kind`]).
@@ -99,6 +115,13 @@ pub mod kind {
     /// A socket found by the sweep (`iter/task_file`): a snapshot taken
     /// outside any kernel event (see [`SweepRecord`]).
     pub const SWEEP: u8 = 6;
+    /// `skb:kfree_skb`: this node dropped a packet owned by a socket in a
+    /// loss episode; [`Event::ack_seq`] carries the drop reason (`enum
+    /// skb_drop_reason` of the running kernel, names from its BTF).
+    pub const DROP: u8 = 7;
+    /// `tcp:tcp_retransmit_skb` with `err != 0` (6.17+): a retransmission
+    /// this node failed to send; [`Event::ack_seq`] carries `-err` (errno).
+    pub const RETRANSMIT_ERROR: u8 = 8;
 }
 
 /// Which mechanism produced an event ([`Event::source`]).
@@ -245,9 +268,14 @@ pub struct SockSnapshot {
     /// (the latter valid with [`flag::SYN_LINEAR`]).
     pub netns_syn_retries: u8,
     pub netns_syn_linear_timeouts: u8,
+    /// `sk_err_soft` (positive errno, e.g. 113 EHOSTUNREACH after an ICMP
+    /// host unreachable; 0 = none or not read).
+    pub err_soft: u8,
+    /// Zero (keeps the struct free of implicit padding).
+    pub _reserved: [u8; 4],
 }
 
-pub const SOCK_SNAPSHOT_SIZE: usize = 136;
+pub const SOCK_SNAPSHOT_SIZE: usize = 144;
 const _: () = assert!(size_of::<SockSnapshot>() == SOCK_SNAPSHOT_SIZE);
 
 impl SockSnapshot {
@@ -288,6 +316,8 @@ impl SockSnapshot {
             syn_retries: 0,
             netns_syn_retries: 0,
             netns_syn_linear_timeouts: 0,
+            err_soft: 0,
+            _reserved: [0; 4],
         }
     }
 }
@@ -301,6 +331,7 @@ pub struct Event {
     /// `bpf_jiffies64()` at the same instant.
     pub jiffies: u64,
     /// ACK events: the segment's acknowledgment number (`TCP_SKB_CB(skb)->ack_seq`);
+    /// DROP events: the drop reason; RETRANSMIT_ERROR events: the errno;
     /// 0 for every other kind.
     pub ack_seq: u32,
     /// One of [`kind`].
@@ -444,7 +475,11 @@ pub mod field {
     /// From the start of `struct net`: `ipv4.sysctl_tcp_syn_linear_timeouts`
     /// (6.5+; absent before).
     pub const NET_TCP_SYN_LINEAR_TIMEOUTS: usize = 50;
-    pub const COUNT: usize = 51;
+    /// `sk_buff.sk`: the socket owning a dropped skb.
+    pub const SKB_SK: usize = 51;
+    /// `sock.sk_err_soft`: the last ICMP soft error (EHOSTUNREACH, ...).
+    pub const SK_ERR_SOFT: usize = 52;
+    pub const COUNT: usize = 53;
 }
 
 /// Bits of [`KernelLayout::flags`].

@@ -27,12 +27,12 @@ use aya_ebpf::{
         bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, sock_ops},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, SockOpsContext},
 };
 use tcpstall_common::{
-    DEFAULT_RINGBUF_BYTES, Event, KernelLayout, field, flag, kind, layout_flag, pending, source,
-    stat,
+    DEFAULT_RINGBUF_BYTES, EPISODES_MAX, Event, KernelLayout, field, flag, kind, layout_flag,
+    pending, source, stat,
 };
 
 mod kfunc;
@@ -57,6 +57,11 @@ static READER: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "TCPSTALL_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Sockets in a loss episode (cookie -> 1), kept by the agent: the drop
+/// program reports only skbs they own.
+#[map(name = "TCPSTALL_EPISODES")]
+static EPISODES: HashMap<u64, u8> = HashMap::with_max_entries(EPISODES_MAX, 0);
 
 /// Per-CPU scratch for one socket's span (`snapshot::Copied`).
 #[map(name = "TCPSTALL_SCRATCH")]
@@ -262,8 +267,13 @@ fn try_retransmit_err<const DIRECT: bool, const PLAIN: bool>(
 ) -> Result<(), Skip> {
     let err: i32 = ctx.arg(2);
     if err != 0 {
+        // This node failed to send it (a netfilter drop, no route, a full
+        // qdisc): reported as evidence, not as a retransmission.
         bump(stat::RETRANSMIT_FAILED);
-        return Err(Skip);
+        let l = layout()?;
+        return tp_sock_event::<DIRECT, PLAIN>(ctx, l, false, kind::RETRANSMIT_ERROR, |ev| {
+            ev.ack_seq = err as u32
+        });
     }
     try_retransmit_btf::<DIRECT, PLAIN>(ctx)
 }
@@ -500,10 +510,66 @@ fn ack_after(ctx: &BtfTracePointContext, l: &KernelLayout, una: u32) -> Result<u
         return Err(Skip);
     }
     let ack = read(skb.wrapping_add(cb.offset as u64), ack_field) as u32;
-    if (ack.wrapping_sub(una) as i32) <= 0 {
+    // 0: no acknowledgment number (an RST answering a segment that had
+    // ACK set carries none: `tcp_v4_send_reset()`, nf_reject), which would
+    // read as "after snd_una" whenever snd_una is in the upper half.
+    if ack == 0 || (ack.wrapping_sub(una) as i32) <= 0 {
         return Err(Skip);
     }
     Ok(ack)
+}
+
+// ---------------------------------------------------------------------------
+// skb:kfree_skb (tp_btf, 5.17+ with the drop reason): packets this node
+// dropped. Runs for every dropped packet on the node, so the filter comes
+// first: no owning socket (most received packets) costs one load; an owned
+// one a cookie read and one hash lookup; only skbs of sockets the agent put
+// in `TCPSTALL_EPISODES` (a loss episode) are reported.
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tcpstall_drop_direct(ctx: BtfTracePointContext) -> i32 {
+    match try_drop::<true>(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tcpstall_drop_plain(ctx: BtfTracePointContext) -> i32 {
+    match try_drop::<false>(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+/// `DIRECT`: `skb->sk` with a plain load through the typed skb; otherwise
+/// (the last fallback) every read a probe read from a plain address.
+#[inline(always)]
+fn try_drop<const DIRECT: bool>(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let spec = &l.fields[field::SKB_SK];
+    let sk = if DIRECT {
+        Direct(ctx.arg::<*const u8>(0)).get(spec)
+    } else {
+        read(arg_scalar(ctx.as_ptr(), 0), spec)
+    };
+    if sk == 0 {
+        return Err(Skip);
+    }
+    let sk = Plain(sk);
+    let cookie = sk.get(&l.fields[field::SKC_COOKIE]);
+    // SAFETY: a hash map lookup; the value is not kept.
+    if cookie == 0 || unsafe { EPISODES.get(&cookie) }.is_none() {
+        return Err(Skip);
+    }
+    // A context load: the verifier refuses it where the tracepoint has no
+    // reason argument (before 5.17), so the probe is then unavailable.
+    let reason: u32 = ctx.arg(2);
+    let t = now();
+    emit(|ev| {
+        header(ev, kind::DROP, source::TP_BTF, t);
+        snapshot::fill_from(&mut ev.sock, l, sk, cookie);
+        ev.ack_seq = reason;
+    });
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -426,6 +426,8 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     out.syn_retries = sk.get(&f[field::ICSK_SYN_RETRIES]) as u8;
     out.netns_syn_retries = syn_retries;
     out.netns_syn_linear_timeouts = syn_linear;
+    out.err_soft = sk.get(&f[field::SK_ERR_SOFT]) as u8;
+    out._reserved = [0; 4];
 }
 
 /// An IPv4 address (network order as loaded) in the 16-byte slot.

@@ -125,6 +125,34 @@ impl Netns {
         Blackhole { ns: self }
     }
 
+    /// Drop every packet this namespace sends to `peer` in its own output
+    /// chain (what an egress NetworkPolicy or a host firewall change does
+    /// to an established connection): the sender's transmit fails locally.
+    pub fn drop_output_to(&self, peer: Ipv4Addr) -> Blackhole<'_> {
+        self.exec("nft add table inet tcpstall_test");
+        self.exec(
+            "nft add chain inet tcpstall_test output { type filter hook output priority 0 \\; policy accept \\; }",
+        );
+        self.exec(&format!(
+            "nft add rule inet tcpstall_test output ip daddr {peer} drop"
+        ));
+        Blackhole { ns: self }
+    }
+
+    /// Reject every packet arriving in this namespace that matches `matcher`
+    /// (an nftables match, e.g. `ip saddr 10.0.0.1`) with `reject` (e.g.
+    /// `icmp type host-unreachable`): the sender gets an ICMP error.
+    pub fn reject_input(&self, matcher: &str, reject: &str) -> Blackhole<'_> {
+        self.exec("nft add table inet tcpstall_test");
+        self.exec(
+            "nft add chain inet tcpstall_test input { type filter hook input priority 0 \\; policy accept \\; }",
+        );
+        self.exec(&format!(
+            "nft add rule inet tcpstall_test input {matcher} reject with {reject}"
+        ));
+        Blackhole { ns: self }
+    }
+
     /// Drop `percent` % of incoming TCP packets at random.
     pub fn random_loss(&self, percent: u32) {
         self.exec("nft add table inet tcpstall_loss");
@@ -298,7 +326,12 @@ impl Conn {
     /// Connect to a fresh reading server on `port` in `link.b`, optionally set
     /// TCP_USER_TIMEOUT, and exchange a first acknowledged write.
     pub fn establish(link: &Link, port: u16, user_timeout_ms: Option<u32>) -> Conn {
-        let server = SocketAddr::from((link.b_ip, port));
+        Self::establish_to(link, SocketAddr::from((link.b_ip, port)), user_timeout_ms)
+    }
+
+    /// As [`Conn::establish`], to `server` (an address of `link.b`, e.g.
+    /// its IPv6 one).
+    pub fn establish_to(link: &Link, server: SocketAddr, user_timeout_ms: Option<u32>) -> Conn {
         // Longer than any horizon a test waits for: the server must not
         // close first (its FIN is not blackholed and would end the stall).
         drop(drain_server_in(

@@ -141,8 +141,30 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
     match label {
         "class" => Some(&["retransmit", "zero_window", "close_wait", "connect"]),
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
-        "kind" => Some(&["retransmit", "write_timer", "state", "error_report", "ack"]),
-        "cause" => Some(&["rto", "tlp", "fast", "syn", "unknown"]),
+        "kind" => Some(&[
+            "retransmit",
+            "write_timer",
+            "state",
+            "error_report",
+            "ack",
+            "drop",
+            "retransmit_error",
+        ]),
+        // Retransmissions by cause (tcpstall_retransmits_total) and stalls
+        // by cause (per-flow, incident and reset series): one label name,
+        // two closed sets.
+        "cause" => Some(&[
+            "rto",
+            "tlp",
+            "fast",
+            "syn",
+            "unknown",
+            "peer_silent",
+            "unreachable",
+            "local_drop",
+            "peer_not_reading",
+            "app_not_closing",
+        ]),
         "reason" => Some(&["startup", "loss", "interval", "hold_overflow"]),
         _ => None,
     }
@@ -865,6 +887,28 @@ fn runbook_urls_resolve_to_runbook_anchors() {
                 "{}: runbook_url `{url}` is not an absolute https URL",
                 a.name
             ));
+        }
+    }
+    // `cause_runbook_url` (the stall alerts) ends in `#cause-{{ $labels.cause }}`:
+    // every stall cause (and `reset`, counted) has its section.
+    for a in alerts(&yaml(RULES)["groups"]) {
+        if let Some(url) = a.annotations.get("cause_runbook_url")
+            && !url.ends_with("docs/runbook.md#cause-{{ $labels.cause }}")
+        {
+            problems.push(format!("{}: cause_runbook_url `{url}`", a.name));
+        }
+    }
+    for c in [
+        "peer_silent",
+        "unreachable",
+        "local_drop",
+        "peer_not_reading",
+        "app_not_closing",
+        "unknown",
+        "reset",
+    ] {
+        if !anchors.contains(&format!("cause-{c}")) {
+            problems.push(format!("{RUNBOOK}: no section for cause {c} (#cause-{c})"));
         }
     }
     // In-page links of the runbook itself.

@@ -375,10 +375,12 @@ fn pods_containers_and_processes_from_cgroups_and_runtime_state() {
         },
         "the host process's CLOSE_WAIT flow",
     );
-    assert!(
-        v["pod"].is_null() && v["namespace"].is_null() && v["container"].is_null(),
-        "{v}"
-    );
+    // No pod identity at all: every pod field null, the uid and the
+    // container id included (a host cgroup resolved as a pod would fill
+    // those first).
+    for k in ["pod", "namespace", "container", "pod_uid", "container_id"] {
+        assert!(v[k].is_null(), "the host process has {k}: {v}");
+    }
     assert_eq!(
         v["process"]["pid"].as_u64(),
         Some(u64::from(host.0.id())),

@@ -155,6 +155,7 @@ fn sock_event(v: &Value) -> SockEvent {
         rto_expired_verdict: v["rto_expired_verdict"].as_bool().unwrap_or(false),
         sk_err: u(v, "sk_err") as u32,
         ack_seq: u(v, "ack_seq") as u32,
+        err_soft: v["err_soft"].as_u64().unwrap_or(0) as u32,
     }
 }
 

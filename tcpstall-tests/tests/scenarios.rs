@@ -20,6 +20,10 @@ mod programs;
 #[path = "connect/mod.rs"]
 mod connect;
 
+/// Why it stalls: one scenario per cause.
+#[path = "causes/mod.rs"]
+mod causes;
+
 /// The kernel's record of a socket's death and the prediction bound.
 #[path = "horizon_truth/mod.rs"]
 mod horizon_truth;

@@ -220,6 +220,29 @@ fn top_shows_the_stall_with_a_running_countdown() {
         "{pane1}"
     );
     assert!(t1 > 0.0 && t1 < 110.0, "countdown {t1}:\n{pane1}");
+    // The countdown is the API's prediction for the same flow: top shows
+    // `predicted - now` as of its last fetch (every 0.5 s), so between the
+    // prediction as of just after the capture and as of 0.5 s (plus a
+    // redraw under load, 0.5 s, and the display's 0.1 s rounding) before.
+    let m0 = monotonic_ns();
+    let pane = tmux.capture();
+    let m1 = monotonic_ns();
+    let shown =
+        countdown_of(&pane, &local).unwrap_or_else(|| panic!("the capture lost the row:\n{pane}"));
+    let api = agent
+        .stall_of(local_addr, remote_addr)
+        .unwrap_or_else(|| panic!("the API lost the flow"));
+    let predicted = api["predicted_timeout_ns"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no prediction: {api}"));
+    let (lo, hi) = (
+        (predicted as f64 - m1 as f64) / 1e9 - 0.1,
+        (predicted as f64 - m0 as f64) / 1e9 + 1.1,
+    );
+    assert!(
+        (lo..=hi).contains(&shown),
+        "top shows T-{shown}s, the API's prediction for {local} gives [{lo:.2}, {hi:.2}] s: {api}\n{pane}"
+    );
     thread::sleep(Duration::from_secs(2));
     let pane2 = tmux.capture();
     let t2 = countdown_of(&pane2, &local)

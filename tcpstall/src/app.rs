@@ -107,8 +107,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let reader_mode = loaded.take_reader_mode()?;
     let mut reader = Reader::new(ring, Some(reader_mode)).context("watching the ring buffer")?;
 
-    let engine =
-        Engine::new(engine_config(&settings, loaded.plan.hz)).context("invalid engine settings")?;
+    // The drop probe's filter: only where the probe is attached.
+    let drops_visible = loaded.plan.chosen(crate::kernel::probes::DROP).is_some();
+    let episodes = if drops_visible {
+        Some(loaded.take_episodes()?)
+    } else {
+        None
+    };
+    let engine = Engine::new(EngineConfig {
+        drops_visible,
+        drop_reason_names: loaded.plan.drop_reasons.clone(),
+        ..engine_config(&settings, loaded.plan.hz)
+    })
+    .context("invalid engine settings")?;
     let metrics = Metrics::new(
         &MetricsConfig {
             max_remote_labels: settings.max_remote_labels,
@@ -163,6 +174,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         programs,
         missed_runs: 0,
         lost_events: false,
+        episodes,
+        episode_cookies: Vec::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

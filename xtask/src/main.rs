@@ -109,6 +109,25 @@ enum Cmd {
         #[arg(long = "from-log", value_name = "FILE")]
         from_logs: Vec<PathBuf>,
     },
+    /// Mutation testing of the pure modules with cargo-mutants (installed on
+    /// demand): each target's mutants against its unit tests, in place, until
+    /// done or the time budget is spent; prints the surviving mutants. Not
+    /// part of CI; survivors and their reasons go to docs/testing.md.
+    Mutants {
+        /// Targets: engine, identity, config, incidents [default: all].
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
+        /// Stop after this many minutes (all targets together).
+        #[arg(long, default_value_t = 30)]
+        budget_minutes: u64,
+        /// Only list the mutants (no build, no test).
+        #[arg(long)]
+        list: bool,
+        /// Mutate only the files matching this glob (inside the target),
+        /// e.g. tcpstall/src/engine/horizon/mod.rs.
+        #[arg(long, value_name = "GLOB")]
+        only: Option<String>,
+    },
     /// Run the scenario tests inside Debian kernels under QEMU (TCG).
     VmTest {
         #[command(flatten)]
@@ -143,5 +162,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Image { tag } => image::run(&tag),
         Cmd::RecordFixtures { vm, from_logs } => cmd::record_fixtures::run(vm, from_logs),
         Cmd::VmTest { vm, tests } => cmd::vm_test::run(vm, tests),
+        Cmd::Mutants {
+            targets,
+            budget_minutes,
+            list,
+            only,
+        } => cmd::mutants::run(targets, budget_minutes, list, only),
     }
 }

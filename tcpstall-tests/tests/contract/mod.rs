@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 pub const FLOW_LABELS: &[&str] = &[
     "class",
+    "cause",
     "local",
     "remote",
     "direction",
@@ -19,7 +20,15 @@ pub const FLOW_LABELS: &[&str] = &[
 ];
 
 /// Labels of the incident series (every stalled socket, grouped).
-pub const INCIDENT_LABELS: &[&str] = &["node", "class", "namespace", "pod", "remote", "direction"];
+pub const INCIDENT_LABELS: &[&str] = &[
+    "node",
+    "class",
+    "cause",
+    "namespace",
+    "pod",
+    "remote",
+    "direction",
+];
 
 /// Labels attached at scrape time (job/instance by Prometheus, node/agent_pod
 /// by the ServiceMonitor relabelings; `cluster` as an external or target label
@@ -43,6 +52,8 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     );
     m.insert("tcpstall_rto_expirations_total", (Counter, vec!["remote"]));
     m.insert("tcpstall_timeouts_total", (Counter, vec![]));
+    m.insert("tcpstall_stall_resets_total", (Counter, vec!["cause"]));
+    m.insert("tcpstall_drop_filter_errors_total", (Counter, vec![]));
     m.insert("tcpstall_stalled_sockets", (Gauge, vec!["class"]));
     m.insert("tcpstall_sockets_near_timeout", (Gauge, vec![]));
     m.insert(

@@ -588,7 +588,11 @@ fn ack_program_fields() {
 #[test]
 fn write_timer_program_fields_per_mechanism() {
     require_tools();
-    let working = super::working_write_timer_mechanisms(&super::doctor_json());
+    let plan = super::doctor_json();
+    let working = super::working_write_timer_mechanisms(&plan);
+    let hz = plan["hz"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("doctor knows no HZ: {plan}"));
     assert!(!working.is_empty(), "no working write-timer mechanism");
     for (i, m) in working.iter().enumerate() {
         eprintln!("write timer with --mechanism {m}");
@@ -639,6 +643,18 @@ fn write_timer_program_fields_per_mechanism() {
         assert!(
             rto0 > 0 && rto0 << r0 == rto_first,
             "{m}: rto {rto_first} at retransmits {r0} is no doubling of an initial RTO: {:#?}",
+            t[0]
+        );
+        // The initial RTO, known without the data: the namespace's default
+        // rto_min (TCP_RTO_MIN, HZ / 5) plus the smoothed RTT of a veth
+        // pair, `usecs_to_jiffies(srtt + max(rttvar, rto_min))` rounded up:
+        // more than HZ / 5 jiffies, and the RTT adds well under 40 ms
+        // (recorded: 51-56 jiffies at HZ 250, TCG guests included).
+        assert!(
+            rto0 > hz / 5 && rto0 <= hz / 5 + hz / 25,
+            "{m}: initial RTO {rto0} jiffies, expected ({}, {}] at HZ {hz} (200 ms plus a veth RTT): {:#?}",
+            hz / 5,
+            hz / 5 + hz / 25,
             t[0]
         );
         let sock_fields = m != "sock_ops";

@@ -93,6 +93,7 @@ pub(super) fn log_event(e: &SockEvent) {
         jiffies = e.jiffies,
         tcp_retries2 = n.map(|n| n.tcp_retries2),
         sk_err = e.sk_err,
+        err_soft = e.err_soft,
         ack_seq = e.ack_seq,
         orphan = e.orphan,
         skaddr = e.skaddr,
@@ -114,6 +115,20 @@ pub(super) fn log_event(e: &SockEvent) {
 /// Logs the engine facts worth a line each (stall start and end, timeouts).
 pub(super) fn log_observation(o: &Observation, owner: Option<&Owner>) {
     match *o {
+        Observation::StallReset {
+            class,
+            cause,
+            cookie,
+            remote,
+            errno,
+        } => info!(
+            class = class.as_str(),
+            cause = cause.as_str(),
+            cookie,
+            remote = %remote,
+            errno,
+            "stall ended by a reset (RST)"
+        ),
         Observation::StallStarted {
             class,
             cookie,

@@ -48,6 +48,9 @@ pub(super) struct Pipeline {
     pub(super) missed_runs: u64,
     /// Lost events seen since the last look (ring-buffer drops or missed runs).
     pub(super) lost_events: bool,
+    /// The drop probe's in-kernel filter (None: the probe is not attached).
+    pub(super) episodes: Option<loader::EpisodeFilter>,
+    pub(super) episode_cookies: Vec<u64>,
 }
 
 impl Pipeline {
@@ -109,6 +112,28 @@ impl Pipeline {
         }
         self.events.clear();
         self.apply_observations();
+        self.sync_episodes();
+    }
+
+    /// Makes the drop probe's kernel filter hold exactly the flows in a loss
+    /// episode (their packets' drops are then reported).
+    pub(super) fn sync_episodes(&mut self) {
+        let Some(filter) = self.episodes.as_mut() else {
+            return;
+        };
+        self.episode_cookies.clear();
+        self.state
+            .engine()
+            .episode_cookies(&mut self.episode_cookies);
+        let failed = filter.sync(&self.episode_cookies);
+        if failed > 0 {
+            self.state.metrics.episode_filter_failed(failed);
+            warn!(
+                failed,
+                held = filter.len(),
+                "updating the drop probe's socket filter failed: drops of those sockets are not seen"
+            );
+        }
     }
 
     pub(super) fn apply_observations(&mut self) {
@@ -157,6 +182,7 @@ impl Pipeline {
             self.observations.extend(engine.drain_observations());
         }
         self.apply_observations();
+        self.sync_episodes();
         self.read_kernel_stats(stats);
         self.state.health.drained(now);
     }

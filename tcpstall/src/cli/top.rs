@@ -29,6 +29,9 @@ use super::config::{DEFAULT_LISTEN, TopArgs};
 #[derive(Clone, Debug, PartialEq)]
 pub struct StallRow {
     pub class: String,
+    /// Why it stalls (`local_drop`, `peer_silent`, ...; `-` from an agent
+    /// without causes).
+    pub cause: String,
     /// `namespace/pod`, else the owning process, else `-`.
     pub owner: String,
     pub local: String,
@@ -58,6 +61,7 @@ impl StallRow {
         };
         StallRow {
             class: s("class"),
+            cause: v["cause"].as_str().unwrap_or("-").to_owned(),
             owner,
             local: s("local"),
             remote: s("remote"),
@@ -70,9 +74,15 @@ impl StallRow {
 
     fn matches(&self, filter: &str) -> bool {
         let f = filter.to_lowercase();
-        [&self.class, &self.owner, &self.local, &self.remote]
-            .iter()
-            .any(|x| x.to_lowercase().contains(&f))
+        [
+            &self.class,
+            &self.cause,
+            &self.owner,
+            &self.local,
+            &self.remote,
+        ]
+        .iter()
+        .any(|x| x.to_lowercase().contains(&f))
     }
 }
 
@@ -150,9 +160,10 @@ pub fn countdown(seconds_to_timeout: Option<f64>, elapsed: f64) -> String {
     }
 }
 
-const HEADER: [&str; 7] = [
+const HEADER: [&str; 8] = [
     "ETIMEDOUT",
     "CLASS",
+    "CAUSE",
     "POD / PROCESS",
     "LOCAL",
     "REMOTE",
@@ -160,10 +171,11 @@ const HEADER: [&str; 7] = [
     "STALLED",
 ];
 
-fn cells(r: &StallRow, elapsed: f64) -> [String; 7] {
+fn cells(r: &StallRow, elapsed: f64) -> [String; 8] {
     [
         countdown(r.seconds_to_timeout, elapsed),
         r.class.clone(),
+        r.cause.clone(),
         r.owner.clone(),
         r.local.clone(),
         r.remote.clone(),
@@ -174,7 +186,7 @@ fn cells(r: &StallRow, elapsed: f64) -> [String; 7] {
 
 /// The plain table of `--once`.
 pub fn plain_table(rows: &[StallRow]) -> String {
-    let body: Vec<[String; 7]> = rows.iter().map(|r| cells(r, 0.0)).collect();
+    let body: Vec<[String; 8]> = rows.iter().map(|r| cells(r, 0.0)).collect();
     let mut widths = HEADER.map(str::len);
     for r in &body {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -398,6 +410,7 @@ fn draw(f: &mut ratatui::Frame, v: &View, url: &str) {
     let widths = [
         Constraint::Length(10),
         Constraint::Length(11),
+        Constraint::Length(16),
         Constraint::Fill(2),
         Constraint::Fill(2),
         Constraint::Fill(2),
@@ -422,7 +435,7 @@ mod tests {
     use super::*;
 
     const DOC: &str = r#"{"generated_at":"x","now_ns":1,"kernel":"k","count":3,"stalls":[
-        {"class":"retransmit","local":"10.0.0.1:40000","remote":"10.0.0.9:5432","rto_streak":4,"total_retrans":6,"stalled_for_s":12.5,"seconds_to_timeout":30.0,"pod":"orders-1","namespace":"shop"},
+        {"class":"retransmit","local":"10.0.0.1:40000","remote":"10.0.0.9:5432","rto_streak":4,"total_retrans":6,"stalled_for_s":12.5,"seconds_to_timeout":30.0,"pod":"orders-1","namespace":"shop","cause":"local_drop"},
         {"class":"retransmit","local":"10.0.0.1:40001","remote":"10.0.0.8:443","rto_streak":2,"total_retrans":2,"stalled_for_s":40.0,"seconds_to_timeout":5.5,"process":{"pid":42,"comm":"curl"}},
         {"class":"close_wait","local":"10.0.0.1:40002","remote":"10.0.0.7:80","rto_streak":0,"total_retrans":0,"stalled_for_s":90.0,"seconds_to_timeout":null}
     ]}"#;
@@ -447,6 +460,12 @@ mod tests {
         let filtered = arrange(&rows, SortBy::TimeToDeath, "ORDERS");
         assert_eq!(filtered.len(), 1);
         assert_eq!(filtered[0].remote, "10.0.0.9:5432");
+        // The cause is shown and filtered on; an agent without causes: `-`.
+        assert_eq!(rows[0].cause, "local_drop");
+        assert_eq!(rows[1].cause, "-");
+        let by_cause = arrange(&rows, SortBy::TimeToDeath, "local_drop");
+        assert_eq!(by_cause.len(), 1);
+        assert_eq!(by_cause[0].local, "10.0.0.1:40000");
         assert!(parse_stalls("{}").is_err());
         assert!(parse_stalls("<html>").is_err());
     }
@@ -471,9 +490,12 @@ mod tests {
             "{t}"
         );
         assert!(
-            lines[2].contains("shop/orders-1") && lines[2].contains("10.0.0.9:5432"),
+            lines[2].contains("shop/orders-1")
+                && lines[2].contains("10.0.0.9:5432")
+                && lines[2].contains("local_drop"),
             "{t}"
         );
+        assert!(lines[0].contains("CAUSE"), "{t}");
         assert!(
             lines[3].starts_with("never") && lines[3].contains("close_wait"),
             "{t}"

@@ -140,7 +140,15 @@ impl Engine {
         if f.skaddr != 0 && self.skaddr_map.get(&f.skaddr) == Some(&f.cookie) {
             self.skaddr_map.remove(&f.skaddr);
         }
+        // Unsent data dies on its probe count: keep its prediction for the
+        // timeout record (ending the episode forgets it).
+        let unsent_prediction = f
+            .persist
+            .is_some_and(|p| p.window_open)
+            .then_some(f.prediction)
+            .flatten();
         Self::end_persist(&mut f, &mut self.sink, ts_ns);
+        f.prediction = f.prediction.or(unsent_prediction);
         let mut pending = None;
         if let Some(st) = f.streak.take() {
             if superseded {

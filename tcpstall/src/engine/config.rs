@@ -36,6 +36,13 @@ pub struct EngineConfig {
     pub max_observations: usize,
     /// Model the kernel timer wheel's rounding of future expiries. Default true.
     pub timer_wheel: bool,
+    /// The kernel shows this node's drops of a socket's packets (the drop
+    /// probe is attached): silence is then `peer_silent`, else `unknown`.
+    /// Default true.
+    pub drops_visible: bool,
+    /// `enum skb_drop_reason` names of the running kernel, by value (from
+    /// its BTF, without the `SKB_DROP_REASON_` prefix). Default empty.
+    pub drop_reason_names: Vec<String>,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +63,8 @@ impl Default for EngineConfig {
             recently_closed: 4_096,
             max_observations: 100_000,
             timer_wheel: true,
+            drops_visible: true,
+            drop_reason_names: Vec::new(),
         }
     }
 }

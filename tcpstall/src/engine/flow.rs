@@ -102,6 +102,10 @@ pub(crate) struct Persist {
     pub next_due_ns: u64,
     pub next_interval_ns: u64,
     pub stalled: bool,
+    /// The peer's window was open at the last probe (`snd_wnd != 0`) with
+    /// nothing in flight: the data never left this node (a failed local
+    /// transmit), not a zero window.
+    pub window_open: bool,
 }
 
 /// The kernel's verdict at the last write-timer expiry.
@@ -165,6 +169,8 @@ pub(crate) struct Flow {
     pub history: History,
     /// Retransmissions seen, by cause.
     pub retransmits_by_cause: super::cause::CauseCounts,
+    /// The kernel's evidence of why the current loss episode stalls.
+    pub evidence: super::why::Evidence,
 }
 
 impl Flow {
@@ -210,12 +216,28 @@ impl Flow {
             announced: 0,
             history: History::default(),
             retransmits_by_cause: Default::default(),
+            evidence: Default::default(),
         }
     }
 
     /// Something the stall views may report: keep it over idle flows.
     pub fn is_active(&self) -> bool {
         self.streak.is_some() || self.persist.is_some() || self.close_wait_since_ns.is_some()
+    }
+
+    /// In a loss episode whose packets this node may be dropping: an RTO
+    /// streak, or window probes with data that never left.
+    pub fn in_loss_episode(&self) -> bool {
+        self.streak.is_some_and(|st| st.rtos > 0) || self.persist.is_some_and(|p| p.window_open)
+    }
+
+    /// A new loss episode: the evidence of the last one no longer applies
+    /// (`sk_err_soft` is read afresh from every event).
+    pub fn new_episode_evidence(&mut self) {
+        self.evidence = super::why::Evidence {
+            soft_error: self.evidence.soft_error,
+            ..Default::default()
+        };
     }
 }
 

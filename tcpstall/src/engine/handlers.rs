@@ -1,12 +1,12 @@
 //! Event handlers: retransmissions, write-timer expiries (RTO and persist),
 //! state changes and ACKs. Error reports and closes are in `close`.
 
-use crate::kernel::event::{Mechanism, SockEvent, TcpState};
+use crate::kernel::event::{EventKind, Mechanism, SockEvent, TcpState};
 
 use super::flow::{Anchor, Persist, Prediction, Verdict};
 use super::horizon::{self, BoundarySource, NSEC_PER_MSEC};
 use super::streak::seq_after;
-use super::{Engine, Observation, StallClass, StreakOutcome, dur_ns};
+use super::{Engine, Observation, StallClass, StreakOutcome, dur_ns, why};
 
 /// Two reports of the same RTO expiry (two mechanisms) within this window.
 const DUPLICATE_WINDOW_NS: u64 = 100 * NSEC_PER_MSEC;
@@ -263,11 +263,20 @@ impl Engine {
                 st.last_event_ns,
             );
         }
-        if f.persist.is_none() && sock.snd_wnd != 0 {
-            // A probe for a window too small for the next segment, outside a
-            // zero-window episode: not a zero-window stall.
+        // The peer's window is open and nothing is in flight, yet the timer
+        // probes: the data never left this node (`tcp_write_xmit()` stopped
+        // at a failed transmit; `tcp_send_probe0()` counts each failed try
+        // in `icsk_probes_out` and backs off). A window too small for the
+        // next segment looks the same until the peer answers a probe, which
+        // resets `icsk_probes_out`: the episode starts at the first probe
+        // that found the previous one unanswered.
+        let window_open = sock.snd_wnd != 0;
+        if f.persist.is_none() && window_open && (ev.packets_out != 0 || sock.probes_out == 0) {
             self.flows.touch(slot);
             return;
+        }
+        if f.persist.is_none() && f.streak.is_none() {
+            f.new_episode_evidence();
         }
         let p = f.persist.get_or_insert(Persist {
             since_ns: ev.ts_ns,
@@ -279,8 +288,10 @@ impl Engine {
             next_due_ns: ev.ts_ns,
             next_interval_ns: 0,
             stalled: false,
+            window_open,
         });
-        if p.probes == 0 {
+        p.window_open = window_open;
+        if p.probes == 0 && !window_open {
             f.history.zero_window_episodes += 1;
         }
         p.probes = p.probes.saturating_add(1);
@@ -293,6 +304,17 @@ impl Engine {
         p.next_due_ns = ev.ts_ns.saturating_add(interval);
         p.next_interval_ns = interval;
         let (first, probes) = (p.first_probe_ns, p.probes);
+        // Unanswered probes of data that never left count like RTO
+        // expiries: a `retransmit` stall from `min_rto_streak` on.
+        if window_open
+            && sock.probes_out.saturating_add(1) >= self.cfg.min_rto_streak
+            && f.announced & StallClass::Retransmit.bit() == 0
+        {
+            p.stalled = true;
+            f.announced |= StallClass::Retransmit.bit();
+            self.sink
+                .stall_started(StallClass::Retransmit, f.cookie, f.remote, ev.ts_ns);
+        }
         // tcp_probe_timer(): UTO since the first probe, or too many
         // unanswered probes (orphans: the orphan rule).
         let uto = f.user_timeout_ms;
@@ -320,6 +342,56 @@ impl Engine {
                     source: BoundarySource::UserTimeout,
                     start_ns: first,
                 });
+            // Data that never left: the peer cannot answer, so the count
+            // rule (`icsk_probes_out >= limit`) kills it like a silent
+            // peer's retransmissions.
+            if window_open
+                && uto == 0
+                && let (Some(limit), Some(s)) = (limit, sys)
+            {
+                let walk = horizon::ProbeWalk {
+                    at_ns: ev.ts_ns,
+                    at_jiffies: ev.jiffies,
+                    probes_out: sock.probes_out,
+                    backoff: sock.backoff,
+                    rto_ms,
+                    rto_max_ms: max_ms,
+                    limit,
+                    backoff_cap: s.tcp_retries2,
+                    hz,
+                    timer_wheel: self.cfg.timer_wheel,
+                };
+                f.prediction = horizon::predict_probe_count_death(&walk).map(|death| Prediction {
+                    death_ns: death,
+                    made_at_ns: ev.ts_ns,
+                    boundary_ms: death.saturating_sub(first) / NSEC_PER_MSEC,
+                    source: if f.orphan {
+                        BoundarySource::OrphanRetries(limit)
+                    } else {
+                        BoundarySource::Retries2(limit)
+                    },
+                    start_ns: first,
+                });
+            }
+        }
+        self.flows.touch(slot);
+    }
+
+    /// This node dropped a packet of the socket (`skb:kfree_skb`) or failed
+    /// to send a retransmission (6.17+): evidence for the stall's cause.
+    pub(super) fn on_local_drop(&mut self, ev: &SockEvent) {
+        let Some(slot) = self.resolve(ev, false) else {
+            return;
+        };
+        let f = self.flows.flow_mut(slot);
+        f.last_event_ns = f.last_event_ns.max(ev.ts_ns);
+        if ev.sock.is_some() {
+            f.evidence.soft_error = ev.err_soft;
+        }
+        if ev.kind == EventKind::Drop {
+            f.evidence.drop(ev.ack_seq);
+        } else {
+            f.evidence.send_error(ev.ack_seq as i32);
         }
         self.flows.touch(slot);
     }
@@ -329,6 +401,26 @@ impl Engine {
         let Some(slot) = self.resolve(ev, create) else {
             return;
         };
+        // `tcp_reset()` sets `sk_err` (ECONNRESET, EPIPE in CLOSE_WAIT)
+        // before `tcp_done()` moves the socket to CLOSE: a stall ended by
+        // the peer's (or a middlebox's) RST. The flow leaves the views at
+        // once, as any close; the reset is counted with the cause it had.
+        if ev.state == TcpState::Close
+            && matches!(ev.sk_err, why::ECONNRESET | why::EPIPE)
+            && let Some(class) = self.classify(self.flows.flow(slot), ev.ts_ns)
+        {
+            let f = self.flows.flow(slot);
+            let (cause, _) = self.cause_of(f, class);
+            let (cookie, remote) = (f.cookie, f.remote);
+            self.sink.stats.stalls_reset += 1;
+            self.sink.emit(Observation::StallReset {
+                class,
+                cause,
+                cookie,
+                remote,
+                errno: ev.sk_err,
+            });
+        }
         let f = self.flows.flow_mut(slot);
         Self::absorb(f, ev);
         if f.state != ev.state {

@@ -45,6 +45,8 @@ mod flow_key;
 mod handlers;
 pub mod horizon;
 pub mod hz;
+#[cfg(test)]
+mod kernel_model;
 mod output;
 mod remote;
 pub mod seed;
@@ -54,6 +56,7 @@ mod streak;
 pub mod testkit;
 mod tick;
 mod views;
+pub mod why;
 
 #[cfg(test)]
 mod tests;
@@ -79,6 +82,7 @@ pub use output::{
     RemotesView, StallClass, StallView, StalledCounts, StreakOutcome, TimeoutEvidence,
 };
 pub use views::Gauges;
+pub use why::{CauseEvidence, StallCause};
 
 /// The stall engine. See the module documentation.
 #[derive(Debug)]
@@ -144,6 +148,8 @@ impl Engine {
             EventKind::State => st.events_state += 1,
             EventKind::ErrorReport => st.events_error_report += 1,
             EventKind::Ack => st.events_ack += 1,
+            EventKind::Drop => st.events_drop += 1,
+            EventKind::RetransmitError => st.events_retransmit_error += 1,
             EventKind::Sweep => st.sweep_snapshots += 1,
         }
         if self.hz.observe(ev.ts_ns, ev.jiffies) {
@@ -173,8 +179,21 @@ impl Engine {
             EventKind::State => self.on_state(ev),
             EventKind::ErrorReport => self.on_error_report(ev),
             EventKind::Ack => self.on_ack(ev),
+            EventKind::Drop | EventKind::RetransmitError => self.on_local_drop(ev),
             EventKind::Sweep => self.on_sweep(ev),
         }
+    }
+
+    /// Cookies of the flows in a loss episode (an RTO streak, or window
+    /// probes with data that never left): what the kernel's drop filter
+    /// should hold. Appended to `out`.
+    pub fn episode_cookies(&self, out: &mut Vec<u64>) {
+        out.extend(
+            self.flows
+                .active()
+                .filter(|f| f.cookie != 0 && !f.timed_out && f.in_loss_episode())
+                .map(|f| f.cookie),
+        );
     }
 
     /// Takes the queued observations.

@@ -142,6 +142,9 @@ pub struct StallView {
     pub history: FlowHistory,
     /// This flow's retransmissions by cause (since the agent saw it).
     pub retransmits_by_cause: super::cause::CauseCounts,
+    /// Why it stalls, from the kernel's evidence on this socket.
+    pub cause: super::why::StallCause,
+    pub cause_evidence: super::why::CauseEvidence,
 }
 
 /// Per-flow counts of retransmission streaks by outcome, and zero-window
@@ -262,6 +265,16 @@ pub enum Observation {
         boundary_s: Option<f64>,
         boundary_source: Option<BoundarySource>,
     },
+    /// A stalled flow ended by an RST (`sk_err` ECONNRESET / EPIPE at its
+    /// CLOSE): the peer restarted or a middlebox lost the connection's
+    /// state. `cause`: what the stall was attributed to until then.
+    StallReset {
+        class: StallClass,
+        cause: super::why::StallCause,
+        cookie: u64,
+        remote: SocketAddr,
+        errno: u32,
+    },
     /// The flow table was full: the least recently used flow was dropped.
     FlowEvicted { remote: SocketAddr, active: bool },
 }
@@ -283,6 +296,10 @@ pub struct EngineStats {
     pub events_state: u64,
     pub events_error_report: u64,
     pub events_ack: u64,
+    /// This node's drops of packets of sockets in a loss episode.
+    pub events_drop: u64,
+    /// Retransmissions this node failed to send (6.17+).
+    pub events_retransmit_error: u64,
     /// ACK events that ended a streak (the stall cleared at once).
     pub acks_recovered: u64,
     /// Events with neither cookie nor socket address.
@@ -306,6 +323,8 @@ pub struct EngineStats {
     pub streaks_closed: u64,
     pub streaks_evicted: u64,
     pub stalls_started: u64,
+    /// Stalled flows ended by an RST.
+    pub stalls_reset: u64,
     pub timeouts: u64,
     /// Timeouts that had a prediction.
     pub timeouts_predicted: u64,

@@ -24,7 +24,7 @@ use tcpstall_common::pending;
 
 use super::{
     Engine, StallClass,
-    flow::{Anchor, FlowKey, Persist, Verdict},
+    flow::{Anchor, FlowKey, Persist, Prediction, Verdict},
     horizon,
 };
 use crate::kernel::event::{SockEvent, TcpState};
@@ -243,10 +243,23 @@ impl Engine {
             .saturating_sub(base_ms * horizon::NSEC_PER_MSEC)
             .min(ev.ts_ns);
         let f = self.flows.flow_mut(slot);
+        // With a user timeout, tcp_probe_timer() aborts at the probe expiry
+        // UTO after the first probe: predicted at once, as a probe event
+        // would (`on_probe`).
+        let first_probe_ns = first_ns.min(ev.ts_ns);
+        let uto = f.user_timeout_ms;
+        f.prediction =
+            horizon::predict_persist_death(first_probe_ns, ev.ts_ns, uto).map(|death| Prediction {
+                death_ns: death,
+                made_at_ns: ev.ts_ns,
+                boundary_ms: u64::from(uto),
+                source: horizon::BoundarySource::UserTimeout,
+                start_ns: first_probe_ns,
+            });
         f.history.zero_window_episodes += 1;
         f.persist = Some(Persist {
             since_ns: since,
-            first_probe_ns: first_ns.min(ev.ts_ns),
+            first_probe_ns,
             last_probe_ns: next_ns
                 .saturating_sub(last_interval * horizon::NSEC_PER_MSEC)
                 .min(ev.ts_ns),
@@ -256,6 +269,8 @@ impl Engine {
             next_due_ns: next_ns,
             next_interval_ns: last_interval * horizon::NSEC_PER_MSEC,
             stalled: false,
+            // Seeded only for a zero window (see `classify_snapshot`).
+            window_open: false,
         });
         let _ = StallClass::ZeroWindow;
         true

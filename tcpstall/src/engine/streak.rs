@@ -2,6 +2,8 @@
 //! retransmission streaks, zero-window episodes, the kernel's verdict at an
 //! RTO expiry and the death prediction.
 
+use tcpstall_common::pending;
+
 use crate::kernel::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, TcpState};
 
 use super::flow::Anchor;
@@ -170,8 +172,13 @@ impl Engine {
                 true
             }
             (Some(ep), 0) => {
-                // Still 0: only the retransmission of the RTO that was seen
-                // before the stamp got set continues the episode.
+                // Still 0: the retransmission of the RTO that was seen
+                // before the stamp got set continues the episode. So does the
+                // first RTO after a loss probe (a probe never sets
+                // retrans_stamp; the RTO's retransmission will): the same
+                // loss, re-anchored at this expiry, where the kernel's
+                // boundary will count from. ACK progress in between already
+                // ended the streak (`recovered`).
                 if ep.stamp == 0 && same_rto_as_anchor {
                     false
                 } else {
@@ -179,7 +186,7 @@ impl Engine {
                         stamp: 0,
                         start_ns: ev.ts_ns,
                     });
-                    true
+                    !(ep.stamp == 0 && Self::is_rto_expiry(ev))
                 }
             }
             (Some(ep), s) if ep.stamp == s => false,
@@ -235,6 +242,7 @@ impl Engine {
             f.packets_out = ev.packets_out;
             f.total_retrans = f.total_retrans.max(ev.total_retrans);
             if let Some(s) = ev.sock {
+                f.evidence.soft_error = ev.err_soft;
                 f.backoff = s.backoff;
                 f.user_timeout_ms = s.user_timeout_ms;
                 f.syn_retries = s.syn_retries;
@@ -277,7 +285,14 @@ impl Engine {
 
     pub(super) fn end_persist(f: &mut Flow, sink: &mut Sink, end_ns: u64) {
         if let Some(p) = f.persist.take() {
-            sink.persist_ended(f.remote, &p, end_ns);
+            if p.window_open {
+                // Data that never left: announced as a retransmit stall.
+                if f.streak.is_none() {
+                    f.announced &= !StallClass::Retransmit.bit();
+                }
+            } else {
+                sink.persist_ended(f.remote, &p, end_ns);
+            }
             f.announced &= !StallClass::ZeroWindow.bit();
             if f.streak.is_none() {
                 f.prediction = None;
@@ -291,6 +306,16 @@ impl Engine {
     pub(super) fn acked(st: &Streak, ev: &SockEvent) -> bool {
         let una = ev.snd_una != 0 && st.snd_una_last != 0 && seq_after(ev.snd_una, st.snd_una_last);
         una || (Self::knows_retransmits(ev) && ev.retransmits < st.last_retransmits)
+    }
+
+    /// An RTO expiry: the write timer with `ICSK_TIME_RETRANS` pending, or
+    /// the retransmission it sends (`icsk_pending` 0 in the event).
+    fn is_rto_expiry(ev: &SockEvent) -> bool {
+        match (ev.kind, ev.sock) {
+            (EventKind::WriteTimer, Some(s)) => s.pending == pending::RETRANS,
+            (EventKind::Retransmit, Some(s)) => s.pending == 0,
+            _ => false,
+        }
     }
 
     pub(super) fn knows_retransmits(ev: &SockEvent) -> bool {
@@ -332,6 +357,9 @@ impl Engine {
                 _ => ev.ts_ns,
             };
             f.history.streaks += 1;
+            if f.persist.is_none() {
+                f.new_episode_evidence();
+            }
             sink.stats.streaks_started += 1;
             sink.remotes.counters(f.remote, ev.ts_ns).streaks += 1;
             f.streak = Some(Streak {

@@ -115,6 +115,7 @@ impl Sock {
             rto_expired_verdict: false,
             sk_err: 0,
             ack_seq: 0,
+            err_soft: 0,
         }
     }
 

@@ -5,10 +5,18 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
-use super::horizon::{BoundaryRule, msecs_to_jiffies, timer_wheel_fire};
-use super::testkit::{HZ, MS, S, Sock, T0, jiffies_at, ms_stamp, sysctls, ts_of_jiffies};
+use super::kernel_model::{self, Blackholed, KernelSock};
+use super::testkit::{HZ, MS, S, Sock, T0, jiffies_at, ms_stamp, sysctls};
 use super::*;
 use crate::kernel::event::{EventKind, Mechanism, NetnsSysctls, SockEvent, TcpState};
+
+/// Monotonic ns of jiffy `j` for the kernel model's clock (the inverse of
+/// [`jiffies_at`]), computed here rather than with the engine's
+/// `jiffies_to_ns`: the simulated kernel shares no function with the engine.
+fn ts_of_jiffies(hz: u32, j: u64) -> u64 {
+    let j0 = (1u64 << 32) - 300 * u64::from(hz);
+    (u128::from(j - j0) * u128::from(S) / u128::from(hz)) as u64
+}
 
 fn cfg() -> EngineConfig {
     EngineConfig {
@@ -68,44 +76,85 @@ impl Blackhole {
         }
     }
 
-    fn boundary_ms(&self, rto_j: u64) -> u64 {
-        let hz = self.sock.hz;
-        let max_ms = horizon::jiffies_to_msecs(self.rto_max, hz);
-        let rule =
-            BoundaryRule::select(self.sock.uto, self.sock.orphan, self.sock.sysctls).unwrap();
-        rule.at(horizon::jiffies_to_msecs(rto_j, hz), max_ms, 200)
-            .ms
+    /// `icsk_rto_max` in the events (6.15+): set when not the default.
+    fn icsk_rto_max(&self) -> u32 {
+        if self.rto_max == 120 * u64::from(self.sock.hz) {
+            0
+        } else {
+            self.rto_max as u32
+        }
+    }
+
+    /// The socket as the kernel model sees it.
+    fn kernel(&self) -> KernelSock {
+        let s = self.sock;
+        let n = s.sysctls.expect("a blackhole needs the netns sysctls");
+        KernelSock {
+            hz: u64::from(s.hz),
+            tcp_retries2: n.tcp_retries2,
+            tcp_orphan_retries: n.tcp_orphan_retries,
+            user_timeout_ms: s.uto,
+            orphan: s.orphan,
+            rto_max_j: self.rto_max,
+        }
+    }
+
+    /// The RTO expiries the kernel model produces for this socket (the
+    /// last one fatal).
+    fn expiries(&self) -> (Option<u64>, Vec<kernel_model::Expiry>) {
+        let hz = u64::from(self.sock.hz);
+        let send_j = jiffies_at(self.sock.hz, self.send_ts);
+        let rto0 = u64::from(self.rto0);
+        // The loss probe's timer is armed at the send (process context);
+        // the RTO is re-armed from the probe's callback.
+        let (tlp_j, expires, armed_at, from_callback) = if self.tlp {
+            let jt = kernel_model::wheel_bucket_expiry(send_j + hz / 5, send_j, hz);
+            (Some(jt), jt + rto0, jt, true)
+        } else {
+            (None, send_j + rto0, send_j, false)
+        };
+        let x = Blackholed {
+            sock: self.kernel(),
+            icsk_rto_j: rto0,
+            icsk_retransmits: 0,
+            retrans_stamp: 0,
+            timer_expires: expires,
+            armed_at,
+            from_callback,
+            callback_latency_ns: TIMER_CALLBACK_LATENCY_NS,
+        }
+        .run(|j| ts_of_jiffies(self.sock.hz, j), 100_000);
+        assert!(
+            x.last().is_some_and(|e| e.fatal),
+            "the model never killed the socket"
+        );
+        (tlp_j, x)
     }
 
     fn run(&self) -> (Vec<SockEvent>, u64) {
         let s = self.sock;
         let hz = s.hz;
         let mut out = Vec::new();
-        let mut j = jiffies_at(hz, self.send_ts);
-        let mut stamp: Option<u64> = None;
-        let (mut r, mut backoff, mut rto) = (0u32, 0u32, u64::from(self.rto0));
-        let mut next = if self.tlp {
-            let jt = timer_wheel_fire(j + u64::from(hz) / 5, j, hz);
+        let (tlp_j, expiries) = self.expiries();
+        if let Some(jt) = tlp_j {
             let ts = ts_of_jiffies(hz, jt) + TIMER_CALLBACK_LATENCY_NS;
-            out.push(s.retransmit(ts, 5, 0, 0, rto as u32, 1_000, 0));
-            stamp = Some(ts / MS);
-            j = jt;
-            // Armed in the TLP's callback: the wheel's clock is j + 1.
-            timer_wheel_fire(j + rto, j + 1, hz)
-        } else {
-            timer_wheel_fire(j + rto, j, hz)
-        };
-        loop {
-            j = next;
-            let ts = ts_of_jiffies(hz, j) + TIMER_CALLBACK_LATENCY_NS;
+            // A loss probe does not set retrans_stamp.
+            out.push(s.retransmit(ts, 5, 0, 0, self.rto0, 1_000, 0));
+        }
+        for x in &expiries {
+            let ts = x.ts_ns;
+            // In a blackhole icsk_backoff counts with icsk_retransmits.
+            let backoff = x.retransmits;
             if self.timer_events {
-                let mut e = s.rto(ts, r, stamp.unwrap_or(0) as u32, rto as u32, 1_000);
-                e.jiffies = j;
-                e.sock.as_mut().unwrap().backoff = backoff;
+                let mut e = s.rto(ts, x.retransmits, x.retrans_stamp, x.rto_j as u32, 1_000);
+                e.jiffies = x.jiffies;
+                let f = e.sock.as_mut().unwrap();
+                f.backoff = backoff;
+                f.timer_expires = x.timer_expires;
+                f.rto_max_jiffies = self.icsk_rto_max();
                 out.push(e);
             }
-            let elapsed = stamp.map_or(0, |st| ts / MS - st);
-            if r > 0 && elapsed >= self.boundary_ms(rto) {
+            if x.fatal {
                 let death = ts + 20_000;
                 match self.order {
                     Order::CloseFirst => {
@@ -128,38 +177,24 @@ impl Blackhole {
                 };
                 return (out, actual);
             }
-            if self.incremented_before {
-                r += 1;
-            }
+            // 6.7+ counts icsk_retransmits before the retransmission; the
+            // tracepoint fires before the episode's first retransmission
+            // sets retrans_stamp.
+            let r = x.retransmits + u32::from(self.incremented_before);
             let mut e = s.retransmit(
                 ts + 5_000,
                 0,
                 r,
-                stamp.unwrap_or(0) as u32,
-                rto as u32,
+                x.retrans_stamp,
+                x.rto_j as u32,
                 1_000,
                 backoff,
             );
-            e.jiffies = j;
+            e.jiffies = x.jiffies;
+            e.sock.as_mut().unwrap().rto_max_jiffies = self.icsk_rto_max();
             out.push(e);
-            if !self.incremented_before {
-                r += 1;
-            }
-            let st = *stamp.get_or_insert(ts / MS);
-            backoff += 1;
-            rto = (rto * 2).min(self.rto_max);
-            let mut interval = rto;
-            if s.uto != 0 {
-                let el = ts / MS - st;
-                interval = if u64::from(s.uto) <= el {
-                    1
-                } else {
-                    rto.min(msecs_to_jiffies(u64::from(s.uto) - el, hz))
-                };
-            }
-            // Re-armed in the callback: the wheel's clock is j + 1.
-            next = timer_wheel_fire(j + interval, j + 1, hz);
         }
+        unreachable!("expiries end with the fatal one")
     }
 }
 
@@ -309,13 +344,15 @@ fn s1_blackhole_retries2_5_tlp_first() {
         assert_eq!(v.state, TcpState::Established);
         assert_eq!(v.netns, sock.netns);
     }
-    // Unacked age is measured from the loss probe (retrans_stamp).
+    // Unacked age is measured from retrans_stamp.
     let (now, v) = views.last().unwrap();
     // Just before the death the socket looks like `ss` showed it on the
     // real machine: rto:6528 backoff:5, 5 retransmits.
     assert_eq!((v.rto_ms, v.backoff, v.retransmits), (6_528, 5, 5));
-    let tlp_ts = bh.run().0[0].ts_ns;
-    assert!((v.unacked_age_s.unwrap() - (*now - tlp_ts / MS * MS) as f64 / 1e9).abs() < 1e-6);
+    // retrans_stamp is the first RTO's retransmission (a loss probe does
+    // not set it; the replay fixtures show the same).
+    let first_rto_ts = bh.expiries().1[0].ts_ns;
+    assert!((v.unacked_age_s.unwrap() - (*now - first_rto_ts / MS * MS) as f64 / 1e9).abs() < 1e-6);
     // One timeout, matched to its prediction.
     let t = timeouts(&obs);
     assert_eq!(t.len(), 1);
@@ -433,7 +470,13 @@ fn s1_retries2_table_accuracy() {
                 assert!(views.iter().any(|(now, v)| v.near_horizon && *now < death));
                 // The boundary is T(retries2).
                 let b = views[0].1.boundary_s.unwrap();
-                let expect = horizon::model_timeout_ms(retries2, 200, 120_000) as f64 / 1e3;
+                let expect = kernel_model::tcp_model_timeout_ms(
+                    retries2,
+                    u64::from(hz / 5),
+                    u64::from(hz) * 120,
+                    u64::from(hz),
+                ) as f64
+                    / 1e3;
                 assert!((b - expect).abs() < 1e-9);
             }
         }
@@ -481,7 +524,8 @@ fn s2_user_timeout_shorter_and_longer() {
         assert_eq!(v.user_timeout_ms, Some(uto));
         // The last RTO is clamped to retrans_stamp + UTO (then rounded up
         // by the timer wheel: at most 64 jiffies here).
-        let start = bh.run().0[0].ts_ns / MS * MS;
+        // retrans_stamp: set by the first RTO's retransmission.
+        let start = u64::from(bh.expiries().1[1].retrans_stamp) * MS;
         let late = (death - start) as f64 / 1e9 - f64::from(uto) / 1e3;
         assert!((0.0..0.26).contains(&late), "{late}");
         let Observation::Timeout {
@@ -812,8 +856,10 @@ fn orphan_dies_without_error_report() {
     assert_eq!(evidence, TimeoutEvidence::Verdict);
     assert_eq!(actual_ns, death);
     assert!(prediction_error_s.unwrap().abs() < 0.001);
-    // T(3) = 3.0 s: dies at the fourth RTO (3.06 s after the loss probe).
-    assert_eq!(streak_ends(&obs), vec![(StreakOutcome::TimedOut, 4, true)]);
+    // T(3) = 3.0 s from retrans_stamp (the first RTO's retransmission):
+    // alive at the fourth RTO (2.86 s), dead at the fifth (6.1 s), as the
+    // recorded `s1-retries2-3` kernels died.
+    assert_eq!(streak_ends(&obs), vec![(StreakOutcome::TimedOut, 5, true)]);
     assert_eq!(e.stats().timeouts, 1);
 }
 
@@ -1794,6 +1840,59 @@ proptest! {
 
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        cases: 3_000,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x7c9_57a12),
+        ..ProptestConfig::default()
+    })]
+
+    /// Orphans (`SOCK_DEAD`: the `tcp_orphan_retries` rule, a configured 0
+    /// meaning 8 while `icsk_rto < rto_max`), a changed `rto_max` (6.15+
+    /// `icsk_rto_max`, 1 to 120 s) and long `tcp_retries2`, with or without
+    /// a user timeout (which wins for orphans too): the engine's prediction
+    /// lands on the kernel model's death.
+    #[test]
+    fn prop_orphan_and_rto_max_prediction_exact(
+        hz in prop::sample::select(vec![100u32, 250, 300, 1000]),
+        retries2 in 2u32..16,
+        orphan in any::<bool>(),
+        orphan_retries in 0u32..5,
+        rto_max_s in prop::sample::select(vec![1u64, 3, 5, 30, 120]),
+        uto in prop::option::of(1_000u32..60_000),
+        tlp in any::<bool>(),
+        start_ms in 0u64..100_000,
+    ) {
+        let mut s = Sock::new(2);
+        s.hz = hz;
+        s.orphan = orphan;
+        s.sysctls = Some(NetnsSysctls {
+            tcp_retries2: retries2,
+            tcp_orphan_retries: orphan_retries,
+            ..sysctls(retries2)
+        });
+        s.uto = uto.unwrap_or(0);
+        let mut bh = Blackhole::new(s, T0 + start_ms * MS);
+        bh.tlp = tlp;
+        bh.rto0 = (hz / 5).max(1);
+        bh.rto_max = rto_max_s * u64::from(hz);
+        let e = Engine::new(EngineConfig { hz: Some(hz), ..EngineConfig::default() }).unwrap();
+        let (_, obs, _, _) = run_s1(&bh, e);
+        let t = timeouts(&obs);
+        prop_assert_eq!(t.len(), 1);
+        let rtos = streak_ends(&obs).first().map_or(0, |&(_, r, _)| r);
+        let Observation::Timeout { prediction_error_s, .. } = t[0] else { unreachable!() };
+        if rtos >= MIN_RTOS_PREDICTED {
+            prop_assert!(prediction_error_s.is_some(), "death at RTO {} was not predicted", rtos);
+        }
+        if let Some(err) = prediction_error_s {
+            prop_assert!(err.abs() < 0.001, "error {}", err);
+        }
+        prop_assert_eq!(streak_ends(&obs).len(), 1);
+    }
+}
+
 /// The one random-seed failure `prop_blackhole_prediction_exact` used to
 /// find (1 case in about 10,000): HZ 300, `tcp_retries2 = 4`, no loss probe.
 /// The fatal expiry came exactly `T(4) = 6.2 s` after `retrans_stamp`
@@ -1868,6 +1967,203 @@ fn cookieless_sweep_snapshot_seeds_a_stall_and_merges_with_its_cookie() {
     assert_eq!(v[0].cookie, 77);
     assert_eq!(v[0].rto_streak, 4);
     assert_eq!(e.flows_tracked(), 1);
+}
+
+// ----- sweep seeding (seed.rs) --------------------------------------------
+
+/// A sweep snapshot of `bh`'s socket `after_ns` after its RTO expiry `k`:
+/// the state the kernel model holds then (the next expiry's
+/// `icsk_retransmits`, doubled RTO and armed timer), and the model's
+/// expiries.
+fn rto_snapshot(bh: &Blackhole, k: usize, after_ns: u64) -> (SockEvent, Vec<kernel_model::Expiry>) {
+    let (_, x) = bh.expiries();
+    let next = x[k + 1];
+    let ts = x[k].ts_ns + after_ns;
+    assert!(
+        ts < next.ts_ns,
+        "the snapshot must come before the next expiry"
+    );
+    let mut ev = bh.sock.rto(
+        ts,
+        next.retransmits,
+        next.retrans_stamp,
+        next.rto_j as u32,
+        1_000,
+    );
+    ev.kind = EventKind::Sweep;
+    ev.mechanism = Mechanism::Sweep;
+    let f = ev.sock.as_mut().unwrap();
+    f.backoff = next.retransmits;
+    f.timer_expires = next.timer_expires;
+    (ev, x)
+}
+
+/// An RTO backoff seen first by a sweep, at every point of a blackhole (from
+/// the second RTO on), for both boundary sources: the flow is listed at once
+/// with the RTOs it had, its boundary's source, and the death the kernel
+/// model gives (within a jiffy); the events that follow continue the flow to
+/// one matched timeout.
+/// Mutations: `seed_rto`'s anchor at the pending timer instead of the
+/// expiry that armed it (`last_j = timer_expires`) fails "prediction off";
+/// `st.rtos = r` -> `r - 1` fails the streak count.
+#[test]
+fn sweep_seeds_an_rto_backoff_per_boundary_source() {
+    for (uto, retries2, source) in [
+        (0u32, 5u32, BoundarySource::Retries2(5)),
+        (0, 8, BoundarySource::Retries2(8)),
+        (20_000, 15, BoundarySource::UserTimeout),
+        (9_000, 3, BoundarySource::UserTimeout),
+    ] {
+        let mut s = Sock::new(90);
+        s.uto = uto;
+        s.sysctls = Some(sysctls(retries2));
+        let bh = Blackhole::new(s, T0);
+        let n = bh.expiries().1.len();
+        for k in 1..n - 1 {
+            let (snap, x) = rto_snapshot(&bh, k, 30 * MS);
+            let what = format!("uto {uto} retries2 {retries2}, snapshot after expiry {k} of {n}");
+            let fatal = x.last().unwrap().ts_ns;
+            let mut e = engine();
+            e.ingest(&snap);
+            let v = e.stalls(snap.ts_ns);
+            assert_eq!(v.len(), 1, "{what}: not listed");
+            assert_eq!(v[0].class, StallClass::Retransmit, "{what}");
+            assert_eq!(v[0].rto_streak, k as u32 + 1, "{what}: RTOs so far");
+            assert_eq!(v[0].boundary_source, Some(source), "{what}");
+            let p = v[0]
+                .predicted_timeout_ns
+                .unwrap_or_else(|| panic!("{what}: no prediction"));
+            // A snapshot carries jiffies and its own instant, not the instant
+            // of a jiffy's tick: the expiry that armed the timer is placed
+            // up to one jiffy late (the snapshot's phase in its jiffy), never
+            // more. The events that follow give the exact instants again.
+            let jiffy = S / u64::from(HZ);
+            assert!(
+                fatal.saturating_sub(MS) < p && p < fatal + jiffy,
+                "{what}: prediction off by {:.3} ms",
+                (p as f64 - fatal as f64) / 1e6
+            );
+            assert_eq!(e.stats().sweep_seeded, 1, "{what}");
+            // The events after the snapshot continue the same flow.
+            for ev in bh.run().0.iter().filter(|ev| ev.ts_ns > snap.ts_ns) {
+                e.ingest(ev);
+            }
+            let obs = drain(&mut e);
+            let t = timeouts(&obs);
+            assert_eq!(t.len(), 1, "{what}");
+            let Observation::Timeout {
+                prediction_error_s, ..
+            } = t[0]
+            else {
+                unreachable!()
+            };
+            let err = prediction_error_s.unwrap_or_else(|| panic!("{what}: unpredicted"));
+            // Matched to the snapshot's own prediction when no expiry came
+            // between it and the fatal one (then within the jiffy above).
+            let bound = if k + 2 == n {
+                jiffy as f64 / 1e9
+            } else {
+                0.001
+            };
+            assert!(err.abs() < bound, "{what}: error {err}");
+            let ends = streak_ends(&obs);
+            assert_eq!(
+                ends,
+                vec![(StreakOutcome::TimedOut, n as u32, true)],
+                "{what}"
+            );
+        }
+    }
+}
+
+/// `tcp_probe0_base`: `max(icsk_rto, TCP_RTO_MIN)`, in ms at HZ 250.
+fn probe0_base_ms(rto_j: u64) -> u64 {
+    (rto_j * 4).max(200)
+}
+
+/// A zero-window sender seen first by a sweep: `tcp_check_probe_timer()`
+/// armed the first probe `tcp_probe0_base` after the window closed, and each
+/// probe sent with `icsk_backoff` b re-armed the timer `base << (b + 1)`
+/// later (`tcp_send_probe0`). A snapshot with backoff 6 and the next probe
+/// 1 s away: the window closed `base + sum(base << (b + 1), b < 6) - 1 s`
+/// ago; with a user timeout the kernel aborts at the first probe expiry
+/// `UTO` after the first probe (`tcp_probe_timer`, clamped to that instant).
+/// Mutation: `seed_persist` counting one probe less (`for b in
+/// 0..backoff.min(64)` -> `0..backoff.min(64).saturating_sub(1)`) fails the
+/// age.
+#[test]
+fn sweep_seeds_a_zero_window_sender_per_boundary_source() {
+    for uto in [0u32, 120_000] {
+        let mut s = Sock::new(91);
+        s.uto = uto;
+        let now = T0 + 100 * S;
+        let mut snap = s.probe(now, 6, 6);
+        snap.kind = EventKind::Sweep;
+        snap.mechanism = Mechanism::Sweep;
+        snap.rto_jiffies = 51;
+        snap.sock.as_mut().unwrap().timer_expires = jiffies_at(HZ, now) + u64::from(HZ);
+        let base = probe0_base_ms(51);
+        let sent: u64 = (0..6).map(|b| base << (b + 1)).sum();
+        let closed_ago_ms = base + sent - 1_000;
+        let mut e = engine();
+        e.ingest(&snap);
+        let v = e.stalls(now);
+        assert_eq!(v.len(), 1, "uto {uto}: not listed");
+        assert_eq!(v[0].class, StallClass::ZeroWindow, "uto {uto}");
+        let age = v[0].zero_window_s.unwrap();
+        assert!(
+            (age - closed_ago_ms as f64 / 1e3).abs() < 0.01,
+            "uto {uto}: zero window for {age} s, the kernel's probes say {} s",
+            closed_ago_ms as f64 / 1e3
+        );
+        if uto == 0 {
+            assert_eq!(v[0].predicted_timeout_ns, None);
+            assert_eq!(v[0].boundary_source, None);
+        } else {
+            let first_probe = now - (closed_ago_ms - base) * MS;
+            assert_eq!(v[0].boundary_source, Some(BoundarySource::UserTimeout));
+            let p = v[0]
+                .predicted_timeout_ns
+                .expect("a prediction with a user timeout");
+            assert!(
+                p.abs_diff(first_probe + u64::from(uto) * MS) < MS,
+                "predicted {} s after the first probe",
+                (p as f64 - first_probe as f64) / 1e9
+            );
+        }
+    }
+}
+
+/// A CLOSE_WAIT socket seen first by a sweep: the peer's FIN was the last
+/// segment it received (`rcv_tstamp`, jiffies), 70 s ago; listed past the
+/// 60 s threshold with that age. A FIN 30 s ago is not a stall yet.
+/// Mutation: `close_wait_since_ns = Some(ev.ts_ns)` (the age ignored) fails
+/// "not listed".
+#[test]
+fn sweep_seeds_a_close_wait_socket_from_its_last_segment() {
+    for (ago_s, listed) in [(70u64, true), (30, false)] {
+        let s = Sock::new(92);
+        let now = T0 + 500 * S;
+        let mut snap = s.base(EventKind::Sweep, now);
+        snap.mechanism = Mechanism::Sweep;
+        snap.state = TcpState::CloseWait;
+        snap.packets_out = 0;
+        let mut f = s.fields(0, 0, 0, now);
+        f.rcv_tstamp = (jiffies_at(HZ, now) - ago_s * u64::from(HZ)) as u32;
+        f.timer_expires = 0;
+        snap.sock = Some(f);
+        let mut e = engine();
+        e.ingest(&snap);
+        let v = e.stalls(now);
+        if !listed {
+            assert!(v.is_empty(), "FIN {ago_s} s ago: {v:?}");
+            continue;
+        }
+        assert_eq!(v.len(), 1, "FIN {ago_s} s ago: not listed");
+        assert_eq!(v[0].class, StallClass::CloseWait);
+        let age = v[0].close_wait_age_s.unwrap();
+        assert!((age - ago_s as f64).abs() < 0.01, "close_wait_age_s {age}");
+    }
 }
 
 // ----- connect(): SYN_SENT ------------------------------------------------
@@ -1960,4 +2256,172 @@ fn connect_without_syn_retries_fields_says_why() {
         v[0].no_prediction_reason,
         Some(horizon::NoPrediction::SynRetriesUnknown)
     );
+}
+
+// ----- why it stalls (cause) ------------------------------------------------
+
+impl Sock {
+    /// Window-probe expiry with the peer's window open and nothing in
+    /// flight: the data never left (a failed local transmit).
+    fn unsent_probe(&self, ts: u64, backoff: u32, probes_out: u32) -> SockEvent {
+        let mut e = self.probe(ts, backoff, probes_out);
+        if let Some(f) = e.sock.as_mut() {
+            f.snd_wnd = 64_240;
+        }
+        e
+    }
+
+    /// `skb:kfree_skb` of one of the socket's packets.
+    fn dropped(&self, ts: u64, reason: u32) -> SockEvent {
+        let mut e = self.base(EventKind::Drop, ts);
+        e.sock = Some(self.fields(3, 0, 0, ts));
+        e.ack_seq = reason;
+        e
+    }
+}
+
+/// Probe expiries of data that never left, as `tcp_send_probe0()` arms
+/// them: `max(rto, 200 ms) << backoff` after each (rto 51 jiffies, 204 ms),
+/// starting 204 ms after the write. Returns the expiry instants.
+fn unsent_probe_times(n: u32) -> Vec<u64> {
+    let mut t = T0;
+    (0..n)
+        .map(|b| {
+            t += (204 * MS) << b;
+            t
+        })
+        .collect()
+}
+
+/// The local-drop scenario in the engine: listed as a `retransmit` stall
+/// from the second unanswered probe (`icsk_probes_out + 1 >= 2`), cause
+/// `local_drop` (circumstantial until a drop record names the reason), in
+/// the drop filter's episodes, and its ETIMEDOUT predicted by the count
+/// rule. Mutation: `window_open = false` in `on_probe` leaves it unlisted.
+#[test]
+fn unsent_data_is_a_local_drop_retransmit_stall_with_its_horizon() {
+    let s = Sock::new(70);
+    let mut e = Engine::new(EngineConfig {
+        timer_wheel: false,
+        drop_reason_names: vec!["NOT_SPECIFIED".into(), "X".into(), "NETFILTER_DROP".into()],
+        ..cfg()
+    })
+    .unwrap();
+    let t = unsent_probe_times(6);
+    e.ingest(&s.unsent_probe(t[0], 0, 0));
+    assert!(e.stalls(t[0] + MS).is_empty(), "one probe is no stall");
+    e.ingest(&s.unsent_probe(t[1], 1, 1));
+    let v = e.stalls(t[1] + MS);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].class, StallClass::Retransmit);
+    assert_eq!(v[0].cause, StallCause::LocalDrop);
+    assert!(
+        v[0].cause_evidence.circumstantial,
+        "{:?}",
+        v[0].cause_evidence
+    );
+    assert_eq!(v[0].rto_streak, 2);
+    assert_eq!(v[0].zero_window_probes, None);
+    // retries2 = 5: the expiry finding probes_out 5 kills it; from
+    // probes_out 1 (backoff 1) four more intervals: 204 ms << 2, 3, 4, 5.
+    let death = t[1] + 204 * MS * (4 + 8 + 16 + 32);
+    assert_eq!(v[0].predicted_timeout_ns, Some(death));
+    assert_eq!(
+        v[0].boundary_source,
+        Some(super::BoundarySource::Retries2(5))
+    );
+    let mut cookies = Vec::new();
+    e.episode_cookies(&mut cookies);
+    assert_eq!(cookies, vec![70]);
+
+    // The kernel's drop record: evidence, not inference.
+    e.ingest(&s.dropped(t[1] + 10 * MS, 2));
+    e.ingest(&s.unsent_probe(t[2], 2, 2));
+    let v = e.stalls(t[2] + MS);
+    assert_eq!(v[0].cause, StallCause::LocalDrop);
+    let ev = &v[0].cause_evidence;
+    assert!(!ev.circumstantial, "{ev:?}");
+    assert_eq!(ev.local_drops, Some(1));
+    assert_eq!(ev.drop_reason.as_deref(), Some("NETFILTER_DROP"));
+    assert_eq!(v[0].predicted_timeout_ns, Some(death), "the same horizon");
+}
+
+/// A window too small for the next segment, with a live peer: each probe
+/// is answered (`icsk_probes_out` stays 0), so no stall and no episode.
+#[test]
+fn answered_probes_with_an_open_window_are_no_stall() {
+    let s = Sock::new(71);
+    let mut e = engine();
+    for (i, &t) in unsent_probe_times(6).iter().enumerate() {
+        e.ingest(&s.unsent_probe(t, i as u32, 0));
+        assert!(e.stalls(t + MS).is_empty());
+    }
+    let mut cookies = Vec::new();
+    e.episode_cookies(&mut cookies);
+    assert!(cookies.is_empty());
+}
+
+/// An RTO streak's cause from the evidence on the socket: a drop record or
+/// a failed retransmission (not -EBUSY) is `local_drop`, an unreachable
+/// ICMP soft error `unreachable`, nothing `peer_silent` (circumstantial),
+/// and `unknown` where the kernel shows no local drops.
+#[test]
+fn rto_stall_cause_follows_the_evidence() {
+    let run = |cfg: EngineConfig, extra: &dyn Fn(&Sock, u64) -> Vec<SockEvent>| {
+        let s = Sock::new(72);
+        let mut e = Engine::new(cfg).unwrap();
+        let mut t = T0;
+        let stamp = ms_stamp(t);
+        for r in 0..3u32 {
+            t += (200 * MS) << r;
+            let mut ev = s.rto(t, r, stamp, 50 << r, 1_000);
+            ev.err_soft = 0;
+            e.ingest(&ev);
+            for x in extra(&s, t) {
+                e.ingest(&x);
+            }
+        }
+        let v = e.stalls(t + MS);
+        assert_eq!(v.len(), 1, "{v:?}");
+        (v[0].cause, v[0].cause_evidence.clone())
+    };
+    let none = |_: &Sock, _: u64| Vec::new();
+    let (c, ev) = run(cfg(), &none);
+    assert_eq!(c, StallCause::PeerSilent);
+    assert!(ev.circumstantial);
+    let (c, _) = run(
+        EngineConfig {
+            drops_visible: false,
+            ..cfg()
+        },
+        &none,
+    );
+    assert_eq!(c, StallCause::Unknown);
+    let (c, ev) = run(cfg(), &|s: &Sock, t| vec![s.dropped(t + MS, 7)]);
+    assert_eq!(c, StallCause::LocalDrop);
+    assert_eq!(ev.local_drops, Some(3));
+    assert_eq!(ev.drop_reason.as_deref(), Some("reason 7"));
+    let failed = |err: i32| {
+        move |s: &Sock, t: u64| {
+            let mut x = s.base(EventKind::RetransmitError, t + MS);
+            x.ack_seq = err as u32;
+            vec![x]
+        }
+    };
+    let (c, ev) = run(cfg(), &failed(-1));
+    assert_eq!(c, StallCause::LocalDrop);
+    assert_eq!(ev.send_error.as_deref(), Some("EPERM"));
+    assert_eq!(run(cfg(), &failed(-16)).0, StallCause::PeerSilent);
+    // The soft error rides on every snapshot of the socket.
+    let icmp = |s: &Sock, t: u64| {
+        let mut y = s.base(EventKind::RetransmitError, t + MS);
+        y.ack_seq = (-16i32) as u32;
+        y.sock = Some(s.fields(0, 0, 0, t));
+        y.err_soft = 113;
+        vec![y]
+    };
+    let (c, ev) = run(cfg(), &icmp);
+    assert_eq!(c, StallCause::Unreachable);
+    assert_eq!(ev.soft_error.as_deref(), Some("EHOSTUNREACH"));
+    assert!(!ev.circumstantial);
 }

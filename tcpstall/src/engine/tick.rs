@@ -55,6 +55,7 @@ impl Engine {
             }
             if let Some(p) = f.persist.as_mut()
                 && !p.stalled
+                && !p.window_open
                 && now_ns.saturating_sub(p.since_ns) >= zw_after
             {
                 p.stalled = true;

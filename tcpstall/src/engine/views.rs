@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use super::flow::{Flow, Prediction};
 use super::horizon;
 use super::remote;
+use super::why;
 use super::{
     Engine, FlowHistory, RemoteLive, RemotesView, StallClass, StallView, StalledCounts, dur_ns,
     secs, signed_secs,
@@ -22,7 +23,7 @@ pub struct Gauges {
 impl Engine {
     /// The primary stall class of a flow at `now` (read-only: overdue streaks
     /// and episodes count as ended even before `tick` runs).
-    fn classify(&self, f: &Flow, now_ns: u64) -> Option<StallClass> {
+    pub(super) fn classify(&self, f: &Flow, now_ns: u64) -> Option<StallClass> {
         if f.timed_out {
             return None;
         }
@@ -35,6 +36,17 @@ impl Engine {
                     .saturating_add(self.grace_ns(st.next_interval_ns))
         {
             return Some(streak_class);
+        }
+        // Data that never left: unanswered window probes count like RTO
+        // expiries (`icsk_probes_out + 1` of them, this one included).
+        if let Some(p) = f.persist
+            && p.window_open
+        {
+            let live = now_ns
+                <= p.next_due_ns
+                    .saturating_add(self.grace_ns(p.next_interval_ns));
+            return (live && p.probes_out.saturating_add(1) >= self.cfg.min_rto_streak)
+                .then_some(StallClass::Retransmit);
         }
         if let Some(p) = f.persist
             && now_ns.saturating_sub(p.since_ns) >= dur_ns(self.cfg.zero_window_after)
@@ -55,9 +67,10 @@ impl Engine {
     /// The prediction relevant to a class: (death, boundary ms, source, start).
     fn horizon_of(f: &Flow, class: StallClass) -> Option<Prediction> {
         match class {
-            StallClass::Retransmit | StallClass::Connect => {
-                f.prediction.filter(|_| f.streak.is_some())
-            }
+            StallClass::Connect => f.prediction.filter(|_| f.streak.is_some()),
+            StallClass::Retransmit => f
+                .prediction
+                .filter(|_| f.streak.is_some() || f.persist.is_some_and(|p| p.window_open)),
             StallClass::ZeroWindow => f.prediction.filter(|_| f.persist.is_some()),
             StallClass::CloseWait => f
                 .prediction
@@ -77,14 +90,19 @@ impl Engine {
 
     fn view(&self, f: &Flow, class: StallClass, now_ns: u64) -> StallView {
         let since = match class {
-            StallClass::Retransmit | StallClass::Connect => {
-                f.streak.map_or(now_ns, |st| st.start_ns)
-            }
+            StallClass::Connect => f.streak.map_or(now_ns, |st| st.start_ns),
+            StallClass::Retransmit => match (f.streak, f.persist) {
+                (Some(st), _) => st.start_ns,
+                (None, Some(p)) => p.since_ns,
+                (None, None) => now_ns,
+            },
             StallClass::ZeroWindow => f.persist.map_or(now_ns, |p| p.since_ns),
             StallClass::CloseWait => f.close_wait_since_ns.unwrap_or(now_ns),
         };
         let pred = Self::horizon_of(f, class);
         let hz = self.hz.hz();
+        let zw = f.persist.filter(|p| !p.window_open);
+        let (cause, cause_evidence) = self.cause_of(f, class);
         StallView {
             class,
             since_ns: since,
@@ -96,7 +114,11 @@ impl Engine {
             cgroup_id: f.cgroup_id,
             state: f.state,
             retransmits: f.retransmits,
-            rto_streak: f.streak.map_or(0, |st| st.rtos),
+            rto_streak: match (f.streak, f.persist) {
+                (Some(st), _) => st.rtos,
+                (None, Some(p)) if p.window_open => p.probes_out.saturating_add(1),
+                _ => 0,
+            },
             backoff: f.backoff,
             rto_ms: horizon::jiffies_to_msecs(u64::from(f.rto_jiffies), hz),
             packets_out: f.packets_out,
@@ -118,9 +140,9 @@ impl Engine {
                 secs(now_ns.saturating_sub(p.start_ns)) / (p.boundary_ms as f64 / 1_000.0)
             }),
             near_horizon: pred.is_some_and(|p| self.near(&p, now_ns)),
-            zero_window_probes: f.persist.map(|p| p.probes),
-            zero_window_unanswered: f.persist.map(|p| p.probes_out),
-            zero_window_s: f.persist.map(|p| secs(now_ns.saturating_sub(p.since_ns))),
+            zero_window_probes: zw.map(|p| p.probes),
+            zero_window_unanswered: zw.map(|p| p.probes_out),
+            zero_window_s: zw.map(|p| secs(now_ns.saturating_sub(p.since_ns))),
             close_wait_age_s: f
                 .close_wait_since_ns
                 .map(|s| secs(now_ns.saturating_sub(s))),
@@ -128,6 +150,8 @@ impl Engine {
             user_timeout_ms: (f.user_timeout_ms != 0).then_some(f.user_timeout_ms),
             last_event_age_s: secs(now_ns.saturating_sub(f.last_event_ns)),
             retransmits_by_cause: f.retransmits_by_cause,
+            cause,
+            cause_evidence,
             history: FlowHistory {
                 streaks: f.history.streaks,
                 recovered: f.history.recovered,
@@ -136,6 +160,22 @@ impl Engine {
                 zero_window_episodes: f.history.zero_window_episodes,
             },
         }
+    }
+
+    /// Why `f` stalls in `class`, with the evidence.
+    pub(super) fn cause_of(
+        &self,
+        f: &Flow,
+        class: StallClass,
+    ) -> (why::StallCause, why::CauseEvidence) {
+        why::decide(&why::Facts {
+            evidence: f.evidence,
+            unsent: f.streak.is_none() && f.persist.is_some_and(|p| p.window_open),
+            zero_window: class == StallClass::ZeroWindow,
+            close_wait: class == StallClass::CloseWait,
+            drops_visible: self.cfg.drops_visible,
+            reason_names: &self.cfg.drop_reason_names,
+        })
     }
 
     /// Every stalled flow, most urgent first: smallest seconds-to-timeout

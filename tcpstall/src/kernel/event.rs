@@ -29,18 +29,26 @@ pub enum EventKind {
     ErrorReport,
     /// New data acknowledged during an RTO episode (`tcp:tcp_probe`).
     Ack,
+    /// This node dropped a packet of a socket in a loss episode
+    /// (`skb:kfree_skb`; [`SockEvent::ack_seq`] is the drop reason).
+    Drop,
+    /// A retransmission this node failed to send (6.17+;
+    /// [`SockEvent::ack_seq`] is the kernel's `err` as an `i32`).
+    RetransmitError,
     /// A socket snapshot from the sweep (not a ring-buffer event; not in
     /// [`EventKind::ALL`], which lists what the ring buffer carries).
     Sweep,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Retransmit,
         EventKind::WriteTimer,
         EventKind::State,
         EventKind::ErrorReport,
         EventKind::Ack,
+        EventKind::Drop,
+        EventKind::RetransmitError,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,6 +57,8 @@ impl EventKind {
             EventKind::State => "state",
             EventKind::ErrorReport => "error_report",
             EventKind::Ack => "ack",
+            EventKind::Drop => "drop",
+            EventKind::RetransmitError => "retransmit_error",
             EventKind::Sweep => "sweep",
         }
     }
@@ -176,8 +186,12 @@ pub struct SockEvent {
     /// ERROR_REPORT: `sk_err` (positive errno).
     pub sk_err: u32,
     /// ACK: the segment's acknowledgment number (after `snd_una`, which is
-    /// the value before the segment is processed).
+    /// the value before the segment is processed). DROP: the drop reason.
+    /// RETRANSMIT_ERROR: the kernel's `err` (`i32` bits: `-errno`, or a
+    /// positive `NET_XMIT_*` code for a local congestion drop).
     pub ack_seq: u32,
+    /// `sk_err_soft` (positive errno; 0 = none or not read).
+    pub err_soft: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -255,6 +269,8 @@ impl SockEvent {
             kind::STATE => EventKind::State,
             kind::ERROR_REPORT => EventKind::ErrorReport,
             kind::ACK => EventKind::Ack,
+            kind::DROP => EventKind::Drop,
+            kind::RETRANSMIT_ERROR => EventKind::RetransmitError,
             kind::SWEEP => EventKind::Sweep,
             other => return Err(DecodeError::Kind(other.into())),
         };
@@ -318,6 +334,7 @@ impl SockEvent {
             rto_expired_verdict: raw.flags & flag::RTO_EXPIRED != 0,
             sk_err: raw.sk_err.into(),
             ack_seq: ev.ack_seq,
+            err_soft: raw.err_soft.into(),
         })
     }
 
@@ -386,8 +403,28 @@ mod tests {
         assert_eq!(ev.kind, EventKind::Ack);
         assert_eq!(ev.kind.as_str(), "ack");
         assert_eq!(ev.ack_seq, 0xdead_beef);
-        raw.kind = 7;
+        raw.kind = 9;
         assert!(SockEvent::decode(&bytes_of(&raw)).is_err());
+    }
+
+    /// Drop and failed-retransmit events carry their reason / error in
+    /// `ack_seq`; every snapshot its `sk_err_soft`.
+    #[test]
+    fn decodes_drop_and_retransmit_error_events() {
+        let mut raw = sample();
+        raw.kind = kind::DROP;
+        raw.ack_seq = 6;
+        raw.sock.err_soft = 113;
+        let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
+        assert_eq!(
+            (ev.kind, ev.ack_seq, ev.err_soft),
+            (EventKind::Drop, 6, 113)
+        );
+        raw.kind = kind::RETRANSMIT_ERROR;
+        raw.ack_seq = (-1i32) as u32;
+        let ev = SockEvent::decode(&bytes_of(&raw)).unwrap();
+        assert_eq!(ev.kind, EventKind::RetransmitError);
+        assert_eq!(ev.ack_seq as i32, -1);
     }
 
     #[test]

@@ -155,6 +155,20 @@ pub const ERROR_REPORT: &str = "error_report";
 pub const WRITE_TIMER: &str = "write_timer";
 pub const ACK: &str = "ack";
 pub const SWEEP: &str = "sweep";
+pub const DROP: &str = "drop";
+
+/// What the drop probe reads: the skb's owner, its cookie (the filter) and
+/// the socket snapshot.
+const DROP_FIELDS: &[usize] = &[
+    field::SKB_SK,
+    field::SKC_COOKIE,
+    field::SKC_FAMILY,
+    field::SKC_STATE,
+    field::SKC_DADDR,
+    field::SKC_RCV_SADDR,
+    field::SKC_DPORT,
+    field::SKC_NUM,
+];
 
 /// The note of the sweep's last fallback.
 const SWEEP_PLAIN_NOTE: &str = "probe reads from plain addresses, no typed socket passed to any helper (a verifier that marks socket->sk untrusted still loads it); the cookie as the socket holds it (0 until asked: keyed by address until an event names it)";
@@ -429,6 +443,32 @@ pub static PROBES: &[ProbeSpec] = &[
         ],
     },
     ProbeSpec {
+        name: DROP,
+        purpose: "packets this node dropped that a socket in a loss episode owns, with the kernel's drop reason (cause local_drop)",
+        required: false,
+        offered_by: &[],
+        candidates: &[
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "kfree_skb",
+                },
+                program: program::DROP_DIRECT,
+                fields: DROP_FIELDS,
+                note: "5.17+ (drop reason argument); skb->sk with a plain load through the typed skb, filtered in the kernel to sockets in TCPSTALL_EPISODES (one load per dropped packet without an owner, one lookup with one); falls back to probe reads",
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::TpBtf {
+                    tracepoint: "kfree_skb",
+                },
+                program: program::DROP_PLAIN,
+                fields: DROP_FIELDS,
+                note: PLAIN_NOTE,
+                rdonly_cast: false,
+            },
+        ],
+    },
+    ProbeSpec {
         name: SWEEP,
         purpose: "socket sweep: every TCP socket's state at start-up, after lost events and periodically (stalls older than the agent, repair after loss, the hang-forever audit, socket owners)",
         required: false,
@@ -533,12 +573,14 @@ mod tests {
                     continue;
                 }
                 // tcpstall_state_direct <-> tcpstall_state_btf,
-                // tcpstall_write_timer_tp_direct <-> tcpstall_write_timer_tp.
+                // tcpstall_write_timer_tp_direct <-> tcpstall_write_timer_tp,
+                // tcpstall_drop_direct <-> tcpstall_drop_plain.
                 let stem = c.program.replace("_direct", "");
                 assert!(
                     p.candidates[i + 1..].iter().any(|d| d.attach == c.attach
                         && !d.program.contains("_direct")
-                        && d.program.replace("_btf", "") == stem),
+                        && (d.program.replace("_btf", "") == stem
+                            || d.program == format!("{stem}_plain"))),
                     "{}: {} has no probe-read fallback",
                     p.name,
                     c.program

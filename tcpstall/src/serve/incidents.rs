@@ -1,10 +1,11 @@
 //! Incidents: every stalled socket counted once, grouped by what an on-call
-//! engineer acts on — the stall class, the owning pod and the peer service
-//! with the direction of the connections. Fifty pooled connections from one
-//! pod to one dead database are one incident with `sockets = 50`, and so are
-//! fifty connections of one client host to one stalled server pod (`remote`
-//! is then the client's IP with our listening port, `direction="accepted"`),
-//! so an alert on these groups pages once.
+//! engineer acts on — the stall class, its cause (whose problem it is), the
+//! owning pod and the peer service with the direction of the connections.
+//! Fifty pooled connections from one pod to one dead database are one
+//! incident with `sockets = 50`, and so are fifty connections of one client
+//! host to one stalled server pod (`remote` is then the client's IP with our
+//! listening port, `direction="accepted"`), so an alert on these groups
+//! pages once.
 //!
 //! Unlike the per-flow series (only the top-K most urgent flows), the groups
 //! cover every stalled socket: the sum of `sockets` over all groups of a class
@@ -18,7 +19,7 @@
 use std::collections::HashMap;
 
 use crate::{
-    engine::{StallClass, StallView},
+    engine::{StallCause, StallClass, StallView},
     identity::{Direction, netns::PodIdentity, peer_service},
 };
 
@@ -29,6 +30,7 @@ pub const OTHER: &str = "other";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub struct IncidentKey {
     pub class: StallClass,
+    pub cause: StallCause,
     pub namespace: String,
     pub pod: String,
     /// The peer service ([`peer_service`]), or [`OTHER`].
@@ -92,6 +94,7 @@ pub fn aggregate<'a>(
     for (v, pod, direction) in stalls {
         let key = IncidentKey {
             class: v.class,
+            cause: v.cause,
             namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
             pod: pod.map(|p| p.pod.clone()).unwrap_or_default(),
             remote: peer_service(v.local, v.remote, direction).to_string(),
@@ -114,11 +117,15 @@ pub fn aggregate<'a>(
     let rest = all.split_off(max_groups);
     let mut overflow: Vec<Incident> = Vec::new();
     for i in rest {
-        let slot = match overflow.iter().position(|o| o.key.class == i.key.class) {
+        let slot = match overflow
+            .iter()
+            .position(|o| o.key.class == i.key.class && o.key.cause == i.key.cause)
+        {
             Some(p) => p,
             None => {
                 overflow.push(Incident::new(IncidentKey {
                     class: i.key.class,
+                    cause: i.key.cause,
                     namespace: String::new(),
                     pod: String::new(),
                     remote: OTHER.to_owned(),
@@ -180,6 +187,8 @@ mod tests {
             last_event_age_s: 0.0,
             history: FlowHistory::default(),
             retransmits_by_cause: Default::default(),
+            cause: crate::engine::StallCause::PeerSilent,
+            cause_evidence: Default::default(),
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod accuracy;
 pub mod bench;
 pub mod build;
+pub mod mutants;
 pub mod record_fixtures;
 pub mod run;
 pub mod test;

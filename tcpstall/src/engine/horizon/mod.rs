@@ -336,6 +336,18 @@ pub fn rearmed_timer_fire(expires: u64, callback: u64, hz: u32) -> u64 {
     timer_wheel_fire(expires, callback.saturating_add(1), hz)
 }
 
+/// Jiffies from a callback at `j` to the expiry of the timer it re-arms
+/// `interval` ahead: the timer wheel's rounding when `wheel`, else exact.
+fn rearmed_step(j: u64, interval: u64, hz: u32, wheel: bool) -> u64 {
+    if wheel {
+        rearmed_timer_fire(j.saturating_add(interval), j, hz)
+            .saturating_sub(j)
+            .max(1)
+    } else {
+        interval
+    }
+}
+
 /// The state at one RTO expiry (the write timer fired with
 /// `icsk_pending == ICSK_TIME_RETRANS`), as seen before the kernel handled
 /// it.
@@ -432,13 +444,7 @@ pub fn predict_rto_death(w: &RtoWalk) -> Option<Death> {
                 rto.min(msecs_to_jiffies(remaining as u64, hz))
             };
         }
-        let dt = if wheel {
-            rearmed_timer_fire(j.saturating_add(interval), j, hz)
-                .saturating_sub(j)
-                .max(1)
-        } else {
-            interval
-        };
+        let dt = rearmed_step(j, interval, hz, wheel);
         // Closed form for the (rare) very long tail at rto_max: skip whole
         // steps while far from the deadline (no clamp can apply there).
         if step >= MAX_EXACT_STEPS && rto == max_j {
@@ -486,6 +492,63 @@ pub fn predict_persist_death(
     }
     let deadline = first_probe_ns.saturating_add(u64::from(user_timeout_ms) * NSEC_PER_MSEC);
     Some(deadline.max(current_probe_ns))
+}
+
+/// The state at one window-probe expiry (`icsk_pending ==
+/// ICSK_TIME_PROBE0`, before the kernel handled it) of a socket whose
+/// probes cannot be answered (data that never left this node).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProbeWalk {
+    pub at_ns: u64,
+    /// `jiffies` at this expiry (0 = unknown: no timer wheel modelling).
+    pub at_jiffies: u64,
+    /// `icsk_probes_out`, `icsk_backoff` at this expiry.
+    pub probes_out: u32,
+    pub backoff: u32,
+    /// `icsk_rto` (the probe base is `max(rto, 200 ms)`), `rto_max`.
+    pub rto_ms: u64,
+    pub rto_max_ms: u64,
+    /// `tcp_retries2` (or the effective orphan retries): the probe count
+    /// that kills.
+    pub limit: u32,
+    /// `tcp_send_probe0()` stops backing off at `tcp_retries2`.
+    pub backoff_cap: u32,
+    pub hz: u32,
+    pub timer_wheel: bool,
+}
+
+/// `tcp_probe_timer()` without a user timeout: the expiry that finds
+/// `icsk_probes_out >= limit` kills the socket. Each earlier one sends a
+/// probe (`icsk_probes_out++`), backs off (`icsk_backoff++` below
+/// `tcp_retries2`) and re-arms after `tcp_probe0_when()`:
+/// `max(rto, 200 ms) << backoff`, capped at `rto_max`. Returns the fatal
+/// expiry's instant (this one when it is fatal already).
+pub fn predict_probe_count_death(w: &ProbeWalk) -> Option<u64> {
+    if w.hz == 0 {
+        return None;
+    }
+    let hz = w.hz;
+    let base = w.rto_ms.max(TCP_RTO_MIN_MS);
+    let cap_shift = (TCP_RTO_MAX_MS / TCP_RTO_MIN_MS).ilog2() + 1;
+    let wheel = w.timer_wheel && w.at_jiffies != 0;
+    let mut backoff = w.backoff;
+    let mut j = w.at_jiffies;
+    let mut elapsed_j: u64 = 0;
+    // Bounded: tcp_retries2 is a u8 sysctl.
+    for probes in w.probes_out..=w.probes_out.saturating_add(256) {
+        if probes >= w.limit {
+            return Some(w.at_ns.saturating_add(jiffies_to_ns(elapsed_j, hz)));
+        }
+        if backoff < w.backoff_cap {
+            backoff += 1;
+        }
+        let ms = (base << backoff.min(cap_shift)).min(w.rto_max_ms.max(1));
+        let interval = msecs_to_jiffies(ms, hz).max(1);
+        let dt = rearmed_step(j, interval, hz, wheel);
+        elapsed_j = elapsed_j.saturating_add(dt);
+        j = j.saturating_add(dt);
+    }
+    None
 }
 
 #[cfg(test)]

@@ -604,6 +604,41 @@ impl Btf {
         })
     }
 
+    /// The names of the enum `name`'s values, indexed by value, with
+    /// `prefix` removed (values that are negative or above 4,096 are left
+    /// out, gaps are empty strings). Empty when there is no such enum.
+    pub fn enum_names(&self, name: &str, prefix: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let Some(t) = self
+            .ids_named(name)
+            .filter_map(|id| self.ty(id).ok().copied())
+            .find(|t| t.kind == Kind::Enum)
+        else {
+            return out;
+        };
+        for i in 0..usize::from(t.vlen) {
+            let (Ok(name_off), Ok(val)) =
+                (self.word(t.extra + 8 * i), self.word(t.extra + 8 * i + 4))
+            else {
+                break;
+            };
+            let v = val as i32;
+            let Ok(n) = self.str_at(name_off) else {
+                continue;
+            };
+            if !(0..=4_096).contains(&v) {
+                continue;
+            }
+            let v = v as usize;
+            if out.len() <= v {
+                out.resize(v + 1, String::new());
+            }
+            let n = String::from_utf8_lossy(n);
+            out[v] = n.strip_prefix(prefix).unwrap_or(&n).to_owned();
+        }
+        out
+    }
+
     /// Size in bytes of the struct or union named `name`.
     pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
         let id = self.find_composite(name)?;

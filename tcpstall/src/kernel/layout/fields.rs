@@ -208,6 +208,13 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
         "net.ipv4.sysctl_tcp_syn_linear_timeouts", Net,
         &[(NET, "ipv4.sysctl_tcp_syn_linear_timeouts")], OPT, Value,
         "predict when connect() gives up (linear SYN timeouts)", "6.5+; absent: none"),
+    row(field::SKB_SK, "SKB_SK", "sk_buff.sk", SkBuff,
+        &[("sk_buff", "sk")], OPT, Value,
+        "tie a packet this node dropped to its socket (cause local_drop)",
+        "the owner of locally generated skbs"),
+    row(field::SK_ERR_SOFT, "SK_ERR_SOFT", "sock.sk_err_soft", Sock,
+        &[(SOCK, "sk_err_soft")], OPT, Value,
+        "see ICMP errors on a stalled socket (cause unreachable)", "positive errno"),
 ];
 
 // Every row sits at its own index.

@@ -32,7 +32,9 @@ mod stats;
 mod sweep;
 
 use attach::{AttachEnv, attach_probe};
-pub use stats::{KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo};
+pub use stats::{
+    EpisodeFilter, KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo,
+};
 use sweep::check_socket_constants;
 pub use sweep::{SweepError, SweepOutput, SweepRun, parse_sweep_records};
 
@@ -155,6 +157,10 @@ pub struct Plan {
     pub probes: Vec<ProbeStatus>,
     /// Human-readable BTF field resolution report.
     pub fields: String,
+    /// `enum skb_drop_reason` names by value, without the
+    /// `SKB_DROP_REASON_` prefix (empty: the kernel's BTF has none).
+    #[serde(skip)]
+    pub drop_reasons: Vec<String>,
 }
 
 impl Plan {
@@ -383,6 +389,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         }),
         probes: statuses,
         fields: resolved.to_string(),
+        drop_reasons: our_btf.enum_names("skb_drop_reason", "SKB_DROP_REASON_"),
     };
     Ok(Loaded {
         ebpf,

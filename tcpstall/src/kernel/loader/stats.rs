@@ -105,3 +105,63 @@ impl StatsReader {
         })
     }
 }
+
+/// The kernel's set of sockets in a loss episode ([`tcpstall_common::EPISODES_MAP`]):
+/// the drop program reports only packets they own. The agent keeps it equal
+/// to the engine's episodes ([`EpisodeFilter::sync`]).
+pub struct EpisodeFilter {
+    map: aya::maps::HashMap<MapData, u64, u8>,
+    /// What the map holds (the agent is its only writer).
+    held: std::collections::HashSet<u64>,
+}
+
+impl EpisodeFilter {
+    /// Makes the map hold exactly `wanted` (at most
+    /// [`tcpstall_common::EPISODES_MAX`] of them: the first ones). Returns
+    /// the number of failed map updates (counted by the caller).
+    pub fn sync(&mut self, wanted: &[u64]) -> u64 {
+        let cap = tcpstall_common::EPISODES_MAX as usize;
+        let wanted: std::collections::HashSet<u64> = wanted.iter().copied().take(cap).collect();
+        let mut failed = 0;
+        let gone: Vec<u64> = self.held.difference(&wanted).copied().collect();
+        for c in gone {
+            // Already absent is as good as removed.
+            let _ = self.map.remove(&c);
+            self.held.remove(&c);
+        }
+        for &c in wanted.difference(&self.held.clone()) {
+            match self.map.insert(c, 1, 0) {
+                Ok(()) => {
+                    self.held.insert(c);
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        failed
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+impl super::Loaded {
+    /// The episode filter of the drop probe (can be taken once).
+    pub fn take_episodes(&mut self) -> Result<EpisodeFilter, super::LoadError> {
+        let name = tcpstall_common::EPISODES_MAP;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or_else(|| super::LoadError::Map(format!("map {name} missing or already taken")))?;
+        aya::maps::HashMap::try_from(map)
+            .map(|map| EpisodeFilter {
+                map,
+                held: Default::default(),
+            })
+            .map_err(|e| super::LoadError::Map(super::chain(&e)))
+    }
+}

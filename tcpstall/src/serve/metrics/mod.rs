@@ -134,6 +134,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -162,6 +167,7 @@ struct BuildLabels {
 struct IncidentLabels {
     node: String,
     class: &'static str,
+    cause: &'static str,
     namespace: String,
     pod: String,
     remote: String,
@@ -173,6 +179,8 @@ struct IncidentLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlowLabels {
     pub class: &'static str,
+    /// Why it stalls (a closed set: [`crate::engine::StallCause`]).
+    pub cause: &'static str,
     pub local: String,
     /// The peer service, as in the incident series (for an accepted
     /// connection: the peer's IP and our listening port).
@@ -193,6 +201,7 @@ impl FlowLabels {
     pub fn of(view: &StallView, pod: Option<&PodIdentity>, direction: Direction) -> Self {
         Self {
             class: view.class.as_str(),
+            cause: view.cause.as_str(),
             local: view.local.to_string(),
             remote: peer_service(view.local, view.remote, direction).to_string(),
             direction: direction.as_str(),
@@ -293,6 +302,8 @@ pub struct Metrics {
     events_by_kind: [Counter; EventKind::ALL.len()],
     event_delivery: Histogram,
     ringbuf_dropped: Counter,
+    episode_filter_errors: Counter,
+    stall_resets: Family<CauseLabels, Counter>,
     decode_errors: Counter,
     flows_tracked: Gauge,
     flow_evictions: Counter,
@@ -324,6 +335,8 @@ fn kind_index(kind: EventKind) -> Option<usize> {
         EventKind::State => Some(2),
         EventKind::ErrorReport => Some(3),
         EventKind::Ack => Some(4),
+        EventKind::Drop => Some(5),
+        EventKind::RetransmitError => Some(6),
         // Not a ring-buffer event: counted by the sweep metrics.
         EventKind::Sweep => None,
     }
@@ -407,6 +420,11 @@ impl Metrics {
     /// The event loop's heartbeat age (set at each scrape).
     pub fn heartbeat_age(&self, age_s: f64) {
         self.heartbeat_age.set(age_s);
+    }
+
+    /// Failed updates of the drop probe's kernel socket filter.
+    pub fn episode_filter_failed(&self, n: u64) {
+        self.episode_filter_errors.inc_by(n);
     }
 
     pub fn ringbuf_dropped(&self, n: u64) {
@@ -508,6 +526,13 @@ impl Metrics {
             Observation::FlowEvicted { .. } => {
                 self.flow_evictions.inc();
             }
+            Observation::StallReset { cause, .. } => {
+                self.stall_resets
+                    .get_or_create(&CauseLabels {
+                        cause: cause.as_str(),
+                    })
+                    .inc();
+            }
             Observation::StreakEnded { stalled: false, .. }
             | Observation::ZeroWindowProbe { .. }
             | Observation::StallStarted { .. }
@@ -551,6 +576,7 @@ impl Metrics {
             let labels = IncidentLabels {
                 node: self.node.clone(),
                 class: i.key.class.as_str(),
+                cause: i.key.cause.as_str(),
                 namespace: i.key.namespace.clone(),
                 pod: i.key.pod.clone(),
                 remote: i.key.remote.clone(),

@@ -12,10 +12,10 @@ use prometheus_client::{
 };
 
 use super::{
-    BuildLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter, FloatGauge,
-    FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics, MetricsConfig, OutcomeLabels,
-    PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters, ProgramLabels, RemoteLabeler,
-    RemoteLabels, RetransmitLabels, stall_duration_histogram,
+    BuildLabels, CauseLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter,
+    FloatGauge, FlowLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics, MetricsConfig,
+    OutcomeLabels, PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters, ProgramLabels,
+    RemoteLabeler, RemoteLabels, RetransmitLabels, stall_duration_histogram,
 };
 use crate::{
     engine::{StallClass, StreakOutcome},
@@ -102,7 +102,7 @@ impl Metrics {
         let incident_sockets = Family::<IncidentLabels, Gauge>::default();
         registry.register(
             "tcpstall_incident_stalled_sockets",
-            "Stalled sockets now, grouped by class, owning pod (namespace, pod; empty when unknown) and remote endpoint; counts every stalled socket, not only the top-K; at most --max-incidents groups per node, the rest summed per class under the remote value other",
+            "Stalled sockets now, grouped by class, cause (peer_silent, unreachable, local_drop, peer_not_reading, app_not_closing, unknown: whose problem it is), owning pod (namespace, pod; empty when unknown) and remote endpoint; counts every stalled socket, not only the top-K; at most --max-incidents groups per node, the rest summed per class and cause under the remote value other",
             incident_sockets.clone(),
         );
         let incident_oldest_stall = Family::<IncidentLabels, FloatGauge>::default();
@@ -148,6 +148,21 @@ impl Metrics {
             "tcpstall_ringbuf_dropped_events",
             "Kernel events lost because the ring buffer was full (raise --ringbuf-bytes)",
             ringbuf_dropped.clone(),
+        );
+        let stall_resets = Family::<CauseLabels, Counter>::default();
+        for c in crate::engine::StallCause::ALL {
+            drop(stall_resets.get_or_create(&CauseLabels { cause: c.as_str() }));
+        }
+        registry.register(
+            "tcpstall_stall_resets",
+            "Stalled sockets ended by an RST (the peer restarted, or a middlebox lost the connection's state: cause reset), by the cause the stall had until then; the socket leaves /api/v1/stalls at once",
+            stall_resets.clone(),
+        );
+        let episode_filter_errors = Counter::default();
+        registry.register(
+            "tcpstall_drop_filter_errors",
+            "Failed updates of the drop probe's in-kernel socket filter (sockets in a loss episode): drops of those sockets are not seen, their cause may read peer_silent",
+            episode_filter_errors.clone(),
         );
         let decode_errors = Counter::default();
         registry.register(
@@ -274,6 +289,8 @@ impl Metrics {
             events_by_kind,
             event_delivery,
             ringbuf_dropped,
+            episode_filter_errors,
+            stall_resets,
             decode_errors,
             flows_tracked,
             flow_evictions,

@@ -110,6 +110,8 @@ fn view(class: StallClass, local: &str, remote: &str, to: Option<f64>) -> StallV
         last_event_age_s: 0.5,
         history: FlowHistory::default(),
         retransmits_by_cause: Default::default(),
+        cause: crate::engine::StallCause::PeerSilent,
+        cause_evidence: Default::default(),
     }
 }
 
@@ -161,6 +163,7 @@ fn contract_names_types_and_help() {
         incidents: vec![crate::serve::incidents::Incident {
             key: crate::serve::incidents::IncidentKey {
                 class: StallClass::Retransmit,
+                cause: crate::engine::StallCause::PeerSilent,
                 namespace: "shop".into(),
                 pod: "orders-1".into(),
                 remote: "10.0.0.2:8080".into(),
@@ -173,7 +176,7 @@ fn contract_names_types_and_help() {
     };
     let text = m.render(&live, Format::OpenMetrics).unwrap();
     assert!(text.ends_with("# EOF\n"), "{text}");
-    let incident = "{node=\"node-a\",class=\"retransmit\",namespace=\"shop\",pod=\"orders-1\",remote=\"10.0.0.2:8080\",direction=\"initiated\"}";
+    let incident = "{node=\"node-a\",class=\"retransmit\",cause=\"peer_silent\",namespace=\"shop\",pod=\"orders-1\",remote=\"10.0.0.2:8080\",direction=\"initiated\"}";
     assert_eq!(
         sample(
             &text,
@@ -214,6 +217,7 @@ fn contract_names_types_and_help() {
         ("tcpstall_retransmits", "counter"),
         ("tcpstall_rto_expirations", "counter"),
         ("tcpstall_timeouts", "counter"),
+        ("tcpstall_stall_resets", "counter"),
         ("tcpstall_stalled_sockets", "gauge"),
         ("tcpstall_sockets_near_timeout", "gauge"),
         ("tcpstall_stall_duration_seconds", "histogram"),
@@ -229,6 +233,7 @@ fn contract_names_types_and_help() {
         ("tcpstall_events", "counter"),
         ("tcpstall_event_delivery_seconds", "histogram"),
         ("tcpstall_ringbuf_dropped_events", "counter"),
+        ("tcpstall_drop_filter_errors", "counter"),
         ("tcpstall_decode_errors", "counter"),
         ("tcpstall_probe_attached", "gauge"),
         ("tcpstall_probe_missed_runs", "counter"),
@@ -275,7 +280,15 @@ fn contract_names_types_and_help() {
             Some(0.0)
         );
     }
-    for k in ["retransmit", "write_timer", "state", "error_report", "ack"] {
+    for k in [
+        "retransmit",
+        "write_timer",
+        "state",
+        "error_report",
+        "ack",
+        "drop",
+        "retransmit_error",
+    ] {
         assert_eq!(
             sample(&text, &format!("tcpstall_events_total{{kind=\"{k}\"}}")),
             Some(0.0)
@@ -304,7 +317,7 @@ fn contract_names_types_and_help() {
         ),
         Some(1.0)
     );
-    assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 5);
+    assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 7);
     assert_eq!(
         lines_of(&text, "tcpstall_stall_duration_seconds_count").len(),
         3
@@ -688,9 +701,9 @@ fn per_flow_series_follow_the_top_k_set() {
         incidents: vec![],
     };
     let text = m.render(&live, Format::OpenMetrics).unwrap();
-    let a_labels = "{class=\"retransmit\",local=\"10.0.0.1:40000\",remote=\"10.0.0.2:8080\",direction=\"initiated\",peer=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"web-1\",namespace=\"shop\",container=\"0123456789ab\"}";
+    let a_labels = "{class=\"retransmit\",cause=\"peer_silent\",local=\"10.0.0.1:40000\",remote=\"10.0.0.2:8080\",direction=\"initiated\",peer=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"web-1\",namespace=\"shop\",container=\"0123456789ab\"}";
     // `b` was accepted: its remote is the peer IP with our port.
-    let b_labels = "{class=\"retransmit\",local=\"10.0.0.1:40001\",remote=\"10.0.0.2:40001\",direction=\"accepted\",peer=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"\",namespace=\"\",container=\"\"}";
+    let b_labels = "{class=\"retransmit\",cause=\"peer_silent\",local=\"10.0.0.1:40001\",remote=\"10.0.0.2:40001\",direction=\"accepted\",peer=\"10.0.0.2:8080\",netns=\"4026532000\",pod=\"\",namespace=\"\",container=\"\"}";
     assert_eq!(
         sample(
             &text,
@@ -753,7 +766,7 @@ fn per_flow_series_follow_the_top_k_set() {
     assert_eq!(lines_of(&text, "tcpstall_socket_stall_seconds").len(), 2);
     assert!(
         text.contains(
-            "tcpstall_socket_stall_seconds{class=\"zero_window\",local=\"10.0.0.1:40002\""
+            "tcpstall_socket_stall_seconds{class=\"zero_window\",cause=\"peer_silent\",local=\"10.0.0.1:40002\""
         )
     );
     // Nothing stalled: every per-flow series is gone (an empty family is
@@ -840,4 +853,33 @@ fn conversion_of_other_openmetrics_constructs() {
          # HELP b_info B.\n# TYPE b_info gauge\nb_info{v=\"1\"} 1\n\
          # HELP c C.\n# TYPE c untyped\nc 2\n"
     );
+}
+
+/// A stall ended by an RST is counted under the cause it had; every cause
+/// has its series from the start (a closed label set, zeros included).
+/// Mutation: counting `StallCause::Unknown` instead of `cause` fails it.
+#[test]
+fn stall_resets_are_counted_by_cause() {
+    let m = Metrics::new(&cfg(100, 50), &plan());
+    m.observe(&Observation::StallReset {
+        class: StallClass::Retransmit,
+        cause: crate::engine::StallCause::PeerSilent,
+        cookie: 7,
+        remote: addr("10.0.0.2:8080"),
+        errno: 104,
+    });
+    let text = m.render(&LiveView::default(), Format::OpenMetrics).unwrap();
+    assert!(
+        text.contains("tcpstall_stall_resets_total{cause=\"peer_silent\"} 1\n"),
+        "{text}"
+    );
+    for c in crate::engine::StallCause::ALL {
+        assert!(
+            text.contains(&format!(
+                "tcpstall_stall_resets_total{{cause=\"{}\"}}",
+                c.as_str()
+            )),
+            "{c:?}: {text}"
+        );
+    }
 }

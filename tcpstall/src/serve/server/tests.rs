@@ -58,10 +58,15 @@ fn plan(write_timer_attached: bool) -> Plan {
             },
         ],
         fields: String::new(),
+        drop_reasons: Vec::new(),
     }
 }
 
 fn state_with(plan: Plan) -> Arc<AgentState> {
+    state_with_top_k(plan, 50)
+}
+
+fn state_with_top_k(plan: Plan, top_k_flows: usize) -> Arc<AgentState> {
     let engine = Engine::new(EngineConfig {
         hz: Some(HZ),
         ..EngineConfig::default()
@@ -70,7 +75,7 @@ fn state_with(plan: Plan) -> Arc<AgentState> {
     let metrics = Metrics::new(
         &MetricsConfig {
             max_remote_labels: 100,
-            top_k_flows: 50,
+            top_k_flows,
             version: "0.1.0".into(),
             kernel: plan.kernel.clone(),
             node: "node-a".into(),
@@ -170,6 +175,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
         rto_expired_verdict: false,
         sk_err: 0,
         ack_seq: 0,
+        err_soft: 0,
     }
 }
 
@@ -459,7 +465,7 @@ async fn a_stalled_flow_everywhere() {
 
     let (_, _, text) = get(&s, "/metrics").await;
     let labels = format!(
-        "{{class=\"retransmit\",local=\"{local}\",remote=\"{remote}\",direction=\"initiated\",peer=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
+        "{{class=\"retransmit\",cause=\"peer_silent\",local=\"{local}\",remote=\"{remote}\",direction=\"initiated\",peer=\"{remote}\",netns=\"4026532111\",pod=\"\",namespace=\"\",container=\"\"}}"
     );
     for name in [
         "tcpstall_socket_seconds_to_timeout",
@@ -506,6 +512,55 @@ async fn a_stalled_flow_everywhere() {
     let (_, _, body) = get(&later, "/api/v1/stalls").await;
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["count"], 0, "{v:#}");
+}
+
+/// More stalled sockets than the per-flow top-K: the incident group and
+/// the class gauge count every one, only the per-flow series are cut.
+/// Mutation: `stalls.truncate(top_k_flows)` moved before
+/// `incidents::aggregate` in `AgentState::scrape` fails it (`sockets 2`).
+#[tokio::test]
+async fn incidents_count_every_stalled_socket_beyond_the_top_k() {
+    let s = state_with_top_k(plan(true), 2);
+    let now = facts::monotonic_ns();
+    let t0 = now - 1_450 * MS;
+    let stamp = (t0 / MS) as u32;
+    {
+        let mut engine = s.engine();
+        for flow in 0..5u16 {
+            let mut ts = t0;
+            for (i, rto) in [50u32, 100, 200].into_iter().enumerate() {
+                let mut ev = rto_event(ts, i as u32, if i == 0 { 0 } else { stamp }, rto);
+                ev.cookie = 100 + u64::from(flow);
+                ev.skaddr = 0xffff_8880_0001_0000 + u64::from(flow) * 0x1000;
+                ev.local = SocketAddr::from(([10, 201, 40, 1], 41_000 + flow));
+                engine.ingest(&ev);
+                ts += u64::from(rto) * S / u64::from(HZ);
+            }
+        }
+        assert_eq!(engine.stalls(now).len(), 5);
+    }
+    let (_, _, text) = get(&s, "/metrics").await;
+    let groups: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tcpstall_incident_stalled_sockets{"))
+        .collect();
+    assert_eq!(groups.len(), 1, "one incident group:\n{text}");
+    assert!(
+        groups[0].contains("class=\"retransmit\"")
+            && groups[0].contains("remote=\"10.201.40.2:8080\"")
+            && groups[0].ends_with(" 5"),
+        "the group counts all 5 stalled sockets: {}",
+        groups[0]
+    );
+    assert!(
+        text.contains("tcpstall_stalled_sockets{class=\"retransmit\"} 5\n"),
+        "{text}"
+    );
+    let per_flow = text
+        .lines()
+        .filter(|l| l.starts_with("tcpstall_socket_stall_seconds{"))
+        .count();
+    assert_eq!(per_flow, 2, "per-flow series are the top-K only:\n{text}");
 }
 
 #[tokio::test]
