@@ -16,6 +16,20 @@ pub const EVENTS_MAP: &str = "TCPSTALL_EVENTS";
 pub const LAYOUT_GLOBAL: &str = "TCPSTALL_LAYOUT";
 /// Per-CPU array of `u64` counters indexed by the [`stat`] constants.
 pub const STATS_MAP: &str = "TCPSTALL_STATS";
+/// One-entry array (`u32`) the agent's ring-buffer reader writes: whether
+/// it is polling the ring ([`reader::POLLING`]: the programs submit without
+/// a wake-up) or asleep on the ring's fd ([`reader::ASLEEP`]: the kernel
+/// wakes it for the first record after it drained).
+pub const READER_MAP: &str = "TCPSTALL_READER";
+
+/// Values of [`READER_MAP`]'s entry.
+pub mod reader {
+    /// The reader sleeps on the ring's fd until the kernel wakes it (the
+    /// default, also before the agent set anything).
+    pub const ASLEEP: u32 = 0;
+    /// The reader polls the ring on its own: no wake-up per record.
+    pub const POLLING: u32 = 1;
+}
 /// Hash map `u64 cookie -> u8` of the sockets in a loss episode (a
 /// retransmission streak or failing window probes), kept by the agent. The
 /// drop program ([`program::DROP_DIRECT`], [`program::DROP_PLAIN`]) reports
@@ -169,7 +183,13 @@ pub mod stat {
     pub const SWEEP_SOCKET_FILES: u32 = 5;
     /// Sweep records that did not fit in the iterator's buffer.
     pub const SWEEP_OVERFLOW: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// TCP sockets the sweep iterator skipped in the kernel: nothing in
+    /// flight, no timer pending, not CLOSE_WAIT, and a timeout set (or not
+    /// established), so neither the engine nor the audit can use them.
+    pub const SWEEP_SKIPPED: u32 = 7;
+    /// Of those, established ones (the audit's `established` count).
+    pub const SWEEP_SKIPPED_ESTABLISHED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// The socket snapshot: everything read from one `struct sock` (and its

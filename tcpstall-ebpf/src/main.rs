@@ -27,7 +27,7 @@ use aya_ebpf::{
         bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, sock_ops},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, SockOpsContext},
 };
 use tcpstall_common::{
@@ -50,6 +50,11 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
 /// verifier. Read only through [`layout`].
 #[unsafe(no_mangle)]
 static TCPSTALL_LAYOUT: KernelLayout = KernelLayout::zeroed();
+
+/// The agent's reader state (`tcpstall_common::reader`), written by the
+/// agent; see [`emit`].
+#[map(name = "TCPSTALL_READER")]
+static READER: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "TCPSTALL_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -126,11 +131,14 @@ fn now() -> (u64, u64) {
 /// buffer is full. `fill` writes every field of the event once, straight into
 /// the reserved slot (nothing is zeroed first).
 ///
-/// No wake-up per event: the agent polls the ring every few milliseconds
-/// (`reader.rs`), and events carry their own kernel timestamps, so waking it
-/// for each one (an irq_work and a context switch per event on a quiet
-/// ring) buys nothing. Once the ring holds `ringbuf_wake_bytes` (an eighth),
-/// every submit wakes the reader, so a burst cannot outrun the poll.
+/// The wake-up follows the agent's reader (`TCPSTALL_READER`, see
+/// `reader.rs`): while it polls the ring (events arrived recently) no
+/// record wakes it (an irq_work and a context switch per event would buy
+/// nothing: events carry their own kernel timestamps), except once the ring
+/// holds `ringbuf_wake_bytes` (an eighth), so a burst cannot outrun the
+/// poll. While it sleeps on the ring's fd (a quiet node: no timer runs in
+/// the agent for the ring), the kernel's own rule applies (flags 0): the
+/// first record after the reader drained wakes it, the next ones do not.
 #[inline(always)]
 fn emit(fill: impl FnOnce(&mut Event)) {
     match EVENTS.reserve::<Event>(0) {
@@ -139,13 +147,20 @@ fn emit(fill: impl FnOnce(&mut Event)) {
             // kernel owns, every bit pattern a valid `Event`), exclusively
             // ours until submit.
             fill(unsafe { &mut *entry.as_mut_ptr() });
-            let wake_bytes = layout().map_or(0, |l| u64::from(l.ringbuf_wake_bytes));
-            let wake = EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wake_bytes;
-            entry.submit(if wake {
-                BPF_RB_FORCE_WAKEUP as u64
+            let polling = READER
+                .get(0)
+                .is_some_and(|v| *v == tcpstall_common::reader::POLLING);
+            let flags = if !polling {
+                0
             } else {
-                BPF_RB_NO_WAKEUP as u64
-            });
+                let wake_bytes = layout().map_or(0, |l| u64::from(l.ringbuf_wake_bytes));
+                if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wake_bytes {
+                    BPF_RB_FORCE_WAKEUP as u64
+                } else {
+                    BPF_RB_NO_WAKEUP as u64
+                }
+            };
+            entry.submit(flags);
             bump(stat::SUBMITTED);
         }
         None => bump(stat::RINGBUF_DROPPED),

@@ -139,6 +139,9 @@ fn try_sweep_plain(ctx: *const IterTaskFile) -> Result<(), Skip> {
     {
         return Err(Skip);
     }
+    if !matters(l, Probe(sk)) {
+        return Err(Skip);
+    }
     // Cookie 0: `snapshot::fill_from` reads `skc_cookie`.
     emit(meta, l, Probe(sk), Probe(task as u64), fd, 0)
 }
@@ -191,6 +194,9 @@ fn try_sweep<const DIRECT: bool>(ctx: *const IterTaskFile) -> Result<(), Skip> {
             return Err(Skip);
         }
         let sk = Direct(tp as *const u8);
+        if !matters(l, sk) {
+            return Err(Skip);
+        }
         // With plain loads, a socket that has a cookie already costs one load.
         let mut cookie = sk.get(&l.fields[field::SKC_COOKIE]);
         if cookie == 0 {
@@ -207,13 +213,50 @@ fn try_sweep<const DIRECT: bool>(ctx: *const IterTaskFile) -> Result<(), Skip> {
         {
             return Err(Skip);
         }
+        if !matters(l, Probe(sk)) {
+            return Err(Skip);
+        }
         // SAFETY: `sk_ptr` is a BTF `struct sock *`.
         let cookie = unsafe { bpf_get_socket_cookie(sk_ptr) };
         emit(meta, l, Probe(sk), Probe(task as u64), fd, cookie)
     }
 }
 
-/// Fills and writes one record for the TCP socket `sk` held by `task` at `fd`.
+const TCP_ESTABLISHED: u64 = 1;
+const TCP_CLOSE_WAIT: u64 = 8;
+
+/// Whether the agent can use this TCP socket's record: the engine seeds
+/// only sockets with a timer pending (RTO backoff, zero-window probing) or
+/// data in flight, and CLOSE_WAIT ones; the audit lists established sockets
+/// without SO_KEEPALIVE and TCP_USER_TIMEOUT. Every other socket (idle with
+/// a timeout set, listeners, FIN_WAIT2 without a timer) is skipped here
+/// with a few loads instead of a snapshot and a record, and only counted
+/// (`stat::SWEEP_SKIPPED`, established ones also in
+/// `stat::SWEEP_SKIPPED_ESTABLISHED`).
+#[inline(always)]
+fn matters<S: Source>(l: &KernelLayout, sk: S) -> bool {
+    let f = &l.fields;
+    let state = sk.get(&f[field::SKC_STATE]);
+    if state == TCP_CLOSE_WAIT
+        || sk.get(&f[field::ICSK_PENDING]) != 0
+        || sk.get(&f[field::TP_PACKETS_OUT]) != 0
+    {
+        return true;
+    }
+    if state == TCP_ESTABLISHED {
+        if sk.get(&f[field::SK_FLAGS]) & SOCK_KEEPOPEN_BIT == 0
+            && sk.get(&f[field::ICSK_USER_TIMEOUT]) == 0
+        {
+            return true;
+        }
+        bump(stat::SWEEP_SKIPPED_ESTABLISHED);
+    }
+    bump(stat::SWEEP_SKIPPED);
+    false
+}
+
+/// Fills and writes one record for the TCP socket `sk` held by `task` at `fd`
+/// (the callers checked that it [`matters`]).
 #[inline(always)]
 fn emit<S: Source>(
     meta: *mut IterMeta,

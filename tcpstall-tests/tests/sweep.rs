@@ -870,3 +870,130 @@ fn sweep_plain_fallback_finds_the_stall_in_progress() {
     let r = started_mid_stall("swpl", 52, false, 7, &["--deny-program", deny], true);
     assert_seen_within_2s(&r);
 }
+
+/// The sweep's kernel filter, for every sweep program that loads here
+/// (all three in the Debian guests, `tcpstall_sweep_plain` alone on this
+/// host's 6.18 builds): idle established sockets with SO_KEEPALIVE or
+/// TCP_USER_TIMEOUT get no record (counted as skipped, and as
+/// established); an idle one without either (the audit's), a CLOSE_WAIT one
+/// and one with data in flight get theirs, with a timeout set or not.
+/// Mutations: `matters` without its `state == TCP_CLOSE_WAIT` test ->
+/// "CLOSE_WAIT with SO_KEEPALIVE: no record"; `matters` returning true
+/// for every socket -> "idle with SO_KEEPALIVE: a record".
+#[test]
+fn sweep_skips_in_the_kernel_only_what_cannot_matter() {
+    use tcpstall::kernel::loader::{self, LoaderOptions};
+    require_tools();
+    if !kernel_offers_the_sweep() {
+        eprintln!("SWEEP FILTER | kernel without the sweep's hooks: nothing to filter");
+        return;
+    }
+    let link = Link::new("swf", 143);
+    let server = SocketAddr::new(link.b_ip.into(), 8080);
+    reading_server_in(&link.b, server);
+    // A server that closes each connection at once: its client is left in
+    // CLOSE_WAIT.
+    let closing = SocketAddr::new(link.b_ip.into(), 8081);
+    let l = listen_in(&link.b, closing);
+    thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+    let keepalive = |s: &TcpStream| setsockopt_int(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    let idle_no_timeout = connect_in(&link.a, server);
+    let idle_keepalive = connect_in(&link.a, server);
+    keepalive(&idle_keepalive);
+    let idle_user_timeout = connect_in(&link.a, server);
+    set_user_timeout(&idle_user_timeout, 30_000);
+    let close_wait = connect_in(&link.a, closing);
+    keepalive(&close_wait);
+    let mut in_flight = connect_in(&link.a, server);
+    keepalive(&in_flight);
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "the client of the closing server not in CLOSE_WAIT",
+        || match tcp_info(&close_wait).tcpi_state {
+            8 => Ok(()),
+            s => Err(format!("state {s}")),
+        },
+    );
+    let _blackhole = link.b.blackhole_from(link.a_ip);
+    in_flight
+        .write_all(&[b'x'; 1000])
+        .expect("write into the blackhole");
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "the blackholed write not retransmitted",
+        || match tcp_info(&in_flight).tcpi_retransmits {
+            0 => Err("no RTO yet".to_owned()),
+            _ => Ok(()),
+        },
+    );
+    let local = |s: &TcpStream| s.local_addr().expect("local");
+
+    let mut loaded = loader::load(&LoaderOptions {
+        try_all: true,
+        ..LoaderOptions::default()
+    })
+    .expect("loading the probes");
+    let stats = loaded.take_stats().expect("stats");
+    let sweep = loaded
+        .plan
+        .probes
+        .iter()
+        .find(|p| p.probe == tcpstall::kernel::probes::SWEEP)
+        .expect("sweep probe")
+        .clone();
+    let programs: Vec<&str> = sweep
+        .attempts
+        .iter()
+        .filter(|a| a.error.is_none())
+        .map(|a| a.program)
+        .collect();
+    assert!(!programs.is_empty(), "no sweep program loads: {sweep:?}");
+    for program in programs {
+        let out = loaded.sweep_with(program, &stats).expect("sweep");
+        let (sockets, bad) = tcpstall::sweep::decode_all(&out.records);
+        assert_eq!(bad, 0, "{program}");
+        let ours = |s: &TcpStream| {
+            sockets
+                .iter()
+                .any(|k| k.ev.netns as u64 == link.a.inode() && k.ev.local == local(s))
+        };
+        eprintln!(
+            "SWEEP FILTER | {program} | {} records, {} skipped ({} established)",
+            sockets.len(),
+            out.skipped,
+            out.skipped_established
+        );
+        assert!(
+            ours(&idle_no_timeout),
+            "{program}: idle without a timeout: no record"
+        );
+        assert!(
+            !ours(&idle_keepalive),
+            "{program}: idle with SO_KEEPALIVE: a record"
+        );
+        assert!(
+            !ours(&idle_user_timeout),
+            "{program}: idle with TCP_USER_TIMEOUT: a record"
+        );
+        assert!(
+            ours(&close_wait),
+            "{program}: CLOSE_WAIT with SO_KEEPALIVE: no record"
+        );
+        assert!(
+            ours(&in_flight),
+            "{program}: data in flight with SO_KEEPALIVE: no record"
+        );
+        assert!(
+            out.skipped_established >= 2 && out.skipped >= out.skipped_established,
+            "{program}: skipped {} ({} established)",
+            out.skipped,
+            out.skipped_established
+        );
+    }
+}

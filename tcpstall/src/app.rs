@@ -118,7 +118,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let ring = loaded.take_events()?;
     let stats = loaded.take_stats()?;
     let programs = loaded.program_stats(settings.program_stats)?;
-    let mut reader = Reader::new(ring).context("watching the ring buffer")?;
+    let reader_mode = loaded.take_reader_mode()?;
+    let mut reader = Reader::new(ring, Some(reader_mode)).context("watching the ring buffer")?;
 
     // The drop probe's filter: only where the probe is attached.
     let drops_visible = loaded.plan.chosen(crate::kernel::probes::DROP).is_some();
@@ -350,6 +351,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     // 2. Drain what is already in the ring so nothing submitted is lost.
     if !reader_failed {
+        // Whatever the reader's mode, what is in the ring now.
+        if reader.drain_ready(&mut batch) > 0 {
+            pipeline.ingest(&mut batch);
+        }
         let t0 = Instant::now();
         while t0.elapsed() < FINAL_DRAIN_LIMIT {
             match tokio::time::timeout(FINAL_DRAIN_QUIET, reader.read_batch(&mut batch)).await {
@@ -386,6 +391,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         decode_errors = pipeline.decode_errors,
         timer_not_due = stats_final.timer_not_due,
         retransmit_failed = stats_final.retransmit_failed,
+        ring_reads_woken = reader.counts().woken,
+        ring_reads_timed = reader.counts().timed,
         "tcpstall stopped"
     );
 

@@ -685,3 +685,83 @@ fn write_timer_program_fields_per_mechanism() {
         drop(conn);
     }
 }
+
+/// The ring's wake-up follows the reader's mode (`TCPSTALL_READER`): a
+/// reader asleep on the ring's fd (as the agent is on a quiet node) is
+/// woken by the kernel when a record arrives, and the record is there.
+/// The wait (epoll) starts before the connection is made, so only a
+/// wake-up ends it (a broken wake-up leaves it to its 30 s timeout).
+/// Mutation: `emit` submitting with `BPF_RB_NO_WAKEUP` while the reader is
+/// asleep (flags 0 -> NO_WAKEUP) -> "the asleep reader was not woken".
+#[test]
+fn ring_wakes_the_asleep_reader() {
+    use tcpstall::kernel::reader::ASLEEP;
+    use tcpstall::kernel::{
+        event::{EventKind, SockEvent},
+        loader::{self, LoaderOptions},
+    };
+    require_tools();
+    let link = Link::new("rwk", 144);
+    let server = SocketAddr::new(link.b_ip.into(), 8080);
+    let listener = listen_in(&link.b, server);
+    let mut loaded = loader::load(&LoaderOptions::default()).expect("loading the probes");
+    let mut ring = loaded.take_events().expect("ring");
+    let mut mode = loaded.take_reader_mode().expect("reader mode map");
+    mode.set(0, ASLEEP, 0).expect("set the reader asleep");
+    while ring.next().is_some() {}
+    // epoll, not poll(2): poll re-checks the fd when it times out (and
+    // would find the record without any wake-up); epoll reports the fd
+    // only when the kernel woke its wait queue (or when it is added with
+    // data already waiting, which other traffic on the node may cause: the
+    // test holds then too).
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&ring);
+    // SAFETY: plain syscalls; `ep` is closed below, the ring outlives it.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(
+        ep >= 0,
+        "epoll_create1: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut add = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 1,
+    };
+    let r = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut add) };
+    assert_eq!(r, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+    let poller = thread::spawn(move || {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: one event slot; `ep` stays open until the join.
+        unsafe { libc::epoll_wait(ep, &mut ev, 1, 30_000) }
+    });
+    // Let the poller block first (a wake-up before it waits is kept on
+    // the epoll ready list: the test holds either way).
+    thread::sleep(Duration::from_millis(300));
+    let client = connect_in(&link.a, server);
+    let accepted = listener.accept().expect("accept");
+    let ready = poller.join().expect("poller");
+    // SAFETY: our epoll fd.
+    unsafe { libc::close(ep) };
+    assert_eq!(ready, 1, "the asleep reader was not woken within 30 s");
+    // Our connection's events are in the ring (read until seen: other
+    // traffic on the node shares it).
+    let local = client.local_addr().expect("local");
+    let netns = link.a.inode();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "no state event of our connection in the ring",
+        || {
+            while let Some(item) = ring.next() {
+                if let Ok(ev) = SockEvent::decode(&item)
+                    && ev.kind == EventKind::State
+                    && u64::from(ev.netns) == netns
+                    && ev.local == local
+                {
+                    return Ok(());
+                }
+            }
+            Err("not yet".to_owned())
+        },
+    );
+    drop((client, accepted));
+}

@@ -272,7 +272,7 @@ impl Pipeline {
         reader.drain_ready(batch);
         self.ingest_events(batch);
         let held = self.hold.finish();
-        let (out, r) = match cycle::finish(&run, result, stats) {
+        let (out, mut r) = match cycle::finish(&run, result, stats) {
             Ok(o) => o,
             Err(e) => return self.sweep_failed(reason, &e, held),
         };
@@ -304,14 +304,16 @@ impl Pipeline {
             Instant::now(),
         );
         self.state.metrics.sweep.without_timeout(&per_pod);
+        // Sockets the kernel skipped (no record) still count as TCP
+        // sockets, and as established ones in the audit's summary.
+        r.report.established += out.skipped_established as usize;
+        let tcp_sockets = r.sockets.len() + out.skipped as usize;
         let elapsed = t0.elapsed();
-        self.state.metrics.sweep.ran(
-            reason,
-            elapsed.as_secs_f64(),
-            out.socket_files,
-            r.sockets.len(),
-        );
-        let (tcp_sockets, at_risk) = (r.sockets.len(), r.report.total);
+        self.state
+            .metrics
+            .sweep
+            .ran(reason, elapsed.as_secs_f64(), out.socket_files, tcp_sockets);
+        let at_risk = r.report.total;
         *self
             .state
             .risks
@@ -324,6 +326,7 @@ impl Pipeline {
             duration_ms = elapsed.as_secs_f64() * 1e3,
             socket_files = out.socket_files,
             tcp_sockets,
+            records = r.sockets.len(),
             seeded = st.sweep_seeded - before.sweep_seeded,
             repaired = st.sweep_repaired - before.sweep_repaired,
             without_timeout = at_risk,

@@ -349,7 +349,7 @@ impl SweepMetrics {
         );
         registry.register(
             "tcpstall_sweep_tcp_sockets",
-            "Distinct TCP sockets found by the last sweep",
+            "TCP sockets found by the last sweep: the distinct ones it read, plus those it skipped in the kernel (idle with a timeout set, listeners: nothing the engine or the audit uses), counted once per file holding them",
             m.tcp_sockets.clone(),
         );
         registry.register(

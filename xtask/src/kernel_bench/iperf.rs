@@ -43,6 +43,14 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Per-round ratios `with[r] / without[r]`: median, min, max.
+pub fn paired_ratios(without: &[f64], with: &[f64]) -> (f64, f64, f64) {
+    let r: Vec<f64> = without.iter().zip(with).map(|(a, b)| b / a).collect();
+    let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(&r), lo, hi)
+}
+
 fn one_run(link: &Link, secs: u64) -> anyhow::Result<f64> {
     let out = Command::new("ip")
         .args(["netns", "exec", &link.a.name, "iperf3", "-J", "-t"])

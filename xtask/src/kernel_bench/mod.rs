@@ -19,6 +19,7 @@
 
 mod agent_stats;
 mod floor;
+mod idle;
 mod iperf;
 mod procs;
 mod progs;
@@ -49,6 +50,9 @@ pub const REPORT_END: &str = "TCPSTALL-KERNEL-BENCH-END";
 const GOAL_TIMER_QUIET_NS: f64 = 60.0;
 const GOAL_ACK_QUIET_NS: f64 = 40.0;
 const GOAL_IPERF_RATIO: f64 = 0.99;
+const GOAL_IDLE_CPU_MS_PER_S: f64 = 0.5;
+const GOAL_DELIVERY_P99_S: f64 = 0.020;
+const GOAL_SWEEP_CPU_S: f64 = 0.3;
 
 /// Options of `cargo xtask bench --kernel` (also passed to the guests).
 #[derive(Debug, Clone, clap::Args)]
@@ -77,6 +81,22 @@ pub struct BenchOptions {
     /// Skip the iperf3 part.
     #[arg(long)]
     pub no_iperf: bool,
+    /// Idle established sockets held while the agent's idle cost is measured.
+    #[arg(long, value_name = "N", default_value_t = 15_000)]
+    pub idle_sockets: usize,
+    /// Length of the idle window.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub idle: Duration,
+    /// Sockets for the sweep at scale (the sweep is also measured at
+    /// `--idle-sockets`).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub sweep_sockets: usize,
+    /// Length of each sweep window (sweeps every 2 s).
+    #[arg(long, value_name = "DURATION", default_value = "16s", value_parser = parse_duration)]
+    pub sweep_window: Duration,
+    /// Skip the idle and sweep phases.
+    #[arg(long)]
+    pub no_idle: bool,
 }
 
 impl BenchOptions {
@@ -93,6 +113,13 @@ impl BenchOptions {
         ];
         if self.no_iperf {
             v.push("--no-iperf".into());
+        }
+        v.push(format!("--idle-sockets={}", self.idle_sockets));
+        v.push(format!("--idle={}s", self.idle.as_secs()));
+        v.push(format!("--sweep-sockets={}", self.sweep_sockets));
+        v.push(format!("--sweep-window={}s", self.sweep_window.as_secs()));
+        if self.no_idle {
+            v.push("--no-idle".into());
         }
         v
     }
@@ -112,6 +139,7 @@ pub fn check_prerequisites(opts: &BenchOptions) -> anyhow::Result<()> {
         ("ip", "iproute2"),
         ("nft", "nftables"),
         ("unshare", "util-linux"),
+        ("ss", "iproute2"),
     ];
     if !opts.no_iperf {
         need.push(("iperf3", "iperf3"));
@@ -256,6 +284,8 @@ fn delivery(a: &Snapshot, b: &Snapshot) -> Option<Delivery> {
 
 pub struct Report {
     pub opts: BenchOptions,
+    pub idle: Option<idle::Idle>,
+    pub sweeps: Vec<idle::SweepCost>,
     pub quiet: Phase,
     pub storm: Phase,
     pub bpftrace_maps: procs::BpftraceMaps,
@@ -345,6 +375,42 @@ fn wait_with_progress(what: &str, d: Duration, mut status: impl FnMut() -> Strin
 pub fn run(agent: &Path, opts: &BenchOptions) -> anyhow::Result<Report> {
     check_prerequisites(opts)?;
     let step = |m: &str| eprintln!("\x1b[1m==> {m}\x1b[0m");
+
+    let (idle_result, sweeps) = if opts.no_idle {
+        (None, Vec::new())
+    } else {
+        step(&format!(
+            "idle: {} established loopback sockets (half with SO_KEEPALIVE), the agent alone for {:.0} s, then single connections 1 s apart",
+            opts.idle_sockets,
+            opts.idle.as_secs_f64()
+        ));
+        let mut held = idle::Held::new("kbidle");
+        held.grow_to(opts.idle_sockets)?;
+        let i = idle::idle(agent, &held, opts.idle)?;
+        eprintln!(
+            "    agent CPU {:.3} ms/s, one `ss -tinoH` dump {:.1} ms, from idle p99 {:?}",
+            i.cpu_ms_per_s(),
+            i.ss_dump_cpu_s * 1e3,
+            i.from_idle.p99
+        );
+        let mut sweeps = Vec::new();
+        for n in [opts.idle_sockets, opts.sweep_sockets] {
+            step(&format!(
+                "sweep every 2 s at {n} sockets, 2 x {:.0} s",
+                opts.sweep_window.as_secs_f64()
+            ));
+            held.grow_to(n)?;
+            let c = idle::sweep(agent, &held, opts.sweep_window, i.cpu_s / i.secs)?;
+            eprintln!(
+                "    {} sweeps, {:.3} CPU-s each, /healthz max {:.1} ms",
+                c.sweeps,
+                c.cpu_per_sweep_s,
+                c.healthz.2 * 1e3
+            );
+            sweeps.push(c);
+        }
+        (Some(i), sweeps)
+    };
 
     step(&format!(
         "kernel bench: namespaces, {} storm flows (tcp_retries2 = {} in their namespace), ordinary traffic",
@@ -474,6 +540,8 @@ pub fn run(agent: &Path, opts: &BenchOptions) -> anyhow::Result<Report> {
     };
     Ok(Report {
         opts: opts.clone(),
+        idle: idle_result,
+        sweeps,
         quiet,
         storm: storm_phase,
         bpftrace_maps,
@@ -610,6 +678,7 @@ impl Report {
             machine(),
             date()
         );
+        self.idle_markdown(&mut o);
         let _ = writeln!(
             o,
             "Storm phase: {} blackholed flows (tcp_retries2 = {}) for {:.0} s, plus ordinary traffic:\n",
@@ -670,6 +739,14 @@ impl Report {
                     iperf::median(r) / base
                 );
             }
+            for i in [1, 2] {
+                let (med, lo, hi) = iperf::paired_ratios(&ip.runs[0], &ip.runs[i]);
+                let _ = writeln!(
+                    o,
+                    "\n{} / without, per round (the two runs of a round are back to back): median {med:.3}, spread {lo:.3}-{hi:.3}",
+                    iperf::Mode::ALL[i].label()
+                );
+            }
         }
         let _ = writeln!(o, "\nGoals:\n");
         for line in self.goals() {
@@ -678,9 +755,106 @@ impl Report {
         o
     }
 
+    /// The idle and sweep phases' section of the report.
+    fn idle_markdown(&self, o: &mut String) {
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1} ms", v * 1e3));
+        if let Some(i) = &self.idle {
+            let _ = writeln!(
+                o,
+                "Idle: {} established loopback sockets (half with SO_KEEPALIVE), no traffic of the bench, agent at defaults but `--sweep-interval 0` for {:.0} s: **{:.3} ms CPU per second** (every thread's schedstat; {} events from other traffic on the node read meanwhile). One `ss -tinoH` dump of the same sockets: {:.1} ms CPU, so polling with `ss` once a second costs {:.0}x the idle agent.\n",
+                i.sockets,
+                i.secs,
+                i.cpu_ms_per_s(),
+                i.events,
+                i.ss_dump_cpu_s * 1e3,
+                i.ss_dump_cpu_s * 1e3 / i.cpu_ms_per_s().max(1e-6)
+            );
+            let _ = writeln!(
+                o,
+                "From idle: 20 single connections 1 s apart, {} events, delivery delay (kernel timestamp to the agent's read) p50 {}, p99 {}.\n",
+                i.from_idle.events,
+                ms(i.from_idle.p50),
+                ms(i.from_idle.p99)
+            );
+        }
+        if !self.sweeps.is_empty() {
+            let _ = writeln!(
+                o,
+                "Periodic sweep (`--sweep-interval 2`), the agent alone, then with `/healthz` every 5 ms and a short connection every 100 ms (the event loop while sweeps run):\n"
+            );
+            let _ = writeln!(
+                o,
+                "| sockets | sweeps | CPU-s per sweep | wall per sweep | /healthz p50 / p99 / max | events | delivery p50 / p99 |"
+            );
+            let _ = writeln!(o, "|---:|---:|---:|---:|---|---:|---|");
+            for c in &self.sweeps {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {:.3} | {} | {:.1} / {:.1} / {:.1} ms ({} answers) | {} | {} / {} |",
+                    c.sockets,
+                    c.sweeps,
+                    c.cpu_per_sweep_s,
+                    ms(c.wall_per_sweep_s),
+                    c.healthz.0 * 1e3,
+                    c.healthz.1 * 1e3,
+                    c.healthz.2 * 1e3,
+                    c.healthz.3,
+                    c.delivery.events,
+                    ms(c.delivery.p50),
+                    ms(c.delivery.p99)
+                );
+            }
+            if let (Some(i), Some(c)) = (&self.idle, self.sweeps.first()) {
+                let _ = writeln!(
+                    o,
+                    "\nAt the default `--sweep-interval 60`, the idle agent at {} sockets costs about {:.3} ms CPU per second with its sweep ({:.3} + {:.3} / 60 s).",
+                    c.sockets,
+                    i.cpu_ms_per_s() + c.cpu_per_sweep_s * 1e3 / 60.0,
+                    i.cpu_ms_per_s(),
+                    c.cpu_per_sweep_s * 1e3
+                );
+            }
+            let _ = writeln!(o);
+        }
+    }
+
     fn goals(&self) -> Vec<String> {
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
         let mut g = Vec::new();
+        if let Some(i) = &self.idle {
+            let v = i.cpu_ms_per_s();
+            g.push(format!(
+                "idle agent at {} sockets <= {GOAL_IDLE_CPU_MS_PER_S} ms CPU per second: {v:.3}, {}",
+                i.sockets,
+                verdict(v <= GOAL_IDLE_CPU_MS_PER_S)
+            ));
+            if let Some(p) = i.from_idle.p99 {
+                g.push(format!(
+                    "event delivery p99 from idle <= {:.0} ms: {:.1} ms, {}",
+                    GOAL_DELIVERY_P99_S * 1e3,
+                    p * 1e3,
+                    verdict(p <= GOAL_DELIVERY_P99_S)
+                ));
+            }
+        }
+        for (name, p) in [("storm", &self.storm), ("quiet", &self.quiet)] {
+            if let Some(p99) = p.delivery.and_then(|d| d.p99) {
+                g.push(format!(
+                    "event delivery p99 in the {name} phase <= {:.0} ms: {:.1} ms, {}",
+                    GOAL_DELIVERY_P99_S * 1e3,
+                    p99 * 1e3,
+                    verdict(p99 <= GOAL_DELIVERY_P99_S)
+                ));
+            }
+        }
+        if let Some(c) = self.sweeps.last() {
+            g.push(format!(
+                "periodic sweep at {} sockets <= {GOAL_SWEEP_CPU_S} CPU-s: {:.3}, {}",
+                c.sockets,
+                c.cpu_per_sweep_s,
+                verdict(c.cpu_per_sweep_s <= GOAL_SWEEP_CPU_S)
+            ));
+        }
         for r in self
             .storm
             .rows

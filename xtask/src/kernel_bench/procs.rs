@@ -57,6 +57,10 @@ impl Drop for Agent {
 }
 
 impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `tcpstall run` on a loopback port with `extra` flags; returns once it
     /// logs `tcpstall running` (probes attached).
     pub fn start(agent: &Path, extra: &[&str]) -> anyhow::Result<Agent> {

@@ -14,7 +14,9 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::Iter,
 };
-use tcpstall_common::{EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, STATS_MAP, layout_flag};
+use tcpstall_common::{
+    EVENTS_MAP, KernelLayout, LAYOUT_GLOBAL, READER_MAP, STATS_MAP, layout_flag,
+};
 
 use super::{
     btf::Btf,
@@ -486,6 +488,16 @@ impl Loaded {
             .take_map(EVENTS_MAP)
             .ok_or_else(|| LoadError::Map(format!("map {EVENTS_MAP} missing or already taken")))?;
         RingBuf::try_from(map).map_err(|e| LoadError::Map(chain(&e)))
+    }
+
+    /// The reader-mode map the programs consult before waking the reader
+    /// (`tcpstall_common::reader`).
+    pub fn take_reader_mode(&mut self) -> Result<aya::maps::Array<MapData, u32>, LoadError> {
+        let map = self
+            .ebpf
+            .take_map(READER_MAP)
+            .ok_or_else(|| LoadError::Map(format!("map {READER_MAP} missing or already taken")))?;
+        aya::maps::Array::try_from(map).map_err(|e| LoadError::Map(chain(&e)))
     }
 
     /// Run-time statistics of every attached program, from the kernel's

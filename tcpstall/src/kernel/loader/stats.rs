@@ -18,6 +18,10 @@ pub struct KernelStats {
     /// Socket files the sweep iterator visited; sweep records lost.
     pub sweep_socket_files: u64,
     pub sweep_overflow: u64,
+    /// TCP sockets the sweep skipped in the kernel (nothing the engine or
+    /// the audit can use), and the established ones among them.
+    pub sweep_skipped: u64,
+    pub sweep_skipped_established: u64,
 }
 
 pub struct StatsReader(pub(super) PerCpuArray<MapData, u64>);
@@ -96,6 +100,8 @@ impl StatsReader {
             retransmit_failed: sum(stat::RETRANSMIT_FAILED)?,
             sweep_socket_files: sum(stat::SWEEP_SOCKET_FILES)?,
             sweep_overflow: sum(stat::SWEEP_OVERFLOW)?,
+            sweep_skipped: sum(stat::SWEEP_SKIPPED)?,
+            sweep_skipped_established: sum(stat::SWEEP_SKIPPED_ESTABLISHED)?,
         })
     }
 }

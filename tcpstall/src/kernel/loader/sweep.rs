@@ -22,6 +22,11 @@ pub struct SweepOutput {
     pub socket_files: u64,
     /// Records that did not fit in the iterator's buffer (lost).
     pub overflow: u64,
+    /// TCP sockets skipped in the kernel (no record: idle with a timeout
+    /// set, listeners, ...; counted per file holding them, not
+    /// de-duplicated), and the established ones among them.
+    pub skipped: u64,
+    pub skipped_established: u64,
 }
 
 /// A started sweep: the iterator's file, read with [`SweepRun::read`]
@@ -55,7 +60,7 @@ impl SweepRun {
         Ok(records)
     }
 
-    /// The sweep's output, with the visited / overflow counters (read
+    /// The sweep's output, with the visited / overflow / skipped counters (read
     /// after [`Self::read`] returned).
     pub fn finish(
         &self,
@@ -63,14 +68,16 @@ impl SweepRun {
         stats: &StatsReader,
     ) -> Result<SweepOutput, SweepError> {
         let after = stats.read().map_err(|e| SweepError::Run(chain(&e)))?;
+        // What the kernel counted during this sweep.
+        let during = |counter: fn(&KernelStats) -> u64| {
+            counter(&after).saturating_sub(counter(&self.before))
+        };
         Ok(SweepOutput {
             records,
-            socket_files: after
-                .sweep_socket_files
-                .saturating_sub(self.before.sweep_socket_files),
-            overflow: after
-                .sweep_overflow
-                .saturating_sub(self.before.sweep_overflow),
+            socket_files: during(|s| s.sweep_socket_files),
+            overflow: during(|s| s.sweep_overflow),
+            skipped: during(|s| s.sweep_skipped),
+            skipped_established: during(|s| s.sweep_skipped_established),
         })
     }
 }

@@ -140,7 +140,7 @@ impl Metrics {
         let event_delivery = Histogram::new(EVENT_DELIVERY_BUCKETS);
         registry.register(
             "tcpstall_event_delivery_seconds",
-            "Delay in seconds from a kernel event (its CLOCK_MONOTONIC timestamp) to the agent reading it from the ring buffer; the reader polls every 10 ms unless the ring is an eighth full",
+            "Delay in seconds from a kernel event (its CLOCK_MONOTONIC timestamp) to the agent reading it from the ring buffer: woken by the first record on a quiet ring, polled every 10 ms while events keep coming (a ring an eighth full wakes it at once)",
             event_delivery.clone(),
         );
         let ringbuf_dropped = Counter::default();
