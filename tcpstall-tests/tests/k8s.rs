@@ -18,15 +18,15 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, ExpectedOwner, Link, assert_owner_named, drain, ev_str, listen_in, require,
-    require_tools,
+    Agent, ExpectedOwner, Link, Proc, assert_owner_named, drain, ev_str, listen_in, require,
+    require_tools, spawn_in_cgroup,
 };
 
 const POD_UID: &str = "0b3c7a51-7e0d-4c2a-9f43-5a1d2e3f4a5b";
@@ -88,16 +88,6 @@ impl Drop for Cgroups {
     }
 }
 
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Scratch(PathBuf);
 
 impl Drop for Scratch {
@@ -122,42 +112,14 @@ fn named_shell(dir: &Path, name: &str) -> PathBuf {
 /// Start `shell -c script`, optionally in a network namespace; the script's
 /// first command moves the shell into `cgroup` (before any socket exists).
 fn spawn(netns: Option<&str>, shell: &Path, cgroup: &Path, script: &str) -> Proc {
-    // Join the cgroup first (`ip netns exec` remounts /sys, hiding the
-    // cgroup2 mount), then enter the namespace and exec the named shell:
-    // one pid throughout.
-    let mut c = Command::new("/bin/bash");
-    c.args([
-        "-c",
-        "echo $$ > \"$1\"/cgroup.procs || exit 1; shift; exec \"$@\"",
-        "_",
-    ])
-    .arg(cgroup);
-    if let Some(ns) = netns {
-        c.args(["ip", "netns", "exec", ns]);
-    }
-    let child = c
-        .arg(shell)
-        .args(["-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id().to_string();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !fs::read_to_string(cgroup.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l == pid)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} did not join {}",
-            cgroup.display()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    Proc(child)
+    spawn_in_cgroup(
+        netns,
+        cgroup,
+        shell,
+        &["-c", script],
+        Stdio::null(),
+        Stdio::null(),
+    )
 }
 
 fn containerd_spec(kind: &str, name: &str, pod: &str, ns: &str, uid: &str) -> String {

@@ -648,13 +648,15 @@ fn write_timer_program_fields_per_mechanism() {
         // The initial RTO, known without the data: the namespace's default
         // rto_min (TCP_RTO_MIN, HZ / 5) plus the smoothed RTT of a veth
         // pair, `usecs_to_jiffies(srtt + max(rttvar, rto_min))` rounded up:
-        // more than HZ / 5 jiffies, and the RTT adds well under 40 ms
-        // (recorded: 51-56 jiffies at HZ 250, TCG guests included).
+        // more than HZ / 5 jiffies, and the RTT adds well under 100 ms
+        // (recorded: 51-56 jiffies at HZ 250; the bound leaves a loaded TCG
+        // guest room while an RTO read off by a factor of two, over 400 ms,
+        // still fails).
         assert!(
-            rto0 > hz / 5 && rto0 <= hz / 5 + hz / 25,
+            rto0 > hz / 5 && rto0 <= hz / 5 + hz / 10,
             "{m}: initial RTO {rto0} jiffies, expected ({}, {}] at HZ {hz} (200 ms plus a veth RTT): {:#?}",
             hz / 5,
-            hz / 5 + hz / 25,
+            hz / 5 + hz / 10,
             t[0]
         );
         let sock_fields = m != "sock_ops";

@@ -13,9 +13,9 @@ use prometheus_client::{
 
 use super::{
     BuildLabels, CauseLabels, ClassLabels, EVENT_DELIVERY_BUCKETS, FeatureLabels, FloatCounter,
-    FloatGauge, FlowLabels, HistogramFamily, GuardLabels, IncidentLabels, KindLabels, Metrics, MetricsConfig,
-    OutcomeLabels, PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters, ProgramLabels,
-    RemoteLabeler, RemoteLabels, RetransmitLabels, stall_duration_histogram,
+    FloatGauge, FlowLabels, GuardLabels, HistogramFamily, IncidentLabels, KindLabels, Metrics,
+    MetricsConfig, OutcomeLabels, PREDICTION_ERROR_BUCKETS, ProbeLabels, ProgramCounters,
+    ProgramLabels, RemoteLabeler, RemoteLabels, RetransmitLabels, stall_duration_histogram,
 };
 use crate::{
     engine::{StallClass, StreakOutcome},
