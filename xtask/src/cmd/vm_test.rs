@@ -75,10 +75,8 @@ pub const VM_TESTS: &[&str] = &[
     // Start-up reconcile of an S1 stall in progress (guests whose kernel
     // offers the sweep's hooks: SWEEP_HOOK_TESTS).
     "sweep/sweep_startup_ipv4_retries2_15",
-    // Why it stalls: the causes whose kernel signal every default guest has
-    // (kfree_skb drop reasons 5.17+, sk_err_soft).
-    "causes::cause_local_drop_in_the_clients_output_chain",
-    "causes::cause_unreachable_icmp_host_unreachable",
+    // Why it stalls (the causes scenarios) runs on the host only for now:
+    // not yet run in a guest (see docs/testing.md).
 ];
 
 /// Tests of VM_TESTS that need the sweep's kernel hooks (the
