@@ -755,7 +755,7 @@ fn prometheus_fires_near_timeout_before_the_socket_dies() {
             .into_iter()
             .flat_map(|(_, rows)| rows)
             .find(|r| r["metric"]["remote"] == remote_s.as_str() && value_of(r) > 1e12)
-            .map(|r| value_of(r));
+            .map(value_of);
         need(
             at.is_some_and(|ms| ms > (t_stall - 5.0) * 1e3 && ms < (t_stall + 60.0) * 1e3),
             format!("`{title}`: predicted death time {at:?} vs now {t_stall}"),
