@@ -40,9 +40,11 @@ use prometheus_client::{
 use super::incidents::Incident;
 use crate::{
     engine::{Gauges, Observation, StallView, StreakOutcome},
-    identity::{Direction, netns::PodIdentity, peer_service},
+    identity::{Direction, netns::PodIdentity},
     kernel::{event::EventKind, loader::ProgramRuntime},
 };
+pub use labels::FlowLabels;
+use labels::*;
 
 /// Upper bounds (seconds) of `tcpstall_stall_duration_seconds`: a streak that
 /// reached the `retransmit` class lasts from about a second (TCP_USER_TIMEOUT,
@@ -110,116 +112,6 @@ pub struct MetricsConfig {
     pub node: String,
     /// Incident groups with their own labels (--max-incidents).
     pub max_incidents: usize,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RemoteLabels {
-    remote: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RetransmitLabels {
-    remote: String,
-    cause: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClassLabels {
-    class: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CauseLabels {
-    cause: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct GuardLabels {
-    namespace: String,
-    rule: String,
-    action: &'static str,
-    mode: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
-    kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ProbeLabels {
-    probe: String,
-    mechanism: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FeatureLabels {
-    feature: &'static str,
-    state: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: String,
-    kernel: String,
-}
-
-/// Labels of the incident series (one stall class, owning pod and remote;
-/// see [`crate::serve::incidents`]).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct IncidentLabels {
-    node: String,
-    class: &'static str,
-    cause: &'static str,
-    namespace: String,
-    pod: String,
-    remote: String,
-    /// `initiated`, `accepted`, or empty for the overflow groups.
-    direction: &'static str,
-}
-
-/// Labels of the per-flow series (the alert rules' contract).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FlowLabels {
-    pub class: &'static str,
-    /// Why it stalls (a closed set: [`crate::engine::StallCause`]).
-    pub cause: &'static str,
-    pub local: String,
-    /// The peer service, as in the incident series (for an accepted
-    /// connection: the peer's IP and our listening port).
-    pub remote: String,
-    /// `initiated` or `accepted`.
-    pub direction: &'static str,
-    /// The peer's own address (ip:port).
-    pub peer: String,
-    /// Network namespace inode.
-    pub netns: String,
-    /// Empty when the owning pod is unknown.
-    pub pod: String,
-    pub namespace: String,
-    pub container: String,
-}
-
-impl FlowLabels {
-    pub fn of(view: &StallView, pod: Option<&PodIdentity>, direction: Direction) -> Self {
-        Self {
-            class: view.class.as_str(),
-            cause: view.cause.as_str(),
-            local: view.local.to_string(),
-            remote: peer_service(view.local, view.remote, direction).to_string(),
-            direction: direction.as_str(),
-            peer: view.remote.to_string(),
-            netns: view.netns.to_string(),
-            pod: pod.map(|p| p.pod.clone()).unwrap_or_default(),
-            namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
-            container: pod.map(|p| p.container.clone()).unwrap_or_default(),
-        }
-    }
 }
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
@@ -662,6 +554,7 @@ impl Metrics {
     }
 }
 
+mod labels;
 mod register;
 mod text;
 
