@@ -1322,7 +1322,23 @@ fn s1_with_the_last_fallback_of_every_probe() {
     eprintln!("LAST FALLBACKS {last:?}; denied {deny}");
     let link = Link::new("plain", 77);
     link.a.sysctl("net.ipv4.tcp_retries2", "3");
-    let mut agent = Agent::start(&["--deny-program", &deny, "--mechanism", "sock-ops"]);
+    // The guard attaches only with a policy: a dry-run one whose rule
+    // matches nothing here, so its last fallback is attached too.
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("tcpstall-plain-{}", std::process::id())));
+    let policy = scratch.0.join("guard.toml");
+    write_file(
+        &policy,
+        "mode = \"dry-run\"\n\n[[rule]]\nname = \"none\"\nnamespace = \"tcpstall-test-no-such-namespace\"\nuser_timeout = \"30s\"\n",
+    );
+    let mut agent = Agent::start(&[
+        "--deny-program",
+        &deny,
+        "--mechanism",
+        "sock-ops",
+        "--guard-policy",
+        policy.to_str().expect("UTF-8 path"),
+    ]);
     for (probe, program) in &last {
         let attached = agent.wait_log(Duration::from_secs(5), "attach lines", |v| {
             v["message"] == "probe attached" && v["probe"] == probe.as_str()
