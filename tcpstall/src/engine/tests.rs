@@ -1783,6 +1783,41 @@ proptest! {
     }
 }
 
+/// Runs `bh` through an engine at its socket's HZ: exactly one ETIMEDOUT
+/// and one streak; a death from RTO [`MIN_RTOS_PREDICTED`] on was predicted
+/// (a death at the first or second RTO has no earlier prediction), and a
+/// prediction lands within 1 ms of the kernel's death. Returns the views.
+fn blackhole_dies_as_predicted(bh: &Blackhole) -> Result<Vec<(u64, StallView)>, TestCaseError> {
+    let hz = bh.sock.hz;
+    let e = Engine::new(EngineConfig {
+        hz: Some(hz),
+        ..EngineConfig::default()
+    })
+    .unwrap();
+    let (_, obs, _, views) = run_s1(bh, e);
+    let t = timeouts(&obs);
+    prop_assert_eq!(t.len(), 1);
+    let rtos = streak_ends(&obs).first().map_or(0, |&(_, r, _)| r);
+    let Observation::Timeout {
+        prediction_error_s, ..
+    } = t[0]
+    else {
+        unreachable!()
+    };
+    if rtos >= MIN_RTOS_PREDICTED {
+        prop_assert!(
+            prediction_error_s.is_some(),
+            "death at RTO {} was not predicted",
+            rtos
+        );
+    }
+    if let Some(err) = prediction_error_s {
+        prop_assert!(err.abs() < 0.001, "error {}", err);
+    }
+    prop_assert_eq!(streak_ends(&obs).len(), 1);
+    Ok(views)
+}
+
 proptest! {
     // A fixed seed (CI must be deterministic) and many cases: this runs in
     // about 10 us a case. 150,000 random-seed cases passed when the
@@ -1820,22 +1855,8 @@ proptest! {
         bh.rto0 = (hz / 5).max(1);
         bh.incremented_before = incremented_before;
         bh.order = if close_first { Order::CloseFirst } else { Order::ErrorFirst };
-        let e = Engine::new(EngineConfig { hz: Some(hz), ..EngineConfig::default() }).unwrap();
-        let (_, obs, _, views) = run_s1(&bh, e);
-        let t = timeouts(&obs);
-        prop_assert_eq!(t.len(), 1);
-        // A death at the first or second RTO has no earlier prediction;
-        // any later death must have been predicted.
-        let rtos = streak_ends(&obs).first().map_or(0, |&(_, r, _)| r);
-        let Observation::Timeout { prediction_error_s, .. } = t[0] else { unreachable!() };
-        if rtos >= MIN_RTOS_PREDICTED {
-            prop_assert!(prediction_error_s.is_some(), "death at RTO {} was not predicted", rtos);
-        }
-        if let Some(err) = prediction_error_s {
-            prop_assert!(err.abs() < 0.001, "error {}", err);
-        }
+        let views = blackhole_dies_as_predicted(&bh)?;
         prop_assert!(views.iter().all(|(_, v)| v.class == StallClass::Retransmit));
-        prop_assert_eq!(streak_ends(&obs).len(), 1);
     }
 
 }
@@ -1877,19 +1898,7 @@ proptest! {
         bh.tlp = tlp;
         bh.rto0 = (hz / 5).max(1);
         bh.rto_max = rto_max_s * u64::from(hz);
-        let e = Engine::new(EngineConfig { hz: Some(hz), ..EngineConfig::default() }).unwrap();
-        let (_, obs, _, _) = run_s1(&bh, e);
-        let t = timeouts(&obs);
-        prop_assert_eq!(t.len(), 1);
-        let rtos = streak_ends(&obs).first().map_or(0, |&(_, r, _)| r);
-        let Observation::Timeout { prediction_error_s, .. } = t[0] else { unreachable!() };
-        if rtos >= MIN_RTOS_PREDICTED {
-            prop_assert!(prediction_error_s.is_some(), "death at RTO {} was not predicted", rtos);
-        }
-        if let Some(err) = prediction_error_s {
-            prop_assert!(err.abs() < 0.001, "error {}", err);
-        }
-        prop_assert_eq!(streak_ends(&obs).len(), 1);
+        blackhole_dies_as_predicted(&bh)?;
     }
 }
 
