@@ -133,7 +133,12 @@ impl Netns {
     /// chain (what an egress NetworkPolicy or a host firewall change does
     /// to an established connection): the sender's transmit fails locally.
     pub fn drop_output_to(&self, peer: Ipv4Addr) -> Blackhole<'_> {
-        self.test_rule("output", &format!("ip daddr {peer} drop"))
+        self.output_rule(&format!("ip daddr {peer} drop"))
+    }
+
+    /// Adds an nftables `rule` to this namespace's output chain.
+    pub fn output_rule(&self, rule: &str) -> Blackhole<'_> {
+        self.test_rule("output", rule)
     }
 
     /// Reject every packet arriving in this namespace that matches `matcher`

@@ -166,6 +166,8 @@ fn tracepoint_of(program: &str) -> Option<&'static str> {
         Some("tcp_probe")
     } else if program.contains("write_timer_tp") {
         Some("timer_expire_entry")
+    } else if program.contains("drop") {
+        Some("kfree_skb")
     } else {
         None
     }
