@@ -23,7 +23,11 @@ fn require_drop_probe(agent: &Agent) {
 }
 
 /// Polls the API until the flow is listed with `cause` and `check` accepts
-/// the entry; returns it and the instant (CLOCK_MONOTONIC ns) it was seen.
+/// the entry; returns it and the instant (CLOCK_MONOTONIC ns) the agent
+/// computed that listing (`since_ns` + `stalled_for_s`: the agent's clock, so
+/// "within two expiries" measures the agent, not how long this poll's HTTP
+/// round trip took on a loaded host or under TCG, where expiries kept coming
+/// in between).
 fn wait_cause(
     agent: &Agent,
     local: SocketAddr,
@@ -35,7 +39,10 @@ fn wait_cause(
     let mut last = None;
     while monotonic_ns() < deadline {
         match agent.stall_of(local, remote) {
-            Some(v) if v["cause"] == cause && check(&v) => return (v, monotonic_ns()),
+            Some(v) if v["cause"] == cause && check(&v) => {
+                let listed = listed_at(&v).unwrap_or_else(monotonic_ns);
+                return (v, listed);
+            }
             other => last = other.or(last),
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -60,6 +67,13 @@ fn wait_cause(
         "{local} -> {remote} never listed with cause {cause} in 20 s; last listed: {last:?}; its events:\n{}",
         events.join("\n")
     )
+}
+
+/// When the agent computed a stall view (CLOCK_MONOTONIC ns).
+fn listed_at(v: &Value) -> Option<u64> {
+    let since = v["since_ns"].as_u64()?;
+    let age = v["stalled_for_s"].as_f64()?;
+    Some(since + (age * 1e9).round() as u64)
 }
 
 /// The flow's write-timer expiries the agent logged strictly between `from`
@@ -245,7 +259,15 @@ fn cause_reset_ends_a_silent_stall() {
     let _reset = link
         .b
         .reject_input(&format!("ip saddr {}", link.a_ip), "tcp reset");
-    let close = agent.wait_log(Duration::from_secs(20), "the socket's CLOSE", |v| {
+    // The RST answers the next retransmission: at most the socket's current
+    // (backed-off) RTO away, which under TCG can exceed any fixed wait.
+    let rto_ms = agent
+        .stall_of(local, server)
+        .map_or(view["rto_ms"].as_u64().unwrap_or(0), |v| {
+            v["rto_ms"].as_u64().unwrap_or(0)
+        });
+    let wait = Duration::from_millis(rto_ms) + Duration::from_secs(20);
+    let close = agent.wait_log(wait, "the socket's CLOSE", |v| {
         v["message"] == "event"
             && ev_u64(v, "cookie") == cookie
             && ev_str(v, "kind") == "state"

@@ -75,13 +75,13 @@ pub const VM_TESTS: &[&str] = &[
     // Start-up reconcile of an S1 stall in progress (guests whose kernel
     // offers the sweep's hooks: SWEEP_HOOK_TESTS).
     "sweep/sweep_startup_ipv4_retries2_15",
-    // Why it stalls: one scenario per cause (those needing netfilter drop
-    // reasons only where the guest's BTF names them: DROP_REASON_TESTS).
+    // Why it stalls, where the guest kernel has the signal (about a minute
+    // per guest for the three): a local drop named by the kernel (only where
+    // its BTF names netfilter drops: DROP_REASON_TESTS), an ICMP soft error,
+    // and the black-hole detection lowering the MSS. The other cause
+    // scenarios run on the host (see docs/testing.md).
     "causes::cause_local_drop_in_the_clients_output_chain",
     "causes::cause_unreachable_icmp_host_unreachable",
-    "causes::cause_unreachable_icmpv6_address_unreachable",
-    "causes::cause_reset_ends_a_silent_stall",
-    "causes::cause_pmtu_blackhole_without_mtu_probing",
     "causes::cause_pmtu_blackhole_with_mtu_probing_lowers_the_mss",
 ];
 
@@ -95,12 +95,7 @@ const SWEEP_HOOK_TESTS: &[&str] = &["sweep/sweep_startup_ipv4_retries2_15"];
 /// Tests of VM_TESTS that need the kernel to name its netfilter drops
 /// (`SKB_DROP_REASON_NETFILTER_DROP` with the `kfree_skb` drop-reason
 /// argument, 5.17 / 6.0+): not run in a guest whose BTF lacks it (5.10).
-/// (The reset scenario asserts `peer_silent` first, which needs the drop
-/// probe attached: 5.17+, within the same condition.)
-const DROP_REASON_TESTS: &[&str] = &[
-    "causes::cause_local_drop_in_the_clients_output_chain",
-    "causes::cause_reset_ends_a_silent_stall",
-];
+const DROP_REASON_TESTS: &[&str] = &["causes::cause_local_drop_in_the_clients_output_chain"];
 
 /// Whether a kernel's BTF names netfilter drops (see [`DROP_REASON_TESTS`]).
 fn btf_names_netfilter_drops(btf: &[u8]) -> bool {
