@@ -75,8 +75,8 @@ pub const VM_TESTS: &[&str] = &[
     // Start-up reconcile of an S1 stall in progress (guests whose kernel
     // offers the sweep's hooks: SWEEP_HOOK_TESTS).
     "sweep/sweep_startup_ipv4_retries2_15",
-    // Why it stalls, where the guest kernel has the signal (about a minute
-    // per guest for the three): a local drop named by the kernel (only where
+    // Why it stalls, where the guest kernel has the signal (about 80 s per
+    // guest under TCG for the three): a local drop named by the kernel (only where
     // its BTF names netfilter drops: DROP_REASON_TESTS), an ICMP soft error,
     // and the black-hole detection lowering the MSS. The other cause
     // scenarios run on the host (see docs/testing.md).

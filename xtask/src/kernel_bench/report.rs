@@ -176,7 +176,13 @@ impl Report {
             o,
             "\nFloor: an empty program (`r0 = 0; exit`) on each tracepoint, loaded by the bench itself with bpf(2) as a raw tracepoint program: dispatched and accounted exactly like tcpstall's `tp_btf` programs (both run through `__bpf_trace_run`), so it is what any program on that hook costs in `run_time_ns` on this machine (the two clock reads around the call and the indirect call). Not bpftrace `{{}}` bodies: bpftrace attaches classic tracepoints, whose accounting differs, and needs minutes of LLVM under TCG. The goals are absolute ns/run; the \"above floor\" column is what tcpstall's own instructions add."
         );
-        if let Some((filter, report)) = drop_filter_estimate(&self.quiet, &self.storm) {
+        let drop_estimate = drop_filter_estimate(&self.quiet, &self.storm);
+        if drop_estimate.is_some_and(|(f, r)| f < 0.0 || r < 0.0) {
+            let _ = writeln!(
+                o,
+                "\nDrop program (kfree_skb): the two phases' averages do not separate the filter exit from a reported drop (a negative solution: the per-run cost moved between the phases by more than the share of reported drops explains, e.g. a hook run too rarely to stay in cache); read the quiet phase's row, where no drop was reported, as the filter exit's cost."
+            );
+        } else if let Some((filter, report)) = drop_estimate {
             let _ = writeln!(
                 o,
                 "\nDrop program (kfree_skb), solved from both phases' averages and shares of reported drops: about {filter:.0} ns per run that stops at the filter (every drop on the node while no socket of it is in a loss episode), about {report:.0} ns per reported drop (an estimate). The bpftrace counterpart counts drops per location and reason (`@drop[args->location, args->reason]`), with no socket filter."
