@@ -39,6 +39,10 @@ use tcpstall_tests::{
     listen_in, metric_sum, require, require_tools, spawn_in_cgroup, wait_until, write_file,
 };
 
+// The same guard against psql and a real Postgres server.
+#[path = "guard/psql.rs"]
+mod psql;
+
 const CLIENT: &str = r#"
 import errno, json, socket, sys, time
 host, port, own, send = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "send"
@@ -207,6 +211,49 @@ fn established_in(link_ns: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The agent with the guard policy `policy`, resolving pods from the
+/// containerd state under `tmp` (the other runtimes' roots empty), plus
+/// `extra` arguments.
+fn agent_with_policy(tmp: &Path, policy: &Path, extra: &[&str]) -> Agent {
+    let (containerd, crio) = (tmp.join("containerd"), tmp.join("crio"));
+    let (kubelet, docker) = (tmp.join("kubelet"), tmp.join("docker"));
+    let mut args = vec![
+        "--containerd-state",
+        containerd.to_str().unwrap(),
+        "--crio-state",
+        crio.to_str().unwrap(),
+        "--kubelet-root",
+        kubelet.to_str().unwrap(),
+        "--docker-root",
+        docker.to_str().unwrap(),
+        "--guard-policy",
+        policy.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Agent::start(&args)
+}
+
+/// Waits until every rule of `rules` covers a pod cgroup in the kernel map.
+fn wait_rules_cover(agent: &Agent, rules: &[&str]) {
+    wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        "the guard covering the pods' cgroups",
+        || {
+            let g = guard_doc(agent);
+            let covered: Vec<String> = g["cgroups"]
+                .as_array()
+                .map(|a| a.iter().map(|c| ev_str(c, "rule").to_owned()).collect())
+                .unwrap_or_default();
+            if rules.iter().all(|w| covered.iter().any(|c| c == w)) {
+                Ok(())
+            } else {
+                Err(format!("{}", g["cgroups"]))
+            }
+        },
+    );
+}
+
 /// The preferred program (`tcpstall_guard_direct`).
 #[test]
 fn guard_arms_timeouts_per_pod_rule() {
@@ -277,22 +324,7 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
 
     let link = Link::new("grd", 77);
     link.a.sysctl("net.ipv4.tcp_retries2", "15");
-    let (containerd, crio) = (tmp.join("containerd"), tmp.join("crio"));
-    let (kubelet, docker) = (tmp.join("kubelet"), tmp.join("docker"));
-    let mut args = vec![
-        "--containerd-state",
-        containerd.to_str().unwrap(),
-        "--crio-state",
-        crio.to_str().unwrap(),
-        "--kubelet-root",
-        kubelet.to_str().unwrap(),
-        "--docker-root",
-        docker.to_str().unwrap(),
-        "--guard-policy",
-        policy.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let agent = Agent::start(&args);
+    let agent = agent_with_policy(&tmp, &policy, extra);
     let (_, plan) = agent.http_get("/api/v1/plan");
     let plan: Value = serde_json::from_str(&plan).expect("plan JSON");
     let guard_probe = plan["probes"]
@@ -303,23 +335,9 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
         .expect("guard probe in the plan");
     assert_eq!(guard_probe["program"], program, "{guard_probe}");
     // Every rule's pod cgroup is in the kernel map before any socket.
-    wait_until(
-        Duration::from_secs(15),
-        Duration::from_millis(200),
-        "the guard covering the four pods' cgroups",
-        || {
-            let g = guard_doc(&agent);
-            let covered: Vec<String> = g["cgroups"]
-                .as_array()
-                .map(|a| a.iter().map(|c| ev_str(c, "rule").to_owned()).collect())
-                .unwrap_or_default();
-            let want = ["shop-10s", "lab-dry", "db-server", "pool-keepalive"];
-            if want.iter().all(|w| covered.iter().any(|c| c == w)) {
-                Ok(())
-            } else {
-                Err(format!("{}", g["cgroups"]))
-            }
-        },
+    wait_rules_cover(
+        &agent,
+        &["shop-10s", "lab-dry", "db-server", "pool-keepalive"],
     );
 
     // The server the clients talk to: the test's own (no rule covers it).
