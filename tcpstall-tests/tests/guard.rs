@@ -28,15 +28,19 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{ChildStdin, Stdio},
-    sync::mpsc::{self, Receiver},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver},
+    },
     thread,
     time::Duration,
 };
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Cgroups, Link, Proc, Scratch, cgroup2_root, connect_in, containerd_spec, ev_str,
-    listen_in, metric_sum, require, require_tools, spawn_in_cgroup, wait_until, write_file,
+    Agent, Cgroups, Link, Proc, Scratch, agent_path, cgroup2_root, connect_in, containerd_spec,
+    ev_str, listen_in, metric_sum, require, require_tools, run_ok, spawn_in_cgroup, wait_until,
+    write_file,
 };
 
 // The same guard against psql and a real Postgres server.
@@ -44,11 +48,14 @@ use tcpstall_tests::{
 mod psql;
 
 const CLIENT: &str = r#"
-import errno, json, socket, sys, time
+import errno, json, socket, struct, sys, time
 host, port, own, send = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "send"
 def report(**kw):
     print(json.dumps(kw), flush=True)
 s = socket.socket()
+# Killed at the end of the test: reset, not orphaned with its unacknowledged
+# data (retransmitted for minutes in a namespace deleted meanwhile).
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 if own:
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, own)
 s.connect((host, port))
@@ -69,8 +76,9 @@ except OSError as e:
 "#;
 
 const SERVER: &str = r#"
-import json, socket, sys
+import json, socket, struct, sys
 ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind((sys.argv[1], int(sys.argv[2])))
 ls.listen(8)
@@ -343,11 +351,15 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
     // The server the clients talk to: the test's own (no rule covers it).
     let server = SocketAddr::from((link.b_ip, 9000));
     let listener = listen_in(&link.b, server);
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let holder = held.clone();
     thread::spawn(move || {
-        let mut held = Vec::new();
         for s in listener.incoming() {
             match s {
-                Ok(s) => held.push(s),
+                Ok(s) => {
+                    set_linger_zero(&s);
+                    holder.lock().unwrap().push(s);
+                }
                 Err(_) => break,
             }
         }
@@ -570,6 +582,20 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
     assert_eq!(stall["boundary_source"], "user_timeout", "{stall}");
     assert_eq!(stall["boundary_s"].as_f64(), Some(10.0), "{stall}");
     assert_eq!(stall["guarded_by"]["rule"], "shop-10s", "{stall}");
+    // `tcpstall top` shows the rule on the socket's row.
+    let url = format!("http://{}", agent.listen);
+    let table = run_ok(
+        std::process::Command::new(agent_path()).args(["top", "--once", "--agent", &url]),
+        "tcpstall top --once",
+    );
+    let row = table
+        .lines()
+        .find(|l| l.contains(ev_str(&c_shop_plain, "local")))
+        .unwrap_or_else(|| panic!("top has no row for the guarded client:\n{table}"));
+    assert!(
+        row.split_whitespace().any(|w| w == "shop-10s"),
+        "top names the guard rule on the guarded client's row:\n{table}"
+    );
     let pool_end = pool_idle.next("the keepalive client's end", Duration::from_secs(20));
     let end = shop_plain.next("the guarded client's end", Duration::from_secs(30));
     assert_eq!(end["result"], "ETIMEDOUT", "{end}");
@@ -599,6 +625,44 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
             "the {what} client's socket must still be established:\n{est}"
         );
     }
+    // Clean close: every socket of the run is reset and gone at once, none
+    // left orphaned (FIN-WAIT with unacknowledged data) to retransmit for
+    // minutes in a namespace the next test no longer sees.
+    drop(_blackhole);
+    set_linger_zero(&db_client);
     drop(db_client);
+    drop((
+        shop_plain, shop_own, lab_plain, lab_own, dev_plain, pool_idle,
+    ));
+    drop(db_server);
+    held.lock().unwrap().clear();
+    for ns in [&link.a, &link.b] {
+        let left = ns.exec("ss -tanH state all '( dport = :9000 or sport = :9000 or dport = :9001 or sport = :9001 )' | grep -v LISTEN || true");
+        assert!(
+            left.trim().is_empty(),
+            "sockets of the test left in {} after the clients were killed:\n{left}",
+            ns.name
+        );
+    }
     drop(agent);
+}
+
+/// SO_LINGER {on, 0}: close resets the connection and frees the socket.
+fn set_linger_zero(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option buffer.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }
