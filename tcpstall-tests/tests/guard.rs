@@ -127,6 +127,64 @@ fn make_pod(
     }
 }
 
+/// A run's pods: a scratch directory (containerd state naming the pods),
+/// their cgroups; all removed on drop (cgroups first: their processes are
+/// killed).
+struct Pods {
+    cgroups: Cgroups,
+    tmp: PathBuf,
+    _scratch: Scratch,
+    cg_root: PathBuf,
+    /// Namespaces are `<name>-<tag><pid>`.
+    tag: &'static str,
+}
+
+impl Pods {
+    fn new(tag: &'static str) -> Self {
+        let pid = std::process::id();
+        let tmp = std::env::temp_dir().join(format!("tcpstall-guard-{tag}{pid}"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).unwrap();
+        Pods {
+            cgroups: Cgroups::default(),
+            _scratch: Scratch(tmp.clone()),
+            tmp,
+            cg_root: cgroup2_root(),
+            tag,
+        }
+    }
+
+    /// Pod `name` in namespace `<namespace>-<tag><pid>`; `idx` unique per run.
+    fn pod(&mut self, idx: u32, namespace: &str, name: &str) -> Pod {
+        let tasks = self
+            .tmp
+            .join("containerd/io.containerd.runtime.v2.task/k8s.io");
+        let ns = format!("{namespace}-{}{}", self.tag, std::process::id());
+        make_pod(&mut self.cgroups, &self.cg_root, &tasks, idx, &ns, name)
+    }
+}
+
+/// Waits (up to 9 s: before a 10 s user timeout fires) for the stall of
+/// the socket at `local` and checks that tcpstall predicts from the rule's
+/// 10 s user timeout and names the rule.
+fn assert_guarded_stall(agent: &Agent, local: &str, rule: &str) {
+    let stall = wait_until(
+        Duration::from_secs(9),
+        Duration::from_millis(100),
+        "the guarded client's stall",
+        || {
+            agent
+                .stalls()
+                .into_iter()
+                .find(|v| v["local"] == local && v["class"] == "retransmit")
+                .ok_or("not yet")
+        },
+    );
+    assert_eq!(stall["boundary_source"], "user_timeout", "{stall}");
+    assert_eq!(stall["boundary_s"].as_f64(), Some(10.0), "{stall}");
+    assert_eq!(stall["guarded_by"]["rule"], rule, "{stall}");
+}
+
 /// A python process in a pod, its JSON lines on a channel.
 struct Py {
     _proc: Proc,
@@ -285,20 +343,13 @@ fn scenario(extra: &[&str], program: &str) {
         "/usr/bin/python3 (the test's clients)",
         "apt-get install python3 (cargo xtask setup installs python3-pip, which pulls it in)",
     );
-    let cg_root = cgroup2_root();
-    let pid = std::process::id();
-    let tmp = std::env::temp_dir().join(format!("tcpstall-guard-{pid}"));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).unwrap();
-    let _scratch = Scratch(tmp.clone());
-    let mut cgroups = Cgroups::default();
-    let tasks = tmp.join("containerd/io.containerd.runtime.v2.task/k8s.io");
-    let ns = |n: &str| format!("{n}-g{pid}");
-    let shop = make_pod(&mut cgroups, &cg_root, &tasks, 1, &ns("shop"), "web-1");
-    let lab = make_pod(&mut cgroups, &cg_root, &tasks, 2, &ns("lab"), "web-1");
-    let dev = make_pod(&mut cgroups, &cg_root, &tasks, 3, &ns("dev"), "web-1");
-    let db = make_pod(&mut cgroups, &cg_root, &tasks, 4, &ns("db"), "postgres-0");
-    let pool = make_pod(&mut cgroups, &cg_root, &tasks, 5, &ns("pool"), "worker-0");
+    let mut fx = Pods::new("g");
+    let tmp = fx.tmp.clone();
+    let shop = fx.pod(1, "shop", "web-1");
+    let lab = fx.pod(2, "lab", "web-1");
+    let dev = fx.pod(3, "dev", "web-1");
+    let db = fx.pod(4, "db", "postgres-0");
+    let pool = fx.pod(5, "pool", "worker-0");
     let policy = tmp.join("guard.toml");
     write_file(
         &policy,
@@ -567,21 +618,7 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
     lab_plain.go();
     dev_plain.go();
     pool_idle.go();
-    let stall = wait_until(
-        Duration::from_secs(9),
-        Duration::from_millis(100),
-        "the guarded client's stall",
-        || {
-            agent
-                .stalls()
-                .into_iter()
-                .find(|v| v["local"] == c_shop_plain["local"] && v["class"] == "retransmit")
-                .ok_or("not yet")
-        },
-    );
-    assert_eq!(stall["boundary_source"], "user_timeout", "{stall}");
-    assert_eq!(stall["boundary_s"].as_f64(), Some(10.0), "{stall}");
-    assert_eq!(stall["guarded_by"]["rule"], "shop-10s", "{stall}");
+    assert_guarded_stall(&agent, ev_str(&c_shop_plain, "local"), "shop-10s");
     // `tcpstall top` shows the rule on the socket's row.
     let url = format!("http://{}", agent.listen);
     let table = run_ok(

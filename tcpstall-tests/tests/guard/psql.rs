@@ -33,11 +33,13 @@ use std::{
 };
 
 use tcpstall_tests::{
-    Cgroups, Link, Netns, Proc, Scratch, cgroup2_root, ev_str, require, require_tools, run_ok,
-    sh_quiet, spawn_in_cgroup, wait_until, write_file,
+    Link, Netns, Proc, ev_str, require, require_tools, run_ok, sh_quiet, spawn_in_cgroup,
+    wait_until, write_file,
 };
 
-use super::{agent_with_policy, guard_doc, make_pod, record_of, strs, wait_rules_cover};
+use super::{
+    Pods, agent_with_policy, assert_guarded_stall, guard_doc, record_of, strs, wait_rules_cover,
+};
 
 /// The rule's keepalive: idle, interval (s) and probe count; its horizon.
 const KA_IDLE_S: u64 = 4;
@@ -335,25 +337,11 @@ fn guard_psql_fails_at_the_rules_timeouts() {
         "setpriv (runs the Postgres server as the postgres user)",
         "apt-get install util-linux",
     );
-    let cg_root = cgroup2_root();
-    let pid = std::process::id();
-    let tmp = std::env::temp_dir().join(format!("tcpstall-guard-psql-{pid}"));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).unwrap();
-    let _scratch = Scratch(tmp.clone());
-    let mut cgroups = Cgroups::default();
-    let tasks = tmp.join("containerd/io.containerd.runtime.v2.task/k8s.io");
-    let ns = |n: &str| format!("{n}-q{pid}");
-    let shop = make_pod(&mut cgroups, &cg_root, &tasks, 11, &ns("pgshop"), "api-0");
-    let dev = make_pod(&mut cgroups, &cg_root, &tasks, 12, &ns("pgdev"), "api-0");
-    let pool = make_pod(
-        &mut cgroups,
-        &cg_root,
-        &tasks,
-        13,
-        &ns("pgpool"),
-        "worker-0",
-    );
+    let mut fx = Pods::new("q");
+    let tmp = fx.tmp.clone();
+    let shop = fx.pod(11, "pgshop", "api-0");
+    let dev = fx.pod(12, "pgdev", "api-0");
+    let pool = fx.pod(13, "pgpool", "worker-0");
     let policy = tmp.join("guard.toml");
     write_file(
         &policy,
@@ -445,21 +433,7 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
 
     // While shop's query is retransmitted, tcpstall predicts its death from
     // the rule's boundary and names the rule.
-    let stall = wait_until(
-        Duration::from_secs(9),
-        Duration::from_millis(100),
-        "the guarded psql's stall",
-        || {
-            agent
-                .stalls()
-                .into_iter()
-                .find(|v| v["local"] == l_shop.as_str() && v["class"] == "retransmit")
-                .ok_or("not yet")
-        },
-    );
-    assert_eq!(stall["boundary_source"], "user_timeout", "{stall}");
-    assert_eq!(stall["boundary_s"].as_f64(), Some(10.0), "{stall}");
-    assert_eq!(stall["guarded_by"]["rule"], "pg-10s", "{stall}");
+    assert_guarded_stall(&agent, &l_shop, "pg-10s");
 
     // The idle pooled connection: gone from the socket table at the
     // keepalive horizon after the last segment it received (the answer to
