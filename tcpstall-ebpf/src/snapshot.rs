@@ -30,6 +30,8 @@ use tcpstall_common::stat;
 
 pub const AF_INET6: u32 = 10;
 const SOCK_DEAD_BIT: u64 = 1 << 0;
+/// `SOCK_KEEPOPEN` in `enum sock_flags`.
+pub const SOCK_KEEPOPEN_BIT: u64 = 1 << 3;
 const IPPROTO_TCP: u32 = 6;
 
 /// Read a field of up to 8 bytes at `base + spec.offset` (0 when the kernel
@@ -369,7 +371,11 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     let net = sk.follow(&f[field::SKC_NET]);
     let (mut netns, mut retries2, mut orphan_retries, mut netns_rto_max_ms) = (0, 0, 0, 0);
     let (mut syn_retries, mut syn_linear) = (0, 0);
+    let (mut ka_time, mut ka_intvl, mut ka_probes) = (0, 0, 0);
     if !net.is_null() {
+        ka_time = net.get(&f[field::NET_TCP_KEEPALIVE_TIME]) as u32;
+        ka_intvl = net.get(&f[field::NET_TCP_KEEPALIVE_INTVL]) as u32;
+        ka_probes = net.get(&f[field::NET_TCP_KEEPALIVE_PROBES]) as u8;
         netns = net.get(&f[field::NET_NS_INUM]) as u32;
         retries2 = net.get(&f[field::NET_TCP_RETRIES2]) as u8;
         orphan_retries = net.get(&f[field::NET_TCP_ORPHAN_RETRIES]) as u8;
@@ -387,8 +393,12 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
         let kn = cgroup.follow(&f[field::CGROUP_KN]);
         cgroup_id = kn.get(&f[field::KERNFS_NODE_ID]);
     }
-    if sk.get(&f[field::SK_FLAGS]) & SOCK_DEAD_BIT != 0 {
+    let sk_flags = sk.get(&f[field::SK_FLAGS]);
+    if sk_flags & SOCK_DEAD_BIT != 0 {
         flags |= flag::SOCK_DEAD;
+    }
+    if sk_flags & SOCK_KEEPOPEN_BIT != 0 {
+        flags |= flag::KEEPOPEN;
     }
     if sk.get(&f[field::TP_USEC_TS]) != 0 {
         flags |= flag::USEC_TS;
@@ -428,6 +438,16 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     out.netns_syn_linear_timeouts = syn_linear;
     out.err_soft = sk.get(&f[field::SK_ERR_SOFT]) as u8;
     out._reserved = [0; 4];
+    // keepalive (issue 20, item 2)
+    out.keepalive_time = sk.get(&f[field::TP_KEEPALIVE_TIME]) as u32;
+    out.keepalive_intvl = sk.get(&f[field::TP_KEEPALIVE_INTVL]) as u32;
+    out.netns_keepalive_time = ka_time;
+    out.netns_keepalive_intvl = ka_intvl;
+    out.lrcvtime = sk.get(&f[field::ICSK_ACK_LRCVTIME]) as u32;
+    out.sk_timer_expires = sk.get(&f[field::SK_TIMER_EXPIRES]) as u32;
+    out.keepalive_probes = sk.get(&f[field::TP_KEEPALIVE_PROBES]) as u8;
+    out.netns_keepalive_probes = ka_probes;
+    out._keepalive_reserved = [0; 6];
 }
 
 /// An IPv4 address (network order as loaded) in the 16-byte slot.

@@ -134,6 +134,7 @@ impl Sock {
             rcv_tstamp: 0,
             timer_expires: jiffies_at(self.hz, ts).saturating_sub(1),
             syn_retries: 0,
+            keepalive: Default::default(),
         }
     }
 
