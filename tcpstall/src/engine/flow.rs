@@ -243,7 +243,10 @@ impl Flow {
 
     /// Something the stall views may report: keep it over idle flows.
     pub fn is_active(&self) -> bool {
-        self.streak.is_some() || self.persist.is_some() || self.close_wait_since_ns.is_some()
+        self.streak.is_some()
+            || self.persist.is_some()
+            || self.close_wait_since_ns.is_some()
+            || self.keepalive.is_some()
     }
 
     /// In a loss episode whose packets this node may be dropping: an RTO

@@ -46,6 +46,7 @@ impl Engine {
                 let f = self.flows.flow_mut(slot);
                 Self::absorb(f, ev);
                 Self::end_keepalive(f);
+                self.flows.touch(slot);
             }
             return;
         }
