@@ -302,7 +302,12 @@ pub fn set_keepalive(s: &TcpStream, idle_s: Option<u32>, intvl_s: Option<u32>, c
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        assert_eq!(r, 0, "setsockopt {name}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            r,
+            0,
+            "setsockopt {name}: {}",
+            std::io::Error::last_os_error()
+        );
     };
     for (opt, v, name) in [
         (libc::TCP_KEEPIDLE, idle_s, "TCP_KEEPIDLE"),

@@ -125,3 +125,104 @@ pub fn predict_keepalive_death(w: &KeepaliveWalk) -> Option<KeepaliveDeath> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn walk(rule: KeepaliveRule, wheel: bool) -> KeepaliveWalk {
+        // The first expiry: 3 000 jiffies (HZ 1000) after the last receive,
+        // no probe out yet.
+        KeepaliveWalk {
+            at_ns: 100 * S,
+            at_jiffies: 3_000,
+            probes_out: 0,
+            elapsed_j: 3_000,
+            rule,
+            hz: 1_000,
+            timer_wheel: wheel,
+        }
+    }
+
+    fn per_socket(uto: u32) -> KeepaliveRule {
+        keepalive_rule((3_000, 2_000, 4), Some((7_200_000, 75_000, 9)), uto).unwrap()
+    }
+
+    /// TCP_KEEPIDLE 3 s / TCP_KEEPINTVL 2 s / TCP_KEEPCNT 4 without the
+    /// timer wheel: probes at 3, 5, 7, 9 s; the expiry at 11 s finds
+    /// `icsk_probes_out` 4 >= 4.
+    #[test]
+    fn keepcnt_dies_at_the_expiry_that_finds_all_probes_out() {
+        let r = per_socket(0);
+        assert_eq!(r.source, BoundarySource::KeepCnt(4));
+        let d = predict_keepalive_death(&walk(r, false)).unwrap();
+        assert_eq!(d.at_ns, 108 * S);
+        assert_eq!(d.expiries_after, 4);
+    }
+
+    /// The same through the timer wheel (HZ 1000): each 2 000-jiffy re-arm
+    /// from the callback at j (clk j + 1, delta 1 999: level 2, 64-jiffy
+    /// buckets) fires at `((j + 2000) >> 6 + 1) << 6`: 5 056, 7 104, 9 152,
+    /// 11 200: 8 200 jiffies after the first expiry.
+    #[test]
+    fn keepcnt_death_through_the_timer_wheel() {
+        let d = predict_keepalive_death(&walk(per_socket(0), true)).unwrap();
+        assert_eq!(d.at_ns, 100 * S + 8_200_000_000);
+        assert_eq!(d.expiries_after, 4);
+    }
+
+    /// TCP_USER_TIMEOUT 6 000 ms takes over: the expiry at 7 104 finds
+    /// 7 104 jiffies since the last receive (>= 6 000) and a probe out.
+    #[test]
+    fn user_timeout_takes_over_at_the_first_expiry_past_it() {
+        let r = per_socket(6_000);
+        assert_eq!(r.source, BoundarySource::UserTimeout);
+        let d = predict_keepalive_death(&walk(r, true)).unwrap();
+        assert_eq!(d.at_ns, 100 * S + 4_104_000_000);
+        assert_eq!(d.expiries_after, 2);
+        // A user timeout is never fatal before a probe went out.
+        let mut w = walk(keepalive_rule((3_000, 2_000, 0), None, 1).unwrap(), false);
+        w.elapsed_j = 3_000;
+        let d = predict_keepalive_death(&w).unwrap();
+        assert_eq!(d.expiries_after, 1);
+    }
+
+    /// Nothing on the socket: the namespace's 3 s / 2 s / 3 probes.
+    #[test]
+    fn netns_sysctls_fill_what_the_socket_left_unset() {
+        let r = keepalive_rule((0, 0, 0), Some((3_000, 2_000, 3)), 0).unwrap();
+        assert_eq!(r.source, BoundarySource::KeepaliveProbes(3));
+        let d = predict_keepalive_death(&walk(r, true)).unwrap();
+        assert_eq!(d.at_ns, 100 * S + 6_152_000_000);
+        // Per socket beats netns field by field.
+        let r = keepalive_rule((0, 1_000, 0), Some((3_000, 2_000, 3)), 0).unwrap();
+        assert_eq!((r.time_j, r.intvl_j, r.probes), (3_000, 1_000, 3));
+    }
+
+    /// An expiry before the idle time is up re-arms for the rest of it
+    /// (`keepalive_time_when - elapsed`): data received since.
+    #[test]
+    fn an_early_expiry_waits_for_the_rest_of_the_idle_time() {
+        let mut w = walk(per_socket(0), false);
+        w.elapsed_j = 1_000;
+        let d = predict_keepalive_death(&w).unwrap();
+        assert_eq!(d.at_ns, 110 * S);
+        assert_eq!(d.expiries_after, 5);
+    }
+
+    #[test]
+    fn unknown_settings_give_no_rule() {
+        assert_eq!(
+            keepalive_rule((0, 0, 0), None, 0),
+            Err(NoPrediction::KeepaliveUnknown)
+        );
+        assert_eq!(
+            keepalive_rule((3_000, 2_000, 0), Some((0, 0, 0)), 0),
+            Err(NoPrediction::KeepaliveUnknown)
+        );
+        // A user timeout needs no probe count.
+        assert!(keepalive_rule((3_000, 2_000, 0), Some((0, 0, 0)), 5_000).is_ok());
+    }
+}

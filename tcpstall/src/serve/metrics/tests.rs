@@ -702,6 +702,7 @@ fn per_flow_series_follow_the_top_k_set() {
                 zero_window: 1,
                 close_wait: 0,
                 connect: 0,
+                keepalive: 0,
             },
             near_timeout: 2,
             flows_tracked: 17,

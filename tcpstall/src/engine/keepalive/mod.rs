@@ -142,3 +142,6 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
