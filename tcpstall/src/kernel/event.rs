@@ -441,7 +441,7 @@ mod tests {
         assert_eq!(ev.kind, EventKind::Ack);
         assert_eq!(ev.kind.as_str(), "ack");
         assert_eq!(ev.ack_seq, 0xdead_beef);
-        raw.kind = 9;
+        raw.kind = 200;
         assert!(SockEvent::decode(&bytes_of(&raw)).is_err());
     }
 

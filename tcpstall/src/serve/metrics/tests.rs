@@ -330,7 +330,7 @@ fn contract_names_types_and_help() {
         ),
         Some(1.0)
     );
-    assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 7);
+    assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 8);
     assert_eq!(
         lines_of(&text, "tcpstall_stall_duration_seconds_count").len(),
         3
