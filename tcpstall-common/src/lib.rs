@@ -287,8 +287,9 @@ pub struct SockSnapshot {
     /// Zero (keeps the struct free of implicit padding).
     pub _reserved: [u8; 4],
     // ---- keepalive (issue 20, item 2): what `tcp_keepalive_timer()` reads.
-    // 32 bytes; valid with `flag::SOCK_FIELDS` (netns ones with
-    // `flag::NETNS_SYSCTLS`); 0 where the kernel lacks the field.
+    // 32 bytes; filled (with `flag::KEEPOPEN`) by the keepalive-timer
+    // programs and the sweep only, zero in every other event; 0 where the
+    // kernel lacks the field.
     /// `tp->keepalive_time`, `tp->keepalive_intvl` (jiffies; TCP_KEEPIDLE,
     /// TCP_KEEPINTVL; 0 = the netns sysctl).
     pub keepalive_time: u32,

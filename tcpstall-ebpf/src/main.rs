@@ -762,6 +762,7 @@ fn keepalive_timer_event(l: &KernelLayout, timer: u64, src: u8) -> Result<(), Sk
     emit(|ev| {
         header(ev, kind::KEEPALIVE_TIMER, src, t);
         snapshot::fill_from(&mut ev.sock, l, sk, cookie);
+        snapshot::fill_keepalive(&mut ev.sock, l, sk);
     });
     Ok(())
 }

@@ -27,7 +27,7 @@ use aya_ebpf::{
         bpf_sock_from_file,
     },
 };
-use tcpstall_common::{KernelLayout, SweepRecord, field, flag, kind, source, stat};
+use tcpstall_common::{KernelLayout, SweepRecord, field, kind, source, stat};
 
 use crate::snapshot::SOCK_KEEPOPEN_BIT;
 use crate::{Direct, Probe, Skip, Source, bump, is_tcp, layout, now, snapshot};
@@ -276,9 +276,7 @@ fn emit<S: Source>(
     rec.event.kind = kind::SWEEP;
     rec.event.source = source::SWEEP;
     snapshot::fill_from(&mut rec.event.sock, l, sk, cookie);
-    if sk.get(&l.fields[field::SK_FLAGS]) & SOCK_KEEPOPEN_BIT != 0 {
-        rec.event.sock.flags |= flag::KEEPOPEN;
-    }
+    snapshot::fill_keepalive(&mut rec.event.sock, l, sk);
     rec.keepalive_time = sk.get(&l.fields[field::TP_KEEPALIVE_TIME]) as u32;
     rec.keepalive_intvl = sk.get(&l.fields[field::TP_KEEPALIVE_INTVL]) as u32;
     rec.keepalive_probes = sk.get(&l.fields[field::TP_KEEPALIVE_PROBES]) as u32;
