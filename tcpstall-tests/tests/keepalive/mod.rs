@@ -83,6 +83,24 @@ fn keepalive_run(tag: &str, subnet: u8, cases: &[Case]) {
         }
         thread::sleep(Duration::from_millis(100));
     }
+    // What the agent saw of these sockets, for a failure message: its
+    // keepalive-timer events and how it watches the keepalive timer.
+    let seen = agent
+        .events()
+        .iter()
+        .filter(|e| {
+            ev_str(e, "kind") == "keepalive_timer"
+                && addrs.iter().any(|(l, _)| ev_str(e, "local") == l)
+        })
+        .map(|e| format!("{} probes_out={}", ev_str(e, "local"), e["probes_out"]))
+        .collect::<Vec<_>>();
+    let plan = agent
+        .logs()
+        .into_iter()
+        .filter(|v| v.to_string().contains("keepalive_timer") && v["message"] != "event")
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>();
+    let diag = format!("keepalive-timer events: {seen:?}; agent lines: {plan:?}");
     for ((c, t), views) in cases.iter().zip(readers).zip(views) {
         let (armed_ns, end_ns, errno) = t.join().expect("reader thread");
         assert_eq!(
@@ -93,7 +111,7 @@ fn keepalive_run(tag: &str, subnet: u8, cases: &[Case]) {
             c.name
         );
         let views: Vec<_> = views.into_iter().filter(|(t, _)| *t < end_ns).collect();
-        check_case(c, armed_ns, end_ns, &views);
+        check_case(c, armed_ns, end_ns, &views, &diag);
     }
 }
 
@@ -110,11 +128,11 @@ impl Unzip3 for Option<(u32, u32, u32)> {
     }
 }
 
-fn check_case(c: &Case, armed_ns: u64, end_ns: u64, views: &[(u64, Value)]) {
+fn check_case(c: &Case, armed_ns: u64, end_ns: u64, views: &[(u64, Value)], diag: &str) {
     let name = c.name;
     let (idle, intvl, _) = c.keepalive.unwrap_or(NETNS);
     let (first_at, first) = views.first().unwrap_or_else(|| {
-        panic!("{name}: never listed in /api/v1/stalls before the kernel killed it")
+        panic!("{name}: never listed in /api/v1/stalls before the kernel killed it; {diag}")
     });
     // The first probe goes out `idle` after SO_KEEPALIVE; the expiry
     // `intvl` later finds it unanswered. One more interval of slack (the
