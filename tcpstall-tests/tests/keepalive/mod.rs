@@ -3,8 +3,8 @@
 //! unanswered, with the instant `tcp_keepalive_timer()` kills it predicted
 //! from the socket's TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT (else its
 //! namespace's `tcp_keepalive_*` sysctls) or TCP_USER_TIMEOUT, which takes
-//! over. Included by `scenarios.rs` so the same test runs on the host and,
-//! by name (`keepalive::...`), in the QEMU guests.
+//! over. Included by `scenarios.rs`; host only for now (not in `VM_TESTS`:
+//! the 6.1 guest's fentry program reported no expiry).
 
 use std::{thread, time::Duration};
 
@@ -76,7 +76,7 @@ fn keepalive_run(tag: &str, subnet: u8, cases: &[Case]) {
         for (i, (local, remote)) in addrs.iter().enumerate() {
             if let Some(v) = stalls
                 .iter()
-                .find(|s| &ev_str(s, "local") == local && &ev_str(s, "remote") == remote)
+                .find(|s| ev_str(s, "local") == local && ev_str(s, "remote") == remote)
             {
                 views[i].push((now, v.clone()));
             }

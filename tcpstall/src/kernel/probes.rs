@@ -464,6 +464,7 @@ pub static PROBES: &[ProbeSpec] = &[
         purpose: "keepalive timer expiries (sk->sk_timer): unanswered keepalive probes of idle sockets",
         required: false,
         offered_by: &[],
+        needs: &[],
         candidates: &[
             Candidate {
                 attach: Attach::Fentry {
