@@ -20,6 +20,11 @@ mod programs;
 #[path = "connect/mod.rs"]
 mod connect;
 
+/// Idle connections whose keepalive probes go unanswered: listed and
+/// predicted (class `keepalive`).
+#[path = "keepalive/mod.rs"]
+mod keepalive;
+
 /// Why it stalls: one scenario per cause.
 #[path = "causes/mod.rs"]
 mod causes;

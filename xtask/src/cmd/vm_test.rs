@@ -58,6 +58,9 @@ pub const VM_TESTS: &[&str] = &[
     // TCP_USER_TIMEOUT 5 s at once, each kernel against its own rules
     // (linear SYN timeouts only where the sysctl exists).
     "connect::connect_horizon",
+    // keepalive::keepalive_horizon stays on the host for now: in the 6.1
+    // guest the keepalive-timer fentry program attached but reported no
+    // expiry (not understood yet; see the keepalive branch's report).
     // S1 once per write-timer mechanism the guest kernel offers (fentry,
     // kprobe, timer tracepoint, sock_ops), each forced with --mechanism.
     "s1_with_every_working_write_timer_mechanism",

@@ -257,5 +257,7 @@ impl Blackholed {
     }
 }
 
+pub(crate) mod keepalive;
+
 #[cfg(test)]
 mod tests;
