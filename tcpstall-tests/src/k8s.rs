@@ -208,6 +208,58 @@ pub fn containerd_spec(
     )
 }
 
+/// A kubelet-style pod of this run, backed by containerd task specs under a
+/// scratch state directory (no containerd runs): unique UID, container and
+/// sandbox IDs carrying the test's pid, so concurrent runs of other tests on
+/// the machine never resolve to it.
+pub struct TaskPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    /// The container's ID (64 hex digits); its name is `app`.
+    pub container_id: String,
+    /// The container's cgroup (processes started in it are the pod's).
+    pub cgroup: std::path::PathBuf,
+}
+
+/// Makes pod `idx` (distinct per test run) named `name` in `namespace`:
+/// its container and sandbox task specs under `tasks` (containerd's
+/// `io.containerd.runtime.v2.task/k8s.io` directory) and its container's
+/// cgroup under the cgroup2 `root` (removed with `cgroups`).
+pub fn make_task_pod(
+    cgroups: &mut Cgroups,
+    root: &std::path::Path,
+    tasks: &std::path::Path,
+    idx: u32,
+    namespace: &str,
+    name: &str,
+) -> TaskPod {
+    let pid = std::process::id();
+    let uid = format!("{pid:08x}-6a7d-4c2a-9f43-{idx:012x}");
+    let app = format!("{idx:02x}{}{pid:08x}", "a".repeat(54));
+    let sandbox = format!("{idx:02x}{}{pid:08x}", "b".repeat(54));
+    write_file(
+        &tasks.join(&app).join("config.json"),
+        &containerd_spec("container", "app", name, namespace, &uid, &sandbox),
+    );
+    write_file(
+        &tasks.join(&sandbox).join("config.json"),
+        &containerd_spec("sandbox", "", name, namespace, &uid, &sandbox),
+    );
+    let slice = format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    );
+    let cgroup = cgroups.make(root, &format!("{slice}/cri-containerd-{app}.scope"));
+    TaskPod {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        uid,
+        container_id: app,
+        cgroup,
+    }
+}
+
 /// A scratch directory removed on drop.
 pub struct Scratch(pub std::path::PathBuf);
 

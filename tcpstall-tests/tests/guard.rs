@@ -77,44 +77,6 @@ print(json.dumps({"local": "%s:%d" % c.getsockname(), "peer": "%s:%d" % peer,
 sys.stdin.readline()
 "#;
 
-/// A pod of this run: unique UID, container and sandbox IDs (concurrent
-/// runs of other tests on the machine never resolve to it).
-struct Pod {
-    namespace: String,
-    cgroup: PathBuf,
-}
-
-fn make_pod(
-    cgroups: &mut Cgroups,
-    root: &Path,
-    tasks: &Path,
-    idx: u32,
-    namespace: &str,
-    name: &str,
-) -> Pod {
-    let pid = std::process::id();
-    let uid = format!("{pid:08x}-6a7d-4c2a-9f43-{idx:012x}");
-    let app = format!("{idx:02x}{}{pid:08x}", "a".repeat(54));
-    let sandbox = format!("{idx:02x}{}{pid:08x}", "b".repeat(54));
-    write_file(
-        &tasks.join(&app).join("config.json"),
-        &containerd_spec("container", "app", name, namespace, &uid, &sandbox),
-    );
-    write_file(
-        &tasks.join(&sandbox).join("config.json"),
-        &containerd_spec("sandbox", "", name, namespace, &uid, &sandbox),
-    );
-    let slice = format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-        uid.replace('-', "_")
-    );
-    let cgroup = cgroups.make(root, &format!("{slice}/cri-containerd-{app}.scope"));
-    Pod {
-        namespace: namespace.to_owned(),
-        cgroup,
-    }
-}
-
 /// A python process in a pod, its JSON lines on a channel.
 struct Py {
     _proc: Proc,
@@ -135,7 +97,7 @@ impl Py {
     }
 }
 
-fn python(netns: &str, pod: &Pod, script: &str, args: &[&str]) -> Py {
+fn python(netns: &str, pod: &TaskPod, script: &str, args: &[&str]) -> Py {
     let mut all = vec!["-c", script];
     all.extend_from_slice(args);
     let mut p = spawn_in_cgroup(
@@ -239,11 +201,11 @@ fn scenario(extra: &[&str], program: &str) {
     let mut cgroups = Cgroups::default();
     let tasks = tmp.join("containerd/io.containerd.runtime.v2.task/k8s.io");
     let ns = |n: &str| format!("{n}-g{pid}");
-    let shop = make_pod(&mut cgroups, &cg_root, &tasks, 1, &ns("shop"), "web-1");
-    let lab = make_pod(&mut cgroups, &cg_root, &tasks, 2, &ns("lab"), "web-1");
-    let dev = make_pod(&mut cgroups, &cg_root, &tasks, 3, &ns("dev"), "web-1");
-    let db = make_pod(&mut cgroups, &cg_root, &tasks, 4, &ns("db"), "postgres-0");
-    let pool = make_pod(&mut cgroups, &cg_root, &tasks, 5, &ns("pool"), "worker-0");
+    let shop = make_task_pod(&mut cgroups, &cg_root, &tasks, 1, &ns("shop"), "web-1");
+    let lab = make_task_pod(&mut cgroups, &cg_root, &tasks, 2, &ns("lab"), "web-1");
+    let dev = make_task_pod(&mut cgroups, &cg_root, &tasks, 3, &ns("dev"), "web-1");
+    let db = make_task_pod(&mut cgroups, &cg_root, &tasks, 4, &ns("db"), "postgres-0");
+    let pool = make_task_pod(&mut cgroups, &cg_root, &tasks, 5, &ns("pool"), "worker-0");
     let policy = tmp.join("guard.toml");
     write_file(
         &policy,
@@ -335,7 +297,7 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
         }
     });
     let host = link.b_ip.to_string();
-    let client = |pod: &Pod, own: &str, mode: &str| {
+    let client = |pod: &TaskPod, own: &str, mode: &str| {
         python(&link.a.name, pod, CLIENT, &[&host, "9000", own, mode])
     };
     let mut shop_plain = client(&shop, "0", "send");

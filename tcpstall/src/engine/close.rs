@@ -8,7 +8,7 @@ use crate::kernel::event::{ETIMEDOUT, SockEvent};
 
 use super::flow::{Prediction, Streak, Verdict};
 use super::sink::TimeoutFacts;
-use super::{Engine, StreakOutcome, TimeoutEvidence, dur_ns};
+use super::{Engine, PersistEnd, StreakOutcome, TimeoutEvidence, dur_ns};
 
 /// A closed flow remembered for a late error report / settling its streak.
 #[derive(Clone, Debug)]
@@ -69,7 +69,7 @@ impl Engine {
                 first: f.streak.and_then(|st| st.first_prediction),
             });
             Self::end_streak(f, &mut self.sink, StreakOutcome::TimedOut, ev.ts_ns);
-            Self::end_persist(f, &mut self.sink, ev.ts_ns);
+            Self::end_persist(f, &mut self.sink, ev.ts_ns, (PersistEnd::Closed, ev.ts_ns));
             self.flows.touch(slot);
             return;
         }
@@ -147,7 +147,7 @@ impl Engine {
             .is_some_and(|p| p.window_open)
             .then_some(f.prediction)
             .flatten();
-        Self::end_persist(&mut f, &mut self.sink, ts_ns);
+        Self::end_persist(&mut f, &mut self.sink, ts_ns, (PersistEnd::Closed, ts_ns));
         f.prediction = f.prediction.or(unsent_prediction);
         let mut pending = None;
         if let Some(st) = f.streak.take() {

@@ -1208,6 +1208,8 @@ fn eviction_is_counted_and_spares_stalled_flows() {
     e.ingest(&cw.state(T0 + 250 * MS, TcpState::Established, TcpState::CloseWait));
     assert_eq!(e.stats().streaks_evicted, 1);
     assert!(drain(&mut e).contains(&Observation::FlowEvicted {
+        netns: stalled.netns,
+        local: stalled.local,
         remote: stalled.remote,
         active: true
     }));
@@ -1290,9 +1292,18 @@ fn zero_window_threshold_probes_and_end() {
     e.tick(end + 100 * MS);
     assert!(e.stalls(end + 100 * MS).is_empty());
     let obs = drain(&mut e);
+    // Ended by going quiet, decided by the tick that found the probe overdue.
     assert!(
-        obs.iter()
-            .any(|o| matches!(o, Observation::ZeroWindowEnded { probes: 6, .. }))
+        obs.iter().any(|o| matches!(
+            o,
+            Observation::ZeroWindowEnded {
+                probes: 6,
+                by: PersistEnd::Quiet,
+                at_ns,
+                ..
+            } if *at_ns == end + 100 * MS
+        )),
+        "{obs:?}"
     );
 }
 
@@ -1302,19 +1313,24 @@ fn zero_window_ends_on_close_and_on_retransmission() {
     let mut e = engine();
     e.ingest(&s.probe(T0, 0, 0));
     e.ingest(&s.close(T0 + S));
-    assert!(
-        drain(&mut e)
-            .iter()
-            .any(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
-    );
+    assert!(drain(&mut e).iter().any(|o| matches!(
+        o,
+        Observation::ZeroWindowEnded {
+            by: PersistEnd::Closed,
+            ..
+        }
+    )));
     let mut e = engine();
     e.ingest(&s.probe(T0, 0, 0));
     e.ingest(&s.retransmit(T0 + S, 1, 0, 0, 51, 1_000, 0));
-    assert!(
-        drain(&mut e)
-            .iter()
-            .any(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
-    );
+    assert!(drain(&mut e).iter().any(|o| matches!(
+        o,
+        Observation::ZeroWindowEnded {
+            by: PersistEnd::Retransmit,
+            at_ns,
+            ..
+        } if *at_ns == T0 + S
+    )));
     // A probe for a small but open window is not a zero-window episode.
     let mut e = engine();
     let mut p = s.probe(T0, 0, 0);
