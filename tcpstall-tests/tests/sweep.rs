@@ -380,7 +380,15 @@ fn sweeps_so_far(agent: &Agent) -> f64 {
 /// either set is not. A second one, held by a process in a pod of this run,
 /// is listed with the pod's identity and counted in the pod's own
 /// `tcpstall_sockets_without_timeout` series; the host process' entry names
-/// no pod.
+/// no pod (pod, namespace, pod_uid, container, container_id present and
+/// null).
+/// Mutation (run): `pod: String::new()` for the pod label in
+/// `owners_per_pod` (`tcpstall/src/sweep/cycle.rs`) -> fails with "the
+/// pod's series counts its one socket": `left: None, right: Some(1.0)`.
+/// The listing is the 1000 longest-idle sockets of the node: a node with
+/// more idle sockets without a timeout than that (another run's leak) lists
+/// neither of this test's sockets, and the listing checks fail; the per-pod
+/// series counts every socket and is checked first.
 #[test]
 fn sweep_risks_lists_sockets_without_timeout() {
     require_tools();
@@ -415,7 +423,11 @@ fn sweep_risks_lists_sockets_without_timeout() {
         std::path::Path::new("/bin/bash"),
         &[
             "-c",
-            &format!("exec 3<>/dev/tcp/{}/{} && echo connected && read -r", server.ip(), server.port()),
+            &format!(
+                "exec 3<>/dev/tcp/{}/{} && echo connected && read -r",
+                server.ip(),
+                server.port()
+            ),
         ],
         std::process::Stdio::piped(),
         std::process::Stdio::piped(),
@@ -426,7 +438,11 @@ fn sweep_risks_lists_sockets_without_timeout() {
         &mut line,
     )
     .expect("the pod's process");
-    assert_eq!(line.trim(), "connected", "the pod's process did not connect");
+    assert_eq!(
+        line.trim(),
+        "connected",
+        "the pod's process did not connect"
+    );
     let holder_pid = u64::from(holder.0.id());
 
     let dirs: Vec<String> = ["containerd", "crio", "kubelet", "docker"]

@@ -70,7 +70,12 @@ impl Engine {
         let hz = self.hz.hz();
         let max_j = self.rto_max_j(self.flows.flow(slot));
         let f = self.flows.flow_mut(slot);
-        Self::end_persist(f, &mut self.sink, ev.ts_ns, (PersistEnd::Retransmit, ev.ts_ns));
+        Self::end_persist(
+            f,
+            &mut self.sink,
+            ev.ts_ns,
+            (PersistEnd::Retransmit, ev.ts_ns),
+        );
         let recovered = f.streak.is_some_and(|st| Self::acked(&st, ev)) && !same_rto;
         let st = Self::roll_streak(f, &mut self.sink, ev, recovered, same_rto);
         st.retransmissions = st.retransmissions.saturating_add(1);
@@ -173,7 +178,12 @@ impl Engine {
         let hz = self.hz.hz();
         let max_j = self.rto_max_j(self.flows.flow(slot));
         let f = self.flows.flow_mut(slot);
-        Self::end_persist(f, &mut self.sink, ev.ts_ns, (PersistEnd::RtoExpiry, ev.ts_ns));
+        Self::end_persist(
+            f,
+            &mut self.sink,
+            ev.ts_ns,
+            (PersistEnd::RtoExpiry, ev.ts_ns),
+        );
         let recovered = f
             .streak
             .is_some_and(|st| Self::acked(&st, ev) || idx <= st.rtos);
@@ -448,7 +458,12 @@ impl Engine {
                         st.last_event_ns,
                     );
                 }
-                Self::end_persist(f, &mut self.sink, ev.ts_ns, (PersistEnd::FinAcked, ev.ts_ns));
+                Self::end_persist(
+                    f,
+                    &mut self.sink,
+                    ev.ts_ns,
+                    (PersistEnd::FinAcked, ev.ts_ns),
+                );
             }
             _ => {}
         }

@@ -51,7 +51,12 @@ impl Engine {
             if let (Some(p), Some(g)) = (f.persist, persist_grace)
                 && now_ns > p.next_due_ns.saturating_add(g)
             {
-                Self::end_persist(f, &mut self.sink, p.last_probe_ns, (PersistEnd::Quiet, now_ns));
+                Self::end_persist(
+                    f,
+                    &mut self.sink,
+                    p.last_probe_ns,
+                    (PersistEnd::Quiet, now_ns),
+                );
             }
             if let Some(p) = f.persist.as_mut()
                 && !p.stalled

@@ -81,7 +81,9 @@ pub fn run(
         bail!("--budget-minutes 0: give the run at least a minute");
     }
     if !only.is_empty() && chosen.len() != 1 {
-        bail!("--only narrows one target: name exactly one (e.g. `cargo xtask mutants engine --only ...`)");
+        bail!(
+            "--only narrows one target: name exactly one (e.g. `cargo xtask mutants engine --only ...`)"
+        );
     }
     // One run per target, or per `--only` glob (each with its own outcomes).
     let runs: Vec<Run> = chosen
@@ -108,7 +110,6 @@ pub fn run(
     let root = workspace_root();
     let out_dir = root.join("target/mutants");
     std::fs::create_dir_all(&out_dir).context("creating target/mutants")?;
-    let stopped_marker = out_dir.join("stopped-mid-build");
     let deadline = Instant::now() + Duration::from_secs(budget_minutes * 60);
     for (i, run) in runs.iter().enumerate() {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -118,14 +119,6 @@ pub fn run(
         }
         // This run's share: what is left, split among the runs left.
         let share = remaining / u32::try_from(runs.len() - i).unwrap_or(1);
-        if stopped_marker.exists() {
-            // A run stopped at its budget may have stopped rustc mid-build:
-            // its incremental cache can then link to missing symbols
-            // ("undefined hidden symbol"), failing the next baseline. Start
-            // from a clean cache of the mutated crate.
-            clear_incremental(&root)?;
-            let _ = std::fs::remove_file(&stopped_marker);
-        }
         let out = out_dir.join(&run.label);
         let mut cmd = Command::new(&bin);
         cmd.current_dir(&root)
@@ -155,10 +148,23 @@ pub fn run(
             run.files.join(" "),
             share.as_secs().div_ceil(60)
         ));
-        let finished = run_until(&mut cmd, share)?;
-        if !finished {
-            std::fs::write(&stopped_marker, "").context("writing the stop marker")?;
+        let started = Instant::now();
+        let mut finished = run_until(&mut cmd, share)?;
+        if finished == Some(BASELINE_FAILED) {
+            // A run stopped at its budget can stop rustc mid-build, leaving
+            // an incremental cache that links to missing symbols ("undefined
+            // hidden symbol"): the next unmutated baseline fails. Once more
+            // from a clean cache of the mutated crate.
+            step("the unmutated baseline failed: clearing tcpstall's incremental cache, once more");
+            clear_incremental(&root)?;
+            finished = run_until(&mut cmd, share.saturating_sub(started.elapsed()))?;
         }
+        if let Some(code) = finished
+            && !matches!(code, 0 | 2 | 3)
+        {
+            bail!("cargo-mutants failed (exit {code}); see its output above");
+        }
+        let finished = finished.is_some();
         if list {
             continue;
         }
@@ -215,10 +221,14 @@ fn clear_incremental(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cmd` until it exits or `budget` passes (then stops it, restoring
-/// the tree is cargo-mutants' own job on interrupt). Returns whether it
-/// finished.
-fn run_until(cmd: &mut Command, budget: Duration) -> anyhow::Result<bool> {
+/// cargo-mutants' exit code when the unmutated tree failed to build or
+/// its tests failed.
+const BASELINE_FAILED: i32 = 4;
+
+/// Runs `cmd` until it exits (its exit code; 2: mutants survived, 3:
+/// timeouts, both results) or `budget` passes (None: stopped with SIGINT,
+/// on which cargo-mutants restores the mutated file and stops).
+fn run_until(cmd: &mut Command, budget: Duration) -> anyhow::Result<Option<i32>> {
     let mut child = cmd
         .stdin(Stdio::null())
         .spawn()
@@ -226,19 +236,13 @@ fn run_until(cmd: &mut Command, budget: Duration) -> anyhow::Result<bool> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
-            // Exit 2: mutants survived, 3: timeouts; both are results.
-            // Interrupted at the budget is handled below.
-            if !matches!(status.code(), Some(0 | 2 | 3)) {
-                bail!("cargo-mutants failed ({status}); see its output above");
-            }
-            return Ok(true);
+            return Ok(Some(status.code().unwrap_or(-1)));
         }
         if start.elapsed() >= budget {
-            // SIGINT: cargo-mutants restores the mutated file and stops.
             let pid = child.id().to_string();
             let _ = Command::new("kill").args(["-INT", &pid]).status();
             let _ = child.wait();
-            return Ok(false);
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
