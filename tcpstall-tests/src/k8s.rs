@@ -260,6 +260,59 @@ pub fn make_task_pod(
     }
 }
 
+/// A bash process in `cgroup` (a pod's) and network namespace `netns`
+/// holding one TCP connection to `server` with neither SO_KEEPALIVE nor
+/// TCP_USER_TIMEOUT (bash's `/dev/tcp`); returns once it is connected. The
+/// pid is the socket's owner throughout.
+pub fn hold_connection_in(
+    netns: &str,
+    cgroup: &std::path::Path,
+    server: std::net::SocketAddr,
+) -> Proc {
+    let mut p = spawn_in_cgroup(
+        Some(netns),
+        cgroup,
+        std::path::Path::new("/bin/bash"),
+        &[
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/{}/{} && echo connected && read -r",
+                server.ip(),
+                server.port()
+            ),
+        ],
+        std::process::Stdio::piped(),
+        std::process::Stdio::piped(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(p.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("the connecting process' output");
+    assert_eq!(
+        line.trim(),
+        "connected",
+        "no connection to {server} from the pod's process"
+    );
+    p
+}
+
+/// The agent's container-runtime state arguments (containerd, CRI-O,
+/// kubelet, Docker), all under the scratch directory `dir`: the agent
+/// reads only what the test writes there.
+pub fn runtime_state_args(dir: &std::path::Path) -> Vec<String> {
+    [
+        ("--containerd-state", "containerd"),
+        ("--crio-state", "crio"),
+        ("--kubelet-root", "kubelet"),
+        ("--docker-root", "docker"),
+    ]
+    .iter()
+    .flat_map(|(flag, d)| [(*flag).to_owned(), dir.join(d).to_str().unwrap().to_owned()])
+    .collect()
+}
+
 /// A scratch directory removed on drop.
 pub struct Scratch(pub std::path::PathBuf);
 

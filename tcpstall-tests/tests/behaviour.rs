@@ -566,24 +566,14 @@ fn live_metrics_match_the_deploy_contract() {
             pod.namespace
         ),
     );
-    let dirs: Vec<String> = ["containerd", "crio", "kubelet", "docker"]
-        .iter()
-        .map(|d| tmp.join(d).to_str().unwrap().to_owned())
-        .collect();
-    let mut agent = Agent::start(&[
-        "--close-wait-after",
-        "1",
-        "--containerd-state",
-        &dirs[0],
-        "--crio-state",
-        &dirs[1],
-        "--kubelet-root",
-        &dirs[2],
-        "--docker-root",
-        &dirs[3],
-        "--guard-policy",
-        policy.to_str().unwrap(),
+    let mut args = runtime_state_args(&tmp);
+    args.extend([
+        "--close-wait-after".to_owned(),
+        "1".to_owned(),
+        "--guard-policy".to_owned(),
+        policy.to_str().unwrap().to_owned(),
     ]);
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     // A close_wait stall.
     let server = SocketAddr::from((link.b_ip, 8080));
     let listener = listen_in(&link.b, server);
@@ -605,21 +595,7 @@ fn live_metrics_match_the_deploy_contract() {
     // The pod's connection, counted by the guard (dry-run: unchanged).
     let pod_server = SocketAddr::from((link.b_ip, 8081));
     reading_server_in(&link.b, pod_server);
-    let _pod_client = spawn_in_cgroup(
-        Some(&link.a.name),
-        &pod.cgroup,
-        std::path::Path::new("/bin/bash"),
-        &[
-            "-c",
-            &format!(
-                "exec 3<>/dev/tcp/{}/{} && read -r",
-                pod_server.ip(),
-                pod_server.port()
-            ),
-        ],
-        std::process::Stdio::piped(),
-        std::process::Stdio::null(),
-    );
+    let _pod_client = hold_connection_in(&link.a.name, &pod.cgroup, pod_server);
     let guard_labels = [("namespace", pod.namespace.as_str()), ("mode", "dry-run")];
     wait_until(
         Duration::from_secs(15),

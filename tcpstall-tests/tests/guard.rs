@@ -26,7 +26,7 @@ use std::{
     fs,
     io::{BufRead, BufReader, Write as _},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{ChildStdin, Stdio},
     sync::mpsc::{self, Receiver},
     thread,
@@ -35,8 +35,8 @@ use std::{
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Cgroups, Link, Proc, Scratch, cgroup2_root, connect_in, containerd_spec, ev_str,
-    listen_in, metric_sum, require, require_tools, spawn_in_cgroup, wait_until, write_file,
+    Agent, Cgroups, Link, Proc, Scratch, TaskPod, cgroup2_root, connect_in, ev_str, listen_in,
+    make_task_pod, metric_sum, require, require_tools, spawn_in_cgroup, wait_until, write_file,
 };
 
 const CLIENT: &str = r#"

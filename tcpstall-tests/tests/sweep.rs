@@ -417,50 +417,12 @@ fn sweep_risks_lists_sockets_without_timeout() {
         &format!("risks-g{pid}"),
         "idle-client-0",
     );
-    let mut holder = spawn_in_cgroup(
-        Some(&link.a.name),
-        &pod.cgroup,
-        std::path::Path::new("/bin/bash"),
-        &[
-            "-c",
-            &format!(
-                "exec 3<>/dev/tcp/{}/{} && echo connected && read -r",
-                server.ip(),
-                server.port()
-            ),
-        ],
-        std::process::Stdio::piped(),
-        std::process::Stdio::piped(),
-    );
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.0.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("the pod's process");
-    assert_eq!(
-        line.trim(),
-        "connected",
-        "the pod's process did not connect"
-    );
+    let holder = hold_connection_in(&link.a.name, &pod.cgroup, server);
     let holder_pid = u64::from(holder.0.id());
 
-    let dirs: Vec<String> = ["containerd", "crio", "kubelet", "docker"]
-        .iter()
-        .map(|d| tmp.join(d).to_str().unwrap().to_owned())
-        .collect();
-    let agent = Agent::start(&[
-        "--sweep-interval",
-        "1",
-        "--containerd-state",
-        &dirs[0],
-        "--crio-state",
-        &dirs[1],
-        "--kubelet-root",
-        &dirs[2],
-        "--docker-root",
-        &dirs[3],
-    ]);
+    let mut args = runtime_state_args(&tmp);
+    args.extend(["--sweep-interval".to_owned(), "1".to_owned()]);
+    let agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_ready(Duration::from_secs(30));
     // A sweep that ran after the agent was ready: the per-pod gauge is set
     // before the sweep is counted.
