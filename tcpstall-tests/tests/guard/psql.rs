@@ -369,7 +369,8 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
     wait_rules_cover(&agent, &["pg-10s", "pg-keepalive"]);
     let _pg = Postgres::start(&bindir, &tmp.join("pg"), &link.b, link.b_ip);
 
-    let start = |pod: &super::Pod| Psql::start(&bindir, &link.a.name, &pod.cgroup, link.b_ip);
+    let start =
+        |pod: &tcpstall_tests::TaskPod| Psql::start(&bindir, &link.a.name, &pod.cgroup, link.b_ip);
     let (mut p_shop, mut p_dev, mut p_pool) = (start(&shop), start(&dev), start(&pool));
     let t = Duration::from_secs(15);
     for p in [&mut p_shop, &mut p_dev, &mut p_pool] {
