@@ -233,7 +233,7 @@ impl Report {
         if !self.sweeps.is_empty() {
             let _ = writeln!(
                 o,
-                "Periodic sweep (`--sweep-interval 2`), the agent alone, then with `/healthz` every 5 ms and a short connection every 100 ms (the event loop while sweeps run):\n"
+                "Periodic sweep (`--sweep-interval 2 --sweep-interval-max 2`), the agent alone, then with `/healthz` every 5 ms and a short connection every 100 ms (the event loop while sweeps run):\n"
             );
             let _ = writeln!(
                 o,
