@@ -390,7 +390,8 @@ fn sweep_risks_lists_sockets_without_timeout() {
     wait_all_acked(&client, 5, Duration::from_secs(10));
     let t_acked = monotonic_ns();
 
-    let agent = Agent::start(&["--sweep-interval", "1"]);
+    // A fixed 1 s gap (no back-off on this quiet namespace).
+    let agent = Agent::start(&["--sweep-interval", "1", "--sweep-interval-max", "1"]);
     agent.wait_ready(Duration::from_secs(30));
     let risks = agent.risks();
     let r = risk_of(&risks, local).unwrap_or_else(|| panic!("{local} not listed: {risks:#}"));
