@@ -421,7 +421,8 @@ fn sweep_risks_lists_sockets_without_timeout() {
     let holder_pid = u64::from(holder.0.id());
 
     let mut args = runtime_state_args(&tmp);
-    args.extend(["--sweep-interval".to_owned(), "1".to_owned()]);
+    // A fixed 1 s gap (no back-off on this quiet namespace).
+    args.extend(["--sweep-interval", "1", "--sweep-interval-max", "1"].map(str::to_owned));
     let agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_ready(Duration::from_secs(30));
     // A sweep that ran after the agent was ready: the per-pod gauge is set

@@ -228,6 +228,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         programs,
         missed_runs: 0,
         lost_events: false,
+        stall_started: false,
         episodes,
         episode_cookies: Vec::new(),
     };
@@ -245,6 +246,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let mut policy = SweepPolicy::new(
         settings.sweep_interval,
+        settings.sweep_interval_max,
         settings.sweep_on_loss,
         LOSS_SWEEP_GAP,
     );
@@ -260,15 +262,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 SweepReason::Startup,
             ) {
                 let r = (&mut p.task).await;
-                pipeline.finish_sweep(p, r, &mut reader, &stats, &mut batch);
+                let found = pipeline.finish_sweep(p, r, &mut reader, &stats, &mut batch);
+                policy.finished(SweepReason::Startup, found);
             }
         }
         Ok(()) => policy.ran(Instant::now(), SweepReason::Startup),
         Err(_) => {
             // Said once per feature above (`feature off`).
-            policy = SweepPolicy::new(None, false, LOSS_SWEEP_GAP);
+            policy = SweepPolicy::new(None, Duration::ZERO, false, LOSS_SWEEP_GAP);
         }
     }
+    state.metrics.sweep.interval(policy.gap());
     let mut failure: Option<anyhow::Error> = None;
     let mut reader_failed = false;
     // At most one sweep at a time, off the event loop.
@@ -295,6 +299,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 if std::mem::take(&mut pipeline.sweep_again) {
                     policy.again();
                 }
+                if std::mem::take(&mut pipeline.stall_started) {
+                    policy.busy();
+                }
+                state.metrics.sweep.interval(policy.gap());
                 if sweeping.is_none()
                     && let Some(reason) = policy.due(Instant::now())
                 {
@@ -306,7 +314,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }
             r = async { (&mut sweeping.as_mut().expect("guarded").task).await }, if sweeping.is_some() => {
                 if let Some(p) = sweeping.take() {
-                    pipeline.finish_sweep(p, r, &mut reader, &stats, &mut batch);
+                    let reason = p.reason;
+                    let found = pipeline.finish_sweep(p, r, &mut reader, &stats, &mut batch);
+                    policy.finished(reason, found);
+                    state.metrics.sweep.interval(policy.gap());
                 }
             }
             r = &mut server, if !server_done => {

@@ -95,6 +95,7 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     m.insert("tcpstall_sweep_duration_seconds", (Histogram, vec![]));
     m.insert("tcpstall_sweep_sockets_visited_total", (Counter, vec![]));
     m.insert("tcpstall_sweep_tcp_sockets", (Gauge, vec![]));
+    m.insert("tcpstall_sweep_interval_seconds", (Gauge, vec![]));
     m.insert(
         "tcpstall_sockets_without_timeout",
         (Gauge, vec!["namespace", "pod"]),

@@ -767,3 +767,50 @@ fn ring_wakes_the_asleep_reader() {
     );
     drop((client, accepted));
 }
+
+/// The per-second program statistics come from one `BPF_OBJ_GET_INFO_BY_FD`
+/// per program (no fdinfo file opened and parsed every second): with
+/// run-time accounting on and one connection of ours made, every program's
+/// run count, run time and recursion misses read that way are at most what
+/// its fdinfo says just after (the kernel's counters only grow), and the
+/// state program has run (our connection changed state).
+/// Mutation: `info[25]` (run_cnt) -> `info[24]` (run_time_ns) in
+/// `stats::prog_info` reads a run count above the fdinfo's.
+#[test]
+fn program_stats_by_fd_agree_with_fdinfo() {
+    use tcpstall::kernel::loader::{self, LoaderOptions};
+    require_tools();
+    let link = Link::new("psf", 167);
+    let server = SocketAddr::new(link.b_ip.into(), 8080);
+    let listener = listen_in(&link.b, server);
+    let loaded = loader::load(&LoaderOptions::default()).expect("loading the probes");
+    let stats = loaded
+        .program_stats(true)
+        .expect("program statistics with run-time accounting");
+    let client = connect_in(&link.a, server);
+    let accepted = listener.accept().expect("accept");
+    drop((client, accepted));
+    thread::sleep(Duration::from_millis(200));
+    let by_fd = stats.read().expect("program info by fd");
+    let fdinfo = stats.read_fdinfo().expect("program fdinfo");
+    assert_eq!(by_fd.len(), fdinfo.len());
+    assert!(!by_fd.is_empty(), "no attached program listed");
+    for (a, b) in by_fd.iter().zip(&fdinfo) {
+        assert_eq!(a.program, b.program);
+        assert!(
+            a.run_count <= b.run_count
+                && a.run_time_ns <= b.run_time_ns
+                && a.recursion_misses <= b.recursion_misses,
+            "{}: by fd {a:?}, fdinfo just after {b:?}",
+            a.program
+        );
+    }
+    let state = by_fd
+        .iter()
+        .find(|p| p.program.starts_with("tcpstall_state"))
+        .expect("a state program attached");
+    assert!(
+        state.run_count > 0 && state.run_time_ns > 0,
+        "the state program shows no runs by fd after our connection: {state:?}"
+    );
+}

@@ -4,12 +4,16 @@
 //! program reported folded into the API, the metrics and the logs.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
 use crate::{
     guard::{Guard, Seen},
-    identity::{Identities, IdentityConfig, MAX_CGROUPS, RESCAN_AFTER, cgroup::CgroupIndex},
+    identity::{
+        Identities, IdentityConfig, MAX_CGROUPS, RESCAN_AFTER, cgroup::CgroupIndex,
+        cgroup_watch::CgroupWatch,
+    },
     kernel::loader::GuardMaps,
     serve::state::AgentState,
 };
@@ -17,12 +21,23 @@ use crate::{
 /// A walked cgroup: id, path, (namespace, pod) when it is a pod's.
 type Found = (u64, String, Option<(String, String)>);
 
+/// The longest the guard goes without walking the cgroup tree, changed or
+/// not (a cgroup made through another mount of the hierarchy is not seen by
+/// the inotify watches).
+const FULL_WALK_EVERY: Duration = Duration::from_secs(30);
+
 pub(super) struct GuardRunner {
     maps: GuardMaps,
     cgroups: CgroupIndex,
     ids: Identities,
     /// Map updates that failed (logged once per tick).
     pub(super) map_errors: u64,
+    /// Watches on the walked tree (None: not watching, walk every tick).
+    watch: Option<CgroupWatch>,
+    last_walk: Option<Instant>,
+    /// The last walk left a pod's cgroup without a pod name (the runtime's
+    /// state may come later): walk again next tick.
+    unresolved: bool,
 }
 
 impl GuardRunner {
@@ -41,8 +56,11 @@ impl GuardRunner {
             cgroups: CgroupIndex::new(cfg.cgroup2_root.clone(), RESCAN_AFTER, MAX_CGROUPS),
             ids: Identities::new(cfg),
             map_errors: 0,
+            watch: None,
+            last_walk: None,
+            unresolved: false,
         };
-        r.sync(state);
+        r.sync(state, true);
         info!(policy = %path, rules, "guard on");
         r
     }
@@ -60,21 +78,54 @@ impl GuardRunner {
                 error!(error = %e, "guard policy reload failed; the last good policy stays in force");
             }
         }
-        self.sync(state);
+        self.sync(state, true);
     }
 
-    /// Once a tick: reload when the file changed, walk, sync, fold in.
+    /// Once a tick: reload when the file changed, walk when the cgroup tree
+    /// may have changed, sync, fold in.
     pub(super) fn tick(&mut self, state: &AgentState) {
         let changed = state.guard().as_ref().is_some_and(Guard::changed_on_disk);
         if changed {
             self.reload(state);
         } else {
-            self.sync(state);
+            let walk = self.walk_due(Instant::now());
+            self.sync(state, walk);
         }
     }
 
-    fn sync(&mut self, state: &AgentState) {
+    /// Whether the tree must be walked now: not watched, a pod's cgroup
+    /// unresolved last time, [`FULL_WALK_EVERY`] passed, or the watches saw
+    /// a cgroup made, removed or moved.
+    fn walk_due(&self, now: Instant) -> bool {
+        let Some(w) = &self.watch else {
+            return true;
+        };
+        // Drained first, so a change is not reported again after the walk.
+        let changed = w.changed();
+        changed
+            || self.unresolved
+            || self
+                .last_walk
+                .is_none_or(|t| now.saturating_duration_since(t) >= FULL_WALK_EVERY)
+    }
+
+    /// Walks the cgroup tree and keeps the kernel's rule map in step with it
+    /// (`walk`), then folds in what the kernel program reported.
+    fn sync(&mut self, state: &AgentState, walk: bool) {
+        if walk {
+            self.walk_and_set_rules(state);
+        }
+        self.fold_in(state);
+    }
+
+    fn walk_and_set_rules(&mut self, state: &AgentState) {
+        // A cgroup made between the walk and its watch is found by the next
+        // full walk (FULL_WALK_EVERY).
+        self.watch = None;
         self.cgroups.walk();
+        let dirs = self.cgroups.dirs();
+        self.watch = CgroupWatch::new(dirs.iter().map(|d| d.as_path()));
+        self.last_walk = Some(Instant::now());
         let ids = &mut self.ids;
         let found: Vec<Found> = self
             .cgroups
@@ -84,6 +135,9 @@ impl GuardRunner {
                 (id, path.to_owned(), pod)
             })
             .collect();
+        self.unresolved = found
+            .iter()
+            .any(|(_, _, pod)| pod.as_ref().is_some_and(|(ns, _)| ns.is_empty()));
         let mut guard = state.guard();
         let Some(g) = guard.as_mut() else {
             return;
@@ -109,10 +163,17 @@ impl GuardRunner {
             }
         }
         self.map_errors += failed;
+    }
+
+    fn fold_in(&mut self, state: &AgentState) {
         let records = self.maps.drain();
         if records.is_empty() {
             return;
         }
+        let mut guard = state.guard();
+        let Some(g) = guard.as_mut() else {
+            return;
+        };
         let (counts, logs) = g.ingest(&records);
         drop(guard);
         for (ns, rule, action, mode) in counts {

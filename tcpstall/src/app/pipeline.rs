@@ -48,6 +48,9 @@ pub(super) struct Pipeline {
     pub(super) missed_runs: u64,
     /// Lost events seen since the last look (ring-buffer drops or missed runs).
     pub(super) lost_events: bool,
+    /// A stall started since the last look (the sweep's gap goes back to
+    /// `--sweep-interval`).
+    pub(super) stall_started: bool,
     /// The drop probe's in-kernel filter (None: the probe is not attached).
     pub(super) episodes: Option<loader::EpisodeFilter>,
     pub(super) episode_cookies: Vec<u64>,
@@ -145,6 +148,7 @@ impl Pipeline {
                 _ => None,
             })
             .collect();
+        self.stall_started |= !started.is_empty();
         let owners = self.owners(&started);
         for o in self.observations.drain(..) {
             self.state.metrics.observe(&o);
@@ -256,7 +260,9 @@ impl Pipeline {
     /// (those older than the snapshots included; newer ones make the engine
     /// ignore a snapshot: it never rolls a flow back, never resurrects a
     /// closed one), then the snapshots ([`cycle::seed`]), then the audit
-    /// and its owners ([`cycle::owners_per_pod`]).
+    /// and its owners ([`cycle::owners_per_pod`]). Returns the stalled
+    /// sockets the engine learned something from (seeded or repaired; 0 if
+    /// the sweep failed).
     pub(super) fn finish_sweep(
         &mut self,
         pending: PendingSweep,
@@ -264,7 +270,7 @@ impl Pipeline {
         reader: &mut Reader,
         stats: &StatsReader,
         batch: &mut Vec<Result<SockEvent, DecodeError>>,
-    ) {
+    ) -> u64 {
         let PendingSweep {
             reason, t0, run, ..
         } = pending;
@@ -274,7 +280,10 @@ impl Pipeline {
         let held = self.hold.finish();
         let (out, mut r) = match cycle::finish(&run, result, stats) {
             Ok(o) => o,
-            Err(e) => return self.sweep_failed(reason, &e, held),
+            Err(e) => {
+                self.sweep_failed(reason, &e, held);
+                return 0;
+            }
         };
         if r.bad > 0 {
             self.decode_errors += r.bad as u64;
@@ -321,17 +330,22 @@ impl Pipeline {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r.report);
         self.apply_observations();
         let st = self.state.engine().stats();
+        let (seeded, repaired) = (
+            st.sweep_seeded - before.sweep_seeded,
+            st.sweep_repaired - before.sweep_repaired,
+        );
         info!(
             reason = reason.as_str(),
             duration_ms = elapsed.as_secs_f64() * 1e3,
             socket_files = out.socket_files,
             tcp_sockets,
             records = r.sockets.len(),
-            seeded = st.sweep_seeded - before.sweep_seeded,
-            repaired = st.sweep_repaired - before.sweep_repaired,
+            seeded,
+            repaired,
             without_timeout = at_risk,
             "socket sweep"
         );
+        seeded + repaired
     }
 
     /// A sweep that failed: counted and logged; the events held meanwhile

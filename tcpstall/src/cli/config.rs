@@ -198,10 +198,17 @@ pub struct RunArgs {
     /// Root of the host's /proc, for pod identity (in a container: /host/proc) [default: /proc].
     #[arg(long, value_name = "DIR", env = "TCPSTALL_PROC")]
     pub proc_root: Option<PathBuf>,
-    /// Seconds between safety-net socket sweeps; 0 = sweep only at start-up
-    /// and after lost events [default: 60].
+    /// Seconds between safety-net socket sweeps while sweeps or events find
+    /// trouble; 0 = sweep only at start-up and after lost events [default: 60].
     #[arg(long, value_name = "SECS", env = "TCPSTALL_SWEEP_INTERVAL")]
     pub sweep_interval: Option<f64>,
+    /// On a quiet node the interval doubles after each periodic sweep that
+    /// found nothing the events had missed, up to this many seconds; lost
+    /// events, a stall or a sweep that finds one bring it back to
+    /// --sweep-interval. Equal to --sweep-interval: a fixed interval
+    /// [default: 4 x --sweep-interval].
+    #[arg(long, value_name = "SECS", env = "TCPSTALL_SWEEP_INTERVAL_MAX")]
+    pub sweep_interval_max: Option<f64>,
     /// Do not sweep the node's sockets at start-up (stalls in progress are
     /// then only seen from their next kernel event).
     #[arg(long, env = "TCPSTALL_NO_STARTUP_SWEEP")]
@@ -271,6 +278,7 @@ pub struct FileConfig {
     pub max_remote_labels: Option<usize>,
     pub proc_root: Option<PathBuf>,
     pub sweep_interval: Option<f64>,
+    pub sweep_interval_max: Option<f64>,
     pub no_startup_sweep: Option<bool>,
     pub no_sweep_on_loss: Option<bool>,
     pub node_name: Option<String>,
@@ -325,6 +333,9 @@ pub struct Settings {
     pub proc_root: PathBuf,
     /// None = no periodic sweep.
     pub sweep_interval: Option<Duration>,
+    /// The longest gap between periodic sweeps on a quiet node (at least
+    /// `sweep_interval`; see [`crate::sweep::SweepPolicy`]).
+    pub sweep_interval_max: Duration,
     pub startup_sweep: bool,
     pub sweep_on_loss: bool,
     pub node_name: String,
@@ -367,6 +378,7 @@ impl Default for Settings {
             max_remote_labels: 100,
             proc_root: PathBuf::from("/proc"),
             sweep_interval: Some(Duration::from_secs(60)),
+            sweep_interval_max: Duration::from_secs(240),
             startup_sweep: true,
             sweep_on_loss: true,
             node_name: String::new(),
@@ -480,6 +492,24 @@ impl Settings {
                 why: "must be at least 1",
             });
         }
+        let sweep_interval = match a.sweep_interval.or(f.sweep_interval) {
+            Some(v) => Some(secs("sweep_interval", v)?).filter(|d| !d.is_zero()),
+            None => d.sweep_interval,
+        };
+        let sweep_interval_max = match a.sweep_interval_max.or(f.sweep_interval_max) {
+            Some(v) => {
+                let max = secs("sweep_interval_max", v)?;
+                if sweep_interval.is_some_and(|i| max < i) {
+                    return Err(SettingsError::Invalid {
+                        key: "sweep_interval_max",
+                        value: v.to_string(),
+                        why: "must be at least --sweep-interval (equal: a fixed interval)",
+                    });
+                }
+                max
+            }
+            None => sweep_interval.map_or(d.sweep_interval_max, |i| i * 4),
+        };
         Ok(Settings {
             listen,
             log_format: a.common.log_format.or(f.log_format).unwrap_or(d.log_format),
@@ -535,10 +565,8 @@ impl Settings {
                     .unwrap_or(d.max_remote_labels),
             )?,
             proc_root: a.proc_root.clone().or(f.proc_root).unwrap_or(d.proc_root),
-            sweep_interval: match a.sweep_interval.or(f.sweep_interval) {
-                Some(v) => Some(secs("sweep_interval", v)?).filter(|d| !d.is_zero()),
-                None => d.sweep_interval,
-            },
+            sweep_interval,
+            sweep_interval_max,
             startup_sweep: !(a.no_startup_sweep || f.no_startup_sweep.unwrap_or(!d.startup_sweep)),
             sweep_on_loss: !(a.no_sweep_on_loss || f.no_sweep_on_loss.unwrap_or(!d.sweep_on_loss)),
             node_name: node_name(a.node_name.clone().or(f.node_name))?,
@@ -742,6 +770,35 @@ mod tests {
         assert_eq!(s.runtimes.crio, PathBuf::from("/f/crio"));
         assert_eq!(s.runtimes.kubelet, PathBuf::from("/a/kubelet"));
         assert_eq!(s.runtimes.containerd, PathBuf::from("/run/containerd"));
+    }
+
+    /// The quiet-node ceiling of the sweep interval: 4 x the interval
+    /// unless given, at least the interval (equal: fixed).
+    /// Mutation: `i * 4` -> `i` in `Settings::merge` fails the defaults.
+    #[test]
+    fn sweep_interval_max_defaults_to_four_intervals() {
+        let get = |args: &[&str]| {
+            let s = Settings::merge(&parse(args), FileConfig::default()).unwrap();
+            (s.sweep_interval, s.sweep_interval_max)
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(get(&[]), (Some(secs(60)), secs(240)));
+        assert_eq!(get(&["--sweep-interval", "10"]), (Some(secs(10)), secs(40)));
+        assert_eq!(
+            get(&["--sweep-interval", "10", "--sweep-interval-max", "10"]),
+            (Some(secs(10)), secs(10))
+        );
+        assert_eq!(get(&["--sweep-interval", "0"]).0, None);
+        let e = Settings::merge(
+            &parse(&["--sweep-interval", "60", "--sweep-interval-max", "30"]),
+            FileConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sweep_interval_max") && e.contains("--sweep-interval"),
+            "{e}"
+        );
     }
 
     #[test]

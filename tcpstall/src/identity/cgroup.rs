@@ -171,6 +171,17 @@ impl CgroupIndex {
         self.by_id.iter().map(|(id, p)| (*id, p.as_str()))
     }
 
+    /// The directory of every cgroup of the last walk.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let Some(root) = &self.root else {
+            return Vec::new();
+        };
+        self.by_id
+            .values()
+            .map(|rel| root.join(rel.trim_start_matches('/')))
+            .collect()
+    }
+
     /// Whether a miss on `id` at `now` walks the hierarchy again.
     fn needs_walk(&self, id: u64, now: Instant) -> bool {
         let Some(last) = self.last_walk else {

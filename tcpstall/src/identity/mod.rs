@@ -14,6 +14,7 @@
 //! back to the network namespace lookup of [`netns`].
 
 pub mod cgroup;
+pub mod cgroup_watch;
 pub mod listen;
 pub mod netns;
 pub mod process;

@@ -4,9 +4,10 @@
 //!
 //! When: at start-up (before `/readyz` turns ready), after the kernel
 //! reported lost events (ring-buffer drops or program recursion misses; at
-//! most once per [`SweepPolicy::min_gap`]), and every `--sweep-interval`
-//! (0 = never periodically); once more after a sweep whose held events
-//! overflowed [`SweepHold`].
+//! most once per [`SweepPolicy::min_gap`]), and periodically (every
+//! `--sweep-interval` while there is trouble, backing off to
+//! `--sweep-interval-max` on a quiet node; 0 = never periodically); once
+//! more after a sweep whose held events overflowed [`SweepHold`].
 //!
 //! The rest of the sweep's userspace, in this folder:
 //! - [`risks`]: the hang-forever audit of one sweep's sockets (pure);
@@ -215,10 +216,24 @@ pub fn decode_all(records: &[SweepRecord]) -> (Vec<SweptSocket>, usize) {
 }
 
 /// When sweeps run.
+///
+/// The periodic sweep is a safety net: it finds what the events missed
+/// without the kernel reporting a loss. Its gap starts at `interval` and
+/// doubles after each periodic sweep that found nothing (no stalled socket
+/// seeded or repaired, [`Self::finished`]), up to `max_interval`: a quiet
+/// node sweeps every `max_interval`. Lost events, a stall starting
+/// ([`Self::busy`]) or a sweep that found something bring the gap back to
+/// `interval`. So a stall no event reported is found within `interval` on a
+/// node with trouble lately, within `max_interval` on a quiet one; a
+/// reported loss is swept within `min_gap` whatever the gap.
 #[derive(Clone, Debug)]
 pub struct SweepPolicy {
     /// Periodic safety net; None = only at start-up and on loss.
     pub interval: Option<Duration>,
+    /// The longest gap on a quiet node (at least `interval`).
+    pub max_interval: Duration,
+    /// The gap now, between `interval` and `max_interval`.
+    gap: Option<Duration>,
     /// Sweep after reported event loss.
     pub on_loss: bool,
     /// Rate limit of loss-triggered sweeps.
@@ -229,9 +244,16 @@ pub struct SweepPolicy {
 }
 
 impl SweepPolicy {
-    pub fn new(interval: Option<Duration>, on_loss: bool, min_gap: Duration) -> Self {
+    pub fn new(
+        interval: Option<Duration>,
+        max_interval: Duration,
+        on_loss: bool,
+        min_gap: Duration,
+    ) -> Self {
         Self {
             interval,
+            max_interval: interval.map_or(max_interval, |i| max_interval.max(i)),
+            gap: interval,
             on_loss,
             min_gap,
             last: None,
@@ -245,13 +267,39 @@ impl SweepPolicy {
     /// snapshots were partly ignored).
     pub fn again(&mut self) {
         self.again_pending = true;
+        self.busy();
     }
 
-    /// The kernel reported lost events.
+    /// The kernel reported lost events (the periodic gap goes back to
+    /// `interval` even without `on_loss`).
     pub fn loss(&mut self) {
         if self.on_loss {
             self.loss_pending = true;
         }
+        self.busy();
+    }
+
+    /// Something happened that the safety net should watch closely (a stall
+    /// started, events were lost): the periodic gap goes back to `interval`.
+    pub fn busy(&mut self) {
+        self.gap = self.interval;
+    }
+
+    /// A sweep for `reason` finished and `found` stalled sockets the engine
+    /// learned something from (seeded or repaired). Found something: the gap
+    /// goes back to `interval`; a periodic sweep that found nothing doubles
+    /// it, up to `max_interval`.
+    pub fn finished(&mut self, reason: SweepReason, found: u64) {
+        if found > 0 {
+            self.busy();
+        } else if reason == SweepReason::Interval {
+            self.gap = self.gap.map(|g| (g * 2).min(self.max_interval));
+        }
+    }
+
+    /// The gap to the next periodic sweep now (None: no periodic sweeps).
+    pub fn gap(&self) -> Option<Duration> {
+        self.gap
     }
 
     /// A sweep ran at `now`.
@@ -272,7 +320,7 @@ impl SweepPolicy {
         if self.again_pending && since.is_none_or(|s| s >= self.min_gap) {
             return Some(SweepReason::HoldOverflow);
         }
-        if let Some(i) = self.interval
+        if let Some(i) = self.gap
             && since.is_none_or(|s| s >= i)
         {
             return Some(SweepReason::Interval);
@@ -306,6 +354,7 @@ pub struct SweepMetrics {
     sockets_visited: Counter,
     tcp_sockets: Gauge,
     without_timeout: Family<PodLabels, Gauge>,
+    interval: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl SweepMetrics {
@@ -318,6 +367,7 @@ impl SweepMetrics {
             sockets_visited: Counter::default(),
             tcp_sockets: Gauge::default(),
             without_timeout: Family::default(),
+            interval: Gauge::default(),
         };
         registry.register(
             "tcpstall_sweeps",
@@ -357,8 +407,18 @@ impl SweepMetrics {
             "Established TCP sockets with neither SO_KEEPALIVE nor TCP_USER_TIMEOUT (they hang forever if the peer vanishes while they wait), as of the last sweep, by pod; sockets outside any pod are counted with empty namespace and pod labels",
             m.without_timeout.clone(),
         );
+        registry.register(
+            "tcpstall_sweep_interval_seconds",
+            "Seconds between periodic socket sweeps now: --sweep-interval while sweeps or events find trouble, doubling after each periodic sweep that found nothing up to --sweep-interval-max (0 = no periodic sweeps)",
+            m.interval.clone(),
+        );
         m.without_timeout(&HashMap::new());
         m
+    }
+
+    /// The periodic gap now ([`SweepPolicy::gap`]; None = 0).
+    pub fn interval(&self, gap: Option<Duration>) {
+        self.interval.set(gap.map_or(0.0, |g| g.as_secs_f64()));
     }
 
     pub fn ran(&self, reason: SweepReason, seconds: f64, visited: u64, tcp_sockets: usize) {
@@ -472,7 +532,12 @@ mod tests {
     #[test]
     fn policy_rate_limits_loss_and_runs_interval() {
         let t0 = Instant::now();
-        let mut p = SweepPolicy::new(Some(Duration::from_secs(60)), true, Duration::from_secs(5));
+        let mut p = SweepPolicy::new(
+            Some(Duration::from_secs(60)),
+            Duration::from_secs(60),
+            true,
+            Duration::from_secs(5),
+        );
         p.ran(t0, SweepReason::Startup);
         assert_eq!(p.due(t0 + Duration::from_secs(1)), None);
         p.loss();
@@ -485,7 +550,7 @@ mod tests {
             Some(SweepReason::Interval)
         );
 
-        let mut off = SweepPolicy::new(None, false, Duration::from_secs(5));
+        let mut off = SweepPolicy::new(None, Duration::ZERO, false, Duration::from_secs(5));
         off.ran(t0, SweepReason::Startup);
         off.loss();
         assert_eq!(off.due(t0 + Duration::from_secs(3600)), None);
@@ -499,6 +564,72 @@ mod tests {
         );
         off.ran(t0 + Duration::from_secs(5), SweepReason::HoldOverflow);
         assert_eq!(off.due(t0 + Duration::from_secs(3600)), None);
+    }
+
+    /// On a quiet node the periodic gap doubles after each periodic sweep
+    /// that found nothing, up to the maximum; a sweep that found something,
+    /// a stall or lost events bring it back to the interval; a loss is
+    /// still swept within `min_gap` at any gap; start-up and loss sweeps
+    /// that find nothing do not back off. Mutations: `found > 0` ->
+    /// `found > 1` in `finished` (a sweep that repaired one socket keeps the
+    /// long gap), `self.busy()` removed from `loss` (the gap stays long after
+    /// lost events), `.min(self.max_interval)` removed (past the maximum):
+    /// each fails.
+    #[test]
+    fn policy_backs_off_on_a_quiet_node_and_returns_on_trouble() {
+        let s = Duration::from_secs;
+        let t0 = Instant::now();
+        let mut p = SweepPolicy::new(Some(s(60)), s(240), true, s(2));
+        p.ran(t0, SweepReason::Startup);
+        p.finished(SweepReason::Startup, 0);
+        assert_eq!(p.gap(), Some(s(60)), "start-up does not back off");
+        assert_eq!(p.due(t0 + s(60)), Some(SweepReason::Interval));
+        // Quiet periodic sweeps: 60 -> 120 -> 240 -> 240.
+        let mut t = t0 + s(60);
+        for want in [120, 240, 240] {
+            p.ran(t, SweepReason::Interval);
+            p.finished(SweepReason::Interval, 0);
+            assert_eq!(p.gap(), Some(s(want)));
+            assert_eq!(p.due(t + s(want - 1)), None);
+            assert_eq!(p.due(t + s(want)), Some(SweepReason::Interval));
+            t += s(want);
+        }
+        // A sweep that repaired one socket: back to the interval.
+        p.ran(t, SweepReason::Interval);
+        p.finished(SweepReason::Interval, 1);
+        assert_eq!(p.gap(), Some(s(60)));
+        // Back off again, then a stall starts: back to the interval.
+        p.finished(SweepReason::Interval, 0);
+        assert_eq!(p.gap(), Some(s(120)));
+        p.busy();
+        assert_eq!(p.gap(), Some(s(60)));
+        // At the longest gap, lost events: swept within min_gap, and the
+        // gap is the interval again; a loss sweep finding nothing keeps it.
+        p.finished(SweepReason::Interval, 0);
+        p.finished(SweepReason::Interval, 0);
+        assert_eq!(p.gap(), Some(s(240)));
+        p.ran(t, SweepReason::Interval);
+        p.loss();
+        assert_eq!(p.gap(), Some(s(60)));
+        assert_eq!(p.due(t + s(2)), Some(SweepReason::Loss));
+        p.ran(t + s(2), SweepReason::Loss);
+        p.finished(SweepReason::Loss, 0);
+        assert_eq!(p.gap(), Some(s(60)));
+        // Without on_loss, lost events still shorten the gap.
+        let mut q = SweepPolicy::new(Some(s(60)), s(240), false, s(2));
+        q.finished(SweepReason::Interval, 0);
+        assert_eq!(q.gap(), Some(s(120)));
+        q.loss();
+        assert_eq!(q.gap(), Some(s(60)));
+        // max == interval: a fixed interval; max below it is raised to it.
+        let mut f = SweepPolicy::new(Some(s(60)), s(30), true, s(2));
+        f.finished(SweepReason::Interval, 0);
+        assert_eq!(f.gap(), Some(s(60)));
+        // No periodic sweeps: none, whatever happens.
+        let mut n = SweepPolicy::new(None, s(240), true, s(2));
+        n.finished(SweepReason::Interval, 0);
+        n.busy();
+        assert_eq!(n.gap(), None);
     }
 
     fn state_ev(ts_ns: u64) -> SockEvent {

@@ -11,7 +11,8 @@
 //! - **from idle**: single short connections 1 s apart (each reaches an
 //!   asleep reader): event delivery delay, kernel timestamp to the agent's
 //!   read (`tcpstall_event_delivery_seconds`).
-//! - **sweep**: the agent with `--sweep-interval 2` over the same sockets
+//! - **sweep**: the agent with `--sweep-interval 2 --sweep-interval-max 2`
+//!   (a fixed gap) over the same sockets
 //!   and then `--sweep-sockets` of them, for `--sweep-window` twice: first
 //!   alone, for the CPU per sweep (the window's CPU less the idle rate, over
 //!   the sweeps run) and the sweep's wall time; then with `/healthz` asked
@@ -414,7 +415,11 @@ pub fn sweep(
     window: Duration,
     idle_cpu_per_s: f64,
 ) -> anyhow::Result<SweepCost> {
-    let agent = Agent::start(agent_bin, &["--sweep-interval", "2"])?;
+    // A fixed gap: the agent's back-off on a quiet node would stretch it.
+    let agent = Agent::start(
+        agent_bin,
+        &["--sweep-interval", "2", "--sweep-interval-max", "2"],
+    )?;
     thread::sleep(Duration::from_secs(1));
     let listen = agent.listen;
     // CPU: nothing else asks anything of the agent meanwhile.

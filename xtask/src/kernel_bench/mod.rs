@@ -54,6 +54,11 @@ const GOAL_IPERF_RATIO: f64 = 0.99;
 const GOAL_IDLE_CPU_MS_PER_S: f64 = 0.5;
 const GOAL_DELIVERY_P99_S: f64 = 0.020;
 const GOAL_SWEEP_CPU_S: f64 = 0.3;
+/// The agent's periodic sweep gaps at defaults (`tcpstall run --help`):
+/// `--sweep-interval` while sweeps or events find trouble, and
+/// `--sweep-interval-max` (4 x) that a quiet node backs off to.
+const AGENT_SWEEP_INTERVAL_S: f64 = 60.0;
+const AGENT_SWEEP_INTERVAL_MAX_S: f64 = 240.0;
 
 /// Options of `cargo xtask bench --kernel` (also passed to the guests).
 #[derive(Debug, Clone, clap::Args)]

@@ -260,6 +260,7 @@ fn contract_names_types_and_help() {
         ("tcpstall_sweep_duration_seconds", "histogram"),
         ("tcpstall_sweep_sockets_visited", "counter"),
         ("tcpstall_sweep_tcp_sockets", "gauge"),
+        ("tcpstall_sweep_interval_seconds", "gauge"),
         ("tcpstall_sockets_without_timeout", "gauge"),
         ("tcpstall_guard_sockets", "counter"),
         ("tcpstall_guard_reload_failures", "counter"),
