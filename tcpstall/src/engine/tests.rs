@@ -96,6 +96,7 @@ impl Blackhole {
             user_timeout_ms: s.uto,
             orphan: s.orphan,
             rto_max_j: self.rto_max,
+            sk_err_soft: 0,
         }
     }
 
@@ -1262,6 +1263,12 @@ fn zero_window_threshold_probes_and_end() {
         "no ETIMEDOUT for a live peer"
     );
     assert!(!v[0].near_horizon);
+    // tcp_probe_timer() without a user timeout: the peer's answers reset
+    // icsk_probes_out, the probes go on at rto_max: no death, and why.
+    assert_eq!(
+        v[0].no_prediction_reason,
+        Some(horizon::NoPrediction::ZeroWindowWithoutUserTimeout)
+    );
     assert_eq!(e.near_timeout_count(now), 0);
     let obs = drain(&mut e);
     assert_eq!(
@@ -1334,6 +1341,7 @@ fn zero_window_with_user_timeout_is_predicted() {
     assert_eq!(v[0].class, StallClass::ZeroWindow);
     assert_eq!(v[0].predicted_timeout_ns, Some(T0 + 10 * S));
     assert_eq!(v[0].boundary_source, Some(BoundarySource::UserTimeout));
+    assert_eq!(v[0].no_prediction_reason, None);
     assert!(v[0].near_horizon);
     // The kernel kills it at the clamped probe: an ETIMEDOUT error report.
     e.ingest(&s.probe(T0 + 10 * S, 6, 0));

@@ -132,7 +132,12 @@ impl Engine {
             predicted_timeout_ns: pred.map(|p| p.death_ns),
             seconds_to_timeout: pred.map(|p| signed_secs(p.death_ns, now_ns)),
             no_prediction_reason: if pred.is_none() {
-                f.anchor.and_then(|a| self.rule_at(f, &a).err().flatten())
+                f.anchor
+                    .and_then(|a| self.rule_at(f, &a).err().flatten())
+                    .or_else(|| {
+                        (class == StallClass::ZeroWindow && f.user_timeout_ms == 0)
+                            .then_some(horizon::NoPrediction::ZeroWindowWithoutUserTimeout)
+                    })
             } else {
                 None
             },

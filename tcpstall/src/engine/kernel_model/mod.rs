@@ -20,8 +20,9 @@
 //!   else `tcp_model_timeout`; expired when `(s32)(now_ms - retrans_stamp -
 //!   timeout) >= 0`.
 //! - `tcp_write_timeout()`: `retry_until = tcp_retries2`; for `SOCK_DEAD`
-//!   `tcp_orphan_retries(sk, alive = icsk_rto < rto_max)`, where a
-//!   configured 0 means 8 while alive.
+//!   `tcp_orphan_retries(sk, alive = icsk_rto < rto_max)`, where an
+//!   `sk_err_soft` on a socket not alive means 0 and a configured 0 means 8
+//!   while alive.
 //! - `tcp_retransmit_timer()`: if not expired, retransmit, `icsk_backoff++`,
 //!   `icsk_retransmits++`, `icsk_rto = min(icsk_rto << 1, rto_max)`, and
 //!   re-arm at `jiffies + tcp_clamp_rto_to_user_timeout(sk)`: with a user
@@ -87,13 +88,18 @@ pub(crate) fn tcp_model_timeout_ms(boundary: u32, rto_base_j: u64, rto_max_j: u6
     jiffies_to_msecs(timeout_j, hz)
 }
 
-/// `tcp_orphan_retries()` (without the `sk_err_soft` case).
-pub(crate) fn tcp_orphan_retries(configured: u32, alive: bool) -> u32 {
-    if configured == 0 && alive {
-        8
-    } else {
-        configured
+/// `tcp_orphan_retries(sk, alive)`, statement by statement:
+/// `retries = sysctl_tcp_orphan_retries` ("May be zero"); `if (sk->sk_err_soft
+/// && !alive) retries = 0;` `if (retries == 0 && alive) retries = 8;`.
+pub(crate) fn tcp_orphan_retries(configured: u32, alive: bool, sk_err_soft: u32) -> u32 {
+    let mut retries = configured;
+    if sk_err_soft != 0 && !alive {
+        retries = 0;
     }
+    if retries == 0 && alive {
+        retries = 8;
+    }
+    retries
 }
 
 /// What `tcp_write_timeout()` reads of a socket (ESTABLISHED-like states).
@@ -108,6 +114,8 @@ pub(crate) struct KernelSock {
     pub orphan: bool,
     /// `tcp_rto_max(sk)`, jiffies.
     pub rto_max_j: u64,
+    /// `sk_err_soft` (errno, 0: none).
+    pub sk_err_soft: u32,
 }
 
 impl KernelSock {
@@ -123,7 +131,11 @@ impl KernelSock {
     ) -> bool {
         let mut retry_until = self.tcp_retries2;
         if self.orphan {
-            retry_until = tcp_orphan_retries(self.tcp_orphan_retries, icsk_rto_j < self.rto_max_j);
+            retry_until = tcp_orphan_retries(
+                self.tcp_orphan_retries,
+                icsk_rto_j < self.rto_max_j,
+                self.sk_err_soft,
+            );
         }
         // retransmits_timed_out()
         if icsk_retransmits == 0 {
