@@ -287,6 +287,31 @@ pub fn set_user_timeout(s: &TcpStream, ms: u32) {
     );
 }
 
+/// `TCP_RTO_MAX_MS` (include/uapi/linux/tcp.h, 6.15+).
+pub const TCP_RTO_MAX_MS: libc::c_int = 44;
+
+/// Set TCP_RTO_MAX_MS (ms) on a socket. False when the kernel has no such
+/// option (`ENOPROTOOPT`, before 6.15); any other failure panics.
+pub fn set_rto_max_ms(s: &TcpStream, ms: u32) -> bool {
+    let v: libc::c_int = ms as libc::c_int;
+    // SAFETY: valid fd and option buffer.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MAX_MS,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    if r != 0 && err.raw_os_error() == Some(libc::ENOPROTOOPT) {
+        return false;
+    }
+    assert_eq!(r, 0, "setsockopt TCP_RTO_MAX_MS {ms}: {err}");
+    true
+}
+
 /// Join two existing namespaces with a veth pair on 10.202.{subnet}.0/24;
 /// returns (a's address, b's address). The veth dies with its namespaces.
 pub fn veth_between(a: &Netns, b: &Netns, tag: &str, subnet: u8) -> (Ipv4Addr, Ipv4Addr) {

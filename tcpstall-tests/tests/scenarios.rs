@@ -20,6 +20,10 @@ mod programs;
 #[path = "connect/mod.rs"]
 mod connect;
 
+/// Orphans retransmitting their FIN, and the zero-window probe path.
+#[path = "orphan/mod.rs"]
+mod orphan;
+
 /// Why it stalls: one scenario per cause.
 #[path = "causes/mod.rs"]
 mod causes;
