@@ -149,7 +149,9 @@ fn orphan_run(tag: &str, subnet: u8, orphan_retries: u32, rto_max_ms: Option<u32
     assert_eq!(ev_str(last, "boundary_source"), source, "{name}: {last}");
     check_predictions(&name, &views, t_write, end_ns);
     // The kernel really destroyed it (an orphan gets no error report).
-    let ss = link.a.exec(&format!("ss -tanH src {local} dst {server} || true"));
+    let ss = link
+        .a
+        .exec(&format!("ss -tanH src {local} dst {server} || true"));
     assert!(
         ss.trim().is_empty(),
         "{name}: the socket is still listed after its CLOSE: {ss}"

@@ -1356,6 +1356,74 @@ fn zero_window_with_user_timeout_is_predicted() {
     assert!(prediction_error_s.unwrap().abs() < 0.001);
 }
 
+/// The zero-window path against the kernel model (`AnsweredPersist`): a
+/// live peer answering every probe with a zero window, TCP_RTO_MAX_MS 1 s
+/// (250 jiffies at HZ 250). With TCP_USER_TIMEOUT 20 s the kernel aborts at
+/// the probe expiry the clamp arms at the first probe + 5000 jiffies; the
+/// engine's prediction from every probe it lists the flow at (from 5 s of
+/// persist on) is that instant, early by at most the wheel's rounding of
+/// the last, clamped interval (below 504 jiffies: at most the 8 jiffies of
+/// the wheel's level 1). Without a user timeout the model
+/// never aborts (1000 probes) and the engine predicts nothing, with the
+/// reason.
+#[test]
+fn zero_window_answered_probes_against_the_kernel_model() {
+    let hz = u64::from(HZ);
+    let first_j = jiffies_at(HZ, T0);
+    let ns_of = |j: u64| T0 + (j - first_j) * S / hz;
+    for uto in [20_000u32, 0] {
+        let model = kernel_model::AnsweredPersist {
+            hz,
+            user_timeout_ms: uto,
+            tcp_retries2: 15,
+            icsk_rto_j: 51,
+            rto_max_j: 250,
+        };
+        let (expiries, aborted) = model.run(first_j, 1_000);
+        assert_eq!(aborted, uto != 0, "UTO {uto}: {expiries:?}");
+        let mut s = Sock::new(63);
+        s.uto = uto;
+        let mut e = engine();
+        let fatal = *expiries.last().unwrap();
+        let live = if aborted {
+            &expiries[..expiries.len() - 1]
+        } else {
+            &expiries[..]
+        };
+        let mut checked = 0;
+        for (i, &j) in live.iter().take(40).enumerate() {
+            let t = ns_of(j);
+            e.ingest(&s.probe(t, (i as u32).min(15), 0));
+            let v = e.stalls(t + MS);
+            let Some(v) = v.first() else { continue };
+            if aborted {
+                let p = v.predicted_timeout_ns.expect("a prediction");
+                let err = ns_of(fatal) as i128 - p as i128;
+                assert!(
+                    (0..=(8 * S / hz) as i128).contains(&err),
+                    "probe {i}: predicted {p}, the kernel aborts at {} ({err} ns)",
+                    ns_of(fatal)
+                );
+            } else {
+                assert_eq!(v.predicted_timeout_ns, None);
+                assert_eq!(
+                    v.no_prediction_reason,
+                    Some(horizon::NoPrediction::ZeroWindowWithoutUserTimeout)
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked >= 5, "UTO {uto}: listed at {checked} probes only");
+        if aborted {
+            assert!(
+                (5_000..=5_008).contains(&(fatal - expiries[0])),
+                "the abort comes UTO after the first probe (wheel-rounded): {}",
+                fatal - expiries[0]
+            );
+        }
+    }
+}
+
 #[test]
 fn close_wait_threshold_and_end() {
     let s = Sock::new(70);
