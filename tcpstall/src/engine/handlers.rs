@@ -326,8 +326,8 @@ impl Engine {
                 // tcp_probe_timer(): alive =
                 // `inet_csk_rto_backoff(icsk, rto_max) < rto_max`.
                 let backed_off = rto_ms
-                    .checked_shl(u32::from(sock.backoff))
-                    .filter(|&v| v >> u32::from(sock.backoff) == rto_ms)
+                    .checked_shl(sock.backoff)
+                    .filter(|&v| v >> sock.backoff == rto_ms)
                     .unwrap_or(u64::MAX);
                 horizon::effective_orphan_retries(
                     s.tcp_orphan_retries,
