@@ -430,16 +430,9 @@ fn horizon_run(
     let _blackhole = link.b.blackhole_from(link.a_ip);
     let (t_write, reader) = conn.write_and_await_death(Duration::from_secs(200));
 
-    let mut views: Vec<(u64, Value)> = Vec::new();
-    while !reader.is_finished() {
-        let now = monotonic_ns();
-        if let Some(v) = agent.stall_of(local, server_addr) {
-            views.push((now, v));
-        }
-        // Fast enough to see every prediction: the shortest RTO interval
-        // here is about 400 ms (the second expiry).
-        thread::sleep(Duration::from_millis(25));
-    }
+    // Fast enough to see every prediction: the shortest RTO interval here
+    // is about 400 ms (the second expiry).
+    let mut views = agent.views_until(local, server_addr, &reader, Duration::from_millis(25));
     let (died_ns, errno) = reader.join().expect("reader");
     assert_eq!(
         errno,

@@ -238,14 +238,7 @@ fn zero_window_run(tag: &str, subnet: u8, user_timeout_ms: Option<u32>) {
         let err = std::io::Read::read(&mut reader, &mut buf).expect_err("read must fail");
         (monotonic_ns(), err.raw_os_error())
     });
-    let mut views: Vec<(u64, Value)> = Vec::new();
-    while !death.is_finished() {
-        let now = monotonic_ns();
-        if let Some(v) = agent.stall_of(local, server) {
-            views.push((now, v));
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    let mut views = agent.views_until(local, server, &death, Duration::from_millis(50));
     let (end_ns, errno) = death.join().expect("reader");
     let _ = tx.send(());
     assert_eq!(
