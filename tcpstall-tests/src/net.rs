@@ -389,14 +389,22 @@ impl Conn {
         let t_write = monotonic_ns();
         std::io::Write::write_all(&mut self.client, &[b'x'; 1000])
             .expect("write into the blackhole");
-        let reader = thread::spawn(move || {
-            self.client.set_read_timeout(Some(wait)).expect("timeout");
-            let mut buf = [0u8; 16];
-            let err = std::io::Read::read(&mut self.client, &mut buf).expect_err("read must fail");
-            (monotonic_ns(), err.raw_os_error())
-        });
-        (t_write, reader)
+        (t_write, await_read_error(self.client, wait))
     }
+}
+
+/// A thread blocked in `read()` on `s` (at most `wait`) until the kernel
+/// fails the socket; yields (the instant `read()` returned, its errno).
+pub fn await_read_error(
+    mut s: TcpStream,
+    wait: Duration,
+) -> thread::JoinHandle<(u64, Option<i32>)> {
+    thread::spawn(move || {
+        s.set_read_timeout(Some(wait)).expect("timeout");
+        let mut buf = [0u8; 16];
+        let err = std::io::Read::read(&mut s, &mut buf).expect_err("read must fail");
+        (monotonic_ns(), err.raw_os_error())
+    })
 }
 
 /// `TCP_INFO` of a socket.
@@ -523,6 +531,20 @@ pub fn drain_server_in(
         }
         drain(&mut s, idle)
     })
+}
+
+/// A server on `addr` in `ns` that accepts one connection and never reads
+/// it (its window closes once the client fills it), holding it open until
+/// the returned sender is used or dropped.
+pub fn non_reading_server_in(ns: &Netns, addr: SocketAddr) -> std::sync::mpsc::Sender<()> {
+    let listener = listen_in(ns, addr);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        let _ = rx.recv();
+        drop(s);
+    });
+    tx
 }
 
 /// Writes 64 KiB chunks to `s` without blocking until the kernel refuses

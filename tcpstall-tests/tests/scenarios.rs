@@ -734,14 +734,8 @@ fn s4_zero_window() {
     let link = Link::new("zw", 25);
     let agent = Agent::start(&["--zero-window-after", "3"]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
-    let listener = listen_in(&link.b, server_addr);
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        let (s, _) = listener.accept().expect("accept");
-        // Never read; keep the socket open until the test ends.
-        let _ = rx.recv();
-        drop(s);
-    });
+    // Never reads; keeps the socket open until the test ends.
+    let tx = non_reading_server_in(&link.b, server_addr);
     let client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
     let t0 = Instant::now();

@@ -186,14 +186,8 @@ fn zero_window_run(tag: &str, subnet: u8, user_timeout_ms: Option<u32>) {
     let link = Link::new(tag, subnet);
     let agent = Agent::start(&["--zero-window-after", "1"]);
     let server = SocketAddr::from((link.b_ip, 8080));
-    let listener = listen_in(&link.b, server);
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    thread::spawn(move || {
-        let (s, _) = listener.accept().expect("accept");
-        // Never read; keep the socket open until the test ends.
-        let _ = rx.recv();
-        drop(s);
-    });
+    // Never reads; keeps the socket open until the test ends.
+    let tx = non_reading_server_in(&link.b, server);
     let client = connect_in(&link.a, server);
     let local = client.local_addr().expect("local addr");
     let per_socket_rto_max = set_rto_max_ms(&client, 1_000);
@@ -229,15 +223,7 @@ fn zero_window_run(tag: &str, subnet: u8, user_timeout_ms: Option<u32>) {
         let _ = tx.send(());
         return;
     };
-    let mut reader = client.try_clone().expect("clone");
-    let death = thread::spawn(move || {
-        reader
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .expect("timeout");
-        let mut buf = [0u8; 16];
-        let err = std::io::Read::read(&mut reader, &mut buf).expect_err("read must fail");
-        (monotonic_ns(), err.raw_os_error())
-    });
+    let death = await_read_error(client.try_clone().expect("clone"), Duration::from_secs(120));
     let mut views = agent.views_until(local, server, &death, Duration::from_millis(50));
     let (end_ns, errno) = death.join().expect("reader");
     let _ = tx.send(());
