@@ -117,9 +117,15 @@ fn orphan_run(tag: &str, subnet: u8, orphan_retries: u32, rto_max_ms: Option<u32
     drop(client);
     let mut views: Vec<(u64, Value)> = Vec::new();
     let mut cookie = None;
+    // The same flow in the per-flow series and in `tcpstall top`, checked
+    // once while it is listed with a prediction.
+    let mut series: Option<(f64, String)> = None;
     let end_ns = loop {
         let now = monotonic_ns();
         if let Some(v) = agent.stall_of(local, server) {
+            if series.is_none() && v["seconds_to_timeout"].is_number() {
+                series = orphan_series(&agent, local, server);
+            }
             views.push((now, v));
         }
         cookie = cookie.or_else(|| agent.cookie_of(local, server));
@@ -148,6 +154,13 @@ fn orphan_run(tag: &str, subnet: u8, orphan_retries: u32, rto_max_ms: Option<u32
     let last = &views.last().expect("views").1;
     assert_eq!(ev_str(last, "boundary_source"), source, "{name}: {last}");
     check_predictions(&name, &views, t_write, end_ns);
+    let (to_timeout, row) =
+        series.unwrap_or_else(|| panic!("{name}: never in the per-flow series and `top`"));
+    assert!(to_timeout > -1.0, "{name}: {to_timeout}");
+    assert!(
+        row.contains("retransmit") && row.starts_with("T-"),
+        "{name}: top row: {row}"
+    );
     // The kernel really destroyed it (an orphan gets no error report).
     let ss = link
         .a
@@ -156,6 +169,29 @@ fn orphan_run(tag: &str, subnet: u8, orphan_retries: u32, rto_max_ms: Option<u32
         ss.trim().is_empty(),
         "{name}: the socket is still listed after its CLOSE: {ss}"
     );
+}
+
+/// The flow's `tcpstall_socket_seconds_to_timeout` on /metrics and its row
+/// in `tcpstall top --once` (None while either is missing).
+fn orphan_series(agent: &Agent, local: SocketAddr, remote: SocketAddr) -> Option<(f64, String)> {
+    let (l, r) = (local.to_string(), remote.to_string());
+    let secs = metric_sum(
+        &agent.metrics(),
+        "tcpstall_socket_seconds_to_timeout",
+        &[("local", l.as_str()), ("remote", r.as_str())],
+    )?;
+    let out = std::process::Command::new(agent_path())
+        .args([
+            "top",
+            "--once",
+            "--agent",
+            &format!("http://{}", agent.listen),
+        ])
+        .output()
+        .expect("run tcpstall top --once");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = table.lines().find(|line| line.contains(&l))?.to_owned();
+    Some((secs, row))
 }
 
 /// `tcp_orphan_retries` 3: T(3) = 3.0 s from the first retransmission,
