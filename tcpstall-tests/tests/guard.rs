@@ -28,23 +28,34 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{ChildStdin, Stdio},
-    sync::mpsc::{self, Receiver},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver},
+    },
     thread,
     time::Duration,
 };
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Cgroups, Link, Proc, Scratch, cgroup2_root, connect_in, containerd_spec, ev_str,
-    listen_in, metric_sum, require, require_tools, spawn_in_cgroup, wait_until, write_file,
+    Agent, Cgroups, Link, Proc, Scratch, agent_path, cgroup2_root, connect_in, containerd_spec,
+    ev_str, listen_in, metric_sum, require, require_tools, run_ok, spawn_in_cgroup, wait_until,
+    write_file,
 };
 
+// The same guard against psql and a real Postgres server.
+#[path = "guard/psql.rs"]
+mod psql;
+
 const CLIENT: &str = r#"
-import errno, json, socket, sys, time
+import errno, json, socket, struct, sys, time
 host, port, own, send = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "send"
 def report(**kw):
     print(json.dumps(kw), flush=True)
 s = socket.socket()
+# Killed at the end of the test: reset, not orphaned with its unacknowledged
+# data (retransmitted for minutes in a namespace deleted meanwhile).
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 if own:
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, own)
 s.connect((host, port))
@@ -65,8 +76,9 @@ except OSError as e:
 "#;
 
 const SERVER: &str = r#"
-import json, socket, sys
+import json, socket, struct, sys
 ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind((sys.argv[1], int(sys.argv[2])))
 ls.listen(8)
@@ -113,6 +125,64 @@ fn make_pod(
         namespace: namespace.to_owned(),
         cgroup,
     }
+}
+
+/// A run's pods: a scratch directory (containerd state naming the pods),
+/// their cgroups; all removed on drop (cgroups first: their processes are
+/// killed).
+struct Pods {
+    cgroups: Cgroups,
+    tmp: PathBuf,
+    _scratch: Scratch,
+    cg_root: PathBuf,
+    /// Namespaces are `<name>-<tag><pid>`.
+    tag: &'static str,
+}
+
+impl Pods {
+    fn new(tag: &'static str) -> Self {
+        let pid = std::process::id();
+        let tmp = std::env::temp_dir().join(format!("tcpstall-guard-{tag}{pid}"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).unwrap();
+        Pods {
+            cgroups: Cgroups::default(),
+            _scratch: Scratch(tmp.clone()),
+            tmp,
+            cg_root: cgroup2_root(),
+            tag,
+        }
+    }
+
+    /// Pod `name` in namespace `<namespace>-<tag><pid>`; `idx` unique per run.
+    fn pod(&mut self, idx: u32, namespace: &str, name: &str) -> Pod {
+        let tasks = self
+            .tmp
+            .join("containerd/io.containerd.runtime.v2.task/k8s.io");
+        let ns = format!("{namespace}-{}{}", self.tag, std::process::id());
+        make_pod(&mut self.cgroups, &self.cg_root, &tasks, idx, &ns, name)
+    }
+}
+
+/// Waits (up to 9 s: before a 10 s user timeout fires) for the stall of
+/// the socket at `local` and checks that tcpstall predicts from the rule's
+/// 10 s user timeout and names the rule.
+fn assert_guarded_stall(agent: &Agent, local: &str, rule: &str) {
+    let stall = wait_until(
+        Duration::from_secs(9),
+        Duration::from_millis(100),
+        "the guarded client's stall",
+        || {
+            agent
+                .stalls()
+                .into_iter()
+                .find(|v| v["local"] == local && v["class"] == "retransmit")
+                .ok_or("not yet")
+        },
+    );
+    assert_eq!(stall["boundary_source"], "user_timeout", "{stall}");
+    assert_eq!(stall["boundary_s"].as_f64(), Some(10.0), "{stall}");
+    assert_eq!(stall["guarded_by"]["rule"], rule, "{stall}");
 }
 
 /// A python process in a pod, its JSON lines on a channel.
@@ -207,6 +277,49 @@ fn established_in(link_ns: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The agent with the guard policy `policy`, resolving pods from the
+/// containerd state under `tmp` (the other runtimes' roots empty), plus
+/// `extra` arguments.
+fn agent_with_policy(tmp: &Path, policy: &Path, extra: &[&str]) -> Agent {
+    let (containerd, crio) = (tmp.join("containerd"), tmp.join("crio"));
+    let (kubelet, docker) = (tmp.join("kubelet"), tmp.join("docker"));
+    let mut args = vec![
+        "--containerd-state",
+        containerd.to_str().unwrap(),
+        "--crio-state",
+        crio.to_str().unwrap(),
+        "--kubelet-root",
+        kubelet.to_str().unwrap(),
+        "--docker-root",
+        docker.to_str().unwrap(),
+        "--guard-policy",
+        policy.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Agent::start(&args)
+}
+
+/// Waits until every rule of `rules` covers a pod cgroup in the kernel map.
+fn wait_rules_cover(agent: &Agent, rules: &[&str]) {
+    wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        "the guard covering the pods' cgroups",
+        || {
+            let g = guard_doc(agent);
+            let covered: Vec<String> = g["cgroups"]
+                .as_array()
+                .map(|a| a.iter().map(|c| ev_str(c, "rule").to_owned()).collect())
+                .unwrap_or_default();
+            if rules.iter().all(|w| covered.iter().any(|c| c == w)) {
+                Ok(())
+            } else {
+                Err(format!("{}", g["cgroups"]))
+            }
+        },
+    );
+}
+
 /// The preferred program (`tcpstall_guard_direct`).
 #[test]
 fn guard_arms_timeouts_per_pod_rule() {
@@ -230,20 +343,13 @@ fn scenario(extra: &[&str], program: &str) {
         "/usr/bin/python3 (the test's clients)",
         "apt-get install python3 (cargo xtask setup installs python3-pip, which pulls it in)",
     );
-    let cg_root = cgroup2_root();
-    let pid = std::process::id();
-    let tmp = std::env::temp_dir().join(format!("tcpstall-guard-{pid}"));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).unwrap();
-    let _scratch = Scratch(tmp.clone());
-    let mut cgroups = Cgroups::default();
-    let tasks = tmp.join("containerd/io.containerd.runtime.v2.task/k8s.io");
-    let ns = |n: &str| format!("{n}-g{pid}");
-    let shop = make_pod(&mut cgroups, &cg_root, &tasks, 1, &ns("shop"), "web-1");
-    let lab = make_pod(&mut cgroups, &cg_root, &tasks, 2, &ns("lab"), "web-1");
-    let dev = make_pod(&mut cgroups, &cg_root, &tasks, 3, &ns("dev"), "web-1");
-    let db = make_pod(&mut cgroups, &cg_root, &tasks, 4, &ns("db"), "postgres-0");
-    let pool = make_pod(&mut cgroups, &cg_root, &tasks, 5, &ns("pool"), "worker-0");
+    let mut fx = Pods::new("g");
+    let tmp = fx.tmp.clone();
+    let shop = fx.pod(1, "shop", "web-1");
+    let lab = fx.pod(2, "lab", "web-1");
+    let dev = fx.pod(3, "dev", "web-1");
+    let db = fx.pod(4, "db", "postgres-0");
+    let pool = fx.pod(5, "pool", "worker-0");
     let policy = tmp.join("guard.toml");
     write_file(
         &policy,
@@ -277,22 +383,7 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
 
     let link = Link::new("grd", 77);
     link.a.sysctl("net.ipv4.tcp_retries2", "15");
-    let (containerd, crio) = (tmp.join("containerd"), tmp.join("crio"));
-    let (kubelet, docker) = (tmp.join("kubelet"), tmp.join("docker"));
-    let mut args = vec![
-        "--containerd-state",
-        containerd.to_str().unwrap(),
-        "--crio-state",
-        crio.to_str().unwrap(),
-        "--kubelet-root",
-        kubelet.to_str().unwrap(),
-        "--docker-root",
-        docker.to_str().unwrap(),
-        "--guard-policy",
-        policy.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let agent = Agent::start(&args);
+    let agent = agent_with_policy(&tmp, &policy, extra);
     let (_, plan) = agent.http_get("/api/v1/plan");
     let plan: Value = serde_json::from_str(&plan).expect("plan JSON");
     let guard_probe = plan["probes"]
@@ -303,33 +394,23 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
         .expect("guard probe in the plan");
     assert_eq!(guard_probe["program"], program, "{guard_probe}");
     // Every rule's pod cgroup is in the kernel map before any socket.
-    wait_until(
-        Duration::from_secs(15),
-        Duration::from_millis(200),
-        "the guard covering the four pods' cgroups",
-        || {
-            let g = guard_doc(&agent);
-            let covered: Vec<String> = g["cgroups"]
-                .as_array()
-                .map(|a| a.iter().map(|c| ev_str(c, "rule").to_owned()).collect())
-                .unwrap_or_default();
-            let want = ["shop-10s", "lab-dry", "db-server", "pool-keepalive"];
-            if want.iter().all(|w| covered.iter().any(|c| c == w)) {
-                Ok(())
-            } else {
-                Err(format!("{}", g["cgroups"]))
-            }
-        },
+    wait_rules_cover(
+        &agent,
+        &["shop-10s", "lab-dry", "db-server", "pool-keepalive"],
     );
 
     // The server the clients talk to: the test's own (no rule covers it).
     let server = SocketAddr::from((link.b_ip, 9000));
     let listener = listen_in(&link.b, server);
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let holder = held.clone();
     thread::spawn(move || {
-        let mut held = Vec::new();
         for s in listener.incoming() {
             match s {
-                Ok(s) => held.push(s),
+                Ok(s) => {
+                    set_linger_zero(&s);
+                    holder.lock().unwrap().push(s);
+                }
                 Err(_) => break,
             }
         }
@@ -537,21 +618,21 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
     lab_plain.go();
     dev_plain.go();
     pool_idle.go();
-    let stall = wait_until(
-        Duration::from_secs(9),
-        Duration::from_millis(100),
-        "the guarded client's stall",
-        || {
-            agent
-                .stalls()
-                .into_iter()
-                .find(|v| v["local"] == c_shop_plain["local"] && v["class"] == "retransmit")
-                .ok_or("not yet")
-        },
+    assert_guarded_stall(&agent, ev_str(&c_shop_plain, "local"), "shop-10s");
+    // `tcpstall top` shows the rule on the socket's row.
+    let url = format!("http://{}", agent.listen);
+    let table = run_ok(
+        std::process::Command::new(agent_path()).args(["top", "--once", "--agent", &url]),
+        "tcpstall top --once",
     );
-    assert_eq!(stall["boundary_source"], "user_timeout", "{stall}");
-    assert_eq!(stall["boundary_s"].as_f64(), Some(10.0), "{stall}");
-    assert_eq!(stall["guarded_by"]["rule"], "shop-10s", "{stall}");
+    let row = table
+        .lines()
+        .find(|l| l.contains(ev_str(&c_shop_plain, "local")))
+        .unwrap_or_else(|| panic!("top has no row for the guarded client:\n{table}"));
+    assert!(
+        row.split_whitespace().any(|w| w == "shop-10s"),
+        "top names the guard rule on the guarded client's row:\n{table}"
+    );
     let pool_end = pool_idle.next("the keepalive client's end", Duration::from_secs(20));
     let end = shop_plain.next("the guarded client's end", Duration::from_secs(30));
     assert_eq!(end["result"], "ETIMEDOUT", "{end}");
@@ -581,6 +662,44 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
             "the {what} client's socket must still be established:\n{est}"
         );
     }
+    // Clean close: every socket of the run is reset and gone at once, none
+    // left orphaned (FIN-WAIT with unacknowledged data) to retransmit for
+    // minutes in a namespace the next test no longer sees.
+    drop(_blackhole);
+    set_linger_zero(&db_client);
     drop(db_client);
+    drop((
+        shop_plain, shop_own, lab_plain, lab_own, dev_plain, pool_idle,
+    ));
+    drop(db_server);
+    held.lock().unwrap().clear();
+    for ns in [&link.a, &link.b] {
+        let left = ns.exec("ss -tanH state all '( dport = :9000 or sport = :9000 or dport = :9001 or sport = :9001 )' | grep -v LISTEN || true");
+        assert!(
+            left.trim().is_empty(),
+            "sockets of the test left in {} after the clients were killed:\n{left}",
+            ns.name
+        );
+    }
     drop(agent);
+}
+
+/// SO_LINGER {on, 0}: close resets the connection and frees the socket.
+fn set_linger_zero(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option buffer.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }

@@ -47,6 +47,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "busybox-static",
     "podman",
+    // tests/guard/psql.rs: a real Postgres server (initdb, postgres run as
+    // the `postgres` user the package creates) and psql.
+    "postgresql",
 ];
 
 /// Debian packages `cargo xtask bench --kernel` needs (installed by

@@ -36,6 +36,9 @@ pub struct StallRow {
     pub owner: String,
     pub local: String,
     pub remote: String,
+    /// The guard rule that armed the socket's timeouts (`guarded_by`):
+    /// `rule`, `rule (dry-run)` when it only would have, `-` for none.
+    pub guard: String,
     pub rtos: u64,
     pub retransmits: u64,
     pub stalled_for_s: f64,
@@ -65,6 +68,7 @@ impl StallRow {
             owner,
             local: s("local"),
             remote: s("remote"),
+            guard: guard_cell(&v["guarded_by"]),
             rtos: v["rto_streak"].as_u64().unwrap_or(0),
             retransmits: v["total_retrans"].as_u64().unwrap_or(0),
             stalled_for_s: v["stalled_for_s"].as_f64().unwrap_or(0.0),
@@ -80,9 +84,19 @@ impl StallRow {
             &self.owner,
             &self.local,
             &self.remote,
+            &self.guard,
         ]
         .iter()
         .any(|x| x.to_lowercase().contains(&f))
+    }
+}
+
+/// The GUARD cell of a stall's `guarded_by` (see [`StallRow::guard`]).
+fn guard_cell(g: &Value) -> String {
+    match g["rule"].as_str() {
+        Some(rule) if g["mode"] == "dry-run" => format!("{rule} (dry-run)"),
+        Some(rule) => rule.to_owned(),
+        None => "-".to_owned(),
     }
 }
 
@@ -160,18 +174,19 @@ pub fn countdown(seconds_to_timeout: Option<f64>, elapsed: f64) -> String {
     }
 }
 
-const HEADER: [&str; 8] = [
+const HEADER: [&str; 9] = [
     "ETIMEDOUT",
     "CLASS",
     "CAUSE",
     "POD / PROCESS",
     "LOCAL",
     "REMOTE",
+    "GUARD",
     "RTOS",
     "STALLED",
 ];
 
-fn cells(r: &StallRow, elapsed: f64) -> [String; 8] {
+fn cells(r: &StallRow, elapsed: f64) -> [String; 9] {
     [
         countdown(r.seconds_to_timeout, elapsed),
         r.class.clone(),
@@ -179,6 +194,7 @@ fn cells(r: &StallRow, elapsed: f64) -> [String; 8] {
         r.owner.clone(),
         r.local.clone(),
         r.remote.clone(),
+        r.guard.clone(),
         r.rtos.to_string(),
         format!("{:.1}s", r.stalled_for_s + elapsed),
     ]
@@ -186,7 +202,7 @@ fn cells(r: &StallRow, elapsed: f64) -> [String; 8] {
 
 /// The plain table of `--once`.
 pub fn plain_table(rows: &[StallRow]) -> String {
-    let body: Vec<[String; 8]> = rows.iter().map(|r| cells(r, 0.0)).collect();
+    let body: Vec<[String; 9]> = rows.iter().map(|r| cells(r, 0.0)).collect();
     let mut widths = HEADER.map(str::len);
     for r in &body {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -414,6 +430,7 @@ fn draw(f: &mut ratatui::Frame, v: &View, url: &str) {
         Constraint::Fill(2),
         Constraint::Fill(2),
         Constraint::Fill(2),
+        Constraint::Fill(1),
         Constraint::Length(5),
         Constraint::Length(9),
     ];
@@ -435,8 +452,8 @@ mod tests {
     use super::*;
 
     const DOC: &str = r#"{"generated_at":"x","now_ns":1,"kernel":"k","count":3,"stalls":[
-        {"class":"retransmit","local":"10.0.0.1:40000","remote":"10.0.0.9:5432","rto_streak":4,"total_retrans":6,"stalled_for_s":12.5,"seconds_to_timeout":30.0,"pod":"orders-1","namespace":"shop","cause":"local_drop"},
-        {"class":"retransmit","local":"10.0.0.1:40001","remote":"10.0.0.8:443","rto_streak":2,"total_retrans":2,"stalled_for_s":40.0,"seconds_to_timeout":5.5,"process":{"pid":42,"comm":"curl"}},
+        {"class":"retransmit","local":"10.0.0.1:40000","remote":"10.0.0.9:5432","rto_streak":4,"total_retrans":6,"stalled_for_s":12.5,"seconds_to_timeout":30.0,"pod":"orders-1","namespace":"shop","cause":"local_drop","guarded_by":{"rule":"shop-30s","mode":"enforce","actions":["user_timeout"],"kept":[]}},
+        {"class":"retransmit","local":"10.0.0.1:40001","remote":"10.0.0.8:443","rto_streak":2,"total_retrans":2,"stalled_for_s":40.0,"seconds_to_timeout":5.5,"process":{"pid":42,"comm":"curl"},"guarded_by":{"rule":"lab","mode":"dry-run","actions":["user_timeout"],"kept":[]}},
         {"class":"close_wait","local":"10.0.0.1:40002","remote":"10.0.0.7:80","rto_streak":0,"total_retrans":0,"stalled_for_s":90.0,"seconds_to_timeout":null}
     ]}"#;
 
@@ -466,6 +483,13 @@ mod tests {
         let by_cause = arrange(&rows, SortBy::TimeToDeath, "local_drop");
         assert_eq!(by_cause.len(), 1);
         assert_eq!(by_cause[0].local, "10.0.0.1:40000");
+        // The guard rule that armed the socket, dry-run marked; none: `-`.
+        assert_eq!(rows[0].guard, "shop-30s");
+        assert_eq!(rows[1].guard, "lab (dry-run)");
+        assert_eq!(rows[2].guard, "-");
+        let by_guard = arrange(&rows, SortBy::TimeToDeath, "shop-30s");
+        assert_eq!(by_guard.len(), 1);
+        assert_eq!(by_guard[0].local, "10.0.0.1:40000");
         assert!(parse_stalls("{}").is_err());
         assert!(parse_stalls("<html>").is_err());
     }
@@ -495,7 +519,11 @@ mod tests {
                 && lines[2].contains("local_drop"),
             "{t}"
         );
-        assert!(lines[0].contains("CAUSE"), "{t}");
+        assert!(
+            lines[0].contains("CAUSE") && lines[0].contains("GUARD"),
+            "{t}"
+        );
+        assert!(lines[2].contains("shop-30s"), "{t}");
         assert!(
             lines[3].starts_with("never") && lines[3].contains("close_wait"),
             "{t}"

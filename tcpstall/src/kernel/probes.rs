@@ -87,6 +87,11 @@ pub struct ProbeSpec {
     /// well (a kernel that has the hooks and loads none of the candidates is
     /// an error, not a quiet feature loss).
     pub offered_by: &'static [&'static str],
+    /// Kernel functions (BTF `FUNC`s) that mark what the programs need the
+    /// kernel to do at run time, with why: where one is missing no candidate
+    /// is tried ("not offered", named in doctor and the plan) and the probe
+    /// stays off, without making it required where present.
+    pub needs: &'static [(&'static str, &'static str)],
     /// In order of preference.
     pub candidates: &'static [Candidate],
 }
@@ -178,6 +183,15 @@ const DROP_FIELDS: &[usize] = &[
 
 pub const GUARD: &str = "guard";
 
+/// In the kernel's BTF from the release (5.9) whose `bpf_setsockopt` learnt
+/// `SO_KEEPALIVE`, `TCP_KEEPIDLE`/`KEEPINTVL`/`KEEPCNT` and
+/// `TCP_USER_TIMEOUT` for sock_ops programs: the same series exposed this
+/// function for the helper ("tcp: Expose tcp_sock_set_keepidle_locked").
+/// Without it the guard's programs may still load, but every
+/// `bpf_setsockopt` of these options fails at run time (-EINVAL).
+pub const GUARD_SETSOCKOPT_FUNC: &str = "tcp_sock_set_keepidle_locked";
+const GUARD_SETSOCKOPT_WHY: &str = "bpf_setsockopt from sock_ops cannot set SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT or TCP_USER_TIMEOUT on this kernel (5.9+): the guard stays off";
+
 /// What the guard reads: the socket's cgroup id and the values the
 /// application may have set.
 const GUARD_FIELDS: &[usize] = &[
@@ -223,6 +237,7 @@ pub static PROBES: &[ProbeSpec] = &[
         purpose: "every retransmitted segment (fast retransmit, tail loss probe, RTO)",
         required: true,
         offered_by: &[],
+        needs: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -285,6 +300,7 @@ pub static PROBES: &[ProbeSpec] = &[
         purpose: "TCP state changes (CLOSE_WAIT, CLOSE, ...)",
         required: true,
         offered_by: &[],
+        needs: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -320,6 +336,7 @@ pub static PROBES: &[ProbeSpec] = &[
         purpose: "the kernel's error verdict (110 = ETIMEDOUT)",
         required: false,
         offered_by: &[],
+        needs: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -355,6 +372,7 @@ pub static PROBES: &[ProbeSpec] = &[
         purpose: "RTO and zero-window probe timer expiries",
         required: true,
         offered_by: &[],
+        needs: &[],
         candidates: &[
             Candidate {
                 attach: Attach::Fentry {
@@ -424,6 +442,7 @@ pub static PROBES: &[ProbeSpec] = &[
         purpose: "ACK progress that ends an RTO episode (the stall clears at once)",
         required: false,
         offered_by: &[],
+        needs: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -468,6 +487,7 @@ pub static PROBES: &[ProbeSpec] = &[
         purpose: "packets this node dropped that a socket in a loss episode owns, with the kernel's drop reason (cause local_drop)",
         required: false,
         offered_by: &[],
+        needs: &[],
         candidates: &[
             Candidate {
                 attach: Attach::TpBtf {
@@ -495,6 +515,7 @@ pub static PROBES: &[ProbeSpec] = &[
         required: false,
         // iter/task_file (5.8+) and bpf_sock_from_file (5.11+).
         offered_by: &["bpf_iter_task_file", "bpf_sock_from_file"],
+        needs: &[],
         candidates: &[
             Candidate {
                 attach: Attach::Iter {
@@ -530,6 +551,7 @@ pub static PROBES: &[ProbeSpec] = &[
         purpose: "the guard: arms TCP_USER_TIMEOUT / keepalive the application left unset, per the policy (--guard-policy); off without one",
         required: false,
         offered_by: &[],
+        needs: &[(GUARD_SETSOCKOPT_FUNC, GUARD_SETSOCKOPT_WHY)],
         candidates: &[
             Candidate {
                 attach: Attach::SockOpsGuard,

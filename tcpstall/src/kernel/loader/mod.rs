@@ -185,8 +185,15 @@ pub struct Loaded {
 }
 
 /// Whether the kernel offers `spec`'s hooks (all of its `offered_by`
-/// functions are in the BTF): `Ok(false)` names the first one missing.
+/// functions are in the BTF): `Err` names the first one missing, or the
+/// first of its `needs` missing with why it matters; `Ok(false)`: the probe
+/// has no `offered_by` (its candidates are tried, it is not made required).
 pub fn offered(spec: &ProbeSpec, btf: &Btf) -> Result<bool, String> {
+    for (f, why) in spec.needs {
+        if btf.func_id(f).is_err() {
+            return Err(format!("the kernel has no {f} (BTF): {why}"));
+        }
+    }
     if spec.offered_by.is_empty() {
         return Ok(false);
     }
@@ -589,6 +596,39 @@ mod tests {
             anywhere >= casts,
             "{anywhere} marked calls, {casts} cast programs"
         );
+    }
+
+    /// The guard needs `bpf_setsockopt` of its options from sock_ops
+    /// (5.9+), marked by a BTF function: a kernel without it gets "not
+    /// offered" naming the function and why (doctor's line for every guard
+    /// candidate; the guard stays off); one with it tries the candidates
+    /// without making the guard required. Mutation: the `needs` loop in
+    /// `offered` skipped (`.iter().take(0)`) -> "not offered without the
+    /// function: Ok(false)".
+    #[test]
+    fn the_guard_is_not_offered_without_its_setsockopt_options() {
+        use crate::kernel::btf::{
+            Btf,
+            writer::{BtfWriter, INT_SIGNED},
+        };
+        use crate::kernel::probes::{GUARD, GUARD_SETSOCKOPT_FUNC, probe};
+        let btf = |with: bool| {
+            let mut w = BtfWriter::new();
+            let int = w.int("int", 4, INT_SIGNED);
+            let proto = w.func_proto(int, &[("val", int)]);
+            w.func("tcp_sock_set_keepidle", proto);
+            if with {
+                w.func(GUARD_SETSOCKOPT_FUNC, proto);
+            }
+            Btf::from_bytes(w.build()).expect("synthetic BTF")
+        };
+        let guard = probe(GUARD).expect("guard probe");
+        let e = offered(guard, &btf(false)).expect_err("not offered without the function");
+        assert!(
+            e.contains(GUARD_SETSOCKOPT_FUNC) && e.contains("the guard stays off"),
+            "{e}"
+        );
+        assert_eq!(offered(guard, &btf(true)), Ok(false));
     }
 
     #[test]
