@@ -271,8 +271,15 @@ pub struct SockSnapshot {
     /// `sk_err_soft` (positive errno, e.g. 113 EHOSTUNREACH after an ICMP
     /// host unreachable; 0 = none or not read).
     pub err_soft: u8,
-    /// Zero (keeps the struct free of implicit padding).
-    pub _reserved: [u8; 4],
+    // --- cause2 (pmtu_blackhole evidence): the 4 formerly reserved bytes ---
+    /// `tp->mss_cache` (the current send MSS; the kernel's PMTU black-hole
+    /// detection, `tcp_mtu_probing()`, lowers it after `tcp_retries1`
+    /// timeouts). 0 = not read on this kernel.
+    pub mss_cache: u16,
+    /// `tp->sacked_out` (segments the peer SACKed above `snd_una`),
+    /// saturated at `u16::MAX`. 0 = none or not read.
+    pub sacked_out: u16,
+    // --- end cause2 ---
 }
 
 pub const SOCK_SNAPSHOT_SIZE: usize = 144;
@@ -317,7 +324,8 @@ impl SockSnapshot {
             netns_syn_retries: 0,
             netns_syn_linear_timeouts: 0,
             err_soft: 0,
-            _reserved: [0; 4],
+            mss_cache: 0,
+            sacked_out: 0,
         }
     }
 }
@@ -479,7 +487,13 @@ pub mod field {
     pub const SKB_SK: usize = 51;
     /// `sock.sk_err_soft`: the last ICMP soft error (EHOSTUNREACH, ...).
     pub const SK_ERR_SOFT: usize = 52;
-    pub const COUNT: usize = 53;
+    // --- cause2 (pmtu_blackhole evidence) ---
+    /// `tcp_sock.mss_cache`: the send MSS (lowered by black-hole detection).
+    pub const TP_MSS_CACHE: usize = 53;
+    /// `tcp_sock.sacked_out`: segments the peer SACKed.
+    pub const TP_SACKED_OUT: usize = 54;
+    // --- end cause2 ---
+    pub const COUNT: usize = 55;
 }
 
 /// Bits of [`KernelLayout::flags`].

@@ -427,7 +427,14 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     out.netns_syn_retries = syn_retries;
     out.netns_syn_linear_timeouts = syn_linear;
     out.err_soft = sk.get(&f[field::SK_ERR_SOFT]) as u8;
-    out._reserved = [0; 4];
+    // cause2 (pmtu_blackhole evidence).
+    out.mss_cache = sk.get(&f[field::TP_MSS_CACHE]) as u16;
+    let sacked = sk.get(&f[field::TP_SACKED_OUT]);
+    out.sacked_out = if sacked > 0xffff {
+        0xffff
+    } else {
+        sacked as u16
+    };
 }
 
 /// An IPv4 address (network order as loaded) in the 16-byte slot.

@@ -113,44 +113,50 @@ impl Netns {
         .expect("namespace thread panicked")
     }
 
+    /// Adds `rule` to the `hook` (input, output) chain of the test table;
+    /// the table goes with the returned guard.
+    fn test_rule(&self, hook: &str, rule: &str) -> Blackhole<'_> {
+        self.exec("nft add table inet tcpstall_test");
+        self.exec(&format!(
+            "nft add chain inet tcpstall_test {hook} {{ type filter hook {hook} priority 0 \\; policy accept \\; }}"
+        ));
+        self.exec(&format!("nft add rule inet tcpstall_test {hook} {rule}"));
+        Blackhole { ns: self }
+    }
+
     /// Block all TCP traffic from `peer` arriving in this namespace.
     pub fn blackhole_from(&self, peer: Ipv4Addr) -> Blackhole<'_> {
-        self.exec("nft add table inet tcpstall_test");
-        self.exec(
-            "nft add chain inet tcpstall_test input { type filter hook input priority 0 \\; policy accept \\; }",
-        );
-        self.exec(&format!(
-            "nft add rule inet tcpstall_test input ip saddr {peer} drop"
-        ));
-        Blackhole { ns: self }
+        self.test_rule("input", &format!("ip saddr {peer} drop"))
     }
 
     /// Drop every packet this namespace sends to `peer` in its own output
     /// chain (what an egress NetworkPolicy or a host firewall change does
     /// to an established connection): the sender's transmit fails locally.
     pub fn drop_output_to(&self, peer: Ipv4Addr) -> Blackhole<'_> {
-        self.exec("nft add table inet tcpstall_test");
-        self.exec(
-            "nft add chain inet tcpstall_test output { type filter hook output priority 0 \\; policy accept \\; }",
-        );
-        self.exec(&format!(
-            "nft add rule inet tcpstall_test output ip daddr {peer} drop"
-        ));
-        Blackhole { ns: self }
+        self.output_rule(&format!("ip daddr {peer} drop"))
+    }
+
+    /// Adds an nftables `rule` to this namespace's output chain.
+    pub fn output_rule(&self, rule: &str) -> Blackhole<'_> {
+        self.test_rule("output", rule)
     }
 
     /// Reject every packet arriving in this namespace that matches `matcher`
     /// (an nftables match, e.g. `ip saddr 10.0.0.1`) with `reject` (e.g.
     /// `icmp type host-unreachable`): the sender gets an ICMP error.
     pub fn reject_input(&self, matcher: &str, reject: &str) -> Blackhole<'_> {
-        self.exec("nft add table inet tcpstall_test");
-        self.exec(
-            "nft add chain inet tcpstall_test input { type filter hook input priority 0 \\; policy accept \\; }",
-        );
-        self.exec(&format!(
-            "nft add rule inet tcpstall_test input {matcher} reject with {reject}"
-        ));
-        Blackhole { ns: self }
+        self.test_rule("input", &format!("{matcher} reject with {reject}"))
+    }
+
+    /// A path-MTU black hole: drop every packet from `peer` longer than
+    /// `bytes` arriving in this namespace, silently (no ICMP
+    /// fragmentation-needed), as a router with a smaller MTU whose ICMP
+    /// errors are filtered does.
+    pub fn drop_larger_from(&self, peer: Ipv4Addr, bytes: u32) -> Blackhole<'_> {
+        self.test_rule(
+            "input",
+            &format!("ip saddr {peer} meta length gt {bytes} drop"),
+        )
     }
 
     /// Drop `percent` % of incoming TCP packets at random.
@@ -472,14 +478,7 @@ pub fn link_ipv6(link: &Link, tag: &str, subnet: u8) -> (std::net::Ipv6Addr, std
 /// Block all TCP traffic from the IPv6 `peer` arriving in `ns` (removed with
 /// the returned guard, like [`Netns::blackhole_from`]).
 pub fn blackhole6_from(ns: &Netns, peer: std::net::Ipv6Addr) -> Blackhole<'_> {
-    ns.exec("nft add table inet tcpstall_test");
-    ns.exec(
-        "nft add chain inet tcpstall_test input { type filter hook input priority 0 \\; policy accept \\; }",
-    );
-    ns.exec(&format!(
-        "nft add rule inet tcpstall_test input ip6 saddr {peer} drop"
-    ));
-    Blackhole { ns }
+    ns.test_rule("input", &format!("ip6 saddr {peer} drop"))
 }
 
 /// A server in `ns` at `addr` that accepts every connection and reads and

@@ -112,6 +112,8 @@ fn sock_event(v: &Value) -> SockEvent {
         rcv_tstamp: u32_opt(v, "rcv_tstamp").unwrap_or(0),
         timer_expires: v["timer_expires"].as_u64().unwrap_or(0),
         syn_retries: u32_opt(v, "syn_retries").unwrap_or(0),
+        mss_cache: u32_opt(v, "mss_cache").unwrap_or(0),
+        sacked_out: u32_opt(v, "sacked_out").unwrap_or(0),
     });
     let netns_sysctls = u32_opt(v, "tcp_retries2").map(|r| NetnsSysctls {
         tcp_retries2: r,

@@ -23,7 +23,11 @@ fn require_drop_probe(agent: &Agent) {
 }
 
 /// Polls the API until the flow is listed with `cause` and `check` accepts
-/// the entry; returns it and the instant (CLOCK_MONOTONIC ns) it was seen.
+/// the entry; returns it and the instant (CLOCK_MONOTONIC ns) the agent
+/// computed that listing (`since_ns` + `stalled_for_s`: the agent's clock, so
+/// "within two expiries" measures the agent, not how long this poll's HTTP
+/// round trip took on a loaded host or under TCG, where expiries kept coming
+/// in between).
 fn wait_cause(
     agent: &Agent,
     local: SocketAddr,
@@ -35,7 +39,10 @@ fn wait_cause(
     let mut last = None;
     while monotonic_ns() < deadline {
         match agent.stall_of(local, remote) {
-            Some(v) if v["cause"] == cause && check(&v) => return (v, monotonic_ns()),
+            Some(v) if v["cause"] == cause && check(&v) => {
+                let listed = listed_at(&v).unwrap_or_else(monotonic_ns);
+                return (v, listed);
+            }
             other => last = other.or(last),
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -60,6 +67,13 @@ fn wait_cause(
         "{local} -> {remote} never listed with cause {cause} in 20 s; last listed: {last:?}; its events:\n{}",
         events.join("\n")
     )
+}
+
+/// When the agent computed a stall view (CLOCK_MONOTONIC ns).
+fn listed_at(v: &Value) -> Option<u64> {
+    let since = v["since_ns"].as_u64()?;
+    let age = v["stalled_for_s"].as_f64()?;
+    Some(since + (age * 1e9).round() as u64)
 }
 
 /// The flow's write-timer expiries the agent logged strictly between `from`
@@ -245,7 +259,15 @@ fn cause_reset_ends_a_silent_stall() {
     let _reset = link
         .b
         .reject_input(&format!("ip saddr {}", link.a_ip), "tcp reset");
-    let close = agent.wait_log(Duration::from_secs(20), "the socket's CLOSE", |v| {
+    // The RST answers the next retransmission: at most the socket's current
+    // (backed-off) RTO away, which under TCG can exceed any fixed wait.
+    let rto_ms = agent
+        .stall_of(local, server)
+        .map_or(view["rto_ms"].as_u64().unwrap_or(0), |v| {
+            v["rto_ms"].as_u64().unwrap_or(0)
+        });
+    let wait = Duration::from_millis(rto_ms) + Duration::from_secs(20);
+    let close = agent.wait_log(wait, "the socket's CLOSE", |v| {
         v["message"] == "event"
             && ev_u64(v, "cookie") == cookie
             && ev_str(v, "kind") == "state"
@@ -271,4 +293,90 @@ fn cause_reset_ends_a_silent_stall() {
     let mut buf = [0u8; 8];
     let err = std::io::Read::read(&mut conn.client, &mut buf).expect_err("read after RST");
     assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "{err}");
+}
+
+/// A connection through a path-MTU black hole: packets from the client
+/// longer than 1200 bytes vanish in the server's namespace (no ICMP), with
+/// `net.ipv4.tcp_mtu_probing` = `probing` in the client's namespace. The
+/// client's device sends one MSS per packet (`gso_max_segs 1`: what a NIC's
+/// segmentation puts on the wire), so the path sees real segment sizes. The
+/// client writes five full segments and a small tail: the tail gets through
+/// and the server SACKs it, the full-size head is lost on every
+/// retransmission. Returns the agent, the connection and the flow as first
+/// listed with cause `pmtu_blackhole` (asserted: within two write-timer
+/// expiries of the first event that showed the SACK).
+fn pmtu_scenario(tag: &str, subnet: u8, probing: &str) -> (Agent, Link, Conn, Value, u32, u64) {
+    let link = Link::new(tag, subnet);
+    link.a.sysctl("net.ipv4.tcp_mtu_probing", probing);
+    link.a
+        .exec(&format!("ip link set dev va-{tag} gso_max_segs 1"));
+    // No drop probe needed: the MSS change and the SACKs are decided before
+    // the silence that only drop tracing can tell from a local drop.
+    let agent = Agent::start(&[]);
+    let mut conn = Conn::establish(&link, 8080, None);
+    let (local, server) = (conn.local, conn.server);
+    let mss = tcp_info(&conn.client).tcpi_snd_mss;
+    assert!(
+        mss + 52 > 1200,
+        "the path's MSS {mss} already fits the black hole: no scenario"
+    );
+    let hole = link.b.drop_larger_from(link.a_ip, 1200);
+    std::mem::forget(hole); // removed with the namespace
+    let total = 5 * mss as usize + 200;
+    std::io::Write::write_all(&mut conn.client, &vec![b'x'; total]).expect("write");
+
+    let (view, seen_ns) = wait_cause(&agent, local, server, "pmtu_blackhole", |v| {
+        v["class"] == "retransmit"
+    });
+    let cookie = ev_u64(&view, "cookie");
+    let first = events_of(&agent, cookie)
+        .into_iter()
+        .find(|e| ev_u64(e, "sacked_out") != 0)
+        .unwrap_or_else(|| panic!("no event of socket {cookie} showed a SACK: {view}"));
+    let n = expiries_between(&agent, cookie, ev_u64(&first, "ts_ns"), seen_ns);
+    assert!(
+        n <= 2,
+        "listed as pmtu_blackhole {n} expiries after the SACK was seen: {view}"
+    );
+    (agent, link, conn, view, mss, total as u64)
+}
+
+/// pmtu_blackhole with `tcp_mtu_probing` 0: the kernel never lowers the
+/// MSS, the stall cannot recover; the cause rests on the SACKs of the small
+/// tail (circumstantial, and the API says so), with the MSS in use.
+#[test]
+fn cause_pmtu_blackhole_without_mtu_probing() {
+    require_tools();
+    let (_agent, _link, _conn, view, mss, _) = pmtu_scenario("pmtu0", 154, "0");
+    let ev = &view["cause_evidence"];
+    assert_eq!(ev["circumstantial"], true, "{view}");
+    assert!(ev["sacked_out"].as_u64().unwrap_or(0) >= 1, "{view}");
+    assert_eq!(ev["mss"].as_u64(), Some(mss.into()), "{view}");
+    assert!(ev["mss_lowered"].is_null(), "{view}");
+    assert!(ev["local_drops"].is_null(), "{view}");
+}
+
+/// pmtu_blackhole with `tcp_mtu_probing` 1: after `tcp_retries1` timeouts
+/// `tcp_mtu_probing()` enables probing and lowers the MSS to
+/// `tcp_base_mss`; the next retransmission fits through the hole and the
+/// flow recovers. The stall's end carries the kernel's evidence (the MSS
+/// lowered, from the MSS in use to one whose packets fit), and every byte
+/// reaches the server.
+#[test]
+fn cause_pmtu_blackhole_with_mtu_probing_lowers_the_mss() {
+    require_tools();
+    let (mut agent, _link, conn, view, mss, total) = pmtu_scenario("pmtu1", 155, "1");
+    let cookie = ev_u64(&view, "cookie");
+    let end = agent.wait_log(Duration::from_secs(20), "the stall's end", |v| {
+        v["message"] == "retransmission stall ended" && ev_u64(v, "cookie") == cookie
+    });
+    assert_eq!(ev_str(&end, "outcome"), "recovered", "{end}");
+    assert_eq!(ev_u64(&end, "mss_from"), u64::from(mss), "{end}");
+    let to = ev_u64(&end, "mss_to");
+    assert!(
+        to > 0 && to + 52 <= 1200,
+        "the MSS was not lowered to fit the black hole: {end}"
+    );
+    // 5 bytes of the first exchange, then the whole write.
+    wait_all_acked(&conn.client, 5 + total, Duration::from_secs(10));
 }

@@ -107,6 +107,8 @@ pub(super) fn log_event(e: &SockEvent) {
         usec_ts = s.map(|s| s.usec_ts),
         lsndtime = s.map(|s| s.lsndtime),
         rcv_tstamp = s.map(|s| s.rcv_tstamp),
+        mss_cache = s.map(|s| s.mss_cache),
+        sacked_out = s.map(|s| s.sacked_out),
         tcp_orphan_retries = n.map(|n| n.tcp_orphan_retries),
         tcp_rto_max_ms = n.and_then(|n| n.tcp_rto_max_ms),
         syn_retries = s.map(|s| s.syn_retries),
@@ -161,11 +163,16 @@ pub(super) fn log_observation(o: &Observation, owner: Option<&Owner>) {
             duration_s,
             rtos,
             stalled: true,
+            cookie,
+            mss_lowered,
         } => info!(
             remote = %remote,
+            cookie,
             outcome = outcome.as_str(),
             duration_s,
             rtos,
+            mss_from = mss_lowered.map(|m| m.from),
+            mss_to = mss_lowered.map(|m| m.to),
             "retransmission stall ended"
         ),
         Observation::Timeout {

@@ -105,13 +105,21 @@ impl Engine {
                         first: pending.and_then(|st| st.first_prediction),
                     });
                     if let Some(st) = pending {
-                        self.sink
-                            .streak_ended(remote, &st, StreakOutcome::TimedOut, ev.ts_ns);
+                        self.sink.streak_ended(
+                            (cookie, remote, None),
+                            &st,
+                            StreakOutcome::TimedOut,
+                            ev.ts_ns,
+                        );
                     }
                 } else if let Some(st) = c.pending.take() {
                     let (remote, at) = (c.remote, c.closed_at_ns);
-                    self.sink
-                        .streak_ended(remote, &st, StreakOutcome::Closed, at);
+                    self.sink.streak_ended(
+                        (c.cookie, remote, None),
+                        &st,
+                        StreakOutcome::Closed,
+                        at,
+                    );
                 }
             }
             None if etimedout => {
@@ -152,8 +160,12 @@ impl Engine {
         let mut pending = None;
         if let Some(st) = f.streak.take() {
             if superseded {
-                self.sink
-                    .streak_ended(f.remote, &st, StreakOutcome::Closed, ts_ns);
+                self.sink.streak_ended(
+                    (f.cookie, f.remote, f.evidence.mss_lowered()),
+                    &st,
+                    StreakOutcome::Closed,
+                    ts_ns,
+                );
             } else {
                 pending = Some(st);
             }
@@ -195,11 +207,19 @@ impl Engine {
                 last: c.prediction,
                 first: st.first_prediction,
             });
-            self.sink
-                .streak_ended(c.remote, &st, StreakOutcome::TimedOut, c.closed_at_ns);
+            self.sink.streak_ended(
+                (c.cookie, c.remote, None),
+                &st,
+                StreakOutcome::TimedOut,
+                c.closed_at_ns,
+            );
         } else {
-            self.sink
-                .streak_ended(c.remote, &st, StreakOutcome::Closed, c.closed_at_ns);
+            self.sink.streak_ended(
+                (c.cookie, c.remote, None),
+                &st,
+                StreakOutcome::Closed,
+                c.closed_at_ns,
+            );
         }
     }
 }

@@ -232,10 +232,12 @@ impl Flow {
     }
 
     /// A new loss episode: the evidence of the last one no longer applies
-    /// (`sk_err_soft` is read afresh from every event).
+    /// (`sk_err_soft` and `sacked_out` are read afresh from every event; the
+    /// MSS counts from the episode's next reading).
     pub fn new_episode_evidence(&mut self) {
         self.evidence = super::why::Evidence {
             soft_error: self.evidence.soft_error,
+            sacked_out: self.evidence.sacked_out,
             ..Default::default()
         };
     }

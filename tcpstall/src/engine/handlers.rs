@@ -395,8 +395,8 @@ impl Engine {
         };
         let f = self.flows.flow_mut(slot);
         f.last_event_ns = f.last_event_ns.max(ev.ts_ns);
-        if ev.sock.is_some() {
-            f.evidence.soft_error = ev.err_soft;
+        if let Some(s) = &ev.sock {
+            f.evidence.observe(s, ev.err_soft);
         }
         if ev.kind == EventKind::Drop {
             f.evidence.drop(ev.ack_seq);

@@ -82,7 +82,7 @@ pub use output::{
     RemotesView, StallClass, StallView, StalledCounts, StreakOutcome, TimeoutEvidence,
 };
 pub use views::Gauges;
-pub use why::{CauseEvidence, StallCause};
+pub use why::{CauseEvidence, MssChange, StallCause};
 
 /// The stall engine. See the module documentation.
 #[derive(Debug)]

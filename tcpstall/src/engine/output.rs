@@ -240,6 +240,11 @@ pub enum Observation {
         /// Consecutive RTO expiries without ACK progress at the end.
         rtos: u32,
         stalled: bool,
+        cookie: u64,
+        /// The send MSS the kernel's black-hole detection lowered in the
+        /// episode (cause `pmtu_blackhole`; a recovery after it is the
+        /// detection's doing).
+        mss_lowered: Option<super::why::MssChange>,
     },
     /// A zero-window episode ended (window opened, or the flow closed).
     ZeroWindowEnded {

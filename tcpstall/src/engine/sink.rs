@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use super::flow::{Persist, Prediction, Streak};
 use super::remote::RemoteTable;
+use super::why::MssChange;
 use super::{EngineStats, Observation, StallClass, StreakOutcome, TimeoutEvidence};
 use super::{secs, signed_secs};
 
@@ -30,7 +31,7 @@ impl Sink {
 
     pub(super) fn streak_ended(
         &mut self,
-        remote: SocketAddr,
+        (cookie, remote, mss_lowered): (u64, SocketAddr, Option<MssChange>),
         st: &Streak,
         outcome: StreakOutcome,
         end_ns: u64,
@@ -46,6 +47,8 @@ impl Sink {
             duration_s: secs(end_ns.saturating_sub(st.start_ns)),
             rtos: st.rtos,
             stalled: st.stalled,
+            cookie,
+            mss_lowered,
         });
     }
 

@@ -247,7 +247,7 @@ impl Engine {
             f.packets_out = ev.packets_out;
             f.total_retrans = f.total_retrans.max(ev.total_retrans);
             if let Some(s) = ev.sock {
-                f.evidence.soft_error = ev.err_soft;
+                f.evidence.observe(&s, ev.err_soft);
                 f.backoff = s.backoff;
                 f.user_timeout_ms = s.user_timeout_ms;
                 f.syn_retries = s.syn_retries;
@@ -279,7 +279,12 @@ impl Engine {
             StreakOutcome::TimedOut => f.history.timed_out += 1,
             StreakOutcome::Closed => f.history.closed += 1,
         }
-        sink.streak_ended(f.remote, &st, outcome, end_ns);
+        sink.streak_ended(
+            (f.cookie, f.remote, f.evidence.mss_lowered()),
+            &st,
+            outcome,
+            end_ns,
+        );
         f.announced &= !(StallClass::Retransmit.bit() | StallClass::Connect.bit());
         if outcome == StreakOutcome::Recovered {
             f.anchor = None;

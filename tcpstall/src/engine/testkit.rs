@@ -134,6 +134,8 @@ impl Sock {
             rcv_tstamp: 0,
             timer_expires: jiffies_at(self.hz, ts).saturating_sub(1),
             syn_retries: 0,
+            mss_cache: 0,
+            sacked_out: 0,
         }
     }
 

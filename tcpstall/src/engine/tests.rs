@@ -1606,6 +1606,8 @@ fn stall_view_json() {
         duration_s: 1.0,
         rtos: 2,
         stalled: true,
+        cookie: 1,
+        mss_lowered: None,
     })
     .unwrap();
     assert_eq!(o["type"], "streak_ended");

@@ -178,6 +178,7 @@ impl Engine {
             unsent: f.streak.is_none() && f.persist.is_some_and(|p| p.window_open),
             zero_window: class == StallClass::ZeroWindow,
             close_wait: class == StallClass::CloseWait,
+            rto_stall: class == StallClass::Retransmit && f.streak.is_some_and(|st| st.rtos > 0),
             drops_visible: self.cfg.drops_visible,
             reason_names: &self.cfg.drop_reason_names,
         })

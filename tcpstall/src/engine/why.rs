@@ -17,6 +17,16 @@
 //!   EHOSTDOWN (an ICMP error for the socket: `tcp_v4_err()` /
 //!   `tcp_v6_err()`); `tcp_ack()` clears it, so a non-zero value in an
 //!   episode is current.
+//! - **pmtu_blackhole**: full-size segments vanish on the path while
+//!   smaller packets pass. Kernel evidence: the black-hole detection
+//!   (`tcp_write_timeout()` -> `tcp_mtu_probing()` after `tcp_retries1`
+//!   timeouts, with `net.ipv4.tcp_mtu_probing` >= 1) lowers `tp->mss_cache`
+//!   within the loss episode (`icsk_mtup.search_low` from `tcp_base_mss`,
+//!   halved on each further timeout). Circumstantial without it
+//!   (`tcp_mtu_probing` 0): the peer SACKs later data (`tp->sacked_out` > 0
+//!   at the timeouts: it is alive and receiving, smaller segments get
+//!   through) while the head segment, retransmitted at the full MSS, is lost
+//!   every time.
 //! - **peer_not_reading**: the peer advertises a zero window (persist
 //!   probes: the `zero_window` class).
 //! - **peer_silent**: retransmissions without ACK, with none of the above:
@@ -50,6 +60,8 @@ pub enum StallCause {
     Unreachable,
     /// This node drops the socket's own segments.
     LocalDrop,
+    /// Full-size segments are lost on the path while smaller ones pass.
+    PmtuBlackhole,
     /// The peer's receive window is zero: its application does not read.
     PeerNotReading,
     /// The peer closed; the local application keeps its socket open.
@@ -59,10 +71,11 @@ pub enum StallCause {
 }
 
 impl StallCause {
-    pub const ALL: [StallCause; 6] = [
+    pub const ALL: [StallCause; 7] = [
         Self::PeerSilent,
         Self::Unreachable,
         Self::LocalDrop,
+        Self::PmtuBlackhole,
         Self::PeerNotReading,
         Self::AppNotClosing,
         Self::Unknown,
@@ -73,6 +86,7 @@ impl StallCause {
             Self::PeerSilent => "peer_silent",
             Self::Unreachable => "unreachable",
             Self::LocalDrop => "local_drop",
+            Self::PmtuBlackhole => "pmtu_blackhole",
             Self::PeerNotReading => "peer_not_reading",
             Self::AppNotClosing => "app_not_closing",
             Self::Unknown => "unknown",
@@ -93,6 +107,19 @@ pub(crate) struct Evidence {
     pub last_send_error: Option<i32>,
     /// `sk_err_soft` at the last event of the episode (0 = none).
     pub soft_error: u32,
+    /// `tp->mss_cache` at the episode's first event that read it, and at
+    /// its last (0 = not read): lower now = the black-hole detection.
+    pub mss_first: u32,
+    pub mss_now: u32,
+    /// `tp->sacked_out` at the last event of the episode.
+    pub sacked_out: u32,
+}
+
+/// The send MSS lowered within a loss episode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MssChange {
+    pub from: u32,
+    pub to: u32,
 }
 
 impl Evidence {
@@ -104,6 +131,26 @@ impl Evidence {
         }
         self.send_errors = self.send_errors.saturating_add(1);
         self.last_send_error = Some(err);
+    }
+
+    /// The socket's fields at an event of the episode.
+    pub fn observe(&mut self, s: &crate::kernel::event::SockFields, err_soft: u32) {
+        self.soft_error = err_soft;
+        if s.mss_cache != 0 {
+            if self.mss_first == 0 {
+                self.mss_first = s.mss_cache;
+            }
+            self.mss_now = s.mss_cache;
+        }
+        self.sacked_out = s.sacked_out;
+    }
+
+    /// The kernel lowered the send MSS in this episode.
+    pub fn mss_lowered(&self) -> Option<MssChange> {
+        (self.mss_now != 0 && self.mss_now < self.mss_first).then_some(MssChange {
+            from: self.mss_first,
+            to: self.mss_now,
+        })
     }
 
     pub fn drop(&mut self, reason: u32) {
@@ -135,6 +182,16 @@ pub struct CauseEvidence {
     /// `sk_err_soft` (the ICMP error), as an errno name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soft_error: Option<String>,
+    /// The send MSS the kernel's black-hole detection lowered in the
+    /// episode (`from` -> `to`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mss_lowered: Option<MssChange>,
+    /// Segments the peer SACKed above the lost head (`tp->sacked_out`),
+    /// with the current send MSS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sacked_out: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mss: Option<u32>,
 }
 
 /// What the cause is decided from, for one stalled flow.
@@ -147,6 +204,8 @@ pub(crate) struct Facts<'a> {
     pub zero_window: bool,
     /// The stall is a CLOSE_WAIT one.
     pub close_wait: bool,
+    /// The stall is a retransmission one with at least one RTO expiry.
+    pub rto_stall: bool,
     /// The kernel can show local drops for this socket (the drop probe is
     /// attached).
     pub drops_visible: bool,
@@ -228,6 +287,14 @@ pub(crate) fn decide(f: &Facts<'_>) -> (StallCause, CauseEvidence) {
         );
         return (StallCause::Unreachable, ev);
     }
+    if let Some(m) = e.mss_lowered() {
+        ev.mss_lowered = Some(m);
+        ev.summary = format!(
+            "the kernel's path-MTU black-hole detection lowered the MSS from {} to {} after repeated timeouts (net.ipv4.tcp_mtu_probing): full-size segments are lost on the path",
+            m.from, m.to
+        );
+        return (StallCause::PmtuBlackhole, ev);
+    }
     if f.zero_window {
         ev.circumstantial = true;
         ev.summary = "the peer advertises a zero window: its application does not read".into();
@@ -244,6 +311,17 @@ pub(crate) fn decide(f: &Facts<'_>) -> (StallCause, CauseEvidence) {
         ev.circumstantial = true;
         ev.summary = "the data never left this node: window probes with the peer's window open and nothing in flight (a failed local transmit); no drop record for this socket".into();
         return (StallCause::LocalDrop, ev);
+    }
+    if f.rto_stall && e.sacked_out > 0 {
+        ev.circumstantial = true;
+        ev.sacked_out = Some(e.sacked_out);
+        ev.mss = (e.mss_now != 0).then_some(e.mss_now);
+        ev.summary = format!(
+            "the peer acknowledges (SACKs) {} later segment(s) while the head segment, retransmitted at the full MSS{}, is lost every time: likely a path-MTU black hole (no MSS change seen: net.ipv4.tcp_mtu_probing is probably 0)",
+            e.sacked_out,
+            ev.mss.map(|m| format!(" {m}")).unwrap_or_default()
+        );
+        return (StallCause::PmtuBlackhole, ev);
     }
     if !f.drops_visible {
         ev.summary = "no ACK and no ICMP error; this kernel shows no local drops (no kfree_skb drop-reason tracing attached), so peer_silent and local_drop cannot be told apart".into();
@@ -267,6 +345,7 @@ mod tests {
             unsent: false,
             zero_window: false,
             close_wait: false,
+            rto_stall: true,
             drops_visible: true,
             reason_names: &[],
         }
@@ -348,6 +427,57 @@ mod tests {
         assert!(ev.circumstantial);
     }
 
+    /// Mutation: `mss_lowered` comparing with `>` instead of `<` fails the
+    /// first block; dropping the `sacked_out` rule fails the second.
+    #[test]
+    fn pmtu_blackhole_from_the_mss_change_or_sacks() {
+        let lowered = Evidence {
+            mss_first: 1448,
+            mss_now: 1012,
+            ..Evidence::default()
+        };
+        let (c, ev) = decide(&facts(lowered));
+        assert_eq!(c, StallCause::PmtuBlackhole);
+        assert!(!ev.circumstantial);
+        assert_eq!(
+            ev.mss_lowered,
+            Some(MssChange {
+                from: 1448,
+                to: 1012
+            })
+        );
+        // A raised MSS (probing up) or an unchanged one is no evidence.
+        for (a, b) in [(1012, 1448), (1448, 1448), (0, 1448)] {
+            let e = Evidence {
+                mss_first: a,
+                mss_now: b,
+                ..Evidence::default()
+            };
+            assert_eq!(e.mss_lowered(), None, "{a} -> {b}");
+        }
+        // SACKs of later data while the head is lost: circumstantial, only
+        // in an RTO stall.
+        let sacked = Evidence {
+            sacked_out: 1,
+            mss_first: 1448,
+            mss_now: 1448,
+            ..Evidence::default()
+        };
+        let (c, ev) = decide(&facts(sacked));
+        assert_eq!(c, StallCause::PmtuBlackhole);
+        assert!(ev.circumstantial);
+        assert_eq!((ev.sacked_out, ev.mss), (Some(1), Some(1448)));
+        let no_rto = Facts {
+            rto_stall: false,
+            ..facts(sacked)
+        };
+        assert_eq!(decide(&no_rto).0, StallCause::PeerSilent);
+        // A local drop record still wins.
+        let mut dropped = lowered;
+        dropped.drop(6);
+        assert_eq!(decide(&facts(dropped)).0, StallCause::LocalDrop);
+    }
+
     #[test]
     fn state_causes() {
         let zw = decide(&Facts {
@@ -366,6 +496,7 @@ mod tests {
                 "peer_silent",
                 "unreachable",
                 "local_drop",
+                "pmtu_blackhole",
                 "peer_not_reading",
                 "app_not_closing",
                 "unknown"

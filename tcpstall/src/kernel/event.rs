@@ -214,6 +214,10 @@ pub struct SockFields {
     pub timer_expires: u64,
     /// `icsk_syn_retries` (TCP_SYNCNT; 0 = the netns `tcp_syn_retries`).
     pub syn_retries: u32,
+    /// `tp->mss_cache` (0 = not read on this kernel).
+    pub mss_cache: u32,
+    /// `tp->sacked_out` (0 = none or not read).
+    pub sacked_out: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -300,6 +304,8 @@ impl SockEvent {
             rcv_tstamp: raw.rcv_tstamp,
             timer_expires: raw.timer_expires,
             syn_retries: raw.syn_retries.into(),
+            mss_cache: raw.mss_cache.into(),
+            sacked_out: raw.sacked_out.into(),
         });
         let netns_sysctls = (raw.flags & flag::NETNS_SYSCTLS != 0).then_some(NetnsSysctls {
             tcp_retries2: raw.retries2.into(),

@@ -166,6 +166,8 @@ fn tracepoint_of(program: &str) -> Option<&'static str> {
         Some("tcp_probe")
     } else if program.contains("write_timer_tp") {
         Some("timer_expire_entry")
+    } else if program.contains("drop") {
+        Some("kfree_skb")
     } else {
         None
     }
@@ -203,6 +205,16 @@ pub struct TimerSplit {
     pub tcp_write_timers: u64,
 }
 
+/// Which of the drop program's runs (`kfree_skb`, every packet the node
+/// drops) reported an event (a packet of a socket in a loss episode: the
+/// agent's `tcpstall_events_total{kind="drop"}`); the rest stopped at the
+/// in-kernel filter (no owning socket, or one not in `TCPSTALL_EPISODES`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DropSplit {
+    pub runs: u64,
+    pub events: u64,
+}
+
 /// Event delivery delay (kernel timestamp to the agent's read) over a
 /// phase, from the agent's `tcpstall_event_delivery_seconds`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -217,6 +229,7 @@ pub struct Phase {
     pub secs: f64,
     pub rows: Vec<Row>,
     pub timer_split: Option<TimerSplit>,
+    pub drop_split: Option<DropSplit>,
     pub delivery: Option<Delivery>,
 }
 
@@ -248,11 +261,22 @@ impl Snapshot {
     }
 
     fn write_timer_events(&self) -> Option<f64> {
+        self.events_of("write_timer")
+    }
+
+    fn events_of(&self, kind: &str) -> Option<f64> {
         agent_stats::sample(
             self.metrics.as_deref()?,
-            "tcpstall_events_total{kind=\"write_timer\"}",
+            &format!("tcpstall_events_total{{kind=\"{kind}\"}}"),
         )
     }
+}
+
+fn drop_split(tcpstall: &[(u32, String)], a: &Snapshot, b: &Snapshot) -> Option<DropSplit> {
+    let (id, _) = tcpstall.iter().find(|(_, n)| n.contains("drop"))?;
+    let runs = progs::delta(&a.progs, &b.progs, *id).0;
+    let events = (b.events_of("drop")? - a.events_of("drop")?).max(0.0) as u64;
+    Some(DropSplit { runs, events })
 }
 
 fn timer_split(tcpstall: &[(u32, String)], a: &Snapshot, b: &Snapshot) -> Option<TimerSplit> {
@@ -354,6 +378,7 @@ fn phase_rows(
         secs,
         rows,
         timer_split: timer_split(tcpstall, a, b),
+        drop_split: drop_split(tcpstall, a, b),
         delivery: delivery(a, b),
     }
 }

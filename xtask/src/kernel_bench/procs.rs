@@ -103,11 +103,12 @@ impl Agent {
 }
 
 /// The tracepoints bpftrace counts, as `bpftool perf list` names them.
-pub const BPFTRACE_TRACEPOINTS: [&str; 4] = [
+pub const BPFTRACE_TRACEPOINTS: [&str; 5] = [
     "tcp_retransmit_skb",
     "inet_sock_set_state",
     "tcp_probe",
     "timer_expire_entry",
+    "kfree_skb",
 ];
 
 /// Counts the tracepoints tcpstall's programs sit on, per 4-tuple (the TCP
@@ -118,6 +119,7 @@ tracepoint:tcp:tcp_retransmit_skb { @retransmit[ntop(args->saddr), ntop(args->da
 tracepoint:sock:inet_sock_set_state /args->protocol == 6/ { @state[ntop(args->saddr), ntop(args->daddr), args->sport, args->dport] = count(); }
 tracepoint:tcp:tcp_probe { @ack[((struct sockaddr_in *)args->saddr)->sin_addr.s_addr, ((struct sockaddr_in *)args->daddr)->sin_addr.s_addr, args->sport, args->dport] = count(); }
 tracepoint:timer:timer_expire_entry /args->function == kaddr("tcp_write_timer")/ { @timer[args->timer] = count(); }
+tracepoint:skb:kfree_skb { @drop[args->location, args->reason] = count(); }
 "#;
 
 /// bpftrace running [`BPFTRACE_SCRIPT`]; interrupted on drop.
@@ -201,7 +203,10 @@ impl Bpftrace {
                 return Ok(bt);
             }
             if Instant::now() > deadline {
-                bail!("bpftrace did not attach its 4 tracepoints within 300 s");
+                bail!(
+                    "bpftrace did not attach its {} tracepoints within 300 s",
+                    BPFTRACE_TRACEPOINTS.len()
+                );
             }
             thread::sleep(Duration::from_millis(250));
         }
@@ -224,7 +229,7 @@ impl Bpftrace {
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
         BpftraceMaps {
             keys: printed.then(|| {
-                ["retransmit", "state", "ack", "timer"]
+                ["retransmit", "state", "ack", "timer", "drop"]
                     .iter()
                     .map(|m| {
                         let prefix = format!("@{m}[");

@@ -52,6 +52,13 @@ fn phase_table(out: &mut String, p: &Phase) {
             100.0 * t.tcp_write_timers as f64 / t.runs.max(1) as f64
         );
     }
+    if let Some(d) = p.drop_split {
+        let _ = writeln!(
+            out,
+            "\nDrop program runs: {} of {} reported a packet of a socket in a loss episode (an event: cause evidence); the rest stopped at the in-kernel filter (no owning socket, or its cookie not in TCPSTALL_EPISODES).",
+            d.events, d.runs
+        );
+    }
     if let Some(d) = p.delivery {
         let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1} ms", v * 1e3));
         let _ = writeln!(
@@ -70,16 +77,35 @@ fn phase_table(out: &mut String, p: &Phase) {
 /// costs the same in both phases). None when the shares are too close to
 /// separate.
 fn timer_non_tcp_estimate(quiet: &Phase, storm: &Phase) -> Option<(f64, f64)> {
+    two_path_estimate(quiet, storm, "write_timer_tp", |p| {
+        let t = p.timer_split?;
+        (t.runs > 0).then(|| t.tcp_write_timers as f64 / t.runs as f64)
+    })
+}
+
+/// The drop program's filter path (no event) and reporting path, the same
+/// way from the share of runs that reported an event.
+fn drop_filter_estimate(quiet: &Phase, storm: &Phase) -> Option<(f64, f64)> {
+    two_path_estimate(quiet, storm, "drop", |p| {
+        let d = p.drop_split?;
+        (d.runs > 0).then(|| d.events as f64 / d.runs as f64)
+    })
+}
+
+/// `(a, b)`: the cost of a program's runs without and with the second path,
+/// from each phase's average and share `f` of second-path runs.
+fn two_path_estimate(
+    quiet: &Phase,
+    storm: &Phase,
+    program: &str,
+    share: impl Fn(&Phase) -> Option<f64>,
+) -> Option<(f64, f64)> {
     let avg = |p: &Phase| {
         p.rows
             .iter()
-            .find(|r| r.program.contains("write_timer_tp"))?
+            .find(|r| r.program.contains(program))?
             .tcpstall
             .ns_per_run()
-    };
-    let share = |p: &Phase| {
-        let t = p.timer_split?;
-        (t.runs > 0).then(|| t.tcp_write_timers as f64 / t.runs as f64)
     };
     let (aq, as_, fq, fs) = (avg(quiet)?, avg(storm)?, share(quiet)?, share(storm)?);
     if fs - fq < 0.005 {
@@ -150,6 +176,18 @@ impl Report {
             o,
             "\nFloor: an empty program (`r0 = 0; exit`) on each tracepoint, loaded by the bench itself with bpf(2) as a raw tracepoint program: dispatched and accounted exactly like tcpstall's `tp_btf` programs (both run through `__bpf_trace_run`), so it is what any program on that hook costs in `run_time_ns` on this machine (the two clock reads around the call and the indirect call). Not bpftrace `{{}}` bodies: bpftrace attaches classic tracepoints, whose accounting differs, and needs minutes of LLVM under TCG. The goals are absolute ns/run; the \"above floor\" column is what tcpstall's own instructions add."
         );
+        let drop_estimate = drop_filter_estimate(&self.quiet, &self.storm);
+        if drop_estimate.is_some_and(|(f, r)| f < 0.0 || r < 0.0) {
+            let _ = writeln!(
+                o,
+                "\nDrop program (kfree_skb): the two phases' averages do not separate the filter exit from a reported drop (a negative solution: the per-run cost moved between the phases by more than the share of reported drops explains, e.g. a hook run too rarely to stay in cache); read the quiet phase's row, where no drop was reported, as the filter exit's cost."
+            );
+        } else if let Some((filter, report)) = drop_estimate {
+            let _ = writeln!(
+                o,
+                "\nDrop program (kfree_skb), solved from both phases' averages and shares of reported drops: about {filter:.0} ns per run that stops at the filter (every drop on the node while no socket of it is in a loss episode), about {report:.0} ns per reported drop (an estimate). The bpftrace counterpart counts drops per location and reason (`@drop[args->location, args->reason]`), with no socket filter."
+            );
+        }
         match &self.bpftrace_maps.keys {
             Some(keys) => {
                 let _ = writeln!(

@@ -181,6 +181,7 @@ pub struct Storm<'a> {
     stop: Arc<AtomicBool>,
     server: Option<JoinHandle<()>>,
     blackhole: Option<Blackhole<'a>>,
+    local_drop: Option<Blackhole<'a>>,
 }
 
 impl<'a> Storm<'a> {
@@ -212,13 +213,22 @@ impl<'a> Storm<'a> {
             stop,
             server: Some(server),
             blackhole: None,
+            local_drop: None,
         })
     }
 
     /// Drops everything from the clients at the server and writes on every
-    /// flow: from here each flow retransmits on every RTO.
+    /// flow: from here each flow retransmits on every RTO. Every other
+    /// packet of the clients is dropped before it leaves, in their own
+    /// namespace's output chain (cause `local_drop`: the drop program's
+    /// path that reports, for sockets in an RTO episode); the rest reach
+    /// the server's blackhole (a drop of no local socket: its early exit).
     pub fn blackhole(&mut self) -> anyhow::Result<()> {
         self.blackhole = Some(self.link.b.blackhole_from(self.link.a_ip));
+        self.local_drop = Some(self.link.a.output_rule(&format!(
+            "ip daddr {} tcp dport 7003 numgen inc mod 2 == 0 drop",
+            self.link.b_ip
+        )));
         for c in &mut self.clients {
             c.write_all(&[b'x'; 1000])
                 .context("write into the blackhole")?;
@@ -231,6 +241,7 @@ impl Drop for Storm<'_> {
     fn drop(&mut self) {
         self.clients.clear();
         self.blackhole = None;
+        self.local_drop = None;
         self.stop.store(true, Ordering::Relaxed);
         if let Some(s) = self.server.take() {
             let _ = s.join();

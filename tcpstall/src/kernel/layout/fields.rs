@@ -215,6 +215,14 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
     row(field::SK_ERR_SOFT, "SK_ERR_SOFT", "sock.sk_err_soft", Sock,
         &[(SOCK, "sk_err_soft")], OPT, Value,
         "see ICMP errors on a stalled socket (cause unreachable)", "positive errno"),
+    // --- cause2 (pmtu_blackhole evidence) ---
+    row(field::TP_MSS_CACHE, "TP_MSS_CACHE", "tcp_sock.mss_cache", Sock,
+        &[(TP, "mss_cache")], OPT, Value,
+        "see the kernel's PMTU black-hole detection lower the MSS (cause pmtu_blackhole)", ""),
+    row(field::TP_SACKED_OUT, "TP_SACKED_OUT", "tcp_sock.sacked_out", Sock,
+        &[(TP, "sacked_out")], OPT, Value,
+        "see the peer acknowledge later segments while the head is lost (cause pmtu_blackhole)", ""),
+    // --- end cause2 ---
 ];
 
 // Every row sits at its own index.

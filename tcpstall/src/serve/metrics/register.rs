@@ -102,7 +102,7 @@ impl Metrics {
         let incident_sockets = Family::<IncidentLabels, Gauge>::default();
         registry.register(
             "tcpstall_incident_stalled_sockets",
-            "Stalled sockets now, grouped by class, cause (peer_silent, unreachable, local_drop, peer_not_reading, app_not_closing, unknown: whose problem it is), owning pod (namespace, pod; empty when unknown) and remote endpoint; counts every stalled socket, not only the top-K; at most --max-incidents groups per node, the rest summed per class and cause under the remote value other",
+            "Stalled sockets now, grouped by class, cause (peer_silent, unreachable, local_drop, pmtu_blackhole, peer_not_reading, app_not_closing, unknown: whose problem it is), owning pod (namespace, pod; empty when unknown) and remote endpoint; counts every stalled socket, not only the top-K; at most --max-incidents groups per node, the rest summed per class and cause under the remote value other",
             incident_sockets.clone(),
         );
         let incident_oldest_stall = Family::<IncidentLabels, FloatGauge>::default();

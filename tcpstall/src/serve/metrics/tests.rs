@@ -425,6 +425,8 @@ fn observations_feed_counters_and_histograms() {
             duration_s: 12.9,
             rtos: 6,
             stalled: true,
+            cookie: 1,
+            mss_lowered: None,
         },
         // Not stalled (a recovered loss probe): not a stall duration.
         Observation::StreakEnded {
@@ -433,6 +435,8 @@ fn observations_feed_counters_and_histograms() {
             duration_s: 0.2,
             rtos: 0,
             stalled: false,
+            cookie: 1,
+            mss_lowered: None,
         },
         Observation::Timeout {
             cookie: 1,

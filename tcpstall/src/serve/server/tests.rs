@@ -158,6 +158,8 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
             rcv_tstamp: 0,
             timer_expires: jiffies_at(ts).saturating_sub(1),
             syn_retries: 0,
+            mss_cache: 0,
+            sacked_out: 0,
         }),
         retransmits,
         rto_jiffies: rto_j,
