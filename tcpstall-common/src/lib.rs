@@ -95,6 +95,14 @@ pub mod program {
     /// The last fallback: `skb->sk` and the cookie with probe reads from
     /// plain addresses.
     pub const DROP_PLAIN: &str = "tcpstall_drop_plain";
+    /// fentry on `tcp_keepalive_timer` (`sk->sk_timer`'s callback): the
+    /// socket is the timer's address minus its offset, read with probe reads.
+    pub const KEEPALIVE_TIMER_FENTRY: &str = "tcpstall_keepalive_timer_fentry";
+    /// kprobe on `tcp_keepalive_timer`.
+    pub const KEEPALIVE_TIMER_KPROBE: &str = "tcpstall_keepalive_timer_kprobe";
+    /// `tp_btf/timer_expire_entry`, filtered to `tcp_keepalive_timer`; the
+    /// last fallback (probe reads from plain addresses only).
+    pub const KEEPALIVE_TIMER_PLAIN: &str = "tcpstall_keepalive_timer_plain";
 }
 
 /// Event kinds ([`Event::kind`]).
@@ -122,6 +130,11 @@ pub mod kind {
     /// `tcp:tcp_retransmit_skb` with `err != 0` (6.17+): a retransmission
     /// this node failed to send; [`Event::ack_seq`] carries `-err` (errno).
     pub const RETRANSMIT_ERROR: u8 = 8;
+    /// `sk->sk_timer` expired (callback `tcp_keepalive_timer`; snapshot taken
+    /// before the kernel handles it): keepalive probing of an idle socket
+    /// (and, for orphans, the FIN_WAIT2 timer). Every TCP state but LISTEN
+    /// and CLOSE is reported.
+    pub const KEEPALIVE_TIMER: u8 = 9;
 }
 
 /// Which mechanism produced an event ([`Event::source`]).
@@ -280,9 +293,31 @@ pub struct SockSnapshot {
     /// saturated at `u16::MAX`. 0 = none or not read.
     pub sacked_out: u16,
     // --- end cause2 ---
+    // ---- keepalive (issue 20, item 2): what `tcp_keepalive_timer()` reads.
+    // 32 bytes; filled (with `flag::KEEPOPEN`) by the keepalive-timer
+    // programs and the sweep only, zero in every other event; 0 where the
+    // kernel lacks the field.
+    /// `tp->keepalive_time`, `tp->keepalive_intvl` (jiffies; TCP_KEEPIDLE,
+    /// TCP_KEEPINTVL; 0 = the netns sysctl).
+    pub keepalive_time: u32,
+    pub keepalive_intvl: u32,
+    /// The socket's netns `tcp_keepalive_time`, `tcp_keepalive_intvl`
+    /// (jiffies, as the kernel stores them).
+    pub netns_keepalive_time: u32,
+    pub netns_keepalive_intvl: u32,
+    /// `icsk_ack.lrcvtime` (jiffies, 32 bit): the last data received.
+    pub lrcvtime: u32,
+    /// `sk->sk_timer.expires` (jiffies, low 32 bits): the keepalive timer.
+    pub sk_timer_expires: u32,
+    /// `tp->keepalive_probes` (TCP_KEEPCNT; 0 = the netns sysctl) and the
+    /// netns `tcp_keepalive_probes`.
+    pub keepalive_probes: u8,
+    pub netns_keepalive_probes: u8,
+    pub _keepalive_reserved: [u8; 6],
+    // ---- end keepalive
 }
 
-pub const SOCK_SNAPSHOT_SIZE: usize = 144;
+pub const SOCK_SNAPSHOT_SIZE: usize = 176;
 const _: () = assert!(size_of::<SockSnapshot>() == SOCK_SNAPSHOT_SIZE);
 
 impl SockSnapshot {
@@ -326,6 +361,15 @@ impl SockSnapshot {
             err_soft: 0,
             mss_cache: 0,
             sacked_out: 0,
+            keepalive_time: 0,
+            keepalive_intvl: 0,
+            netns_keepalive_time: 0,
+            netns_keepalive_intvl: 0,
+            lrcvtime: 0,
+            sk_timer_expires: 0,
+            keepalive_probes: 0,
+            netns_keepalive_probes: 0,
+            _keepalive_reserved: [0; 6],
         }
     }
 }
@@ -493,7 +537,21 @@ pub mod field {
     /// `tcp_sock.sacked_out`: segments the peer SACKed.
     pub const TP_SACKED_OUT: usize = 54;
     // --- end cause2 ---
-    pub const COUNT: usize = 55;
+    // ---- keepalive (issue 20, item 2)
+    /// `icsk_ack.lrcvtime` (jiffies, u32).
+    pub const ICSK_ACK_LRCVTIME: usize = 55;
+    /// Offset of `sk->sk_timer` (the keepalive timer's `struct timer_list`)
+    /// inside `struct sock`; offset only.
+    pub const SK_TIMER: usize = 56;
+    /// `sk->sk_timer.expires` (jiffies), from the start of `struct sock`.
+    pub const SK_TIMER_EXPIRES: usize = 57;
+    /// From the start of `struct net`: `ipv4.sysctl_tcp_keepalive_time`,
+    /// `..._probes`, `..._intvl` (jiffies, count, jiffies).
+    pub const NET_TCP_KEEPALIVE_TIME: usize = 58;
+    pub const NET_TCP_KEEPALIVE_PROBES: usize = 59;
+    pub const NET_TCP_KEEPALIVE_INTVL: usize = 60;
+    // ---- end keepalive
+    pub const COUNT: usize = 61;
 }
 
 /// Bits of [`KernelLayout::flags`].
@@ -510,6 +568,9 @@ pub struct KernelLayout {
     pub fields: [FieldSpec; field::COUNT],
     /// Address of `tcp_write_timer` (from /proc/kallsyms), for the timer path.
     pub tcp_write_timer_addr: u64,
+    /// Address of `tcp_keepalive_timer` (from /proc/kallsyms), for the
+    /// keepalive timer path (0: unknown).
+    pub tcp_keepalive_timer_addr: u64,
     /// Bits from [`layout_flag`].
     pub flags: u32,
     /// Ring-buffer fill level (bytes) from which every submit wakes the
@@ -538,7 +599,7 @@ pub mod kfunc {
 /// Size of the per-CPU scratch buffer a socket's span is copied into.
 pub const SOCK_SCRATCH_BYTES: u32 = 4096;
 
-pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 24;
+pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 32;
 const _: () = assert!(size_of::<KernelLayout>() == KERNEL_LAYOUT_SIZE);
 
 impl KernelLayout {
@@ -546,6 +607,7 @@ impl KernelLayout {
         Self {
             fields: [FieldSpec::ABSENT; field::COUNT],
             tcp_write_timer_addr: 0,
+            tcp_keepalive_timer_addr: 0,
             flags: 0,
             ringbuf_wake_bytes: 0,
             sock_span: 0,

@@ -36,6 +36,7 @@ use tcpstall_common::{
     guard::{self, GuardRecord, GuardRule, action, rule_flag},
 };
 
+use crate::snapshot::SOCK_KEEPOPEN_BIT;
 use crate::{AF_INET, AF_INET6, Direct, Plain, Skip, Source, layout, now, ops_field};
 
 #[map(name = "TCPSTALL_GUARD_RULES")]
@@ -51,8 +52,6 @@ const TCP_KEEPIDLE: i32 = 4;
 const TCP_KEEPINTVL: i32 = 5;
 const TCP_KEEPCNT: i32 = 6;
 const TCP_USER_TIMEOUT: i32 = 18;
-/// `SOCK_KEEPOPEN` in `enum sock_flags`.
-const SOCK_KEEPOPEN_BIT: u64 = 1 << 3;
 
 /// The socket through the typed `tcp_sock` (`bpf_skc_to_tcp_sock` on the
 /// context's `sk`), plain loads.

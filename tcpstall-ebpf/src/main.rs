@@ -734,6 +734,86 @@ fn try_write_timer_tp_cast(ctx: &BtfTracePointContext) -> Result<(), Skip> {
     write_timer_event(l, tp, source::TIMER_TP, 0)
 }
 
+// ---------------------------------------------------------------------------
+// The keepalive timer (`sk->sk_timer`, callback `tcp_keepalive_timer`): the
+// write timer's counterparts (fentry > kprobe > timer_expire_entry). Every
+// mechanism gets the timer's address and reads the socket at that address
+// minus `sk_timer`'s offset with probe reads, the cookie as the socket holds
+// it: nothing a kernel build may withhold from the verifier.
+
+/// `timer` is `&sk->sk_timer` of a TCP socket whose keepalive timer is
+/// expiring now, before `tcp_keepalive_timer()` runs. It fires rarely (once
+/// per keepalive interval of a socket with SO_KEEPALIVE, or an orphan's
+/// FIN_WAIT2 timeout): no filter beyond LISTEN / CLOSE.
+#[inline(always)]
+fn keepalive_timer_event(l: &KernelLayout, timer: u64, src: u8) -> Result<(), Skip> {
+    let f = &l.fields;
+    if !f[field::SK_TIMER].is_present() {
+        return Err(Skip);
+    }
+    let sk = Probe(timer.wrapping_sub(f[field::SK_TIMER].offset as u64));
+    let state = sk.get(&f[field::SKC_STATE]) as u32;
+    if state == TCP_CLOSE || state == TCP_LISTEN {
+        bump(stat::TIMER_NOT_DUE);
+        return Err(Skip);
+    }
+    let cookie = sk.get(&f[field::SKC_COOKIE]);
+    let t = now();
+    emit(|ev| {
+        header(ev, kind::KEEPALIVE_TIMER, src, t);
+        snapshot::fill_from(&mut ev.sock, l, sk, cookie);
+        snapshot::fill_keepalive(&mut ev.sock, l, sk);
+    });
+    Ok(())
+}
+
+#[fentry(function = "tcp_keepalive_timer")]
+pub fn tcpstall_keepalive_timer_fentry(ctx: FEntryContext) -> i32 {
+    match try_keepalive_timer_fentry(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+/// The argument (`struct timer_list *`) as a plain number.
+#[inline(always)]
+fn try_keepalive_timer_fentry(ctx: &FEntryContext) -> Result<(), Skip> {
+    let l = layout()?;
+    keepalive_timer_event(l, arg_scalar(ctx.as_ptr(), 0), source::FENTRY)
+}
+
+#[kprobe]
+pub fn tcpstall_keepalive_timer_kprobe(ctx: ProbeContext) -> u32 {
+    match try_keepalive_timer_kprobe(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+fn try_keepalive_timer_kprobe(ctx: &ProbeContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let timer: u64 = ctx.arg(0).ok_or(Skip)?;
+    keepalive_timer_event(l, timer, source::KPROBE)
+}
+
+/// Every timer on the node passes here: the callback compare (one probe
+/// read) comes first and is all other timers cost.
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn tcpstall_keepalive_timer_plain(ctx: BtfTracePointContext) -> i32 {
+    match try_keepalive_timer_tp(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_keepalive_timer_tp(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let timer = arg_scalar(ctx.as_ptr(), 0);
+    let function = read(timer, &l.fields[field::TIMER_FUNCTION]);
+    if function == 0 || function != l.tcp_keepalive_timer_addr {
+        return Err(Skip);
+    }
+    keepalive_timer_event(l, timer, source::TIMER_TP)
+}
+
 /// cgroup sock_ops: RTO_CB for sockets established after attach (no
 /// zero-window probe callback exists). Every context field is read with
 /// `read_volatile`: LLVM may otherwise merge two u32 reads into one 8-byte

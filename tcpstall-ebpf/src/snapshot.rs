@@ -30,6 +30,8 @@ use tcpstall_common::stat;
 
 pub const AF_INET6: u32 = 10;
 const SOCK_DEAD_BIT: u64 = 1 << 0;
+/// `SOCK_KEEPOPEN` in `enum sock_flags`.
+pub const SOCK_KEEPOPEN_BIT: u64 = 1 << 3;
 const IPPROTO_TCP: u32 = 6;
 
 /// Read a field of up to 8 bytes at `base + spec.offset` (0 when the kernel
@@ -390,6 +392,7 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     if sk.get(&f[field::SK_FLAGS]) & SOCK_DEAD_BIT != 0 {
         flags |= flag::SOCK_DEAD;
     }
+
     if sk.get(&f[field::TP_USEC_TS]) != 0 {
         flags |= flag::USEC_TS;
     }
@@ -435,6 +438,30 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     } else {
         sacked as u16
     };
+}
+
+/// The snapshot's keepalive block (issue 20, item 2) and `flag::KEEPOPEN`:
+/// what `tcp_keepalive_timer()` reads. Only the keepalive-timer programs and
+/// the sweep call it (after [`fill_from`]), so no other program pays for it
+/// in instructions the verifier walks; every other event leaves it zero.
+#[inline(always)]
+pub fn fill_keepalive<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S) {
+    let f = &l.fields;
+    let net = sk.follow(&f[field::SKC_NET]);
+    if !net.is_null() {
+        out.netns_keepalive_time = net.get(&f[field::NET_TCP_KEEPALIVE_TIME]) as u32;
+        out.netns_keepalive_intvl = net.get(&f[field::NET_TCP_KEEPALIVE_INTVL]) as u32;
+        out.netns_keepalive_probes = net.get(&f[field::NET_TCP_KEEPALIVE_PROBES]) as u8;
+    }
+    if sk.get(&f[field::SK_FLAGS]) & SOCK_KEEPOPEN_BIT != 0 {
+        out.flags |= flag::KEEPOPEN;
+    }
+    out.keepalive_time = sk.get(&f[field::TP_KEEPALIVE_TIME]) as u32;
+    out.keepalive_intvl = sk.get(&f[field::TP_KEEPALIVE_INTVL]) as u32;
+    out.lrcvtime = sk.get(&f[field::ICSK_ACK_LRCVTIME]) as u32;
+    out.sk_timer_expires = sk.get(&f[field::SK_TIMER_EXPIRES]) as u32;
+    out.keepalive_probes = sk.get(&f[field::TP_KEEPALIVE_PROBES]) as u8;
+    out._keepalive_reserved = [0; 6];
 }
 
 /// An IPv4 address (network order as loaded) in the 16-byte slot.

@@ -27,8 +27,9 @@ use aya_ebpf::{
         bpf_sock_from_file,
     },
 };
-use tcpstall_common::{KernelLayout, SweepRecord, field, flag, kind, source, stat};
+use tcpstall_common::{KernelLayout, SweepRecord, field, kind, source, stat};
 
+use crate::snapshot::SOCK_KEEPOPEN_BIT;
 use crate::{Direct, Probe, Skip, Source, bump, is_tcp, layout, now, snapshot};
 
 /// `struct bpf_iter__task_file`: meta, task, fd, file.
@@ -55,8 +56,6 @@ struct IterMeta {
 pub const SOCKET_SK_OFFSET: usize = 24;
 /// Offset of `type` (a `short`) in `struct socket` (checked likewise).
 pub const SOCKET_TYPE_OFFSET: u64 = 4;
-/// `SOCK_KEEPOPEN` in `enum sock_flags`.
-const SOCK_KEEPOPEN_BIT: u64 = 1 << 3;
 const SOCK_STREAM: u64 = 1;
 
 /// Probe-read variant (the fallback).
@@ -244,6 +243,10 @@ fn matters<S: Source>(l: &KernelLayout, sk: S) -> bool {
         return true;
     }
     if state == TCP_ESTABLISHED {
+        // Keepalive probes unanswered (nothing in flight): a keepalive stall.
+        if sk.get(&f[field::ICSK_PROBES_OUT]) != 0 {
+            return true;
+        }
         if sk.get(&f[field::SK_FLAGS]) & SOCK_KEEPOPEN_BIT == 0
             && sk.get(&f[field::ICSK_USER_TIMEOUT]) == 0
         {
@@ -273,9 +276,7 @@ fn emit<S: Source>(
     rec.event.kind = kind::SWEEP;
     rec.event.source = source::SWEEP;
     snapshot::fill_from(&mut rec.event.sock, l, sk, cookie);
-    if sk.get(&l.fields[field::SK_FLAGS]) & SOCK_KEEPOPEN_BIT != 0 {
-        rec.event.sock.flags |= flag::KEEPOPEN;
-    }
+    snapshot::fill_keepalive(&mut rec.event.sock, l, sk);
     rec.keepalive_time = sk.get(&l.fields[field::TP_KEEPALIVE_TIME]) as u32;
     rec.keepalive_intvl = sk.get(&l.fields[field::TP_KEEPALIVE_INTVL]) as u32;
     rec.keepalive_probes = sk.get(&l.fields[field::TP_KEEPALIVE_PROBES]) as u32;

@@ -318,6 +318,40 @@ pub fn set_rto_max_ms(s: &TcpStream, ms: u32) -> bool {
     true
 }
 
+/// Turn SO_KEEPALIVE on, with TCP_KEEPIDLE / TCP_KEEPINTVL (s) and
+/// TCP_KEEPCNT where given (None: the namespace's sysctl).
+pub fn set_keepalive(s: &TcpStream, idle_s: Option<u32>, intvl_s: Option<u32>, cnt: Option<u32>) {
+    let set = |level: libc::c_int, opt: libc::c_int, v: u32, name: &str| {
+        let v = v as libc::c_int;
+        // SAFETY: valid fd and option buffer.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "setsockopt {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    };
+    for (opt, v, name) in [
+        (libc::TCP_KEEPIDLE, idle_s, "TCP_KEEPIDLE"),
+        (libc::TCP_KEEPINTVL, intvl_s, "TCP_KEEPINTVL"),
+        (libc::TCP_KEEPCNT, cnt, "TCP_KEEPCNT"),
+    ] {
+        if let Some(v) = v {
+            set(libc::IPPROTO_TCP, opt, v, name);
+        }
+    }
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE");
+}
+
 /// Join two existing namespaces with a veth pair on 10.202.{subnet}.0/24;
 /// returns (a's address, b's address). The veth dies with its namespaces.
 pub fn veth_between(a: &Netns, b: &Netns, tag: &str, subnet: u8) -> (Ipv4Addr, Ipv4Addr) {

@@ -139,7 +139,13 @@ use contract::{INCIDENT_LABELS, Kind, TARGET_LABELS, contract};
 /// Closed label value sets.
 fn label_values(label: &str) -> Option<&'static [&'static str]> {
     match label {
-        "class" => Some(&["retransmit", "zero_window", "close_wait", "connect"]),
+        "class" => Some(&[
+            "retransmit",
+            "zero_window",
+            "close_wait",
+            "connect",
+            "keepalive",
+        ]),
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
         "kind" => Some(&[
             "retransmit",
@@ -149,6 +155,7 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
             "ack",
             "drop",
             "retransmit_error",
+            "keepalive_timer",
         ]),
         // Retransmissions by cause (tcpstall_retransmits_total) and stalls
         // by cause (per-flow, incident and reset series): one label name,

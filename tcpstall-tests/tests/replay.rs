@@ -114,6 +114,7 @@ fn sock_event(v: &Value) -> SockEvent {
         syn_retries: u32_opt(v, "syn_retries").unwrap_or(0),
         mss_cache: u32_opt(v, "mss_cache").unwrap_or(0),
         sacked_out: u32_opt(v, "sacked_out").unwrap_or(0),
+        keepalive: Default::default(),
     });
     let netns_sysctls = u32_opt(v, "tcp_retries2").map(|r| NetnsSysctls {
         tcp_retries2: r,

@@ -20,6 +20,10 @@ mod programs;
 #[path = "connect/mod.rs"]
 mod connect;
 
+/// Idle connections whose keepalive probes go unanswered: listed and
+/// predicted (class `keepalive`).
+#[path = "keepalive/mod.rs"]
+mod keepalive;
 /// Orphans retransmitting their FIN, and the zero-window probe path.
 #[path = "orphan/mod.rs"]
 mod orphan;

@@ -23,6 +23,8 @@ pub(super) struct Closed {
     timed_out: bool,
     /// A streak that was active at close, waiting for its outcome.
     pending: Option<Streak>,
+    /// The first prediction of a keepalive episode active at close.
+    keepalive_first: Option<Prediction>,
 }
 
 impl Closed {
@@ -66,10 +68,14 @@ impl Engine {
                 evidence,
                 actual_ns: ev.ts_ns,
                 last: pred,
-                first: f.streak.and_then(|st| st.first_prediction),
+                first: f
+                    .streak
+                    .and_then(|st| st.first_prediction)
+                    .or(f.keepalive.and_then(|k| k.first_prediction)),
             });
             Self::end_streak(f, &mut self.sink, StreakOutcome::TimedOut, ev.ts_ns);
             Self::end_persist(f, &mut self.sink, ev.ts_ns);
+            Self::end_keepalive(f);
             self.flows.touch(slot);
             return;
         }
@@ -102,7 +108,9 @@ impl Engine {
                         evidence,
                         actual_ns: ev.ts_ns,
                         last: pred,
-                        first: pending.and_then(|st| st.first_prediction),
+                        first: pending
+                            .and_then(|st| st.first_prediction)
+                            .or(c.keepalive_first),
                     });
                     if let Some(st) = pending {
                         self.sink.streak_ended(
@@ -155,6 +163,9 @@ impl Engine {
             .is_some_and(|p| p.window_open)
             .then_some(f.prediction)
             .flatten();
+        // A keepalive death closes before it reports (6.10+): keep its
+        // predictions for the timeout record.
+        let keepalive_first = f.keepalive.take().and_then(|k| k.first_prediction);
         Self::end_persist(&mut f, &mut self.sink, ts_ns);
         f.prediction = f.prediction.or(unsent_prediction);
         let mut pending = None;
@@ -184,6 +195,7 @@ impl Engine {
             verdict: f.verdict,
             timed_out: f.timed_out,
             pending,
+            keepalive_first,
         });
     }
 

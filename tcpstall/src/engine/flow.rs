@@ -108,6 +108,24 @@ pub(crate) struct Persist {
     pub window_open: bool,
 }
 
+/// Keepalive probing of an idle socket (issue 20): the peer left the last
+/// probe unanswered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Keepalive {
+    /// The expiry that found the first probe unanswered.
+    pub since_ns: u64,
+    /// The last expiry seen, and when the next one is due.
+    pub last_ns: u64,
+    pub next_due_ns: u64,
+    pub next_interval_ns: u64,
+    /// `icsk_probes_out` at the last expiry.
+    pub probes_out: u32,
+    /// The prediction made at the first expiry seen.
+    pub first_prediction: Option<Prediction>,
+    /// Why there is no prediction (a setting could not be read).
+    pub no_prediction: Option<super::horizon::NoPrediction>,
+}
+
 /// The kernel's verdict at the last write-timer expiry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Verdict {
@@ -147,6 +165,8 @@ pub(crate) struct Flow {
     pub user_timeout_ms: u32,
     /// `icsk_syn_retries` (TCP_SYNCNT; 0 = the netns sysctl).
     pub syn_retries: u32,
+    /// Unanswered keepalive probes (class `keepalive`).
+    pub keepalive: Option<Keepalive>,
     pub usec_ts: bool,
     pub snd_una: u32,
     pub packets_out: u32,
@@ -199,6 +219,7 @@ impl Flow {
             rto_max_jiffies: 0,
             user_timeout_ms: 0,
             syn_retries: 0,
+            keepalive: None,
             usec_ts: false,
             snd_una: 0,
             packets_out: 0,
@@ -222,7 +243,10 @@ impl Flow {
 
     /// Something the stall views may report: keep it over idle flows.
     pub fn is_active(&self) -> bool {
-        self.streak.is_some() || self.persist.is_some() || self.close_wait_since_ns.is_some()
+        self.streak.is_some()
+            || self.persist.is_some()
+            || self.close_wait_since_ns.is_some()
+            || self.keepalive.is_some()
     }
 
     /// In a loss episode whose packets this node may be dropping: an RTO

@@ -45,6 +45,7 @@ mod flow_key;
 mod handlers;
 pub mod horizon;
 pub mod hz;
+mod keepalive;
 #[cfg(test)]
 mod kernel_model;
 mod output;
@@ -151,6 +152,7 @@ impl Engine {
             EventKind::Drop => st.events_drop += 1,
             EventKind::RetransmitError => st.events_retransmit_error += 1,
             EventKind::Sweep => st.sweep_snapshots += 1,
+            EventKind::KeepaliveTimer => st.events_keepalive_timer += 1,
         }
         if self.hz.observe(ev.ts_ns, ev.jiffies) {
             self.refresh_predictions();
@@ -181,6 +183,7 @@ impl Engine {
             EventKind::Ack => self.on_ack(ev),
             EventKind::Drop | EventKind::RetransmitError => self.on_local_drop(ev),
             EventKind::Sweep => self.on_sweep(ev),
+            EventKind::KeepaliveTimer => self.on_keepalive_timer(ev),
         }
     }
 

@@ -22,14 +22,18 @@ pub enum StallClass {
     /// `connect()` retransmitting its SYN (SYN_SENT) from the first SYN
     /// retransmission: the peer cannot be reached at all.
     Connect,
+    /// An idle established socket (nothing in flight) whose keepalive
+    /// probes go unanswered, from the first unanswered probe.
+    Keepalive,
 }
 
 impl StallClass {
-    pub const ALL: [StallClass; 4] = [
+    pub const ALL: [StallClass; 5] = [
         Self::Retransmit,
         Self::ZeroWindow,
         Self::CloseWait,
         Self::Connect,
+        Self::Keepalive,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +42,7 @@ impl StallClass {
             Self::ZeroWindow => "zero_window",
             Self::CloseWait => "close_wait",
             Self::Connect => "connect",
+            Self::Keepalive => "keepalive",
         }
     }
 
@@ -47,6 +52,7 @@ impl StallClass {
             Self::ZeroWindow => 2,
             Self::CloseWait => 4,
             Self::Connect => 8,
+            Self::Keepalive => 16,
         }
     }
 }
@@ -59,6 +65,7 @@ pub struct StalledCounts {
     pub zero_window: usize,
     pub close_wait: usize,
     pub connect: usize,
+    pub keepalive: usize,
 }
 
 impl StalledCounts {
@@ -68,6 +75,7 @@ impl StalledCounts {
             StallClass::ZeroWindow => self.zero_window,
             StallClass::CloseWait => self.close_wait,
             StallClass::Connect => self.connect,
+            StallClass::Keepalive => self.keepalive,
         }
     }
 
@@ -77,11 +85,12 @@ impl StalledCounts {
             StallClass::ZeroWindow => self.zero_window += 1,
             StallClass::CloseWait => self.close_wait += 1,
             StallClass::Connect => self.connect += 1,
+            StallClass::Keepalive => self.keepalive += 1,
         }
     }
 
     pub fn total(&self) -> usize {
-        self.retransmit + self.zero_window + self.close_wait + self.connect
+        self.retransmit + self.zero_window + self.close_wait + self.connect + self.keepalive
     }
 
     /// `(class, count)` for every class, zeros included.
@@ -305,6 +314,7 @@ pub struct EngineStats {
     pub events_drop: u64,
     /// Retransmissions this node failed to send (6.17+).
     pub events_retransmit_error: u64,
+    pub events_keepalive_timer: u64,
     /// ACK events that ended a streak (the stall cleared at once).
     pub acks_recovered: u64,
     /// Events with neither cookie nor socket address.
@@ -385,6 +395,7 @@ impl RemoteLive {
         self.stalled.zero_window += o.stalled.zero_window;
         self.stalled.close_wait += o.stalled.close_wait;
         self.stalled.connect += o.stalled.connect;
+        self.stalled.keepalive += o.stalled.keepalive;
         self.near_timeout += o.near_timeout;
     }
 }

@@ -14,6 +14,9 @@
 //! - **zero-window probing** (`icsk_pending == ICSK_TIME_PROBE0`, window 0):
 //!   a persist episode whose first probe is reconstructed from the backoff.
 //! - **CLOSE_WAIT**: since the last segment received (`rcv_tstamp`, the FIN).
+//! - **keepalive probing** (established, nothing in flight, keepalive
+//!   probes unanswered): the pending keepalive timer (`sk_timer.expires`) is
+//!   the next expiry; the walk starts there with the probes out now.
 //!
 //! Rules: a snapshot never creates a second flow for a socket (flows are
 //! keyed by cookie), never resurrects one that closed or timed out, and never
@@ -38,6 +41,8 @@ pub enum SnapshotClass {
     ZeroWindow,
     /// The peer closed, the application did not.
     CloseWait,
+    /// Keepalive probes unanswered (nothing in flight).
+    Keepalive,
 }
 
 /// Classifies a sweep snapshot (None: nothing the engine tracks).
@@ -61,6 +66,9 @@ pub fn classify_snapshot(ev: &SockEvent) -> Option<SnapshotClass> {
     }
     if ev.state == TcpState::CloseWait {
         return Some(SnapshotClass::CloseWait);
+    }
+    if sock.pending == 0 && super::keepalive::unanswered(ev, &sock) {
+        return Some(SnapshotClass::Keepalive);
     }
     None
 }
@@ -108,6 +116,7 @@ impl Engine {
         let seeded = match class {
             SnapshotClass::RtoBackoff => self.seed_rto(slot, ev),
             SnapshotClass::ZeroWindow => self.seed_persist(slot, ev, sock.backoff),
+            SnapshotClass::Keepalive => self.seed_keepalive(slot, ev),
             SnapshotClass::CloseWait => {
                 let hz = self.hz.hz();
                 let f = self.flows.flow_mut(slot);
@@ -137,6 +146,43 @@ impl Engine {
         }
         self.flows.retier(slot);
         self.flows.touch(slot);
+    }
+
+    /// A keepalive-probing socket: the walk starts at the pending timer's
+    /// expiry (`sk_timer.expires`, rounded by the timer wheel as armed one
+    /// interval earlier), with the probes out now and the time since the
+    /// last receive then.
+    fn seed_keepalive(&mut self, slot: u32, ev: &SockEvent) -> bool {
+        let Some(sock) = ev.sock else {
+            return false;
+        };
+        if self.flows.flow(slot).keepalive.is_some() {
+            return false;
+        }
+        let hz = self.hz.hz();
+        let now32 = ev.jiffies as u32;
+        let ahead = sock.keepalive.timer_expires.wrapping_sub(now32);
+        let ahead = if ahead > i32::MAX as u32 {
+            0
+        } else {
+            u64::from(ahead)
+        };
+        let mut next_j = ev.jiffies.saturating_add(ahead);
+        if self.cfg.timer_wheel {
+            let ka = sock.keepalive;
+            let intvl = if ka.intvl_j != 0 {
+                ka.intvl_j
+            } else {
+                ka.netns.map_or(0, |n| n.1)
+            };
+            next_j =
+                horizon::rearmed_timer_fire(next_j, next_j.saturating_sub(u64::from(intvl)), hz);
+        }
+        let elapsed = super::keepalive::elapsed_since_receive(ev.jiffies, &sock)
+            .saturating_add(next_j - ev.jiffies);
+        let at_ns = self.jiffy_instant(ev, next_j);
+        self.keepalive_at(slot, ev, &sock, elapsed, at_ns, next_j);
+        true
     }
 
     /// The monotonic instant of jiffy `j`, from a (ts, jiffies) pair.

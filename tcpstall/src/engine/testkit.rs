@@ -136,6 +136,7 @@ impl Sock {
             syn_retries: 0,
             mss_cache: 0,
             sacked_out: 0,
+            keepalive: Default::default(),
         }
     }
 

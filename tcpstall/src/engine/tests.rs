@@ -1486,6 +1486,7 @@ fn stalls_sorted_most_urgent_first() {
             zero_window: 1,
             close_wait: 1,
             connect: 0,
+            keepalive: 0,
         }
     );
     assert_eq!(g.near_timeout, 1);
@@ -1498,7 +1499,8 @@ fn stalls_sorted_most_urgent_first() {
             (StallClass::Retransmit, 2),
             (StallClass::ZeroWindow, 1),
             (StallClass::CloseWait, 1),
-            (StallClass::Connect, 0)
+            (StallClass::Connect, 0),
+            (StallClass::Keepalive, 0)
         ]
     );
 }

@@ -13,11 +13,12 @@ impl Engine {
         let zw_after = dur_ns(self.cfg.zero_window_after);
         let cw_after = dur_ns(self.cfg.close_wait_after);
         for &s in &slots {
-            let (streak_grace, persist_grace) = {
+            let (streak_grace, persist_grace, keepalive_grace) = {
                 let f = self.flows.flow(s);
                 (
                     f.streak.map(|st| self.grace_ns(st.next_interval_ns)),
                     f.persist.map(|p| self.grace_ns(p.next_interval_ns)),
+                    f.keepalive.map(|k| self.grace_ns(k.next_interval_ns)),
                 )
             };
             let f = self.flows.flow_mut(s);
@@ -47,6 +48,11 @@ impl Engine {
                         st.last_event_ns,
                     );
                 }
+            }
+            if let Some(k) = f.keepalive
+                && now_ns > k.next_due_ns.saturating_add(keepalive_grace.unwrap_or(0))
+            {
+                Self::end_keepalive(f);
             }
             if let (Some(p), Some(g)) = (f.persist, persist_grace)
                 && now_ns > p.next_due_ns.saturating_add(g)

@@ -56,6 +56,13 @@ impl Engine {
         {
             return Some(StallClass::ZeroWindow);
         }
+        if let Some(k) = f.keepalive
+            && now_ns
+                <= k.next_due_ns
+                    .saturating_add(self.grace_ns(k.next_interval_ns))
+        {
+            return Some(StallClass::Keepalive);
+        }
         if let Some(since) = f.close_wait_since_ns
             && now_ns.saturating_sub(since) >= dur_ns(self.cfg.close_wait_after)
         {
@@ -72,6 +79,7 @@ impl Engine {
                 .prediction
                 .filter(|_| f.streak.is_some() || f.persist.is_some_and(|p| p.window_open)),
             StallClass::ZeroWindow => f.prediction.filter(|_| f.persist.is_some()),
+            StallClass::Keepalive => f.prediction.filter(|_| f.keepalive.is_some()),
             StallClass::CloseWait => f
                 .prediction
                 .filter(|_| f.streak.is_some() || f.persist.is_some()),
@@ -98,6 +106,7 @@ impl Engine {
             },
             StallClass::ZeroWindow => f.persist.map_or(now_ns, |p| p.since_ns),
             StallClass::CloseWait => f.close_wait_since_ns.unwrap_or(now_ns),
+            StallClass::Keepalive => f.keepalive.map_or(now_ns, |k| k.since_ns),
         };
         let pred = Self::horizon_of(f, class);
         let hz = self.hz.hz();
@@ -132,12 +141,16 @@ impl Engine {
             predicted_timeout_ns: pred.map(|p| p.death_ns),
             seconds_to_timeout: pred.map(|p| signed_secs(p.death_ns, now_ns)),
             no_prediction_reason: if pred.is_none() {
-                f.anchor
-                    .and_then(|a| self.rule_at(f, &a).err().flatten())
-                    .or_else(|| {
-                        (class == StallClass::ZeroWindow && f.user_timeout_ms == 0)
-                            .then_some(horizon::NoPrediction::ZeroWindowWithoutUserTimeout)
-                    })
+                if class == StallClass::Keepalive {
+                    f.keepalive.and_then(|k| k.no_prediction)
+                } else {
+                    f.anchor
+                        .and_then(|a| self.rule_at(f, &a).err().flatten())
+                        .or_else(|| {
+                            (class == StallClass::ZeroWindow && f.user_timeout_ms == 0)
+                                .then_some(horizon::NoPrediction::ZeroWindowWithoutUserTimeout)
+                        })
+                }
             } else {
                 None
             },

@@ -38,10 +38,13 @@ pub enum EventKind {
     /// A socket snapshot from the sweep (not a ring-buffer event; not in
     /// [`EventKind::ALL`], which lists what the ring buffer carries).
     Sweep,
+    /// The keepalive timer (`sk->sk_timer`) expired (snapshot before the
+    /// kernel handled it).
+    KeepaliveTimer,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Retransmit,
         EventKind::WriteTimer,
         EventKind::State,
@@ -49,6 +52,7 @@ impl EventKind {
         EventKind::Ack,
         EventKind::Drop,
         EventKind::RetransmitError,
+        EventKind::KeepaliveTimer,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -60,6 +64,7 @@ impl EventKind {
             EventKind::Drop => "drop",
             EventKind::RetransmitError => "retransmit_error",
             EventKind::Sweep => "sweep",
+            EventKind::KeepaliveTimer => "keepalive_timer",
         }
     }
 }
@@ -218,6 +223,25 @@ pub struct SockFields {
     pub mss_cache: u32,
     /// `tp->sacked_out` (0 = none or not read).
     pub sacked_out: u32,
+    /// What `tcp_keepalive_timer()` reads (issue 20).
+    pub keepalive: KeepaliveFields,
+}
+
+/// The keepalive fields of one socket: per-socket values (0 = the netns
+/// sysctl) and the socket's netns sysctls (all jiffies but the counts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KeepaliveFields {
+    /// SO_KEEPALIVE is on (`SOCK_KEEPOPEN`).
+    pub keepopen: bool,
+    pub time_j: u32,
+    pub intvl_j: u32,
+    pub probes: u32,
+    /// The netns `tcp_keepalive_{time,intvl,probes}`; None when not read.
+    pub netns: Option<(u32, u32, u32)>,
+    /// `icsk_ack.lrcvtime` (jiffies, 32 bit).
+    pub lrcvtime: u32,
+    /// `sk->sk_timer.expires` (jiffies, low 32 bits).
+    pub timer_expires: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -276,6 +300,7 @@ impl SockEvent {
             kind::DROP => EventKind::Drop,
             kind::RETRANSMIT_ERROR => EventKind::RetransmitError,
             kind::SWEEP => EventKind::Sweep,
+            kind::KEEPALIVE_TIMER => EventKind::KeepaliveTimer,
             other => return Err(DecodeError::Kind(other.into())),
         };
         let mechanism = match ev.source {
@@ -306,6 +331,19 @@ impl SockEvent {
             syn_retries: raw.syn_retries.into(),
             mss_cache: raw.mss_cache.into(),
             sacked_out: raw.sacked_out.into(),
+            keepalive: KeepaliveFields {
+                keepopen: raw.flags & flag::KEEPOPEN != 0,
+                time_j: raw.keepalive_time,
+                intvl_j: raw.keepalive_intvl,
+                probes: raw.keepalive_probes.into(),
+                netns: (raw.flags & flag::NETNS_SYSCTLS != 0).then_some((
+                    raw.netns_keepalive_time,
+                    raw.netns_keepalive_intvl,
+                    raw.netns_keepalive_probes.into(),
+                )),
+                lrcvtime: raw.lrcvtime,
+                timer_expires: raw.sk_timer_expires,
+            },
         });
         let netns_sysctls = (raw.flags & flag::NETNS_SYSCTLS != 0).then_some(NetnsSysctls {
             tcp_retries2: raw.retries2.into(),
@@ -409,7 +447,7 @@ mod tests {
         assert_eq!(ev.kind, EventKind::Ack);
         assert_eq!(ev.kind.as_str(), "ack");
         assert_eq!(ev.ack_seq, 0xdead_beef);
-        raw.kind = 9;
+        raw.kind = 200;
         assert!(SockEvent::decode(&bytes_of(&raw)).is_err());
     }
 

@@ -167,6 +167,28 @@ pub const WRITE_TIMER: &str = "write_timer";
 pub const ACK: &str = "ack";
 pub const SWEEP: &str = "sweep";
 pub const DROP: &str = "drop";
+pub const KEEPALIVE_TIMER: &str = "keepalive_timer";
+
+/// What the keepalive-timer programs read: the timer's socket and the
+/// fields of `tcp_keepalive_timer()`'s rule.
+const KEEPALIVE_FIELDS: &[usize] = &[
+    field::SKC_FAMILY,
+    field::SKC_STATE,
+    field::SKC_COOKIE,
+    field::SK_FLAGS,
+    field::SK_TIMER,
+    field::TIMER_FUNCTION,
+    field::ICSK_PROBES_OUT,
+    field::ICSK_USER_TIMEOUT,
+    field::TP_PACKETS_OUT,
+    field::TP_RCV_TSTAMP,
+    field::TP_KEEPALIVE_TIME,
+    field::TP_KEEPALIVE_INTVL,
+    field::TP_KEEPALIVE_PROBES,
+];
+
+/// The note of the keepalive programs (all read the socket alike).
+const KEEPALIVE_NOTE: &str = "the socket at the timer's address minus sk_timer's offset, probe reads, the cookie as the socket holds it";
 
 /// What the drop probe reads: the skb's owner, its cookie (the filter) and
 /// the socket snapshot.
@@ -433,6 +455,42 @@ pub static PROBES: &[ProbeSpec] = &[
                 program: program::SOCK_OPS,
                 fields: &[],
                 note: "only sockets established after attach; RTOs only (no zero-window probes)",
+                rdonly_cast: false,
+            },
+        ],
+    },
+    ProbeSpec {
+        name: KEEPALIVE_TIMER,
+        purpose: "keepalive timer expiries (sk->sk_timer): unanswered keepalive probes of idle sockets",
+        required: false,
+        offered_by: &[],
+        needs: &[],
+        candidates: &[
+            Candidate {
+                attach: Attach::Fentry {
+                    function: "tcp_keepalive_timer",
+                },
+                program: program::KEEPALIVE_TIMER_FENTRY,
+                fields: KEEPALIVE_FIELDS,
+                note: "BPF trampoline on the timer's callback: cheapest; every socket with SO_KEEPALIVE",
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::Kprobe {
+                    function: "tcp_keepalive_timer",
+                },
+                program: program::KEEPALIVE_TIMER_KPROBE,
+                fields: KEEPALIVE_FIELDS,
+                note: "kprobe: same coverage, a trap per call",
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::TimerTracepoint {
+                    callback: "tcp_keepalive_timer",
+                },
+                program: program::KEEPALIVE_TIMER_PLAIN,
+                fields: KEEPALIVE_FIELDS,
+                note: KEEPALIVE_NOTE,
                 rdonly_cast: false,
             },
         ],

@@ -100,6 +100,10 @@ pub enum BoundarySource {
     SynRetries(u32),
     /// SYN_SENT with TCP_SYNCNT set on the socket.
     SynCount(u32),
+    /// Keepalive: N unanswered probes, N the netns `tcp_keepalive_probes`.
+    KeepaliveProbes(u32),
+    /// Keepalive with TCP_KEEPCNT = N set on the socket.
+    KeepCnt(u32),
 }
 
 impl BoundarySource {
@@ -111,6 +115,8 @@ impl BoundarySource {
             Self::OrphanRetries(_) => "tcp_orphan_retries",
             Self::SynRetries(_) => "tcp_syn_retries",
             Self::SynCount(_) => "tcp_syncnt",
+            Self::KeepaliveProbes(_) => "tcp_keepalive_probes",
+            Self::KeepCnt(_) => "tcp_keepcnt",
         }
     }
 }
@@ -123,6 +129,8 @@ impl fmt::Display for BoundarySource {
             Self::OrphanRetries(n) => write!(f, "tcp_orphan_retries={n}"),
             Self::SynRetries(n) => write!(f, "tcp_syn_retries={n}"),
             Self::SynCount(n) => write!(f, "tcp_syncnt={n}"),
+            Self::KeepaliveProbes(n) => write!(f, "tcp_keepalive_probes={n}"),
+            Self::KeepCnt(n) => write!(f, "tcp_keepcnt={n}"),
         }
     }
 }
@@ -241,6 +249,9 @@ pub enum NoPrediction {
     /// live peer (even one that keeps the window at zero) resets the count,
     /// so the kernel probes at `rto_max` for as long as the peer answers.
     ZeroWindowWithoutUserTimeout,
+    /// Keepalive probing, but the socket's keepalive time, interval or
+    /// probe count (and its netns sysctl) could not be read.
+    KeepaliveUnknown,
 }
 
 /// The rule and limits of a SYN_SENT socket: `icsk_syn_retries` wins over
@@ -560,6 +571,11 @@ pub fn predict_probe_count_death(w: &ProbeWalk) -> Option<u64> {
     }
     None
 }
+
+pub mod keepalive;
+pub use keepalive::{
+    KeepaliveDeath, KeepaliveRule, KeepaliveWalk, keepalive_rule, predict_keepalive_death,
+};
 
 #[cfg(test)]
 mod tests;

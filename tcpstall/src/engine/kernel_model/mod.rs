@@ -334,6 +334,7 @@ impl AnsweredPersist {
         (out, false)
     }
 }
+pub(crate) mod keepalive;
 
 #[cfg(test)]
 mod tests;

@@ -223,6 +223,25 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
         &[(TP, "sacked_out")], OPT, Value,
         "see the peer acknowledge later segments while the head is lost (cause pmtu_blackhole)", ""),
     // --- end cause2 ---
+    // ---- keepalive (issue 20, item 2)
+    row(field::ICSK_ACK_LRCVTIME, "ICSK_ACK_LRCVTIME", "inet_connection_sock.icsk_ack.lrcvtime", Sock,
+        &[(ICSK, "icsk_ack.lrcvtime")], OPT, Value,
+        "predict a keepalive death (time since the last receive)", "jiffies, u32"),
+    row(field::SK_TIMER, "SK_TIMER", "sock.sk_timer (keepalive timer)", Sock,
+        &[(SOCK, "sk_timer")], OPT, OffsetOnly,
+        "map a keepalive timer back to its socket", "struct timer_list; offset only"),
+    row(field::SK_TIMER_EXPIRES, "SK_TIMER_EXPIRES", "sock.sk_timer.expires", Sock,
+        &[(SOCK, "sk_timer.expires")], OPT, Value,
+        "predict a keepalive death found by the sweep", "jiffies"),
+    row(field::NET_TCP_KEEPALIVE_TIME, "NET_TCP_KEEPALIVE_TIME", "net.ipv4.sysctl_tcp_keepalive_time", Net,
+        &[(NET, "ipv4.sysctl_tcp_keepalive_time")], OPT, Value,
+        "predict a keepalive death (netns idle time)", "int, jiffies"),
+    row(field::NET_TCP_KEEPALIVE_PROBES, "NET_TCP_KEEPALIVE_PROBES", "net.ipv4.sysctl_tcp_keepalive_probes", Net,
+        &[(NET, "ipv4.sysctl_tcp_keepalive_probes")], OPT, Value,
+        "predict a keepalive death (netns probe count)", "int, u8 on newer kernels"),
+    row(field::NET_TCP_KEEPALIVE_INTVL, "NET_TCP_KEEPALIVE_INTVL", "net.ipv4.sysctl_tcp_keepalive_intvl", Net,
+        &[(NET, "ipv4.sysctl_tcp_keepalive_intvl")], OPT, Value,
+        "predict a keepalive death (netns probe interval)", "int, jiffies"),
 ];
 
 // Every row sits at its own index.

@@ -22,6 +22,8 @@ pub(super) struct AttachEnv<'a> {
     /// Whether the `_cast` programs can be loaded (why not).
     pub(super) rdonly_cast: Result<(), String>,
     pub(super) timer_addr: Result<u64, String>,
+    /// `tcp_keepalive_timer`'s address (the keepalive timer tracepoint).
+    pub(super) keepalive_timer_addr: Result<u64, String>,
     pub(super) cgroup: Option<PathBuf>,
     /// The `struct socket` offsets the sweep programs assume (why not).
     pub(super) socket_constants: Result<(), String>,
@@ -149,10 +151,12 @@ fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<
                 })
         }
         Attach::TimerTracepoint { callback } => {
-            let addr = env
-                .timer_addr
-                .as_ref()
-                .map_err(|e| format!("{callback}: {e}"))?;
+            let addr = if callback == "tcp_keepalive_timer" {
+                &env.keepalive_timer_addr
+            } else {
+                &env.timer_addr
+            };
+            let addr = addr.as_ref().map_err(|e| format!("{callback}: {e}"))?;
             if *addr == 0 {
                 return Err(format!("{callback} address unknown"));
             }

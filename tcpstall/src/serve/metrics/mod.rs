@@ -239,6 +239,7 @@ fn kind_index(kind: EventKind) -> Option<usize> {
         EventKind::Ack => Some(4),
         EventKind::Drop => Some(5),
         EventKind::RetransmitError => Some(6),
+        EventKind::KeepaliveTimer => Some(7),
         // Not a ring-buffer event: counted by the sweep metrics.
         EventKind::Sweep => None,
     }

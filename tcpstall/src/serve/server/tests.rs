@@ -160,6 +160,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
             syn_retries: 0,
             mss_cache: 0,
             sacked_out: 0,
+            keepalive: Default::default(),
         }),
         retransmits,
         rto_jiffies: rto_j,
