@@ -208,6 +208,111 @@ pub fn containerd_spec(
     )
 }
 
+/// A kubelet-style pod of this run, backed by containerd task specs under a
+/// scratch state directory (no containerd runs): unique UID, container and
+/// sandbox IDs carrying the test's pid, so concurrent runs of other tests on
+/// the machine never resolve to it.
+pub struct TaskPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    /// The container's ID (64 hex digits); its name is `app`.
+    pub container_id: String,
+    /// The container's cgroup (processes started in it are the pod's).
+    pub cgroup: std::path::PathBuf,
+}
+
+/// Makes pod `idx` (distinct per test run) named `name` in `namespace`:
+/// its container and sandbox task specs under `tasks` (containerd's
+/// `io.containerd.runtime.v2.task/k8s.io` directory) and its container's
+/// cgroup under the cgroup2 `root` (removed with `cgroups`).
+pub fn make_task_pod(
+    cgroups: &mut Cgroups,
+    root: &std::path::Path,
+    tasks: &std::path::Path,
+    idx: u32,
+    namespace: &str,
+    name: &str,
+) -> TaskPod {
+    let pid = std::process::id();
+    let uid = format!("{pid:08x}-6a7d-4c2a-9f43-{idx:012x}");
+    let app = format!("{idx:02x}{}{pid:08x}", "a".repeat(54));
+    let sandbox = format!("{idx:02x}{}{pid:08x}", "b".repeat(54));
+    write_file(
+        &tasks.join(&app).join("config.json"),
+        &containerd_spec("container", "app", name, namespace, &uid, &sandbox),
+    );
+    write_file(
+        &tasks.join(&sandbox).join("config.json"),
+        &containerd_spec("sandbox", "", name, namespace, &uid, &sandbox),
+    );
+    let slice = format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    );
+    let cgroup = cgroups.make(root, &format!("{slice}/cri-containerd-{app}.scope"));
+    TaskPod {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        uid,
+        container_id: app,
+        cgroup,
+    }
+}
+
+/// A bash process in `cgroup` (a pod's) and network namespace `netns`
+/// holding one TCP connection to `server` with neither SO_KEEPALIVE nor
+/// TCP_USER_TIMEOUT (bash's `/dev/tcp`); returns once it is connected. The
+/// pid is the socket's owner throughout.
+pub fn hold_connection_in(
+    netns: &str,
+    cgroup: &std::path::Path,
+    server: std::net::SocketAddr,
+) -> Proc {
+    let mut p = spawn_in_cgroup(
+        Some(netns),
+        cgroup,
+        std::path::Path::new("/bin/bash"),
+        &[
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/{}/{} && echo connected && read -r",
+                server.ip(),
+                server.port()
+            ),
+        ],
+        std::process::Stdio::piped(),
+        std::process::Stdio::piped(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(p.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("the connecting process' output");
+    assert_eq!(
+        line.trim(),
+        "connected",
+        "no connection to {server} from the pod's process"
+    );
+    p
+}
+
+/// The agent's container-runtime state arguments (containerd, CRI-O,
+/// kubelet, Docker), all under the scratch directory `dir`: the agent
+/// reads only what the test writes there.
+pub fn runtime_state_args(dir: &std::path::Path) -> Vec<String> {
+    [
+        ("--containerd-state", "containerd"),
+        ("--crio-state", "crio"),
+        ("--kubelet-root", "kubelet"),
+        ("--docker-root", "docker"),
+    ]
+    .iter()
+    .flat_map(|(flag, d)| [(*flag).to_owned(), dir.join(d).to_str().unwrap().to_owned()])
+    .collect()
+}
+
 /// A scratch directory removed on drop.
 pub struct Scratch(pub std::path::PathBuf);
 

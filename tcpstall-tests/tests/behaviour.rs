@@ -319,17 +319,31 @@ fn no_ack_probe_stall_clears_by_the_fallback() {
 
 /// `--max-flows 4` through the real agent: twelve tracked flows (peer
 /// closed, held in CLOSE_WAIT, which the engine tracks) one after another;
-/// the table never holds more than 4, evictions are counted, and the least
-/// recently used go: `/api/v1/stalls` (close_wait after 1 s) lists the
-/// newest socket and none of the first eight.
+/// the table never holds more than 4, and the least recently used go:
+/// `/api/v1/stalls` (close_wait after 1 s) lists the newest socket and none
+/// of the first eight, and each of the first eight has its eviction logged
+/// (this test's flows, by namespace and address) and counted.
 /// Mutation: `self.head[ACTIVE]` -> `self.tail[ACTIVE]` in
 /// `FlowTable::victim` (`tcpstall/src/engine/flow.rs`, evict the newest) ->
 /// fails with "the last four CLOSE_WAIT sockets" (lists the first ones).
+/// Mutation (run): `evicted.filter(|(_, f)| !f.is_active())` in
+/// `FlowKeyed::insert` (`tcpstall/src/engine/flow_key.rs`: active flows'
+/// evictions neither counted nor logged) -> fails with "no eviction of
+/// [the eight sockets] (evicted of this test: {})"; the node-wide counter
+/// alone passed on a busy host (other flows' evictions).
 #[test]
 fn max_flows_evicts_the_least_recently_used() {
     require_tools();
     let ns = Netns::new("tsm-mxf");
-    let agent = Agent::start(&["--max-flows", "4", "--close-wait-after", "1"]);
+    // Each eviction logged (debug) with the flow's namespace and addresses.
+    let agent = Agent::start(&[
+        "--max-flows",
+        "4",
+        "--close-wait-after",
+        "1",
+        "--log-level",
+        "info,tcpstall::app::logs=debug",
+    ]);
     let server: SocketAddr = "127.0.0.1:9191".parse().expect("addr");
     let listener = listen_in(&ns, server);
     thread::spawn(move || {
@@ -377,11 +391,34 @@ fn max_flows_evicts_the_least_recently_used() {
     let m = agent.metrics();
     let tracked = metric_sum(&m, "tcpstall_flows_tracked", &[]).expect("tcpstall_flows_tracked");
     assert!(tracked <= 4.0, "{tracked} flows tracked with --max-flows 4");
+    // This test's evictions, by flow: each of the first eight CLOSE_WAIT
+    // sockets was evicted (and logged as such), and the node-wide counter
+    // counts at least those.
+    let evicted_ours: BTreeSet<String> = agent
+        .logs()
+        .iter()
+        .filter(|v| {
+            v["message"] == "flow table full: evicted a flow"
+                && ev_u64(v, "netns") == ns.inode()
+                && ev_str(v, "remote") == server.to_string()
+        })
+        .map(|v| ev_str(v, "local").to_owned())
+        .collect();
+    let missing: Vec<&String> = locals[..8]
+        .iter()
+        .filter(|l| !evicted_ours.contains(*l))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "12 flows through a table of 4: the first eight are evicted; no eviction of \
+         {missing:?} (evicted of this test: {evicted_ours:?})"
+    );
     let evictions = metric_sum(&m, "tcpstall_flow_evictions_total", &[])
         .expect("tcpstall_flow_evictions_total");
     assert!(
-        evictions >= 8.0,
-        "12 flows through a table of 4: {evictions} evictions"
+        evictions >= evicted_ours.len() as f64,
+        "tcpstall_flow_evictions_total {evictions}, this test's flows alone: {}",
+        evicted_ours.len()
     );
     drop(held);
 }
@@ -432,11 +469,14 @@ fn attached_prog_ids() -> BTreeSet<u64> {
 /// `--mechanism sock-ops`) is still loaded, linked or attached to a cgroup.
 /// What can leak past the process: the kernel frees programs and links held
 /// only by the agent's file descriptors when it exits, so only a pin in a
-/// bpffs or a legacy (link-less) cgroup attachment survives it. Not yet
-/// shown by a mutation: pinning the sock_ops program (`p.pin(...)` in
-/// `tcpstall/src/kernel/loader/mod.rs`) did not fail this test on a host
-/// without a mounted bpffs, where the pin itself fails (docs/testing.md,
-/// "Not yet shown to fail").
+/// bpffs or a legacy (link-less) cgroup attachment survives it.
+/// Mutation (run): pinning the sock_ops program into a mounted bpffs
+/// (`p.pin(...)` before `p.attach(...)` in
+/// `tcpstall/src/kernel/loader/attach.rs`, a bpffs mounted at the pin's
+/// directory for the run) -> fails with "still loaded after SIGTERM:
+/// [7246], still attached: []". Without a bpffs at the pin's path the pin
+/// itself fails and nothing leaks (why the same mutation against
+/// `/sys/fs/bpf`, not mounted on that host, passed earlier).
 #[test]
 fn sigterm_leaves_no_program_attached() {
     require_root();
@@ -486,8 +526,14 @@ mod contract;
 /// rules and dashboard are checked against) is what a live agent serves:
 /// every `tcpstall_*` family on `/metrics` is in the contract with the same
 /// type, every contract metric is served, and every sample's labels are
-/// among the contract's labels for it. A stall is made first so that the
-/// per-flow and incident families have samples.
+/// among the contract's labels for it. A labelled family is served only
+/// once it has a sample, so the test gives every one a sample of its own
+/// (none is exempt): a close_wait stall; a blackholed flow, stalled with a
+/// prediction (retransmits, RTO expiries, per-flow and incident series),
+/// then reset by its peer (stall resets); a connection from a pod of this
+/// run under a dry-run guard rule (guard counts). The metrics are read
+/// while the flow is stalled and again after its reset; a family served in
+/// either reading counts as served.
 /// Mutation (run): rename `tcpstall_flows_tracked` to
 /// `tcpstall_flows_trackedx` in `tcpstall/src/serve/metrics/register.rs` -> fails with
 /// "tcpstall_flows_tracked: in the contract, not served" and
@@ -496,8 +542,39 @@ mod contract;
 fn live_metrics_match_the_deploy_contract() {
     require_tools();
     let link = Link::new("mct", 84);
-    let agent = Agent::start(&["--close-wait-after", "1"]);
-    // A close_wait stall: per-flow and incident series get samples.
+    link.a.sysctl("net.ipv4.tcp_retries2", "8");
+    // A pod of this run (namespace unique per run) and a dry-run guard rule
+    // for its namespace: the guard counts the pod's connection.
+    let pid = std::process::id();
+    let tmp = std::env::temp_dir().join(format!("tcpstall-contract-{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _scratch = Scratch(tmp.clone());
+    let mut cgroups = Cgroups::default();
+    let pod = make_task_pod(
+        &mut cgroups,
+        &cgroup2_root(),
+        &tmp.join("containerd/io.containerd.runtime.v2.task/k8s.io"),
+        1,
+        &format!("contract-g{pid}"),
+        "client-0",
+    );
+    let policy = tmp.join("guard.toml");
+    write_file(
+        &policy,
+        &format!(
+            "mode = \"dry-run\"\n\n[[rule]]\nname = \"contract-dry\"\nnamespace = \"{}\"\nuser_timeout = \"10s\"\n",
+            pod.namespace
+        ),
+    );
+    let mut args = runtime_state_args(&tmp);
+    args.extend([
+        "--close-wait-after".to_owned(),
+        "1".to_owned(),
+        "--guard-policy".to_owned(),
+        policy.to_str().unwrap().to_owned(),
+    ]);
+    let mut agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // A close_wait stall.
     let server = SocketAddr::from((link.b_ip, 8080));
     let listener = listen_in(&link.b, server);
     thread::spawn(move || {
@@ -515,7 +592,56 @@ fn live_metrics_match_the_deploy_contract() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    let text = agent.metrics();
+    // The pod's connection, counted by the guard (dry-run: unchanged).
+    let pod_server = SocketAddr::from((link.b_ip, 8081));
+    reading_server_in(&link.b, pod_server);
+    let _pod_client = hold_connection_in(&link.a.name, &pod.cgroup, pod_server);
+    let guard_labels = [("namespace", pod.namespace.as_str()), ("mode", "dry-run")];
+    wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        "the guard never counted the pod's connection",
+        || match metric_sum(
+            &agent.metrics(),
+            "tcpstall_guard_sockets_total",
+            &guard_labels,
+        ) {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(format!("tcpstall_guard_sockets_total {other:?}")),
+        },
+    );
+    // A blackholed flow, stalled with a prediction.
+    let mut conn = Conn::establish(&link, 8082, None);
+    let (flow_local, flow_server) = (conn.local, conn.server);
+    let blackhole = link.b.blackhole_from(link.a_ip);
+    conn.client
+        .write_all(&[b'x'; 1000])
+        .expect("write into the blackhole");
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        "the blackholed flow never listed with a prediction",
+        || match agent.stall_of(flow_local, flow_server) {
+            Some(s) if s["seconds_to_timeout"].is_number() => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let stalled_text = agent.metrics();
+    // Its peer resets it: the next retransmission gets an RST.
+    drop(blackhole);
+    let _reset = link
+        .b
+        .reject_input(&format!("ip saddr {}", link.a_ip), "tcp reset");
+    // Its reset logged (after the agent counted it).
+    let cookie = agent
+        .cookie_of(flow_local, flow_server)
+        .unwrap_or_else(|| panic!("no event of {flow_local} carries its cookie"));
+    agent.wait_log(
+        Duration::from_secs(20),
+        "the stall's end by the peer's RST",
+        |v| v["message"] == "stall ended by a reset (RST)" && ev_u64(v, "cookie") == cookie,
+    );
+    let text = format!("{stalled_text}\n{}", agent.metrics());
     let contract = contract::contract();
     // name -> type from `# TYPE` lines.
     let mut served = std::collections::BTreeMap::new();
@@ -542,9 +668,6 @@ fn live_metrics_match_the_deploy_contract() {
         match served.get(&family(name)).or_else(|| served.get(*name)) {
             Some(k) if k == kind_str(*kind) => {}
             Some(k) => problems.push(format!("{name}: contract {}, served {k}", kind_str(*kind))),
-            // A labelled family has no series (and no `# TYPE` line) until
-            // its first sample; an unlabelled one is always served.
-            None if !contract[name].1.is_empty() => {}
             None => problems.push(format!("{name}: in the contract, not served")),
         }
     }

@@ -38,9 +38,9 @@ use std::{
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Agent, Cgroups, Link, Proc, Scratch, agent_path, cgroup2_root, connect_in, containerd_spec,
-    ev_str, listen_in, metric_sum, require, require_tools, run_ok, spawn_in_cgroup, wait_until,
-    write_file,
+    Agent, Cgroups, Link, Proc, Scratch, TaskPod, agent_path, cgroup2_root, connect_in, ev_str,
+    listen_in, make_task_pod, metric_sum, require, require_tools, run_ok, spawn_in_cgroup,
+    wait_until, write_file,
 };
 
 // The same guard against psql and a real Postgres server.
@@ -89,44 +89,6 @@ print(json.dumps({"local": "%s:%d" % c.getsockname(), "peer": "%s:%d" % peer,
 sys.stdin.readline()
 "#;
 
-/// A pod of this run: unique UID, container and sandbox IDs (concurrent
-/// runs of other tests on the machine never resolve to it).
-struct Pod {
-    namespace: String,
-    cgroup: PathBuf,
-}
-
-fn make_pod(
-    cgroups: &mut Cgroups,
-    root: &Path,
-    tasks: &Path,
-    idx: u32,
-    namespace: &str,
-    name: &str,
-) -> Pod {
-    let pid = std::process::id();
-    let uid = format!("{pid:08x}-6a7d-4c2a-9f43-{idx:012x}");
-    let app = format!("{idx:02x}{}{pid:08x}", "a".repeat(54));
-    let sandbox = format!("{idx:02x}{}{pid:08x}", "b".repeat(54));
-    write_file(
-        &tasks.join(&app).join("config.json"),
-        &containerd_spec("container", "app", name, namespace, &uid, &sandbox),
-    );
-    write_file(
-        &tasks.join(&sandbox).join("config.json"),
-        &containerd_spec("sandbox", "", name, namespace, &uid, &sandbox),
-    );
-    let slice = format!(
-        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
-        uid.replace('-', "_")
-    );
-    let cgroup = cgroups.make(root, &format!("{slice}/cri-containerd-{app}.scope"));
-    Pod {
-        namespace: namespace.to_owned(),
-        cgroup,
-    }
-}
-
 /// A run's pods: a scratch directory (containerd state naming the pods),
 /// their cgroups; all removed on drop (cgroups first: their processes are
 /// killed).
@@ -155,12 +117,12 @@ impl Pods {
     }
 
     /// Pod `name` in namespace `<namespace>-<tag><pid>`; `idx` unique per run.
-    fn pod(&mut self, idx: u32, namespace: &str, name: &str) -> Pod {
+    fn pod(&mut self, idx: u32, namespace: &str, name: &str) -> TaskPod {
         let tasks = self
             .tmp
             .join("containerd/io.containerd.runtime.v2.task/k8s.io");
         let ns = format!("{namespace}-{}{}", self.tag, std::process::id());
-        make_pod(&mut self.cgroups, &self.cg_root, &tasks, idx, &ns, name)
+        make_task_pod(&mut self.cgroups, &self.cg_root, &tasks, idx, &ns, name)
     }
 }
 
@@ -205,7 +167,7 @@ impl Py {
     }
 }
 
-fn python(netns: &str, pod: &Pod, script: &str, args: &[&str]) -> Py {
+fn python(netns: &str, pod: &TaskPod, script: &str, args: &[&str]) -> Py {
     let mut all = vec!["-c", script];
     all.extend_from_slice(args);
     let mut p = spawn_in_cgroup(
@@ -416,7 +378,7 @@ keepalive = {{ idle = "2s", interval = "1s", count = 2 }}
         }
     });
     let host = link.b_ip.to_string();
-    let client = |pod: &Pod, own: &str, mode: &str| {
+    let client = |pod: &TaskPod, own: &str, mode: &str| {
         python(&link.a.name, pod, CLIENT, &[&host, "9000", own, mode])
     };
     let mut shop_plain = client(&shop, "0", "send");

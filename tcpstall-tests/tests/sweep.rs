@@ -377,7 +377,18 @@ fn sweeps_so_far(agent: &Agent) -> f64 {
 
 /// The hang-forever audit: an established connection with neither
 /// SO_KEEPALIVE nor TCP_USER_TIMEOUT is listed; the same connection with
-/// either set is not.
+/// either set is not. A second one, held by a process in a pod of this run,
+/// is listed with the pod's identity and counted in the pod's own
+/// `tcpstall_sockets_without_timeout` series; the host process' entry names
+/// no pod (pod, namespace, pod_uid, container, container_id present and
+/// null).
+/// Mutation (run): `pod: String::new()` for the pod label in
+/// `owners_per_pod` (`tcpstall/src/sweep/cycle.rs`) -> fails with "the
+/// pod's series counts its one socket": `left: None, right: Some(1.0)`.
+/// The listing is the 1000 longest-idle sockets of the node: a node with
+/// more idle sockets without a timeout than that (another run's leak) lists
+/// neither of this test's sockets, and the listing checks fail; the per-pod
+/// series counts every socket and is checked first.
 #[test]
 fn sweep_risks_lists_sockets_without_timeout() {
     require_tools();
@@ -390,9 +401,56 @@ fn sweep_risks_lists_sockets_without_timeout() {
     wait_all_acked(&client, 5, Duration::from_secs(10));
     let t_acked = monotonic_ns();
 
-    let agent = Agent::start(&["--sweep-interval", "1"]);
+    // A pod of this run (namespace unique per run) whose process holds one
+    // connection without a timeout (bash's /dev/tcp sets neither option).
+    let pid = std::process::id();
+    let tmp = std::env::temp_dir().join(format!("tcpstall-risks-{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _scratch = Scratch(tmp.clone());
+    let mut cgroups = Cgroups::default();
+    let tasks = tmp.join("containerd/io.containerd.runtime.v2.task/k8s.io");
+    let pod = make_task_pod(
+        &mut cgroups,
+        &cgroup2_root(),
+        &tasks,
+        1,
+        &format!("risks-g{pid}"),
+        "idle-client-0",
+    );
+    let holder = hold_connection_in(&link.a.name, &pod.cgroup, server);
+    let holder_pid = u64::from(holder.0.id());
+
+    let mut args = runtime_state_args(&tmp);
+    args.extend(["--sweep-interval".to_owned(), "1".to_owned()]);
+    let agent = Agent::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     agent.wait_ready(Duration::from_secs(30));
-    let risks = agent.risks();
+    // A sweep that ran after the agent was ready: the per-pod gauge is set
+    // before the sweep is counted.
+    let risks = next_audit(&agent, sweeps_so_far(&agent));
+    let metrics = agent.metrics();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "tcpstall_sockets_without_timeout",
+            &[("namespace", &pod.namespace), ("pod", &pod.name)]
+        ),
+        Some(1.0),
+        "the pod's series counts its one socket (every at-risk socket counts, listed or not)"
+    );
+    let of_pod = risks["risks"]
+        .as_array()
+        .expect("risks array")
+        .iter()
+        .filter(|r| r["pid"].as_u64() == Some(holder_pid))
+        .collect::<Vec<_>>();
+    assert_eq!(of_pod.len(), 1, "the pod's socket, once: {risks:#}");
+    let p = of_pod[0];
+    assert_eq!(ev_str(p, "remote"), server.to_string(), "{p}");
+    assert_eq!(ev_str(p, "pod"), pod.name, "{p}");
+    assert_eq!(ev_str(p, "namespace"), pod.namespace, "{p}");
+    assert_eq!(ev_str(p, "pod_uid"), pod.uid, "{p}");
+    assert_eq!(ev_str(p, "container"), "app", "{p}");
+    assert_eq!(ev_str(p, "container_id"), pod.container_id, "{p}");
     let r = risk_of(&risks, local).unwrap_or_else(|| panic!("{local} not listed: {risks:#}"));
     assert_eq!(ev_str(&r, "remote"), server.to_string(), "{r}");
     assert_eq!(ev_u64(&r, "netns"), link.a.inode(), "{r}");
@@ -409,8 +467,12 @@ fn sweep_risks_lists_sockets_without_timeout() {
         "idle_s {idle}, acknowledged {since_write:.2} s ago: {r}"
     );
     // The test process runs in no pod: its entry carries no pod identity.
-    for k in ["pod", "namespace", "container"] {
-        assert!(r[k].is_null(), "{k} of a host process' socket: {r}");
+    for k in ["pod", "namespace", "pod_uid", "container", "container_id"] {
+        assert_eq!(
+            r.get(k),
+            Some(&Value::Null),
+            "{k} of a host process' socket: {r}"
+        );
     }
 
     // SO_KEEPALIVE: no longer at risk at the next sweep.

@@ -117,16 +117,18 @@ enum Cmd {
         /// Targets: engine, identity, config, incidents [default: all].
         #[arg(value_name = "TARGET")]
         targets: Vec<String>,
-        /// Stop after this many minutes (all targets together).
+        /// Stop after this many minutes (all runs together, shared equally
+        /// among the runs not yet started).
         #[arg(long, default_value_t = 30)]
         budget_minutes: u64,
         /// Only list the mutants (no build, no test).
         #[arg(long)]
         list: bool,
         /// Mutate only the files matching this glob (inside the target),
-        /// e.g. tcpstall/src/engine/horizon/mod.rs.
+        /// e.g. tcpstall/src/engine/horizon/mod.rs. Repeatable: each glob is
+        /// its own run with its share of the budget.
         #[arg(long, value_name = "GLOB")]
-        only: Option<String>,
+        only: Vec<String>,
     },
     /// Run the scenario tests inside Debian kernels under QEMU (TCG).
     VmTest {

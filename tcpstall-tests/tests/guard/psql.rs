@@ -32,9 +32,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde_json::Value;
 use tcpstall_tests::{
-    Link, Netns, Proc, ev_str, require, require_tools, run_ok, sh_quiet, spawn_in_cgroup,
-    wait_until, write_file,
+    Link, Netns, Proc, ev_str, http_get, monotonic_ns, require, require_tools, run_ok, sh_quiet,
+    spawn_in_cgroup, wait_until, write_file,
 };
 
 use super::{
@@ -368,7 +369,8 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
     wait_rules_cover(&agent, &["pg-10s", "pg-keepalive"]);
     let _pg = Postgres::start(&bindir, &tmp.join("pg"), &link.b, link.b_ip);
 
-    let start = |pod: &super::Pod| Psql::start(&bindir, &link.a.name, &pod.cgroup, link.b_ip);
+    let start =
+        |pod: &tcpstall_tests::TaskPod| Psql::start(&bindir, &link.a.name, &pod.cgroup, link.b_ip);
     let (mut p_shop, mut p_dev, mut p_pool) = (start(&shop), start(&dev), start(&pool));
     let t = Duration::from_secs(15);
     for p in [&mut p_shop, &mut p_dev, &mut p_pool] {
@@ -414,14 +416,27 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
     p_pool.expect_line("warm", t);
     let pool_answered = Instant::now();
     let blackhole = link.b.blackhole_from(link.a_ip);
-    // Watched from now on: when the pooled connection leaves the table.
+    // Watched from now on: when the pooled connection leaves the table
+    // (also on the monotonic clock the agent predicts on), and what the
+    // agent listed for it until then.
     let pool_gone = {
         let (ns, server, local) = (link.a.name.clone(), link.b_ip, l_pool.clone());
+        let api = agent.listen;
         thread::spawn(move || {
             let deadline = Instant::now() + KA_HORIZON + Duration::from_secs(10);
+            let mut views = Vec::new();
             while Instant::now() < deadline {
                 if !established(&ns, server, &local) {
-                    return Some(Instant::now());
+                    return Some((Instant::now(), monotonic_ns(), views));
+                }
+                let (status, body) = http_get(api, "/api/v1/stalls");
+                if status == 200
+                    && let Ok(v) = serde_json::from_str::<Value>(&body)
+                    && let Some(s) = v["stalls"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|s| s["local"] == local.as_str()))
+                {
+                    views.push(s.clone());
                 }
                 thread::sleep(Duration::from_millis(50));
             }
@@ -438,7 +453,7 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
     // The idle pooled connection: gone from the socket table at the
     // keepalive horizon after the last segment it received (the answer to
     // 'warm', received between `pool_used` and `pool_answered`).
-    let pool_gone = pool_gone
+    let (pool_gone, pool_gone_ns, pool_views) = pool_gone
         .join()
         .unwrap()
         .expect("the idle pooled connection dropped by keepalive (waited its horizon + 10 s)");
@@ -450,11 +465,32 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
         (pool_gone - pool_used).as_secs_f64(),
         KA_HORIZON.as_secs()
     );
-    // TODO(keepalive-prediction): assert here that tcpstall predicted this
-    // death: the pooled socket's view (stall API) before `pool_gone` names
-    // the keepalive boundary (source, idle/interval/count of rule
-    // `pg-keepalive`) and a predicted death within the accuracy bound of
-    // `pool_gone`. The lead adds it at merge with the keepalive prediction.
+    // tcpstall listed it before its death as a keepalive stall with the
+    // rule's probe count as its boundary, and every prediction it made lies
+    // within max(1 s, 5 %) of the death (the bound; the watcher
+    // polls the socket table every 50 ms).
+    assert!(
+        !pool_views.is_empty(),
+        "the pooled connection was never listed in /api/v1/stalls before keepalive killed it"
+    );
+    for v in &pool_views {
+        assert_eq!(ev_str(v, "class"), "keepalive", "{v}");
+        assert_eq!(ev_str(v, "boundary_source"), format!("tcp_keepcnt={KA_COUNT}"), "{v}");
+        assert_eq!(v["guarded_by"]["rule"], "pg-keepalive", "{v}");
+    }
+    let predictions: Vec<u64> = pool_views
+        .iter()
+        .filter_map(|v| v["predicted_timeout_ns"].as_u64())
+        .collect();
+    assert!(!predictions.is_empty(), "no predicted death: {:?}", pool_views.last());
+    for p in predictions {
+        let err_ms = (p as f64 - pool_gone_ns as f64) / 1e6;
+        assert!(
+            err_ms.abs() <= 1000.0,
+            "the keepalive death predicted {err_ms:+.0} ms off the real one: {:?}",
+            pool_views.last()
+        );
+    }
     // The kernel sent the rule's probes (the clients' namespace's counter:
     // only this connection has keepalive on there).
     let probes = tcp_ext(&link.a, "TCPKeepAlive");

@@ -194,10 +194,34 @@ pub(super) fn log_observation(o: &Observation, owner: Option<&Owner>) {
             boundary_source = boundary_source.map(|b| b.to_string()),
             "socket timed out (ETIMEDOUT)"
         ),
-        Observation::FlowEvicted {
+        Observation::ZeroWindowEnded {
+            cookie,
             remote,
-            active: true,
-        } => debug!(remote = %remote, "flow table full: evicted an active flow"),
+            duration_s,
+            probes,
+            by,
+            at_ns,
+        } => debug!(
+            cookie,
+            remote = %remote,
+            duration_s,
+            probes,
+            by = by.as_str(),
+            at_ns,
+            "zero-window episode ended"
+        ),
+        Observation::FlowEvicted {
+            netns,
+            local,
+            remote,
+            active,
+        } => debug!(
+            netns,
+            local = %local,
+            remote = %remote,
+            active,
+            "flow table full: evicted a flow"
+        ),
         _ => {}
     }
 }

@@ -8,7 +8,7 @@ use crate::kernel::event::{ETIMEDOUT, SockEvent};
 
 use super::flow::{Prediction, Streak, Verdict};
 use super::sink::TimeoutFacts;
-use super::{Engine, StreakOutcome, TimeoutEvidence, dur_ns};
+use super::{Engine, PersistEnd, StreakOutcome, TimeoutEvidence, dur_ns};
 
 /// A closed flow remembered for a late error report / settling its streak.
 #[derive(Clone, Debug)]
@@ -74,7 +74,7 @@ impl Engine {
                     .or(f.keepalive.and_then(|k| k.first_prediction)),
             });
             Self::end_streak(f, &mut self.sink, StreakOutcome::TimedOut, ev.ts_ns);
-            Self::end_persist(f, &mut self.sink, ev.ts_ns);
+            Self::end_persist(f, &mut self.sink, ev.ts_ns, (PersistEnd::Closed, ev.ts_ns));
             Self::end_keepalive(f);
             self.flows.touch(slot);
             return;
@@ -166,7 +166,7 @@ impl Engine {
         // A keepalive death closes before it reports (6.10+): keep its
         // predictions for the timeout record.
         let keepalive_first = f.keepalive.take().and_then(|k| k.first_prediction);
-        Self::end_persist(&mut f, &mut self.sink, ts_ns);
+        Self::end_persist(&mut f, &mut self.sink, ts_ns, (PersistEnd::Closed, ts_ns));
         f.prediction = f.prediction.or(unsent_prediction);
         let mut pending = None;
         if let Some(st) = f.streak.take() {

@@ -170,6 +170,8 @@ impl Engine {
         }
         let active = f.is_active();
         self.sink.emit(Observation::FlowEvicted {
+            netns: f.netns,
+            local: f.local,
             remote: f.remote,
             active,
         });

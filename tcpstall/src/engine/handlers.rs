@@ -6,7 +6,7 @@ use crate::kernel::event::{EventKind, Mechanism, SockEvent, TcpState};
 use super::flow::{Anchor, Persist, Prediction, Verdict};
 use super::horizon::{self, BoundarySource, NSEC_PER_MSEC};
 use super::streak::seq_after;
-use super::{Engine, Observation, StallClass, StreakOutcome, dur_ns, why};
+use super::{Engine, Observation, PersistEnd, StallClass, StreakOutcome, dur_ns, why};
 
 /// Two reports of the same RTO expiry (two mechanisms) within this window.
 const DUPLICATE_WINDOW_NS: u64 = 100 * NSEC_PER_MSEC;
@@ -70,7 +70,12 @@ impl Engine {
         let hz = self.hz.hz();
         let max_j = self.rto_max_j(self.flows.flow(slot));
         let f = self.flows.flow_mut(slot);
-        Self::end_persist(f, &mut self.sink, ev.ts_ns);
+        Self::end_persist(
+            f,
+            &mut self.sink,
+            ev.ts_ns,
+            (PersistEnd::Retransmit, ev.ts_ns),
+        );
         let recovered = f.streak.is_some_and(|st| Self::acked(&st, ev)) && !same_rto;
         let st = Self::roll_streak(f, &mut self.sink, ev, recovered, same_rto);
         st.retransmissions = st.retransmissions.saturating_add(1);
@@ -173,7 +178,12 @@ impl Engine {
         let hz = self.hz.hz();
         let max_j = self.rto_max_j(self.flows.flow(slot));
         let f = self.flows.flow_mut(slot);
-        Self::end_persist(f, &mut self.sink, ev.ts_ns);
+        Self::end_persist(
+            f,
+            &mut self.sink,
+            ev.ts_ns,
+            (PersistEnd::RtoExpiry, ev.ts_ns),
+        );
         let recovered = f
             .streak
             .is_some_and(|st| Self::acked(&st, ev) || idx <= st.rtos);
@@ -458,7 +468,12 @@ impl Engine {
                         st.last_event_ns,
                     );
                 }
-                Self::end_persist(f, &mut self.sink, ev.ts_ns);
+                Self::end_persist(
+                    f,
+                    &mut self.sink,
+                    ev.ts_ns,
+                    (PersistEnd::FinAcked, ev.ts_ns),
+                );
             }
             _ => {}
         }
@@ -479,7 +494,7 @@ impl Engine {
             f.snd_una = ev.ack_seq;
         }
         // A segment acknowledging new data also ends any persist episode.
-        Self::end_persist(f, &mut self.sink, ev.ts_ns);
+        Self::end_persist(f, &mut self.sink, ev.ts_ns, (PersistEnd::Ack, ev.ts_ns));
         if f.streak.is_some_and(|st| {
             st.snd_una_last == 0 || ev.ack_seq == 0 || seq_after(ev.ack_seq, st.snd_una_last)
         }) {

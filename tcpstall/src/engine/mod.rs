@@ -79,8 +79,8 @@ pub use config::{EngineConfig, EngineConfigError};
 pub use horizon::BoundarySource;
 pub use hz::HzSource;
 pub use output::{
-    EngineStats, FlowHistory, Observation, OtherRemotes, RemoteCounters, RemoteLive, RemoteView,
-    RemotesView, StallClass, StallView, StalledCounts, StreakOutcome, TimeoutEvidence,
+    EngineStats, FlowHistory, Observation, OtherRemotes, PersistEnd, RemoteCounters, RemoteLive,
+    RemoteView, RemotesView, StallClass, StallView, StalledCounts, StreakOutcome, TimeoutEvidence,
 };
 pub use views::Gauges;
 pub use why::{CauseEvidence, MssChange, StallCause};

@@ -191,6 +191,41 @@ impl StreakOutcome {
     }
 }
 
+/// What ended a zero-window (persist) episode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PersistEnd {
+    /// The next zero-window probe is overdue by the grace: the window
+    /// reopened (no kernel event reports that).
+    Quiet,
+    /// A retransmission of the flow.
+    Retransmit,
+    /// An RTO expiry of the flow.
+    RtoExpiry,
+    /// An ACK of new data (reported inside an RTO episode).
+    Ack,
+    /// Our FIN acknowledged (FIN_WAIT2 / TIME_WAIT).
+    FinAcked,
+    /// The socket closed or timed out.
+    Closed,
+    /// A sweep snapshot showed no persist timer.
+    Sweep,
+}
+
+impl PersistEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quiet => "quiet",
+            Self::Retransmit => "retransmit",
+            Self::RtoExpiry => "rto_expiry",
+            Self::Ack => "ack",
+            Self::FinAcked => "fin_acked",
+            Self::Closed => "closed",
+            Self::Sweep => "sweep",
+        }
+    }
+}
+
 /// What proved a timeout death.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -256,10 +291,15 @@ pub enum Observation {
         mss_lowered: Option<super::why::MssChange>,
     },
     /// A zero-window episode ended (window opened, or the flow closed).
+    /// `by`: what ended it, decided at `at_ns` (the event's instant, or the
+    /// tick that found the next probe overdue).
     ZeroWindowEnded {
+        cookie: u64,
         remote: SocketAddr,
         duration_s: f64,
         probes: u32,
+        by: PersistEnd,
+        at_ns: u64,
     },
     /// The kernel killed a socket on its write timeout. `prediction_error_s`
     /// = actual - predicted (signed seconds) for the last prediction made
@@ -290,7 +330,12 @@ pub enum Observation {
         errno: u32,
     },
     /// The flow table was full: the least recently used flow was dropped.
-    FlowEvicted { remote: SocketAddr, active: bool },
+    FlowEvicted {
+        netns: u32,
+        local: SocketAddr,
+        remote: SocketAddr,
+        active: bool,
+    },
 }
 
 /// Engine counters (cumulative since start) and sizes.

@@ -26,7 +26,7 @@
 use tcpstall_common::pending;
 
 use super::{
-    Engine, StallClass,
+    Engine, PersistEnd, StallClass,
     flow::{Anchor, FlowKey, Persist, Prediction, Verdict},
     horizon,
 };
@@ -223,7 +223,7 @@ impl Engine {
             next_ns = self.jiffy_instant(ev, horizon::rearmed_timer_fire(next_j, last_j, hz));
         }
         let f = self.flows.flow_mut(slot);
-        Self::end_persist(f, &mut self.sink, ev.ts_ns);
+        Self::end_persist(f, &mut self.sink, ev.ts_ns, (PersistEnd::Sweep, ev.ts_ns));
         let recovered = f.streak.is_some_and(|st| Self::acked(&st, ev));
         let st = Self::roll_streak(f, &mut self.sink, ev, recovered, false);
         st.rtos = r;

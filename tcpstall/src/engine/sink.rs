@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use super::flow::{Persist, Prediction, Streak};
 use super::remote::RemoteTable;
 use super::why::MssChange;
-use super::{EngineStats, Observation, StallClass, StreakOutcome, TimeoutEvidence};
+use super::{EngineStats, Observation, PersistEnd, StallClass, StreakOutcome, TimeoutEvidence};
 use super::{secs, signed_secs};
 
 /// Where handlers put their results (split from the flow table for borrowing).
@@ -52,11 +52,20 @@ impl Sink {
         });
     }
 
-    pub(super) fn persist_ended(&mut self, remote: SocketAddr, p: &Persist, end_ns: u64) {
+    pub(super) fn persist_ended(
+        &mut self,
+        (cookie, remote): (u64, SocketAddr),
+        p: &Persist,
+        end_ns: u64,
+        (by, at_ns): (PersistEnd, u64),
+    ) {
         self.emit(Observation::ZeroWindowEnded {
+            cookie,
             remote,
             duration_s: secs(end_ns.saturating_sub(p.since_ns)),
             probes: p.probes,
+            by,
+            at_ns,
         });
     }
 

@@ -14,7 +14,7 @@ use super::horizon::{
     TCP_RTO_MIN_MS, TCP_TIMEOUT_INIT_MS,
 };
 use super::sink::Sink;
-use super::{Engine, StallClass, StreakOutcome, dur_ns};
+use super::{Engine, PersistEnd, StallClass, StreakOutcome, dur_ns};
 
 /// A pre-stamp episode (first RTO, `retrans_stamp` still 0) and the stamp
 /// seen later are the same episode when this close.
@@ -293,7 +293,14 @@ impl Engine {
         }
     }
 
-    pub(super) fn end_persist(f: &mut Flow, sink: &mut Sink, end_ns: u64) {
+    /// Ends the flow's persist episode, if any: it lasted until `end_ns`;
+    /// `by` ended it at `at_ns`.
+    pub(super) fn end_persist(
+        f: &mut Flow,
+        sink: &mut Sink,
+        end_ns: u64,
+        (by, at_ns): (PersistEnd, u64),
+    ) {
         if let Some(p) = f.persist.take() {
             if p.window_open {
                 // Data that never left: announced as a retransmit stall.
@@ -301,7 +308,7 @@ impl Engine {
                     f.announced &= !StallClass::Retransmit.bit();
                 }
             } else {
-                sink.persist_ended(f.remote, &p, end_ns);
+                sink.persist_ended((f.cookie, f.remote), &p, end_ns, (by, at_ns));
             }
             f.announced &= !StallClass::ZeroWindow.bit();
             if f.streak.is_none() {

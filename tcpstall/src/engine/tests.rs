@@ -880,6 +880,43 @@ fn unmatched_etimedout_is_counted() {
     assert_eq!(e.flows_tracked(), 0);
 }
 
+/// Two reports of one RTO expiry (two mechanisms) match within 100 ms, or
+/// half the RTO when that is shorter; a sock_ops report carries no timer
+/// expiry, so only that window matches it.
+/// Mutations (cargo-mutants survivors, killed): `100 * NSEC_PER_MSEC` ->
+/// `100 + NSEC_PER_MSEC` for `DUPLICATE_WINDOW_NS` (the 50 ms duplicate is
+/// counted as a new expiry); `/ 2` -> `* 2` in `same_expiry_window` (the
+/// report 60 ms after an 80 ms RTO's expiry is taken as its duplicate).
+#[test]
+fn duplicate_timer_report_window_is_100_ms_or_half_the_rto() {
+    let s = Sock::new(21);
+    let mut ops = s;
+    ops.mechanism = Mechanism::SockOps;
+    let st = ms_stamp(T0);
+    let sock_ops_report = |ts: u64, rto: u32| {
+        let mut dup = ops.base(EventKind::WriteTimer, ts);
+        dup.retransmits = 1;
+        dup.rto_jiffies = rto;
+        dup
+    };
+    // A 4 s RTO: the window is 100 ms, a report 50 ms later is the same.
+    let rto_4s = 4 * HZ;
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, rto_4s, 1_000));
+    e.ingest(&sock_ops_report(T0 + 254 * MS, rto_4s));
+    assert_eq!(e.stats().timer_events_duplicate, 1, "50 ms after, RTO 4 s");
+    // An 80 ms RTO: the window is 40 ms, a report 60 ms later is not.
+    let rto_80ms = HZ * 80 / 1000;
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, rto_80ms, 1_000));
+    e.ingest(&sock_ops_report(T0 + 264 * MS, rto_80ms));
+    assert_eq!(
+        e.stats().timer_events_duplicate,
+        0,
+        "60 ms after, RTO 80 ms"
+    );
+}
+
 #[test]
 fn duplicate_timer_reports_and_sock_ops_verdict() {
     let s = Sock::new(20);
@@ -1209,6 +1246,8 @@ fn eviction_is_counted_and_spares_stalled_flows() {
     e.ingest(&cw.state(T0 + 250 * MS, TcpState::Established, TcpState::CloseWait));
     assert_eq!(e.stats().streaks_evicted, 1);
     assert!(drain(&mut e).contains(&Observation::FlowEvicted {
+        netns: stalled.netns,
+        local: stalled.local,
         remote: stalled.remote,
         active: true
     }));
@@ -1297,9 +1336,18 @@ fn zero_window_threshold_probes_and_end() {
     e.tick(end + 100 * MS);
     assert!(e.stalls(end + 100 * MS).is_empty());
     let obs = drain(&mut e);
+    // Ended by going quiet, decided by the tick that found the probe overdue.
     assert!(
-        obs.iter()
-            .any(|o| matches!(o, Observation::ZeroWindowEnded { probes: 6, .. }))
+        obs.iter().any(|o| matches!(
+            o,
+            Observation::ZeroWindowEnded {
+                probes: 6,
+                by: PersistEnd::Quiet,
+                at_ns,
+                ..
+            } if *at_ns == end + 100 * MS
+        )),
+        "{obs:?}"
     );
 }
 
@@ -1309,19 +1357,24 @@ fn zero_window_ends_on_close_and_on_retransmission() {
     let mut e = engine();
     e.ingest(&s.probe(T0, 0, 0));
     e.ingest(&s.close(T0 + S));
-    assert!(
-        drain(&mut e)
-            .iter()
-            .any(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
-    );
+    assert!(drain(&mut e).iter().any(|o| matches!(
+        o,
+        Observation::ZeroWindowEnded {
+            by: PersistEnd::Closed,
+            ..
+        }
+    )));
     let mut e = engine();
     e.ingest(&s.probe(T0, 0, 0));
     e.ingest(&s.retransmit(T0 + S, 1, 0, 0, 51, 1_000, 0));
-    assert!(
-        drain(&mut e)
-            .iter()
-            .any(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
-    );
+    assert!(drain(&mut e).iter().any(|o| matches!(
+        o,
+        Observation::ZeroWindowEnded {
+            by: PersistEnd::Retransmit,
+            at_ns,
+            ..
+        } if *at_ns == T0 + S
+    )));
     // A probe for a small but open window is not a zero-window episode.
     let mut e = engine();
     let mut p = s.probe(T0, 0, 0);
@@ -2223,16 +2276,50 @@ fn sweep_seeds_a_zero_window_sender_per_boundary_source() {
     }
 }
 
+/// A closed, TIME_WAIT or listening socket's snapshot is nothing the
+/// engine tracks, whatever its timer fields say (the same fields of an
+/// established socket are an RTO backoff).
+/// Mutation (cargo-mutants survivor, killed): deleting the `Close |
+/// TimeWait | Listen | Unknown(_)` arm of `classify_snapshot` fails
+/// "Close: Some(RtoBackoff)".
+#[test]
+fn snapshots_of_closed_time_wait_and_listening_sockets_are_not_classified() {
+    let s = Sock::new(95);
+    for (state, class) in [
+        (TcpState::Established, Some(seed::SnapshotClass::RtoBackoff)),
+        (TcpState::Close, None),
+        (TcpState::TimeWait, None),
+        (TcpState::Listen, None),
+    ] {
+        let mut snap = s.rto(T0, 3, ms_stamp(T0), 51, 1_000);
+        snap.mechanism = Mechanism::Sweep;
+        snap.state = state;
+        assert_eq!(
+            seed::classify_snapshot(&snap),
+            class,
+            "{state:?}: {:?}",
+            seed::classify_snapshot(&snap)
+        );
+    }
+}
+
 /// A CLOSE_WAIT socket seen first by a sweep: the peer's FIN was the last
 /// segment it received (`rcv_tstamp`, jiffies), 70 s ago; listed past the
 /// 60 s threshold with that age. A FIN 30 s ago is not a stall yet.
 /// Mutation: `close_wait_since_ns = Some(ev.ts_ns)` (the age ignored) fails
-/// "not listed".
+/// "not listed". Another socket closed just before the sweep does not stop
+/// the seeding, and a snapshot of the closed socket itself (taken before
+/// its close) does not resurrect it.
+/// Cookie-less snapshots match a closed socket by kernel address and peer.
+/// Mutations (cargo-mutants survivors, killed): `Closed::is_socket_of` ->
+/// `true` and `self.cookie == ev.cookie` -> `!=` fail "not listed"; ->
+/// `false` fails "a closed socket resurrected"; either `&&` -> `||` of the
+/// address match fails "a cookie-less socket to a closed socket's peer not
+/// seeded".
 #[test]
 fn sweep_seeds_a_close_wait_socket_from_its_last_segment() {
-    for (ago_s, listed) in [(70u64, true), (30, false)] {
-        let s = Sock::new(92);
-        let now = T0 + 500 * S;
+    let now = T0 + 500 * S;
+    let snapshot = |s: &Sock, ago_s: u64| {
         let mut snap = s.base(EventKind::Sweep, now);
         snap.mechanism = Mechanism::Sweep;
         snap.state = TcpState::CloseWait;
@@ -2241,7 +2328,15 @@ fn sweep_seeds_a_close_wait_socket_from_its_last_segment() {
         f.rcv_tstamp = (jiffies_at(HZ, now) - ago_s * u64::from(HZ)) as u32;
         f.timer_expires = 0;
         snap.sock = Some(f);
+        snap
+    };
+    for (ago_s, listed) in [(70u64, true), (30, false)] {
+        let s = Sock::new(92);
+        let snap = snapshot(&s, ago_s);
         let mut e = engine();
+        let other = Sock::new(93);
+        e.ingest(&other.rto(now - 2 * S, 1, ms_stamp(now - 3 * S), 51, 1_000));
+        e.ingest(&other.close(now - MS));
         e.ingest(&snap);
         let v = e.stalls(now);
         if !listed {
@@ -2252,6 +2347,28 @@ fn sweep_seeds_a_close_wait_socket_from_its_last_segment() {
         assert_eq!(v[0].class, StallClass::CloseWait);
         let age = v[0].close_wait_age_s.unwrap();
         assert!((age - ago_s as f64).abs() < 0.01, "close_wait_age_s {age}");
+        e.ingest(&snapshot(&other, ago_s));
+        assert_eq!(
+            e.stalls(now).len(),
+            1,
+            "a closed socket resurrected by a sweep snapshot"
+        );
+        // Cookie-less snapshots (the plain sweep reads no cookie) match by
+        // kernel address and peer: the closed socket's own is ignored,
+        // another socket to the same peer is seeded.
+        let mut closed_again = other;
+        closed_again.cookie = 0;
+        e.ingest(&snapshot(&closed_again, ago_s));
+        assert_eq!(e.stalls(now).len(), 1, "resurrected without its cookie");
+        let mut same_peer = Sock::new(94);
+        same_peer.cookie = 0;
+        same_peer.remote = other.remote;
+        e.ingest(&snapshot(&same_peer, ago_s));
+        assert_eq!(
+            e.stalls(now).len(),
+            2,
+            "a cookie-less socket to a closed socket's peer not seeded"
+        );
     }
 }
 

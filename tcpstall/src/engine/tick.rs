@@ -2,7 +2,7 @@
 //! flows, announces time-based stalls.
 
 use super::sink::TimeoutFacts;
-use super::{Engine, StallClass, StreakOutcome, TimeoutEvidence, dur_ns};
+use super::{Engine, PersistEnd, StallClass, StreakOutcome, TimeoutEvidence, dur_ns};
 
 impl Engine {
     /// Advances time: ends overdue streaks (recovered) and zero-window
@@ -57,7 +57,12 @@ impl Engine {
             if let (Some(p), Some(g)) = (f.persist, persist_grace)
                 && now_ns > p.next_due_ns.saturating_add(g)
             {
-                Self::end_persist(f, &mut self.sink, p.last_probe_ns);
+                Self::end_persist(
+                    f,
+                    &mut self.sink,
+                    p.last_probe_ns,
+                    (PersistEnd::Quiet, now_ns),
+                );
             }
             if let Some(p) = f.persist.as_mut()
                 && !p.stalled

@@ -7,6 +7,12 @@
 //! stopped and what was tested so far is reported: the surviving mutants
 //! (`missed`), each to be killed by a test or listed with a reason in
 //! `docs/testing.md`.
+//!
+//! Without `--only`, each target is one run; `--only GLOB` (repeatable)
+//! makes each glob its own run. The budget is shared equally among the runs
+//! not yet started, and cargo-mutants tests a run's mutants in a random
+//! order, so a run stopped at its share is a random sample of its files'
+//! mutants, not the first functions of the first file.
 
 use std::{
     path::{Path, PathBuf},
@@ -50,7 +56,7 @@ pub fn run(
     targets: Vec<String>,
     budget_minutes: u64,
     list: bool,
-    only: Option<String>,
+    only: Vec<String>,
 ) -> anyhow::Result<()> {
     let chosen: Vec<&(&str, &[&str])> = if targets.is_empty() {
         TARGETS.iter().collect()
@@ -74,38 +80,58 @@ pub fn run(
     if budget_minutes == 0 {
         bail!("--budget-minutes 0: give the run at least a minute");
     }
+    if !only.is_empty() && chosen.len() != 1 {
+        bail!(
+            "--only narrows one target: name exactly one (e.g. `cargo xtask mutants engine --only ...`)"
+        );
+    }
+    // One run per target, or per `--only` glob (each with its own outcomes).
+    let runs: Vec<Run> = chosen
+        .iter()
+        .flat_map(|&&(name, files)| {
+            if only.is_empty() {
+                vec![Run {
+                    target: name,
+                    label: name.to_owned(),
+                    files: files.iter().map(|f| (*f).to_owned()).collect(),
+                }]
+            } else {
+                only.iter()
+                    .map(|g| Run {
+                        target: name,
+                        label: format!("{name}-{}", slug(g)),
+                        files: vec![g.clone()],
+                    })
+                    .collect()
+            }
+        })
+        .collect();
     let bin = ensure_cargo_mutants()?;
     let root = workspace_root();
     let out_dir = root.join("target/mutants");
     std::fs::create_dir_all(&out_dir).context("creating target/mutants")?;
     let deadline = Instant::now() + Duration::from_secs(budget_minutes * 60);
-    for (name, files) in chosen {
+    for (i, run) in runs.iter().enumerate() {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            println!("{name}: not run (the time budget is spent)");
+            println!("{}: not run (the time budget is spent)", run.label);
             continue;
         }
-        let out = out_dir.join(name);
+        // This run's share: what is left, split among the runs left.
+        let share = remaining / u32::try_from(runs.len() - i).unwrap_or(1);
+        let out = out_dir.join(&run.label);
         let mut cmd = Command::new(&bin);
         cmd.current_dir(&root)
             .arg("mutants")
-            .args(["--package", "tcpstall", "--in-place", "--no-shuffle"])
-            .args(["--timeout", "300", "--build-timeout", "900"])
-            // Every cargo command in release (the profile the tests are
-            // warm in), not only `cargo test`'s run.
-            .arg("--cargo-arg=--release")
+            .args(["--package", "tcpstall", "--in-place"])
+            // The library's unit tests take about a second; a mutant that
+            // makes them loop is a timeout after a minute.
+            .args(["--timeout", "60", "--build-timeout", "600"])
+            .args(PROFILE_ARGS)
             .arg("--output")
             .arg(&out);
-        // `--only`: a narrower glob inside the target (e.g. one file).
-        match &only {
-            Some(glob) => {
-                cmd.args(["--file", glob]);
-            }
-            None => {
-                for f in *files {
-                    cmd.args(["--file", f]);
-                }
-            }
+        for f in &run.files {
+            cmd.args(["--file", f]);
         }
         for e in EXCLUDED {
             cmd.args(["--exclude", e]);
@@ -113,28 +139,96 @@ pub fn run(
         if list {
             cmd.arg("--list");
         }
-        // cargo test arguments, then the test binary's (the unit tests of
-        // the target only).
-        cmd.args(["--", "--lib", "--"]);
-        cmd.args(test_filters(name));
+        // The unit tests of the target only (arguments of the test binary).
+        cmd.args(["--", "--"]);
+        cmd.args(test_filters(run.target));
         step(&format!(
-            "cargo-mutants on {name} ({}), at most {} min",
-            files.join(" "),
-            remaining.as_secs().div_ceil(60)
+            "cargo-mutants on {} ({}), at most {} min",
+            run.label,
+            run.files.join(" "),
+            share.as_secs().div_ceil(60)
         ));
-        let finished = run_until(&mut cmd, remaining)?;
+        let started = Instant::now();
+        let mut finished = run_until(&mut cmd, share)?;
+        if finished == Some(BASELINE_FAILED) {
+            // A run stopped at its budget can stop rustc mid-build, leaving
+            // an incremental cache that links to missing symbols ("undefined
+            // hidden symbol"): the next unmutated baseline fails. Once more
+            // from a clean cache of the mutated crate.
+            step("the unmutated baseline failed: clearing tcpstall's incremental cache, once more");
+            clear_incremental(&root)?;
+            finished = run_until(&mut cmd, share.saturating_sub(started.elapsed()))?;
+        }
+        if let Some(code) = finished
+            && !matches!(code, 0 | 2 | 3)
+        {
+            bail!("cargo-mutants failed (exit {code}); see its output above");
+        }
+        let finished = finished.is_some();
         if list {
             continue;
         }
-        report(name, &out.join("mutants.out"), finished)?;
+        report(&run.label, &out.join("mutants.out"), finished)?;
     }
     Ok(())
 }
 
-/// Runs `cmd` until it exits or `budget` passes (then stops it, restoring
-/// the tree is cargo-mutants' own job on interrupt). Returns whether it
-/// finished.
-fn run_until(cmd: &mut Command, budget: Duration) -> anyhow::Result<bool> {
+/// Every cargo command of a run (build and test alike): the library's unit
+/// tests only (`--lib`: no binary, no integration test is built per
+/// mutant), in the release profile the tree is warm in, with the mutated
+/// crate built incrementally at opt-level 1 (dependencies stay as built:
+/// both settings apply to workspace members only). A mutant then costs an
+/// incremental rebuild of one crate, about 15 s on an idle 2-core machine,
+/// instead of two minutes for a full optimised build of the crate and its
+/// binaries.
+const PROFILE_ARGS: &[&str] = &[
+    "--cargo-arg=--release",
+    "--cargo-arg=--lib",
+    "--cargo-arg=--config=profile.release.incremental=true",
+    "--cargo-arg=--config=profile.release.package.tcpstall.opt-level=1",
+];
+
+/// One cargo-mutants run: the files of one target (or one `--only` glob).
+struct Run {
+    target: &'static str,
+    label: String,
+    files: Vec<String>,
+}
+
+/// A glob as a directory name: `tcpstall/src/engine/horizon/mod.rs` ->
+/// `horizon-mod`.
+fn slug(glob: &str) -> String {
+    let tail = glob.strip_prefix("tcpstall/src/").unwrap_or(glob);
+    let tail = tail.split_once('/').map_or(tail, |(_, t)| t);
+    tail.trim_end_matches(".rs")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect()
+}
+
+/// Removes the mutated crate's incremental cache (release profile).
+fn clear_incremental(root: &Path) -> anyhow::Result<()> {
+    let dir = root.join("target/release/incremental");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("tcpstall-") {
+            std::fs::remove_dir_all(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// cargo-mutants' exit code when the unmutated tree failed to build or
+/// its tests failed.
+const BASELINE_FAILED: i32 = 4;
+
+/// Runs `cmd` until it exits (its exit code; 2: mutants survived, 3:
+/// timeouts, both results) or `budget` passes (None: stopped with SIGINT,
+/// on which cargo-mutants restores the mutated file and stops).
+fn run_until(cmd: &mut Command, budget: Duration) -> anyhow::Result<Option<i32>> {
     let mut child = cmd
         .stdin(Stdio::null())
         .spawn()
@@ -142,19 +236,13 @@ fn run_until(cmd: &mut Command, budget: Duration) -> anyhow::Result<bool> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
-            // Exit 2: mutants survived, 3: timeouts; both are results.
-            // Interrupted at the budget is handled below.
-            if !matches!(status.code(), Some(0 | 2 | 3)) {
-                bail!("cargo-mutants failed ({status}); see its output above");
-            }
-            return Ok(true);
+            return Ok(Some(status.code().unwrap_or(-1)));
         }
         if start.elapsed() >= budget {
-            // SIGINT: cargo-mutants restores the mutated file and stops.
             let pid = child.id().to_string();
             let _ = Command::new("kill").args(["-INT", &pid]).status();
             let _ = child.wait();
-            return Ok(false);
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(500));
     }

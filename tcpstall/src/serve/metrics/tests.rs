@@ -451,6 +451,8 @@ fn observations_feed_counters_and_histograms() {
             boundary_source: Some(BoundarySource::Retries2(5)),
         },
         Observation::FlowEvicted {
+            netns: 1,
+            local: r,
             remote: r,
             active: false,
         },

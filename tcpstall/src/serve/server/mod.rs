@@ -327,7 +327,9 @@ struct RiskDocEntry<'a> {
     risk: &'a crate::sweep::risks::RiskEntry,
     pod: Option<&'a str>,
     namespace: Option<&'a str>,
+    pod_uid: Option<&'a str>,
     container: Option<&'a str>,
+    container_id: Option<&'a str>,
     /// The guard rule covering the socket's cgroup now: it is not changed
     /// (the guard acts at establishment only) and would be guarded on
     /// reconnect. None: no rule covers it (or the guard is off).
@@ -389,7 +391,9 @@ fn risks_json(state: &AgentState) -> Response {
             risk: r,
             pod: p.as_ref().and_then(|p| nonempty(&p.pod)),
             namespace: p.as_ref().and_then(|p| nonempty(&p.namespace)),
+            pod_uid: p.as_ref().and_then(|p| nonempty(&p.pod_uid)),
             container: p.as_ref().and_then(|p| nonempty(&p.container)),
+            container_id: p.as_ref().and_then(|p| nonempty(&p.container_id)),
             guarded_on_reconnect_by: rule,
         })
         .collect::<Vec<_>>();
