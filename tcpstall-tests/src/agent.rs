@@ -227,6 +227,27 @@ impl Agent {
         })
     }
 
+    /// The flow's stall entries, each with the monotonic instant it was
+    /// read, polled every `every` until `done` is finished (a thread that
+    /// waits for the socket's death).
+    pub fn views_until<T>(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        done: &thread::JoinHandle<T>,
+        every: Duration,
+    ) -> Vec<(u64, Value)> {
+        let mut views = Vec::new();
+        while !done.is_finished() {
+            let now = monotonic_ns();
+            if let Some(v) = self.stall_of(local, remote) {
+                views.push((now, v));
+            }
+            thread::sleep(every);
+        }
+        views
+    }
+
     /// The /metrics text.
     pub fn metrics(&self) -> String {
         let (status, body) = self.http_get("/metrics");

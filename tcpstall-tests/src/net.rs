@@ -293,6 +293,31 @@ pub fn set_user_timeout(s: &TcpStream, ms: u32) {
     );
 }
 
+/// `TCP_RTO_MAX_MS` (include/uapi/linux/tcp.h, 6.15+).
+pub const TCP_RTO_MAX_MS: libc::c_int = 44;
+
+/// Set TCP_RTO_MAX_MS (ms) on a socket. False when the kernel has no such
+/// option (`ENOPROTOOPT`, before 6.15); any other failure panics.
+pub fn set_rto_max_ms(s: &TcpStream, ms: u32) -> bool {
+    let v: libc::c_int = ms as libc::c_int;
+    // SAFETY: valid fd and option buffer.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MAX_MS,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    if r != 0 && err.raw_os_error() == Some(libc::ENOPROTOOPT) {
+        return false;
+    }
+    assert_eq!(r, 0, "setsockopt TCP_RTO_MAX_MS {ms}: {err}");
+    true
+}
+
 /// Turn SO_KEEPALIVE on, with TCP_KEEPIDLE / TCP_KEEPINTVL (s) and
 /// TCP_KEEPCNT where given (None: the namespace's sysctl).
 pub fn set_keepalive(s: &TcpStream, idle_s: Option<u32>, intvl_s: Option<u32>, cnt: Option<u32>) {
@@ -404,14 +429,22 @@ impl Conn {
         let t_write = monotonic_ns();
         std::io::Write::write_all(&mut self.client, &[b'x'; 1000])
             .expect("write into the blackhole");
-        let reader = thread::spawn(move || {
-            self.client.set_read_timeout(Some(wait)).expect("timeout");
-            let mut buf = [0u8; 16];
-            let err = std::io::Read::read(&mut self.client, &mut buf).expect_err("read must fail");
-            (monotonic_ns(), err.raw_os_error())
-        });
-        (t_write, reader)
+        (t_write, await_read_error(self.client, wait))
     }
+}
+
+/// A thread blocked in `read()` on `s` (at most `wait`) until the kernel
+/// fails the socket; yields (the instant `read()` returned, its errno).
+pub fn await_read_error(
+    mut s: TcpStream,
+    wait: Duration,
+) -> thread::JoinHandle<(u64, Option<i32>)> {
+    thread::spawn(move || {
+        s.set_read_timeout(Some(wait)).expect("timeout");
+        let mut buf = [0u8; 16];
+        let err = std::io::Read::read(&mut s, &mut buf).expect_err("read must fail");
+        (monotonic_ns(), err.raw_os_error())
+    })
 }
 
 /// `TCP_INFO` of a socket.
@@ -531,6 +564,20 @@ pub fn drain_server_in(
         }
         drain(&mut s, idle)
     })
+}
+
+/// A server on `addr` in `ns` that accepts one connection and never reads
+/// it (its window closes once the client fills it), holding it open until
+/// the returned sender is used or dropped.
+pub fn non_reading_server_in(ns: &Netns, addr: SocketAddr) -> std::sync::mpsc::Sender<()> {
+    let listener = listen_in(ns, addr);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        let _ = rx.recv();
+        drop(s);
+    });
+    tx
 }
 
 /// Writes 64 KiB chunks to `s` without blocking until the kernel refuses

@@ -24,6 +24,9 @@ mod connect;
 /// predicted (class `keepalive`).
 #[path = "keepalive/mod.rs"]
 mod keepalive;
+/// Orphans retransmitting their FIN, and the zero-window probe path.
+#[path = "orphan/mod.rs"]
+mod orphan;
 
 /// Why it stalls: one scenario per cause.
 #[path = "causes/mod.rs"]
@@ -431,16 +434,9 @@ fn horizon_run(
     let _blackhole = link.b.blackhole_from(link.a_ip);
     let (t_write, reader) = conn.write_and_await_death(Duration::from_secs(200));
 
-    let mut views: Vec<(u64, Value)> = Vec::new();
-    while !reader.is_finished() {
-        let now = monotonic_ns();
-        if let Some(v) = agent.stall_of(local, server_addr) {
-            views.push((now, v));
-        }
-        // Fast enough to see every prediction: the shortest RTO interval
-        // here is about 400 ms (the second expiry).
-        thread::sleep(Duration::from_millis(25));
-    }
+    // Fast enough to see every prediction: the shortest RTO interval here
+    // is about 400 ms (the second expiry).
+    let mut views = agent.views_until(local, server_addr, &reader, Duration::from_millis(25));
     let (died_ns, errno) = reader.join().expect("reader");
     assert_eq!(
         errno,
@@ -742,14 +738,8 @@ fn s4_zero_window() {
     let link = Link::new("zw", 25);
     let agent = Agent::start(&["--zero-window-after", "3"]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
-    let listener = listen_in(&link.b, server_addr);
-    let (tx, rx) = std::sync::mpsc::channel();
-    thread::spawn(move || {
-        let (s, _) = listener.accept().expect("accept");
-        // Never read; keep the socket open until the test ends.
-        let _ = rx.recv();
-        drop(s);
-    });
+    // Never reads; keeps the socket open until the test ends.
+    let tx = non_reading_server_in(&link.b, server_addr);
     let client = connect_in(&link.a, server_addr);
     let local = client.local_addr().expect("local addr");
     let t0 = Instant::now();

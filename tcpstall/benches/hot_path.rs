@@ -332,7 +332,7 @@ impl Healthy {
 fn blackhole(s: &Sock, send_ts: u64, out: &mut Vec<SockEvent>) -> u64 {
     let rto_max = 120 * u64::from(HZ);
     let max_ms = horizon::jiffies_to_msecs(rto_max, HZ);
-    let rule = BoundaryRule::select(0, false, s.sysctls).expect("sysctls set");
+    let rule = BoundaryRule::select(0, false, false, s.sysctls).expect("sysctls set");
     let boundary_ms = |rto_j: u64| {
         rule.at(horizon::jiffies_to_msecs(rto_j, HZ), max_ms, 200)
             .ms

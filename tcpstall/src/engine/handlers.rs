@@ -333,7 +333,17 @@ impl Engine {
             && ev.ts_ns.saturating_sub(first) >= u64::from(uto) * NSEC_PER_MSEC;
         let limit = sys.map(|s| {
             if f.orphan {
-                horizon::effective_orphan_retries(s.tcp_orphan_retries, rto_ms < max_ms)
+                // tcp_probe_timer(): alive =
+                // `inet_csk_rto_backoff(icsk, rto_max) < rto_max`.
+                let backed_off = rto_ms
+                    .checked_shl(sock.backoff)
+                    .filter(|&v| v >> sock.backoff == rto_ms)
+                    .unwrap_or(u64::MAX);
+                horizon::effective_orphan_retries(
+                    s.tcp_orphan_retries,
+                    backed_off.min(max_ms) < max_ms,
+                    ev.err_soft != 0,
+                )
             } else {
                 s.tcp_retries2
             }

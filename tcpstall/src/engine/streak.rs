@@ -43,7 +43,12 @@ impl Engine {
     }
 
     fn rule_of(&self, f: &Flow) -> Option<BoundaryRule> {
-        BoundaryRule::select(f.user_timeout_ms, f.orphan, self.sysctls_of(f))
+        BoundaryRule::select(
+            f.user_timeout_ms,
+            f.orphan,
+            f.evidence.soft_error != 0,
+            self.sysctls_of(f),
+        )
     }
 
     pub(super) fn rto_max_j(&self, f: &Flow) -> u64 {

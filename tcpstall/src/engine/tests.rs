@@ -96,6 +96,7 @@ impl Blackhole {
             user_timeout_ms: s.uto,
             orphan: s.orphan,
             rto_max_j: self.rto_max,
+            sk_err_soft: 0,
         }
     }
 
@@ -1301,6 +1302,12 @@ fn zero_window_threshold_probes_and_end() {
         "no ETIMEDOUT for a live peer"
     );
     assert!(!v[0].near_horizon);
+    // tcp_probe_timer() without a user timeout: the peer's answers reset
+    // icsk_probes_out, the probes go on at rto_max: no death, and why.
+    assert_eq!(
+        v[0].no_prediction_reason,
+        Some(horizon::NoPrediction::ZeroWindowWithoutUserTimeout)
+    );
     assert_eq!(e.near_timeout_count(now), 0);
     let obs = drain(&mut e);
     assert_eq!(
@@ -1387,6 +1394,7 @@ fn zero_window_with_user_timeout_is_predicted() {
     assert_eq!(v[0].class, StallClass::ZeroWindow);
     assert_eq!(v[0].predicted_timeout_ns, Some(T0 + 10 * S));
     assert_eq!(v[0].boundary_source, Some(BoundarySource::UserTimeout));
+    assert_eq!(v[0].no_prediction_reason, None);
     assert!(v[0].near_horizon);
     // The kernel kills it at the clamped probe: an ETIMEDOUT error report.
     e.ingest(&s.probe(T0 + 10 * S, 6, 0));
@@ -1399,6 +1407,74 @@ fn zero_window_with_user_timeout_is_predicted() {
         unreachable!()
     };
     assert!(prediction_error_s.unwrap().abs() < 0.001);
+}
+
+/// The zero-window path against the kernel model (`AnsweredPersist`): a
+/// live peer answering every probe with a zero window, TCP_RTO_MAX_MS 1 s
+/// (250 jiffies at HZ 250). With TCP_USER_TIMEOUT 20 s the kernel aborts at
+/// the probe expiry the clamp arms at the first probe + 5000 jiffies; the
+/// engine's prediction from every probe it lists the flow at (from 5 s of
+/// persist on) is that instant, early by at most the wheel's rounding of
+/// the last, clamped interval (below 504 jiffies: at most the 8 jiffies of
+/// the wheel's level 1). Without a user timeout the model
+/// never aborts (1000 probes) and the engine predicts nothing, with the
+/// reason.
+#[test]
+fn zero_window_answered_probes_against_the_kernel_model() {
+    let hz = u64::from(HZ);
+    let first_j = jiffies_at(HZ, T0);
+    let ns_of = |j: u64| T0 + (j - first_j) * S / hz;
+    for uto in [20_000u32, 0] {
+        let model = kernel_model::AnsweredPersist {
+            hz,
+            user_timeout_ms: uto,
+            tcp_retries2: 15,
+            icsk_rto_j: 51,
+            rto_max_j: 250,
+        };
+        let (expiries, aborted) = model.run(first_j, 1_000);
+        assert_eq!(aborted, uto != 0, "UTO {uto}: {expiries:?}");
+        let mut s = Sock::new(63);
+        s.uto = uto;
+        let mut e = engine();
+        let fatal = *expiries.last().unwrap();
+        let live = if aborted {
+            &expiries[..expiries.len() - 1]
+        } else {
+            &expiries[..]
+        };
+        let mut checked = 0;
+        for (i, &j) in live.iter().take(40).enumerate() {
+            let t = ns_of(j);
+            e.ingest(&s.probe(t, (i as u32).min(15), 0));
+            let v = e.stalls(t + MS);
+            let Some(v) = v.first() else { continue };
+            if aborted {
+                let p = v.predicted_timeout_ns.expect("a prediction");
+                let err = ns_of(fatal) as i128 - p as i128;
+                assert!(
+                    (0..=(8 * S / hz) as i128).contains(&err),
+                    "probe {i}: predicted {p}, the kernel aborts at {} ({err} ns)",
+                    ns_of(fatal)
+                );
+            } else {
+                assert_eq!(v.predicted_timeout_ns, None);
+                assert_eq!(
+                    v.no_prediction_reason,
+                    Some(horizon::NoPrediction::ZeroWindowWithoutUserTimeout)
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked >= 5, "UTO {uto}: listed at {checked} probes only");
+        if aborted {
+            assert!(
+                (5_000..=5_008).contains(&(fatal - expiries[0])),
+                "the abort comes UTO after the first probe (wheel-rounded): {}",
+                fatal - expiries[0]
+            );
+        }
+    }
 }
 
 #[test]

@@ -144,7 +144,12 @@ impl Engine {
                 if class == StallClass::Keepalive {
                     f.keepalive.and_then(|k| k.no_prediction)
                 } else {
-                    f.anchor.and_then(|a| self.rule_at(f, &a).err().flatten())
+                    f.anchor
+                        .and_then(|a| self.rule_at(f, &a).err().flatten())
+                        .or_else(|| {
+                            (class == StallClass::ZeroWindow && f.user_timeout_ms == 0)
+                                .then_some(horizon::NoPrediction::ZeroWindowWithoutUserTimeout)
+                        })
                 }
             } else {
                 None

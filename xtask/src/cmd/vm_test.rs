@@ -58,6 +58,13 @@ pub const VM_TESTS: &[&str] = &[
     // TCP_USER_TIMEOUT 5 s at once, each kernel against its own rules
     // (linear SYN timeouts only where the sysctl exists).
     "connect::connect_horizon",
+    // An orphan retransmitting its FIN (tcp_orphan_retries 3) and the
+    // zero-window probe path (TCP_USER_TIMEOUT kills, with a per-socket
+    // TCP_RTO_MAX_MS where the kernel has it). Host only: the alive-rule
+    // orphan (needs tcp_rto_max_ms, 6.15+) and the zero window without a
+    // user timeout (engine logic alone: no kernel rule to check).
+    "orphan::orphan_fin_retries_3",
+    "orphan::zero_window_user_timeout_dies",
     // keepalive::keepalive_horizon stays on the host for now: in the 6.1
     // guest the keepalive-timer fentry program attached but reported no
     // expiry (not understood yet; see the keepalive branch's report).

@@ -148,8 +148,9 @@ pub enum BoundaryRule {
     UserTimeout { ms: u32 },
     /// `tcp_retries2` of the socket's netns.
     Retries2 { n: u32 },
-    /// `SOCK_DEAD`: `tcp_orphan_retries` of the netns (as configured).
-    Orphan { configured: u32 },
+    /// `SOCK_DEAD`: `tcp_orphan_retries` of the netns (as configured), and
+    /// whether `sk_err_soft` holds an ICMP error (then 0 once not alive).
+    Orphan { configured: u32, soft_error: bool },
     /// SYN_SENT: `T(n, initial RTO)` (`n = icsk_syn_retries ?: tcp_syn_retries`;
     /// `per_socket`: from TCP_SYNCNT). The retry count limit is
     /// [`SynLimits`].
@@ -166,10 +167,12 @@ pub struct Boundary {
 impl BoundaryRule {
     /// The rule for a socket: the user timeout wins over everything, then
     /// the orphan rule, then `tcp_retries2`. None when the netns sysctls
-    /// are unknown and no user timeout is set.
+    /// are unknown and no user timeout is set. `soft_error`: the socket's
+    /// `sk_err_soft` is set (orphans only).
     pub fn select(
         user_timeout_ms: u32,
         orphan: bool,
+        soft_error: bool,
         sysctls: Option<NetnsSysctls>,
     ) -> Option<Self> {
         if user_timeout_ms != 0 {
@@ -181,6 +184,7 @@ impl BoundaryRule {
         Some(if orphan {
             Self::Orphan {
                 configured: s.tcp_orphan_retries,
+                soft_error,
             }
         } else {
             Self::Retries2 { n: s.tcp_retries2 }
@@ -199,8 +203,11 @@ impl BoundaryRule {
                 ms: model_timeout_ms(n, base_ms, rto_max_ms),
                 source: BoundarySource::Retries2(n),
             },
-            Self::Orphan { configured } => {
-                let n = effective_orphan_retries(configured, rto_ms < rto_max_ms);
+            Self::Orphan {
+                configured,
+                soft_error,
+            } => {
+                let n = effective_orphan_retries(configured, rto_ms < rto_max_ms, soft_error);
                 Boundary {
                     ms: model_timeout_ms(n, base_ms, rto_max_ms),
                     source: BoundarySource::OrphanRetries(n),
@@ -237,6 +244,11 @@ pub enum NoPrediction {
     /// Neither `icsk_syn_retries` nor the netns `tcp_syn_retries` could be
     /// read on this kernel.
     SynRetriesUnknown,
+    /// A zero window without TCP_USER_TIMEOUT: `tcp_probe_timer()` gives up
+    /// only after `tcp_retries2` unanswered probes, and every answer of a
+    /// live peer (even one that keeps the window at zero) resets the count,
+    /// so the kernel probes at `rto_max` for as long as the peer answers.
+    ZeroWindowWithoutUserTimeout,
     /// Keepalive probing, but the socket's keepalive time, interval or
     /// probe count (and its netns sysctl) could not be read.
     KeepaliveUnknown,
@@ -288,15 +300,13 @@ pub fn syn_initial_rto(rto: u64, retransmits: u32, linear: u32, rto_max: u64) ->
     Some((rto >> doublings).max(1))
 }
 
-/// `tcp_orphan_retries()`: 0 means 8 while the socket is "alive"
-/// (`icsk_rto < rto_max`). (The `sk_err_soft && !alive` => 0 case needs a
-/// field the events do not carry.)
-pub fn effective_orphan_retries(configured: u32, alive: bool) -> u32 {
-    if configured == 0 && alive {
-        8
-    } else {
-        configured
-    }
+/// `tcp_orphan_retries()`: an ICMP soft error (`sk_err_soft`) on a socket
+/// no longer "alive" (`icsk_rto` reached `rto_max`) means 0 retries; a
+/// configured 0 means 8 while the socket is alive ("sent something
+/// recently").
+pub fn effective_orphan_retries(configured: u32, alive: bool, soft_error: bool) -> u32 {
+    let n = if soft_error && !alive { 0 } else { configured };
+    if n == 0 && alive { 8 } else { n }
 }
 
 /// The socket's `rto_max` in jiffies: `icsk_rto_max` when the kernel has it,

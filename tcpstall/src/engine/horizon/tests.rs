@@ -63,22 +63,25 @@ fn rule_selection_and_sources() {
         ..Default::default()
     };
     assert_eq!(
-        BoundaryRule::select(0, false, Some(s)),
+        BoundaryRule::select(0, false, false, Some(s)),
         Some(BoundaryRule::Retries2 { n: 5 })
     );
     assert_eq!(
-        BoundaryRule::select(4000, false, Some(s)),
+        BoundaryRule::select(4000, false, false, Some(s)),
         Some(BoundaryRule::UserTimeout { ms: 4000 })
     );
     assert_eq!(
-        BoundaryRule::select(4000, true, None),
+        BoundaryRule::select(4000, true, false, None),
         Some(BoundaryRule::UserTimeout { ms: 4000 })
     );
     assert_eq!(
-        BoundaryRule::select(0, true, Some(s)),
-        Some(BoundaryRule::Orphan { configured: 0 })
+        BoundaryRule::select(0, true, false, Some(s)),
+        Some(BoundaryRule::Orphan {
+            configured: 0,
+            soft_error: false,
+        })
     );
-    assert_eq!(BoundaryRule::select(0, false, None), None);
+    assert_eq!(BoundaryRule::select(0, false, false, None), None);
 
     let b = BoundaryRule::Retries2 { n: 5 }.at(200, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
     assert_eq!(b.ms, 12_600);
@@ -97,7 +100,10 @@ fn rule_selection_and_sources() {
 
 #[test]
 fn orphan_semantics() {
-    let rule = BoundaryRule::Orphan { configured: 0 };
+    let rule = BoundaryRule::Orphan {
+        configured: 0,
+        soft_error: false,
+    };
     // Alive (rto below max): 0 means 8.
     let b = rule.at(3_200, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
     assert_eq!(
@@ -108,11 +114,27 @@ fn orphan_semantics() {
     let b = rule.at(TCP_RTO_MAX_MS, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
     assert_eq!((b.ms, b.source), (200, BoundarySource::OrphanRetries(0)));
     // A configured value is used as is.
-    let b = BoundaryRule::Orphan { configured: 3 }.at(200, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
+    let b = BoundaryRule::Orphan {
+        configured: 3,
+        soft_error: false,
+    }
+    .at(200, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
     assert_eq!((b.ms, b.source), (3_000, BoundarySource::OrphanRetries(3)));
-    assert_eq!(effective_orphan_retries(0, true), 8);
-    assert_eq!(effective_orphan_retries(0, false), 0);
-    assert_eq!(effective_orphan_retries(2, true), 2);
+    assert_eq!(effective_orphan_retries(0, true, false), 8);
+    assert_eq!(effective_orphan_retries(0, false, false), 0);
+    assert_eq!(effective_orphan_retries(2, true, false), 2);
+    // `sk->sk_err_soft && !alive`: 0, whatever is configured.
+    assert_eq!(effective_orphan_retries(3, false, true), 0);
+    assert_eq!(effective_orphan_retries(3, true, true), 3);
+    assert_eq!(effective_orphan_retries(0, true, true), 8);
+    let soft = BoundaryRule::Orphan {
+        configured: 3,
+        soft_error: true,
+    };
+    let b = soft.at(TCP_RTO_MAX_MS, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
+    assert_eq!((b.ms, b.source), (200, BoundarySource::OrphanRetries(0)));
+    let b = soft.at(400, TCP_RTO_MAX_MS, TCP_RTO_MIN_MS);
+    assert_eq!((b.ms, b.source), (3_000, BoundarySource::OrphanRetries(3)));
 }
 
 #[test]
@@ -375,7 +397,10 @@ fn orphan_walk() {
         start + 200 * MS,
         0,
         50,
-        BoundaryRule::Orphan { configured: 0 },
+        BoundaryRule::Orphan {
+            configured: 0,
+            soft_error: false,
+        },
     );
     let d = predict_rto_death(&w).unwrap();
     assert_eq!(d.at_ns - start, 102_200 * MS);
@@ -386,11 +411,40 @@ fn orphan_walk() {
         start + 400_000 * MS,
         3,
         30_000,
-        BoundaryRule::Orphan { configured: 0 },
+        BoundaryRule::Orphan {
+            configured: 0,
+            soft_error: false,
+        },
     );
     let d = predict_rto_death(&w).unwrap();
     assert_eq!((d.at_ns - start, d.expiries_after), (400_000 * MS, 0));
     assert_eq!(d.boundary.source, BoundarySource::OrphanRetries(0));
+}
+
+/// The orphan scenarios' rules with literal numbers (HZ 250, no wheel),
+/// from the first retransmission (`retrans_stamp`, an expiry with
+/// `icsk_retransmits` 0 and `icsk_rto` 200 ms). `tcp_orphan_retries` 3:
+/// T(3) = 3.0 s; expiries 0, 0.4, 1.2, 2.8 (< 3.0), 6.0: dies at 6.0 s.
+/// `tcp_orphan_retries` 0 with `tcp_rto_max_ms` 1000: while `icsk_rto` <
+/// 1 s the socket is alive and 0 means 8 (T(8) = 7 * 0.2 + 6 * 1 = 7.4 s);
+/// at the expiry whose `icsk_rto` is 1 s it is not (0 retries, T = 0.2 s):
+/// expiries 0 (rto 200), 0.4 (400), 1.2 (800), 2.2 (1000): dies at 2.2 s.
+#[test]
+fn orphan_scenarios_literal() {
+    let start = 10 * NSEC_PER_SEC;
+    let rule = |configured| BoundaryRule::Orphan {
+        configured,
+        soft_error: false,
+    };
+    let d = predict_rto_death(&walk(start, start, 0, 50, rule(3))).unwrap();
+    assert_eq!((d.at_ns - start, d.expiries_after), (6_000 * MS, 4));
+    assert_eq!(d.boundary.source, BoundarySource::OrphanRetries(3));
+    let mut w = walk(start, start, 0, 50, rule(0));
+    w.rto_max_jiffies = 250;
+    let d = predict_rto_death(&w).unwrap();
+    assert_eq!((d.at_ns - start, d.expiries_after), (2_200 * MS, 3));
+    assert_eq!(d.boundary.source, BoundarySource::OrphanRetries(0));
+    assert_eq!(rule(0).at(800, 1_000, TCP_RTO_MIN_MS).ms, 7_400);
 }
 
 #[test]
@@ -551,7 +605,10 @@ fn arb_rule() -> impl Strategy<Value = BoundaryRule> {
     prop_oneof![
         (0u32..20).prop_map(|n| BoundaryRule::Retries2 { n }),
         (1u32..1_000_000).prop_map(|ms| BoundaryRule::UserTimeout { ms }),
-        (0u32..10).prop_map(|configured| BoundaryRule::Orphan { configured }),
+        (0u32..10, any::<bool>()).prop_map(|(configured, soft_error)| BoundaryRule::Orphan {
+            configured,
+            soft_error,
+        }),
     ]
 }
 

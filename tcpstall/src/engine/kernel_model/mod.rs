@@ -20,8 +20,9 @@
 //!   else `tcp_model_timeout`; expired when `(s32)(now_ms - retrans_stamp -
 //!   timeout) >= 0`.
 //! - `tcp_write_timeout()`: `retry_until = tcp_retries2`; for `SOCK_DEAD`
-//!   `tcp_orphan_retries(sk, alive = icsk_rto < rto_max)`, where a
-//!   configured 0 means 8 while alive.
+//!   `tcp_orphan_retries(sk, alive = icsk_rto < rto_max)`, where an
+//!   `sk_err_soft` on a socket not alive means 0 and a configured 0 means 8
+//!   while alive.
 //! - `tcp_retransmit_timer()`: if not expired, retransmit, `icsk_backoff++`,
 //!   `icsk_retransmits++`, `icsk_rto = min(icsk_rto << 1, rto_max)`, and
 //!   re-arm at `jiffies + tcp_clamp_rto_to_user_timeout(sk)`: with a user
@@ -87,13 +88,18 @@ pub(crate) fn tcp_model_timeout_ms(boundary: u32, rto_base_j: u64, rto_max_j: u6
     jiffies_to_msecs(timeout_j, hz)
 }
 
-/// `tcp_orphan_retries()` (without the `sk_err_soft` case).
-pub(crate) fn tcp_orphan_retries(configured: u32, alive: bool) -> u32 {
-    if configured == 0 && alive {
-        8
-    } else {
-        configured
+/// `tcp_orphan_retries(sk, alive)`, statement by statement:
+/// `retries = sysctl_tcp_orphan_retries` ("May be zero"); `if (sk->sk_err_soft
+/// && !alive) retries = 0;` `if (retries == 0 && alive) retries = 8;`.
+pub(crate) fn tcp_orphan_retries(configured: u32, alive: bool, sk_err_soft: u32) -> u32 {
+    let mut retries = configured;
+    if sk_err_soft != 0 && !alive {
+        retries = 0;
     }
+    if retries == 0 && alive {
+        retries = 8;
+    }
+    retries
 }
 
 /// What `tcp_write_timeout()` reads of a socket (ESTABLISHED-like states).
@@ -108,6 +114,8 @@ pub(crate) struct KernelSock {
     pub orphan: bool,
     /// `tcp_rto_max(sk)`, jiffies.
     pub rto_max_j: u64,
+    /// `sk_err_soft` (errno, 0: none).
+    pub sk_err_soft: u32,
 }
 
 impl KernelSock {
@@ -123,7 +131,11 @@ impl KernelSock {
     ) -> bool {
         let mut retry_until = self.tcp_retries2;
         if self.orphan {
-            retry_until = tcp_orphan_retries(self.tcp_orphan_retries, icsk_rto_j < self.rto_max_j);
+            retry_until = tcp_orphan_retries(
+                self.tcp_orphan_retries,
+                icsk_rto_j < self.rto_max_j,
+                self.sk_err_soft,
+            );
         }
         // retransmits_timed_out()
         if icsk_retransmits == 0 {
@@ -257,6 +269,71 @@ impl Blackholed {
     }
 }
 
+/// A sender in persist whose live peer answers every window probe with the
+/// window still zero (net/ipv4/tcp_timer.c `tcp_probe_timer()`,
+/// net/ipv4/tcp_output.c `tcp_send_probe0()`, net/ipv4/tcp_input.c
+/// `tcp_ack()` / `tcp_ack_probe()`; 5.11+ with `icsk_probes_tstamp`):
+/// - at each probe expiry (jiffy `j`): `icsk_probes_tstamp` is set to `j`
+///   when 0, else with a user timeout the socket is aborted once `j -
+///   icsk_probes_tstamp >= msecs_to_jiffies(user_timeout)`; then it is
+///   aborted when `icsk_probes_out >= tcp_retries2`; else `tcp_send_probe0()`
+///   sends a probe, `icsk_backoff++` (below `tcp_retries2`),
+///   `icsk_probes_out++`;
+/// - the peer's ACK (same jiffy here) resets `icsk_probes_out` to 0 and, the
+///   window still closed, `tcp_ack_probe()` re-arms the probe timer for
+///   `tcp_probe0_when(sk, rto_max) = min(max(icsk_rto, TCP_RTO_MIN) <<
+///   icsk_backoff, rto_max)`, clamped by `tcp_clamp_probe0_to_user_timeout()`
+///   to `max(msecs_to_jiffies(uto) - (jiffies - icsk_probes_tstamp),
+///   TCP_TIMEOUT_MIN = 2)`; placed on the wheel with `clk = j + 1`.
+pub(crate) struct AnsweredPersist {
+    pub hz: u64,
+    pub user_timeout_ms: u32,
+    pub tcp_retries2: u32,
+    pub icsk_rto_j: u64,
+    pub rto_max_j: u64,
+}
+
+impl AnsweredPersist {
+    /// The probe expiries (jiffies) from the first one at `first_j`; the
+    /// last is the abort, if one came within `max_expiries`.
+    pub(crate) fn run(&self, first_j: u64, max_expiries: usize) -> (Vec<u64>, bool) {
+        let mut probes_tstamp = 0u64;
+        let mut backoff = 0u32;
+        let mut j = first_j;
+        let mut out = Vec::new();
+        while out.len() < max_expiries {
+            out.push(j);
+            let probes_out = 0; // reset by the previous probe's answer
+            if probes_tstamp == 0 {
+                probes_tstamp = j;
+            } else if self.user_timeout_ms != 0
+                && j - probes_tstamp >= msecs_to_jiffies(u64::from(self.user_timeout_ms), self.hz)
+            {
+                return (out, true);
+            }
+            if probes_out >= self.tcp_retries2 {
+                return (out, true);
+            }
+            if backoff < self.tcp_retries2 {
+                backoff += 1;
+            }
+            let base = self.icsk_rto_j.max(tcp_rto_min(self.hz));
+            let mut when = base
+                .checked_shl(backoff)
+                .filter(|v| v >> backoff == base)
+                .unwrap_or(u64::MAX)
+                .min(self.rto_max_j);
+            if self.user_timeout_ms != 0 {
+                let remaining = msecs_to_jiffies(u64::from(self.user_timeout_ms), self.hz)
+                    .saturating_sub(j - probes_tstamp)
+                    .max(2);
+                when = when.min(remaining);
+            }
+            j = wheel_bucket_expiry(j + when, j + 1, self.hz);
+        }
+        (out, false)
+    }
+}
 pub(crate) mod keepalive;
 
 #[cfg(test)]

@@ -46,9 +46,16 @@ fn model_timeout_matches_the_documented_values() {
             "HZ {hz}"
         );
     }
-    assert_eq!(tcp_orphan_retries(0, true), 8);
-    assert_eq!(tcp_orphan_retries(0, false), 0);
-    assert_eq!(tcp_orphan_retries(3, true), 3);
+    // tcp_orphan_retries(): "May be zero"; 8 "corresponds to >100 seconds
+    // with minimal RTO of 200msec" while alive; an ICMP soft error on a
+    // socket whose RTO reached rto_max: 0.
+    assert_eq!(tcp_orphan_retries(0, true, 0), 8);
+    assert_eq!(tcp_orphan_retries(0, false, 0), 0);
+    assert_eq!(tcp_orphan_retries(3, true, 0), 3);
+    assert_eq!(tcp_orphan_retries(3, false, 0), 3);
+    assert_eq!(tcp_orphan_retries(3, false, 113), 0);
+    assert_eq!(tcp_orphan_retries(3, true, 113), 3);
+    assert_eq!(tcp_orphan_retries(0, true, 113), 8);
 }
 
 /// The wheel's levels: level 0 (delta < 63) rounds to the next jiffy, level
@@ -122,6 +129,7 @@ fn recorded(name: &str) -> Recorded {
             user_timeout_ms: n(first, "user_timeout_ms") as u32,
             orphan: first["orphan"].as_bool().unwrap_or(false),
             rto_max_j,
+            sk_err_soft: first["err_soft"].as_u64().unwrap_or(0) as u32,
         },
         probe_jiffies: n(probe, "jiffies"),
         expiries,

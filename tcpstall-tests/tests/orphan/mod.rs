@@ -1,0 +1,302 @@
+//! The other ways the kernel gives up on a connection after ESTABLISHED:
+//! an orphaned socket (closed by its application) retransmitting its data
+//! and FIN to a blackholed peer (`tcp_orphan_retries`, its 0 = 8 "alive"
+//! rule against `rto_max`), and the zero-window probe path (a peer that
+//! stops reading: TCP_USER_TIMEOUT kills, nothing else does). Included by
+//! `scenarios.rs` so the same tests run on the host and, by name
+//! (`orphan::...`), in the QEMU guests.
+
+use std::{io::Write, net::SocketAddr, thread, time::Duration};
+
+use serde_json::Value;
+use tcpstall_tests::*;
+
+/// The accuracy the issue asks for: max(1 s, 5 % of the stall's duration).
+fn bound_ns(duration_ns: u64) -> u64 {
+    (duration_ns / 20).max(1_000_000_000)
+}
+
+/// Every distinct prediction the API showed, with when it was first seen.
+fn predictions(views: &[(u64, Value)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (t, v) in views {
+        if let Some(p) = v["predicted_timeout_ns"].as_u64()
+            && out.last().is_none_or(|&(_, q)| q != p)
+        {
+            out.push((*t, p));
+        }
+    }
+    out
+}
+
+/// Checks every prediction against the real end (`end_ns`) and prints the
+/// README accuracy row.
+fn check_predictions(name: &str, views: &[(u64, Value)], start_ns: u64, end_ns: u64) {
+    let preds = predictions(views);
+    let last = &views.last().expect("views").1;
+    assert!(!preds.is_empty(), "{name}: no prediction: {last}");
+    let bound = bound_ns(end_ns - start_ns);
+    for (i, &(seen, p)) in preds.iter().enumerate() {
+        let err = p as i128 - end_ns as i128;
+        eprintln!(
+            "{name} prediction {i}: seen {:.2} s before the end, error {:+.1} ms (bound {:.0} ms)",
+            (end_ns - seen) as f64 / 1e9,
+            err as f64 / 1e6,
+            bound as f64 / 1e6
+        );
+        assert!(
+            err.unsigned_abs() <= u128::from(bound),
+            "{name}: prediction {i} ({p}) misses the real end ({end_ns}) by {:+.1} ms \
+             (bound {:.0} ms); views: {:#?}",
+            err as f64 / 1e6,
+            bound as f64 / 1e6,
+            views.iter().map(|(_, v)| v).collect::<Vec<_>>()
+        );
+    }
+    let (first_seen, first_p) = preds[0];
+    let last_p = preds.last().expect("a prediction").1;
+    eprintln!(
+        "ACCURACY-ORPHAN | {name} | {} | {:.1} s | {:.1} s | {:+.0} ms | {:+.0} ms |",
+        ev_str(last, "boundary_source"),
+        (end_ns - start_ns) as f64 / 1e9,
+        (end_ns - first_seen) as f64 / 1e9,
+        (first_p as f64 - end_ns as f64) / 1e6,
+        (last_p as f64 - end_ns as f64) / 1e6,
+    );
+}
+
+/// The kernel's end of the socket: its state event to CLOSE (the
+/// `inet_sock_set_state` tracepoint's time), by cookie.
+fn close_event_ns(agent: &Agent, cookie: u64) -> Option<u64> {
+    agent
+        .events()
+        .iter()
+        .filter(|e| {
+            ev_str(e, "kind") == "state"
+                && ev_u64(e, "cookie") == cookie
+                && ev_str(e, "state") == "CLOSE"
+        })
+        .map(|e| ev_u64(e, "ts_ns"))
+        .min()
+}
+
+/// An established connection whose peer is then blackholed; the client
+/// writes 1000 bytes and close()s at once: the socket is orphaned in
+/// FIN_WAIT1 with data and FIN unacknowledged, and the kernel retransmits
+/// them under `tcp_orphan_retries` (set in the client's namespace; with
+/// `rto_max_ms`, `tcp_rto_max_ms` too, before the socket exists). Checks:
+/// listed while orphaned (class `retransmit`, `orphan`, FIN_WAIT1), the
+/// boundary source, every prediction within max(1 s, 5 %) of the kernel's
+/// CLOSE, and the socket gone from `ss` after it.
+fn orphan_run(tag: &str, subnet: u8, orphan_retries: u32, rto_max_ms: Option<u32>, source: &str) {
+    require_tools();
+    let link = Link::new(tag, subnet);
+    link.a
+        .sysctl("net.ipv4.tcp_orphan_retries", &orphan_retries.to_string());
+    if let Some(ms) = rto_max_ms {
+        let has = link
+            .a
+            .exec("test -e /proc/sys/net/ipv4/tcp_rto_max_ms && echo yes || true");
+        assert_eq!(
+            has.trim(),
+            "yes",
+            "{tag}: this scenario needs net.ipv4.tcp_rto_max_ms (kernel 6.15+); \
+             run it only where the kernel has it"
+        );
+        link.a.sysctl("net.ipv4.tcp_rto_max_ms", &ms.to_string());
+    }
+    let agent = Agent::start(&[]);
+    let conn = Conn::establish(&link, 8080, None);
+    let (local, server) = (conn.local, conn.server);
+    let _blackhole = link.b.blackhole_from(link.a_ip);
+    let mut client = conn.client;
+    let t_write = monotonic_ns();
+    client
+        .write_all(&[b'x'; 1000])
+        .expect("write into the blackhole");
+    drop(client);
+    let mut views: Vec<(u64, Value)> = Vec::new();
+    let mut cookie = None;
+    // The same flow in the per-flow series and in `tcpstall top`, checked
+    // once while it is listed with a prediction.
+    let mut series: Option<(f64, String)> = None;
+    let end_ns = loop {
+        let now = monotonic_ns();
+        if let Some(v) = agent.stall_of(local, server) {
+            if series.is_none() && v["seconds_to_timeout"].is_number() {
+                series = orphan_series(&agent, local, server);
+            }
+            views.push((now, v));
+        }
+        cookie = cookie.or_else(|| agent.cookie_of(local, server));
+        if let Some(end) = cookie.and_then(|c| close_event_ns(&agent, c)) {
+            break end;
+        }
+        assert!(
+            now - t_write < 120_000_000_000,
+            "{tag}: the orphan did not die within 120 s; views: {views:#?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    views.retain(|(t, _)| *t < end_ns);
+    let name = format!("orphan tcp_orphan_retries={orphan_retries}{}", {
+        rto_max_ms.map_or(String::new(), |m| format!(" tcp_rto_max_ms={m}"))
+    });
+    assert!(
+        !views.is_empty(),
+        "{name}: never listed in /api/v1/stalls before the kernel closed it"
+    );
+    for (_, v) in &views {
+        assert_eq!(ev_str(v, "class"), "retransmit", "{name}: {v}");
+        assert_eq!(v["orphan"], true, "{name}: {v}");
+        assert_eq!(ev_str(v, "state"), "FIN_WAIT1", "{name}: {v}");
+    }
+    let last = &views.last().expect("views").1;
+    assert_eq!(ev_str(last, "boundary_source"), source, "{name}: {last}");
+    check_predictions(&name, &views, t_write, end_ns);
+    let (to_timeout, row) =
+        series.unwrap_or_else(|| panic!("{name}: never in the per-flow series and `top`"));
+    assert!(to_timeout > -1.0, "{name}: {to_timeout}");
+    assert!(
+        row.contains("retransmit") && row.starts_with("T-"),
+        "{name}: top row: {row}"
+    );
+    // The kernel really destroyed it (an orphan gets no error report).
+    let ss = link
+        .a
+        .exec(&format!("ss -tanH src {local} dst {server} || true"));
+    assert!(
+        ss.trim().is_empty(),
+        "{name}: the socket is still listed after its CLOSE: {ss}"
+    );
+}
+
+/// The flow's `tcpstall_socket_seconds_to_timeout` on /metrics and its row
+/// in `tcpstall top --once` (None while either is missing).
+fn orphan_series(agent: &Agent, local: SocketAddr, remote: SocketAddr) -> Option<(f64, String)> {
+    let (l, r) = (local.to_string(), remote.to_string());
+    let secs = metric_sum(
+        &agent.metrics(),
+        "tcpstall_socket_seconds_to_timeout",
+        &[("local", l.as_str()), ("remote", r.as_str())],
+    )?;
+    let out = std::process::Command::new(agent_path())
+        .args([
+            "top",
+            "--once",
+            "--agent",
+            &format!("http://{}", agent.listen),
+        ])
+        .output()
+        .expect("run tcpstall top --once");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = table.lines().find(|line| line.contains(&l))?.to_owned();
+    Some((secs, row))
+}
+
+/// `tcp_orphan_retries` 3: T(3) = 3.0 s from the first retransmission,
+/// about 6.2 s after the write.
+#[test]
+fn orphan_fin_retries_3() {
+    orphan_run("or3", 171, 3, None, "tcp_orphan_retries=3");
+}
+
+/// `tcp_orphan_retries` 0 (the default) with `tcp_rto_max_ms` 1000: 0
+/// means 8 while the RTO is below rto_max ("alive"); at the expiry whose
+/// RTO reached 1 s, 0 means 0 and the socket dies (about 2.4 s after the
+/// write, where 8 would give 7.6 s). Needs `tcp_rto_max_ms` (6.15+): host
+/// only (not in the guests' VM_TESTS).
+#[test]
+fn orphan_retries_0_dies_when_rto_reaches_rto_max() {
+    orphan_run("or0", 172, 0, Some(1_000), "tcp_orphan_retries=0");
+}
+
+/// A receiver that never reads: the client fills its send buffer, the
+/// window closes and the client probes. With TCP_USER_TIMEOUT (and, where
+/// the kernel has it, a per-socket TCP_RTO_MAX_MS of 1 s) the kernel kills
+/// it at the first probe + UTO: listed as `zero_window`, boundary
+/// `user_timeout`, predicted within max(1 s, 5 %) of the ETIMEDOUT read()
+/// returns. Without a user timeout: no prediction, and the reason.
+fn zero_window_run(tag: &str, subnet: u8, user_timeout_ms: Option<u32>) {
+    require_tools();
+    let link = Link::new(tag, subnet);
+    let agent = Agent::start(&["--zero-window-after", "1"]);
+    let server = SocketAddr::from((link.b_ip, 8080));
+    // Never reads; keeps the socket open until the test ends.
+    let tx = non_reading_server_in(&link.b, server);
+    let client = connect_in(&link.a, server);
+    let local = client.local_addr().expect("local addr");
+    let per_socket_rto_max = set_rto_max_ms(&client, 1_000);
+    if let Some(ms) = user_timeout_ms {
+        set_user_timeout(&client, ms);
+    }
+    let name = format!(
+        "zero window UTO {} rto_max {}",
+        user_timeout_ms.map_or("-".to_owned(), |m| format!("{m} ms")),
+        if per_socket_rto_max {
+            "1000 ms (TCP_RTO_MAX_MS)"
+        } else {
+            "default (no TCP_RTO_MAX_MS on this kernel)"
+        }
+    );
+    let t_fill = monotonic_ns();
+    fill_send_buffer(&client);
+    let Some(uto) = user_timeout_ms else {
+        let view = agent.wait_stall_class(local, server, "zero_window", Duration::from_secs(15));
+        // A few more probes (at most 1 s apart with rto_max 1 s).
+        thread::sleep(Duration::from_secs(3));
+        let view = agent.stall_of(local, server).unwrap_or(view);
+        assert_eq!(ev_str(&view, "class"), "zero_window", "{name}: {view}");
+        assert!(
+            view["predicted_timeout_ns"].is_null(),
+            "{name}: a live peer keeps a zero window forever without a user timeout: {view}"
+        );
+        assert_eq!(
+            ev_str(&view, "no_prediction_reason"),
+            "zero_window_without_user_timeout",
+            "{name}: {view}"
+        );
+        let _ = tx.send(());
+        return;
+    };
+    let death = await_read_error(client.try_clone().expect("clone"), Duration::from_secs(120));
+    let mut views = agent.views_until(local, server, &death, Duration::from_millis(50));
+    let (end_ns, errno) = death.join().expect("reader");
+    let _ = tx.send(());
+    assert_eq!(
+        errno,
+        Some(libc::ETIMEDOUT),
+        "{name}: the user timeout must kill the zero-window sender"
+    );
+    views.retain(|(t, _)| *t < end_ns);
+    assert!(
+        views
+            .iter()
+            .any(|(_, v)| ev_str(v, "class") == "zero_window"),
+        "{name}: never listed as zero_window: {views:#?}"
+    );
+    let predicted: Vec<(u64, Value)> = views
+        .into_iter()
+        .filter(|(_, v)| !v["predicted_timeout_ns"].is_null())
+        .collect();
+    assert!(!predicted.is_empty(), "{name}: no prediction");
+    for (_, v) in &predicted {
+        assert_eq!(ev_str(v, "boundary_source"), "user_timeout", "{name}: {v}");
+    }
+    // The death comes UTO after the first probe, which follows the fill.
+    assert!(
+        end_ns - t_fill >= u64::from(uto) * 1_000_000,
+        "{name}: died before the user timeout"
+    );
+    check_predictions(&name, &predicted, t_fill, end_ns);
+}
+
+#[test]
+fn zero_window_user_timeout_dies() {
+    zero_window_run("zwu", 173, Some(5_000));
+}
+
+#[test]
+fn zero_window_without_user_timeout_probes_forever() {
+    zero_window_run("zwn", 174, None);
+}
