@@ -475,14 +475,22 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
     );
     for v in &pool_views {
         assert_eq!(ev_str(v, "class"), "keepalive", "{v}");
-        assert_eq!(ev_str(v, "boundary_source"), format!("tcp_keepcnt={KA_COUNT}"), "{v}");
+        assert_eq!(
+            ev_str(v, "boundary_source"),
+            format!("tcp_keepcnt={KA_COUNT}"),
+            "{v}"
+        );
         assert_eq!(v["guarded_by"]["rule"], "pg-keepalive", "{v}");
     }
     let predictions: Vec<u64> = pool_views
         .iter()
         .filter_map(|v| v["predicted_timeout_ns"].as_u64())
         .collect();
-    assert!(!predictions.is_empty(), "no predicted death: {:?}", pool_views.last());
+    assert!(
+        !predictions.is_empty(),
+        "no predicted death: {:?}",
+        pool_views.last()
+    );
     for p in predictions {
         let err_ms = (p as f64 - pool_gone_ns as f64) / 1e6;
         assert!(

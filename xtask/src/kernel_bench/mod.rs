@@ -210,6 +210,13 @@ pub struct TimerSplit {
     pub tcp_write_timers: u64,
 }
 
+impl TimerSplit {
+    /// The TCP write timers' share of the program's runs, in percent.
+    pub fn tcp_percent(&self) -> f64 {
+        100.0 * self.tcp_write_timers as f64 / self.runs.max(1) as f64
+    }
+}
+
 /// Which of the drop program's runs (`kfree_skb`, every packet the node
 /// drops) reported an event (a packet of a socket in a loss episode: the
 /// agent's `tcpstall_events_total{kind="drop"}`); the rest stopped at the

@@ -49,7 +49,7 @@ fn phase_table(out: &mut String, p: &Phase) {
             "\nTimer program runs: {} of {} were TCP write timers ({:.2} %: RTO / zero-window probe events and `TIMER_NOT_DUE` skips such as tail loss probes), the rest took the non-TCP path.",
             t.tcp_write_timers,
             t.runs,
-            100.0 * t.tcp_write_timers as f64 / t.runs.max(1) as f64
+            t.tcp_percent()
         );
     }
     if let Some(d) = p.drop_split {
@@ -416,7 +416,7 @@ impl Report {
                         "; this average includes {} TCP write timers among {} runs ({:.2} %)",
                         t.tcp_write_timers,
                         t.runs,
-                        100.0 * t.tcp_write_timers as f64 / t.runs.max(1) as f64
+                        t.tcp_percent()
                     );
                 } else {
                     line.push_str("; this average includes the TCP write timers the filter lets through (not separable here: TCPSTALL_STATS or /metrics not read)");
