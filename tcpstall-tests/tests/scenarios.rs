@@ -309,7 +309,7 @@ fn healthy_connection_has_no_retransmits() {
             v["message"] == "event"
                 && ev_str(v, "kind") == "state"
                 && ev_str(v, "local") == local.to_string()
-                && ev_str(v, "state") == "FIN_WAIT1"
+                && ev_str(v, "state") == "FIN_WAIT2"
         },
     );
     thread::sleep(Duration::from_millis(500));
