@@ -28,6 +28,10 @@ mod keepalive;
 #[path = "orphan/mod.rs"]
 mod orphan;
 
+/// The guard in every kernel: per-pod rules arm the timeouts sockets lack.
+#[path = "guard_kernel/mod.rs"]
+mod guard_kernel;
+
 /// Why it stalls: one scenario per cause.
 #[path = "causes/mod.rs"]
 mod causes;
