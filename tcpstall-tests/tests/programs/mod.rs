@@ -325,6 +325,7 @@ impl Expect {
 /// - none of CLOSE -> SYN_SENT, SYN_SENT -> ESTABLISHED, SYN_RECV ->
 ///   ESTABLISHED, ESTABLISHED -> FIN_WAIT1 (no trouble, no use to the agent:
 ///   not even a ring-buffer record).
+///
 /// Mutations: `try_state_btf` without `ev.old_state = old_state;` -> fails
 /// (host) with "waiting for FIN_WAIT2 of socket ..." (every old_state
 /// UNKNOWN); `state_event` with `later_life` always true -> fails with
