@@ -29,11 +29,13 @@ use super::{
 
 mod attach;
 mod guard;
+mod on_demand;
 mod stats;
 mod sweep;
 
 use attach::{AttachEnv, attach_probe};
 pub use guard::GuardMaps;
+pub use on_demand::DropSwitch;
 pub use stats::{
     EpisodeFilter, KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo,
 };
