@@ -270,7 +270,9 @@ fn cause_unreachable_icmpv6_address_unreachable() {
 /// reset: a stall ended by an RST (the peer restarted, or a middlebox that
 /// lost the connection's state answers with one). Silent first (cause
 /// `peer_silent`: no ACK, no ICMP, no local drop), then the peer's side
-/// answers the next retransmission with a TCP reset: `tcp_reset()` sets
+/// answers the next retransmission with a TCP reset (the reject rule put
+/// ahead of the blackhole atomically: no retransmission slips through
+/// between the two): `tcp_reset()` sets
 /// ECONNRESET and closes the socket. The agent logs the stall's end by reset
 /// with the cause it had, and the flow is already gone from the API when
 /// that line is logged (the close and the reset are one event).
@@ -294,10 +296,12 @@ fn cause_reset_ends_a_silent_stall() {
         "{view}"
     );
     let cookie = ev_u64(&view, "cookie");
-    drop(silent);
+    // The reset rule goes ahead of the blackhole in one change: removing
+    // the blackhole first let a retransmission through (and acknowledged)
+    // before the reset rule was in, in the 6.1 guest.
     let _reset = link
         .b
-        .reject_input(&format!("ip saddr {}", link.a_ip), "tcp reset");
+        .reject_input_first(&format!("ip saddr {}", link.a_ip), "tcp reset");
     // The RST answers the next retransmission: at most the socket's current
     // (backed-off) RTO away, which under TCG can exceed any fixed wait.
     let rto_ms = agent
