@@ -284,7 +284,7 @@ fn cause_reset_ends_a_silent_stall() {
     require_drop_probe(&agent);
     let mut conn = Conn::establish(&link, 8080, None);
     let (local, server) = (conn.local, conn.server);
-    let silent = link.b.blackhole_from(link.a_ip);
+    let _silent = link.b.blackhole_from(link.a_ip);
     std::io::Write::write_all(&mut conn.client, &[b'x'; 1000]).expect("write");
     let (view, _) = wait_cause(&agent, local, server, "peer_silent", |v| {
         v["class"] == "retransmit"

@@ -52,19 +52,9 @@ impl DropSwitch {
             prog_fd: self.prog.as_raw_fd() as u32,
             _pad: 0,
         };
-        // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the
-        // size passed; the kernel only reads it.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_RAW_TRACEPOINT_OPEN,
-                &mut attr as *mut RawTracepointAttr,
-                std::mem::size_of::<RawTracepointAttr>() as u32,
-            )
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // SAFETY: no pointer in `attr` (the name is NULL); the kernel only
+        // reads it.
+        let r = unsafe { super::sys_bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr) }?;
         // SAFETY: on success the syscall returned a new fd we own.
         self.link = Some(unsafe { OwnedFd::from_raw_fd(r as i32) });
         Ok(())
