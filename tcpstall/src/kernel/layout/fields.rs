@@ -229,8 +229,9 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
         "predict a keepalive death (time since the last receive)", "jiffies, u32"),
     // Kernels with icsk_keepalive_timer (6.19+, and stable builds that
     // carry it, e.g. Debian's 6.1.192 and 6.12.118) arm keepalive there, and
-    // sk_timer is another timer (6.19+: the retransmit timer's union; MPTCP's
-    // in those stable builds): the dedicated member must win.
+    // TCP no longer arms sk_timer (6.19+: it shares a union with the
+    // retransmit timer; those stable builds alias it to MPTCP's retransmit
+    // timer): the dedicated member must win.
     row(field::SK_TIMER, "SK_TIMER", "keepalive timer (icsk_keepalive_timer, else sock.sk_timer)", Sock,
         &[(ICSK, "icsk_keepalive_timer"),
           (SOCK, "sk_timer")], OPT, OffsetOnly,
