@@ -409,14 +409,23 @@ fn synthetic_generations() {
         }
         // The keepalive timer: the dedicated icsk member where it exists.
         let (ka, ka_source) = if matches!(kgen, Gen::V6_12 | Gen::V6_19) {
-            (ICSK_KEEPALIVE_TIMER, "inet_connection_sock.icsk_keepalive_timer")
+            (
+                ICSK_KEEPALIVE_TIMER,
+                "inet_connection_sock.icsk_keepalive_timer",
+            )
         } else {
             (SK_TIMER, "sock.sk_timer")
         };
         assert_eq!(l.fields[field::SK_TIMER].offset, ka, "{kgen:?}");
-        assert_eq!(l.fields[field::SK_TIMER_EXPIRES], spec(ka + 16, 8), "{kgen:?}");
         assert_eq!(
-            r.row(field::SK_TIMER).and_then(ResolvedRow::source).as_deref(),
+            l.fields[field::SK_TIMER_EXPIRES],
+            spec(ka + 16, 8),
+            "{kgen:?}"
+        );
+        assert_eq!(
+            r.row(field::SK_TIMER)
+                .and_then(ResolvedRow::source)
+                .as_deref(),
             Some(ka_source),
             "{kgen:?}"
         );
