@@ -276,6 +276,17 @@ fn wait_socket_events(
     }
 }
 
+/// The events of `kind` among `evs`, in time order.
+fn of_kind_in_order(evs: &[Value], kind: &str) -> Vec<Value> {
+    let mut t: Vec<Value> = evs
+        .iter()
+        .filter(|e| ev_str(e, "kind") == kind)
+        .cloned()
+        .collect();
+    t.sort_by_key(|e| ev_u64(e, "ts_ns"));
+    t
+}
+
 /// What every event of a socket carries: its cookie and, read from `struct
 /// sock` (every program but sock_ops), the namespace's inode, the cgroup of
 /// this process (the socket was created by one of its threads) and the
@@ -295,6 +306,27 @@ impl Expect {
             cgroup: own_cgroup_inode(&cgroup2_root()),
             retries2,
         }
+    }
+
+    /// [`Expect::check`], and the event is of `conn`'s client end while
+    /// ESTABLISHED.
+    fn check_established(
+        &self,
+        e: &Value,
+        kind: &str,
+        mechanism: &str,
+        sock_fields: bool,
+        conn: &Conn,
+    ) {
+        let m = mechanism;
+        self.check(e, kind, m, sock_fields);
+        assert_eq!(ev_str(e, "local"), conn.local.to_string(), "{m} local: {e}");
+        assert_eq!(
+            ev_str(e, "remote"),
+            conn.server.to_string(),
+            "{m} remote: {e}"
+        );
+        assert_eq!(ev_str(e, "state"), "ESTABLISHED", "{m} state: {e}");
     }
 
     fn check(&self, e: &Value, kind: &str, mechanism: &str, sock_fields: bool) {
@@ -682,15 +714,7 @@ fn write_timer_program_fields_per_mechanism() {
         conn.client
             .write_all(&[b'x'; 1000])
             .expect("write into the blackhole");
-        let timers = |evs: &[Value]| -> Vec<Value> {
-            let mut t: Vec<Value> = evs
-                .iter()
-                .filter(|e| ev_str(e, "kind") == "write_timer")
-                .cloned()
-                .collect();
-            t.sort_by_key(|e| ev_u64(e, "ts_ns"));
-            t
-        };
+        let timers = |evs: &[Value]| of_kind_in_order(evs, "write_timer");
         let evs = wait_socket_events(
             &agent,
             exp.cookie,
@@ -737,14 +761,7 @@ fn write_timer_program_fields_per_mechanism() {
         let sock_fields = m != "sock_ops";
         for e in &t {
             let k = ev_u64(e, "retransmits");
-            exp.check(e, "write_timer", m, sock_fields);
-            assert_eq!(ev_str(e, "local"), conn.local.to_string(), "{m} local: {e}");
-            assert_eq!(
-                ev_str(e, "remote"),
-                conn.server.to_string(),
-                "{m} remote: {e}"
-            );
-            assert_eq!(ev_str(e, "state"), "ESTABLISHED", "{m} state: {e}");
+            exp.check_established(e, "write_timer", m, sock_fields, &conn);
             assert_eq!(
                 ev_u64(e, "rto_jiffies"),
                 rto0 << k,
@@ -795,15 +812,7 @@ fn keepalive_timer_program_fields_per_mechanism() {
         let (link, mut agent, conn, exp) = connected(&format!("pka{i}"), 101 + i as u8, 12, &args);
         let _hole = link.b.blackhole_from(link.a_ip);
         set_keepalive(&conn.client, Some(1), Some(1), Some(3));
-        let timers = |evs: &[Value]| -> Vec<Value> {
-            let mut t: Vec<Value> = evs
-                .iter()
-                .filter(|e| ev_str(e, "kind") == "keepalive_timer")
-                .cloned()
-                .collect();
-            t.sort_by_key(|e| ev_u64(e, "ts_ns"));
-            t
-        };
+        let timers = |evs: &[Value]| of_kind_in_order(evs, "keepalive_timer");
         let evs = wait_socket_events(
             &agent,
             exp.cookie,
@@ -822,14 +831,7 @@ fn keepalive_timer_program_fields_per_mechanism() {
             "{m}: one event per keepalive expiry, in order: {t:#?}"
         );
         for e in &t {
-            exp.check(e, "keepalive_timer", m, true);
-            assert_eq!(ev_str(e, "local"), conn.local.to_string(), "{m} local: {e}");
-            assert_eq!(
-                ev_str(e, "remote"),
-                conn.server.to_string(),
-                "{m} remote: {e}"
-            );
-            assert_eq!(ev_str(e, "state"), "ESTABLISHED", "{m} state: {e}");
+            exp.check_established(e, "keepalive_timer", m, true, &conn);
         }
         drop(conn);
     }
