@@ -765,6 +765,13 @@ fn s4_zero_window() {
         view["zero_window_s"].as_f64().unwrap_or(0.0) >= 3.0,
         "{view}"
     );
+    // Why (issue 21): the peer's application does not read, from the zero
+    // window the flow's own probes saw.
+    assert_eq!(ev_str(&view, "cause"), "peer_not_reading", "{view}");
+    assert!(
+        ev_str(&view["cause_evidence"], "summary").contains("zero window"),
+        "{view}"
+    );
     let _ = tx.send(());
 }
 
@@ -790,6 +797,12 @@ fn s5_close_wait() {
         "{view}"
     );
     assert!(view["predicted_timeout_ns"].is_null());
+    // Why (issue 21): the local application has not closed its socket.
+    assert_eq!(ev_str(&view, "cause"), "app_not_closing", "{view}");
+    assert!(
+        ev_str(&view["cause_evidence"], "summary").contains("has not closed"),
+        "{view}"
+    );
     drop(client);
     // Closing the socket ends the stall.
     wait_until(

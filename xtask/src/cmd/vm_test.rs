@@ -54,6 +54,10 @@ pub const VM_TESTS: &[&str] = &[
     "s1_horizon_retries2_5",
     "s2_user_timeout",
     "s1_recovery_clears_the_stall_at_once",
+    // Zero window (cause peer_not_reading) and CLOSE_WAIT (cause
+    // app_not_closing): every kernel has the signal.
+    "s4_zero_window",
+    "s5_close_wait",
     // connect() to a blackhole (SYN_SENT): tcp_syn_retries 4, TCP_SYNCNT 2,
     // TCP_USER_TIMEOUT 5 s at once, each kernel against its own rules
     // (linear SYN timeouts only where the sysctl exists).
@@ -87,14 +91,16 @@ pub const VM_TESTS: &[&str] = &[
     // Start-up reconcile of an S1 stall in progress (guests whose kernel
     // offers the sweep's hooks: SWEEP_HOOK_TESTS).
     "sweep/sweep_startup_ipv4_retries2_15",
-    // Why it stalls, where the guest kernel has the signal (about 100 s per
-    // guest under TCG for the four): a local drop named by the kernel (only where
-    // its BTF names netfilter drops: DROP_REASON_TESTS), an ICMP soft error,
-    // and the black-hole detection lowering the MSS. The other cause
-    // scenarios run on the host (see docs/testing.md).
+    // Why it stalls, where the guest kernel has the signal (a few minutes per
+    // guest under TCG): a local drop named by the kernel (only where
+    // its BTF names netfilter drops: DROP_REASON_TESTS), an ICMP soft error
+    // (IPv4 and IPv6), and the path-MTU black hole with and without the
+    // kernel's detection lowering the MSS.
     "causes::cause_local_drop_in_the_clients_output_chain",
     "causes::cause_unreachable_icmp_host_unreachable",
     "causes::cause_pmtu_blackhole_with_mtu_probing_lowers_the_mss",
+    "causes::cause_pmtu_blackhole_without_mtu_probing",
+    "causes::cause_unreachable_icmpv6_address_unreachable",
     // A silent stall ended by an RST (the reset rule put ahead of the
     // blackhole in one nftables change: removing the blackhole first let a
     // retransmission through under TCG).
