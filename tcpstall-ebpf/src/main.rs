@@ -445,6 +445,11 @@ fn state_event<S: Source>(
         TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK
     );
     if !later_life && !snapshot::has_error(l, sk) {
+        // Still give the socket its cookie (one helper call on its first
+        // change of state, a load after that): the timer programs read the
+        // cookie as the socket holds it and cannot create one, so a socket
+        // whose trouble they see first would otherwise be keyed by address.
+        let _ = cookie_of(l, sk, sk_ptr);
         return Err(Skip);
     }
     let t = now();

@@ -768,6 +768,10 @@ fn s4_zero_window() {
     // Why (issue 21): the peer's application does not read, from the zero
     // window the flow's own probes saw.
     assert_eq!(ev_str(&view, "cause"), "peer_not_reading", "{view}");
+    // Keyed by its cookie, although only the write timer (which cannot
+    // create one) saw its trouble: the state program gave the socket its
+    // cookie when it opened.
+    assert_ne!(ev_u64(&view, "cookie"), 0, "no cookie: {view}");
     assert!(
         ev_str(&view["cause_evidence"], "summary").contains("zero window"),
         "{view}"
