@@ -25,6 +25,18 @@ fn cfg() -> EngineConfig {
     }
 }
 
+/// A long property test's case count: `n`, or a tenth of it under `cargo
+/// xtask mutants` (which sets `TCPSTALL_MUTANTS=1`): its mutated crate is
+/// built at opt-level 0, where 20,000 blackhole cases take 9 s of every
+/// mutant's test run instead of 0.2 s. Normal runs keep every case.
+fn cases(n: u32) -> u32 {
+    if std::env::var_os("TCPSTALL_MUTANTS").is_some_and(|v| v == "1") {
+        n.div_ceil(10)
+    } else {
+        n
+    }
+}
+
 fn engine() -> Engine {
     Engine::new(cfg()).unwrap()
 }
@@ -1383,6 +1395,51 @@ fn zero_window_ends_on_close_and_on_retransmission() {
     assert!(e.stalls(T0 + 10 * S).is_empty());
 }
 
+/// The clearing path when the peer's reader resumes and a probe sees it: a
+/// probe expiry that finds the window open (`snd_wnd != 0`, nothing in
+/// flight, no unanswered probe) ends the zero-window episode at that probe,
+/// logged (`ZeroWindowEnded`, `by: window_opened`), once; the stall clears
+/// and no open-window episode follows.
+#[test]
+fn zero_window_ends_when_a_probe_finds_the_window_open() {
+    let s = Sock::new(64);
+    let mut e = engine();
+    let mut t = T0;
+    for b in 0..6u32 {
+        t += (200 * MS) << b;
+        e.ingest(&s.probe(t, b, 0));
+        e.tick(t + MS);
+    }
+    assert_eq!(e.stalls(t + MS)[0].class, StallClass::ZeroWindow);
+    let opened = t + 2 * S;
+    let mut p = s.probe(opened, 6, 0);
+    p.sock.as_mut().unwrap().snd_wnd = 65_535;
+    e.ingest(&p);
+    assert!(e.stalls(opened + MS).is_empty(), "still stalled");
+    // Long after: no other end of it (the quiet path, an open-window
+    // episode's end) and no new stall.
+    e.tick(opened + 600 * S);
+    assert!(e.stalls(opened + 600 * S).is_empty());
+    let ends: Vec<_> = drain(&mut e)
+        .into_iter()
+        .filter(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
+        .collect();
+    assert_eq!(ends.len(), 1, "one logged end: {ends:?}");
+    assert!(
+        matches!(
+            ends[0],
+            Observation::ZeroWindowEnded {
+                by: PersistEnd::WindowOpened,
+                probes: 6,
+                at_ns,
+                duration_s,
+                ..
+            } if at_ns == opened && (duration_s - (opened - T0 - 200 * MS) as f64 / 1e9).abs() < 1e-9
+        ),
+        "{ends:?}"
+    );
+}
+
 #[test]
 fn zero_window_with_user_timeout_is_predicted() {
     let mut s = Sock::new(62);
@@ -1959,7 +2016,7 @@ proptest! {
     // `cases: 50_000`.
     #![proptest_config(ProptestConfig {
         failure_persistence: None,
-        cases: 20_000,
+        cases: cases(20_000),
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x7c9_57a11),
         ..ProptestConfig::default()
     })]
@@ -1997,7 +2054,7 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig {
         failure_persistence: None,
-        cases: 3_000,
+        cases: cases(3_000),
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x7c9_57a12),
         ..ProptestConfig::default()
     })]
