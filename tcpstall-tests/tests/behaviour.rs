@@ -139,7 +139,13 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     // flight (about 90 segments), only a real loss retransmits.
     link.a.sysctl("net.ipv4.tcp_recovery", "0");
     link.a.sysctl("net.ipv4.tcp_reordering", "300");
-    let agent = Agent::start(&["--zero-window-after", "2"]);
+    // Each episode's end logged (debug) with what ended it.
+    let mut agent = Agent::start(&[
+        "--zero-window-after",
+        "2",
+        "--log-level",
+        "info,tcpstall::app::logs=debug",
+    ]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     // Not reading until told.
@@ -163,9 +169,10 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     let mut sent = fill_send_buffer(&client);
     // Within 20 s of the window closing.
     let view = agent.wait_stall_class(local, server_addr, "zero_window", Duration::from_secs(20));
+    // Taken before the reader is told: nothing of the resume precedes it.
+    let resumed_ns = monotonic_ns();
     tx.send(()).expect("resume the reader");
     let resumed = Instant::now();
-    let resumed_ns = monotonic_ns();
     // The persist interval doubles per probe: the next one is due within
     // the probing time so far plus two RTOs (< 1 s) of the resume, and the
     // engine's grace is 1 s plus half that interval. 5 s of slack on top.
@@ -236,8 +243,48 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     // retransmission legitimately ends the episode too: the stall still had
     // to clear within the bound above, but that run cannot tell which path
     // cleared it, so it says so instead of asserting the path.
+    // In every run, the episode's end is logged for this flow, once, after
+    // the resume and by the time the view cleared, by what the kernel did:
+    // a probe that found the window open or the probes going quiet, else
+    // (only in a run where the kernel retransmitted) that retransmission,
+    // RTO expiry or ACK, at one of the flow's own events.
+    let cookie = agent
+        .cookie_of(local, server_addr)
+        .expect("the flow's cookie in its events");
+    let is_end =
+        |v: &Value| v["message"] == "zero-window episode ended" && ev_u64(v, "cookie") == cookie;
+    let end = agent.wait_log(
+        Duration::from_secs(5),
+        "the zero-window episode's end logged",
+        is_end,
+    );
+    let ends = agent.logs().into_iter().filter(is_end).count();
+    assert_eq!(
+        ends, 1,
+        "one zero-window episode of the flow, ended once: {end}"
+    );
+    let (by, at_ns) = (ev_str(&end, "by").to_owned(), ev_u64(&end, "at_ns"));
+    assert!(
+        (resumed_ns..=cleared_ns).contains(&at_ns),
+        "ended at {at_ns}, not between the resume ({resumed_ns}) and the view clearing \
+         ({cleared_ns}): {end}"
+    );
+    match by.as_str() {
+        "quiet" | "window_opened" => {}
+        "retransmit" | "rto_expiry" => assert!(
+            other_path.iter().any(|e| ev_u64(e, "ts_ns") == at_ns),
+            "ended by {by} at {at_ns}, yet no retransmission or RTO of the flow then: \
+             {other_path:#?}"
+        ),
+        // An ACK ends it only inside an RTO episode.
+        "ack" => assert!(
+            !other_path.is_empty(),
+            "ended by an ACK at {at_ns} without a retransmission or RTO of the flow"
+        ),
+        _ => panic!("the zero-window episode ended by {by}, not by the window reopening: {end}"),
+    }
     if other_path.is_empty() {
-        eprintln!("cleared by the persist episode going quiet (no retransmission or RTO)");
+        eprintln!("cleared by the window reopening ({by}; no retransmission or RTO)");
     } else {
         eprintln!(
             "the kernel retransmitted after the resume ({} events; a loss on the veth), \
