@@ -812,6 +812,88 @@ fn non_timeout_error_after_close_settles_as_closed() {
     assert!(drain(&mut e).is_empty());
 }
 
+/// An error report other than ETIMEDOUT (an ICMP soft error surfacing,
+/// EHOSTUNREACH) right after an expiry the kernel's rule says the socket
+/// survives is no timeout, whether the socket is still open or closed just
+/// before the report: only a dead verdict makes a soft error a timeout.
+#[test]
+fn soft_error_after_a_surviving_expiry_is_no_timeout() {
+    let mut s = Sock::new(19);
+    s.sysctls = Some(sysctls(15));
+    let st = ms_stamp(T0);
+    for closed in [false, true] {
+        let mut e = engine();
+        e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+        e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+        if closed {
+            e.ingest(&s.close(T0 + 700 * MS));
+        }
+        e.ingest(&s.error(T0 + 700 * MS + 1_000, 113));
+        e.tick(T0 + 10 * S);
+        let obs = drain(&mut e);
+        assert!(
+            timeouts(&obs).is_empty(),
+            "closed {closed}: a surviving socket's soft error taken for a timeout: {obs:?}"
+        );
+    }
+}
+
+/// Which closed socket an ETIMEDOUT report after the close belongs to: by
+/// cookie, or, for a cookie-less report, by socket address. The kernel
+/// reuses a freed socket's memory, so a report with another cookie at the
+/// closed socket's address is that other socket's (unmatched); a
+/// cookie-less report at the closed socket's address is its death; one at
+/// another address is unmatched. The closed socket settles as closed
+/// unless the report is its own.
+#[test]
+fn error_report_after_close_matches_by_cookie_then_by_address() {
+    let s = Sock::new(20);
+    let st = ms_stamp(T0);
+    let mut reuse = Sock::new(21);
+    reuse.skaddr = s.skaddr;
+    let mut own = s.error(T0 + S + 1_000, 110);
+    own.cookie = 0;
+    let mut elsewhere = Sock::new(22).error(T0 + S + 1_000, 110);
+    elsewhere.cookie = 0;
+    for (what, report, cookie, outcome) in [
+        (
+            "another socket's report at the same address",
+            reuse.error(T0 + S + 1_000, 110),
+            21,
+            StreakOutcome::Closed,
+        ),
+        (
+            "a cookie-less report at its address",
+            own,
+            20,
+            StreakOutcome::TimedOut,
+        ),
+        (
+            "a cookie-less report elsewhere",
+            elsewhere,
+            0,
+            StreakOutcome::Closed,
+        ),
+    ] {
+        let mut e = engine();
+        e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+        e.ingest(&s.close(T0 + S));
+        e.ingest(&report);
+        e.tick(T0 + 10 * S);
+        let obs = drain(&mut e);
+        let cookies: Vec<u64> = timeouts(&obs)
+            .iter()
+            .map(|o| match o {
+                Observation::Timeout { cookie, .. } => *cookie,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(cookies, vec![cookie], "{what}: {obs:?}");
+        let ends: Vec<_> = streak_ends(&obs).into_iter().map(|(o, _, _)| o).collect();
+        assert_eq!(ends, vec![outcome], "{what}: {obs:?}");
+    }
+}
+
 #[test]
 fn soft_error_at_fatal_expiry_counts_as_timeout() {
     let mut s = Sock::new(17);
