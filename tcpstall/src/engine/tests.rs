@@ -896,28 +896,97 @@ fn error_report_after_close_matches_by_cookie_then_by_address() {
 
 #[test]
 fn soft_error_at_fatal_expiry_counts_as_timeout() {
-    let mut s = Sock::new(17);
-    s.sysctls = Some(sysctls(3));
-    let mut bh = Blackhole::new(s, T0);
-    bh.order = Order::ErrorFirst;
-    let (mut events, _) = bh.run();
-    for ev in &mut events {
-        if ev.kind == EventKind::ErrorReport {
-            ev.sk_err = 113; // EHOSTUNREACH from an earlier ICMP
+    // Both kernel orders: the report before the close (the open flow's
+    // path) and after it (6.10+: the closed socket's path).
+    for order in [Order::ErrorFirst, Order::CloseFirst] {
+        let mut s = Sock::new(17);
+        s.sysctls = Some(sysctls(3));
+        let mut bh = Blackhole::new(s, T0);
+        bh.order = order;
+        let (mut events, _) = bh.run();
+        for ev in &mut events {
+            if ev.kind == EventKind::ErrorReport {
+                ev.sk_err = 113; // EHOSTUNREACH from an earlier ICMP
+            }
         }
+        let mut e = engine();
+        for ev in &events {
+            e.ingest(ev);
+        }
+        let obs = drain(&mut e);
+        let t = timeouts(&obs);
+        assert_eq!(t.len(), 1, "{order:?}: {obs:?}");
+        let Observation::Timeout { evidence, .. } = t[0] else {
+            unreachable!()
+        };
+        assert_eq!(evidence, TimeoutEvidence::SoftError { errno: 113 });
+        assert_eq!(evidence.as_str(), "soft_error");
     }
-    let mut e = engine();
-    for ev in &events {
-        e.ingest(ev);
+}
+
+/// The recently-closed list (6.10+ reports ETIMEDOUT after the close)
+/// holds `recently_closed` sockets: a report after two later closes still
+/// finds its socket; one more close than the limit settles the oldest at
+/// once (a plain close), and its report is then unmatched.
+#[test]
+fn recently_closed_list_holds_its_limit() {
+    let socks: Vec<Sock> = (40..44).map(Sock::new).collect();
+    let mut c = cfg();
+    c.recently_closed = 3;
+    let mut e = Engine::new(c).unwrap();
+    for (i, s) in socks.iter().enumerate() {
+        let t = T0 + i as u64 * MS;
+        e.ingest(&s.rto(t + 204 * MS, 1, ms_stamp(t), 51, 1_000));
     }
+    for (i, s) in socks[..3].iter().enumerate() {
+        e.ingest(&s.close(T0 + S + i as u64 * MS));
+    }
+    assert!(streak_ends(&drain(&mut e)).is_empty(), "three fit");
+    e.ingest(&socks[0].error(T0 + S + 10 * MS, 110));
+    assert_eq!(
+        e.stats().timeouts_unmatched,
+        0,
+        "the first found after two closes"
+    );
+    e.ingest(&socks[3].close(T0 + S + 20 * MS));
     let obs = drain(&mut e);
-    let t = timeouts(&obs);
-    assert_eq!(t.len(), 1);
-    let Observation::Timeout { evidence, .. } = t[0] else {
-        unreachable!()
-    };
-    assert_eq!(evidence, TimeoutEvidence::SoftError { errno: 113 });
-    assert_eq!(evidence.as_str(), "soft_error");
+    assert_eq!(timeouts(&obs).len(), 1, "{obs:?}");
+    // Now full: one more close settles socks[1] as closed.
+    e.ingest(&Sock::new(45).rto(T0 + S, 1, ms_stamp(T0 + S - 204 * MS), 51, 1_000));
+    e.ingest(&Sock::new(45).close(T0 + S + 30 * MS));
+    let ends = streak_ends(&drain(&mut e));
+    assert_eq!(
+        ends,
+        vec![(StreakOutcome::Closed, 2, true)],
+        "the oldest settled"
+    );
+    e.ingest(&socks[1].error(T0 + S + 40 * MS, 110));
+    assert_eq!(e.stats().timeouts_unmatched, 1, "settled, then unmatched");
+}
+
+/// A close is counted and frees the socket's address: a new socket at the
+/// address of one that closed normally is no reuse of a live socket
+/// (`skaddr_reuses` stays 0, where a stale address mapping would count
+/// one), while a new socket at a live socket's address is.
+#[test]
+fn close_is_counted_and_frees_its_address() {
+    let a = Sock::new(30);
+    let mut b = Sock::new(31);
+    b.skaddr = a.skaddr;
+    let mut c = Sock::new(32);
+    c.skaddr = a.skaddr;
+    let mut e = engine();
+    e.ingest(&a.rto(T0 + 204 * MS, 1, ms_stamp(T0), 51, 1_000));
+    e.ingest(&a.close(T0 + S));
+    e.ingest(&b.rto(T0 + 2 * S, 1, ms_stamp(T0 + 2 * S - 204 * MS), 51, 1_000));
+    let st = e.stats();
+    assert_eq!(st.flows_closed, 1, "one close");
+    assert_eq!(st.skaddr_reuses, 0, "a closed socket's address is free");
+    // b never closed: c at its address supersedes it.
+    e.ingest(&c.rto(T0 + 3 * S, 1, ms_stamp(T0 + 3 * S - 204 * MS), 51, 1_000));
+    let st = e.stats();
+    assert_eq!(st.skaddr_reuses, 1, "b's address reused while tracked");
+    assert_eq!(st.flows_closed, 2, "b closed as superseded");
 }
 
 #[test]
