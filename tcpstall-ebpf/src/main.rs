@@ -73,6 +73,8 @@ const AF_INET: u32 = 2;
 use snapshot::AF_INET6;
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_CLOSE_WAIT: u8 = 8;
 
 /// Program failed before an event could be sent (nothing to report).
 struct Skip;
@@ -388,12 +390,56 @@ fn try_state_btf<const DIRECT: bool, const PLAIN: bool>(
     ctx: &BtfTracePointContext,
 ) -> Result<(), Skip> {
     let l = layout()?;
-    let old_state: i32 = ctx.arg(1);
-    let new_state: i32 = ctx.arg(2);
-    tp_sock_event::<DIRECT, PLAIN>(ctx, l, true, kind::STATE, |ev| {
-        ev.old_state = old_state as u8;
-        ev.sock.state = new_state as u8;
-    })
+    let old_state = ctx.arg::<i32>(1) as u8;
+    let new_state = ctx.arg::<i32>(2) as u8;
+    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
+    if DIRECT {
+        // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk_ptr) };
+        if !tp.is_null() {
+            return state_event(l, Direct(tp as *const u8), sk_ptr, old_state, new_state);
+        }
+    }
+    let sk = arg_scalar(ctx.as_ptr(), 0);
+    if !is_tcp(l, sk) {
+        return Err(Skip);
+    }
+    if PLAIN {
+        return state_event(l, Plain(sk), sk_ptr, old_state, new_state);
+    }
+    state_event(l, Probe(sk), sk_ptr, old_state, new_state)
+}
+
+/// One STATE event. Most changes of state are of sockets that never had
+/// trouble (every short connection passes through five or so): the agent
+/// only needs which socket and which state, so the event is brief (no
+/// `flag::SOCK_FIELDS`, see [`snapshot::fill_brief`]). The full snapshot goes
+/// with a socket that retransmitted, probed or has a soft error, and with
+/// the states a flow can start in from a change of state alone (CLOSE_WAIT:
+/// the application not closing; FIN_WAIT2: the peer's FIN awaited).
+#[inline(always)]
+fn state_event<S: Source>(
+    l: &KernelLayout,
+    sk: S,
+    sk_ptr: *mut core::ffi::c_void,
+    old_state: u8,
+    new_state: u8,
+) -> Result<(), Skip> {
+    if new_state == TCP_CLOSE_WAIT || new_state == TCP_FIN_WAIT2 || snapshot::had_trouble(l, sk) {
+        return sock_event(l, sk, sk_ptr, kind::STATE, |ev| {
+            ev.old_state = old_state;
+            ev.sock.state = new_state;
+        });
+    }
+    let t = now();
+    let cookie = cookie_of(l, sk, sk_ptr);
+    emit(|ev| {
+        header(ev, kind::STATE, source::TP_BTF, t);
+        ev.old_state = old_state;
+        snapshot::fill_brief(&mut ev.sock, l, sk, cookie);
+        ev.sock.state = new_state;
+    });
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -354,19 +354,7 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     } else {
         sk.get(&f[field::SKC_COOKIE])
     };
-    let family = sk.get(&f[field::SKC_FAMILY]) as u32;
-    let mut sport = sk.get(&f[field::SKC_NUM]) as u16;
-    if sport == 0 {
-        // Released already (the final CLOSE): inet_sport still holds it.
-        sport = u16::from_be(sk.get(&f[field::INET_SPORT]) as u16);
-    }
-    if family == AF_INET6 {
-        sk.get16(&f[field::SKC_V6_RCV_SADDR], &mut out.saddr);
-        sk.get16(&f[field::SKC_V6_DADDR], &mut out.daddr);
-    } else {
-        out.saddr = v4(sk.get(&f[field::SKC_RCV_SADDR]) as u32);
-        out.daddr = v4(sk.get(&f[field::SKC_DADDR]) as u32);
-    }
+    endpoints(out, l, sk);
     let mut flags = flag::SOCK_FIELDS;
     let net = sk.follow(&f[field::SKC_NET]);
     let (mut netns, mut retries2, mut orphan_retries, mut netns_rto_max_ms) = (0, 0, 0, 0);
@@ -413,11 +401,8 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     out.lsndtime = sk.get(&f[field::TP_LSNDTIME]) as u32;
     out.rcv_tstamp = sk.get(&f[field::TP_RCV_TSTAMP]) as u32;
     out.netns_rto_max_ms = netns_rto_max_ms;
-    out.sport = sport;
-    out.dport = u16::from_be(sk.get(&f[field::SKC_DPORT]) as u16);
     out.sk_err = sk.get(&f[field::SK_ERR]) as u16;
     out.flags = flags;
-    out.family = family as u8;
     out.state = sk.get(&f[field::SKC_STATE]) as u8;
     out.retransmits = sk.get(&f[field::ICSK_RETRANSMITS]) as u8;
     out.backoff = sk.get(&f[field::ICSK_BACKOFF]) as u8;
@@ -438,6 +423,41 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     } else {
         sacked as u16
     };
+}
+
+/// Whether the socket ever retransmitted (`tp->total_retrans`, which counts
+/// SYN and FIN retransmissions too), is in an RTO or probe episode now
+/// (`icsk_retransmits`, `icsk_probes_out`) or holds a soft error: a socket
+/// the agent may be tracking, whose changes of state carry the full
+/// snapshot. Fields the kernel lacks read 0 (no trouble seen).
+#[inline(always)]
+pub fn had_trouble<S: Source>(l: &KernelLayout, sk: S) -> bool {
+    let f = &l.fields;
+    sk.get(&f[field::TP_TOTAL_RETRANS]) != 0
+        || sk.get(&f[field::ICSK_RETRANSMITS]) != 0
+        || sk.get(&f[field::ICSK_PROBES_OUT]) != 0
+        || sk.get(&f[field::SK_ERR_SOFT]) != 0
+}
+
+/// A brief snapshot: which socket (cookie, address, endpoints), `sk_err` and
+/// the state; every other field 0 and no `flag::SOCK_FIELDS` or
+/// `flag::NETNS_SYSCTLS` (the agent decodes "socket fields not read"). For
+/// the changes of state of sockets without trouble ([`had_trouble`]), which
+/// the agent only needs to end or re-state a flow it tracks. Every field of
+/// `out` is written.
+#[inline(always)]
+pub fn fill_brief<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, cookie: u64) {
+    let f = &l.fields;
+    *out = SockSnapshot::zeroed();
+    out.cookie = if cookie != 0 {
+        cookie
+    } else {
+        sk.get(&f[field::SKC_COOKIE])
+    };
+    out.skaddr = sk.addr();
+    endpoints(out, l, sk);
+    out.sk_err = sk.get(&f[field::SK_ERR]) as u16;
+    out.state = sk.get(&f[field::SKC_STATE]) as u8;
 }
 
 /// The snapshot's keepalive block (issue 20, item 2) and `flag::KEEPOPEN`:
@@ -462,6 +482,28 @@ pub fn fill_keepalive<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S
     out.sk_timer_expires = sk.get(&f[field::SK_TIMER_EXPIRES]) as u32;
     out.keepalive_probes = sk.get(&f[field::TP_KEEPALIVE_PROBES]) as u8;
     out._keepalive_reserved = [0; 6];
+}
+
+/// The family, addresses and ports of `out`.
+#[inline(always)]
+fn endpoints<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S) {
+    let f = &l.fields;
+    let family = sk.get(&f[field::SKC_FAMILY]) as u32;
+    let mut sport = sk.get(&f[field::SKC_NUM]) as u16;
+    if sport == 0 {
+        // Released already (the final CLOSE): inet_sport still holds it.
+        sport = u16::from_be(sk.get(&f[field::INET_SPORT]) as u16);
+    }
+    if family == AF_INET6 {
+        sk.get16(&f[field::SKC_V6_RCV_SADDR], &mut out.saddr);
+        sk.get16(&f[field::SKC_V6_DADDR], &mut out.daddr);
+    } else {
+        out.saddr = v4(sk.get(&f[field::SKC_RCV_SADDR]) as u32);
+        out.daddr = v4(sk.get(&f[field::SKC_DADDR]) as u32);
+    }
+    out.sport = sport;
+    out.dport = u16::from_be(sk.get(&f[field::SKC_DPORT]) as u16);
+    out.family = family as u8;
 }
 
 /// An IPv4 address (network order as loaded) in the 16-byte slot.

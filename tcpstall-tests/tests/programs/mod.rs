@@ -3,7 +3,7 @@
 //! tests run on the host and, by name (`programs::...`), in the QEMU guests.
 
 use std::{
-    io::{Read, Write},
+    io::Write,
     net::{SocketAddr, TcpListener},
     os::unix::{fs::MetadataExt, process::CommandExt},
     path::PathBuf,
@@ -138,30 +138,33 @@ fn cgroup_id_is_the_sockets_cgroup_inode() {
         });
     }
     let mut child = cmd.spawn().expect("spawn the connecting child");
-    let (mut accepted, client) = listener.accept().expect("accept");
-    accepted.write_all(b"x").expect("write");
-    let _ = accepted.set_read_timeout(Some(Duration::from_millis(100)));
-    let _ = accepted.read(&mut [0u8; 1]);
+    let (accepted, client) = listener.accept().expect("accept");
+    // Our FIN: the child's socket goes to CLOSE_WAIT and ours to FIN_WAIT2,
+    // changes of state that carry the full snapshot (the cgroup among it)
+    // even for sockets without trouble.
+    accepted
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
 
-    let established = |local: SocketAddr, remote: SocketAddr, what: &str| -> Value {
+    let full_state = |local: SocketAddr, remote: SocketAddr, state: &str, what: &str| -> Value {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(e) = state_events(&agent, local, remote)
                 .into_iter()
-                .find(|e| ev_str(e, "state") == "ESTABLISHED")
+                .find(|e| ev_str(e, "state") == state)
             {
                 return e;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "no ESTABLISHED state event for the {what} socket {local} -> {remote}; events: {:?}",
+                "no {state} state event for the {what} socket {local} -> {remote}; events: {:?}",
                 agent.events()
             );
             thread::sleep(Duration::from_millis(50));
         }
     };
-    let c = established(client, server, "client");
-    let s = established(server, client, "accepted");
+    let c = full_state(client, server, "CLOSE_WAIT", "client");
+    let s = full_state(server, client, "FIN_WAIT2", "accepted");
     let _ = child.kill();
     let _ = child.wait();
     agent.stop();
@@ -374,7 +377,10 @@ fn state_program_fields() {
         "client socket's old_state -> state: {cl:#?}"
     );
     for (i, e) in cl.iter().enumerate() {
-        c.check(e, "state", "tp_btf", true);
+        // Brief until FIN_WAIT2: a socket without trouble.
+        let full = ev_str(e, "state") == "FIN_WAIT2";
+        c.check(e, "state", "tp_btf", full);
+        check_brief(e, !full);
         assert_eq!(ev_str(e, "remote"), server.to_string(), "remote: {e}");
         if i > 0 {
             assert_eq!(ev_str(e, "local"), local.to_string(), "local: {e}");
@@ -388,9 +394,70 @@ fn state_program_fields() {
         );
     }
     for e in sv.iter().filter(|e| ev_str(e, "old_state") != "LISTEN") {
-        s.check(e, "state", "tp_btf", true);
+        let full = ev_str(e, "state") == "CLOSE_WAIT";
+        s.check(e, "state", "tp_btf", full);
+        check_brief(e, !full);
         assert_eq!(ev_str(e, "local"), server.to_string(), "local: {e}");
         assert_eq!(ev_str(e, "remote"), local.to_string(), "remote: {e}");
+    }
+    drop(accepted);
+}
+
+/// A brief STATE event (a socket without trouble, see `snapshot::fill_brief`)
+/// names the socket and its state only: no socket fields, no namespace
+/// sysctls; a full one has both.
+fn check_brief(e: &Value, brief: bool) {
+    for key in ["user_timeout_ms", "snd_wnd", "tcp_retries2"] {
+        assert_eq!(
+            e.get(key).is_none_or(Value::is_null),
+            brief,
+            "{key} of a {} STATE event: {e}",
+            if brief { "brief" } else { "full" }
+        );
+    }
+    if brief {
+        assert_eq!(ev_u64(e, "netns"), 0, "netns of a brief STATE event: {e}");
+    }
+}
+
+/// A socket that retransmitted (its SYN, lost for the first 1.5 s) carries the full snapshot in every later change of state:
+/// the agent may be tracking it. Mutation: `snapshot::had_trouble` without
+/// its `total_retrans` test -> fails ("user_timeout_ms of a full STATE
+/// event", SYN_SENT -> ESTABLISHED brief).
+#[test]
+fn state_events_of_a_socket_with_trouble_are_full() {
+    require_tools();
+    let link = Link::new("psf", 63);
+    link.b.sysctl("net.ipv4.tcp_retries2", "9");
+    let server = SocketAddr::from((link.b_ip, 8082));
+    let listener = listen_in(&link.b, server);
+    let mut agent = Agent::start(&[]);
+    // The server's namespace drops the client's packets for its first 1.5 s:
+    // the SYN at 0 s and its retransmission at 1 s are lost, the one at 3 s
+    // connects (total_retrans 2 before SYN_SENT -> ESTABLISHED).
+    let client = thread::scope(|sc| {
+        let blackhole = link.b.blackhole_from(link.a_ip);
+        sc.spawn(move || {
+            thread::sleep(Duration::from_millis(1500));
+            drop(blackhole);
+        });
+        connect_in(&link.a, server)
+    });
+    let (accepted, _) = listener.accept().expect("accept");
+    let c = Expect::new(&link.a, &client, 15);
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    let cl = wait_socket_events(&agent, c.cookie, "FIN_WAIT1", |evs| {
+        evs.iter()
+            .any(|e| ev_str(e, "kind") == "state" && ev_str(e, "state") == "FIN_WAIT1")
+    });
+    agent.stop();
+    for e in cl
+        .iter()
+        .filter(|e| ev_str(e, "kind") == "state" && ev_str(e, "old_state") != "CLOSE")
+    {
+        check_brief(e, false);
     }
     drop(accepted);
 }
@@ -747,7 +814,6 @@ fn ring_wakes_the_asleep_reader() {
     // Our connection's events are in the ring (read until seen: other
     // traffic on the node shares it).
     let local = client.local_addr().expect("local");
-    let netns = link.a.inode();
     wait_until(
         Duration::from_secs(10),
         Duration::from_millis(20),
@@ -756,8 +822,8 @@ fn ring_wakes_the_asleep_reader() {
             while let Some(item) = ring.next() {
                 if let Ok(ev) = SockEvent::decode(&item)
                     && ev.kind == EventKind::State
-                    && u64::from(ev.netns) == netns
                     && ev.local == local
+                    && ev.remote == server
                 {
                     return Ok(());
                 }

@@ -402,7 +402,7 @@ fn run_one(
             opts.timeout.as_secs()
         ),
     );
-    let boot = boot(
+    let mut boot = boot(
         tools,
         opts,
         accel,
@@ -412,6 +412,39 @@ fn run_one(
         console_log,
         true,
     )?;
+    if boot.boot_hung {
+        // The kernel hung before our /init printed its first line: no test ran,
+        // so there is no result to keep or to retry. Boot it once more; its
+        // console log is kept beside the new one for the kernel's own errors.
+        let hung_log = console_log.with_extension("boot-hang.log");
+        fs::rename(console_log, &hung_log)
+            .with_context(|| format!("keeping {}", hung_log.display()))?;
+        phase(
+            spec,
+            &format!(
+                "booting once more: the first boot hung before /init (its console: {})",
+                hung_log.display()
+            ),
+        );
+        boot = self::qemu::boot(
+            tools,
+            opts,
+            accel,
+            spec,
+            &k.vmlinuz,
+            &initrd,
+            console_log,
+            true,
+        )?;
+        if boot.boot_hung {
+            bail!(
+                "{spec}: the guest hung twice in the kernel's boot, before /init (console logs \
+                 {} and {}): the kernel's errors, if any, are there",
+                hung_log.display(),
+                console_log.display()
+            );
+        }
+    }
     let total = start.elapsed();
 
     if let Some(r) = &boot.guest_release
