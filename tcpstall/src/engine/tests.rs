@@ -964,6 +964,35 @@ fn recently_closed_list_holds_its_limit() {
     assert_eq!(e.stats().timeouts_unmatched, 1, "settled, then unmatched");
 }
 
+/// RTO retransmissions with no timer event (the retransmission tracepoint
+/// alone): the next expiry is expected one doubled RTO after the last one,
+/// taken from the latest retransmission's RTO, and the streak ends
+/// (recovered) only once that is overdue by the grace, not before.
+#[test]
+fn rto_retransmissions_alone_expect_the_next_at_the_doubled_latest_rto() {
+    let s = Sock::new(50);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.retransmit(T0, 0, 1, st, 51, 1_000, 1));
+    let last = T0 + 408 * MS;
+    e.ingest(&s.retransmit(last, 0, 2, st, 102, 1_000, 2));
+    let interval = 2 * 102 * S / u64::from(HZ);
+    let c = cfg();
+    let grace = dur_ns(c.stale_grace) + (interval as f64 * c.stale_grace_factor) as u64;
+    let due = last + interval + grace;
+    e.tick(due - 10 * MS);
+    assert!(
+        streak_ends(&drain(&mut e)).is_empty(),
+        "ended before the doubled RTO and its grace"
+    );
+    e.tick(due + 10 * MS);
+    let ends: Vec<_> = streak_ends(&drain(&mut e))
+        .into_iter()
+        .map(|(o, _, _)| o)
+        .collect();
+    assert_eq!(ends, vec![StreakOutcome::Recovered]);
+}
+
 /// A close is counted and frees the socket's address: a new socket at the
 /// address of one that closed normally is no reuse of a live socket
 /// (`skaddr_reuses` stays 0, where a stale address mapping would count
