@@ -1107,6 +1107,16 @@ fn duplicate_timer_report_window_is_100_ms_or_half_the_rto() {
         0,
         "60 ms after, RTO 80 ms"
     );
+    // The same count at another timer expiry, 1 s later (a failed
+    // retransmission re-arms without counting): not the same expiry.
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 1_204 * MS, 1, st, 51, 1_000));
+    assert_eq!(
+        e.stats().timer_events_duplicate,
+        0,
+        "same count, another timer expiry"
+    );
 }
 
 #[test]
