@@ -993,6 +993,37 @@ fn rto_retransmissions_alone_expect_the_next_at_the_doubled_latest_rto() {
     assert_eq!(ends, vec![StreakOutcome::Recovered]);
 }
 
+/// Each RTO expiry counted once, in either kernel order of the
+/// `icsk_retransmits` increment (after the retransmission before 6.7, before
+/// it from 6.7 on): the timer's report and its own retransmission are one
+/// expiry, and an expiry whose timer report was lost is numbered from the
+/// order learned at the first one.
+#[test]
+fn rto_expiries_counted_once_in_either_kernel_order() {
+    let s = Sock::new(51);
+    let st = ms_stamp(T0);
+    for before in [false, true] {
+        let b = u32::from(before);
+        let mut e = engine();
+        e.ingest(&s.rto(T0 + 204 * MS, 0, st, 51, 1_000));
+        e.ingest(&s.retransmit(T0 + 204 * MS + 50_000, 0, b, st, 51, 1_000, 1));
+        // The second expiry's timer report lost: its retransmission alone.
+        e.ingest(&s.retransmit(T0 + 612 * MS, 0, 1 + b, st, 102, 1_000, 2));
+        let rtos: Vec<u32> = drain(&mut e)
+            .iter()
+            .filter_map(|o| match o {
+                Observation::RtoExpiry { rtos, .. } => Some(*rtos),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            rtos,
+            vec![1, 2],
+            "incremented before the retransmission: {before}"
+        );
+    }
+}
+
 /// A close is counted and frees the socket's address: a new socket at the
 /// address of one that closed normally is no reuse of a live socket
 /// (`skaddr_reuses` stays 0, where a stale address mapping would count
