@@ -1148,6 +1148,41 @@ fn duplicate_timer_report_window_is_100_ms_or_half_the_rto() {
         0,
         "same count, another timer expiry"
     );
+    // The same count and the same timer expiry, reported 300 ms later
+    // (outside the time window): the same expiry, by its timer.
+    let mut e = engine();
+    let first = s.rto(T0 + 204 * MS, 1, st, 51, 1_000);
+    let mut late = s.rto(T0 + 504 * MS, 1, st, 51, 1_000);
+    late.sock.as_mut().unwrap().timer_expires = first.sock.unwrap().timer_expires;
+    e.ingest(&first);
+    e.ingest(&late);
+    assert_eq!(
+        e.stats().timer_events_duplicate,
+        1,
+        "same count, same timer expiry"
+    );
+}
+
+/// A timer expiry whose count does not go past the streak's (the kernel
+/// reset `icsk_retransmits`: the losses were repaired unseen, e.g. with no
+/// ACK program) ends the streak as recovered and starts a new one, even
+/// with `snd_una` unchanged in the events.
+#[test]
+fn rto_count_restarting_ends_the_streak_as_recovered() {
+    let s = Sock::new(52);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 0, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 612 * MS, 1, st, 102, 1_000));
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+    // Before the streak's next expiry is even due (no overdue end).
+    let st2 = ms_stamp(T0 + 800 * MS);
+    e.ingest(&s.rto(T0 + 1_004 * MS, 0, st2, 51, 1_000));
+    let ends: Vec<_> = streak_ends(&drain(&mut e))
+        .into_iter()
+        .map(|(o, _, _)| o)
+        .collect();
+    assert_eq!(ends, vec![StreakOutcome::Recovered]);
 }
 
 #[test]
