@@ -1681,6 +1681,9 @@ fn zero_window_ends_when_a_probe_finds_the_window_open() {
         .filter(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
         .collect();
     assert_eq!(ends.len(), 1, "one logged end: {ends:?}");
+    // Every probe counted for the peer, the open-window one included.
+    let r = e.remotes(opened + 600 * S);
+    assert_eq!(r.top[0].counters.zero_window_probes, 7);
     assert!(
         matches!(
             ends[0],
