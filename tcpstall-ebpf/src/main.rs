@@ -781,13 +781,14 @@ fn try_write_timer_tp_cast(ctx: &BtfTracePointContext) -> Result<(), Skip> {
 }
 
 // ---------------------------------------------------------------------------
-// The keepalive timer (`sk->sk_timer`, callback `tcp_keepalive_timer`): the
+// The keepalive timer (callback `tcp_keepalive_timer`; `icsk_keepalive_timer`
+// where the BTF has it, else `sk->sk_timer`: the layout's `SK_TIMER` row): the
 // write timer's counterparts (fentry > kprobe > timer_expire_entry). Every
 // mechanism gets the timer's address and reads the socket at that address
-// minus `sk_timer`'s offset with probe reads, the cookie as the socket holds
+// minus the timer's offset with probe reads, the cookie as the socket holds
 // it: nothing a kernel build may withhold from the verifier.
 
-/// `timer` is `&sk->sk_timer` of a TCP socket whose keepalive timer is
+/// `timer` is the keepalive timer of a TCP socket whose keepalive timer is
 /// expiring now, before `tcp_keepalive_timer()` runs. It fires rarely (once
 /// per keepalive interval of a socket with SO_KEEPALIVE, or an orphan's
 /// FIN_WAIT2 timeout): no filter beyond LISTEN / CLOSE.

@@ -439,6 +439,13 @@ pub fn had_trouble<S: Source>(l: &KernelLayout, sk: S) -> bool {
         || sk.get(&f[field::SK_ERR_SOFT]) != 0
 }
 
+/// Whether `sk_err` is set (a reset, or an error the application has not
+/// read yet).
+#[inline(always)]
+pub fn has_error<S: Source>(l: &KernelLayout, sk: S) -> bool {
+    sk.get(&l.fields[field::SK_ERR]) != 0
+}
+
 /// A brief snapshot: which socket (cookie, address, endpoints), `sk_err` and
 /// the state; every other field 0 and no `flag::SOCK_FIELDS` or
 /// `flag::NETNS_SYSCTLS` (the agent decodes "socket fields not read"). For

@@ -410,3 +410,54 @@ impl Agent {
         Self::spawn(Command::new(program), extra)
     }
 }
+
+impl Agent {
+    /// `GET /api/v1/guard`.
+    pub fn guard(&self) -> Value {
+        let (code, body) = self.http_get("/api/v1/guard");
+        assert_eq!(code, 200, "GET /api/v1/guard: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("guard JSON: {e}: {body}"))
+    }
+
+    /// Waits until every rule of `rules` covers a cgroup in the kernel map.
+    pub fn wait_guard_covers(&self, rules: &[&str]) {
+        wait_until(
+            Duration::from_secs(15),
+            Duration::from_millis(200),
+            "the guard covering the pods' cgroups",
+            || {
+                let g = self.guard();
+                let covered: Vec<String> = g["cgroups"]
+                    .as_array()
+                    .map(|a| a.iter().map(|c| ev_str(c, "rule").to_owned()).collect())
+                    .unwrap_or_default();
+                if rules.iter().all(|w| covered.iter().any(|c| c == w)) {
+                    Ok(())
+                } else {
+                    Err(format!("{}", g["cgroups"]))
+                }
+            },
+        );
+    }
+}
+
+/// The guard's record (`/api/v1/guard` document `guard`) of the socket at
+/// `local`, if any.
+pub fn guard_record(guard: &Value, local: &str) -> Option<Value> {
+    guard["sockets"]
+        .as_array()?
+        .iter()
+        .find(|s| s["local"] == local)
+        .cloned()
+}
+
+/// The strings of a JSON array (empty for anything else).
+pub fn json_strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -385,3 +385,84 @@ pub fn assert_owner_named(
     assert_eq!(ev_str(&line, "comm"), want.comm, "{line}");
     assert_eq!(line["pid"].as_u64(), Some(want.pid), "{line}");
 }
+
+/// A run's kubelet-style pods: a scratch directory with the containerd
+/// state naming them, and their cgroups; all removed on drop (cgroups
+/// first: their processes are killed).
+pub struct TaskPods {
+    cgroups: Cgroups,
+    /// The scratch directory (containerd state under `containerd/`).
+    pub tmp: std::path::PathBuf,
+    _scratch: Scratch,
+    cg_root: std::path::PathBuf,
+    /// Namespaces are `<name>-<tag><pid>`.
+    tag: &'static str,
+}
+
+impl TaskPods {
+    /// `tag` unique per test (namespaces, scratch directory).
+    pub fn new(tag: &'static str) -> Self {
+        let pid = std::process::id();
+        let tmp = std::env::temp_dir().join(format!("tcpstall-guard-{tag}{pid}"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        TaskPods {
+            cgroups: Cgroups::default(),
+            _scratch: Scratch(tmp.clone()),
+            tmp,
+            cg_root: cgroup2_root(),
+            tag,
+        }
+    }
+
+    /// Pod `name` in namespace `<namespace>-<tag><pid>`; `idx` unique per run.
+    pub fn pod(&mut self, idx: u32, namespace: &str, name: &str) -> TaskPod {
+        let tasks = self
+            .tmp
+            .join("containerd/io.containerd.runtime.v2.task/k8s.io");
+        let ns = format!("{namespace}-{}{}", self.tag, std::process::id());
+        make_task_pod(&mut self.cgroups, &self.cg_root, &tasks, idx, &ns, name)
+    }
+
+    /// The agent with the guard policy `policy`, resolving pods from this
+    /// run's containerd state (the other runtimes' roots empty), plus
+    /// `extra` arguments.
+    pub fn agent_with_policy(&self, policy: &std::path::Path, extra: &[&str]) -> crate::Agent {
+        let mut args = runtime_state_args(&self.tmp);
+        args.extend(["--guard-policy".to_owned(), policy.display().to_string()]);
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.extend_from_slice(extra);
+        crate::Agent::start(&all)
+    }
+}
+
+/// Runs `f` with this whole process moved into `cgroup` (a pod's): every
+/// socket created meanwhile is the cgroup's (the kernel ties a socket to
+/// its creator's cgroup at creation, and cgroup `sock_ops` programs run by
+/// the socket's cgroup, not by the process using it later). The process
+/// moves back to its own cgroup afterwards, also when `f` panics (a pod's
+/// cgroup guard kills what is left in it).
+pub fn in_cgroup<T>(cgroup: &std::path::Path, f: impl FnOnce() -> T) -> T {
+    struct Back(std::path::PathBuf);
+    impl Drop for Back {
+        fn drop(&mut self) {
+            let procs = self.0.join("cgroup.procs");
+            if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
+                // Never leave the test inside a pod's cgroup (killed with it).
+                eprintln!("moving the test back to {}: {e}", procs.display());
+                std::process::abort();
+            }
+        }
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_else(|| panic!("no cgroup2 line in /proc/self/cgroup:\n{own}"));
+    let home = cgroup2_root().join(rel.trim().trim_start_matches('/'));
+    let _back = Back(home);
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .unwrap_or_else(|e| panic!("moving the test into {}: {e}", procs.display()));
+    f()
+}

@@ -22,8 +22,9 @@
 //! - [`prometheus`]: exposition and Grafana query helpers;
 //! - [`k8s`]: `setpriv` and `kubernetes-validate` helpers; a CRI client
 //!   ([`k8s::cri`]) and a private containerd node ([`k8s::containerd`]);
-//!   kubelet-style pod cgroups and processes started in them, containerd
-//!   task specs (the guard's test).
+//!   kubelet-style pod cgroups, processes started in them and sockets
+//!   created in them ([`in_cgroup`]), containerd task specs and a run's pods
+//!   ([`TaskPods`], the guard's tests).
 
 pub mod agent;
 pub mod k8s;

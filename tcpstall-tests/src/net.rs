@@ -684,3 +684,86 @@ pub fn spawn_connect_in(
         }
     })
 }
+
+/// An integer socket option (`getsockopt`).
+pub fn sockopt_int(s: &impl AsRawFd, level: libc::c_int, opt: libc::c_int) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd, buffer and length.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "getsockopt {level}/{opt}: {}",
+        std::io::Error::last_os_error()
+    );
+    v
+}
+
+/// SO_LINGER {on, 0}: close resets the connection and frees the socket at
+/// once (nothing left orphaned to retransmit into a blackhole).
+pub fn set_linger_zero(s: &impl AsRawFd) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option buffer.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+/// A connection from inside `ns` to `addr` whose socket got
+/// TCP_USER_TIMEOUT `user_timeout_ms` before `connect()` (what an
+/// application that sets its own does), and SO_LINGER {on, 0}.
+pub fn connect_with_user_timeout_in(
+    ns: &Netns,
+    addr: SocketAddr,
+    user_timeout_ms: u32,
+) -> TcpStream {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(a) = addr else {
+        panic!("connect_with_user_timeout_in: IPv4 only ({addr})");
+    };
+    ns.run_in(move || {
+        // SAFETY: a fresh descriptor this thread owns, handed to TcpStream
+        // at once (closed on drop); every buffer is a valid local.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let s = TcpStream::from_raw_fd(fd);
+            set_user_timeout(&s, user_timeout_ms);
+            set_linger_zero(&s);
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let r = libc::connect(
+                fd,
+                (&sin as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            assert_eq!(r, 0, "connect {addr}: {}", std::io::Error::last_os_error());
+            s
+        }
+    })
+}

@@ -28,6 +28,10 @@ mod keepalive;
 #[path = "orphan/mod.rs"]
 mod orphan;
 
+/// The guard in every kernel: per-pod rules arm the timeouts sockets lack.
+#[path = "guard_kernel/mod.rs"]
+mod guard_kernel;
+
 /// Why it stalls: one scenario per cause.
 #[path = "causes/mod.rs"]
 mod causes;
@@ -309,7 +313,7 @@ fn healthy_connection_has_no_retransmits() {
             v["message"] == "event"
                 && ev_str(v, "kind") == "state"
                 && ev_str(v, "local") == local.to_string()
-                && ev_str(v, "state") == "FIN_WAIT1"
+                && ev_str(v, "state") == "FIN_WAIT2"
         },
     );
     thread::sleep(Duration::from_millis(500));

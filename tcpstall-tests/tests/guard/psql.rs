@@ -34,13 +34,12 @@ use std::{
 
 use serde_json::Value;
 use tcpstall_tests::{
-    Link, Netns, Proc, ev_str, http_get, monotonic_ns, require, require_tools, run_ok, sh_quiet,
-    spawn_in_cgroup, wait_until, write_file,
+    Link, Netns, Proc, TaskPods, ev_str, guard_record as record_of, http_get, json_strs as strs,
+    monotonic_ns, require, require_tools, run_ok, sh_quiet, spawn_in_cgroup, wait_until,
+    write_file,
 };
 
-use super::{
-    Pods, agent_with_policy, assert_guarded_stall, guard_doc, record_of, strs, wait_rules_cover,
-};
+use super::assert_guarded_stall;
 
 /// The rule's keepalive: idle, interval (s) and probe count; its horizon.
 const KA_IDLE_S: u64 = 4;
@@ -338,7 +337,7 @@ fn guard_psql_fails_at_the_rules_timeouts() {
         "setpriv (runs the Postgres server as the postgres user)",
         "apt-get install util-linux",
     );
-    let mut fx = Pods::new("q");
+    let mut fx = TaskPods::new("q");
     let tmp = fx.tmp.clone();
     let shop = fx.pod(11, "pgshop", "api-0");
     let dev = fx.pod(12, "pgdev", "api-0");
@@ -365,8 +364,8 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
 
     let link = Link::new("gpq", 78);
     link.a.sysctl("net.ipv4.tcp_retries2", "15");
-    let agent = agent_with_policy(&tmp, &policy, &[]);
-    wait_rules_cover(&agent, &["pg-10s", "pg-keepalive"]);
+    let agent = fx.agent_with_policy(&policy, &[]);
+    agent.wait_guard_covers(&["pg-10s", "pg-keepalive"]);
     let _pg = Postgres::start(&bindir, &tmp.join("pg"), &link.b, link.b_ip);
 
     let start =
@@ -388,7 +387,7 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
         Duration::from_millis(200),
         "the guard's records of the psql sockets",
         || {
-            let g = guard_doc(&agent);
+            let g = agent.guard();
             if record_of(&g, &l_shop).is_some() && record_of(&g, &l_pool).is_some() {
                 Ok(g)
             } else {

@@ -93,6 +93,14 @@ pub const VM_TESTS: &[&str] = &[
     "causes::cause_local_drop_in_the_clients_output_chain",
     "causes::cause_unreachable_icmp_host_unreachable",
     "causes::cause_pmtu_blackhole_with_mtu_probing_lowers_the_mss",
+    // The guard (std sockets in pod cgroups, one agent each): both of its
+    // programs arm TCP_USER_TIMEOUT / keepalive per pod rule, keep an
+    // application's own value, leave other pods alone, dry-run reports
+    // exactly what enforce changes, a passive socket follows the server
+    // pod's rule; a kernel without the guard's setsockopt options gets
+    // doctor's reason and the guard off instead (checked from its BTF).
+    "guard_kernel::guard_arms_timeouts_per_pod_rule",
+    "guard_kernel::guard_plain_fallback_arms_timeouts_per_pod_rule",
 ];
 
 /// Tests of VM_TESTS that need the sweep's kernel hooks (the
