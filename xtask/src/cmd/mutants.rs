@@ -128,8 +128,8 @@ pub fn run(
             // order): a run stopped at its budget is a sample of its
             // files, not their first functions.
             .arg("--shuffle")
-            // The library's unit tests take about a second; a mutant that
-            // makes them loop is a timeout after a minute.
+            // The engine's unit tests take 2-5 s at opt-level 0; a mutant
+            // that makes them loop is a timeout after a minute.
             .args(["--timeout", "60", "--build-timeout", "600"])
             .args(PROFILE_ARGS)
             .envs(ENV.iter().copied())
