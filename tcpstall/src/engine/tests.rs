@@ -2619,6 +2619,41 @@ fn snapshots_of_closed_time_wait_and_listening_sockets_are_not_classified() {
     }
 }
 
+/// An RTO-backoff snapshot needs all of: the retransmit timer pending,
+/// retransmissions counted, a state past the handshake, data in flight.
+/// With any one of the last three missing it is not one.
+#[test]
+fn snapshots_missing_one_rto_backoff_condition_are_not_rto_backoff() {
+    let s = Sock::new(96);
+    let snap = || {
+        let mut snap = s.rto(T0, 3, ms_stamp(T0), 51, 1_000);
+        snap.mechanism = Mechanism::Sweep;
+        snap.packets_out = 4;
+        snap
+    };
+    assert_eq!(
+        seed::classify_snapshot(&snap()),
+        Some(seed::SnapshotClass::RtoBackoff)
+    );
+    let mut none_counted = snap();
+    none_counted.retransmits = 0;
+    let mut syn = snap();
+    syn.state = TcpState::SynSent;
+    let mut nothing_in_flight = snap();
+    nothing_in_flight.packets_out = 0;
+    for (what, ev) in [
+        ("no retransmissions", none_counted),
+        ("SYN_SENT", syn),
+        ("nothing in flight", nothing_in_flight),
+    ] {
+        assert_ne!(
+            seed::classify_snapshot(&ev),
+            Some(seed::SnapshotClass::RtoBackoff),
+            "{what}"
+        );
+    }
+}
+
 /// A CLOSE_WAIT socket seen first by a sweep: the peer's FIN was the last
 /// segment it received (`rcv_tstamp`, jiffies), 70 s ago; listed past the
 /// 60 s threshold with that age. A FIN 30 s ago is not a stall yet.
