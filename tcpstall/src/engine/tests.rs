@@ -2652,6 +2652,44 @@ fn snapshots_missing_one_rto_backoff_condition_are_not_rto_backoff() {
             "{what}"
         );
     }
+    // The persist timer with an open window is no zero-window snapshot; an
+    // idle socket (no timer, no keepalive probe out) no keepalive one.
+    let mut open_probe = snap();
+    if let Some(f) = open_probe.sock.as_mut() {
+        f.pending = 3;
+        f.snd_wnd = 100;
+    }
+    assert_ne!(
+        seed::classify_snapshot(&open_probe),
+        Some(seed::SnapshotClass::ZeroWindow)
+    );
+    let mut idle = snap();
+    idle.retransmits = 0;
+    idle.packets_out = 0;
+    if let Some(f) = idle.sock.as_mut() {
+        f.pending = 0;
+    }
+    assert_eq!(seed::classify_snapshot(&idle), None);
+}
+
+/// A sweep snapshot with neither cookie nor socket address cannot be
+/// keyed: ignored and counted; one with a cookie and no address is seeded.
+#[test]
+fn sweep_snapshot_without_cookie_or_address_is_ignored_and_counted() {
+    let s = Sock::new(97);
+    let mut snap = s.rto(T0 + 2_000 * MS, 3, ms_stamp(T0), 408, 1_000);
+    snap.kind = EventKind::Sweep;
+    snap.mechanism = Mechanism::Sweep;
+    snap.skaddr = 0;
+    let mut bare = snap.clone();
+    bare.cookie = 0;
+    let mut e = engine();
+    e.ingest(&bare);
+    assert_eq!(e.stats().sweep_ignored, 1);
+    assert_eq!(e.flows_tracked(), 0);
+    e.ingest(&snap);
+    assert_eq!(e.stats().sweep_ignored, 1);
+    assert_eq!(e.flows_tracked(), 1, "seeded by its cookie");
 }
 
 /// A CLOSE_WAIT socket seen first by a sweep: the peer's FIN was the last
