@@ -2672,6 +2672,32 @@ fn snapshots_missing_one_rto_backoff_condition_are_not_rto_backoff() {
     assert_eq!(seed::classify_snapshot(&idle), None);
 }
 
+/// A sweep snapshot teaches nothing when the flow's events are newer, or
+/// when its socket closed (never resurrected): ignored and counted. One
+/// taken at or after the flow's last event is used.
+#[test]
+fn sweep_snapshot_ignored_when_older_than_the_events_or_closed() {
+    let sweep = |s: &Sock, ts: u64| {
+        let mut snap = s.rto(ts, 3, ms_stamp(T0), 408, 1_000);
+        snap.kind = EventKind::Sweep;
+        snap.mechanism = Mechanism::Sweep;
+        snap
+    };
+    let a = Sock::new(98);
+    let mut e = engine();
+    e.ingest(&a.rto(T0 + 5 * S, 2, ms_stamp(T0), 204, 1_000));
+    e.ingest(&sweep(&a, T0 + 4 * S));
+    assert_eq!(e.stats().sweep_ignored, 1, "older than the events");
+    e.ingest(&sweep(&a, T0 + 5 * S));
+    e.ingest(&sweep(&a, T0 + 6 * S));
+    assert_eq!(e.stats().sweep_ignored, 1, "as new as the events, newer");
+    let b = Sock::new(99);
+    e.ingest(&b.rto(T0 + 5 * S, 2, ms_stamp(T0), 204, 1_000));
+    e.ingest(&b.close(T0 + 6 * S));
+    e.ingest(&sweep(&b, T0 + 7 * S));
+    assert_eq!(e.stats().sweep_ignored, 2, "closed");
+}
+
 /// A sweep snapshot with neither cookie nor socket address cannot be
 /// keyed: ignored and counted; one with a cookie and no address is seeded.
 #[test]
