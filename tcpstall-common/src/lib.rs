@@ -307,7 +307,8 @@ pub struct SockSnapshot {
     pub netns_keepalive_intvl: u32,
     /// `icsk_ack.lrcvtime` (jiffies, 32 bit): the last data received.
     pub lrcvtime: u32,
-    /// `sk->sk_timer.expires` (jiffies, low 32 bits): the keepalive timer.
+    /// The keepalive timer's `expires` (jiffies, low 32 bits):
+    /// `icsk_keepalive_timer` where the kernel has it, else `sk->sk_timer`.
     pub sk_timer_expires: u32,
     /// `tp->keepalive_probes` (TCP_KEEPCNT; 0 = the netns sysctl) and the
     /// netns `tcp_keepalive_probes`.
@@ -540,10 +541,11 @@ pub mod field {
     // ---- keepalive (issue 20, item 2)
     /// `icsk_ack.lrcvtime` (jiffies, u32).
     pub const ICSK_ACK_LRCVTIME: usize = 55;
-    /// Offset of `sk->sk_timer` (the keepalive timer's `struct timer_list`)
-    /// inside `struct sock`; offset only.
+    /// Offset of the keepalive timer's `struct timer_list` inside `struct
+    /// sock` (`icsk_keepalive_timer` where the kernel has it, else
+    /// `sk->sk_timer`); offset only.
     pub const SK_TIMER: usize = 56;
-    /// `sk->sk_timer.expires` (jiffies), from the start of `struct sock`.
+    /// That timer's `expires` (jiffies), from the start of `struct sock`.
     pub const SK_TIMER_EXPIRES: usize = 57;
     /// From the start of `struct net`: `ipv4.sysctl_tcp_keepalive_time`,
     /// `..._probes`, `..._intvl` (jiffies, count, jiffies).

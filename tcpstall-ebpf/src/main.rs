@@ -74,7 +74,9 @@ use snapshot::AF_INET6;
 const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
 const TCP_FIN_WAIT2: u8 = 5;
+const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
 
 /// Program failed before an event could be sent (nothing to report).
 struct Skip;
@@ -410,13 +412,20 @@ fn try_state_btf<const DIRECT: bool, const PLAIN: bool>(
     state_event(l, Probe(sk), sk_ptr, old_state, new_state)
 }
 
-/// One STATE event. Most changes of state are of sockets that never had
-/// trouble (every short connection passes through five or so): the agent
-/// only needs which socket and which state, so the event is brief (no
-/// `flag::SOCK_FIELDS`, see [`snapshot::fill_brief`]). The full snapshot goes
-/// with a socket that retransmitted, probed or has a soft error, and with
-/// the states a flow can start in from a change of state alone (CLOSE_WAIT:
-/// the application not closing; FIN_WAIT2: the peer's FIN awaited).
+/// One STATE event, or none. Most changes of state are of sockets that
+/// never had trouble (every short connection makes five or more), and the
+/// agent has no use for them: it starts a flow from trouble (a
+/// retransmission, a probe, a soft error: [`snapshot::had_trouble`]) or from
+/// a state a flow can begin in without any (CLOSE_WAIT: the application not
+/// closing; FIN_WAIT2: the peer's FIN awaited). So:
+///
+/// - trouble, or a change to CLOSE_WAIT or FIN_WAIT2: the full snapshot;
+/// - a change out of FIN_WAIT2, TIME_WAIT, CLOSE_WAIT or LAST_ACK (the later
+///   life of a flow begun by its state), or with `sk_err` set (a reset): a
+///   brief event, enough to end or re-state a flow the agent tracks
+///   ([`snapshot::fill_brief`]);
+/// - anything else: nothing, not even a ring-buffer reservation (the cost
+///   of this program is the reservation and the copy, not the reads).
 #[inline(always)]
 fn state_event<S: Source>(
     l: &KernelLayout,
@@ -430,6 +439,13 @@ fn state_event<S: Source>(
             ev.old_state = old_state;
             ev.sock.state = new_state;
         });
+    }
+    let later_life = matches!(
+        old_state,
+        TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_CLOSE_WAIT | TCP_LAST_ACK
+    );
+    if !later_life && !snapshot::has_error(l, sk) {
+        return Err(Skip);
     }
     let t = now();
     let cookie = cookie_of(l, sk, sk_ptr);

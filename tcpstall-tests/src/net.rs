@@ -116,11 +116,16 @@ impl Netns {
     /// Adds `rule` to the `hook` (input, output) chain of the test table;
     /// the table goes with the returned guard.
     fn test_rule(&self, hook: &str, rule: &str) -> Blackhole<'_> {
+        self.test_rule_at(hook, "add", rule)
+    }
+
+    /// `verb`: `add` (after the chain's rules) or `insert` (ahead of them).
+    fn test_rule_at(&self, hook: &str, verb: &str, rule: &str) -> Blackhole<'_> {
         self.exec("nft add table inet tcpstall_test");
         self.exec(&format!(
             "nft add chain inet tcpstall_test {hook} {{ type filter hook {hook} priority 0 \\; policy accept \\; }}"
         ));
-        self.exec(&format!("nft add rule inet tcpstall_test {hook} {rule}"));
+        self.exec(&format!("nft {verb} rule inet tcpstall_test {hook} {rule}"));
         Blackhole { ns: self }
     }
 
@@ -146,6 +151,20 @@ impl Netns {
     /// `icmp type host-unreachable`): the sender gets an ICMP error.
     pub fn reject_input(&self, matcher: &str, reject: &str) -> Blackhole<'_> {
         self.test_rule("input", &format!("{matcher} reject with {reject}"))
+    }
+
+    /// As [`Netns::reject_input`], but ahead of the rules already in the test
+    /// input chain (`nft insert`): one atomic change, so a packet meets
+    /// either the old rules or this one, never neither. Turning a blackhole
+    /// into a reset this way leaves no window in which a retransmission
+    /// gets through and is acknowledged (removing the blackhole first did,
+    /// under TCG, where an `nft` run takes longer than a short RTO).
+    pub fn reject_input_first(&self, matcher: &str, reject: &str) -> Blackhole<'_> {
+        self.test_rule_at(
+            "input",
+            "insert",
+            &format!("{matcher} reject with {reject}"),
+        )
     }
 
     /// A path-MTU black hole: drop every packet from `peer` longer than

@@ -1109,15 +1109,25 @@ fn doctor_json() -> Value {
 
 /// The write-timer mechanisms `doctor` reports as working, in plan order.
 fn working_write_timer_mechanisms(plan: &Value) -> Vec<String> {
-    let wt = plan["probes"]
+    working_mechanisms(plan, "write_timer")
+}
+
+/// The attempts of `probe` in `doctor`'s plan.
+fn probe_attempts<'a>(plan: &'a Value, probe: &str) -> &'a Vec<Value> {
+    plan["probes"]
         .as_array()
         .expect("probes")
         .iter()
-        .find(|p| p["probe"] == "write_timer")
-        .expect("write_timer in the plan");
-    wt["attempts"]
+        .find(|p| p["probe"] == probe)
+        .unwrap_or_else(|| panic!("{probe} in the plan: {plan}"))["attempts"]
         .as_array()
         .expect("attempts")
+}
+
+/// The mechanisms of `probe` that `doctor` reports as working, in plan
+/// order.
+fn working_mechanisms(plan: &Value, probe: &str) -> Vec<String> {
+    probe_attempts(plan, probe)
         .iter()
         .filter(|a| a["error"].is_null() || ev_str(a, "error").starts_with("works"))
         .map(|a| ev_str(a, "mechanism").to_owned())

@@ -55,6 +55,7 @@ const FINAL_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// The final drain ends once the ring stays empty this long.
 const FINAL_DRAIN_QUIET: Duration = Duration::from_millis(100);
 
+mod drop_gate;
 mod guard;
 mod logs;
 mod pipeline;
@@ -128,6 +129,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Loaded once, attached only while a flow is in a loss episode.
+    let drop_switch = if drops_visible {
+        loaded.take_drop_switch()?
+    } else {
+        None
+    };
     let engine = Engine::new(EngineConfig {
         drops_visible,
         drop_reason_names: loaded.plan.drop_reasons.clone(),
@@ -162,6 +169,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let pods = Identities::new(&identity_cfg);
     let mut state = AgentState::new(engine, metrics, pods, loaded.plan.clone());
     state.liveness_timeout = settings.liveness_timeout;
+    if let Some(sw) = &drop_switch {
+        *state
+            .drop_probe
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(crate::serve::state::DropProbeState {
+                program: sw.program(),
+                detach_after_s: drop_gate::DETACH_AFTER.as_secs(),
+                ..Default::default()
+            });
+        info!(
+            program = sw.program(),
+            "drop probe loaded, attached on demand: only while a flow is in a loss episode"
+        );
+    }
     let state = Arc::new(state);
     let mut guard_runner = match (policy, loaded.take_guard()?) {
         (Some(policy), Some(maps)) => Some(guard::GuardRunner::start(
@@ -231,6 +253,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         stall_started: false,
         episodes,
         episode_cookies: Vec::new(),
+        drop_switch,
+        drop_gate: Default::default(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

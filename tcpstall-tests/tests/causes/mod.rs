@@ -139,6 +139,45 @@ fn cause_local_drop_in_the_clients_output_chain() {
         "listed with its drop evidence {n} expiries after the first drop: {view}"
     );
 
+    // The drop probe is attached on demand, when the agent reads the
+    // episode's first expiry: that expiry's own drop (in the same
+    // tcp_write_timer() run) comes before the attach and is missed; the
+    // next expiry's is the first seen. So the first drop recorded follows
+    // the first expiry by at most two expiries (one, unless the agent read
+    // the first one late).
+    let first_expiry = agent
+        .events()
+        .into_iter()
+        .find(|e| ev_u64(e, "cookie") == cookie && ev_str(e, "kind") == "write_timer")
+        .unwrap_or_else(|| panic!("no write-timer expiry of socket {cookie} logged: {view}"));
+    let n = expiries_between(
+        &agent,
+        cookie,
+        ev_u64(&first_expiry, "ts_ns"),
+        ev_u64(&first_drop, "ts_ns"),
+    );
+    assert!(
+        n <= 2,
+        "the drop probe saw this socket's first drop {n} expiries after the episode began (attached too late): {view}"
+    );
+    // Attached while this flow is in its episode, and says so.
+    let (status, body) = agent.http_get("/api/v1/plan");
+    assert_eq!(status, 200, "{body}");
+    let plan: Value = serde_json::from_str(&body).expect("plan JSON");
+    let dp = &plan["drop_probe"];
+    assert_eq!(
+        dp["attached"], true,
+        "drop probe not attached during the stall: {dp}"
+    );
+    assert!(dp["attaches"].as_u64().unwrap_or(0) >= 1, "{dp}");
+    assert!(
+        agent
+            .metrics()
+            .lines()
+            .any(|l| l == "tcpstall_drop_probe_attached 1"),
+        "tcpstall_drop_probe_attached is not 1 during the stall"
+    );
+
     // The horizon: the kernel kills it at the predicted expiry.
     let (_, errno) = reader.join().expect("reader");
     assert_eq!(errno, Some(libc::ETIMEDOUT), "the socket did not time out");
@@ -231,7 +270,9 @@ fn cause_unreachable_icmpv6_address_unreachable() {
 /// reset: a stall ended by an RST (the peer restarted, or a middlebox that
 /// lost the connection's state answers with one). Silent first (cause
 /// `peer_silent`: no ACK, no ICMP, no local drop), then the peer's side
-/// answers the next retransmission with a TCP reset: `tcp_reset()` sets
+/// answers the next retransmission with a TCP reset (the reject rule put
+/// ahead of the blackhole atomically: no retransmission slips through
+/// between the two): `tcp_reset()` sets
 /// ECONNRESET and closes the socket. The agent logs the stall's end by reset
 /// with the cause it had, and the flow is already gone from the API when
 /// that line is logged (the close and the reset are one event).
@@ -243,7 +284,7 @@ fn cause_reset_ends_a_silent_stall() {
     require_drop_probe(&agent);
     let mut conn = Conn::establish(&link, 8080, None);
     let (local, server) = (conn.local, conn.server);
-    let silent = link.b.blackhole_from(link.a_ip);
+    let _silent = link.b.blackhole_from(link.a_ip);
     std::io::Write::write_all(&mut conn.client, &[b'x'; 1000]).expect("write");
     let (view, _) = wait_cause(&agent, local, server, "peer_silent", |v| {
         v["class"] == "retransmit"
@@ -255,10 +296,12 @@ fn cause_reset_ends_a_silent_stall() {
         "{view}"
     );
     let cookie = ev_u64(&view, "cookie");
-    drop(silent);
+    // The reset rule goes ahead of the blackhole in one change: removing
+    // the blackhole first let a retransmission through (and acknowledged)
+    // before the reset rule was in, in the 6.1 guest.
     let _reset = link
         .b
-        .reject_input(&format!("ip saddr {}", link.a_ip), "tcp reset");
+        .reject_input_first(&format!("ip saddr {}", link.a_ip), "tcp reset");
     // The RST answers the next retransmission: at most the socket's current
     // (backed-off) RTO away, which under TCG can exceed any fixed wait.
     let rto_ms = agent
@@ -267,12 +310,35 @@ fn cause_reset_ends_a_silent_stall() {
             v["rto_ms"].as_u64().unwrap_or(0)
         });
     let wait = Duration::from_millis(rto_ms) + Duration::from_secs(20);
-    let close = agent.wait_log(wait, "the socket's CLOSE", |v| {
-        v["message"] == "event"
-            && ev_u64(v, "cookie") == cookie
-            && ev_str(v, "kind") == "state"
-            && ev_str(v, "state") == "CLOSE"
-    });
+    let deadline = monotonic_ns() + wait.as_nanos() as u64;
+    let close = loop {
+        let found = agent.events().into_iter().find(|v| {
+            ev_u64(v, "cookie") == cookie
+                && ev_str(v, "kind") == "state"
+                && ev_str(v, "state") == "CLOSE"
+        });
+        if let Some(v) = found {
+            break v;
+        }
+        if monotonic_ns() > deadline {
+            let events: Vec<String> = agent
+                .events()
+                .iter()
+                .filter(|e| {
+                    ev_u64(e, "cookie") == cookie
+                        || ev_str(e, "local") == local.to_string()
+                        || ev_str(e, "remote") == server.to_string()
+                })
+                .map(|e| format!("{} cookie={} {e}", fmt_event(e), ev_u64(e, "cookie")))
+                .collect();
+            panic!(
+                "no CLOSE of socket {cookie} within {wait:?} of the reset rule; still listed: {:?}; its events:\n{}",
+                agent.stall_of(local, server),
+                events.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(
         ev_u64(&close, "sk_err"),
         104,

@@ -54,6 +54,9 @@ pub fn contract() -> BTreeMap<&'static str, (Kind, Vec<&'static str>)> {
     m.insert("tcpstall_timeouts_total", (Counter, vec![]));
     m.insert("tcpstall_stall_resets_total", (Counter, vec!["cause"]));
     m.insert("tcpstall_drop_filter_errors_total", (Counter, vec![]));
+    m.insert("tcpstall_drop_probe_attached", (Gauge, vec![]));
+    m.insert("tcpstall_drop_probe_attaches_total", (Counter, vec![]));
+    m.insert("tcpstall_drop_probe_attach_errors_total", (Counter, vec![]));
     m.insert("tcpstall_stalled_sockets", (Gauge, vec!["class"]));
     m.insert("tcpstall_sockets_near_timeout", (Gauge, vec![]));
     m.insert(

@@ -3,8 +3,8 @@
 //! unanswered, with the instant `tcp_keepalive_timer()` kills it predicted
 //! from the socket's TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT (else its
 //! namespace's `tcp_keepalive_*` sysctls) or TCP_USER_TIMEOUT, which takes
-//! over. Included by `scenarios.rs`; host only for now (not in `VM_TESTS`:
-//! the 6.1 guest's fentry program reported no expiry).
+//! over. Included by `scenarios.rs`; on the host and in the QEMU guests
+//! (`VM_TESTS`).
 
 use std::{thread, time::Duration};
 
@@ -194,8 +194,15 @@ fn check_case(c: &Case, armed_ns: u64, end_ns: u64, views: &[(u64, Value)], diag
 /// Three idle connections to a peer that vanished, at once: per-socket
 /// keepalive 3 s / 2 s / 4 probes (dies ~11 s after SO_KEEPALIVE), the
 /// namespace's sysctls 3 s / 2 s / 3 probes (~9 s), and per-socket
-/// keepalive with TCP_USER_TIMEOUT 6 s, which takes over (the expiry at
-/// ~7 s finds 6 s elapsed since the last receive and a probe out).
+/// keepalive with TCP_USER_TIMEOUT 10 s, which takes over (the first expiry
+/// that finds 10 s elapsed since the last receive, with a probe out: ~11 s
+/// when keepalive was armed right after that receive). The user timeout
+/// counts from the last receive, the keepalive expiries from SO_KEEPALIVE:
+/// it is long enough that the expiry finding the first probe unanswered
+/// (idle + one interval after SO_KEEPALIVE) is not already the fatal one
+/// even when arming came up to 4.9 s after the last receive (under TCG in a
+/// guest it came more than a second late, and a 6 s user timeout killed the
+/// socket at that very expiry: nothing to list before the death).
 #[test]
 fn keepalive_horizon() {
     keepalive_run(
@@ -217,10 +224,10 @@ fn keepalive_horizon() {
                 source: "tcp_keepalive_probes=3",
             },
             Case {
-                name: "TCP_USER_TIMEOUT=6000",
+                name: "TCP_USER_TIMEOUT=10000",
                 port: 43_003,
                 keepalive: Some((3, 2, 4)),
-                user_timeout_ms: Some(6_000),
+                user_timeout_ms: Some(10_000),
                 source: "user_timeout",
             },
         ],

@@ -276,6 +276,17 @@ fn wait_socket_events(
     }
 }
 
+/// The events of `kind` among `evs`, in time order.
+fn of_kind_in_order(evs: &[Value], kind: &str) -> Vec<Value> {
+    let mut t: Vec<Value> = evs
+        .iter()
+        .filter(|e| ev_str(e, "kind") == kind)
+        .cloned()
+        .collect();
+    t.sort_by_key(|e| ev_u64(e, "ts_ns"));
+    t
+}
+
 /// What every event of a socket carries: its cookie and, read from `struct
 /// sock` (every program but sock_ops), the namespace's inode, the cgroup of
 /// this process (the socket was created by one of its threads) and the
@@ -295,6 +306,27 @@ impl Expect {
             cgroup: own_cgroup_inode(&cgroup2_root()),
             retries2,
         }
+    }
+
+    /// [`Expect::check`], and the event is of `conn`'s client end while
+    /// ESTABLISHED.
+    fn check_established(
+        &self,
+        e: &Value,
+        kind: &str,
+        mechanism: &str,
+        sock_fields: bool,
+        conn: &Conn,
+    ) {
+        let m = mechanism;
+        self.check(e, kind, m, sock_fields);
+        assert_eq!(ev_str(e, "local"), conn.local.to_string(), "{m} local: {e}");
+        assert_eq!(
+            ev_str(e, "remote"),
+            conn.server.to_string(),
+            "{m} remote: {e}"
+        );
+        assert_eq!(ev_str(e, "state"), "ESTABLISHED", "{m} state: {e}");
     }
 
     fn check(&self, e: &Value, kind: &str, mechanism: &str, sock_fields: bool) {
@@ -325,6 +357,7 @@ impl Expect {
 /// - none of CLOSE -> SYN_SENT, SYN_SENT -> ESTABLISHED, SYN_RECV ->
 ///   ESTABLISHED, ESTABLISHED -> FIN_WAIT1 (no trouble, no use to the agent:
 ///   not even a ring-buffer record).
+///
 /// Mutations: `try_state_btf` without `ev.old_state = old_state;` -> fails
 /// (host) with "waiting for FIN_WAIT2 of socket ..." (every old_state
 /// UNKNOWN); `state_event` with `later_life` always true -> fails with
@@ -682,15 +715,7 @@ fn write_timer_program_fields_per_mechanism() {
         conn.client
             .write_all(&[b'x'; 1000])
             .expect("write into the blackhole");
-        let timers = |evs: &[Value]| -> Vec<Value> {
-            let mut t: Vec<Value> = evs
-                .iter()
-                .filter(|e| ev_str(e, "kind") == "write_timer")
-                .cloned()
-                .collect();
-            t.sort_by_key(|e| ev_u64(e, "ts_ns"));
-            t
-        };
+        let timers = |evs: &[Value]| of_kind_in_order(evs, "write_timer");
         let evs = wait_socket_events(
             &agent,
             exp.cookie,
@@ -737,14 +762,7 @@ fn write_timer_program_fields_per_mechanism() {
         let sock_fields = m != "sock_ops";
         for e in &t {
             let k = ev_u64(e, "retransmits");
-            exp.check(e, "write_timer", m, sock_fields);
-            assert_eq!(ev_str(e, "local"), conn.local.to_string(), "{m} local: {e}");
-            assert_eq!(
-                ev_str(e, "remote"),
-                conn.server.to_string(),
-                "{m} remote: {e}"
-            );
-            assert_eq!(ev_str(e, "state"), "ESTABLISHED", "{m} state: {e}");
+            exp.check_established(e, "write_timer", m, sock_fields, &conn);
             assert_eq!(
                 ev_u64(e, "rto_jiffies"),
                 rto0 << k,
@@ -758,6 +776,63 @@ fn write_timer_program_fields_per_mechanism() {
                     "{m}: expiry before its time: {e}"
                 );
             }
+        }
+        drop(conn);
+    }
+}
+
+/// The keepalive timer, once per mechanism the kernel offers (fentry,
+/// kprobe, `timer_expire_entry`; each forced by denying the others'
+/// programs): an idle connection to a blackholed peer with keepalive 1 s /
+/// 1 s / 3 probes gives one `keepalive_timer` event per expiry, in order,
+/// with probes_out 0, 1, 2, state ESTABLISHED, its 4-tuple and the cookie,
+/// netns inode, cgroup id and `tcp_retries2` of its namespace: the programs
+/// found the socket behind the timer (kernels whose keepalive timer is
+/// `icsk_keepalive_timer`, the guests', read it there, not at `sk_timer`).
+/// Mutation: `tcpstall-ebpf/src/main.rs` `try_keepalive_timer_tp` taking
+/// the timer from argument 1 instead of 0 -> fails (host, where only the
+/// timer tracepoint loads) with "waiting for timer_tracepoint: the
+/// keepalive expiry with probes_out 2 of socket ...".
+#[test]
+fn keepalive_timer_program_fields_per_mechanism() {
+    require_tools();
+    let plan = super::doctor_json();
+    let attempts = super::probe_attempts(&plan, "keepalive_timer");
+    let working = super::working_mechanisms(&plan, "keepalive_timer");
+    assert!(
+        !working.is_empty(),
+        "no working keepalive-timer mechanism: {attempts:#?}"
+    );
+    for (i, m) in working.iter().enumerate() {
+        eprintln!("keepalive timer with {m} (the others' programs denied)");
+        let mut args = Vec::new();
+        for a in attempts.iter().filter(|a| ev_str(a, "mechanism") != m) {
+            args.push("--deny-program");
+            args.push(ev_str(a, "program"));
+        }
+        let (link, mut agent, conn, exp) = connected(&format!("pka{i}"), 101 + i as u8, 12, &args);
+        let _hole = link.b.blackhole_from(link.a_ip);
+        set_keepalive(&conn.client, Some(1), Some(1), Some(3));
+        let timers = |evs: &[Value]| of_kind_in_order(evs, "keepalive_timer");
+        let evs = wait_socket_events(
+            &agent,
+            exp.cookie,
+            &format!("{m}: the keepalive expiry with probes_out 2"),
+            |evs| timers(evs).iter().any(|e| ev_u64(e, "probes_out") >= 2),
+        );
+        agent.stop();
+        let t: Vec<Value> = timers(&evs)
+            .into_iter()
+            .filter(|e| ev_u64(e, "probes_out") <= 2)
+            .collect();
+        let probes: Vec<u64> = t.iter().map(|e| ev_u64(e, "probes_out")).collect();
+        assert_eq!(
+            probes,
+            [0, 1, 2],
+            "{m}: one event per keepalive expiry, in order: {t:#?}"
+        );
+        for e in &t {
+            exp.check_established(e, "keepalive_timer", m, true, &conn);
         }
         drop(conn);
     }

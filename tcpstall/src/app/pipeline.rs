@@ -7,7 +7,10 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use tracing::{error, info, warn};
 
-use super::logs::{log_event, log_observation};
+use super::{
+    drop_gate::{self, DropGate, GateAction},
+    logs::{log_event, log_observation},
+};
 use crate::{
     engine::{Observation, StallView},
     identity::Owner,
@@ -54,6 +57,10 @@ pub(super) struct Pipeline {
     /// The drop probe's in-kernel filter (None: the probe is not attached).
     pub(super) episodes: Option<loader::EpisodeFilter>,
     pub(super) episode_cookies: Vec<u64>,
+    /// The drop program, attached only while the gate says so (None: the
+    /// probe is not attached on this kernel).
+    pub(super) drop_switch: Option<loader::DropSwitch>,
+    pub(super) drop_gate: DropGate,
 }
 
 impl Pipeline {
@@ -136,6 +143,68 @@ impl Pipeline {
                 held = filter.len(),
                 "updating the drop probe's socket filter failed: drops of those sockets are not seen"
             );
+        }
+        // After the filter: the program never runs without its sockets.
+        let episodes = self.episode_cookies.len();
+        self.gate_drop_probe(episodes);
+    }
+
+    /// Attaches the drop probe when a first flow is in a loss episode and
+    /// detaches it once none has been for a while (see [`DropGate`]).
+    fn gate_drop_probe(&mut self, episodes: usize) {
+        let Some(switch) = self.drop_switch.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let error = match self.drop_gate.decide(episodes, now) {
+            GateAction::Nothing => return,
+            GateAction::Detach => {
+                switch.detach();
+                info!(
+                    program = switch.program(),
+                    idle_s = drop_gate::DETACH_AFTER.as_secs(),
+                    "drop probe detached: no flow in a loss episode"
+                );
+                None
+            }
+            GateAction::Attach => match switch.attach() {
+                Ok(()) => {
+                    self.drop_gate.attach_result(true, now);
+                    info!(
+                        program = switch.program(),
+                        episodes, "drop probe attached: a flow is in a loss episode"
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.drop_gate.attach_result(false, now);
+                    self.state.metrics.drop_probe_attach_failed();
+                    error!(
+                        program = switch.program(),
+                        error = %e,
+                        retry_s = drop_gate::RETRY_AFTER.as_secs(),
+                        "attaching the drop probe failed: drops of sockets in a loss episode are not seen (their cause may read peer_silent)"
+                    );
+                    Some(e.to_string())
+                }
+            },
+        };
+        let attached = switch.attached();
+        self.state.metrics.drop_probe_attached(attached);
+        let mut shown = self
+            .state
+            .drop_probe
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(d) = shown.as_mut() {
+            d.attached = attached;
+            match error {
+                Some(e) => {
+                    d.attach_errors += 1;
+                    d.last_error = Some(e);
+                }
+                None => d.attaches += u64::from(attached),
+            }
         }
     }
 

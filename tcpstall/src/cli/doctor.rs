@@ -62,6 +62,28 @@ pub fn render(plan: &Plan) -> String {
     out
 }
 
+/// The drop probe is attached on demand by the agent (only while a flow is
+/// in a loss episode): tried here once, attach then detach.
+fn drop_on_demand(loaded: &mut loader::Loaded) -> Option<String> {
+    match loaded.take_drop_switch() {
+        Ok(Some(mut sw)) => Some(match sw.attach() {
+            Ok(()) => {
+                sw.detach();
+                format!(
+                    "{} attached on demand (only while a flow is in a loss episode; tcpstall_drop_probe_attached): attach and detach work",
+                    sw.program()
+                )
+            }
+            Err(e) => format!(
+                "{}: attaching on demand FAILED ({e}): the agent will count tcpstall_drop_probe_attach_errors_total and not see local drops",
+                sw.program()
+            ),
+        }),
+        Ok(None) => None,
+        Err(e) => Some(format!("attach on demand unavailable: {e}")),
+    }
+}
+
 pub fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
     let privs = Privileges::current();
     let missing = privs.missing();
@@ -77,7 +99,8 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
         denied: args.common.deny_program.clone(),
         ..LoaderOptions::default()
     };
-    let loaded = loader::load(&opts).context("loading probes")?;
+    let mut loaded = loader::load(&opts).context("loading probes")?;
+    let drop_on_demand = drop_on_demand(&mut loaded);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&loaded.plan)?);
     } else {
@@ -85,6 +108,9 @@ pub fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
         match loaded.sweep_program() {
             Ok(p) => println!("\nsweep iterator: {p}"),
             Err(e) => println!("\nsweep iterator: unavailable ({e})"),
+        }
+        if let Some(line) = &drop_on_demand {
+            println!("drop probe: {line}");
         }
         println!(
             "\nprivileges: {}",

@@ -188,7 +188,7 @@ const KEEPALIVE_FIELDS: &[usize] = &[
 ];
 
 /// The note of the keepalive programs (all read the socket alike).
-const KEEPALIVE_NOTE: &str = "the socket at the timer's address minus sk_timer's offset, probe reads, the cookie as the socket holds it";
+const KEEPALIVE_NOTE: &str = "the socket at the timer's address minus the keepalive timer's offset (icsk_keepalive_timer, else sk_timer), probe reads, the cookie as the socket holds it";
 
 /// What the drop probe reads: the skb's owner, its cookie (the filter) and
 /// the socket snapshot.

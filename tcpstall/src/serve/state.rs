@@ -161,6 +161,23 @@ pub struct AgentState {
     pub guard: Mutex<Option<crate::guard::Guard>>,
     /// Why the guard is off (None: on, or never asked for).
     pub guard_off: Mutex<Option<String>>,
+    /// The drop probe, attached on demand (None: not on this kernel).
+    pub drop_probe: Mutex<Option<DropProbeState>>,
+}
+
+/// The drop probe's on-demand attach state (`/api/v1/plan`'s `drop_probe`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DropProbeState {
+    /// The program attached on demand.
+    pub program: &'static str,
+    /// Attached now: some flow is in a loss episode, or one ended less than
+    /// `detach_after_s` ago.
+    pub attached: bool,
+    pub detach_after_s: u64,
+    pub attaches: u64,
+    pub attach_errors: u64,
+    /// The last failed attach's error.
+    pub last_error: Option<String>,
 }
 
 impl AgentState {
@@ -177,6 +194,7 @@ impl AgentState {
             request_timeout: REQUEST_TIMEOUT,
             risks: Mutex::new(None),
             guard: Mutex::new(None),
+            drop_probe: Mutex::new(None),
             guard_off: Mutex::new(None),
         }
     }

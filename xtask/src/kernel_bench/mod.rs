@@ -225,6 +225,14 @@ impl TimerSplit {
 pub struct DropSplit {
     pub runs: u64,
     pub events: u64,
+    /// The agent's `tcpstall_drop_probe_attached` at the phase's end (the
+    /// probe is attached only while some flow is in a loss episode).
+    pub attached_at_end: Option<bool>,
+    /// Times the agent attached it during the phase.
+    pub attaches: Option<u64>,
+    /// Runs of the empty floor program on `kfree_skb` (the node's drops,
+    /// whether or not tcpstall's program was attached).
+    pub node_drops: Option<u64>,
 }
 
 /// Event delivery delay (kernel timestamp to the agent's read) over a
@@ -284,11 +292,29 @@ impl Snapshot {
     }
 }
 
-fn drop_split(tcpstall: &[(u32, String)], a: &Snapshot, b: &Snapshot) -> Option<DropSplit> {
+fn drop_split(
+    tcpstall: &[(u32, String)],
+    floors: &[floor::FloorProgram],
+    a: &Snapshot,
+    b: &Snapshot,
+) -> Option<DropSplit> {
     let (id, _) = tcpstall.iter().find(|(_, n)| n.contains("drop"))?;
     let runs = progs::delta(&a.progs, &b.progs, *id).0;
     let events = (b.events_of("drop")? - a.events_of("drop")?).max(0.0) as u64;
-    Some(DropSplit { runs, events })
+    let sample = |s: &Snapshot, name: &str| agent_stats::sample(s.metrics.as_deref()?, name);
+    let attaches = "tcpstall_drop_probe_attaches_total";
+    Some(DropSplit {
+        runs,
+        events,
+        attached_at_end: sample(b, "tcpstall_drop_probe_attached").map(|v| v > 0.0),
+        attaches: sample(b, attaches)
+            .zip(sample(a, attaches))
+            .map(|(b, a)| (b - a).max(0.0) as u64),
+        node_drops: floors
+            .iter()
+            .find(|f| f.tracepoint == "kfree_skb")
+            .map(|f| progs::delta(&a.progs, &b.progs, f.id).0),
+    })
 }
 
 fn timer_split(tcpstall: &[(u32, String)], a: &Snapshot, b: &Snapshot) -> Option<TimerSplit> {
@@ -390,7 +416,7 @@ fn phase_rows(
         secs,
         rows,
         timer_split: timer_split(tcpstall, a, b),
-        drop_split: drop_split(tcpstall, a, b),
+        drop_split: drop_split(tcpstall, floors, a, b),
         delivery: delivery(a, b),
     }
 }

@@ -53,11 +53,27 @@ fn phase_table(out: &mut String, p: &Phase) {
         );
     }
     if let Some(d) = p.drop_split {
-        let _ = writeln!(
-            out,
-            "\nDrop program runs: {} of {} reported a packet of a socket in a loss episode (an event: cause evidence); the rest stopped at the in-kernel filter (no owning socket, or its cookie not in TCPSTALL_EPISODES).",
-            d.events, d.runs
+        let node = d
+            .node_drops
+            .map_or_else(String::new, |n| format!(" The node dropped {n} packets in this phase (runs of the empty floor program on kfree_skb)."));
+        let gate = format!(
+            " The agent attaches the drop program only while some flow is in a loss episode (and 30 s after): attached at the phase's end: {}, attaches in the phase: {}.",
+            d.attached_at_end
+                .map_or("-", |a| if a { "yes" } else { "no" }),
+            d.attaches.map_or_else(|| "-".into(), |n| n.to_string())
         );
+        if d.runs == 0 {
+            let _ = writeln!(
+                out,
+                "\nDrop program runs: 0: not attached in this phase (no flow in a loss episode), so it cost nothing per drop.{node}{gate}"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "\nDrop program runs: {} of {} reported a packet of a socket in a loss episode (an event: cause evidence); the rest stopped at the in-kernel filter (no owning socket, or its cookie not in TCPSTALL_EPISODES).{node}{gate}",
+                d.events, d.runs
+            );
+        }
     }
     if let Some(d) = p.delivery {
         let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{:.1} ms", v * 1e3));

@@ -227,11 +227,19 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
     row(field::ICSK_ACK_LRCVTIME, "ICSK_ACK_LRCVTIME", "inet_connection_sock.icsk_ack.lrcvtime", Sock,
         &[(ICSK, "icsk_ack.lrcvtime")], OPT, Value,
         "predict a keepalive death (time since the last receive)", "jiffies, u32"),
-    row(field::SK_TIMER, "SK_TIMER", "sock.sk_timer (keepalive timer)", Sock,
-        &[(SOCK, "sk_timer")], OPT, OffsetOnly,
-        "map a keepalive timer back to its socket", "struct timer_list; offset only"),
-    row(field::SK_TIMER_EXPIRES, "SK_TIMER_EXPIRES", "sock.sk_timer.expires", Sock,
-        &[(SOCK, "sk_timer.expires")], OPT, Value,
+    // Kernels with icsk_keepalive_timer (6.19+, and stable builds that
+    // carry it, e.g. Debian's 6.1.192 and 6.12.118) arm keepalive there, and
+    // TCP no longer arms sk_timer (6.19+: it shares a union with the
+    // retransmit timer; those stable builds alias it to MPTCP's retransmit
+    // timer): the dedicated member must win.
+    row(field::SK_TIMER, "SK_TIMER", "keepalive timer (icsk_keepalive_timer, else sock.sk_timer)", Sock,
+        &[(ICSK, "icsk_keepalive_timer"),
+          (SOCK, "sk_timer")], OPT, OffsetOnly,
+        "map a keepalive timer back to its socket",
+        "struct timer_list; offset only; icsk_keepalive_timer 6.19+ and its backports, else sk_timer"),
+    row(field::SK_TIMER_EXPIRES, "SK_TIMER_EXPIRES", "keepalive timer expiry", Sock,
+        &[(ICSK, "icsk_keepalive_timer.expires"),
+          (SOCK, "sk_timer.expires")], OPT, Value,
         "predict a keepalive death found by the sweep", "jiffies"),
     row(field::NET_TCP_KEEPALIVE_TIME, "NET_TCP_KEEPALIVE_TIME", "net.ipv4.sysctl_tcp_keepalive_time", Net,
         &[(NET, "ipv4.sysctl_tcp_keepalive_time")], OPT, Value,

@@ -52,6 +52,7 @@ const ICSK_TIMER: u32 = 1000;
 const ICSK_FIELDS: u32 = 1100;
 const TP_FIELDS: u32 = 1400;
 const SK_TIMER: u32 = 200;
+const ICSK_KEEPALIVE_TIMER: u32 = 1040;
 
 /// A miniature kernel with the shapes of the real structs.
 fn synthetic_kernel(o: &Opts) -> Vec<u8> {
@@ -191,6 +192,19 @@ fn synthetic_kernel(o: &Opts) -> Vec<u8> {
     ]);
     if o.kgen != Gen::V6_19 {
         icsk.push(("icsk_retransmit_timer", timer, ICSK_TIMER * 8, 0));
+    }
+    if matches!(o.kgen, Gen::V6_12 | Gen::V6_19) {
+        // "tcp: introduce icsk->icsk_keepalive_timer" (6.19, carried by
+        // Debian's 6.1.192 and 6.12.118): keepalive off sk_timer.
+        let ku = w.union_(
+            "",
+            40,
+            &[
+                ("icsk_keepalive_timer", timer, 0, 0),
+                ("mptcp_tout_timer", timer, 0, 0),
+            ],
+        );
+        icsk.push(("", ku, ICSK_KEEPALIVE_TIMER * 8, 0));
     }
     if matches!(o.kgen, Gen::V6_1 | Gen::V6_12) {
         icsk.push(("icsk_timeout", ulong, f + 128, 0));
@@ -393,6 +407,28 @@ fn synthetic_generations() {
                 );
             }
         }
+        // The keepalive timer: the dedicated icsk member where it exists.
+        let (ka, ka_source) = if matches!(kgen, Gen::V6_12 | Gen::V6_19) {
+            (
+                ICSK_KEEPALIVE_TIMER,
+                "inet_connection_sock.icsk_keepalive_timer",
+            )
+        } else {
+            (SK_TIMER, "sock.sk_timer")
+        };
+        assert_eq!(l.fields[field::SK_TIMER].offset, ka, "{kgen:?}");
+        assert_eq!(
+            l.fields[field::SK_TIMER_EXPIRES],
+            spec(ka + 16, 8),
+            "{kgen:?}"
+        );
+        assert_eq!(
+            r.row(field::SK_TIMER)
+                .and_then(ResolvedRow::source)
+                .as_deref(),
+            Some(ka_source),
+            "{kgen:?}"
+        );
         // Timer-based expiry is the write timer's `expires`.
         if r.matched(field::ICSK_TIMER_EXPIRES) != Some(0) {
             assert_eq!(exp.offset, wt.offset + 16);

@@ -29,11 +29,13 @@ use super::{
 
 mod attach;
 mod guard;
+mod on_demand;
 mod stats;
 mod sweep;
 
 use attach::{AttachEnv, attach_probe};
 pub use guard::GuardMaps;
+pub use on_demand::DropSwitch;
 pub use stats::{
     EpisodeFilter, KernelStats, ProgramRuntime, ProgramStatsReader, StatsReader, parse_prog_fdinfo,
 };
@@ -243,6 +245,30 @@ fn chain(e: &dyn StdError) -> String {
         }
     }
     s.trim().to_owned()
+}
+
+/// bpf(2) with `attr` as the command's `union bpf_attr` prefix (zero-padded,
+/// the size passed is its size); the syscall's result.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `cmd` does with it until
+/// the call returns.
+unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a live struct of the size passed; its pointers are
+    // the caller's contract.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 fn raise_memlock() {

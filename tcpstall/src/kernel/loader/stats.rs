@@ -111,18 +111,8 @@ fn prog_info(fd: std::os::fd::RawFd) -> std::io::Result<(u64, u64, u64)> {
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: bpf(2) writes at most `info_len` bytes to `info`, which lives
-    // until the call returns; `attr` is the command's attribute struct.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>() as u32,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // until the call returns.
+    unsafe { super::sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok((info[24], info[25], info[26]))
 }
 

@@ -203,6 +203,9 @@ pub struct Metrics {
     event_delivery: Histogram,
     ringbuf_dropped: Counter,
     episode_filter_errors: Counter,
+    drop_probe_attached: Gauge,
+    drop_probe_attaches: Counter,
+    drop_probe_attach_errors: Counter,
     stall_resets: Family<CauseLabels, Counter>,
     decode_errors: Counter,
     flows_tracked: Gauge,
@@ -347,6 +350,19 @@ impl Metrics {
     /// The event loop's heartbeat age (set at each scrape).
     pub fn heartbeat_age(&self, age_s: f64) {
         self.heartbeat_age.set(age_s);
+    }
+
+    /// The drop probe attached (on demand) or detached.
+    pub fn drop_probe_attached(&self, attached: bool) {
+        self.drop_probe_attached.set(i64::from(attached));
+        if attached {
+            self.drop_probe_attaches.inc();
+        }
+    }
+
+    /// A failed attach of the drop probe.
+    pub fn drop_probe_attach_failed(&self) {
+        self.drop_probe_attach_errors.inc();
     }
 
     /// Failed updates of the drop probe's kernel socket filter.

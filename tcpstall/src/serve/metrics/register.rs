@@ -164,6 +164,24 @@ impl Metrics {
             "Failed updates of the drop probe's in-kernel socket filter (sockets in a loss episode): drops of those sockets are not seen, their cause may read peer_silent",
             episode_filter_errors.clone(),
         );
+        let drop_probe_attached = Gauge::default();
+        registry.register(
+            "tcpstall_drop_probe_attached",
+            "1 while the drop probe (kfree_skb) is attached: only while some flow is in a loss episode, and until 30 s after the last one ended; 0 otherwise (it then costs nothing)",
+            drop_probe_attached.clone(),
+        );
+        let drop_probe_attaches = Counter::default();
+        registry.register(
+            "tcpstall_drop_probe_attaches",
+            "Times the drop probe was attached on demand (a loss episode began on a node with none)",
+            drop_probe_attaches.clone(),
+        );
+        let drop_probe_attach_errors = Counter::default();
+        registry.register(
+            "tcpstall_drop_probe_attach_errors",
+            "Failed attaches of the drop probe (retried after 5 s): meanwhile drops of sockets in a loss episode are not seen, their cause may read peer_silent",
+            drop_probe_attach_errors.clone(),
+        );
         let decode_errors = Counter::default();
         registry.register(
             "tcpstall_decode_errors",
@@ -302,6 +320,9 @@ impl Metrics {
             event_delivery,
             ringbuf_dropped,
             episode_filter_errors,
+            drop_probe_attached,
+            drop_probe_attaches,
+            drop_probe_attach_errors,
             stall_resets,
             decode_errors,
             flows_tracked,

@@ -460,8 +460,24 @@ fn guard_json(state: &AgentState) -> Response {
     })
 }
 
+/// The probe plan, and the drop probe's on-demand attach state
+/// (`drop_probe`, null where the probe is not attached on this kernel).
 async fn plan_handler(State(state): State<Arc<AgentState>>) -> Response {
-    json_response(&state.plan)
+    let drop_probe = state
+        .drop_probe
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    match serde_json::to_value(&state.plan) {
+        Ok(serde_json::Value::Object(mut doc)) => {
+            doc.insert(
+                "drop_probe".to_owned(),
+                serde_json::to_value(drop_probe).unwrap_or_default(),
+            );
+            json_response(&doc)
+        }
+        _ => json_response(&state.plan),
+    }
 }
 
 async fn not_found() -> Response {
