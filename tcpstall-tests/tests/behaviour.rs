@@ -243,11 +243,15 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     // is recorded by the engine's next tick, up to a tick later: the writer
     // keeps going until then (its FIN, acknowledged, would end the episode
     // as `fin_acked` first; a run did).
-    let cookie = agent
-        .cookie_of(local, server_addr)
-        .expect("the flow's cookie in its events");
-    let is_end =
-        |v: &Value| v["message"] == "zero-window episode ended" && ev_u64(v, "cookie") == cookie;
+    // The flow: its peer (this test's own namespace and port: one flow)
+    // and the cookie of its zero_window view (0 when the engine keyed it
+    // by socket address: no event of it carried a cookie).
+    let cookie = ev_u64(&view, "cookie");
+    let is_end = |v: &Value| {
+        v["message"] == "zero-window episode ended"
+            && ev_str(v, "remote") == server_addr.to_string()
+            && ev_u64(v, "cookie") == cookie
+    };
     let end = agent.wait_log(
         Duration::from_secs(10),
         "the zero-window episode's end logged",
