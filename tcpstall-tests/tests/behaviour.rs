@@ -128,7 +128,7 @@ fn ipv6_s1_events_stall_and_prediction() {
 ///
 /// What ended the episode, in every run (a run where the kernel
 /// retransmitted included): one "zero-window episode ended" line for the
-/// flow's cookie, between the resume and the view clearing, by the window
+/// flow (its peer and its view's cookie), between the resume and the view clearing, by the window
 /// reopening (`quiet`, or `window_opened`: a probe that found the window
 /// open), or by one of the flow's own retransmissions or RTO expiries when
 /// the kernel retransmitted. Mutation: `return;` as the first line of
