@@ -222,6 +222,11 @@ fn timeouts(obs: &[Observation]) -> Vec<Observation> {
         .collect()
 }
 
+/// The outcomes of the streaks that ended, in order.
+fn streak_outcomes(obs: &[Observation]) -> Vec<StreakOutcome> {
+    streak_ends(obs).into_iter().map(|(o, _, _)| o).collect()
+}
+
 fn streak_ends(obs: &[Observation]) -> Vec<(StreakOutcome, u32, bool)> {
     obs.iter()
         .filter_map(|o| match o {
@@ -889,7 +894,7 @@ fn error_report_after_close_matches_by_cookie_then_by_address() {
             })
             .collect();
         assert_eq!(cookies, vec![cookie], "{what}: {obs:?}");
-        let ends: Vec<_> = streak_ends(&obs).into_iter().map(|(o, _, _)| o).collect();
+        let ends = streak_outcomes(&obs);
         assert_eq!(ends, vec![outcome], "{what}: {obs:?}");
     }
 }
@@ -986,10 +991,7 @@ fn rto_retransmissions_alone_expect_the_next_at_the_doubled_latest_rto() {
         "ended before the doubled RTO and its grace"
     );
     e.tick(due + 10 * MS);
-    let ends: Vec<_> = streak_ends(&drain(&mut e))
-        .into_iter()
-        .map(|(o, _, _)| o)
-        .collect();
+    let ends = streak_outcomes(&drain(&mut e));
     assert_eq!(ends, vec![StreakOutcome::Recovered]);
 }
 
@@ -1178,10 +1180,7 @@ fn rto_count_restarting_ends_the_streak_as_recovered() {
     // Before the streak's next expiry is even due (no overdue end).
     let st2 = ms_stamp(T0 + 800 * MS);
     e.ingest(&s.rto(T0 + 1_004 * MS, 0, st2, 51, 1_000));
-    let ends: Vec<_> = streak_ends(&drain(&mut e))
-        .into_iter()
-        .map(|(o, _, _)| o)
-        .collect();
+    let ends = streak_outcomes(&drain(&mut e));
     assert_eq!(ends, vec![StreakOutcome::Recovered]);
 }
 
