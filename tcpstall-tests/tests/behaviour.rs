@@ -125,6 +125,15 @@ fn ipv6_s1_events_stall_and_prediction() {
 /// again with the small writes after the resume: fails the same way
 /// (with the 64 KiB write loop it passed, a loss's retransmission ending
 /// the episode at 10.1 s).
+///
+/// What ended the episode, in every run (a run where the kernel
+/// retransmitted included): one "zero-window episode ended" line for the
+/// flow (its peer and its view's cookie), between the resume and the view clearing, by the window
+/// reopening (`quiet`, or `window_opened`: a probe that found the window
+/// open), or by one of the flow's own retransmissions or RTO expiries when
+/// the kernel retransmitted. Mutation: `return;` as the first line of
+/// `Sink::persist_ended` (`tcpstall/src/engine/sink.rs`; ended, never
+/// logged) -> see docs/testing.md.
 #[test]
 fn zero_window_stall_clears_when_the_reader_resumes() {
     require_tools();
@@ -139,7 +148,13 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     // flight (about 90 segments), only a real loss retransmits.
     link.a.sysctl("net.ipv4.tcp_recovery", "0");
     link.a.sysctl("net.ipv4.tcp_reordering", "300");
-    let agent = Agent::start(&["--zero-window-after", "2"]);
+    // Each episode's end logged (debug) with what ended it.
+    let mut agent = Agent::start(&[
+        "--zero-window-after",
+        "2",
+        "--log-level",
+        "info,tcpstall::app::logs=debug",
+    ]);
     let server_addr = SocketAddr::from((link.b_ip, 8080));
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     // Not reading until told.
@@ -163,9 +178,10 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
     let mut sent = fill_send_buffer(&client);
     // Within 20 s of the window closing.
     let view = agent.wait_stall_class(local, server_addr, "zero_window", Duration::from_secs(20));
+    // Taken before the reader is told: nothing of the resume precedes it.
+    let resumed_ns = monotonic_ns();
     tx.send(()).expect("resume the reader");
     let resumed = Instant::now();
-    let resumed_ns = monotonic_ns();
     // The persist interval doubles per probe: the next one is due within
     // the probing time so far plus two RTOs (< 1 s) of the resume, and the
     // engine's grace is 1 s plus half that interval. 5 s of slack on top.
@@ -213,31 +229,84 @@ fn zero_window_stall_clears_when_the_reader_resumes() {
         !writer.is_finished(),
         "the stall cleared while the flow kept going"
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     eprintln!(
         "zero window cleared {:.2} s after the reader resumed (bound {:.1} s)",
         resumed.elapsed().as_secs_f64(),
         bound.as_secs_f64()
     );
+    // In every run, the episode's end is logged for this flow, once, after
+    // the resume, by what the kernel did: a probe that found the window
+    // open, or the probes going quiet, else (only in a run where the kernel
+    // retransmitted) that retransmission, RTO expiry or ACK, at one of the
+    // flow's own events. The view leaves `zero_window` as soon as the next
+    // probe is overdue (`classify` at the request's instant); the quiet end
+    // is recorded by the engine's next tick, up to a tick later: the writer
+    // keeps going until then (its FIN, acknowledged, would end the episode
+    // as `fin_acked` first; a run did).
+    // The flow: its peer (this test's own namespace and port: one flow)
+    // and the cookie of its zero_window view (0 when the engine keyed it
+    // by socket address: no event of it carried a cookie).
+    let cookie = ev_u64(&view, "cookie");
+    let is_end = |v: &Value| {
+        v["message"] == "zero-window episode ended"
+            && ev_str(v, "remote") == server_addr.to_string()
+            && ev_u64(v, "cookie") == cookie
+    };
+    let end = agent.wait_log(
+        Duration::from_secs(10),
+        "the zero-window episode's end logged",
+        is_end,
+    );
+    let logged_ns = monotonic_ns();
+    assert!(
+        !writer.is_finished(),
+        "the flow kept going until the episode's end was logged"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let other_path: Vec<Value> = agent
         .events()
         .into_iter()
         .filter(|e| {
             ev_str(e, "local") == local.to_string()
-                && (resumed_ns..=cleared_ns).contains(&ev_u64(e, "ts_ns"))
+                && (resumed_ns..=logged_ns).contains(&ev_u64(e, "ts_ns"))
                 && (ev_str(e, "kind") == "retransmit"
                     || (ev_str(e, "kind") == "write_timer" && ev_u64(e, "pending") == 1))
         })
         .collect();
-    // The path under test is the persist episode going quiet. A real loss
-    // below TCP on the veth (a CI run lost one 45-segment GSO packet right
-    // after the window reopened: TCPSackRecovery 1, no reordering, no TCP
-    // drop counter in either namespace) makes the kernel retransmit, and a
-    // retransmission legitimately ends the episode too: the stall still had
-    // to clear within the bound above, but that run cannot tell which path
-    // cleared it, so it says so instead of asserting the path.
+    // The path under test is the persist episode going quiet (or a probe
+    // finding the window open). A real loss below TCP on the veth (a CI
+    // run lost one 45-segment GSO packet right after the window reopened:
+    // TCPSackRecovery 1, no reordering, no TCP drop counter in either
+    // namespace) makes the kernel retransmit, and a retransmission
+    // legitimately ends the episode too: then the end must be at one of
+    // those events.
+    let ends = agent.logs().into_iter().filter(is_end).count();
+    assert_eq!(
+        ends, 1,
+        "one zero-window episode of the flow, ended once: {end}"
+    );
+    let (by, at_ns) = (ev_str(&end, "by").to_owned(), ev_u64(&end, "at_ns"));
+    assert!(
+        (resumed_ns..=logged_ns).contains(&at_ns),
+        "ended at {at_ns}, not between the resume ({resumed_ns}) and its log line \
+         ({logged_ns}; the view cleared at {cleared_ns}): {end}"
+    );
+    match by.as_str() {
+        "quiet" | "window_opened" => {}
+        "retransmit" | "rto_expiry" => assert!(
+            other_path.iter().any(|e| ev_u64(e, "ts_ns") == at_ns),
+            "ended by {by} at {at_ns}, yet no retransmission or RTO of the flow then: \
+             {other_path:#?}"
+        ),
+        // An ACK ends it only inside an RTO episode.
+        "ack" => assert!(
+            !other_path.is_empty(),
+            "ended by an ACK at {at_ns} without a retransmission or RTO of the flow"
+        ),
+        _ => panic!("the zero-window episode ended by {by}, not by the window reopening: {end}"),
+    }
     if other_path.is_empty() {
-        eprintln!("cleared by the persist episode going quiet (no retransmission or RTO)");
+        eprintln!("cleared by the window reopening ({by}; no retransmission or RTO)");
     } else {
         eprintln!(
             "the kernel retransmitted after the resume ({} events; a loss on the veth), \

@@ -281,6 +281,19 @@ impl Engine {
         // resets `icsk_probes_out`: the episode starts at the first probe
         // that found the previous one unanswered.
         let window_open = sock.snd_wnd != 0;
+        // A probe that finds the window open under a zero-window episode:
+        // the peer's window reopened (its reader resumed) and the episode
+        // ends here, logged, instead of turning into an open-window episode
+        // that would end unlogged. What follows may start a new episode
+        // (data that never left).
+        if f.persist.is_some_and(|p| !p.window_open) && window_open {
+            Self::end_persist(
+                f,
+                &mut self.sink,
+                ev.ts_ns,
+                (PersistEnd::WindowOpened, ev.ts_ns),
+            );
+        }
         if f.persist.is_none() && window_open && (ev.packets_out != 0 || sock.probes_out == 0) {
             self.flows.touch(slot);
             return;

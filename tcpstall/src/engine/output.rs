@@ -198,6 +198,8 @@ pub enum PersistEnd {
     /// The next zero-window probe is overdue by the grace: the window
     /// reopened (no kernel event reports that).
     Quiet,
+    /// A zero-window probe found the window open.
+    WindowOpened,
     /// A retransmission of the flow.
     Retransmit,
     /// An RTO expiry of the flow.
@@ -216,6 +218,7 @@ impl PersistEnd {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Quiet => "quiet",
+            Self::WindowOpened => "window_opened",
             Self::Retransmit => "retransmit",
             Self::RtoExpiry => "rto_expiry",
             Self::Ack => "ack",

@@ -25,6 +25,18 @@ fn cfg() -> EngineConfig {
     }
 }
 
+/// A long property test's case count: `n`, or a tenth of it under `cargo
+/// xtask mutants` (which sets `TCPSTALL_MUTANTS=1`): its mutated crate is
+/// built at opt-level 0, where 20,000 blackhole cases take 9 s of every
+/// mutant's test run instead of 0.2 s. Normal runs keep every case.
+fn cases(n: u32) -> u32 {
+    if std::env::var_os("TCPSTALL_MUTANTS").is_some_and(|v| v == "1") {
+        n.div_ceil(10)
+    } else {
+        n
+    }
+}
+
 fn engine() -> Engine {
     Engine::new(cfg()).unwrap()
 }
@@ -208,6 +220,11 @@ fn timeouts(obs: &[Observation]) -> Vec<Observation> {
         .filter(|o| matches!(o, Observation::Timeout { .. }))
         .copied()
         .collect()
+}
+
+/// The outcomes of the streaks that ended, in order.
+fn streak_outcomes(obs: &[Observation]) -> Vec<StreakOutcome> {
+    streak_ends(obs).into_iter().map(|(o, _, _)| o).collect()
 }
 
 fn streak_ends(obs: &[Observation]) -> Vec<(StreakOutcome, u32, bool)> {
@@ -800,30 +817,238 @@ fn non_timeout_error_after_close_settles_as_closed() {
     assert!(drain(&mut e).is_empty());
 }
 
+/// An error report other than ETIMEDOUT (an ICMP soft error surfacing,
+/// EHOSTUNREACH) right after an expiry the kernel's rule says the socket
+/// survives is no timeout, whether the socket is still open or closed just
+/// before the report: only a dead verdict makes a soft error a timeout.
+#[test]
+fn soft_error_after_a_surviving_expiry_is_no_timeout() {
+    let mut s = Sock::new(19);
+    s.sysctls = Some(sysctls(15));
+    let st = ms_stamp(T0);
+    for closed in [false, true] {
+        let mut e = engine();
+        e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+        e.ingest(&s.rto(T0 + 612 * MS, 2, st, 102, 1_000));
+        if closed {
+            e.ingest(&s.close(T0 + 700 * MS));
+        }
+        e.ingest(&s.error(T0 + 700 * MS + 1_000, 113));
+        e.tick(T0 + 10 * S);
+        let obs = drain(&mut e);
+        assert!(
+            timeouts(&obs).is_empty(),
+            "closed {closed}: a surviving socket's soft error taken for a timeout: {obs:?}"
+        );
+    }
+}
+
+/// Which closed socket an ETIMEDOUT report after the close belongs to: by
+/// cookie, or, for a cookie-less report, by socket address. The kernel
+/// reuses a freed socket's memory, so a report with another cookie at the
+/// closed socket's address is that other socket's (unmatched); a
+/// cookie-less report at the closed socket's address is its death; one at
+/// another address is unmatched. The closed socket settles as closed
+/// unless the report is its own.
+#[test]
+fn error_report_after_close_matches_by_cookie_then_by_address() {
+    let s = Sock::new(20);
+    let st = ms_stamp(T0);
+    let mut reuse = Sock::new(21);
+    reuse.skaddr = s.skaddr;
+    let mut own = s.error(T0 + S + 1_000, 110);
+    own.cookie = 0;
+    let mut elsewhere = Sock::new(22).error(T0 + S + 1_000, 110);
+    elsewhere.cookie = 0;
+    for (what, report, cookie, outcome) in [
+        (
+            "another socket's report at the same address",
+            reuse.error(T0 + S + 1_000, 110),
+            21,
+            StreakOutcome::Closed,
+        ),
+        (
+            "a cookie-less report at its address",
+            own,
+            20,
+            StreakOutcome::TimedOut,
+        ),
+        (
+            "a cookie-less report elsewhere",
+            elsewhere,
+            0,
+            StreakOutcome::Closed,
+        ),
+    ] {
+        let mut e = engine();
+        e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+        e.ingest(&s.close(T0 + S));
+        e.ingest(&report);
+        e.tick(T0 + 10 * S);
+        let obs = drain(&mut e);
+        let cookies: Vec<u64> = timeouts(&obs)
+            .iter()
+            .map(|o| match o {
+                Observation::Timeout { cookie, .. } => *cookie,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(cookies, vec![cookie], "{what}: {obs:?}");
+        let ends = streak_outcomes(&obs);
+        assert_eq!(ends, vec![outcome], "{what}: {obs:?}");
+    }
+}
+
 #[test]
 fn soft_error_at_fatal_expiry_counts_as_timeout() {
-    let mut s = Sock::new(17);
-    s.sysctls = Some(sysctls(3));
-    let mut bh = Blackhole::new(s, T0);
-    bh.order = Order::ErrorFirst;
-    let (mut events, _) = bh.run();
-    for ev in &mut events {
-        if ev.kind == EventKind::ErrorReport {
-            ev.sk_err = 113; // EHOSTUNREACH from an earlier ICMP
+    // Both kernel orders: the report before the close (the open flow's
+    // path) and after it (6.10+: the closed socket's path).
+    for order in [Order::ErrorFirst, Order::CloseFirst] {
+        let mut s = Sock::new(17);
+        s.sysctls = Some(sysctls(3));
+        let mut bh = Blackhole::new(s, T0);
+        bh.order = order;
+        let (mut events, _) = bh.run();
+        for ev in &mut events {
+            if ev.kind == EventKind::ErrorReport {
+                ev.sk_err = 113; // EHOSTUNREACH from an earlier ICMP
+            }
         }
+        let mut e = engine();
+        for ev in &events {
+            e.ingest(ev);
+        }
+        let obs = drain(&mut e);
+        let t = timeouts(&obs);
+        assert_eq!(t.len(), 1, "{order:?}: {obs:?}");
+        let Observation::Timeout { evidence, .. } = t[0] else {
+            unreachable!()
+        };
+        assert_eq!(evidence, TimeoutEvidence::SoftError { errno: 113 });
+        assert_eq!(evidence.as_str(), "soft_error");
     }
-    let mut e = engine();
-    for ev in &events {
-        e.ingest(ev);
+}
+
+/// The recently-closed list (6.10+ reports ETIMEDOUT after the close)
+/// holds `recently_closed` sockets: a report after two later closes still
+/// finds its socket; one more close than the limit settles the oldest at
+/// once (a plain close), and its report is then unmatched.
+#[test]
+fn recently_closed_list_holds_its_limit() {
+    let socks: Vec<Sock> = (40..44).map(Sock::new).collect();
+    let mut c = cfg();
+    c.recently_closed = 3;
+    let mut e = Engine::new(c).unwrap();
+    for (i, s) in socks.iter().enumerate() {
+        let t = T0 + i as u64 * MS;
+        e.ingest(&s.rto(t + 204 * MS, 1, ms_stamp(t), 51, 1_000));
     }
+    for (i, s) in socks[..3].iter().enumerate() {
+        e.ingest(&s.close(T0 + S + i as u64 * MS));
+    }
+    assert!(streak_ends(&drain(&mut e)).is_empty(), "three fit");
+    e.ingest(&socks[0].error(T0 + S + 10 * MS, 110));
+    assert_eq!(
+        e.stats().timeouts_unmatched,
+        0,
+        "the first found after two closes"
+    );
+    e.ingest(&socks[3].close(T0 + S + 20 * MS));
     let obs = drain(&mut e);
-    let t = timeouts(&obs);
-    assert_eq!(t.len(), 1);
-    let Observation::Timeout { evidence, .. } = t[0] else {
-        unreachable!()
-    };
-    assert_eq!(evidence, TimeoutEvidence::SoftError { errno: 113 });
-    assert_eq!(evidence.as_str(), "soft_error");
+    assert_eq!(timeouts(&obs).len(), 1, "{obs:?}");
+    // Now full: one more close settles socks[1] as closed.
+    e.ingest(&Sock::new(45).rto(T0 + S, 1, ms_stamp(T0 + S - 204 * MS), 51, 1_000));
+    e.ingest(&Sock::new(45).close(T0 + S + 30 * MS));
+    let ends = streak_ends(&drain(&mut e));
+    assert_eq!(
+        ends,
+        vec![(StreakOutcome::Closed, 2, true)],
+        "the oldest settled"
+    );
+    e.ingest(&socks[1].error(T0 + S + 40 * MS, 110));
+    assert_eq!(e.stats().timeouts_unmatched, 1, "settled, then unmatched");
+}
+
+/// RTO retransmissions with no timer event (the retransmission tracepoint
+/// alone): the next expiry is expected one doubled RTO after the last one,
+/// taken from the latest retransmission's RTO, and the streak ends
+/// (recovered) only once that is overdue by the grace, not before.
+#[test]
+fn rto_retransmissions_alone_expect_the_next_at_the_doubled_latest_rto() {
+    let s = Sock::new(50);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.retransmit(T0, 0, 1, st, 51, 1_000, 1));
+    let last = T0 + 408 * MS;
+    e.ingest(&s.retransmit(last, 0, 2, st, 102, 1_000, 2));
+    let interval = 2 * 102 * S / u64::from(HZ);
+    let c = cfg();
+    let grace = dur_ns(c.stale_grace) + (interval as f64 * c.stale_grace_factor) as u64;
+    let due = last + interval + grace;
+    e.tick(due - 10 * MS);
+    assert!(
+        streak_ends(&drain(&mut e)).is_empty(),
+        "ended before the doubled RTO and its grace"
+    );
+    e.tick(due + 10 * MS);
+    let ends = streak_outcomes(&drain(&mut e));
+    assert_eq!(ends, vec![StreakOutcome::Recovered]);
+}
+
+/// Each RTO expiry counted once, in either kernel order of the
+/// `icsk_retransmits` increment (after the retransmission before 6.7, before
+/// it from 6.7 on): the timer's report and its own retransmission are one
+/// expiry, and an expiry whose timer report was lost is numbered from the
+/// order learned at the first one.
+#[test]
+fn rto_expiries_counted_once_in_either_kernel_order() {
+    let s = Sock::new(51);
+    let st = ms_stamp(T0);
+    for before in [false, true] {
+        let b = u32::from(before);
+        let mut e = engine();
+        e.ingest(&s.rto(T0 + 204 * MS, 0, st, 51, 1_000));
+        e.ingest(&s.retransmit(T0 + 204 * MS + 50_000, 0, b, st, 51, 1_000, 1));
+        // The second expiry's timer report lost: its retransmission alone.
+        e.ingest(&s.retransmit(T0 + 612 * MS, 0, 1 + b, st, 102, 1_000, 2));
+        let rtos: Vec<u32> = drain(&mut e)
+            .iter()
+            .filter_map(|o| match o {
+                Observation::RtoExpiry { rtos, .. } => Some(*rtos),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            rtos,
+            vec![1, 2],
+            "incremented before the retransmission: {before}"
+        );
+    }
+}
+
+/// A close is counted and frees the socket's address: a new socket at the
+/// address of one that closed normally is no reuse of a live socket
+/// (`skaddr_reuses` stays 0, where a stale address mapping would count
+/// one), while a new socket at a live socket's address is.
+#[test]
+fn close_is_counted_and_frees_its_address() {
+    let a = Sock::new(30);
+    let mut b = Sock::new(31);
+    b.skaddr = a.skaddr;
+    let mut c = Sock::new(32);
+    c.skaddr = a.skaddr;
+    let mut e = engine();
+    e.ingest(&a.rto(T0 + 204 * MS, 1, ms_stamp(T0), 51, 1_000));
+    e.ingest(&a.close(T0 + S));
+    e.ingest(&b.rto(T0 + 2 * S, 1, ms_stamp(T0 + 2 * S - 204 * MS), 51, 1_000));
+    let st = e.stats();
+    assert_eq!(st.flows_closed, 1, "one close");
+    assert_eq!(st.skaddr_reuses, 0, "a closed socket's address is free");
+    // b never closed: c at its address supersedes it.
+    e.ingest(&c.rto(T0 + 3 * S, 1, ms_stamp(T0 + 3 * S - 204 * MS), 51, 1_000));
+    let st = e.stats();
+    assert_eq!(st.skaddr_reuses, 1, "b's address reused while tracked");
+    assert_eq!(st.flows_closed, 2, "b closed as superseded");
 }
 
 #[test]
@@ -915,6 +1140,48 @@ fn duplicate_timer_report_window_is_100_ms_or_half_the_rto() {
         0,
         "60 ms after, RTO 80 ms"
     );
+    // The same count at another timer expiry, 1 s later (a failed
+    // retransmission re-arms without counting): not the same expiry.
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 1, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 1_204 * MS, 1, st, 51, 1_000));
+    assert_eq!(
+        e.stats().timer_events_duplicate,
+        0,
+        "same count, another timer expiry"
+    );
+    // The same count and the same timer expiry, reported 300 ms later
+    // (outside the time window): the same expiry, by its timer.
+    let mut e = engine();
+    let first = s.rto(T0 + 204 * MS, 1, st, 51, 1_000);
+    let mut late = s.rto(T0 + 504 * MS, 1, st, 51, 1_000);
+    late.sock.as_mut().unwrap().timer_expires = first.sock.unwrap().timer_expires;
+    e.ingest(&first);
+    e.ingest(&late);
+    assert_eq!(
+        e.stats().timer_events_duplicate,
+        1,
+        "same count, same timer expiry"
+    );
+}
+
+/// A timer expiry whose count does not go past the streak's (the kernel
+/// reset `icsk_retransmits`: the losses were repaired unseen, e.g. with no
+/// ACK program) ends the streak as recovered and starts a new one, even
+/// with `snd_una` unchanged in the events.
+#[test]
+fn rto_count_restarting_ends_the_streak_as_recovered() {
+    let s = Sock::new(52);
+    let st = ms_stamp(T0);
+    let mut e = engine();
+    e.ingest(&s.rto(T0 + 204 * MS, 0, st, 51, 1_000));
+    e.ingest(&s.rto(T0 + 612 * MS, 1, st, 102, 1_000));
+    assert!(streak_ends(&drain(&mut e)).is_empty());
+    // Before the streak's next expiry is even due (no overdue end).
+    let st2 = ms_stamp(T0 + 800 * MS);
+    e.ingest(&s.rto(T0 + 1_004 * MS, 0, st2, 51, 1_000));
+    let ends = streak_outcomes(&drain(&mut e));
+    assert_eq!(ends, vec![StreakOutcome::Recovered]);
 }
 
 #[test]
@@ -1381,6 +1648,54 @@ fn zero_window_ends_on_close_and_on_retransmission() {
     p.sock.as_mut().unwrap().snd_wnd = 100;
     e.ingest(&p);
     assert!(e.stalls(T0 + 10 * S).is_empty());
+}
+
+/// The clearing path when the peer's reader resumes and a probe sees it: a
+/// probe expiry that finds the window open (`snd_wnd != 0`, nothing in
+/// flight, no unanswered probe) ends the zero-window episode at that probe,
+/// logged (`ZeroWindowEnded`, `by: window_opened`), once; the stall clears
+/// and no open-window episode follows.
+#[test]
+fn zero_window_ends_when_a_probe_finds_the_window_open() {
+    let s = Sock::new(64);
+    let mut e = engine();
+    let mut t = T0;
+    for b in 0..6u32 {
+        t += (200 * MS) << b;
+        e.ingest(&s.probe(t, b, 0));
+        e.tick(t + MS);
+    }
+    assert_eq!(e.stalls(t + MS)[0].class, StallClass::ZeroWindow);
+    let opened = t + 2 * S;
+    let mut p = s.probe(opened, 6, 0);
+    p.sock.as_mut().unwrap().snd_wnd = 65_535;
+    e.ingest(&p);
+    assert!(e.stalls(opened + MS).is_empty(), "still stalled");
+    // Long after: no other end of it (the quiet path, an open-window
+    // episode's end) and no new stall.
+    e.tick(opened + 600 * S);
+    assert!(e.stalls(opened + 600 * S).is_empty());
+    let ends: Vec<_> = drain(&mut e)
+        .into_iter()
+        .filter(|o| matches!(o, Observation::ZeroWindowEnded { .. }))
+        .collect();
+    assert_eq!(ends.len(), 1, "one logged end: {ends:?}");
+    // Every probe counted for the peer, the open-window one included.
+    let r = e.remotes(opened + 600 * S);
+    assert_eq!(r.top[0].counters.zero_window_probes, 7);
+    assert!(
+        matches!(
+            ends[0],
+            Observation::ZeroWindowEnded {
+                by: PersistEnd::WindowOpened,
+                probes: 6,
+                at_ns,
+                duration_s,
+                ..
+            } if at_ns == opened && (duration_s - (opened - T0 - 200 * MS) as f64 / 1e9).abs() < 1e-9
+        ),
+        "{ends:?}"
+    );
 }
 
 #[test]
@@ -1959,7 +2274,7 @@ proptest! {
     // `cases: 50_000`.
     #![proptest_config(ProptestConfig {
         failure_persistence: None,
-        cases: 20_000,
+        cases: cases(20_000),
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x7c9_57a11),
         ..ProptestConfig::default()
     })]
@@ -1997,7 +2312,7 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig {
         failure_persistence: None,
-        cases: 3_000,
+        cases: cases(3_000),
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x7c9_57a12),
         ..ProptestConfig::default()
     })]
@@ -2301,6 +2616,105 @@ fn snapshots_of_closed_time_wait_and_listening_sockets_are_not_classified() {
             seed::classify_snapshot(&snap)
         );
     }
+}
+
+/// An RTO-backoff snapshot needs all of: the retransmit timer pending,
+/// retransmissions counted, a state past the handshake, data in flight.
+/// With any one of the last three missing it is not one.
+#[test]
+fn snapshots_missing_one_rto_backoff_condition_are_not_rto_backoff() {
+    let s = Sock::new(96);
+    let snap = || {
+        let mut snap = s.rto(T0, 3, ms_stamp(T0), 51, 1_000);
+        snap.mechanism = Mechanism::Sweep;
+        snap.packets_out = 4;
+        snap
+    };
+    assert_eq!(
+        seed::classify_snapshot(&snap()),
+        Some(seed::SnapshotClass::RtoBackoff)
+    );
+    let mut none_counted = snap();
+    none_counted.retransmits = 0;
+    let mut syn = snap();
+    syn.state = TcpState::SynSent;
+    let mut nothing_in_flight = snap();
+    nothing_in_flight.packets_out = 0;
+    for (what, ev) in [
+        ("no retransmissions", none_counted),
+        ("SYN_SENT", syn),
+        ("nothing in flight", nothing_in_flight),
+    ] {
+        assert_ne!(
+            seed::classify_snapshot(&ev),
+            Some(seed::SnapshotClass::RtoBackoff),
+            "{what}"
+        );
+    }
+    // The persist timer with an open window is no zero-window snapshot; an
+    // idle socket (no timer, no keepalive probe out) no keepalive one.
+    let mut open_probe = snap();
+    if let Some(f) = open_probe.sock.as_mut() {
+        f.pending = 3;
+        f.snd_wnd = 100;
+    }
+    assert_ne!(
+        seed::classify_snapshot(&open_probe),
+        Some(seed::SnapshotClass::ZeroWindow)
+    );
+    let mut idle = snap();
+    idle.retransmits = 0;
+    idle.packets_out = 0;
+    if let Some(f) = idle.sock.as_mut() {
+        f.pending = 0;
+    }
+    assert_eq!(seed::classify_snapshot(&idle), None);
+}
+
+/// A sweep snapshot teaches nothing when the flow's events are newer, or
+/// when its socket closed (never resurrected): ignored and counted. One
+/// taken at or after the flow's last event is used.
+#[test]
+fn sweep_snapshot_ignored_when_older_than_the_events_or_closed() {
+    let sweep = |s: &Sock, ts: u64| {
+        let mut snap = s.rto(ts, 3, ms_stamp(T0), 408, 1_000);
+        snap.kind = EventKind::Sweep;
+        snap.mechanism = Mechanism::Sweep;
+        snap
+    };
+    let a = Sock::new(98);
+    let mut e = engine();
+    e.ingest(&a.rto(T0 + 5 * S, 2, ms_stamp(T0), 204, 1_000));
+    e.ingest(&sweep(&a, T0 + 4 * S));
+    assert_eq!(e.stats().sweep_ignored, 1, "older than the events");
+    e.ingest(&sweep(&a, T0 + 5 * S));
+    e.ingest(&sweep(&a, T0 + 6 * S));
+    assert_eq!(e.stats().sweep_ignored, 1, "as new as the events, newer");
+    let b = Sock::new(99);
+    e.ingest(&b.rto(T0 + 5 * S, 2, ms_stamp(T0), 204, 1_000));
+    e.ingest(&b.close(T0 + 6 * S));
+    e.ingest(&sweep(&b, T0 + 7 * S));
+    assert_eq!(e.stats().sweep_ignored, 2, "closed");
+}
+
+/// A sweep snapshot with neither cookie nor socket address cannot be
+/// keyed: ignored and counted; one with a cookie and no address is seeded.
+#[test]
+fn sweep_snapshot_without_cookie_or_address_is_ignored_and_counted() {
+    let s = Sock::new(97);
+    let mut snap = s.rto(T0 + 2_000 * MS, 3, ms_stamp(T0), 408, 1_000);
+    snap.kind = EventKind::Sweep;
+    snap.mechanism = Mechanism::Sweep;
+    snap.skaddr = 0;
+    let mut bare = snap.clone();
+    bare.cookie = 0;
+    let mut e = engine();
+    e.ingest(&bare);
+    assert_eq!(e.stats().sweep_ignored, 1);
+    assert_eq!(e.flows_tracked(), 0);
+    e.ingest(&snap);
+    assert_eq!(e.stats().sweep_ignored, 1);
+    assert_eq!(e.flows_tracked(), 1, "seeded by its cookie");
 }
 
 /// A CLOSE_WAIT socket seen first by a sweep: the peer's FIN was the last

@@ -878,3 +878,28 @@ fn syn_rule_sources() {
     assert_eq!(syn_initial_rto(3_000, 2, 4, 120_000), Some(3_000));
     assert_eq!(syn_initial_rto(120_000, 9, 0, 120_000), None);
 }
+
+/// Unsent data probing at a high backoff with the default `rto_max`
+/// (120 s): `tcp_probe0_when()` is `200 ms << backoff` capped at 120 s, so
+/// from backoff 10 on (200 ms << 10 = 204.8 s) every interval is 120 s,
+/// never a shorter power of two (200 ms << 9 = 102.4 s). Two probes left:
+/// dead 240 s after this expiry.
+#[test]
+fn probe_walk_at_high_backoff_steps_at_rto_max() {
+    let w = ProbeWalk {
+        at_ns: 1_000_000_000,
+        at_jiffies: 0,
+        probes_out: 13,
+        backoff: 12,
+        rto_ms: 200,
+        rto_max_ms: 120_000,
+        limit: 15,
+        backoff_cap: 15,
+        hz: 1000,
+        timer_wheel: false,
+    };
+    assert_eq!(
+        predict_probe_count_death(&w),
+        Some(1_000_000_000 + 240 * 1_000_000_000)
+    );
+}
