@@ -402,16 +402,19 @@ fn run_one(
             opts.timeout.as_secs()
         ),
     );
-    let mut boot = boot(
-        tools,
-        opts,
-        accel,
-        spec,
-        &k.vmlinuz,
-        &initrd,
-        console_log,
-        true,
-    )?;
+    let run = || {
+        boot(
+            tools,
+            opts,
+            accel,
+            spec,
+            &k.vmlinuz,
+            &initrd,
+            console_log,
+            true,
+        )
+    };
+    let mut boot = run()?;
     if boot.boot_hung {
         // The kernel hung before our /init printed its first line: no test ran,
         // so there is no result to keep or to retry. Boot it once more; its
@@ -426,16 +429,7 @@ fn run_one(
                 hung_log.display()
             ),
         );
-        boot = self::qemu::boot(
-            tools,
-            opts,
-            accel,
-            spec,
-            &k.vmlinuz,
-            &initrd,
-            console_log,
-            true,
-        )?;
+        boot = run()?;
         if boot.boot_hung {
             bail!(
                 "{spec}: the guest hung twice in the kernel's boot, before /init (console logs \
