@@ -103,7 +103,31 @@ pub mod program {
     /// `tp_btf/timer_expire_entry`, filtered to `tcp_keepalive_timer`; the
     /// last fallback (probe reads from plain addresses only).
     pub const KEEPALIVE_TIMER_PLAIN: &str = "tcpstall_keepalive_timer_plain";
+    /// `tp_btf/timer_start`, filtered to `tw_timer_handler` (the timewait
+    /// socket's timer): the bucket expiry read as the tracepoint's third
+    /// argument, a context load the verifier checks against the kernel's
+    /// prototype (loads only where it has three: `timer, expires,
+    /// bucket_expiry`).
+    pub const TW_START_ARG2: &str = "tcpstall_tw_start_arg2";
+    /// The same with the second argument read by a probe read of the
+    /// context (`timer, bucket_expiry` kernels; on three-argument kernels
+    /// it is `expires`, unrounded): the last fallback.
+    pub const TW_START_PLAIN: &str = "tcpstall_tw_start_plain";
+    /// `tp_btf/timer_expire_entry`, filtered to `tw_timer_handler`, for a
+    /// timewait socket [`crate::TW_MAP`] holds: the end of an orphaned
+    /// FIN_WAIT2 connection. Probe reads from plain addresses only.
+    pub const TW_EXPIRE_PLAIN: &str = "tcpstall_tw_expire_plain";
 }
+
+/// LRU hash map `u64 timewait socket address -> u8` of the timewait sockets
+/// whose timer was started in the FIN_WAIT2 substate (an orphan waiting for
+/// its peer's FIN under `tcp_fin_timeout` / TCP_LINGER2), kept by the
+/// kernel programs themselves: a re-arm in the TIME_WAIT substate (the peer
+/// sent its FIN) and the expiry are reported only for them, and remove them.
+pub const TW_MAP: &str = "TCPSTALL_TW";
+/// Capacity of [`TW_MAP`] (LRU: an entry whose end was never seen, a
+/// timewait socket killed by a reset or its namespace's exit, ages out).
+pub const TW_MAX: u32 = 16_384;
 
 /// Event kinds ([`Event::kind`]).
 pub mod kind {
@@ -135,6 +159,19 @@ pub mod kind {
     /// (and, for orphans, the FIN_WAIT2 timer). Every TCP state but LISTEN
     /// and CLOSE is reported.
     pub const KEEPALIVE_TIMER: u8 = 9;
+    /// `timer:timer_start` of a timewait socket's timer (`tw_timer_handler`)
+    /// in the FIN_WAIT2 substate (an orphan's FIN_WAIT2 timeout starts), or
+    /// in the TIME_WAIT substate for one that was (the peer's FIN came).
+    /// The snapshot holds only what `struct sock_common` has (cookie,
+    /// endpoints, netns) and [`SockSnapshot::state`] is `tw_substate`;
+    /// [`SockSnapshot::timer_expires`] is the timer wheel's bucket expiry
+    /// (jiffies: when the timer will run) and [`Event::ack_seq`] the low 32
+    /// bits of the requested expiry (`timer->expires`).
+    pub const TW_TIMER_START: u8 = 10;
+    /// `timer:timer_expire_entry` of such a timewait socket's timer: the
+    /// kernel ends it now ([`SockSnapshot::state`] is `tw_substate`,
+    /// [`SockSnapshot::timer_expires`] the timer's `expires`).
+    pub const TW_TIMER_EXPIRE: u8 = 11;
 }
 
 /// Which mechanism produced an event ([`Event::source`]).
@@ -314,11 +351,22 @@ pub struct SockSnapshot {
     /// netns `tcp_keepalive_probes`.
     pub keepalive_probes: u8,
     pub netns_keepalive_probes: u8,
-    pub _keepalive_reserved: [u8; 6],
     // ---- end keepalive
+    pub _reserved2: u16,
+    // ---- FIN_WAIT2 (issue 20, item 3): what `tcp_fin_time()` reads.
+    /// The socket's namespace's `tcp_fin_timeout` in jiffies (as the
+    /// kernel stores it); 0 = not read. Full snapshots and
+    /// TW_TIMER_START events.
+    pub netns_fin_timeout: u32,
+    /// `tp->linger2` (jiffies; TCP_LINGER2; 0 = the namespace's
+    /// `tcp_fin_timeout`, negative = no FIN_WAIT2 wait at all). Full
+    /// snapshots only (0 elsewhere: a timewait socket has no `tcp_sock`).
+    pub linger2: i32,
+    pub _reserved3: u32,
+    // ---- end FIN_WAIT2
 }
 
-pub const SOCK_SNAPSHOT_SIZE: usize = 176;
+pub const SOCK_SNAPSHOT_SIZE: usize = 184;
 const _: () = assert!(size_of::<SockSnapshot>() == SOCK_SNAPSHOT_SIZE);
 
 impl SockSnapshot {
@@ -370,7 +418,10 @@ impl SockSnapshot {
             sk_timer_expires: 0,
             keepalive_probes: 0,
             netns_keepalive_probes: 0,
-            _keepalive_reserved: [0; 6],
+            _reserved2: 0,
+            netns_fin_timeout: 0,
+            linger2: 0,
+            _reserved3: 0,
         }
     }
 }
@@ -385,6 +436,7 @@ pub struct Event {
     pub jiffies: u64,
     /// ACK events: the segment's acknowledgment number (`TCP_SKB_CB(skb)->ack_seq`);
     /// DROP events: the drop reason; RETRANSMIT_ERROR events: the errno;
+    /// TW_TIMER_START events: the low 32 bits of the timer's `expires`;
     /// 0 for every other kind.
     pub ack_seq: u32,
     /// One of [`kind`].
@@ -553,7 +605,21 @@ pub mod field {
     pub const NET_TCP_KEEPALIVE_PROBES: usize = 59;
     pub const NET_TCP_KEEPALIVE_INTVL: usize = 60;
     // ---- end keepalive
-    pub const COUNT: usize = 61;
+    // ---- FIN_WAIT2 (issue 20, item 3): the timewait socket
+    /// Offset of `tw_timer` (`struct timer_list`) inside `struct
+    /// inet_timewait_sock`; offset only.
+    pub const TW_TIMER: usize = 61;
+    /// `inet_timewait_sock.tw_substate` (FIN_WAIT2 or TIME_WAIT).
+    pub const TW_SUBSTATE: usize = 62;
+    /// `timer_list.expires` (jiffies), from the start of the timer.
+    pub const TIMER_EXPIRES: usize = 63;
+    /// From the start of `struct net`: `ipv4.sysctl_tcp_fin_timeout`
+    /// (jiffies).
+    pub const NET_TCP_FIN_TIMEOUT: usize = 64;
+    /// `tcp_sock.linger2` (int, jiffies; TCP_LINGER2).
+    pub const TP_LINGER2: usize = 65;
+    // ---- end FIN_WAIT2
+    pub const COUNT: usize = 66;
 }
 
 /// Bits of [`KernelLayout::flags`].
@@ -587,6 +653,9 @@ pub struct KernelLayout {
     /// type the `_cast` programs give a socket with `bpf_rdonly_cast`; a
     /// constant to the verifier). 0 when the agent found none.
     pub tcp_sock_btf_id: u32,
+    /// Address of `tw_timer_handler` (from /proc/kallsyms), for the
+    /// timewait timer programs (0: unknown).
+    pub tw_timer_handler_addr: u64,
 }
 
 /// Hand-made kfunc calls (see `tcpstall-ebpf/src/kfunc.rs`).
@@ -601,7 +670,7 @@ pub mod kfunc {
 /// Size of the per-CPU scratch buffer a socket's span is copied into.
 pub const SOCK_SCRATCH_BYTES: u32 = 4096;
 
-pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 32;
+pub const KERNEL_LAYOUT_SIZE: usize = field::COUNT * 8 + 40;
 const _: () = assert!(size_of::<KernelLayout>() == KERNEL_LAYOUT_SIZE);
 
 impl KernelLayout {
@@ -614,6 +683,7 @@ impl KernelLayout {
             ringbuf_wake_bytes: 0,
             sock_span: 0,
             tcp_sock_btf_id: 0,
+            tw_timer_handler_addr: 0,
         }
     }
 }

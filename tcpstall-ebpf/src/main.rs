@@ -27,12 +27,12 @@ use aya_ebpf::{
         bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, sock_ops},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, SockOpsContext},
 };
 use tcpstall_common::{
-    DEFAULT_RINGBUF_BYTES, EPISODES_MAX, Event, KernelLayout, field, flag, kind, layout_flag,
-    pending, source, stat,
+    DEFAULT_RINGBUF_BYTES, EPISODES_MAX, Event, KernelLayout, TW_MAX, field, flag, kind,
+    layout_flag, pending, source, stat,
 };
 
 mod guard;
@@ -63,6 +63,11 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 /// program reports only skbs they own.
 #[map(name = "TCPSTALL_EPISODES")]
 static EPISODES: HashMap<u64, u8> = HashMap::with_max_entries(EPISODES_MAX, 0);
+
+/// Timewait sockets whose timer started in the FIN_WAIT2 substate
+/// (`tcpstall_common::TW_MAP`), kept by the timewait timer programs.
+#[map(name = "TCPSTALL_TW")]
+static TW: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TW_MAX, 0);
 
 /// Per-CPU scratch for one socket's span (`snapshot::Copied`).
 #[map(name = "TCPSTALL_SCRATCH")]
@@ -283,11 +288,61 @@ fn try_retransmit_err<const DIRECT: bool, const PLAIN: bool>(
     try_retransmit_btf::<DIRECT, PLAIN>(ctx)
 }
 
-/// Emit one socket event of `kind` for the BTF tracepoint's socket (argument
-/// 0). `DIRECT`: plain loads through the typed `tcp_sock`; a socket that is
-/// not a full TCP socket (no `tcp_sock`) goes the probe-read way, where
-/// `tcp_only` drops non-TCP sockets. `finish` adds what is specific to the
-/// hook.
+/// A BTF tracepoint's `struct sock *` (typed for the verifier).
+type SkPtr = *mut core::ffi::c_void;
+
+/// What a BTF tracepoint program does with its socket once [`tp_sock`] has
+/// chosen how to read it (one generic method: a closure cannot be generic
+/// over the [`Source`]).
+trait SockHandler {
+    fn handle<S: Source>(self, l: &KernelLayout, sk: S, sk_ptr: SkPtr) -> Result<(), Skip>;
+}
+
+/// The BTF tracepoint's socket (argument 0), read the program's way.
+/// `DIRECT`: plain loads through the typed `tcp_sock`; a socket that is not
+/// a full TCP socket (no `tcp_sock`) goes the probe-read way, where
+/// `tcp_only` drops non-TCP sockets. `PLAIN`: probe reads from the plain
+/// address (the last fallback).
+#[inline(always)]
+fn tp_sock<const DIRECT: bool, const PLAIN: bool, H: SockHandler>(
+    ctx: &BtfTracePointContext,
+    l: &KernelLayout,
+    tcp_only: bool,
+    handler: H,
+) -> Result<(), Skip> {
+    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
+    if DIRECT {
+        // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk_ptr) };
+        if !tp.is_null() {
+            return handler.handle(l, Direct(tp as *const u8), sk_ptr);
+        }
+    }
+    let sk = arg_scalar(ctx.as_ptr(), 0);
+    if tcp_only && !is_tcp(l, sk) {
+        return Err(Skip);
+    }
+    if PLAIN {
+        return handler.handle(l, Plain(sk), sk_ptr);
+    }
+    handler.handle(l, Probe(sk), sk_ptr)
+}
+
+/// [`SockHandler`]: one socket event of `kind`, `finish` adding what is
+/// specific to the hook.
+struct EmitSockEvent<F: FnOnce(&mut Event)> {
+    kind: u8,
+    finish: F,
+}
+
+impl<F: FnOnce(&mut Event)> SockHandler for EmitSockEvent<F> {
+    #[inline(always)]
+    fn handle<S: Source>(self, l: &KernelLayout, sk: S, sk_ptr: SkPtr) -> Result<(), Skip> {
+        sock_event(l, sk, sk_ptr, self.kind, self.finish)
+    }
+}
+
+/// Emit one socket event of `kind` for the BTF tracepoint's socket ([`tp_sock`]).
 #[inline(always)]
 fn tp_sock_event<const DIRECT: bool, const PLAIN: bool>(
     ctx: &BtfTracePointContext,
@@ -296,22 +351,15 @@ fn tp_sock_event<const DIRECT: bool, const PLAIN: bool>(
     event_kind: u8,
     finish: impl FnOnce(&mut Event),
 ) -> Result<(), Skip> {
-    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
-    if DIRECT {
-        // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
-        let tp = unsafe { bpf_skc_to_tcp_sock(sk_ptr) };
-        if !tp.is_null() {
-            return sock_event(l, Direct(tp as *const u8), sk_ptr, event_kind, finish);
-        }
-    }
-    let sk = arg_scalar(ctx.as_ptr(), 0);
-    if tcp_only && !is_tcp(l, sk) {
-        return Err(Skip);
-    }
-    if PLAIN {
-        return sock_event(l, Plain(sk), sk_ptr, event_kind, finish);
-    }
-    sock_event(l, Probe(sk), sk_ptr, event_kind, finish)
+    tp_sock::<DIRECT, PLAIN, _>(
+        ctx,
+        l,
+        tcp_only,
+        EmitSockEvent {
+            kind: event_kind,
+            finish,
+        },
+    )
 }
 
 /// Emit one socket event of `kind`; `finish` adds what is specific to the
@@ -392,24 +440,24 @@ fn try_state_btf<const DIRECT: bool, const PLAIN: bool>(
     ctx: &BtfTracePointContext,
 ) -> Result<(), Skip> {
     let l = layout()?;
-    let old_state = ctx.arg::<i32>(1) as u8;
-    let new_state = ctx.arg::<i32>(2) as u8;
-    let sk_ptr: *mut core::ffi::c_void = ctx.arg(0);
-    if DIRECT {
-        // SAFETY: `sk_ptr` is the tracepoint's `struct sock *` (a BTF pointer).
-        let tp = unsafe { bpf_skc_to_tcp_sock(sk_ptr) };
-        if !tp.is_null() {
-            return state_event(l, Direct(tp as *const u8), sk_ptr, old_state, new_state);
-        }
+    let change = StateChange {
+        old: ctx.arg::<i32>(1) as u8,
+        new: ctx.arg::<i32>(2) as u8,
+    };
+    tp_sock::<DIRECT, PLAIN, _>(ctx, l, true, change)
+}
+
+/// [`SockHandler`]: the state tracepoint's change ([`state_event`]).
+struct StateChange {
+    old: u8,
+    new: u8,
+}
+
+impl SockHandler for StateChange {
+    #[inline(always)]
+    fn handle<S: Source>(self, l: &KernelLayout, sk: S, sk_ptr: SkPtr) -> Result<(), Skip> {
+        state_event(l, sk, sk_ptr, self.old, self.new)
     }
-    let sk = arg_scalar(ctx.as_ptr(), 0);
-    if !is_tcp(l, sk) {
-        return Err(Skip);
-    }
-    if PLAIN {
-        return state_event(l, Plain(sk), sk_ptr, old_state, new_state);
-    }
-    state_event(l, Probe(sk), sk_ptr, old_state, new_state)
 }
 
 /// One STATE event, or none. Most changes of state are of sockets that
@@ -880,6 +928,133 @@ fn try_keepalive_timer_tp(ctx: &BtfTracePointContext) -> Result<(), Skip> {
         return Err(Skip);
     }
     keepalive_timer_event(l, timer, source::TIMER_TP)
+}
+
+// ---------------------------------------------------------------------------
+// The timewait timer (`tw->tw_timer`, callback `tw_timer_handler`): an
+// orphan whose FIN the peer ACKed, with `tcp_fin_timeout` / TCP_LINGER2 up
+// to 60 s, becomes a timewait socket in the FIN_WAIT2 substate at once
+// (`tcp_time_wait()`), which the timer ends with no socket tracepoint. The
+// timer tracepoints show it all: `timer_start` when it is created (bucket
+// expiry: when the wheel will run it) or re-armed for TIME_WAIT by the
+// peer's FIN, `timer_expire_entry` when it ends. Every program reads the
+// timewait socket at the timer's address minus `tw_timer`'s offset with
+// probe reads, the cookie as it holds it (the full socket's).
+
+/// `timer` is a `tw_timer_handler` timer being started with the wheel's
+/// bucket expiry `bucket`. FIN_WAIT2 substate: remembered and reported;
+/// TIME_WAIT: reported (and forgotten) only for one remembered (the peer's
+/// FIN after a FIN_WAIT2 start), else nothing (every normal close).
+#[inline(always)]
+fn tw_start_event(l: &KernelLayout, timer: u64, bucket: u64) -> Result<(), Skip> {
+    let f = &l.fields;
+    if !f[field::TW_TIMER].is_present() {
+        return Err(Skip);
+    }
+    let tw = timer.wrapping_sub(f[field::TW_TIMER].offset as u64);
+    let substate = read(tw, &f[field::TW_SUBSTATE]) as u8;
+    if substate == TCP_FIN_WAIT2 {
+        let _ = TW.insert(&tw, &1, 0);
+    // SAFETY: a map lookup; the value is not kept.
+    } else if substate == TCP_TIME_WAIT && unsafe { TW.get(&tw) }.is_some() {
+        let _ = TW.remove(&tw);
+    } else {
+        return Err(Skip);
+    }
+    let expires = read(timer, &f[field::TIMER_EXPIRES]);
+    let t = now();
+    emit(|ev| {
+        header(ev, kind::TW_TIMER_START, source::TIMER_TP, t);
+        snapshot::fill_timewait(&mut ev.sock, l, Plain(tw));
+        ev.sock.timer_expires = bucket;
+        ev.ack_seq = expires as u32;
+    });
+    Ok(())
+}
+
+/// The callback of the timer at `timer` (probe read), 0 when not the
+/// timewait timer's.
+#[inline(always)]
+fn tw_timer_of(l: &KernelLayout, timer: u64) -> Result<(), Skip> {
+    let function = read(timer, &l.fields[field::TIMER_FUNCTION]);
+    if function == 0 || function != l.tw_timer_handler_addr {
+        return Err(Skip);
+    }
+    Ok(())
+}
+
+/// `timer_start(timer, expires, bucket_expiry)`: the bucket expiry is the
+/// third argument, a context load the verifier checks against the
+/// prototype (a kernel with two arguments refuses it; the agent falls back).
+#[btf_tracepoint(function = "timer_start")]
+pub fn tcpstall_tw_start_arg2(ctx: BtfTracePointContext) -> i32 {
+    match try_tw_start_arg2(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_tw_start_arg2(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let timer = arg_scalar(ctx.as_ptr(), 0);
+    tw_timer_of(l, timer)?;
+    // A context load of the tracepoint's third argument.
+    let bucket: u64 = ctx.arg(2);
+    tw_start_event(l, timer, bucket)
+}
+
+/// `timer_start(timer, bucket_expiry)`: the second argument by a probe read
+/// of the context (on a three-argument kernel it is `expires`: unrounded).
+/// Every timer start on the node passes here: the callback compare (one
+/// probe read) comes first.
+#[btf_tracepoint(function = "timer_start")]
+pub fn tcpstall_tw_start_plain(ctx: BtfTracePointContext) -> i32 {
+    match try_tw_start_plain(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_tw_start_plain(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let timer = arg_scalar(ctx.as_ptr(), 0);
+    tw_timer_of(l, timer)?;
+    let bucket = arg_scalar(ctx.as_ptr(), 1);
+    tw_start_event(l, timer, bucket)
+}
+
+/// The timewait timer runs now: the end of a remembered timewait socket
+/// (reported with its substate: TIME_WAIT when a re-arm was not seen).
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn tcpstall_tw_expire_plain(ctx: BtfTracePointContext) -> i32 {
+    match try_tw_expire(&ctx) {
+        Ok(()) | Err(Skip) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_tw_expire(ctx: &BtfTracePointContext) -> Result<(), Skip> {
+    let l = layout()?;
+    let timer = arg_scalar(ctx.as_ptr(), 0);
+    tw_timer_of(l, timer)?;
+    let f = &l.fields;
+    if !f[field::TW_TIMER].is_present() {
+        return Err(Skip);
+    }
+    let tw = timer.wrapping_sub(f[field::TW_TIMER].offset as u64);
+    // SAFETY: a map lookup; the value is not kept.
+    if unsafe { TW.get(&tw) }.is_none() {
+        return Err(Skip);
+    }
+    let _ = TW.remove(&tw);
+    let expires = read(timer, &f[field::TIMER_EXPIRES]);
+    let t = now();
+    emit(|ev| {
+        header(ev, kind::TW_TIMER_EXPIRE, source::TIMER_TP, t);
+        snapshot::fill_timewait(&mut ev.sock, l, Plain(tw));
+        ev.sock.timer_expires = expires;
+    });
+    Ok(())
 }
 
 /// cgroup sock_ops: RTO_CB for sockets established after attach (no

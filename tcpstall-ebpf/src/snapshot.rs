@@ -344,8 +344,9 @@ pub fn fill(out: &mut SockSnapshot, l: &KernelLayout, sk: u64, cookie: u64) {
 
 /// Fill `out` from the socket `sk` (probe reads or direct loads, see
 /// [`Source`]); otherwise as [`fill`].
-/// Every field of `out` is written exactly once, in place (no zeroing
-/// first, no copy through the stack).
+/// Every field of `out` is written once, in place (no zeroing first, no
+/// copy through the stack); the keepalive block as zeros, which
+/// [`fill_keepalive`] overwrites where it is called.
 #[inline(always)]
 pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, cookie: u64) {
     let f = &l.fields;
@@ -358,7 +359,7 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     let mut flags = flag::SOCK_FIELDS;
     let net = sk.follow(&f[field::SKC_NET]);
     let (mut netns, mut retries2, mut orphan_retries, mut netns_rto_max_ms) = (0, 0, 0, 0);
-    let (mut syn_retries, mut syn_linear) = (0, 0);
+    let (mut syn_retries, mut syn_linear, mut fin_timeout) = (0, 0, 0);
     if !net.is_null() {
         netns = net.get(&f[field::NET_NS_INUM]) as u32;
         retries2 = net.get(&f[field::NET_TCP_RETRIES2]) as u8;
@@ -366,6 +367,7 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
         netns_rto_max_ms = net.get(&f[field::NET_TCP_RTO_MAX_MS]) as u32;
         syn_retries = net.get(&f[field::NET_TCP_SYN_RETRIES]) as u8;
         syn_linear = net.get(&f[field::NET_TCP_SYN_LINEAR_TIMEOUTS]) as u8;
+        fin_timeout = net.get(&f[field::NET_TCP_FIN_TIMEOUT]) as u32;
         flags |= flag::NETNS_SYSCTLS;
         if f[field::NET_TCP_SYN_LINEAR_TIMEOUTS].is_present() {
             flags |= flag::SYN_LINEAR;
@@ -423,6 +425,22 @@ pub fn fill_from<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, coo
     } else {
         sacked as u16
     };
+    // The keepalive block: zero here (ring-buffer memory holds an older
+    // record's bytes); the keepalive-timer programs and the sweep fill it
+    // afterwards (`fill_keepalive`).
+    out.keepalive_time = 0;
+    out.keepalive_intvl = 0;
+    out.netns_keepalive_time = 0;
+    out.netns_keepalive_intvl = 0;
+    out.lrcvtime = 0;
+    out.sk_timer_expires = 0;
+    out.keepalive_probes = 0;
+    out.netns_keepalive_probes = 0;
+    // FIN_WAIT2: what `tcp_fin_time()` reads.
+    out._reserved2 = 0;
+    out.netns_fin_timeout = fin_timeout;
+    out.linger2 = sk.get(&f[field::TP_LINGER2]) as i32;
+    out._reserved3 = 0;
 }
 
 /// Whether the socket ever retransmitted (`tp->total_retrans`, which counts
@@ -446,12 +464,13 @@ pub fn has_error<S: Source>(l: &KernelLayout, sk: S) -> bool {
     sk.get(&l.fields[field::SK_ERR]) != 0
 }
 
-/// A brief snapshot: which socket (cookie, address, endpoints), `sk_err` and
-/// the state; every other field 0 and no `flag::SOCK_FIELDS` or
-/// `flag::NETNS_SYSCTLS` (the agent decodes "socket fields not read"). For
-/// the changes of state of sockets without trouble ([`had_trouble`]), which
-/// the agent only needs to end or re-state a flow it tracks. Every field of
-/// `out` is written.
+/// A brief snapshot: which socket (cookie, address, endpoints) and `sk_err`;
+/// every other field 0 and no `flag::SOCK_FIELDS` or `flag::NETNS_SYSCTLS`
+/// (the agent decodes "socket fields not read"). For the changes of state of
+/// sockets without trouble ([`had_trouble`]), which the agent only needs to
+/// end or re-state a flow it tracks. The state is the caller's to write (the
+/// tracepoint's new state: `skc_state` still holds the old one when the
+/// state tracepoint fires). Every other field of `out` is written.
 #[inline(always)]
 pub fn fill_brief<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, cookie: u64) {
     let f = &l.fields;
@@ -464,7 +483,6 @@ pub fn fill_brief<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S, co
     out.skaddr = sk.addr();
     endpoints(out, l, sk);
     out.sk_err = sk.get(&f[field::SK_ERR]) as u16;
-    out.state = sk.get(&f[field::SKC_STATE]) as u8;
 }
 
 /// The snapshot's keepalive block (issue 20, item 2) and `flag::KEEPOPEN`:
@@ -488,7 +506,27 @@ pub fn fill_keepalive<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, sk: S
     out.lrcvtime = sk.get(&f[field::ICSK_ACK_LRCVTIME]) as u32;
     out.sk_timer_expires = sk.get(&f[field::SK_TIMER_EXPIRES]) as u32;
     out.keepalive_probes = sk.get(&f[field::TP_KEEPALIVE_PROBES]) as u8;
-    out._keepalive_reserved = [0; 6];
+}
+
+/// A timewait socket (`struct inet_timewait_sock` at `tw`): what its
+/// `struct sock_common` holds (cookie, endpoints, the namespace's inode,
+/// read at the same offsets as a full socket's: both structs begin with
+/// it) and `tw_substate` as the state; every other field 0, no
+/// `flag::SOCK_FIELDS` (nothing of `struct sock` beyond `sock_common` is
+/// read: a timewait socket is smaller). Every field of `out` is written.
+#[inline(always)]
+pub fn fill_timewait<S: Source>(out: &mut SockSnapshot, l: &KernelLayout, tw: S) {
+    let f = &l.fields;
+    *out = SockSnapshot::zeroed();
+    out.cookie = tw.get(&f[field::SKC_COOKIE]);
+    out.skaddr = tw.addr();
+    endpoints(out, l, tw);
+    let net = tw.follow(&f[field::SKC_NET]);
+    if !net.is_null() {
+        out.netns = net.get(&f[field::NET_NS_INUM]) as u32;
+        out.netns_fin_timeout = net.get(&f[field::NET_TCP_FIN_TIMEOUT]) as u32;
+    }
+    out.state = tw.get(&f[field::TW_SUBSTATE]) as u8;
 }
 
 /// The family, addresses and ports of `out`.

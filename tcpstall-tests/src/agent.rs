@@ -20,6 +20,11 @@ use crate::util::{http_get, monotonic_ns, require, wait_until};
 /// --agent`, the URL of an agent).
 pub const AGENT_BIN_ENV: &str = "TCPSTALL_AGENT_BIN";
 
+/// The start-up line of a probe loaded but attached only while a flow needs
+/// it (the drop probe; `tcpstall/src/app/logs.rs`).
+pub const PROBE_ON_DEMAND: &str =
+    "probe loaded, attached on demand: only while a flow is in a loss episode";
+
 /// Path of the agent binary under test (`cargo xtask test` sets it).
 pub fn agent_path() -> PathBuf {
     let p = std::env::var_os(AGENT_BIN_ENV).map(PathBuf::from);

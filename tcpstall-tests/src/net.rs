@@ -747,6 +747,22 @@ pub fn set_linger_zero(s: &impl AsRawFd) {
     assert_eq!(r, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
 }
 
+/// TCP_LINGER2 `secs`: how long the socket, once orphaned in FIN_WAIT2,
+/// waits for the peer's FIN (instead of the namespace's tcp_fin_timeout).
+pub fn set_tcp_linger2(s: &impl AsRawFd, secs: libc::c_int) {
+    // SAFETY: a valid fd, option and length.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_LINGER2,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "TCP_LINGER2: {}", std::io::Error::last_os_error());
+}
+
 /// A connection from inside `ns` to `addr` whose socket got
 /// TCP_USER_TIMEOUT `user_timeout_ms` before `connect()` (what an
 /// application that sets its own does), and SO_LINGER {on, 0}.

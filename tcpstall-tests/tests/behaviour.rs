@@ -357,19 +357,28 @@ fn no_ack_probe_stall_clears_by_the_fallback() {
     conn.client
         .write_all(&[b'x'; 1000])
         .expect("write into the blackhole");
-    // Let the backoff reach 3 (expiries at about 0.2, 0.6, 1.4 s; the next
-    // one 1.6 s later), then lift the blackhole.
-    agent.wait_stalled_to_backoff(local, server_addr, 3);
-    assert!(agent.stall_of(local, server_addr).is_some());
+    // Let the RTO back off (the expiry that finds backoff 2 is the third,
+    // about 1.4 s in), then lift the blackhole.
+    agent.wait_stalled_to_backoff(local, server_addr, 2);
+    let view = agent
+        .stall_of(local, server_addr)
+        .expect("stalled at the lift");
     drop(blackhole);
     let lifted = Instant::now();
     assert!(
         !agent.events().iter().any(|e| ev_str(e, "kind") == "ack"),
         "no ACK events without the ACK probe"
     );
-    // The next retransmission (<= 3.2 s away) is acknowledged; with no
-    // further RTO the streak is stale after that interval plus the grace.
-    let bound = Duration::from_secs(15);
+    // The bound from the RTO schedule, r the view's RTO at the lift (the
+    // armed one, or half of it when the last event preceded the doubling):
+    // the next expiry (<= 2r away) is acknowledged; the engine expects one
+    // more an interval (<= 4r) later and calls the streak stale after that
+    // plus the grace (1 s + half the interval), read at its next 1 s tick;
+    // 2 s of slack for the polls. CI once needed 15.0 s here with r = 1.6 s
+    // and a fixed 15 s bound.
+    let r = Duration::from_millis(ev_u64(&view, "rto_ms"));
+    assert!(!r.is_zero(), "no RTO in the stall view: {view}");
+    let bound = 2 * r + 4 * r + Duration::from_secs(1) + 2 * r + Duration::from_secs(3);
     while agent.stall_of(local, server_addr).is_some() {
         assert!(
             lifted.elapsed() < bound,
@@ -378,7 +387,7 @@ fn no_ack_probe_stall_clears_by_the_fallback() {
         thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
-        "cleared by the fallback {:.2} s after the blackhole was lifted",
+        "cleared by the fallback {:.2} s after the blackhole was lifted (bound {bound:?}, RTO at the lift {r:?})",
         lifted.elapsed().as_secs_f64()
     );
     conn.client

@@ -145,6 +145,7 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
             "close_wait",
             "connect",
             "keepalive",
+            "fin_wait2",
         ]),
         "outcome" => Some(&["recovered", "timed_out", "closed"]),
         "kind" => Some(&[
@@ -156,6 +157,8 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
             "drop",
             "retransmit_error",
             "keepalive_timer",
+            "tw_timer_start",
+            "tw_timer_expire",
         ]),
         // Retransmissions by cause (tcpstall_retransmits_total) and stalls
         // by cause (per-flow, incident and reset series): one label name,
@@ -172,6 +175,7 @@ fn label_values(label: &str) -> Option<&'static [&'static str]> {
             "pmtu_blackhole",
             "peer_not_reading",
             "app_not_closing",
+            "peer_not_closing",
         ]),
         "reason" => Some(&["startup", "loss", "interval", "hold_overflow"]),
         _ => None,
@@ -913,6 +917,7 @@ fn runbook_urls_resolve_to_runbook_anchors() {
         "pmtu_blackhole",
         "peer_not_reading",
         "app_not_closing",
+        "peer_not_closing",
         "unknown",
         "reset",
     ] {

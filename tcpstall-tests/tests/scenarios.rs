@@ -360,18 +360,12 @@ fn print_replay_fixture(
     write_ns: u64,
     flow: &[Value],
 ) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-    let series: Vec<&str> = release.trim().split(['.', '-']).take(2).collect();
     let scenario = match (retries2, user_timeout_ms) {
         (_, Some(ms)) => format!("s2-user-timeout-{ms}"),
         (Some(r), None) => format!("s1-retries2-{r}"),
         (None, None) => "s1-retries2-default".to_owned(),
     };
-    let file = format!("{}-{scenario}.jsonl", series.join("."));
     let header = serde_json::json!({
-        "fixture": "tcpstall replay v1",
-        "kernel": release.trim(),
-        "scenario": scenario,
         "tcp_retries2": retries2,
         "user_timeout_ms": user_timeout_ms,
         "hz": truth.hz,
@@ -379,6 +373,22 @@ fn print_replay_fixture(
         "etimedout_app_ns": app_etimedout_ns,
         "write_ns": write_ns,
     });
+    print_fixture(&scenario, header, flow);
+}
+
+/// Prints one socket's recording as a replay fixture: `header` (the
+/// scenario's own fields) with the fixture tag, the kernel and the scenario
+/// added, then the socket's events as the agent logged them, in time order
+/// and without the log line's own fields. The file is
+/// `<kernel series>-<scenario>.jsonl`.
+fn print_fixture(scenario: &str, mut header: Value, flow: &[Value]) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let series: Vec<&str> = release.trim().split(['.', '-']).take(2).collect();
+    let file = format!("{}-{scenario}.jsonl", series.join("."));
+    let h = header.as_object_mut().expect("fixture header is an object");
+    h.insert("fixture".into(), "tcpstall replay v1".into());
+    h.insert("kernel".into(), release.trim().into());
+    h.insert("scenario".into(), scenario.into());
     println!("REPLAY-FIXTURE {file} {header}");
     let mut evs: Vec<&Value> = flow.iter().collect();
     evs.sort_by_key(|e| ev_u64(e, "ts_ns"));
@@ -398,6 +408,46 @@ fn print_replay_fixture(
         }
         println!("REPLAY-FIXTURE {file} {e}");
     }
+}
+
+/// The kernel's HZ from one socket's events: jiffies against
+/// CLOCK_MONOTONIC between its first and last event (at least 1 s apart),
+/// rounded to the nearest HZ a kernel can have.
+fn flow_hz(flow: &[Value]) -> u64 {
+    let mut evs: Vec<&Value> = flow.iter().filter(|e| e["jiffies"].is_u64()).collect();
+    evs.sort_by_key(|e| ev_u64(e, "ts_ns"));
+    let (f, l) = (evs.first().expect("events"), evs.last().expect("events"));
+    let dt = ev_u64(l, "ts_ns") - ev_u64(f, "ts_ns");
+    assert!(dt >= 1_000_000_000, "events span only {dt} ns: no HZ");
+    let rate = (ev_u64(l, "jiffies") - ev_u64(f, "jiffies")) as f64 * 1e9 / dt as f64;
+    horizon_truth::kernel_hz_of_rate(rate)
+        .unwrap_or_else(|| panic!("jiffies advance at {rate:.1}/s, no kernel HZ"))
+}
+
+/// The kernel's ETIMEDOUT verdict for one socket: its first error report
+/// with `sk_err` 110 (`inet_sk_error_report`), if the agent logged one.
+fn etimedout_report_ns(flow: &[Value]) -> Option<u64> {
+    flow.iter()
+        .filter(|e| ev_str(e, "kind") == "error_report" && ev_u64(e, "sk_err") == 110)
+        .map(|e| ev_u64(e, "ts_ns"))
+        .min()
+}
+
+/// Waits (up to 10 s) for the agent to log the ETIMEDOUT error report of
+/// the socket `local` -> `remote`, so a fixture printed afterwards has it.
+fn await_etimedout_report(agent: &mut Agent, local: SocketAddr, remote: SocketAddr) {
+    let (l, r) = (local.to_string(), remote.to_string());
+    agent.wait_log(
+        Duration::from_secs(10),
+        &format!("the ETIMEDOUT error report of {l} -> {r}"),
+        |v| {
+            v["message"] == "event"
+                && ev_str(v, "kind") == "error_report"
+                && ev_str(v, "remote") == r
+                && ev_u64(v, "sk_err") == 110
+                && ev_str(v, "local") == l
+        },
+    );
 }
 
 /// Build a blackholed connection (S1; S2 with `user_timeout_ms`) and follow
@@ -506,10 +556,10 @@ fn horizon_run(
     };
     let bound_ns = truth.prediction_bound_ns() + clamp_ns;
     for (i, &(seen, p)) in predictions.iter().enumerate() {
-        let err_ns = p as i128 - truth.verdict_ns as i128;
+        let (err_ns, against) = truth.prediction_error(p);
         eprintln!(
-            "PREDICTION {i}: seen {:.3} s before death, error {:+.3} ms (bound {:.3} ms, of it \
-             {:.3} ms for the user-timeout clamp, HZ {})",
+            "PREDICTION {i}: seen {:.3} s before death, error {:+.3} ms against {against} (bound \
+             {:.3} ms, of it {:.3} ms for the user-timeout clamp, HZ {})",
             truth.verdict_ns.saturating_sub(seen) as f64 / 1e9,
             err_ns as f64 / 1e6,
             bound_ns as f64 / 1e6,
@@ -519,11 +569,14 @@ fn horizon_run(
         assert!(
             err_ns.unsigned_abs() <= u128::from(bound_ns),
             "prediction {i} of {} misses the kernel's ETIMEDOUT by {:+.3} ms (bound {:.3} ms \
-             from HZ {} and the observed timer lateness); expiries: {:#?}",
+             from HZ {} and the observed timer lateness; accepted deaths {:?}, the tcp_retries2 \
+             deadline {:?}); expiries: {:#?}",
             predictions.len(),
             err_ns as f64 / 1e6,
             bound_ns as f64 / 1e6,
             truth.hz,
+            truth.accepted_deaths_ns(),
+            truth.retries_deadline,
             truth.expiries
         );
     }
@@ -1367,7 +1420,8 @@ fn s1_with_the_last_fallback_of_every_probe() {
     ]);
     for (probe, program) in &last {
         let attached = agent.wait_log(Duration::from_secs(5), "attach lines", |v| {
-            v["message"] == "probe attached" && v["probe"] == probe.as_str()
+            (v["message"] == "probe attached" || v["message"] == PROBE_ON_DEMAND)
+                && v["probe"] == probe.as_str()
         });
         assert_eq!(ev_str(&attached, "program"), program, "{attached}");
         assert!(

@@ -115,7 +115,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         );
     }
     let mut loaded = loader::load(&opts).context("loading probes")?;
-    log_plan(&loaded.plan);
     let ring = loaded.take_events()?;
     let stats = loaded.take_stats()?;
     let programs = loaded.program_stats(settings.program_stats)?;
@@ -135,6 +134,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     } else {
         None
     };
+    log_plan(&loaded.plan, drop_switch.as_ref().map(|sw| sw.program()));
     let engine = Engine::new(EngineConfig {
         drops_visible,
         drop_reason_names: loaded.plan.drop_reasons.clone(),
@@ -179,10 +179,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 detach_after_s: drop_gate::DETACH_AFTER.as_secs(),
                 ..Default::default()
             });
-        info!(
-            program = sw.program(),
-            "drop probe loaded, attached on demand: only while a flow is in a loss episode"
-        );
     }
     let state = Arc::new(state);
     let mut guard_runner = match (policy, loaded.take_guard()?) {

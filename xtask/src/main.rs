@@ -108,6 +108,11 @@ enum Cmd {
         /// instead of running the scenarios.
         #[arg(long = "from-log", value_name = "FILE")]
         from_logs: Vec<PathBuf>,
+        /// Record only these fixture tests (repeatable; default: all of
+        /// `FIXTURE_TESTS`), e.g. `--test connect::connect_horizon`; the
+        /// other fixtures are left as they are.
+        #[arg(long = "test", value_name = "NAME")]
+        only: Vec<String>,
     },
     /// Mutation testing of the pure modules with cargo-mutants (installed on
     /// demand): each target's mutants against its unit tests, in place, until
@@ -162,7 +167,11 @@ fn main() -> anyhow::Result<()> {
             args,
         } => cmd::bench::run(kernel, opts, vm, vm_cache_dir, vm_timeout, args),
         Cmd::Image { tag } => image::run(&tag),
-        Cmd::RecordFixtures { vm, from_logs } => cmd::record_fixtures::run(vm, from_logs),
+        Cmd::RecordFixtures {
+            vm,
+            from_logs,
+            only,
+        } => cmd::record_fixtures::run(vm, from_logs, only),
         Cmd::VmTest { vm, tests } => cmd::vm_test::run(vm, tests),
         Cmd::Mutants {
             targets,

@@ -13,6 +13,8 @@ use tcpstall_tests::*;
 /// One connect() of a run.
 struct Case {
     name: &'static str,
+    /// The replay fixture's scenario (`<kernel>-<fixture>.jsonl`).
+    fixture: &'static str,
     local_port: u16,
     opts: ConnectOpts,
     /// The boundary source the API must name.
@@ -48,7 +50,7 @@ fn connect_run(tag: &str, subnet: u8, netns_syn_retries: Option<u32>, cases: &[C
         link.a.sysctl("net.ipv4.tcp_syn_retries", &n.to_string());
     }
     let linear = linear_timeouts_in(&link.a);
-    let agent = Agent::start(&[]);
+    let mut agent = Agent::start(&[]);
     let _blackhole = link.b.blackhole_from(link.a_ip);
     let remote = SocketAddr::from((link.b_ip, 8080));
     let threads: Vec<_> = cases
@@ -92,6 +94,26 @@ fn connect_run(tag: &str, subnet: u8, netns_syn_retries: Option<u32>, cases: &[C
             }
         })
         .collect();
+    // Each socket's recording, a replay fixture (`cargo xtask
+    // record-fixtures`): its events and the kernel's end (the ETIMEDOUT
+    // error report) with the instant connect() returned.
+    for (c, o) in cases.iter().zip(&outcomes) {
+        let local = SocketAddr::from((link.a_ip, c.local_port));
+        super::await_etimedout_report(&mut agent, local, remote);
+        let flow = super::flow_events(&agent.events(), local, remote);
+        let header = serde_json::json!({
+            "end": "connect",
+            "end_kernel_ns": super::etimedout_report_ns(&flow),
+            "end_app_ns": o.end_ns,
+            "start_ns": o.start_ns,
+            "hz": super::flow_hz(&flow),
+            "tcp_syn_retries": netns_syn_retries,
+            "tcp_syn_linear_timeouts": linear,
+            "syncnt": c.opts.syncnt,
+            "user_timeout_ms": c.opts.user_timeout_ms,
+        });
+        super::print_fixture(c.fixture, header, &flow);
+    }
     for (c, o) in cases.iter().zip(&outcomes) {
         check_case(c, o, linear);
     }
@@ -168,12 +190,14 @@ fn connect_horizon() {
         &[
             Case {
                 name: "tcp_syn_retries=4",
+                fixture: "connect-syn-retries-4",
                 local_port: 41_001,
                 opts: ConnectOpts::default(),
                 source: "tcp_syn_retries=4",
             },
             Case {
                 name: "TCP_SYNCNT=2",
+                fixture: "connect-syncnt-2",
                 local_port: 41_002,
                 opts: ConnectOpts {
                     syncnt: Some(2),
@@ -183,6 +207,7 @@ fn connect_horizon() {
             },
             Case {
                 name: "TCP_USER_TIMEOUT=5000",
+                fixture: "connect-user-timeout-5000",
                 local_port: 41_003,
                 opts: ConnectOpts {
                     syncnt: None,
@@ -205,6 +230,7 @@ fn connect_horizon_default_syn_retries() {
         None,
         &[Case {
             name: "tcp_syn_retries=6 (default)",
+            fixture: "connect-syn-retries-6",
             local_port: 42_001,
             opts: ConnectOpts::default(),
             source: "tcp_syn_retries=6",

@@ -27,7 +27,11 @@ use std::{
     os::unix::fs::chown,
     path::{Path, PathBuf},
     process::{ChildStdin, Command, Stdio},
-    sync::mpsc::{self, Receiver},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, Receiver},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -42,8 +46,12 @@ use tcpstall_tests::{
 use super::assert_guarded_stall;
 
 /// The rule's keepalive: idle, interval (s) and probe count; its horizon.
+/// The connection is listed from the expiry that finds the first probe
+/// unanswered (idle + one interval) to its death (idle + count intervals):
+/// with a 1 s interval that was 2 s, and a CI run's API polls missed it
+/// entirely ("never listed"); 2 s intervals give 4 s.
 const KA_IDLE_S: u64 = 4;
-const KA_INTVL_S: u64 = 1;
+const KA_INTVL_S: u64 = 2;
 const KA_COUNT: u64 = 3;
 const KA_HORIZON: Duration = Duration::from_secs(KA_IDLE_S + KA_INTVL_S * KA_COUNT);
 
@@ -311,6 +319,15 @@ fn local_of(ns: &str, server: Ipv4Addr, pid: u32) -> String {
     )
 }
 
+/// When a watched connection left the socket table: the last check that
+/// saw it and the first that did not (`Instant` and CLOCK_MONOTONIC ns).
+struct Death {
+    alive_at: Instant,
+    alive_ns: u64,
+    gone_at: Instant,
+    gone_ns: u64,
+}
+
 fn established(ns: &str, server: Ipv4Addr, local: &str) -> bool {
     psql_sockets(ns, server).iter().any(|(l, _)| l == local)
 }
@@ -416,18 +433,40 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
     let pool_answered = Instant::now();
     let blackhole = link.b.blackhole_from(link.a_ip);
     // Watched from now on: when the pooled connection leaves the table
-    // (also on the monotonic clock the agent predicts on), and what the
-    // agent listed for it until then.
+    // (also on the monotonic clock the agent predicts on), bracketed by the
+    // last check that still saw it and the first that did not, and what the
+    // agent listed for it until then. The socket table alone is polled in
+    // one thread and the API in another, so a slow API answer (the agent
+    // busy with a sweep on a loaded host) cannot delay the death's bracket.
+    let gone = Arc::new(AtomicBool::new(false));
     let pool_gone = {
         let (ns, server, local) = (link.a.name.clone(), link.b_ip, l_pool.clone());
-        let api = agent.listen;
+        let gone = gone.clone();
         thread::spawn(move || {
             let deadline = Instant::now() + KA_HORIZON + Duration::from_secs(10);
-            let mut views = Vec::new();
+            let mut alive = (Instant::now(), monotonic_ns());
             while Instant::now() < deadline {
                 if !established(&ns, server, &local) {
-                    return Some((Instant::now(), monotonic_ns(), views));
+                    gone.store(true, Ordering::SeqCst);
+                    return Some(Death {
+                        alive_at: alive.0,
+                        alive_ns: alive.1,
+                        gone_at: Instant::now(),
+                        gone_ns: monotonic_ns(),
+                    });
                 }
+                alive = (Instant::now(), monotonic_ns());
+                thread::sleep(Duration::from_millis(20));
+            }
+            gone.store(true, Ordering::SeqCst);
+            None
+        })
+    };
+    let pool_listed = {
+        let (api, local, gone) = (agent.listen, l_pool.clone(), gone.clone());
+        thread::spawn(move || {
+            let mut views = Vec::new();
+            while !gone.load(Ordering::SeqCst) {
                 let (status, body) = http_get(api, "/api/v1/stalls");
                 if status == 200
                     && let Ok(v) = serde_json::from_str::<Value>(&body)
@@ -439,7 +478,7 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
                 }
                 thread::sleep(Duration::from_millis(50));
             }
-            None
+            views
         })
     };
     let shop_sent = p_shop.send("select 'lost';");
@@ -452,16 +491,20 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
     // The idle pooled connection: gone from the socket table at the
     // keepalive horizon after the last segment it received (the answer to
     // 'warm', received between `pool_used` and `pool_answered`).
-    let (pool_gone, pool_gone_ns, pool_views) = pool_gone
+    let death = pool_gone
         .join()
         .unwrap()
         .expect("the idle pooled connection dropped by keepalive (waited its horizon + 10 s)");
+    let pool_views = pool_listed.join().unwrap();
+    // The kernel's death lies in (alive_at, gone_at]: it can only be within
+    // the horizon if the bracket reaches into [earliest, latest].
     let earliest = pool_used + KA_HORIZON;
     let latest = pool_answered + KA_HORIZON + Duration::from_millis(1500);
     assert!(
-        pool_gone >= earliest && pool_gone <= latest,
-        "the pooled connection died {:.2} s after its last use (keepalive horizon {} s)",
-        (pool_gone - pool_used).as_secs_f64(),
+        death.gone_at >= earliest && death.alive_at <= latest,
+        "the pooled connection died between {:.2} and {:.2} s after its last use (keepalive horizon {} s)",
+        (death.alive_at - pool_used).as_secs_f64(),
+        (death.gone_at - pool_used).as_secs_f64(),
         KA_HORIZON.as_secs()
     );
     // tcpstall listed it before its death as a keepalive stall with the
@@ -490,11 +533,15 @@ keepalive = {{ idle = "{KA_IDLE_S}s", interval = "{KA_INTVL_S}s", count = {KA_CO
         "no predicted death: {:?}",
         pool_views.last()
     );
+    // Within 1 s of some instant of the death's bracket.
     for p in predictions {
-        let err_ms = (p as f64 - pool_gone_ns as f64) / 1e6;
+        let early_ms = (death.alive_ns as f64 - p as f64) / 1e6;
+        let late_ms = (p as f64 - death.gone_ns as f64) / 1e6;
         assert!(
-            err_ms.abs() <= 1000.0,
-            "the keepalive death predicted {err_ms:+.0} ms off the real one: {:?}",
+            early_ms <= 1000.0 && late_ms <= 1000.0,
+            "the keepalive death predicted {:+.0} ms off the last instant the connection was seen ({:.0} ms before it was seen gone): {:?}",
+            -early_ms,
+            (death.gone_ns - death.alive_ns) as f64 / 1e6,
             pool_views.last()
         );
     }

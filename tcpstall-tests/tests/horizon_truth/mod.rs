@@ -33,6 +33,27 @@ pub struct KernelDeath {
     /// kernel configuration: 100, 250, 300 or 1000).
     pub hz: u64,
     pub expiries: Vec<Expiry>,
+    /// `tcp_retries2` deaths (no user timeout, not orphaned, millisecond
+    /// stamps): the instant `retrans_stamp + tcp_model_timeout()` (ns)
+    /// and the fatal expiry's `icsk_rto` and `rto_max` (jiffies).
+    pub retries_deadline: Option<RetriesDeadline>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct RetriesDeadline {
+    pub deadline_ns: u64,
+    pub fatal_rto_j: u64,
+    pub rto_max_j: u64,
+}
+
+/// `tcp_model_timeout()` (jiffies) for `boundary` retries from `rto_base`.
+pub fn tcp_model_timeout_j(boundary: u64, rto_base: u64, rto_max: u64) -> u64 {
+    let thresh = u64::from((rto_max / rto_base.max(1)).max(1).ilog2());
+    if boundary <= thresh {
+        ((2 << boundary) - 1) * rto_base
+    } else {
+        ((2 << thresh) - 1) * rto_base + (boundary - thresh) * rto_max
+    }
 }
 
 fn num(v: &Value, k: &str) -> u64 {
@@ -83,18 +104,8 @@ impl KernelDeath {
         let dt = num(l, "ts_ns") - num(f, "ts_ns");
         assert!(dt > 0, "RTO expiries at one instant: {timers:#?}");
         let rate = dj as f64 * 1e9 / dt as f64;
-        let hz = [100u64, 250, 300, 1000]
-            .into_iter()
-            .min_by(|a, b| {
-                (*a as f64 - rate)
-                    .abs()
-                    .total_cmp(&(*b as f64 - rate).abs())
-            })
-            .expect("HZ values");
-        assert!(
-            (rate - hz as f64).abs() < 0.1 * hz as f64,
-            "jiffies advance at {rate:.1}/s, no kernel HZ: {timers:#?}"
-        );
+        let hz = kernel_hz_of_rate(rate)
+            .unwrap_or_else(|| panic!("jiffies advance at {rate:.1}/s, no kernel HZ: {timers:#?}"));
         let mut expiries = Vec::new();
         for (i, e) in timers.iter().enumerate() {
             let (jiffies, expires) = (num(e, "jiffies"), num(e, "timer_expires"));
@@ -119,12 +130,75 @@ impl KernelDeath {
             fatal_expiry_ns <= verdict_ns,
             "verdict before the fatal expiry: {flow:#?}"
         );
+        let plain_retries = l["user_timeout_ms"].as_u64() == Some(0)
+            && l["orphan"] == false
+            && l["usec_ts"] == false
+            && l["state"] == "ESTABLISHED";
+        let retries_deadline = plain_retries.then(|| {
+            let rto_max_j = num(l, "rto_max_jiffies");
+            let timeout_j = tcp_model_timeout_j(num(l, "tcp_retries2"), hz / 5, rto_max_j);
+            RetriesDeadline {
+                deadline_ns: (num(l, "retrans_stamp") + timeout_j * 1000 / hz) * 1_000_000,
+                fatal_rto_j: num(l, "rto_jiffies"),
+                rto_max_j,
+            }
+        });
         Self {
             verdict_ns,
             fatal_expiry_ns,
             hz,
             expiries,
+            retries_deadline,
         }
+    }
+
+    /// The deaths a prediction may name (ns, and why), each to be met
+    /// within [`Self::prediction_bound_ns`]: the kernel's verdict, and when
+    /// the `tcp_retries2` deadline falls within a jiffy of an expiry the
+    /// other side of that tie. `tcp_write_timeout()` compares the
+    /// millisecond clock it reads after the callback started (after our
+    /// probe's event time) with `retrans_stamp`, read the same way at the
+    /// episode's first expiry: an expiry that many jiffies after it lies in
+    /// the same phase of its jiffy, and whether it kills depends on which
+    /// callback ran later within it (microseconds on hardware, up to a
+    /// millisecond under TCG). A model anchored on event times cannot know;
+    /// recorded: 7.3-s1-retries2-3 (expiries 750 jiffies apart, the
+    /// deadline 167 us after the fatal expiry's event).
+    pub fn accepted_deaths_ns(&self) -> Vec<(u64, &'static str)> {
+        let mut out = vec![(self.verdict_ns, "the kernel's verdict")];
+        let Some(d) = self.retries_deadline else {
+            return out;
+        };
+        let jiffy_ns = 1_000_000_000 / self.hz;
+        let gap = self.verdict_ns - self.fatal_expiry_ns;
+        let n = self.expiries.len();
+        if self.fatal_expiry_ns.abs_diff(d.deadline_ns) <= jiffy_ns {
+            // The kernel could have let it live one more RTO.
+            let j = self.expiries[n - 1].jiffies;
+            let rto = (2 * d.fatal_rto_j).min(d.rto_max_j);
+            let (fire, _) = on_time_jiffy(j + rto, j + 1, self.hz);
+            out.push((
+                self.verdict_ns + (fire - j) * jiffy_ns,
+                "the expiry after the fatal one (the deadline within a jiffy of it)",
+            ));
+        }
+        if n >= 2 && self.expiries[n - 2].ts_ns.abs_diff(d.deadline_ns) <= jiffy_ns {
+            out.push((
+                self.expiries[n - 2].ts_ns + gap,
+                "the expiry before the fatal one (the deadline within a jiffy of it)",
+            ));
+        }
+        out
+    }
+
+    /// A prediction's error (ns) against the nearest accepted death, and
+    /// which one that is.
+    pub fn prediction_error(&self, predicted_ns: u64) -> (i128, &'static str) {
+        self.accepted_deaths_ns()
+            .into_iter()
+            .map(|(d, why)| (predicted_ns as i128 - d as i128, why))
+            .min_by_key(|(e, _)| e.unsigned_abs())
+            .expect("the verdict is always accepted")
     }
 
     /// How far any death prediction made at one of these expiries may be
@@ -214,4 +288,15 @@ impl KernelDeath {
             })
             .collect()
     }
+}
+
+/// The kernel HZ (100, 250, 300 or 1000) jiffies advancing at `rate` per
+/// second come from: the nearest, if within 10 %.
+pub fn kernel_hz_of_rate(rate: f64) -> Option<u64> {
+    let hz = [100u64, 250, 300, 1000].into_iter().min_by(|a, b| {
+        (*a as f64 - rate)
+            .abs()
+            .total_cmp(&(*b as f64 - rate).abs())
+    })?;
+    ((rate - hz as f64).abs() < 0.1 * hz as f64).then_some(hz)
 }

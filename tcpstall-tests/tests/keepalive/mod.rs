@@ -17,6 +17,8 @@ const NETNS: (u32, u32, u32) = (3, 2, 3);
 /// One connection of a run.
 struct Case {
     name: &'static str,
+    /// The replay fixture's scenario (`<kernel>-<fixture>.jsonl`).
+    fixture: &'static str,
     port: u16,
     /// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT (None: the sysctls).
     keepalive: Option<(u32, u32, u32)>,
@@ -45,7 +47,7 @@ fn keepalive_run(tag: &str, subnet: u8, cases: &[Case]) {
         .sysctl("net.ipv4.tcp_keepalive_intvl", &NETNS.1.to_string());
     link.a
         .sysctl("net.ipv4.tcp_keepalive_probes", &NETNS.2.to_string());
-    let agent = Agent::start(&[]);
+    let mut agent = Agent::start(&[]);
     let conns: Vec<Conn> = cases
         .iter()
         .map(|c| Conn::establish(&link, c.port, c.user_timeout_ms))
@@ -101,8 +103,36 @@ fn keepalive_run(tag: &str, subnet: u8, cases: &[Case]) {
         .map(|v| v.to_string())
         .collect::<Vec<_>>();
     let diag = format!("keepalive-timer events: {seen:?}; agent lines: {plan:?}");
-    for ((c, t), views) in cases.iter().zip(readers).zip(views) {
-        let (armed_ns, end_ns, errno) = t.join().expect("reader thread");
+    let ends: Vec<(u64, u64, Option<i32>)> = readers
+        .into_iter()
+        .map(|t| t.join().expect("reader thread"))
+        .collect();
+    // Each socket's recording, a replay fixture (`cargo xtask
+    // record-fixtures`): its events and the kernel's end (the ETIMEDOUT
+    // error report) with the instant the blocked read() returned.
+    for ((c, (local, remote)), &(armed_ns, end_ns, _)) in cases.iter().zip(&addrs).zip(&ends) {
+        let (local, remote) = (
+            local.parse().expect("local addr"),
+            remote.parse().expect("remote addr"),
+        );
+        super::await_etimedout_report(&mut agent, local, remote);
+        let flow = super::flow_events(&agent.events(), local, remote);
+        let (idle, intvl, cnt) = c.keepalive.unzip3();
+        let header = serde_json::json!({
+            "end": "read",
+            "end_kernel_ns": super::etimedout_report_ns(&flow),
+            "end_app_ns": end_ns,
+            "start_ns": armed_ns,
+            "hz": super::flow_hz(&flow),
+            "netns_keepalive": [NETNS.0, NETNS.1, NETNS.2],
+            "tcp_keepidle": idle,
+            "tcp_keepintvl": intvl,
+            "tcp_keepcnt": cnt,
+            "user_timeout_ms": c.user_timeout_ms,
+        });
+        super::print_fixture(c.fixture, header, &flow);
+    }
+    for ((c, (armed_ns, end_ns, errno)), views) in cases.iter().zip(ends).zip(views) {
         assert_eq!(
             errno,
             Some(libc::ETIMEDOUT),
@@ -211,6 +241,7 @@ fn keepalive_horizon() {
         &[
             Case {
                 name: "TCP_KEEPCNT=4",
+                fixture: "keepalive-keepcnt-4",
                 port: 43_001,
                 keepalive: Some((3, 2, 4)),
                 user_timeout_ms: None,
@@ -218,6 +249,7 @@ fn keepalive_horizon() {
             },
             Case {
                 name: "tcp_keepalive_probes=3 (netns)",
+                fixture: "keepalive-netns-probes-3",
                 port: 43_002,
                 keepalive: None,
                 user_timeout_ms: None,
@@ -225,6 +257,7 @@ fn keepalive_horizon() {
             },
             Case {
                 name: "TCP_USER_TIMEOUT=10000",
+                fixture: "keepalive-user-timeout-10000",
                 port: 43_003,
                 keepalive: Some((3, 2, 4)),
                 user_timeout_ms: Some(10_000),

@@ -139,6 +139,23 @@ fn orphan_run(tag: &str, subnet: u8, orphan_retries: u32, rto_max_ms: Option<u32
         thread::sleep(Duration::from_millis(50));
     };
     views.retain(|(t, _)| *t < end_ns);
+    // The socket's recording, a replay fixture (`cargo xtask
+    // record-fixtures`): its events and the kernel's end (the state change
+    // to CLOSE; an orphan gets no error report).
+    let flow = super::flow_events(&agent.events(), local, server);
+    let header = serde_json::json!({
+        "end": "close",
+        "end_kernel_ns": end_ns,
+        "end_app_ns": null,
+        "start_ns": t_write,
+        "hz": super::flow_hz(&flow),
+        "tcp_orphan_retries": orphan_retries,
+        "tcp_rto_max_ms": rto_max_ms,
+    });
+    let fixture = format!("orphan-retries-{orphan_retries}{}", {
+        rto_max_ms.map_or(String::new(), |m| format!("-rto-max-{m}"))
+    });
+    super::print_fixture(&fixture, header, &flow);
     let name = format!("orphan tcp_orphan_retries={orphan_retries}{}", {
         rto_max_ms.map_or(String::new(), |m| format!(" tcp_rto_max_ms={m}"))
     });
@@ -220,7 +237,7 @@ fn orphan_retries_0_dies_when_rto_reaches_rto_max() {
 fn zero_window_run(tag: &str, subnet: u8, user_timeout_ms: Option<u32>) {
     require_tools();
     let link = Link::new(tag, subnet);
-    let agent = Agent::start(&["--zero-window-after", "1"]);
+    let mut agent = Agent::start(&["--zero-window-after", "1"]);
     let server = SocketAddr::from((link.b_ip, 8080));
     // Never reads; keeps the socket open until the test ends.
     let tx = non_reading_server_in(&link.b, server);
@@ -269,6 +286,21 @@ fn zero_window_run(tag: &str, subnet: u8, user_timeout_ms: Option<u32>) {
         "{name}: the user timeout must kill the zero-window sender"
     );
     views.retain(|(t, _)| *t < end_ns);
+    // The socket's recording, a replay fixture (`cargo xtask
+    // record-fixtures`): its events and the kernel's end (the ETIMEDOUT
+    // error report) with the instant the blocked read() returned.
+    super::await_etimedout_report(&mut agent, local, server);
+    let flow = super::flow_events(&agent.events(), local, server);
+    let header = serde_json::json!({
+        "end": "read",
+        "end_kernel_ns": super::etimedout_report_ns(&flow),
+        "end_app_ns": end_ns,
+        "start_ns": t_fill,
+        "hz": super::flow_hz(&flow),
+        "user_timeout_ms": uto,
+        "tcp_rto_max_ms_socket": per_socket_rto_max.then_some(1_000),
+    });
+    super::print_fixture(&format!("zero-window-user-timeout-{uto}"), header, &flow);
     assert!(
         views
             .iter()
@@ -299,4 +331,193 @@ fn zero_window_user_timeout_dies() {
 #[test]
 fn zero_window_without_user_timeout_probes_forever() {
     zero_window_run("zwn", 174, None);
+}
+
+/// One orphaned FIN_WAIT2 case of [`fin_wait2_timeouts`].
+struct FinWait2Case {
+    name: &'static str,
+    /// The replay fixture's scenario (`fin-wait2-...`).
+    fixture: &'static str,
+    /// TCP_LINGER2 in seconds (None: the namespace's tcp_fin_timeout).
+    linger2: Option<u32>,
+    source: &'static str,
+    local: SocketAddr,
+    closed_ns: u64,
+    /// The instant `ss` in the namespace first no longer listed it.
+    gone_ns: Option<u64>,
+    views: Vec<(u64, Value)>,
+}
+
+/// Orphaned FIN_WAIT2 connections (class `fin_wait2`, issue 20 item 3):
+/// four connections from namespace `a` (`tcp_fin_timeout` 5 s) to a server
+/// in `b` that accepts and never closes (no FIN ever comes back):
+/// - `tcp_fin_timeout`: the client close()s (an orphan; its FIN ACKed);
+/// - `TCP_LINGER2` 3 s set on the client socket before its close();
+/// - `TCP_LINGER2` 63 s: above 60 s the keepalive timer runs `tmo` - 60 s
+///   first, then the timewait socket as long again (6 s in all), predicted
+///   from the change to FIN_WAIT2;
+/// - a control whose peer closes right after the client: never listed.
+///
+/// `ss -tan` in the namespace is polled every 20 ms until each orphan is
+/// gone (the real end). Asserts: listed within `fin_wait2_after` (1 s) + 1 s
+/// of the close, as class `fin_wait2`, orphan, with the boundary source;
+/// every prediction within max(1 s, 5 %) of the real end; the control
+/// never listed. Prints the README accuracy rows.
+///
+/// Mutation: `engine/fin_wait2/mod.rs` `boundary_source` always
+/// `Linger2` -> fails with `left: "tcp_linger2=5", right:
+/// "tcp_fin_timeout=5"`.
+#[test]
+fn fin_wait2_timeouts() {
+    require_tools();
+    let link = Link::new("ofw", 64);
+    link.a.sysctl("net.ipv4.tcp_fin_timeout", "5");
+    let agent = Agent::start(&[]);
+    let server = SocketAddr::from((link.b_ip, 8084));
+    let listener = listen_in(&link.b, server);
+    let open = || {
+        let client = connect_in(&link.a, server);
+        let (accepted, _) = listener.accept().expect("accept");
+        (client.local_addr().expect("local"), client, accepted)
+    };
+    let (l_ft, c_ft, _a_ft) = open();
+    let (l_lg, c_lg, _a_lg) = open();
+    let (l_long, c_long, _a_long) = open();
+    let (l_ctl, c_ctl, a_ctl) = open();
+    set_tcp_linger2(&c_lg, 3);
+    // Above 60 s: the keepalive timer runs 3 s on the full socket, then the
+    // timewait socket 3 s more; listed and predicted from the change to
+    // FIN_WAIT2 (listed within 2 s of the close: from the timewait start
+    // it would be 4 s).
+    set_tcp_linger2(&c_long, 63);
+    let mut cases = [
+        FinWait2Case {
+            name: "fin_wait2 tcp_fin_timeout 5",
+            fixture: "fin-wait2-fin-timeout-5",
+            linger2: None,
+            source: "tcp_fin_timeout=5",
+            local: l_ft,
+            closed_ns: monotonic_ns(),
+            gone_ns: None,
+            views: Vec::new(),
+        },
+        FinWait2Case {
+            name: "fin_wait2 TCP_LINGER2 3",
+            fixture: "fin-wait2-linger2-3",
+            linger2: Some(3),
+            source: "tcp_linger2=3",
+            local: l_lg,
+            closed_ns: 0,
+            gone_ns: None,
+            views: Vec::new(),
+        },
+        FinWait2Case {
+            name: "fin_wait2 TCP_LINGER2 63 (keepalive timer first)",
+            fixture: "fin-wait2-linger2-63",
+            linger2: Some(63),
+            source: "tcp_linger2=63",
+            local: l_long,
+            closed_ns: 0,
+            gone_ns: None,
+            views: Vec::new(),
+        },
+    ];
+    drop(c_ft);
+    cases[1].closed_ns = monotonic_ns();
+    drop(c_lg);
+    cases[2].closed_ns = monotonic_ns();
+    drop(c_long);
+    drop(c_ctl);
+    drop(a_ctl);
+    let t0 = monotonic_ns();
+    let mut control_views = Vec::new();
+    while cases.iter().any(|c| c.gone_ns.is_none()) {
+        let ss = link.a.exec(&format!("ss -tanH dst {server} || true"));
+        let now = monotonic_ns();
+        let stalls = agent.stalls();
+        for c in cases.iter_mut().filter(|c| c.gone_ns.is_none()) {
+            if !ss.contains(&c.local.to_string()) {
+                c.gone_ns = Some(now);
+                continue;
+            }
+            if let Some(v) = stalls.iter().find(|s| {
+                ev_str(s, "local") == c.local.to_string()
+                    && ev_str(s, "remote") == server.to_string()
+            }) {
+                c.views.push((now, v.clone()));
+            }
+        }
+        control_views.extend(
+            stalls
+                .iter()
+                .filter(|s| ev_str(s, "local") == l_ctl.to_string())
+                .cloned(),
+        );
+        assert!(
+            now - t0 < 30_000_000_000,
+            "an orphan still in `ss` 30 s after its close: {ss}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        control_views.is_empty(),
+        "the control (its peer closed) was listed: {control_views:#?}"
+    );
+    for c in &cases {
+        let end = c.gone_ns.expect("gone");
+        let name = c.name;
+        let first = c
+            .views
+            .first()
+            .unwrap_or_else(|| {
+                let port = c.local.port().to_string();
+                let evs: Vec<Value> = agent
+                    .logs()
+                    .into_iter()
+                    .filter(|e| e.to_string().contains(&port))
+                    .collect();
+                panic!(
+                    "{name}: never listed before its end ({:.2} s after the close); its events: {evs:#?}",
+                    (end - c.closed_ns) as f64 / 1e9
+                )
+            });
+        assert!(
+            first.0 - c.closed_ns <= 2_000_000_000,
+            "{name}: listed {:.2} s after the close (fin_wait2_after 1 s + 1 s)",
+            (first.0 - c.closed_ns) as f64 / 1e9
+        );
+        for (_, v) in &c.views {
+            assert_eq!(ev_str(v, "class"), "fin_wait2", "{name}: {v}");
+            // The peer ACKed the close and never sends its FIN: the
+            // remote's application, not this node or the path.
+            assert_eq!(ev_str(v, "cause"), "peer_not_closing", "{name}: {v}");
+            assert_eq!(ev_str(v, "boundary_source"), c.source, "{name}: {v}");
+            assert_eq!(v["orphan"], true, "{name}: {v}");
+        }
+        check_predictions(name, &c.views, c.closed_ns, end);
+    }
+    // Each orphan's recording, a replay fixture (`cargo xtask
+    // record-fixtures`): its events (the full socket's and its timewait
+    // socket's, one cookie) and the kernel's end, the timewait timer's
+    // expiry in the FIN_WAIT2 substate.
+    let events = agent.events();
+    for c in &cases {
+        let flow = super::flow_events(&events, c.local, server);
+        let end_ns = flow
+            .iter()
+            .filter(|e| ev_str(e, "kind") == "tw_timer_expire" && ev_str(e, "state") == "FIN_WAIT2")
+            .map(|e| ev_u64(e, "ts_ns"))
+            .min()
+            .unwrap_or_else(|| panic!("{}: no timewait expiry in FIN_WAIT2: {flow:#?}", c.name));
+        let header = serde_json::json!({
+            "end": "tw_expire",
+            "end_kernel_ns": end_ns,
+            "end_app_ns": null,
+            "start_ns": c.closed_ns,
+            "hz": super::flow_hz(&flow),
+            "tcp_fin_timeout": 5,
+            "tcp_linger2": c.linger2,
+        });
+        super::print_fixture(c.fixture, header, &flow);
+    }
 }

@@ -368,6 +368,8 @@ fn state_program_fields() {
     let link = Link::new("pst", 62);
     link.a.sysctl("net.ipv4.tcp_retries2", "7");
     link.b.sysctl("net.ipv4.tcp_retries2", "9");
+    // What `tcp_fin_time()` reads, in the full FIN_WAIT2 snapshot.
+    link.a.sysctl("net.ipv4.tcp_fin_timeout", "11");
     let mut agent = Agent::start(&[]);
     let server = SocketAddr::from((link.b_ip, 8081));
     let listener = listen_in(&link.b, server);
@@ -377,6 +379,7 @@ fn state_program_fields() {
     assert_eq!(peer, local);
     let c = Expect::new(&link.a, &client, 7);
     let s = Expect::new(&link.b, &accepted, 9);
+    set_tcp_linger2(&client, 7);
     client
         .shutdown(std::net::Shutdown::Write)
         .expect("shutdown");
@@ -420,6 +423,21 @@ fn state_program_fields() {
     );
     for e in &cl {
         let full = ev_str(e, "state") == "FIN_WAIT2";
+        if full {
+            // TCP_LINGER2 7 s and the namespace's tcp_fin_timeout 11 s,
+            // in jiffies as the kernel stores them.
+            let linger2_j = e["linger2_j"].as_i64().unwrap_or(0);
+            let hz = linger2_j / 7;
+            assert!(
+                linger2_j % 7 == 0 && [100, 250, 300, 1000].contains(&hz),
+                "linger2_j of the FIN_WAIT2 snapshot (TCP_LINGER2 7 s): {e}"
+            );
+            assert_eq!(
+                e["netns_fin_timeout_j"].as_i64(),
+                Some(11 * hz),
+                "netns_fin_timeout_j of the FIN_WAIT2 snapshot (tcp_fin_timeout 11 s, HZ {hz}): {e}"
+            );
+        }
         c.check(e, "state", "tp_btf", full);
         check_brief(e, !full);
         assert_eq!(ev_str(e, "remote"), server.to_string(), "remote: {e}");
@@ -836,6 +854,145 @@ fn keepalive_timer_program_fields_per_mechanism() {
         }
         drop(conn);
     }
+}
+
+/// The timewait timer programs (`tw_timer_start`, `tw_timer_expire`):
+/// three connections from namespace `a` (`tcp_fin_timeout` 3) to a server
+/// in `b` that keeps every accepted socket open:
+/// - `orphan`: the client close()s, the server never closes: one start in
+///   the FIN_WAIT2 substate (the socket's cookie, 4-tuple, namespace inode
+///   and its `tcp_fin_timeout`, which is the requested delay;
+///   the bucket expiry at or after the requested one, within an eighth of
+///   the delay, which is `tcp_fin_timeout`), then one expiry in FIN_WAIT2
+///   at or after that bucket, about 3 s later;
+/// - `normal`: the client close()s, then the server: a start in FIN_WAIT2,
+///   then the re-arm in TIME_WAIT (the peer's FIN), no expiry (TIME_WAIT
+///   lasts 60 s);
+/// - `shut`: the client shuts down its write side (not an orphan: a full
+///   FIN_WAIT2 socket), the server closes: the TIME_WAIT socket this
+///   creates is no FIN_WAIT2 timeout, no event at all.
+///
+/// Mutation: `tw_start_event` inserting nothing into `TCPSTALL_TW` (the
+/// `TW.insert` line removed) -> fails with "waiting for the expiry of the
+/// orphan's FIN_WAIT2 timeout".
+#[test]
+fn tw_timer_program_fields() {
+    require_tools();
+    let plan = super::doctor_json();
+    for probe in ["tw_timer_start", "tw_timer_expire"] {
+        assert!(
+            !super::working_mechanisms(&plan, probe).is_empty(),
+            "no working {probe} program: {:#?}",
+            super::probe_attempts(&plan, probe)
+        );
+    }
+    let link = Link::new("ptw", 63);
+    link.a.sysctl("net.ipv4.tcp_fin_timeout", "3");
+    let mut agent = Agent::start(&[]);
+    let server = SocketAddr::from((link.b_ip, 8083));
+    let listener = listen_in(&link.b, server);
+    let open = |name: &str| {
+        let client = connect_in(&link.a, server);
+        let (accepted, _) = listener.accept().expect("accept");
+        let local = client.local_addr().expect("local");
+        eprintln!("{name}: {local} -> {server}, cookie {}", so_cookie(&client));
+        (so_cookie(&client), local, client, accepted)
+    };
+    let netns = link.a.inode();
+    let check = |e: &Value, kind: &str, cookie: u64, local: SocketAddr, state: &str| {
+        assert_eq!(ev_str(e, "kind"), kind, "kind: {e}");
+        assert_eq!(ev_str(e, "mechanism"), "timer_tracepoint", "mechanism: {e}");
+        assert_eq!(ev_u64(e, "cookie"), cookie, "cookie: {e}");
+        assert_eq!(ev_str(e, "local"), local.to_string(), "local: {e}");
+        assert_eq!(ev_str(e, "remote"), server.to_string(), "remote: {e}");
+        assert_eq!(ev_u64(e, "netns"), netns, "netns inode: {e}");
+        assert_eq!(ev_str(e, "state"), state, "substate: {e}");
+    };
+    let tw = |e: &Value, k: &str| ev_u64(e, &format!("tw_{k}"));
+
+    let (orphan, o_local, o_client, _o_accepted) = open("orphan");
+    let (normal, n_local, n_client, n_accepted) = open("normal");
+    let (shut, s_local, s_client, s_accepted) = open("shut");
+    drop(o_client);
+    drop(n_client);
+    wait_socket_events(
+        &agent,
+        normal,
+        "the normal close's FIN_WAIT2 start",
+        |evs| !of_kind_in_order(evs, "tw_timer_start").is_empty(),
+    );
+    drop(n_accepted);
+    s_client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shutdown");
+    thread::sleep(Duration::from_millis(200));
+    drop(s_accepted);
+    let o = wait_socket_events(
+        &agent,
+        orphan,
+        "the expiry of the orphan's FIN_WAIT2 timeout",
+        |evs| !of_kind_in_order(evs, "tw_timer_expire").is_empty(),
+    );
+    let n = wait_socket_events(&agent, normal, "the re-arm for TIME_WAIT", |evs| {
+        of_kind_in_order(evs, "tw_timer_start").len() >= 2
+    });
+    thread::sleep(Duration::from_millis(500));
+    let all = agent.events();
+    agent.stop();
+    drop(s_client);
+
+    let starts = of_kind_in_order(&o, "tw_timer_start");
+    let ends = of_kind_in_order(&o, "tw_timer_expire");
+    assert_eq!((starts.len(), ends.len()), (1, 1), "orphan: {o:#?}");
+    let (st, en) = (&starts[0], &ends[0]);
+    check(st, "tw_timer_start", orphan, o_local, "FIN_WAIT2");
+    check(en, "tw_timer_expire", orphan, o_local, "FIN_WAIT2");
+    let (jst, bucket, expires) = (
+        ev_u64(st, "jiffies"),
+        tw(st, "bucket_expiry"),
+        tw(st, "expires"),
+    );
+    let delay = expires.saturating_sub(jst);
+    assert!(
+        bucket >= expires && bucket - expires <= delay / 8 + 1,
+        "bucket expiry {bucket} vs requested {expires} (delay {delay} jiffies): {st}"
+    );
+    assert_eq!(
+        tw(st, "netns_fin_timeout_j"),
+        delay,
+        "the namespace's tcp_fin_timeout (jiffies) is the requested delay: {st}"
+    );
+    let jen = ev_u64(en, "jiffies");
+    assert!(
+        jen >= bucket && jen - bucket < delay,
+        "expiry at jiffies {jen}, bucket {bucket}, delay {delay}: {en}"
+    );
+    let secs = (ev_u64(en, "ts_ns") - ev_u64(st, "ts_ns")) as f64 / 1e9;
+    eprintln!(
+        "orphan: FIN_WAIT2 timeout ran {secs:.3} s (delay {delay} jiffies, bucket +{})",
+        bucket - expires
+    );
+    assert!(
+        (2.95..4.0).contains(&secs),
+        "orphan's FIN_WAIT2 timeout (tcp_fin_timeout 3) ran {secs:.3} s: {o:#?}"
+    );
+
+    let n_starts = of_kind_in_order(&n, "tw_timer_start");
+    assert_eq!(n_starts.len(), 2, "normal close: {n:#?}");
+    check(&n_starts[0], "tw_timer_start", normal, n_local, "FIN_WAIT2");
+    check(&n_starts[1], "tw_timer_start", normal, n_local, "TIME_WAIT");
+    assert!(
+        of_kind_in_order(&n, "tw_timer_expire").is_empty(),
+        "normal close: no expiry within TIME_WAIT's 60 s: {n:#?}"
+    );
+    let s_evs: Vec<&Value> = all
+        .iter()
+        .filter(|e| ev_u64(e, "cookie") == shut && ev_str(e, "kind").starts_with("tw_"))
+        .collect();
+    assert!(
+        s_evs.is_empty(),
+        "shut ({s_local}): a TIME_WAIT socket of a full FIN_WAIT2 socket is no FIN_WAIT2 timeout: {s_evs:#?}"
+    );
 }
 
 /// The ring's wake-up follows the reader's mode (`TCPSTALL_READER`): a

@@ -9,7 +9,9 @@ use crate::{
     kernel::{event::SockEvent, loader},
 };
 
-pub(super) fn log_plan(plan: &loader::Plan) {
+/// `on_demand`: the program loaded at start-up but attached only while a
+/// flow needs it (the drop probe's [`loader::DropSwitch`]), logged as such.
+pub(super) fn log_plan(plan: &loader::Plan, on_demand: Option<&str>) {
     for p in &plan.probes {
         let failed: Vec<String> = p
             .attempts
@@ -21,6 +23,13 @@ pub(super) fn log_plan(plan: &loader::Plan) {
             })
             .collect();
         match p.chosen {
+            Some(m) if on_demand.is_some() && p.program == on_demand => info!(
+                probe = p.probe,
+                mechanism = m.as_str(),
+                program = p.program.unwrap_or_default(),
+                not_used = %failed.join("; "),
+                "probe loaded, attached on demand: only while a flow is in a loss episode"
+            ),
             Some(m) => info!(
                 probe = p.probe,
                 mechanism = m.as_str(),
@@ -115,6 +124,20 @@ pub(super) fn log_event(e: &SockEvent) {
         tcp_syn_retries = n.map(|n| n.tcp_syn_retries),
         tcp_syn_linear_timeouts = n.and_then(|n| n.tcp_syn_linear_timeouts),
         rto_expired_verdict = e.rto_expired_verdict,
+        ka_keepopen = s.map(|s| s.keepalive.keepopen),
+        ka_time_j = s.map(|s| s.keepalive.time_j),
+        ka_intvl_j = s.map(|s| s.keepalive.intvl_j),
+        ka_probes = s.map(|s| s.keepalive.probes),
+        ka_netns_time_j = s.and_then(|s| s.keepalive.netns).map(|n| n.0),
+        ka_netns_intvl_j = s.and_then(|s| s.keepalive.netns).map(|n| n.1),
+        ka_netns_probes = s.and_then(|s| s.keepalive.netns).map(|n| n.2),
+        ka_lrcvtime = s.map(|s| s.keepalive.lrcvtime),
+        ka_timer_expires = s.map(|s| s.keepalive.timer_expires),
+        tw_bucket_expiry = e.tw.map(|t| t.bucket_expiry),
+        tw_expires = e.tw.map(|t| t.expires),
+        tw_netns_fin_timeout_j = e.tw.and_then(|t| t.netns_fin_timeout_j),
+        linger2_j = s.map(|s| s.fin.linger2_j),
+        netns_fin_timeout_j = s.and_then(|s| s.fin.netns_fin_timeout_j),
         "event"
     );
 }

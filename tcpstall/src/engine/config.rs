@@ -15,6 +15,9 @@ pub struct EngineConfig {
     pub zero_window_after: Duration,
     /// In CLOSE_WAIT this long -> `close_wait`. Default 60 s.
     pub close_wait_after: Duration,
+    /// An orphan's FIN_WAIT2 timeout is listed (class `fin_wait2`) once it
+    /// ran this long without the peer's FIN. Default 1 s.
+    pub fin_wait2_after: Duration,
     /// Near horizon when the predicted death is this close. Default 60 s.
     pub near_horizon_secs: f64,
     /// ... or this share of the boundary is consumed, in (0, 1]. Default 0.5.
@@ -53,6 +56,7 @@ impl Default for EngineConfig {
             min_rto_streak: 2,
             zero_window_after: Duration::from_secs(5),
             close_wait_after: Duration::from_secs(60),
+            fin_wait2_after: Duration::from_secs(1),
             near_horizon_secs: 60.0,
             near_horizon_fraction: 0.5,
             top_remotes: 100,

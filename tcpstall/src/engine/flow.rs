@@ -126,6 +126,20 @@ pub(crate) struct Keepalive {
     pub no_prediction: Option<super::horizon::NoPrediction>,
 }
 
+/// An orphan waiting in FIN_WAIT2 for its peer's FIN (issue 20, item 3):
+/// its timewait timer started in the FIN_WAIT2 substate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct FinWait2 {
+    /// The timer's start (the timewait socket's creation).
+    pub since_ns: u64,
+    /// The predicted end: the timer wheel's bucket expiry.
+    pub death_ns: u64,
+    /// The timewait socket's address (the flow's address after the
+    /// handover: the full socket's is freed and soon reused).
+    pub tw_skaddr: u64,
+    pub first_prediction: Prediction,
+}
+
 /// The kernel's verdict at the last write-timer expiry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Verdict {
@@ -167,6 +181,8 @@ pub(crate) struct Flow {
     pub syn_retries: u32,
     /// Unanswered keepalive probes (class `keepalive`).
     pub keepalive: Option<Keepalive>,
+    /// An orphan's FIN_WAIT2 timeout running (class `fin_wait2`).
+    pub fin_wait2: Option<FinWait2>,
     pub usec_ts: bool,
     pub snd_una: u32,
     pub packets_out: u32,
@@ -220,6 +236,7 @@ impl Flow {
             user_timeout_ms: 0,
             syn_retries: 0,
             keepalive: None,
+            fin_wait2: None,
             usec_ts: false,
             snd_una: 0,
             packets_out: 0,
@@ -247,6 +264,7 @@ impl Flow {
             || self.persist.is_some()
             || self.close_wait_since_ns.is_some()
             || self.keepalive.is_some()
+            || self.fin_wait2.is_some()
     }
 
     /// In a loss episode whose packets this node may be dropping: an RTO
@@ -326,6 +344,13 @@ impl FlowTable {
 
     pub fn key(&self, slot: u32) -> FlowKey {
         self.slots[slot as usize].key
+    }
+
+    /// Whether `slot` holds a flow (not freed).
+    pub fn contains_slot(&self, slot: u32) -> bool {
+        self.slots
+            .get(slot as usize)
+            .is_some_and(|s| s.flow.is_some())
     }
 
     /// Panics on a free slot (a bug).

@@ -344,7 +344,8 @@ impl Engine {
         let uto_dead = uto != 0
             && probes > 1
             && ev.ts_ns.saturating_sub(first) >= u64::from(uto) * NSEC_PER_MSEC;
-        let limit = sys.map(|s| {
+        // (limit, orphan no longer alive)
+        let limits = sys.map(|s| {
             if f.orphan {
                 // tcp_probe_timer(): alive =
                 // `inet_csk_rto_backoff(icsk, rto_max) < rto_max`.
@@ -352,16 +353,25 @@ impl Engine {
                     .checked_shl(sock.backoff)
                     .filter(|&v| v >> sock.backoff == rto_ms)
                     .unwrap_or(u64::MAX);
-                horizon::effective_orphan_retries(
-                    s.tcp_orphan_retries,
-                    backed_off.min(max_ms) < max_ms,
-                    ev.err_soft != 0,
+                let alive = backed_off.min(max_ms) < max_ms;
+                (
+                    horizon::effective_orphan_retries(
+                        s.tcp_orphan_retries,
+                        alive,
+                        ev.err_soft != 0,
+                    ),
+                    !alive,
                 )
             } else {
-                s.tcp_retries2
+                (s.tcp_retries2, false)
             }
         });
-        let count_dead = limit.is_some_and(|l| sock.probes_out >= l);
+        let limit = limits.map(|(l, _)| l);
+        // `icsk_probes_out >= max_probes`, and for an orphan no longer
+        // alive also `icsk_backoff >= max_probes` (probes the peer answered
+        // reset `icsk_probes_out`, not the backoff).
+        let count_dead = limits
+            .is_some_and(|(l, not_alive)| sock.probes_out >= l || (not_alive && sock.backoff >= l));
         f.verdict = Some(Verdict {
             at_ns: ev.ts_ns,
             dead: uto_dead || count_dead,
@@ -430,7 +440,15 @@ impl Engine {
     }
 
     pub(super) fn on_state(&mut self, ev: &SockEvent) {
-        let create = ev.state == TcpState::CloseWait;
+        // An orphan whose FIN was ACKed, waiting above 60 s: its timewait
+        // timer starts only after the keepalive timer's first part.
+        let fin_wait2_entry = (ev.state == TcpState::FinWait2 && ev.orphan)
+            .then_some(ev.sock)
+            .flatten()
+            .and_then(|s| {
+                super::fin_wait2::entry_fate(&s, ev.rto_jiffies, ev.jiffies, self.hz.hz())
+            });
+        let create = ev.state == TcpState::CloseWait || fin_wait2_entry.is_some();
         let Some(slot) = self.resolve(ev, create) else {
             return;
         };
@@ -467,6 +485,24 @@ impl Engine {
             f.announced &= !StallClass::CloseWait.bit();
         }
         match ev.state {
+            // An orphan handed over to its timewait socket (FIN_WAIT2
+            // substate): the full socket closes, the connection lives on
+            // until its timewait timer's expiry or the peer's FIN.
+            TcpState::Close if f.fin_wait2.is_some() => {
+                f.state = TcpState::FinWait2;
+                // The full socket's address is freed now and soon holds
+                // another socket: the flow goes by the timewait socket's.
+                let (cookie, tw) = (f.cookie, f.fin_wait2.map_or(0, |fw| fw.tw_skaddr));
+                if tw != 0 {
+                    f.skaddr = tw;
+                }
+                if self.skaddr_map.get(&ev.skaddr) == Some(&cookie) {
+                    self.skaddr_map.remove(&ev.skaddr);
+                }
+                if tw != 0 && cookie != 0 {
+                    self.skaddr_map.insert(tw, cookie);
+                }
+            }
             TcpState::Close => {
                 self.close_slot(slot, ev.ts_ns, false);
                 return;
@@ -487,6 +523,9 @@ impl Engine {
                     ev.ts_ns,
                     (PersistEnd::FinAcked, ev.ts_ns),
                 );
+                if let Some(fate) = fin_wait2_entry {
+                    self.on_fin_wait2_entry(slot, ev, fate);
+                }
             }
             _ => {}
         }

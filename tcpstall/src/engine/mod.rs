@@ -40,6 +40,7 @@
 pub mod cause;
 mod close;
 mod config;
+mod fin_wait2;
 mod flow;
 mod flow_key;
 mod handlers;
@@ -153,6 +154,7 @@ impl Engine {
             EventKind::RetransmitError => st.events_retransmit_error += 1,
             EventKind::Sweep => st.sweep_snapshots += 1,
             EventKind::KeepaliveTimer => st.events_keepalive_timer += 1,
+            EventKind::TwTimerStart | EventKind::TwTimerExpire => st.events_tw_timer += 1,
         }
         if self.hz.observe(ev.ts_ns, ev.jiffies) {
             self.refresh_predictions();
@@ -184,6 +186,8 @@ impl Engine {
             EventKind::Drop | EventKind::RetransmitError => self.on_local_drop(ev),
             EventKind::Sweep => self.on_sweep(ev),
             EventKind::KeepaliveTimer => self.on_keepalive_timer(ev),
+            EventKind::TwTimerStart => self.on_tw_start(ev),
+            EventKind::TwTimerExpire => self.on_tw_expire(ev),
         }
     }
 

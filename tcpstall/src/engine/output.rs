@@ -25,15 +25,21 @@ pub enum StallClass {
     /// An idle established socket (nothing in flight) whose keepalive
     /// probes go unanswered, from the first unanswered probe.
     Keepalive,
+    /// An orphan (closed by its application) whose FIN the peer ACKed but
+    /// who sends no FIN of its own, waiting under `tcp_fin_timeout` /
+    /// TCP_LINGER2 for longer than `fin_wait2_after`: node health (a peer
+    /// application that does not close), not an application page.
+    FinWait2,
 }
 
 impl StallClass {
-    pub const ALL: [StallClass; 5] = [
+    pub const ALL: [StallClass; 6] = [
         Self::Retransmit,
         Self::ZeroWindow,
         Self::CloseWait,
         Self::Connect,
         Self::Keepalive,
+        Self::FinWait2,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,6 +49,7 @@ impl StallClass {
             Self::CloseWait => "close_wait",
             Self::Connect => "connect",
             Self::Keepalive => "keepalive",
+            Self::FinWait2 => "fin_wait2",
         }
     }
 
@@ -53,6 +60,7 @@ impl StallClass {
             Self::CloseWait => 4,
             Self::Connect => 8,
             Self::Keepalive => 16,
+            Self::FinWait2 => 32,
         }
     }
 }
@@ -66,6 +74,7 @@ pub struct StalledCounts {
     pub close_wait: usize,
     pub connect: usize,
     pub keepalive: usize,
+    pub fin_wait2: usize,
 }
 
 impl StalledCounts {
@@ -76,6 +85,7 @@ impl StalledCounts {
             StallClass::CloseWait => self.close_wait,
             StallClass::Connect => self.connect,
             StallClass::Keepalive => self.keepalive,
+            StallClass::FinWait2 => self.fin_wait2,
         }
     }
 
@@ -86,11 +96,17 @@ impl StalledCounts {
             StallClass::CloseWait => self.close_wait += 1,
             StallClass::Connect => self.connect += 1,
             StallClass::Keepalive => self.keepalive += 1,
+            StallClass::FinWait2 => self.fin_wait2 += 1,
         }
     }
 
     pub fn total(&self) -> usize {
-        self.retransmit + self.zero_window + self.close_wait + self.connect + self.keepalive
+        self.retransmit
+            + self.zero_window
+            + self.close_wait
+            + self.connect
+            + self.keepalive
+            + self.fin_wait2
     }
 
     /// `(class, count)` for every class, zeros included.
@@ -242,6 +258,9 @@ pub enum TimeoutEvidence {
     /// after an expiry at which the kernel's rule (or its sock_ops verdict)
     /// said dead.
     Verdict,
+    /// An orphan's FIN_WAIT2 timeout: its timewait timer ran in the
+    /// FIN_WAIT2 substate (no error report, no socket tracepoint).
+    TimewaitExpiry,
 }
 
 impl TimeoutEvidence {
@@ -250,6 +269,7 @@ impl TimeoutEvidence {
             Self::Etimedout => "etimedout",
             Self::SoftError { .. } => "soft_error",
             Self::Verdict => "verdict",
+            Self::TimewaitExpiry => "timewait_expiry",
         }
     }
 }
@@ -363,6 +383,15 @@ pub struct EngineStats {
     /// Retransmissions this node failed to send (6.17+).
     pub events_retransmit_error: u64,
     pub events_keepalive_timer: u64,
+    /// Timewait-timer starts and expiries of orphaned FIN_WAIT2
+    /// connections (issue 20, item 3).
+    pub events_tw_timer: u64,
+    /// FIN_WAIT2 flows ended by the peer's FIN (not a stall), by their
+    /// timewait timer's expiry (a FIN_WAIT2 timeout), or with no end seen
+    /// (gone past their predicted end without an expiry event).
+    pub fin_wait2_peer_fin: u64,
+    pub fin_wait2_timeouts: u64,
+    pub fin_wait2_unseen_end: u64,
     /// ACK events that ended a streak (the stall cleared at once).
     pub acks_recovered: u64,
     /// Events with neither cookie nor socket address.

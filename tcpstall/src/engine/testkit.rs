@@ -116,6 +116,7 @@ impl Sock {
             sk_err: 0,
             ack_seq: 0,
             err_soft: 0,
+            tw: None,
         }
     }
 
@@ -137,6 +138,7 @@ impl Sock {
             mss_cache: 0,
             sacked_out: 0,
             keepalive: Default::default(),
+            fin: Default::default(),
         }
     }
 

@@ -1855,6 +1855,7 @@ fn stalls_sorted_most_urgent_first() {
             close_wait: 1,
             connect: 0,
             keepalive: 0,
+            fin_wait2: 0,
         }
     );
     assert_eq!(g.near_timeout, 1);
@@ -1868,7 +1869,8 @@ fn stalls_sorted_most_urgent_first() {
             (StallClass::ZeroWindow, 1),
             (StallClass::CloseWait, 1),
             (StallClass::Connect, 0),
-            (StallClass::Keepalive, 0)
+            (StallClass::Keepalive, 0),
+            (StallClass::FinWait2, 0)
         ]
     );
 }
@@ -3045,3 +3047,4 @@ fn rto_stall_cause_follows_the_evidence() {
     assert_eq!(ev.soft_error.as_deref(), Some("EHOSTUNREACH"));
     assert!(!ev.circumstantial);
 }
+mod survivors;

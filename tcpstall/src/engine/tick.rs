@@ -84,6 +84,10 @@ impl Engine {
                 self.sink
                     .stall_started(StallClass::CloseWait, f.cookie, f.remote, now_ns);
             }
+            super::fin_wait2::tick_flow(self, s, now_ns);
+            if !self.flows.contains_slot(s) {
+                continue;
+            }
             self.flows.retier(s);
         }
         self.scratch = slots;

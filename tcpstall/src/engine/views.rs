@@ -68,6 +68,11 @@ impl Engine {
         {
             return Some(StallClass::CloseWait);
         }
+        if let Some(fw) = f.fin_wait2
+            && self.fin_wait2_listed(&fw, now_ns)
+        {
+            return Some(StallClass::FinWait2);
+        }
         None
     }
 
@@ -80,6 +85,10 @@ impl Engine {
                 .filter(|_| f.streak.is_some() || f.persist.is_some_and(|p| p.window_open)),
             StallClass::ZeroWindow => f.prediction.filter(|_| f.persist.is_some()),
             StallClass::Keepalive => f.prediction.filter(|_| f.keepalive.is_some()),
+            StallClass::FinWait2 => f
+                .prediction
+                .filter(|_| f.fin_wait2.is_some())
+                .or(f.fin_wait2.map(|fw| fw.first_prediction)),
             StallClass::CloseWait => f
                 .prediction
                 .filter(|_| f.streak.is_some() || f.persist.is_some()),
@@ -107,6 +116,7 @@ impl Engine {
             StallClass::ZeroWindow => f.persist.map_or(now_ns, |p| p.since_ns),
             StallClass::CloseWait => f.close_wait_since_ns.unwrap_or(now_ns),
             StallClass::Keepalive => f.keepalive.map_or(now_ns, |k| k.since_ns),
+            StallClass::FinWait2 => f.fin_wait2.map_or(now_ns, |fw| fw.since_ns),
         };
         let pred = Self::horizon_of(f, class);
         let hz = self.hz.hz();
@@ -191,6 +201,7 @@ impl Engine {
             unsent: f.streak.is_none() && f.persist.is_some_and(|p| p.window_open),
             zero_window: class == StallClass::ZeroWindow,
             close_wait: class == StallClass::CloseWait,
+            fin_wait2: class == StallClass::FinWait2,
             rto_stall: class == StallClass::Retransmit && f.streak.is_some_and(|st| st.rtos > 0),
             drops_visible: self.cfg.drops_visible,
             reason_names: &self.cfg.drop_reason_names,

@@ -66,18 +66,23 @@ pub enum StallCause {
     PeerNotReading,
     /// The peer closed; the local application keeps its socket open.
     AppNotClosing,
+    /// This side closed and the peer acknowledged its FIN, but the peer
+    /// never sends its own (FIN_WAIT2): the remote application does not
+    /// close its end.
+    PeerNotClosing,
     /// The kernel offers no evidence that tells the causes apart here.
     Unknown,
 }
 
 impl StallCause {
-    pub const ALL: [StallCause; 7] = [
+    pub const ALL: [StallCause; 8] = [
         Self::PeerSilent,
         Self::Unreachable,
         Self::LocalDrop,
         Self::PmtuBlackhole,
         Self::PeerNotReading,
         Self::AppNotClosing,
+        Self::PeerNotClosing,
         Self::Unknown,
     ];
 
@@ -89,6 +94,7 @@ impl StallCause {
             Self::PmtuBlackhole => "pmtu_blackhole",
             Self::PeerNotReading => "peer_not_reading",
             Self::AppNotClosing => "app_not_closing",
+            Self::PeerNotClosing => "peer_not_closing",
             Self::Unknown => "unknown",
         }
     }
@@ -204,6 +210,8 @@ pub(crate) struct Facts<'a> {
     pub zero_window: bool,
     /// The stall is a CLOSE_WAIT one.
     pub close_wait: bool,
+    /// The stall is a FIN_WAIT2 one (an orphan waiting for the peer's FIN).
+    pub fin_wait2: bool,
     /// The stall is a retransmission one with at least one RTO expiry.
     pub rto_stall: bool,
     /// The kernel can show local drops for this socket (the drop probe is
@@ -255,7 +263,8 @@ fn is_unreachable(e: u32) -> bool {
 
 /// The cause and its evidence. First match wins: a record of this node
 /// dropping the socket's packets, then an ICMP error, then the socket's
-/// state (zero window, CLOSE_WAIT, data that never left), then silence.
+/// state (zero window, CLOSE_WAIT, FIN_WAIT2, data that never left), then
+/// silence.
 pub(crate) fn decide(f: &Facts<'_>) -> (StallCause, CauseEvidence) {
     let e = f.evidence;
     let mut ev = CauseEvidence {
@@ -307,6 +316,11 @@ pub(crate) fn decide(f: &Facts<'_>) -> (StallCause, CauseEvidence) {
                 .into();
         return (StallCause::AppNotClosing, ev);
     }
+    if f.fin_wait2 {
+        ev.circumstantial = true;
+        ev.summary = "this side closed and the peer acknowledged its FIN, but the peer never sends its own: the remote application has not closed its end (or the remote vanished after the ACK)".into();
+        return (StallCause::PeerNotClosing, ev);
+    }
     if f.unsent {
         ev.circumstantial = true;
         ev.summary = "the data never left this node: window probes with the peer's window open and nothing in flight (a failed local transmit); no drop record for this socket".into();
@@ -345,6 +359,7 @@ mod tests {
             unsent: false,
             zero_window: false,
             close_wait: false,
+            fin_wait2: false,
             rto_stall: true,
             drops_visible: true,
             reason_names: &[],
@@ -490,6 +505,27 @@ mod tests {
             ..facts(Evidence::default())
         });
         assert_eq!(cw.0, StallCause::AppNotClosing);
+        let fw2 = decide(&Facts {
+            fin_wait2: true,
+            rto_stall: false,
+            ..facts(Evidence::default())
+        });
+        assert_eq!(fw2.0, StallCause::PeerNotClosing);
+        assert!(fw2.1.circumstantial);
+        assert!(
+            fw2.1.summary.contains("peer acknowledged its FIN"),
+            "{}",
+            fw2.1.summary
+        );
+        // An orphan in FIN_WAIT2 whose packets this node drops is the
+        // node's problem first.
+        let mut dropped = Evidence::default();
+        dropped.drop(6);
+        let fw2_drop = decide(&Facts {
+            fin_wait2: true,
+            ..facts(dropped)
+        });
+        assert_eq!(fw2_drop.0, StallCause::LocalDrop);
         assert_eq!(
             StallCause::ALL.map(StallCause::as_str),
             [
@@ -499,6 +535,7 @@ mod tests {
                 "pmtu_blackhole",
                 "peer_not_reading",
                 "app_not_closing",
+                "peer_not_closing",
                 "unknown"
             ]
         );

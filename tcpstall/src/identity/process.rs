@@ -7,6 +7,14 @@
 //! finds a container's socket without scanning the node. Reading other
 //! processes' `ns` and `fd` entries needs CAP_SYS_PTRACE.
 //!
+//! Every process of a network namespace sees the same table, so each
+//! namespace's table is read once per lookup burst (cached for
+//! [`TABLE_TTL`], re-read on a miss older than [`MISS_REREAD`]): a socket
+//! no process holds (an orphan in FIN_WAIT2, a socket of a deleted pod)
+//! costs one table read, not one per process of its namespace (each read
+//! walks the kernel's whole established hash: hundreds of processes made
+//! that seconds of CPU on the event loop).
+//!
 //! Results are cached per flow (bounded; misses are retried after
 //! `retry_after`). Another source that knows the owner directly (e.g. a
 //! kernel file iterator) feeds the same cache through [`ProcessResolver::learn`].
@@ -41,13 +49,29 @@ struct Cached {
     at: Instant,
 }
 
+/// How long a namespace's `/proc/<pid>/net/tcp{,6}` text serves lookups.
+pub const TABLE_TTL: Duration = Duration::from_secs(1);
+/// A miss in a cached table older than this reads the table again (a socket
+/// younger than the copy).
+pub const MISS_REREAD: Duration = Duration::from_millis(200);
+
+/// One network namespace's TCP tables (`net/tcp` then `net/tcp6`).
+struct Table {
+    text: String,
+    at: Instant,
+}
+
 pub struct ProcessResolver {
     proc_root: PathBuf,
     cache: HashMap<SocketKey, Cached>,
     max_entries: usize,
     retry_after: Duration,
+    /// Per network namespace (inode).
+    tables: HashMap<u32, Table>,
     /// Full /proc scans done (for tests and logs).
     pub scans: u64,
+    /// `net/tcp{,6}` pairs read (for tests).
+    pub table_reads: u64,
 }
 
 /// One address of `/proc/net/tcp{,6}`: `0100007F:1F90` (the address words
@@ -121,7 +145,9 @@ impl ProcessResolver {
             cache: HashMap::new(),
             max_entries,
             retry_after,
+            tables: HashMap::new(),
             scans: 0,
+            table_reads: 0,
         }
     }
 
@@ -159,7 +185,7 @@ impl ProcessResolver {
                 return c.info.clone();
             }
         }
-        let found = self.find(key, cgroup_dir);
+        let found = self.find(key, cgroup_dir, now);
         self.insert(key, found.clone(), now);
         found
     }
@@ -170,17 +196,56 @@ impl ProcessResolver {
             .unwrap_or_default()
     }
 
-    /// The socket's inode as seen from `pid`'s network namespace.
-    fn inode_via(&self, pid: u32, key: SocketKey) -> Option<u64> {
-        let dir = self.proc_root.join(pid.to_string());
-        if key.netns != 0 && netns_of(&dir)? != key.netns {
-            return None;
+    /// `pid`'s namespace tables (cached per namespace; `fresh`: read now
+    /// unless the copy is younger than [`MISS_REREAD`]). None when `pid`
+    /// is gone.
+    fn table(&mut self, netns: u32, pid: u32, now: Instant, fresh: bool) -> Option<&str> {
+        let max_age = if fresh { MISS_REREAD } else { TABLE_TTL };
+        let stale = self
+            .tables
+            .get(&netns)
+            .is_none_or(|t| now.saturating_duration_since(t.at) >= max_age);
+        if stale {
+            let dir = self.proc_root.join(pid.to_string());
+            let mut text = String::new();
+            for t in ["net/tcp", "net/tcp6"] {
+                match fs::read_to_string(dir.join(t)) {
+                    Ok(x) => text.push_str(&x),
+                    // No IPv6 in the namespace: the IPv4 table alone.
+                    Err(_) if !text.is_empty() => {}
+                    Err(_) => return None,
+                }
+            }
+            self.table_reads += 1;
+            // Only copies still serving lookups are kept (a node's root
+            // table can be megabytes).
+            self.tables
+                .retain(|_, t| now.saturating_duration_since(t.at) < TABLE_TTL);
+            if self.tables.len() >= self.max_entries {
+                self.tables.clear();
+            }
+            self.tables.insert(netns, Table { text, at: now });
         }
-        ["net/tcp", "net/tcp6"].iter().find_map(|t| {
-            fs::read_to_string(dir.join(t))
-                .ok()
-                .and_then(|text| find_inode(&text, key.local, key.remote))
-        })
+        self.tables.get(&netns).map(|t| t.text.as_str())
+    }
+
+    /// The socket's inode in namespace `netns` (its tables read through
+    /// `pid`): Ok(None) when the namespace holds no such socket with an
+    /// owner (absent, or an orphan: inode 0), Err(()) when `pid` is gone.
+    fn inode_in(
+        &mut self,
+        netns: u32,
+        pid: u32,
+        key: SocketKey,
+        now: Instant,
+    ) -> Result<Option<u64>, ()> {
+        let (l, r) = (key.local, key.remote);
+        let cached = self.table(netns, pid, now, false).ok_or(())?;
+        if let Some(i) = find_inode(cached, l, r) {
+            return Ok(Some(i));
+        }
+        let fresh = self.table(netns, pid, now, true).ok_or(())?;
+        Ok(find_inode(fresh, l, r))
     }
 
     fn holds(&self, pid: u32, target: &str) -> bool {
@@ -191,33 +256,71 @@ impl ProcessResolver {
             .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target))
     }
 
-    fn find(&mut self, key: SocketKey, cgroup_dir: Option<&Path>) -> Option<ProcessInfo> {
+    fn owner(&self, pid: u32) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            comm: self.comm(pid),
+        }
+    }
+
+    fn find(
+        &mut self,
+        key: SocketKey,
+        cgroup_dir: Option<&Path>,
+        now: Instant,
+    ) -> Option<ProcessInfo> {
+        let wanted = |ns: u32| key.netns == 0 || ns == key.netns;
         // 1. The socket's cgroup: usually the owner itself.
         if let Some(procs) =
             cgroup_dir.and_then(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
         {
             for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                if let Some(inode) = self.inode_via(pid, key)
-                    && self.holds(pid, &format!("socket:[{inode}]"))
-                {
-                    return Some(ProcessInfo {
-                        pid,
-                        comm: self.comm(pid),
-                    });
+                let Some(ns) = netns_of(&self.proc_root.join(pid.to_string())) else {
+                    continue;
+                };
+                if !wanted(ns) {
+                    continue;
+                }
+                match self.inode_in(ns, pid, key, now) {
+                    Ok(Some(inode)) if self.holds(pid, &format!("socket:[{inode}]")) => {
+                        return Some(self.owner(pid));
+                    }
+                    // Its namespace has no owned socket of that 4-tuple.
+                    Ok(None) if key.netns != 0 => return None,
+                    _ => {}
                 }
             }
         }
-        // 2. Every process: the inode from any process in the netns, then
-        // the first process holding it.
+        // 2. Every process, grouped by namespace: the inode from one table
+        // read per namespace, then the first process holding it (its
+        // namespace's processes first).
         self.scans += 1;
+        let mut by_ns: HashMap<u32, Vec<u32>> = HashMap::new();
         let all = pids(&self.proc_root);
-        let inode = all.iter().find_map(|&pid| self.inode_via(pid, key))?;
-        let target = format!("socket:[{inode}]");
-        let pid = all.into_iter().find(|&pid| self.holds(pid, &target))?;
-        Some(ProcessInfo {
-            pid,
-            comm: self.comm(pid),
-        })
+        for &pid in &all {
+            if let Some(ns) = netns_of(&self.proc_root.join(pid.to_string()))
+                && wanted(ns)
+            {
+                by_ns.entry(ns).or_default().push(pid);
+            }
+        }
+        let mut namespaces: Vec<(u32, Vec<u32>)> = by_ns.into_iter().collect();
+        namespaces.sort_unstable();
+        for (ns, members) in namespaces {
+            let inode = members
+                .iter()
+                .find_map(|&pid| self.inode_in(ns, pid, key, now).ok())
+                .flatten();
+            let Some(inode) = inode else { continue };
+            let target = format!("socket:[{inode}]");
+            let pid = members
+                .iter()
+                .copied()
+                .chain(all.iter().copied().filter(|p| !members.contains(p)))
+                .find(|&pid| self.holds(pid, &target))?;
+            return Some(self.owner(pid));
+        }
+        None
     }
 }
 
@@ -293,6 +396,44 @@ mod tests {
         assert_eq!(r.resolve(other, None, now + Duration::from_secs(11)), None);
         assert_eq!(r.scans, 3);
         drop(listener);
+    }
+
+    /// Sockets no process holds (orphans, a deleted pod's) cost one read
+    /// of their namespace's table per [`TABLE_TTL`], whatever the number of
+    /// processes there; a socket newer than the cached copy is still found.
+    /// Mutations: `let stale = true;` in `table` fails the first count;
+    /// `fresh` ignored in `table` fails the new socket's lookup.
+    #[test]
+    fn an_ownerless_socket_costs_one_table_read() {
+        let ns = netns_of(Path::new("/proc/self")).expect("own netns");
+        let key = |port| SocketKey {
+            netns: ns,
+            local: SocketAddr::from(([127, 0, 0, 9], port)),
+            remote: SocketAddr::from(([127, 0, 0, 9], 1)),
+        };
+        let mut r = ProcessResolver::new("/proc", 16, Duration::from_secs(10));
+        let t0 = Instant::now();
+        for port in 1..=3 {
+            assert_eq!(r.resolve(key(port), None, t0), None);
+        }
+        assert_eq!(r.scans, 3);
+        assert_eq!(
+            r.table_reads, 1,
+            "one read for three misses in one namespace"
+        );
+        // A socket opened after that read.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let fresh = SocketKey {
+            netns: ns,
+            local: client.local_addr().unwrap(),
+            remote: listener.local_addr().unwrap(),
+        };
+        let later = t0 + Duration::from_millis(300);
+        assert!(MISS_REREAD < later - t0 && later - t0 < TABLE_TTL);
+        let p = r.resolve(fresh, None, later);
+        assert_eq!(p.map(|p| p.pid), Some(std::process::id()));
+        assert_eq!(r.table_reads, 2);
     }
 
     #[test]

@@ -41,10 +41,17 @@ pub enum EventKind {
     /// The keepalive timer (`sk->sk_timer`) expired (snapshot before the
     /// kernel handled it).
     KeepaliveTimer,
+    /// A timewait socket's timer started: in the FIN_WAIT2 substate (an
+    /// orphan's FIN_WAIT2 timeout runs, [`SockEvent::tw`]), or in TIME_WAIT
+    /// for one that was (the peer's FIN came). [`SockEvent::state`] is the
+    /// substate.
+    TwTimerStart,
+    /// That timewait socket's timer expired: the kernel ends it now.
+    TwTimerExpire,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 10] = [
         EventKind::Retransmit,
         EventKind::WriteTimer,
         EventKind::State,
@@ -53,6 +60,8 @@ impl EventKind {
         EventKind::Drop,
         EventKind::RetransmitError,
         EventKind::KeepaliveTimer,
+        EventKind::TwTimerStart,
+        EventKind::TwTimerExpire,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -65,6 +74,8 @@ impl EventKind {
             EventKind::RetransmitError => "retransmit_error",
             EventKind::Sweep => "sweep",
             EventKind::KeepaliveTimer => "keepalive_timer",
+            EventKind::TwTimerStart => "tw_timer_start",
+            EventKind::TwTimerExpire => "tw_timer_expire",
         }
     }
 }
@@ -197,6 +208,24 @@ pub struct SockEvent {
     pub ack_seq: u32,
     /// `sk_err_soft` (positive errno; 0 = none or not read).
     pub err_soft: u32,
+    /// The timewait timer of the timewait-timer events (None for others).
+    pub tw: Option<TwTimer>,
+}
+
+/// A timewait socket's timer, from the timewait-timer events (jiffies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct TwTimer {
+    /// `TwTimerStart`: the timer wheel's bucket expiry (when the timer will
+    /// run: the requested expiry rounded up to its wheel level's
+    /// granularity), as the tracepoint gave it; `TwTimerExpire`: the
+    /// timer's `expires`.
+    pub bucket_expiry: u64,
+    /// `TwTimerStart`: the requested expiry (`timer->expires`), its high
+    /// bits from the event's jiffies; `TwTimerExpire`: as `bucket_expiry`.
+    pub expires: u64,
+    /// `TwTimerStart`: the namespace's `tcp_fin_timeout` (jiffies; None:
+    /// not read on this kernel).
+    pub netns_fin_timeout_j: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -225,6 +254,19 @@ pub struct SockFields {
     pub sacked_out: u32,
     /// What `tcp_keepalive_timer()` reads (issue 20).
     pub keepalive: KeepaliveFields,
+    /// What `tcp_fin_time()` reads (issue 20).
+    pub fin: FinTimeFields,
+}
+
+/// The limits of a FIN_WAIT2 wait (`tcp_fin_time()`: `tp->linger2 ?:
+/// tcp_fin_timeout`, at least 3.5 RTOs), jiffies as the kernel stores them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FinTimeFields {
+    /// `tp->linger2` (TCP_LINGER2; 0 = the namespace's `tcp_fin_timeout`,
+    /// negative = no wait: the kernel closes at the ACK of the FIN).
+    pub linger2_j: i32,
+    /// The namespace's `tcp_fin_timeout` (None: not read on this kernel).
+    pub netns_fin_timeout_j: Option<u32>,
 }
 
 /// The keepalive fields of one socket: per-socket values (0 = the netns
@@ -255,6 +297,13 @@ pub struct NetnsSysctls {
     /// `tcp_syn_linear_timeouts` (6.5+); None where the kernel has no such
     /// sysctl (no linear SYN timeouts).
     pub tcp_syn_linear_timeouts: Option<u32>,
+}
+
+/// The 64-bit jiffies value whose low 32 bits are `low`, nearest to
+/// `near` (a timer's expiry within 2^31 jiffies of the event).
+pub fn widen_jiffies(low: u32, near: u64) -> u64 {
+    let delta = low.wrapping_sub(near as u32) as i32;
+    near.wrapping_add_signed(i64::from(delta))
 }
 
 /// The kernel's ETIMEDOUT errno.
@@ -301,6 +350,8 @@ impl SockEvent {
             kind::RETRANSMIT_ERROR => EventKind::RetransmitError,
             kind::SWEEP => EventKind::Sweep,
             kind::KEEPALIVE_TIMER => EventKind::KeepaliveTimer,
+            kind::TW_TIMER_START => EventKind::TwTimerStart,
+            kind::TW_TIMER_EXPIRE => EventKind::TwTimerExpire,
             other => return Err(DecodeError::Kind(other.into())),
         };
         let mechanism = match ev.source {
@@ -344,6 +395,12 @@ impl SockEvent {
                 lrcvtime: raw.lrcvtime,
                 timer_expires: raw.sk_timer_expires,
             },
+            fin: FinTimeFields {
+                linger2_j: raw.linger2,
+                netns_fin_timeout_j: (raw.flags & flag::NETNS_SYSCTLS != 0
+                    && raw.netns_fin_timeout != 0)
+                    .then_some(raw.netns_fin_timeout),
+            },
         });
         let netns_sysctls = (raw.flags & flag::NETNS_SYSCTLS != 0).then_some(NetnsSysctls {
             tcp_retries2: raw.retries2.into(),
@@ -379,6 +436,20 @@ impl SockEvent {
             sk_err: raw.sk_err.into(),
             ack_seq: ev.ack_seq,
             err_soft: raw.err_soft.into(),
+            tw: match kind {
+                EventKind::TwTimerStart => Some(TwTimer {
+                    bucket_expiry: raw.timer_expires,
+                    expires: widen_jiffies(ev.ack_seq, ev.jiffies),
+                    netns_fin_timeout_j: (raw.netns_fin_timeout != 0)
+                        .then_some(u64::from(raw.netns_fin_timeout)),
+                }),
+                EventKind::TwTimerExpire => Some(TwTimer {
+                    bucket_expiry: raw.timer_expires,
+                    expires: raw.timer_expires,
+                    netns_fin_timeout_j: None,
+                }),
+                _ => None,
+            },
         })
     }
 

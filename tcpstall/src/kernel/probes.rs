@@ -18,9 +18,13 @@ pub enum Attach {
     Fentry { function: &'static str },
     /// kprobe on a kernel function (needs the kprobe PMU).
     Kprobe { function: &'static str },
-    /// `tp_btf/timer_expire_entry`, filtered in the program to timers whose
-    /// callback is `callback` (address from /proc/kallsyms).
-    TimerTracepoint { callback: &'static str },
+    /// `tp_btf/<tracepoint>` of the timer wheel (`timer_expire_entry`,
+    /// `timer_start`), filtered in the program to timers whose callback is
+    /// `callback` (address from /proc/kallsyms).
+    TimerTracepoint {
+        tracepoint: &'static str,
+        callback: &'static str,
+    },
     /// cgroup `sock_ops` on the cgroup2 root.
     SockOps,
     /// cgroup `sock_ops` on the cgroup2 root, the guard's: sets socket
@@ -48,8 +52,11 @@ impl Attach {
             Attach::TpBtf { tracepoint } => format!("tp_btf/{tracepoint}"),
             Attach::Fentry { function } => format!("fentry/{function}"),
             Attach::Kprobe { function } => format!("kprobe/{function}"),
-            Attach::TimerTracepoint { callback } => {
-                format!("tp_btf/timer_expire_entry [function == {callback}]")
+            Attach::TimerTracepoint {
+                tracepoint,
+                callback,
+            } => {
+                format!("tp_btf/{tracepoint} [function == {callback}]")
             }
             Attach::SockOps => "cgroup/sock_ops (RTO_CB)".to_owned(),
             Attach::SockOpsGuard => "cgroup/sock_ops (ESTABLISHED_CB: bpf_setsockopt)".to_owned(),
@@ -168,6 +175,27 @@ pub const ACK: &str = "ack";
 pub const SWEEP: &str = "sweep";
 pub const DROP: &str = "drop";
 pub const KEEPALIVE_TIMER: &str = "keepalive_timer";
+pub const TW_START: &str = "tw_timer_start";
+pub const TW_EXPIRE: &str = "tw_timer_expire";
+
+/// What the timewait timer programs read: the timer's callback and expiry,
+/// the timewait socket's `sock_common` (at the socket rows' offsets) and
+/// substate.
+const TW_FIELDS: &[usize] = &[
+    field::TIMER_FUNCTION,
+    field::TIMER_EXPIRES,
+    field::TW_TIMER,
+    field::TW_SUBSTATE,
+    field::SKC_FAMILY,
+    field::SKC_COOKIE,
+    field::SKC_DADDR,
+    field::SKC_RCV_SADDR,
+    field::SKC_DPORT,
+    field::SKC_NUM,
+];
+
+/// The note of the timewait timer programs.
+const TW_NOTE: &str = "the timewait socket at the timer's address minus tw_timer's offset, probe reads from plain addresses, the cookie as it holds it (the full socket's); runs for every timer start on the node, filtered to tw_timer_handler first";
 
 /// What the keepalive-timer programs read: the timer's socket and the
 /// fields of `tcp_keepalive_timer()`'s rule.
@@ -425,6 +453,7 @@ pub static PROBES: &[ProbeSpec] = &[
             },
             Candidate {
                 attach: Attach::TimerTracepoint {
+                    tracepoint: "timer_expire_entry",
                     callback: "tcp_write_timer",
                 },
                 program: program::WRITE_TIMER_TIMER_TP_CAST,
@@ -434,6 +463,7 @@ pub static PROBES: &[ProbeSpec] = &[
             },
             Candidate {
                 attach: Attach::TimerTracepoint {
+                    tracepoint: "timer_expire_entry",
                     callback: "tcp_write_timer",
                 },
                 program: program::WRITE_TIMER_TIMER_TP_DIRECT,
@@ -443,6 +473,7 @@ pub static PROBES: &[ProbeSpec] = &[
             },
             Candidate {
                 attach: Attach::TimerTracepoint {
+                    tracepoint: "timer_expire_entry",
                     callback: "tcp_write_timer",
                 },
                 program: program::WRITE_TIMER_TIMER_TP,
@@ -486,6 +517,7 @@ pub static PROBES: &[ProbeSpec] = &[
             },
             Candidate {
                 attach: Attach::TimerTracepoint {
+                    tracepoint: "timer_expire_entry",
                     callback: "tcp_keepalive_timer",
                 },
                 program: program::KEEPALIVE_TIMER_PLAIN,
@@ -494,6 +526,52 @@ pub static PROBES: &[ProbeSpec] = &[
                 rdonly_cast: false,
             },
         ],
+    },
+    ProbeSpec {
+        name: TW_START,
+        purpose: "orphaned FIN_WAIT2 connections: the timewait timer started in the FIN_WAIT2 substate (tcp_fin_timeout / TCP_LINGER2 running, with the timer wheel's bucket expiry) or re-armed for TIME_WAIT by the peer's FIN",
+        required: false,
+        offered_by: &[],
+        needs: &[],
+        candidates: &[
+            Candidate {
+                attach: Attach::TimerTracepoint {
+                    tracepoint: "timer_start",
+                    callback: "tw_timer_handler",
+                },
+                program: program::TW_START_ARG2,
+                fields: TW_FIELDS,
+                note: "timer_start(timer, expires, bucket_expiry): the bucket expiry as the third argument (a context load the verifier checks: refused where the tracepoint has two arguments)",
+                rdonly_cast: false,
+            },
+            Candidate {
+                attach: Attach::TimerTracepoint {
+                    tracepoint: "timer_start",
+                    callback: "tw_timer_handler",
+                },
+                program: program::TW_START_PLAIN,
+                fields: TW_FIELDS,
+                note: TW_NOTE,
+                rdonly_cast: false,
+            },
+        ],
+    },
+    ProbeSpec {
+        name: TW_EXPIRE,
+        purpose: "orphaned FIN_WAIT2 connections: the timewait timer's expiry (the kernel ends the connection)",
+        required: false,
+        offered_by: &[],
+        needs: &[],
+        candidates: &[Candidate {
+            attach: Attach::TimerTracepoint {
+                tracepoint: "timer_expire_entry",
+                callback: "tw_timer_handler",
+            },
+            program: program::TW_EXPIRE_PLAIN,
+            fields: TW_FIELDS,
+            note: TW_NOTE,
+            rdonly_cast: false,
+        }],
     },
     ProbeSpec {
         name: ACK,

@@ -684,13 +684,13 @@ mod tests {
 
     #[test]
     fn sweep_hold_cap_is_one_full_ring() {
-        // 4 MiB / (200-byte event + 8-byte header).
+        // 4 MiB / (208-byte event + 8-byte header).
         assert_eq!(
             SweepHold::cap_for_ring(tcpstall_common::DEFAULT_RINGBUF_BYTES),
-            4 * 1024 * 1024 / 208
+            4 * 1024 * 1024 / 216
         );
         assert_eq!(SweepHold::cap_for_ring(4096), MIN_HOLD);
-        assert_eq!(SweepHold::cap_for_ring(64 << 20), (64 << 20) / 208);
+        assert_eq!(SweepHold::cap_for_ring(64 << 20), (64 << 20) / 216);
         assert_eq!(SweepHold::new(0).cap(), 1);
     }
 }

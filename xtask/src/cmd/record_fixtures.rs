@@ -15,14 +15,26 @@ use crate::{
     util::{require_root, step, workspace_root},
 };
 
-/// The scenarios whose event streams become replay fixtures.
+/// The scenarios whose event streams become replay fixtures (all in
+/// `VM_TESTS`, so the guests already run them).
 const FIXTURE_TESTS: &[&str] = &[
     "s1_horizon_retries2_3",
     "s1_horizon_retries2_5",
     "s2_user_timeout",
+    // connect() to a blackhole: one fixture per socket (tcp_syn_retries 4,
+    // TCP_SYNCNT 2, TCP_USER_TIMEOUT 5 s).
+    "connect::connect_horizon",
+    // Keepalive deaths: TCP_KEEPCNT 4, the netns's 3 probes, TCP_USER_TIMEOUT.
+    "keepalive::keepalive_horizon",
+    // An orphan retransmitting its FIN (tcp_orphan_retries 3).
+    "orphan::orphan_fin_retries_3",
+    // The zero-window probe path killed by TCP_USER_TIMEOUT 5 s.
+    "orphan::zero_window_user_timeout_dies",
+    // Orphans in FIN_WAIT2: tcp_fin_timeout 5 s, TCP_LINGER2 3 s and 63 s.
+    "orphan::fin_wait2_timeouts",
 ];
 
-pub fn run(vm: vm::VmOptions, from_logs: Vec<PathBuf>) -> anyhow::Result<()> {
+pub fn run(vm: vm::VmOptions, from_logs: Vec<PathBuf>, only: Vec<String>) -> anyhow::Result<()> {
     if !from_logs.is_empty() {
         let mut outputs = Vec::new();
         for log in &from_logs {
@@ -39,7 +51,19 @@ pub fn run(vm: vm::VmOptions, from_logs: Vec<PathBuf>) -> anyhow::Result<()> {
     setup::debian_packages(vm::VM_DEBIAN_PACKAGES)?;
     let agent = build_agent()?;
     let scenarios = build_scenarios()?;
-    let tests: Vec<String> = FIXTURE_TESTS.iter().map(|s| s.to_string()).collect();
+    for t in &only {
+        if !FIXTURE_TESTS.contains(&t.as_str()) {
+            bail!(
+                "--test {t}: not a fixture test (one of {})",
+                FIXTURE_TESTS.join(", ")
+            );
+        }
+    }
+    let tests: Vec<String> = FIXTURE_TESTS
+        .iter()
+        .filter(|t| only.is_empty() || only.iter().any(|o| o == *t))
+        .map(|s| s.to_string())
+        .collect();
     step("replay fixtures on this kernel");
     let out = Command::new(&scenarios)
         .args(["--test-threads=1", "--nocapture", "--exact"])
@@ -116,5 +140,20 @@ mod fixtures {
             "no REPLAY-FIXTURE lines in the test output"
         );
         Ok(files)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every fixture test runs in the guests anyway (`VM_TESTS`), so
+    /// recording its fixtures there adds no test the matrix lacks.
+    #[test]
+    fn every_fixture_test_is_a_vm_test() {
+        for t in super::FIXTURE_TESTS {
+            assert!(
+                crate::cmd::vm_test::VM_TESTS.contains(t),
+                "{t} is not in VM_TESTS"
+            );
+        }
     }
 }

@@ -69,6 +69,10 @@ pub const VM_TESTS: &[&str] = &[
     // user timeout (engine logic alone: no kernel rule to check).
     "orphan::orphan_fin_retries_3",
     "orphan::zero_window_user_timeout_dies",
+    // Orphans in FIN_WAIT2 (tcp_fin_timeout 5 s, TCP_LINGER2 3 s) seen
+    // through the timewait timer's tracepoints, the end measured with `ss`.
+    // About 6 s on the host.
+    "orphan::fin_wait2_timeouts",
     // An idle keepalive connection whose peer vanished (TCP_KEEPCNT, the
     // namespace's sysctls, TCP_USER_TIMEOUT), read through the keepalive
     // timer the guest's BTF names (icsk_keepalive_timer in both Debian
@@ -356,6 +360,70 @@ fn sweep_summary(logs: &[String]) -> Vec<String> {
     out
 }
 
+/// Console lines shown under a failed pass in the summary: the end of
+/// a run is the last thing CI prints, and a guest that died (a kernel
+/// panic, the test binary killed) says why in its last lines.
+const FAILURE_TAIL_LINES: usize = 25;
+
+/// Lines shown from the first line of a kernel oops, panic or BUG.
+const OOPS_HEAD_LINES: usize = 12;
+
+/// The first line of a kernel report (`Oops: int3: 0000 [#1] SMP`,
+/// `BUG: unable to handle page fault`, `Kernel panic - not syncing`,
+/// `watchdog: BUG: soft lockup`, `general protection fault`).
+fn is_oops_start(line: &str) -> bool {
+    [
+        "Oops:",
+        "BUG:",
+        "Kernel panic",
+        "general protection fault",
+        "------------[ cut here ]",
+    ]
+    .iter()
+    .any(|m| line.contains(m))
+}
+
+/// The first lines of a kernel report when it scrolled out of the tail,
+/// then the last non-empty lines of a failed pass's console log (the test in
+/// progress and whatever the kernel printed last), indented under its
+/// summary line; one line saying so when the log cannot be read.
+fn failure_tail(console_log: &std::path::Path) -> Vec<String> {
+    match std::fs::read(console_log) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            let from = lines.len().saturating_sub(FAILURE_TAIL_LINES);
+            let mut out = Vec::new();
+            // A kernel oops's first lines (what faulted, where, in which
+            // test) scroll out of the tail under its register dumps.
+            if let Some(at) = lines[..from].iter().position(|l| is_oops_start(l)) {
+                let test = lines[..at].iter().rev().find(|l| l.contains("test "));
+                out.push(format!(
+                    "              the kernel's first report (line {} of the log{}):",
+                    at + 1,
+                    test.map_or(String::new(), |t| format!(", after `{}`", t.trim()))
+                ));
+                let end = (at + OOPS_HEAD_LINES).min(from);
+                out.extend(
+                    lines[at..end]
+                        .iter()
+                        .map(|l| format!("              | {l}")),
+                );
+            }
+            out.push(format!(
+                "              last {} console lines:",
+                lines.len() - from
+            ));
+            out.extend(lines[from..].iter().map(|l| format!("              | {l}")));
+            out
+        }
+        Err(e) => vec![format!(
+            "              (console log {} unreadable: {e})",
+            console_log.display()
+        )],
+    }
+}
+
 /// The summary printed at the end of the matrix: per guest, the kernel
 /// release, each pass's result and timings, the probe plan (from the
 /// scenarios pass) and the sweep program (from every pass).
@@ -386,6 +454,7 @@ fn matrix_summary(kernels: &[String], passes: &[MatrixPass]) -> Vec<String> {
             ));
             if !r.passed {
                 out.push(format!("              {}", r.summary));
+                out.extend(failure_tail(&r.console_log));
             }
         }
         let logs: Vec<String> = mine
@@ -441,6 +510,50 @@ mod tests {
             b"\0bpf_iter_task_file\0bpf_sock_from_file_x\0"
         ));
         assert!(!btf_offers_the_sweep(b""));
+    }
+
+    #[test]
+    fn failure_tail_shows_the_last_lines_of_a_dead_guest() {
+        let dir = std::env::temp_dir().join(format!("xtask-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("console.log");
+        let mut text: String = (0..40).map(|i| format!("line {i}\n\n")).collect();
+        text.push_str("Kernel panic - not syncing: Attempted to kill init!\n");
+        std::fs::write(&log, text).unwrap();
+        let tail = failure_tail(&log);
+        assert_eq!(tail.len(), FAILURE_TAIL_LINES + 1);
+        assert_eq!(
+            tail[0].trim(),
+            format!("last {FAILURE_TAIL_LINES} console lines:")
+        );
+        assert_eq!(tail[1].trim(), "| line 16");
+        assert!(
+            tail.last()
+                .unwrap()
+                .ends_with("| Kernel panic - not syncing: Attempted to kill init!")
+        );
+        // An oops far above the tail: its head comes first, with the test
+        // in progress.
+        let mut text = String::from("test causes::x ... ok\ntest s1_horizon ... \n");
+        text.push_str("[  635.1] Oops: int3: 0000 [#1] SMP NOPTI\n");
+        text.push_str("[  635.2] RIP: 0010:call_timer_fn+0x1f/0x120\n");
+        text.extend((0..60).map(|i| format!("regs {i}\n")));
+        std::fs::write(&log, text).unwrap();
+        let tail = failure_tail(&log);
+        assert!(
+            tail[0].contains("line 3 of the log, after `test s1_horizon ...`"),
+            "{tail:?}"
+        );
+        assert!(
+            tail[1].ends_with("| [  635.1] Oops: int3: 0000 [#1] SMP NOPTI"),
+            "{tail:?}"
+        );
+        assert!(tail[2].ends_with("| [  635.2] RIP: 0010:call_timer_fn+0x1f/0x120"));
+        assert_eq!(tail.len(), 1 + OOPS_HEAD_LINES + 1 + FAILURE_TAIL_LINES);
+        let missing = failure_tail(&dir.join("absent.log"));
+        assert_eq!(missing.len(), 1);
+        assert!(missing[0].contains("unreadable"), "{missing:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

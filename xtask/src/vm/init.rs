@@ -69,6 +69,46 @@ echo "TCPSTALL-VM: btf=$btf kprobe=$kprobe"
     s
 }
 
+/// The tracepoints the agent's programs (and the tests' witnesses) attach
+/// to, as tracefs `events/` paths.
+pub(super) const PINNED_TRACEPOINTS: [&str; 7] = [
+    "timer/timer_expire_entry",
+    "timer/timer_start",
+    "skb/kfree_skb",
+    "tcp/tcp_retransmit_skb",
+    "tcp/tcp_probe",
+    "sock/inet_sock_set_state",
+    "sock/inet_sk_error_report",
+];
+
+/// Holds the agent's tracepoints enabled for the guest's whole run, in an
+/// ftrace instance of their own with a filter nothing matches (no record is
+/// written). A tracepoint's static key is switched (its call sites patched
+/// with `int3` by `text_poke`) when its first probe registers and its last
+/// one leaves: without this, every test's agent start and stop patches
+/// `call_timer_fn()` and the timer arming path while the other vCPU runs
+/// them. Under TCG with 2 vCPUs that killed a guest (stop 31's CI, Debian
+/// 7.3.4: an oops at `call_timer_fn+0x1f`, RIP one byte into the 2-byte
+/// `nop` of the `timer_expire_entry` static branch, i.e. a stale `int3`).
+/// Pinned, the keys stay on and attaching only swaps the probe array.
+fn pin_tracepoints() -> String {
+    let mut s = String::from(
+        "P=/sys/kernel/tracing/instances/tcpstall-vm-pin\n\
+         if mkdir $P 2>/dev/null; then\n",
+    );
+    for tp in PINNED_TRACEPOINTS {
+        s.push_str(&format!(
+            "  if [ -d $P/events/{tp} ]; then echo 'common_pid == -1' > $P/events/{tp}/filter \
+             && echo 1 > $P/events/{tp}/enable || echo \"TCPSTALL-VM: warning: pinning {tp} failed\"; fi\n"
+        ));
+    }
+    s.push_str(
+        "  echo \"TCPSTALL-VM: tracepoints pinned: $(cat $P/set_event | tr '\\n' ' ')\"\n\
+         else echo \"TCPSTALL-VM: warning: no ftrace instance: tracepoints not pinned\"; fi\n",
+    );
+    s
+}
+
 pub(super) fn test_init(
     release: &str,
     modules: &[(String, bool)],
@@ -87,6 +127,7 @@ pub(super) fn test_init(
         cmd.push(' ');
         cmd.push_str(&sh_quote(a));
     }
+    s.push_str(&pin_tracepoints());
     s.push_str(&format!(
         r#"echo "TCPSTALL-VM: running payload"
 cd /
@@ -126,6 +167,28 @@ pub(super) fn probe_init(release: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Mutation: returning an empty string from `pin_tracepoints` fails it.
+    #[test]
+    fn the_agents_tracepoints_are_pinned_before_the_payload() {
+        let payload = GuestPayload {
+            agent: "tcpstall".into(),
+            tests: "tests".into(),
+            test_args: vec!["--exact".to_owned()],
+            extra_env: Vec::new(),
+            extra_bins: Vec::new(),
+            expected_passed: None,
+        };
+        let init = test_init("7.3.4+deb13-amd64", &[], &payload);
+        let run = init.find("running payload").expect("payload");
+        for tp in PINNED_TRACEPOINTS {
+            let enable = format!("echo 1 > $P/events/{tp}/enable");
+            let at = init
+                .find(&enable)
+                .unwrap_or_else(|| panic!("{tp} not pinned:\n{init}"));
+            assert!(at < run, "{tp} pinned after the payload starts");
+        }
+    }
 
     #[test]
     fn quoting() {

@@ -104,6 +104,11 @@ pub enum BoundarySource {
     KeepaliveProbes(u32),
     /// Keepalive with TCP_KEEPCNT = N set on the socket.
     KeepCnt(u32),
+    /// An orphan's FIN_WAIT2 timeout: the netns `tcp_fin_timeout` = N s.
+    FinTimeout(u32),
+    /// An orphan's FIN_WAIT2 timeout: TCP_LINGER2 = N s on the socket (or
+    /// the kernel's floor of 3.5 RTOs).
+    Linger2(u32),
 }
 
 impl BoundarySource {
@@ -117,6 +122,8 @@ impl BoundarySource {
             Self::SynCount(_) => "tcp_syncnt",
             Self::KeepaliveProbes(_) => "tcp_keepalive_probes",
             Self::KeepCnt(_) => "tcp_keepcnt",
+            Self::FinTimeout(_) => "tcp_fin_timeout",
+            Self::Linger2(_) => "tcp_linger2",
         }
     }
 }
@@ -131,6 +138,8 @@ impl fmt::Display for BoundarySource {
             Self::SynCount(n) => write!(f, "tcp_syncnt={n}"),
             Self::KeepaliveProbes(n) => write!(f, "tcp_keepalive_probes={n}"),
             Self::KeepCnt(n) => write!(f, "tcp_keepcnt={n}"),
+            Self::FinTimeout(n) => write!(f, "tcp_fin_timeout={n}"),
+            Self::Linger2(n) => write!(f, "tcp_linger2={n}"),
         }
     }
 }

@@ -233,3 +233,101 @@ fn unknown_keepalive_settings_give_no_prediction_and_say_why() {
         Some(NoPrediction::KeepaliveUnknown)
     );
 }
+
+/// A sweep snapshot of `m` at `at` with the probes out then and the timer
+/// pending at `timer_expires` (unrounded, as armed).
+fn keepalive_snapshot(
+    s: &Sock,
+    m: &KeepaliveSock,
+    at: u64,
+    probes_out: u32,
+    timer_expires: u64,
+) -> SockEvent {
+    let mut snap = s.base(EventKind::Sweep, at);
+    snap.mechanism = crate::kernel::event::Mechanism::Sweep;
+    snap.packets_out = 0;
+    snap.sock = Some(fields(m, probes_out, timer_expires));
+    snap
+}
+
+fn seeded_prediction(snap: &SockEvent) -> u64 {
+    let mut e = engine();
+    e.ingest(snap);
+    let v = e.stalls(snap.ts_ns + MS);
+    assert_eq!(v.len(), 1, "not seeded");
+    assert_eq!(v[0].class, StallClass::Keepalive);
+    v[0].predicted_timeout_ns.expect("a prediction")
+}
+
+/// Survivors of the mutation run in `seed.rs` `seed_keepalive` (see
+/// `docs/testing.md`): the pending expiry is rounded by the timer wheel as
+/// armed one keepalive interval earlier, the socket's own interval
+/// (`keepalive_intvl_when()`: `tp->keepalive_intvl ?:` the netns's), so
+/// `ka.intvl_j != 0` -> `==` is caught with a 75 s interval (wheel level 3,
+/// 2.048 s buckets at HZ 250) from either source; a timer whose expiry
+/// already passed (`ahead > i32::MAX` -> `==`) fires now, not in 2^32
+/// jiffies; and with a user timeout the death depends on the time since
+/// the last receive at each expiry (`elapsed + (next_j - jiffies)`: `-` ->
+/// `+`, `/`).
+#[test]
+fn sweep_seeded_keepalive_matches_the_model_per_interval_source_and_timer() {
+    let cases: [(&str, KeepaliveSock, usize); 4] = [
+        (
+            "socket interval 75 s",
+            model((j(3), j(75), 4), (0, 0, 0), 0),
+            1,
+        ),
+        (
+            "netns interval 75 s",
+            model((j(3), 0, 4), (0, j(75), 0), 0),
+            1,
+        ),
+        (
+            "user timeout 9 s",
+            model((j(3), j(2), 9), (0, 0, 0), 9_000),
+            1,
+        ),
+        (
+            "user timeout 9 s, later",
+            model((j(3), j(2), 9), (0, 0, 0), 9_000),
+            2,
+        ),
+    ];
+    for (what, m, k) in cases {
+        let x = expiries(m);
+        let death = x.last().unwrap().ts_ns;
+        let intvl = u64::from(if m.tp_intvl != 0 {
+            m.tp_intvl
+        } else {
+            m.net_intvl
+        });
+        let armed = x[k].jiffies + intvl;
+        let s = Sock::new(45);
+        let at = x[k + 1].ts_ns - 700 * MS;
+        assert!(at > x[k].ts_ns, "{what}: the snapshot between two expiries");
+        let p = seeded_prediction(&keepalive_snapshot(&s, &m, at, x[k + 1].probes_out, armed));
+        assert!(
+            p.abs_diff(death) <= MS,
+            "{what}: seeded prediction {p}, the model dies at {death} ({:+} ms); expiries {x:?}",
+            (p as i128 - death as i128) / MS as i128
+        );
+        // The same socket swept after its timer's (unrounded) expiry
+        // passed, before the wheel's bucket fired it.
+        let late_j = armed + 1;
+        if late_j < x[k + 1].jiffies {
+            let late = keepalive_snapshot(
+                &s,
+                &m,
+                ts_of_jiffies(HZ, late_j),
+                x[k + 1].probes_out,
+                armed,
+            );
+            let p = seeded_prediction(&late);
+            assert!(
+                p.abs_diff(death) <= MS,
+                "{what}, timer overdue: seeded prediction {p}, the model dies at {death} ({:+} ms)",
+                (p as i128 - death as i128) / MS as i128
+            );
+        }
+    }
+}

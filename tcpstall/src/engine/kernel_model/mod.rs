@@ -334,6 +334,7 @@ impl AnsweredPersist {
         (out, false)
     }
 }
+pub(crate) mod fin_wait2;
 pub(crate) mod keepalive;
 
 #[cfg(test)]

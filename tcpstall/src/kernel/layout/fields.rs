@@ -11,6 +11,7 @@ const SOCK: &str = "sock";
 const ICSK: &str = "inet_connection_sock";
 const TP: &str = "tcp_sock";
 const NET: &str = "net";
+const TW: &str = "inet_timewait_sock";
 
 #[allow(clippy::too_many_arguments)]
 const fn row(
@@ -40,7 +41,7 @@ const fn row(
 const REQ: bool = true;
 const OPT: bool = false;
 use Access::{Ipv6Addr, OffsetOnly, Value};
-use Base::{Cgroup, KernfsNode, Net, SkBuff, Sock, Task, TcpSkbCb, TimerList};
+use Base::{Cgroup, KernfsNode, Net, SkBuff, Sock, Task, TcpSkbCb, TimerList, Timewait};
 
 /// The field table, indexed by [`tcpstall_common::field`] constants.
 #[rustfmt::skip]
@@ -250,6 +251,23 @@ pub static FIELDS: [FieldDef; field::COUNT] = [
     row(field::NET_TCP_KEEPALIVE_INTVL, "NET_TCP_KEEPALIVE_INTVL", "net.ipv4.sysctl_tcp_keepalive_intvl", Net,
         &[(NET, "ipv4.sysctl_tcp_keepalive_intvl")], OPT, Value,
         "predict a keepalive death (netns probe interval)", "int, jiffies"),
+    // ---- FIN_WAIT2 (issue 20, item 3)
+    row(field::TW_TIMER, "TW_TIMER", "inet_timewait_sock.tw_timer", Timewait,
+        &[(TW, "tw_timer")], OPT, OffsetOnly,
+        "map a timewait timer back to its orphaned FIN_WAIT2 connection",
+        "struct timer_list; offset only"),
+    row(field::TW_SUBSTATE, "TW_SUBSTATE", "inet_timewait_sock.tw_substate", Timewait,
+        &[(TW, "tw_substate")], OPT, Value,
+        "tell an orphan's FIN_WAIT2 timeout from TIME_WAIT", "FIN_WAIT2 or TIME_WAIT"),
+    row(field::TIMER_EXPIRES, "TIMER_EXPIRES", "timer_list.expires", TimerList,
+        &[("timer_list", "expires")], OPT, Value,
+        "predict an orphan's FIN_WAIT2 timeout", "jiffies; offset from struct timer_list"),
+    row(field::NET_TCP_FIN_TIMEOUT, "NET_TCP_FIN_TIMEOUT", "net.ipv4.sysctl_tcp_fin_timeout", Net,
+        &[(NET, "ipv4.sysctl_tcp_fin_timeout")], OPT, Value,
+        "name the limit of an orphan's FIN_WAIT2 timeout (tcp_fin_timeout or TCP_LINGER2)", "int, jiffies"),
+    row(field::TP_LINGER2, "TP_LINGER2", "tcp_sock.linger2", Sock,
+        &[(TP, "linger2")], OPT, Value,
+        "predict an orphan's FIN_WAIT2 timeout from its entry (tcp_fin_time(): TCP_LINGER2 or tcp_fin_timeout)", "int, jiffies; 0 = netns default, < 0 = no wait"),
 ];
 
 // Every row sits at its own index.
@@ -264,5 +282,12 @@ const _: () = {
 
 /// `(struct, path to its struct sock)`: structs whose offsets are used as
 /// offsets from `struct sock` must start with it.
-pub(super) const SOCK_PREFIXES: &[(&str, &str)] =
-    &[(ICSK, "icsk_inet.sk"), (TP, "inet_conn.icsk_inet.sk")];
+/// `inet_timewait_sock` begins with `struct sock_common` as `struct sock`
+/// does (`__tw_common` / `__sk_common`): the timewait programs read its
+/// `sock_common` fields at the socket rows' offsets.
+pub(super) const SOCK_PREFIXES: &[(&str, &str)] = &[
+    (ICSK, "icsk_inet.sk"),
+    (TP, "inet_conn.icsk_inet.sk"),
+    (SOCK, "__sk_common"),
+    (TW, "__tw_common"),
+];

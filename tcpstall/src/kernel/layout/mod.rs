@@ -60,6 +60,9 @@ pub enum Base {
     Cgroup,
     /// `struct kernfs_node`.
     KernfsNode,
+    /// `struct inet_timewait_sock` (begins with `struct sock_common`, as
+    /// `struct sock` does).
+    Timewait,
 }
 
 impl Base {
@@ -73,6 +76,7 @@ impl Base {
             Self::Task => "task_struct",
             Self::Cgroup => "cgroup",
             Self::KernfsNode => "kernfs_node",
+            Self::Timewait => "tw_sock",
         }
     }
 }

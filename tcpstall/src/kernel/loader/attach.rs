@@ -24,6 +24,8 @@ pub(super) struct AttachEnv<'a> {
     pub(super) timer_addr: Result<u64, String>,
     /// `tcp_keepalive_timer`'s address (the keepalive timer tracepoint).
     pub(super) keepalive_timer_addr: Result<u64, String>,
+    /// `tw_timer_handler`'s address (the timewait timer tracepoints).
+    pub(super) tw_timer_addr: Result<u64, String>,
     pub(super) cgroup: Option<PathBuf>,
     /// The `struct socket` offsets the sweep programs assume (why not).
     pub(super) socket_constants: Result<(), String>,
@@ -150,18 +152,21 @@ fn try_attach(ebpf: &mut Ebpf, cand: &Candidate, env: &AttachEnv<'_>) -> Result<
                         .map_err(|e| format!("attach: {}", chain(&e)))
                 })
         }
-        Attach::TimerTracepoint { callback } => {
-            let addr = if callback == "tcp_keepalive_timer" {
-                &env.keepalive_timer_addr
-            } else {
-                &env.timer_addr
+        Attach::TimerTracepoint {
+            tracepoint,
+            callback,
+        } => {
+            let addr = match callback {
+                "tcp_keepalive_timer" => &env.keepalive_timer_addr,
+                "tw_timer_handler" => &env.tw_timer_addr,
+                _ => &env.timer_addr,
             };
             let addr = addr.as_ref().map_err(|e| format!("{callback}: {e}"))?;
             if *addr == 0 {
                 return Err(format!("{callback} address unknown"));
             }
             let p: &mut BtfTracePoint = prog.try_into().map_err(|e| chain(&e))?;
-            p.load("timer_expire_entry", env.btf)
+            p.load(tracepoint, env.btf)
                 .map_err(|e| format!("load: {}", chain(&e)))
                 .and_then(|()| {
                     p.attach()

@@ -333,6 +333,10 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
     if let Ok(addr) = keepalive_timer_addr {
         kl.tcp_keepalive_timer_addr = addr;
     }
+    let tw_timer_addr = facts::kallsyms_lookup("tw_timer_handler");
+    if let Ok(addr) = tw_timer_addr {
+        kl.tw_timer_handler_addr = addr;
+    }
 
     // The `_cast` programs: `struct tcp_sock`'s id into the layout, the
     // kfunc's id into their call instructions. Without either they are not
@@ -383,6 +387,7 @@ pub fn load(opts: &LoaderOptions) -> Result<Loaded, LoadError> {
         rdonly_cast,
         timer_addr: timer_addr.map_err(|e| e.to_string()),
         keepalive_timer_addr: keepalive_timer_addr.map_err(|e| e.to_string()),
+        tw_timer_addr: tw_timer_addr.map_err(|e| e.to_string()),
         cgroup: opts.cgroup.clone().or_else(facts::cgroup2_root),
         socket_constants: check_socket_constants(&our_btf),
         sock_ops_kern_sk: guard::check_sock_ops_kern(&our_btf),

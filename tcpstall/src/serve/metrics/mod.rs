@@ -243,6 +243,8 @@ fn kind_index(kind: EventKind) -> Option<usize> {
         EventKind::Drop => Some(5),
         EventKind::RetransmitError => Some(6),
         EventKind::KeepaliveTimer => Some(7),
+        EventKind::TwTimerStart => Some(8),
+        EventKind::TwTimerExpire => Some(9),
         // Not a ring-buffer event: counted by the sweep metrics.
         EventKind::Sweep => None,
     }

@@ -102,7 +102,7 @@ impl Metrics {
         let incident_sockets = Family::<IncidentLabels, Gauge>::default();
         registry.register(
             "tcpstall_incident_stalled_sockets",
-            "Stalled sockets now, grouped by class, cause (peer_silent, unreachable, local_drop, pmtu_blackhole, peer_not_reading, app_not_closing, unknown: whose problem it is), owning pod (namespace, pod; empty when unknown) and remote endpoint; counts every stalled socket, not only the top-K; at most --max-incidents groups per node, the rest summed per class and cause under the remote value other",
+            "Stalled sockets now, grouped by class, cause (peer_silent, unreachable, local_drop, pmtu_blackhole, peer_not_reading, app_not_closing, peer_not_closing, unknown: whose problem it is), owning pod (namespace, pod; empty when unknown) and remote endpoint; counts every stalled socket, not only the top-K; at most --max-incidents groups per node, the rest summed per class and cause under the remote value other",
             incident_sockets.clone(),
         );
         let incident_oldest_stall = Family::<IncidentLabels, FloatGauge>::default();
@@ -132,7 +132,7 @@ impl Metrics {
         let events = Family::<KindLabels, Counter>::default();
         registry.register(
             "tcpstall_events",
-            "Kernel events received from the ring buffer, by kind: retransmit, write_timer, state, error_report, ack",
+            "Kernel events received from the ring buffer, by kind: retransmit, write_timer, state, error_report, ack, drop, retransmit_error, keepalive_timer, tw_timer_start, tw_timer_expire",
             events.clone(),
         );
         let events_by_kind =

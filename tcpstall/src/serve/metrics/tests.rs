@@ -334,7 +334,7 @@ fn contract_names_types_and_help() {
         ),
         Some(1.0)
     );
-    assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 8);
+    assert_eq!(lines_of(&text, "tcpstall_events_total").len(), 10);
     assert_eq!(
         lines_of(&text, "tcpstall_stall_duration_seconds_count").len(),
         3
@@ -713,6 +713,7 @@ fn per_flow_series_follow_the_top_k_set() {
                 close_wait: 0,
                 connect: 0,
                 keepalive: 0,
+                fin_wait2: 0,
             },
             near_timeout: 2,
             flows_tracked: 17,

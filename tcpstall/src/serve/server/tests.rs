@@ -161,6 +161,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
             mss_cache: 0,
             sacked_out: 0,
             keepalive: Default::default(),
+            fin: Default::default(),
         }),
         retransmits,
         rto_jiffies: rto_j,
@@ -179,6 +180,7 @@ fn rto_event(ts: u64, retransmits: u32, stamp_ms: u32, rto_j: u32) -> SockEvent 
         sk_err: 0,
         ack_seq: 0,
         err_soft: 0,
+        tw: None,
     }
 }
 
