@@ -292,15 +292,24 @@ fn vm_matrix_target(
             continue;
         }
         // --nocapture: the probe plan and per-flow traces appear in the console log.
-        let mut test_args = ["--test-threads=1", "--nocapture", "--exact"]
-            .map(String::from)
-            .to_vec();
+        // --report-time (libtest's, unstable: RUSTC_BOOTSTRAP in the guest
+        // allows it for a stable-built binary): each test's time under TCG,
+        // summed up per guest in the summary (`slowest_tests`).
+        let mut test_args = [
+            "--test-threads=1",
+            "--nocapture",
+            "--exact",
+            "-Zunstable-options",
+            "--report-time",
+        ]
+        .map(String::from)
+        .to_vec();
         test_args.extend(tests.iter().cloned());
         let payload = vm::GuestPayload {
             agent: agent.to_path_buf(),
             tests: binary.clone(),
             test_args,
-            extra_env: Vec::new(),
+            extra_env: vec![("RUSTC_BOOTSTRAP".to_owned(), "1".to_owned())],
             extra_bins: Vec::new(),
             expected_passed: Some(tests.len()),
         };
@@ -424,6 +433,66 @@ fn failure_tail(console_log: &std::path::Path) -> Vec<String> {
     }
 }
 
+/// Each test's time from a console log run with libtest's `--report-time`
+/// (`test NAME ... ` when it starts; `ok <1.234s>` when it ends, on the same
+/// line or, with `--nocapture`, after the test's own output).
+fn test_times(log: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in log.lines() {
+        let mut rest = line.trim_end();
+        if let Some(at) = rest.find("test ")
+            && let Some(end) = rest[at..].find(" ... ")
+        {
+            current = Some(rest[at + 5..at + end].to_owned());
+            rest = &rest[at + end + 5..];
+        }
+        let Some(name) = current.as_ref() else {
+            continue;
+        };
+        if let Some(open) = rest.rfind('<')
+            && rest.ends_with("s>")
+            && ["ok ", "FAILED "]
+                .iter()
+                .any(|v| rest[..open].trim_start().starts_with(v.trim_end()))
+            && let Ok(secs) = rest[open + 1..rest.len() - 2].parse::<f64>()
+        {
+            out.push((name.clone(), secs));
+            current = None;
+        }
+    }
+    out
+}
+
+/// The pass's slowest tests (`SLOWEST` of them) and the sum of all times,
+/// as one summary line; None when the log has no times.
+fn slowest_tests(log: &str) -> Option<String> {
+    const SLOWEST: usize = 6;
+    let mut times = test_times(log);
+    if times.is_empty() {
+        return None;
+    }
+    let sum: f64 = times.iter().map(|(_, t)| t).sum();
+    times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<String> = times
+        .iter()
+        .take(SLOWEST)
+        .map(|(n, t)| format!("{n} {t:.0}s"))
+        .collect();
+    Some(format!(
+        "              tests took {sum:.0}s; slowest: {}",
+        top.join(", ")
+    ))
+}
+
+/// The guest's count of kernel text pokes during the payload (the init
+/// script's `kernel text pokes` line), as a summary line.
+fn text_pokes(log: &str) -> Option<String> {
+    log.lines()
+        .find_map(|l| l.split_once("TCPSTALL-VM: kernel text pokes during the payload"))
+        .map(|(_, rest)| format!("              kernel text pokes{}", rest.trim_end()))
+}
+
 /// The summary printed at the end of the matrix: per guest, the kernel
 /// release, each pass's result and timings, the probe plan (from the
 /// scenarios pass) and the sweep program (from every pass).
@@ -452,6 +521,10 @@ fn matrix_summary(kernels: &[String], passes: &[MatrixPass]) -> Vec<String> {
                 r.total_time.as_secs_f64(),
                 r.console_log.display()
             ));
+            let log = String::from_utf8_lossy(&std::fs::read(&r.console_log).unwrap_or_default())
+                .into_owned();
+            out.extend(slowest_tests(&log));
+            out.extend(text_pokes(&log));
             if !r.passed {
                 out.push(format!("              {}", r.summary));
                 out.extend(failure_tail(&r.console_log));
@@ -489,6 +562,33 @@ fn matrix_summary(kernels: &[String], passes: &[MatrixPass]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Mutation: dropping the `current = None` after a time, or parsing
+    /// only same-line results, fails it.
+    #[test]
+    fn test_times_from_a_report_time_log() {
+        let log = "running 3 tests\n\
+            test a::one ... ok <1.500s>\n\
+            test b::two ... [agent] started\n\
+            some output\n\
+            ok <12.250s>\n\
+            ok <9.0s>\n\
+            test c ... FAILED <3.000s>\n";
+        assert_eq!(
+            test_times(log),
+            vec![
+                ("a::one".to_owned(), 1.5),
+                ("b::two".to_owned(), 12.25),
+                ("c".to_owned(), 3.0)
+            ]
+        );
+        let line = slowest_tests(log).expect("times");
+        assert!(
+            line.contains("took 17s; slowest: b::two 12s, c 3s, a::one 2s"),
+            "{line}"
+        );
+        assert_eq!(slowest_tests("test x ... ok\n"), None);
+    }
 
     #[test]
     fn netfilter_drop_reason_from_btf() {

@@ -81,33 +81,58 @@ pub(super) const PINNED_TRACEPOINTS: [&str; 7] = [
     "sock/inet_sk_error_report",
 ];
 
-/// Holds the agent's tracepoints enabled for the guest's whole run, in an
-/// ftrace instance of their own with a filter nothing matches (no record is
-/// written). A tracepoint's static key is switched (its call sites patched
-/// with `int3` by `text_poke`) when its first probe registers and its last
-/// one leaves: without this, every test's agent start and stop patches
-/// `call_timer_fn()` and the timer arming path while the other vCPU runs
-/// them. Under TCG with 2 vCPUs that killed a guest (stop 31's CI, Debian
-/// 7.3.4: an oops at `call_timer_fn+0x1f`, RIP one byte into the 2-byte
-/// `nop` of the `timer_expire_entry` static branch, i.e. a stale `int3`).
-/// Pinned, the keys stay on and attaching only swaps the probe array.
+/// The ftrace instances that pin [`PINNED_TRACEPOINTS`]: two, so every
+/// tracepoint keeps two probes of its own for the guest's whole run.
+pub(super) const PIN_INSTANCES: [&str; 2] = ["tcpstall-vm-pin", "tcpstall-vm-pin2"];
+// One instance is one probe: the static call still switches at 1->2.
+const _: () = assert!(PIN_INSTANCES.len() >= 2);
+
+/// Holds the agent's tracepoints enabled for the guest's whole run, in two
+/// ftrace instances with a filter nothing matches (no record is written),
+/// so that attaching and detaching the agent's programs never patches
+/// kernel text. A tracepoint's call sites are patched with `int3` by
+/// `text_poke` when its probe count goes 0->1 or 1->0 (the static key) and
+/// when it goes 1->2 or 2->1 (the static call switches between the single
+/// probe and the iterator); from 2 up, a probe only swaps the array.
+/// Under TCG with 2 vCPUs such patching killed guests while the other vCPU
+/// ran the site:
+/// - stop 31's CI (Debian 7.3.4): an oops at `call_timer_fn+0x1f`, RIP one
+///   byte into the 2-byte `nop` of the `timer_expire_entry` static branch;
+/// - stop 32's CI, with one pinning instance: an oops at
+///   `enqueue_timer+0x8d`, RIP one byte into the 5-byte `call` of the
+///   `timer_start` static call (the 1->2 switch to the iterator).
 fn pin_tracepoints() -> String {
-    let mut s = String::from(
-        "P=/sys/kernel/tracing/instances/tcpstall-vm-pin\n\
-         if mkdir $P 2>/dev/null; then\n",
-    );
-    for tp in PINNED_TRACEPOINTS {
+    let mut s = String::new();
+    for inst in PIN_INSTANCES {
         s.push_str(&format!(
-            "  if [ -d $P/events/{tp} ]; then echo 'common_pid == -1' > $P/events/{tp}/filter \
-             && echo 1 > $P/events/{tp}/enable || echo \"TCPSTALL-VM: warning: pinning {tp} failed\"; fi\n"
+            "P=/sys/kernel/tracing/instances/{inst}\n\
+             if mkdir $P 2>/dev/null; then\n"
+        ));
+        for tp in PINNED_TRACEPOINTS {
+            s.push_str(&format!(
+                "  if [ -d $P/events/{tp} ]; then echo 'common_pid == -1' > $P/events/{tp}/filter \
+                 && echo 1 > $P/events/{tp}/enable || echo \"TCPSTALL-VM: warning: pinning {tp} in {inst} failed\"; fi\n"
+            ));
+        }
+        s.push_str(&format!(
+            "  echo \"TCPSTALL-VM: tracepoints pinned in {inst}: $(cat $P/set_event | tr '\\n' ' ')\"\n\
+             else echo \"TCPSTALL-VM: warning: no ftrace instance {inst}: tracepoints not pinned\"; fi\n"
         ));
     }
-    s.push_str(
-        "  echo \"TCPSTALL-VM: tracepoints pinned: $(cat $P/set_event | tr '\\n' ' ')\"\n\
-         else echo \"TCPSTALL-VM: warning: no ftrace instance: tracepoints not pinned\"; fi\n",
-    );
     s
 }
+
+/// Counts the kernel's text patching during the payload (a kprobe on each
+/// batch-poking function this kernel has, enabled in an instance of its
+/// own; `kprobe_profile` gives the hits): with the tracepoints pinned,
+/// attaching tracepoint programs must not add any, so a guest that dies
+/// of a stale `int3` can be told from one whose pinning held.
+const COUNT_TEXT_POKES: &str = "K=/sys/kernel/tracing\n\
+for f in smp_text_poke_batch_finish smp_text_poke_single text_poke_finish text_poke_bp; do\n\
+  grep -q \" $f\\$\" /proc/kallsyms && echo \"p:tcpstall_poke_$f $f\" >> $K/kprobe_events\n\
+done\n\
+mkdir -p $K/instances/tcpstall-vm-pokes && echo 1 > $K/instances/tcpstall-vm-pokes/events/kprobes/enable 2>/dev/null \
+|| echo \"TCPSTALL-VM: warning: text pokes not counted\"\n";
 
 pub(super) fn test_init(
     release: &str,
@@ -128,12 +153,14 @@ pub(super) fn test_init(
         cmd.push_str(&sh_quote(a));
     }
     s.push_str(&pin_tracepoints());
+    s.push_str(COUNT_TEXT_POKES);
     s.push_str(&format!(
         r#"echo "TCPSTALL-VM: running payload"
 cd /
 {cmd} </dev/null
 rc=$?
 echo
+echo "TCPSTALL-VM: kernel text pokes during the payload (kprobe nhit): $(grep tcpstall_poke /sys/kernel/tracing/kprobe_profile 2>/dev/null | awk '{{printf "%s=%s ", $1, $2}}')"
 if [ "$rc" -eq 0 ]; then echo "{RESULT_MARKER} PASS"; else echo "{RESULT_MARKER} FAIL exit=$rc"; fi
 sync
 poweroff -f
@@ -168,7 +195,9 @@ pub(super) fn probe_init(release: &str) -> String {
 mod tests {
     use super::*;
 
-    /// Mutation: returning an empty string from `pin_tracepoints` fails it.
+    /// Mutations: returning an empty string from `pin_tracepoints`, or
+    /// pinning in the first instance only, fail it (one instance is caught
+    /// by the const assertion under `PIN_INSTANCES`).
     #[test]
     fn the_agents_tracepoints_are_pinned_before_the_payload() {
         let payload = GuestPayload {
@@ -181,12 +210,23 @@ mod tests {
         };
         let init = test_init("7.3.4+deb13-amd64", &[], &payload);
         let run = init.find("running payload").expect("payload");
-        for tp in PINNED_TRACEPOINTS {
-            let enable = format!("echo 1 > $P/events/{tp}/enable");
-            let at = init
-                .find(&enable)
-                .unwrap_or_else(|| panic!("{tp} not pinned:\n{init}"));
-            assert!(at < run, "{tp} pinned after the payload starts");
+        // Each instance: created, then every tracepoint enabled in it
+        // before the next instance (or the payload) starts.
+        let mut bounds: Vec<usize> = PIN_INSTANCES
+            .iter()
+            .map(|inst| {
+                init.find(&format!("P=/sys/kernel/tracing/instances/{inst}\n"))
+                    .unwrap_or_else(|| panic!("no instance {inst}:\n{init}"))
+            })
+            .collect();
+        bounds.push(run);
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{init}");
+        for w in bounds.windows(2) {
+            let section = &init[w[0]..w[1]];
+            for tp in PINNED_TRACEPOINTS {
+                let enable = format!("echo 1 > $P/events/{tp}/enable");
+                assert!(section.contains(&enable), "{tp} not pinned:\n{section}");
+            }
         }
     }
 
