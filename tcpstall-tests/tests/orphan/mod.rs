@@ -466,32 +466,80 @@ fn fin_wait2_timeouts() {
     for c in &cases {
         let end = c.gone_ns.expect("gone");
         let name = c.name;
-        let first = c
-            .views
-            .first()
-            .unwrap_or_else(|| {
-                let port = c.local.port().to_string();
-                let evs: Vec<Value> = agent
-                    .logs()
-                    .into_iter()
-                    .filter(|e| e.to_string().contains(&port))
-                    .collect();
-                panic!(
-                    "{name}: never listed before its end ({:.2} s after the close); its events: {evs:#?}",
-                    (end - c.closed_ns) as f64 / 1e9
-                )
-            });
+        // The agent's log lines of this orphan (its port), for a failure.
+        let its_events = || -> Vec<Value> {
+            let port = c.local.port().to_string();
+            agent
+                .logs()
+                .into_iter()
+                .filter(|e| e.to_string().contains(&port))
+                .collect()
+        };
+        let first = c.views.first().unwrap_or_else(|| {
+            panic!(
+                "{name}: never listed before its end ({:.2} s after the close); its events: {:#?}",
+                (end - c.closed_ns) as f64 / 1e9,
+                its_events()
+            )
+        });
+        let listed_after = first.0 - c.closed_ns;
+        // The one excuse for a later listing: the change to FIN_WAIT2 never
+        // reached the agent (absent from its event log). Seen once in 22
+        // runs in a TCG guest (Debian 7.3.4): the client's state events
+        // all missing while the peer's, the keepalive timer's and the
+        // timewait's came; the kernel skips a program's run when it is
+        // already running on that CPU (bpf recursion_misses: a softirq
+        // processing the ACK while the state program ran for another
+        // socket), which the agent reports as `skipped`. Then an orphan
+        // above 60 s is seen from its keepalive timer's run (`tmo` - 60 s
+        // later: the engine backdates the wait to the change, under the
+        // socket's limit) or, if that is lost too, its timewait start
+        // (under the timewait's own limit). An engine that ignores the
+        // change it did receive still fails here.
+        let entry_seen = agent.events().iter().any(|e| {
+            ev_str(e, "kind") == "state"
+                && ev_str(e, "state") == "FIN_WAIT2"
+                && ev_str(e, "local") == c.local.to_string()
+        });
+        let skipped = agent.logs().iter().any(|l| {
+            ev_str(l, "message").starts_with("the kernel skipped runs of tcpstall programs")
+        });
+        let handover_ns = c
+            .linger2
+            .filter(|&l| l > 60)
+            .map_or(0, |l| u64::from(l - 60) * 1_000_000_000);
+        let late_ok = !entry_seen && listed_after <= 2_000_000_000 + handover_ns;
         assert!(
-            first.0 - c.closed_ns <= 2_000_000_000,
-            "{name}: listed {:.2} s after the close (fin_wait2_after 1 s + 1 s)",
-            (first.0 - c.closed_ns) as f64 / 1e9
+            listed_after <= 2_000_000_000 || late_ok,
+            "{name}: listed {:.2} s after the close (fin_wait2_after 1 s + 1 s; its change to FIN_WAIT2 seen: {entry_seen}; kernel skipped a run: {skipped}); first view {:#}; its events: {:#?}",
+            listed_after as f64 / 1e9,
+            first.1,
+            its_events()
         );
+        // Late: the socket's limit (recovered from the keepalive timer's
+        // run) or the timewait's own (`tmo` - 60 s).
+        let sources = if listed_after > 2_000_000_000 {
+            test_note(&format!(
+                "{name}: listed {:.2} s after the close, from the timewait start: its change to FIN_WAIT2 never reached the agent (kernel skipped a run: {skipped})",
+                listed_after as f64 / 1e9
+            ));
+            vec![
+                c.source.to_owned(),
+                format!("tcp_linger2={}", c.linger2.unwrap_or(0).saturating_sub(60)),
+            ]
+        } else {
+            vec![c.source.to_owned()]
+        };
         for (_, v) in &c.views {
             assert_eq!(ev_str(v, "class"), "fin_wait2", "{name}: {v}");
             // The peer ACKed the close and never sends its FIN: the
             // remote's application, not this node or the path.
             assert_eq!(ev_str(v, "cause"), "peer_not_closing", "{name}: {v}");
-            assert_eq!(ev_str(v, "boundary_source"), c.source, "{name}: {v}");
+            assert!(
+                sources.iter().any(|s| s == ev_str(v, "boundary_source")),
+                "{name}: boundary_source {:?}, expected one of {sources:?}: {v}",
+                ev_str(v, "boundary_source")
+            );
             assert_eq!(v["orphan"], true, "{name}: {v}");
         }
         check_predictions(name, &c.views, c.closed_ns, end);

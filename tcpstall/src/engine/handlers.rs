@@ -524,7 +524,7 @@ impl Engine {
                     (PersistEnd::FinAcked, ev.ts_ns),
                 );
                 if let Some(fate) = fin_wait2_entry {
-                    self.on_fin_wait2_entry(slot, ev, fate);
+                    self.on_fin_wait2_entry(slot, ev, fate, ev.ts_ns);
                 }
             }
             _ => {}

@@ -392,6 +392,9 @@ pub struct EngineStats {
     pub fin_wait2_peer_fin: u64,
     pub fin_wait2_timeouts: u64,
     pub fin_wait2_unseen_end: u64,
+    /// Orphans waiting above 60 s whose change to FIN_WAIT2 was never
+    /// received, started from their keepalive timer's run (backdated).
+    pub fin_wait2_entries_recovered: u64,
     /// ACK events that ended a streak (the stall cleared at once).
     pub acks_recovered: u64,
     /// Events with neither cookie nor socket address.

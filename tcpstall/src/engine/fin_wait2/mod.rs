@@ -68,6 +68,24 @@ fn timewait_len_j(hz: u32) -> u64 {
     60 * u64::from(hz)
 }
 
+/// `tcp_fin_time()` in jiffies: `tp->linger2 ?: tcp_fin_timeout`, at
+/// least `3.5 * icsk_rto`; None when `linger2` < 0 (no wait) or the
+/// namespace's value was not read.
+fn fin_time_j(sock: &SockFields, rto_j: u32) -> Option<u64> {
+    let linger2 = sock.fin.linger2_j;
+    if linger2 < 0 {
+        return None;
+    }
+    let fin_timeout = if linger2 > 0 {
+        u64::from(linger2.unsigned_abs())
+    } else {
+        u64::from(sock.fin.netns_fin_timeout_j?)
+    };
+    let rto = u64::from(rto_j);
+    let floor = (rto << 2).saturating_sub(rto >> 1);
+    Some(fin_timeout.max(floor))
+}
+
 /// What the kernel arms when an orphan's FIN is ACKed (its change to
 /// FIN_WAIT2), from the full snapshot of that change: `tcp_fin_time()` =
 /// `tp->linger2 ?: tcp_fin_timeout`, at least `3.5 * icsk_rto` (`tmo`);
@@ -83,18 +101,9 @@ pub(crate) fn entry_fate(
     entry_jiffies: u64,
     hz: u32,
 ) -> Option<(u64, u64)> {
-    let linger2 = sock.fin.linger2_j;
-    if linger2 < 0 {
-        return None;
-    }
-    let fin_timeout = if linger2 > 0 {
-        u64::from(linger2.unsigned_abs())
-    } else {
-        u64::from(sock.fin.netns_fin_timeout_j?)
-    };
+    let tmo = fin_time_j(sock, rto_j)?;
     let rto = u64::from(rto_j);
     let floor = (rto << 2).saturating_sub(rto >> 1);
-    let tmo = fin_timeout.max(floor);
     let len = timewait_len_j(hz);
     if tmo <= len {
         return None;
@@ -109,11 +118,14 @@ impl Engine {
     /// An orphan's change to FIN_WAIT2 with a wait above 60 s: listed
     /// (after `fin_wait2_after`) and predicted from now; `slot` is its flow,
     /// `(tmo_j, bucket)` what [`entry_fate`] found for the event.
+    /// `since_ns`: the change to FIN_WAIT2 (the event's time, or earlier
+    /// when recovered from the keepalive timer's run).
     pub(super) fn on_fin_wait2_entry(
         &mut self,
         slot: u32,
         ev: &SockEvent,
         (tmo_j, bucket): (u64, u64),
+        since_ns: u64,
     ) {
         let hz = self.hz.hz();
         let linger2 = ev.sock.map_or(0, |s| s.fin.linger2_j);
@@ -129,14 +141,14 @@ impl Engine {
         let prediction = Prediction {
             death_ns,
             made_at_ns: ev.ts_ns,
-            boundary_ms: death_ns.saturating_sub(ev.ts_ns) / NSEC_PER_MSEC,
+            boundary_ms: death_ns.saturating_sub(since_ns) / NSEC_PER_MSEC,
             source,
-            start_ns: ev.ts_ns,
+            start_ns: since_ns,
         };
         let f = self.flows.flow_mut(slot);
         f.orphan = true;
         f.fin_wait2 = Some(FinWait2 {
-            since_ns: ev.ts_ns,
+            since_ns,
             death_ns,
             tw_skaddr: 0,
             first_prediction: prediction,
@@ -144,6 +156,62 @@ impl Engine {
         if f.streak.is_none() && f.persist.is_none() {
             f.prediction = Some(prediction);
         }
+    }
+
+    /// The keepalive timer of an orphan in FIN_WAIT2 whose wait is above
+    /// 60 s runs `tmo` - 60 s after its change to FIN_WAIT2 and hands over
+    /// to a timewait socket. When that change never reached the agent (the
+    /// kernel skips a program's run while it already runs on that CPU:
+    /// a softirq processing the ACK of the FIN under the state program's
+    /// run for another socket; seen in a TCG guest), the flow starts here,
+    /// backdated to the change (`sk_timer.expires` - (`tmo` - 60 s), the
+    /// wheel's lateness kept), so the timewait start that follows keeps
+    /// the socket's limit and the wait's start. Returns whether it did
+    /// (false: the flow is known, or this is no such orphan).
+    pub(super) fn recover_fin_wait2_entry(&mut self, ev: &SockEvent, sock: &SockFields) -> bool {
+        if ev.state != TcpState::FinWait2 || !ev.orphan {
+            return false;
+        }
+        if let Some(slot) = self.resolve(ev, false)
+            && self.flows.flow(slot).fin_wait2.is_some()
+        {
+            return false;
+        }
+        let hz = self.hz.hz();
+        let len = timewait_len_j(hz);
+        let Some(part) = fin_time_j(sock, ev.rto_jiffies)
+            .filter(|&tmo| tmo > len)
+            .map(|tmo| tmo - len)
+        else {
+            return false;
+        };
+        // How late the wheel ran the timer (32-bit jiffies); unread or
+        // implausible (more than the wheel's rounding, 1/8 of the
+        // timeout): none.
+        let expires = sock.keepalive.timer_expires;
+        let late = u64::from((ev.jiffies as u32).wrapping_sub(expires));
+        let late = if expires != 0 && late <= part / 8 + 1 {
+            late
+        } else {
+            0
+        };
+        let entry_j = ev.jiffies.saturating_sub(late + part);
+        let Some(fate) = entry_fate(sock, ev.rto_jiffies, entry_j, hz) else {
+            return false;
+        };
+        let Some(slot) = self.resolve(ev, true) else {
+            return false;
+        };
+        let since_ns = ev
+            .ts_ns
+            .saturating_sub(horizon::jiffies_to_ns(late + part, hz));
+        let f = self.flows.flow_mut(slot);
+        Self::absorb(f, ev);
+        f.state = TcpState::FinWait2;
+        self.sink.stats.fin_wait2_entries_recovered += 1;
+        self.on_fin_wait2_entry(slot, ev, fate, since_ns);
+        self.flows.touch(slot);
+        true
     }
 
     /// A timewait timer started (FIN_WAIT2: the timeout runs; TIME_WAIT:

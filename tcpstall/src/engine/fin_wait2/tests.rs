@@ -434,3 +434,99 @@ fn a_tick_between_arming_and_the_tracepoint_keeps_the_namespaces_source() {
         BoundarySource::Linger2(6)
     );
 }
+
+/// The change to FIN_WAIT2 of an orphan waiting above 60 s never reached
+/// the agent (the kernel skipped the state program's run: seen in a TCG
+/// guest). Its keepalive timer's run (`sk_timer.expires` as requested at
+/// the entry, the wheel running it later) starts the flow backdated to the
+/// change: listed at once with the socket's own limit, the wait's start at
+/// the entry, the model's end; the timewait start and the handover keep
+/// them; the expiry is a timeout. A keepalive run of a flow whose entry
+/// was seen changes nothing, and one that is no such orphan starts nothing.
+///
+/// Mutation: `recover_fin_wait2_entry` returning false at once fails it
+/// (not listed after the handover until 1 s later, and then with the
+/// timewait's `tcp_linger2=5`).
+#[test]
+fn a_lost_entry_is_recovered_from_the_keepalive_timer() {
+    for (m, source) in [
+        (model(65, 60), BoundarySource::Linger2(65)),
+        (model(0, 70), BoundarySource::FinTimeout(70)),
+    ] {
+        let s = Sock::new(73);
+        let now = jiffies_at(HZ, T0);
+        let FinWait2Fate::KeepaliveFirst { timer_expires, .. } = m.ack_of_fin(now) else {
+            panic!("the model arms the keepalive timer first: {m:?}");
+        };
+        let ka_runs = timer_runs_at(timer_expires, now, hz());
+        let Some(FinWait2Fate::Timewait {
+            expires, bucket, ..
+        }) = m.keepalive_handover(ka_runs)
+        else {
+            panic!("the model hands over to a timewait socket: {m:?}");
+        };
+        let end_ns = ts_of_jiffies(HZ, bucket);
+        // The keepalive timer's run as the keepalive program reports it.
+        let entry = fin_wait2_entry(&s, &m, now);
+        let ka_ts = ts_of_jiffies(HZ, ka_runs);
+        let mut ka = entry.clone();
+        ka.kind = EventKind::KeepaliveTimer;
+        ka.ts_ns = ka_ts;
+        ka.jiffies = ka_runs;
+        if let Some(sock) = ka.sock.as_mut() {
+            sock.keepalive.timer_expires = timer_expires as u32;
+        }
+        let mut e = engine();
+        e.ingest(&ka);
+        assert_eq!(e.stats().fin_wait2_entries_recovered, 1, "{m:?}");
+        e.tick(ka_ts + MS);
+        let v = e.stalls(ka_ts + MS);
+        assert_eq!(v.len(), 1, "{m:?}: not listed at the keepalive run: {v:?}");
+        assert_eq!(v[0].class, StallClass::FinWait2);
+        assert_eq!(v[0].boundary_source, Some(source), "{m:?}");
+        assert_eq!(v[0].since_ns, T0, "{m:?}: backdated to the entry");
+        assert_eq!(v[0].predicted_timeout_ns, Some(end_ns), "{m:?}");
+        e.ingest(&start(
+            &s,
+            ka_runs,
+            TcpState::FinWait2,
+            expires,
+            bucket,
+            m.net_fin_timeout,
+        ));
+        e.ingest(&s.state(ka_ts + MS, TcpState::FinWait2, TcpState::Close));
+        let v = e.stalls(ka_ts + 2 * MS);
+        assert_eq!(v.len(), 1, "{m:?}: {v:?}");
+        assert_eq!(v[0].boundary_source, Some(source), "{m:?}");
+        assert_eq!(v[0].since_ns, T0, "{m:?}");
+        assert_eq!(v[0].predicted_timeout_ns, Some(end_ns), "{m:?}");
+        e.drain_observations().for_each(drop);
+        e.ingest(&expire(&s, bucket, TcpState::FinWait2));
+        assert_eq!(timeouts(&mut e).len(), 1, "{m:?}");
+
+        // Seen at the entry: the keepalive run recovers nothing.
+        let mut e = engine();
+        e.ingest(&entry);
+        e.ingest(&ka);
+        assert_eq!(e.stats().fin_wait2_entries_recovered, 0, "{m:?}");
+        let v = e.stalls(ka_ts + MS);
+        assert_eq!(v.len(), 1, "{m:?}: {v:?}");
+        assert_eq!(v[0].since_ns, T0, "{m:?}");
+    }
+    // Not an orphan, or a wait of 60 s or less: no flow.
+    let s = Sock::new(74);
+    let now = jiffies_at(HZ, T0);
+    for (name, m, orphan) in [
+        ("not an orphan", model(65, 60), false),
+        ("tmo 60 s", model(0, 60), true),
+    ] {
+        let mut ka = fin_wait2_entry(&s, &m, now);
+        ka.kind = EventKind::KeepaliveTimer;
+        ka.orphan = orphan;
+        let mut e = engine();
+        e.ingest(&ka);
+        e.tick(T0 + 2 * S);
+        assert!(e.stalls(T0 + 2 * S).is_empty(), "{name}: listed");
+        assert_eq!(e.stats().fin_wait2_entries_recovered, 0, "{name}");
+    }
+}

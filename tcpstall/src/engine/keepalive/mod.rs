@@ -39,6 +39,11 @@ impl Engine {
             self.sink.stats.timer_events_ignored += 1;
             return;
         };
+        // An orphan's FIN_WAIT2 wait above 60 s handing over to its
+        // timewait socket, whose change to FIN_WAIT2 was never seen.
+        if self.recover_fin_wait2_entry(ev, &sock) {
+            return;
+        }
         if !unanswered(ev, &sock) {
             // Answered (an ACK reset icsk_probes_out), data in flight or
             // not keepalive at all: any episode is over.
