@@ -241,6 +241,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Errors only for problems of the host side that affect every kernel (missing
 /// tool, unreadable payload); a kernel that cannot be fetched, does not boot,
 /// hangs or fails its tests gives a `KernelResult` with `passed == false`.
+/// The accelerator chosen in this process, kept across [`vm_test`] calls.
+static CHOSEN_ACCEL: std::sync::Mutex<Option<Accel>> = std::sync::Mutex::new(None);
+
 pub fn vm_test(opts: &VmOptions, payload: &GuestPayload) -> Result<Vec<KernelResult>> {
     if opts.kernels.is_empty() {
         bail!("no kernels given");
@@ -251,7 +254,15 @@ pub fn vm_test(opts: &VmOptions, payload: &GuestPayload) -> Result<Vec<KernelRes
         .with_context(|| format!("creating {}", opts.cache_dir.display()))?;
     let _lock = lock_cache(&opts.cache_dir)?;
 
-    let mut accel = None;
+    // The accelerator chosen by an earlier call of this process (the
+    // matrix's scenarios pass before its sweep pass): the KVM test boot
+    // (up to PROBE_TIMEOUT where KVM hangs) is not repeated.
+    let auto = opts.accel == AccelChoice::Auto;
+    let mut accel = if auto {
+        *CHOSEN_ACCEL.lock().unwrap_or_else(|e| e.into_inner())
+    } else {
+        None
+    };
     let mut results = Vec::new();
     for spec in &opts.kernels {
         let start = Instant::now();
@@ -284,6 +295,9 @@ pub fn vm_test(opts: &VmOptions, payload: &GuestPayload) -> Result<Vec<KernelRes
         };
         phase(spec, &format!("result: {}", result.summary));
         results.push(result);
+    }
+    if auto && accel.is_some() {
+        *CHOSEN_ACCEL.lock().unwrap_or_else(|e| e.into_inner()) = accel;
     }
     eprintln!("==> vm-test summary");
     for r in &results {
