@@ -160,10 +160,10 @@ impl Engine {
 
     /// The keepalive timer of an orphan in FIN_WAIT2 whose wait is above
     /// 60 s runs `tmo` - 60 s after its change to FIN_WAIT2 and hands over
-    /// to a timewait socket. When that change never reached the agent (the
-    /// kernel skips a program's run while it already runs on that CPU:
-    /// a softirq processing the ACK of the FIN under the state program's
-    /// run for another socket; seen in a TCG guest), the flow starts here,
+    /// to a timewait socket. When that change never reached the agent (seen
+    /// in a TCG guest; the kernel skips a program's run while it already
+    /// runs on that CPU, e.g. a softirq processing the ACK of the FIN under
+    /// the state program's run for another socket), the flow starts here,
     /// backdated to the change (`sk_timer.expires` - (`tmo` - 60 s), the
     /// wheel's lateness kept), so the timewait start that follows keeps
     /// the socket's limit and the wait's start. Returns whether it did
