@@ -487,10 +487,10 @@ fn fin_wait2_timeouts() {
         // reached the agent (absent from its event log). Seen once in 22
         // runs in a TCG guest (Debian 7.3.4): the client's state events
         // all missing while the peer's, the keepalive timer's and the
-        // timewait's came; the kernel skips a program's run when it is
-        // already running on that CPU (bpf recursion_misses: a softirq
-        // processing the ACK while the state program ran for another
-        // socket), which the agent reports as `skipped`. Then an orphan
+        // timewait's came. Likeliest cause: the kernel skips a program's
+        // run when it is already running on that CPU (bpf recursion_misses:
+        // a softirq processing the ACK while the state program ran for
+        // another socket), which the agent logs (`skipped` below). Then an orphan
         // above 60 s is seen from its keepalive timer's run (`tmo` - 60 s
         // later: the engine backdates the wait to the change, under the
         // socket's limit) or, if that is lost too, its timewait start
