@@ -44,6 +44,10 @@ pub struct Agent {
     stderr: Arc<Mutex<String>>,
 }
 
+/// How many of the agent's non-event log lines a [`Agent::wait_log`]
+/// timeout prints.
+const WAIT_LOG_TAIL: usize = 20;
+
 impl Agent {
     /// Start `tcpstall run` with JSON logs and `--log-events` plus `extra` args,
     /// and wait until it reports that it is running. It listens on an
@@ -158,7 +162,24 @@ impl Agent {
                     self.stderr.lock().expect("lock")
                 );
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            if Instant::now() >= deadline {
+                // What the agent said besides its events (warnings: lost
+                // events, missed runs), for the diagnosis.
+                let lines = self.lines.lock().expect("lock");
+                let events = lines.iter().filter(|v| v["message"] == "event").count();
+                let said: Vec<String> = lines
+                    .iter()
+                    .filter(|v| v["message"] != "event")
+                    .map(|v| v.to_string())
+                    .collect();
+                let tail = &said[said.len().saturating_sub(WAIT_LOG_TAIL)..];
+                panic!(
+                    "timed out waiting for {what} ({} s; {events} events logged); the agent's last {} other lines:\n{}",
+                    timeout.as_secs(),
+                    tail.len(),
+                    tail.join("\n")
+                );
+            }
             thread::sleep(Duration::from_millis(50));
         }
     }
