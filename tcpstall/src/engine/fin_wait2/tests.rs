@@ -301,6 +301,85 @@ fn fin_wait2_entry(s: &Sock, m: &FinWait2Sock, now: u64) -> SockEvent {
     ev
 }
 
+/// The model's wait above 60 s from the ACK of the FIN at jiffy `now`:
+/// the keepalive timer's requested expiry, its run, `tmo`, and the
+/// timewait timer's requested expiry and bucket.
+struct AboveSixty {
+    timer_expires: u64,
+    ka_runs: u64,
+    tmo: u64,
+    expires: u64,
+    bucket: u64,
+}
+
+/// The two waits above 60 s the tests run (TCP_LINGER2 65 s; the
+/// namespace's tcp_fin_timeout 70 s) and the source each names.
+fn above_60_s_cases() -> [(FinWait2Sock, BoundarySource); 2] {
+    [
+        (model(65, 60), BoundarySource::Linger2(65)),
+        (model(0, 70), BoundarySource::FinTimeout(70)),
+    ]
+}
+
+fn above_60_s(m: &FinWait2Sock, now: u64) -> AboveSixty {
+    let FinWait2Fate::KeepaliveFirst { timer_expires, tmo } = m.ack_of_fin(now) else {
+        panic!("the model arms the keepalive timer first: {m:?}");
+    };
+    let ka_runs = timer_runs_at(timer_expires, now, hz());
+    let Some(FinWait2Fate::Timewait {
+        expires, bucket, ..
+    }) = m.keepalive_handover(ka_runs)
+    else {
+        panic!("the model hands over to a timewait socket: {m:?}");
+    };
+    AboveSixty {
+        timer_expires,
+        ka_runs,
+        tmo,
+        expires,
+        bucket,
+    }
+}
+
+/// The keepalive timer's run hands over (the timewait timer's start, the
+/// full socket's CLOSE a millisecond later): the flow stays listed from
+/// the entry at `T0`, under `source`, with the model's end; then the
+/// expiry at the bucket is the one timeout. Returns the timeouts.
+fn handover_and_expiry(
+    e: &mut Engine,
+    s: &Sock,
+    m: &FinWait2Sock,
+    a: &AboveSixty,
+    source: BoundarySource,
+) -> Vec<Observation> {
+    let (ka_runs, bucket) = (a.ka_runs, a.bucket);
+    let (tw_ts, end_ns) = (ts_of_jiffies(HZ, ka_runs), ts_of_jiffies(HZ, bucket));
+    e.ingest(&start(
+        s,
+        ka_runs,
+        TcpState::FinWait2,
+        a.expires,
+        bucket,
+        m.net_fin_timeout,
+    ));
+    e.ingest(&s.state(tw_ts + MS, TcpState::FinWait2, TcpState::Close));
+    let v = e.stalls(tw_ts + 2 * MS);
+    assert_eq!(
+        v.len(),
+        1,
+        "{m:?}: not listed right after the handover: {v:?}"
+    );
+    assert_eq!(v[0].boundary_source, Some(source), "{m:?}");
+    assert_eq!(v[0].since_ns, T0, "{m:?}: the wait began at the entry");
+    assert_eq!(v[0].predicted_timeout_ns, Some(end_ns), "{m:?}");
+    e.drain_observations().for_each(drop);
+    e.ingest(&expire(s, bucket, TcpState::FinWait2));
+    let t = timeouts(e);
+    assert_eq!(t.len(), 1, "{m:?}: {t:?}");
+    assert!(e.stalls(end_ns + MS).is_empty());
+    t
+}
+
 /// A wait above 60 s (TCP_LINGER2 65 s; the namespace's tcp_fin_timeout
 /// 70 s): listed from the change to FIN_WAIT2 (after `fin_wait2_after`)
 /// with the model's end (keepalive timer `tmo` - 60 s, then the timewait
@@ -310,22 +389,11 @@ fn fin_wait2_entry(s: &Sock, m: &FinWait2Sock, now: u64) -> SockEvent {
 /// prediction (from the entry) is exact.
 #[test]
 fn wait_above_60_s_is_predicted_from_the_entry() {
-    for (m, source) in [
-        (model(65, 60), BoundarySource::Linger2(65)),
-        (model(0, 70), BoundarySource::FinTimeout(70)),
-    ] {
+    for (m, source) in above_60_s_cases() {
         let s = Sock::new(71);
         let now = jiffies_at(HZ, T0);
-        let FinWait2Fate::KeepaliveFirst { timer_expires, tmo } = m.ack_of_fin(now) else {
-            panic!("the model arms the keepalive timer first: {m:?}");
-        };
-        let ka_runs = timer_runs_at(timer_expires, now, hz());
-        let Some(FinWait2Fate::Timewait {
-            expires, bucket, ..
-        }) = m.keepalive_handover(ka_runs)
-        else {
-            panic!("the model hands over to a timewait socket: {m:?}");
-        };
+        let a = above_60_s(&m, now);
+        let (tmo, bucket) = (a.tmo, a.bucket);
         let end_ns = ts_of_jiffies(HZ, bucket);
         let lived = end_ns - T0;
         let twice = 2 * (tmo - 60 * hz());
@@ -348,29 +416,7 @@ fn wait_above_60_s_is_predicted_from_the_entry() {
         assert_eq!(v[0].boundary_source, Some(source), "{m:?}");
         assert_eq!(v[0].predicted_timeout_ns, Some(end_ns), "{m:?}");
         // The keepalive timer runs: the timewait socket starts.
-        let tw_ts = ts_of_jiffies(HZ, ka_runs);
-        e.ingest(&start(
-            &s,
-            ka_runs,
-            TcpState::FinWait2,
-            expires,
-            bucket,
-            m.net_fin_timeout,
-        ));
-        e.ingest(&s.state(tw_ts + MS, TcpState::FinWait2, TcpState::Close));
-        let v = e.stalls(tw_ts + 2 * MS);
-        assert_eq!(
-            v.len(),
-            1,
-            "{m:?}: not listed right after the handover: {v:?}"
-        );
-        assert_eq!(v[0].boundary_source, Some(source), "{m:?}");
-        assert_eq!(v[0].since_ns, T0, "{m:?}: the wait began at the entry");
-        assert_eq!(v[0].predicted_timeout_ns, Some(end_ns), "{m:?}");
-        e.drain_observations().for_each(drop);
-        e.ingest(&expire(&s, bucket, TcpState::FinWait2));
-        let t = timeouts(&mut e);
-        assert_eq!(t.len(), 1, "{m:?}: {t:?}");
+        let t = handover_and_expiry(&mut e, &s, &m, &a, source);
         let Observation::Timeout {
             first_prediction_error_s,
             ..
@@ -379,7 +425,6 @@ fn wait_above_60_s_is_predicted_from_the_entry() {
             unreachable!()
         };
         assert_eq!(*first_prediction_error_s, Some(0.0), "{m:?}: {t:?}");
-        assert!(e.stalls(end_ns + MS).is_empty());
     }
 }
 
@@ -449,22 +494,11 @@ fn a_tick_between_arming_and_the_tracepoint_keeps_the_namespaces_source() {
 /// timewait's `tcp_linger2=5`).
 #[test]
 fn a_lost_entry_is_recovered_from_the_keepalive_timer() {
-    for (m, source) in [
-        (model(65, 60), BoundarySource::Linger2(65)),
-        (model(0, 70), BoundarySource::FinTimeout(70)),
-    ] {
+    for (m, source) in above_60_s_cases() {
         let s = Sock::new(73);
         let now = jiffies_at(HZ, T0);
-        let FinWait2Fate::KeepaliveFirst { timer_expires, .. } = m.ack_of_fin(now) else {
-            panic!("the model arms the keepalive timer first: {m:?}");
-        };
-        let ka_runs = timer_runs_at(timer_expires, now, hz());
-        let Some(FinWait2Fate::Timewait {
-            expires, bucket, ..
-        }) = m.keepalive_handover(ka_runs)
-        else {
-            panic!("the model hands over to a timewait socket: {m:?}");
-        };
+        let a = above_60_s(&m, now);
+        let (timer_expires, ka_runs, bucket) = (a.timer_expires, a.ka_runs, a.bucket);
         let end_ns = ts_of_jiffies(HZ, bucket);
         // The keepalive timer's run as the keepalive program reports it.
         let entry = fin_wait2_entry(&s, &m, now);
@@ -486,23 +520,7 @@ fn a_lost_entry_is_recovered_from_the_keepalive_timer() {
         assert_eq!(v[0].boundary_source, Some(source), "{m:?}");
         assert_eq!(v[0].since_ns, T0, "{m:?}: backdated to the entry");
         assert_eq!(v[0].predicted_timeout_ns, Some(end_ns), "{m:?}");
-        e.ingest(&start(
-            &s,
-            ka_runs,
-            TcpState::FinWait2,
-            expires,
-            bucket,
-            m.net_fin_timeout,
-        ));
-        e.ingest(&s.state(ka_ts + MS, TcpState::FinWait2, TcpState::Close));
-        let v = e.stalls(ka_ts + 2 * MS);
-        assert_eq!(v.len(), 1, "{m:?}: {v:?}");
-        assert_eq!(v[0].boundary_source, Some(source), "{m:?}");
-        assert_eq!(v[0].since_ns, T0, "{m:?}");
-        assert_eq!(v[0].predicted_timeout_ns, Some(end_ns), "{m:?}");
-        e.drain_observations().for_each(drop);
-        e.ingest(&expire(&s, bucket, TcpState::FinWait2));
-        assert_eq!(timeouts(&mut e).len(), 1, "{m:?}");
+        handover_and_expiry(&mut e, &s, &m, &a, source);
 
         // Seen at the entry: the keepalive run recovers nothing.
         let mut e = engine();
